@@ -1,0 +1,167 @@
+"""Engine overhead: the same federated work done three ways in one process.
+
+1. a plain PyTorch loop over clients (no framework): the floor;
+2. fedsim (Flower simulation engine, Ray backend, fedsim's ServerApp/ClientApp);
+3. a minimal Flower app written the way Flower's own quickstart examples do
+   (ClientApp with @app.train, message-based FedAvg, ``strategy.start``).
+
+Work: N clients (default 20) x 1 local epoch of the digits MLP, R rounds (default 10),
+Dirichlet(0.5) partition, centralised evaluation after each round, no federated
+evaluation. Start-up (Ray, actors, node registration) is reported apart from the
+per-round time, which is measured from the first to the last round inside each run.
+Ratios are to the plain loop's per-round time. Writes JSON to
+benchmarks/results/engine_overhead.json.
+
+Usage: python benchmarks/engine_overhead.py [--clients 20] [--rounds 10] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from flwr.simulation import run_simulation
+
+from fedsim.bench import environment
+from fedsim.clients.train import evaluate, train_local
+from fedsim.config import validate_config
+from fedsim.sim.components import build_objective, federated_data, make_model
+from fedsim.sim.results import RunDir
+from fedsim.sim.runner import run_experiment
+
+
+def make_config(clients: int, rounds: int, out_dir: str):
+    return validate_config({
+        "name": "engine-overhead", "seed": 0, "rounds": rounds,
+        "partition": {"num_clients": clients, "scheme": "dirichlet", "alpha": 0.5},
+        "client": {"local_epochs": 1, "lr": 0.1},
+        "eval": {"federated": False},
+        "strategy": {"name": "fedavg", "fraction_evaluate": 0.0},
+        "output": {"dir": out_dir, "plots": False, "checkpoint_every": 1000},
+    })
+
+
+def plain_loop(cfg) -> dict:
+    """FedAvg as a for-loop over clients: no Flower, no Ray."""
+    t0 = time.perf_counter()
+    data = federated_data(cfg)
+    model = make_model(cfg.model, data.train, cfg.seed)
+    t_start = time.perf_counter()
+    for rnd in range(1, cfg.rounds + 1):
+        global_state = {k: v.clone() for k, v in model.state_dict().items()}
+        total, acc_state = 0, None
+        for pid in range(cfg.partition.num_clients):
+            train_set, _ = data.client(pid)
+            model.load_state_dict(global_state)
+            gen = torch.Generator().manual_seed(rnd * 1000 + pid)
+            res = train_local(model, train_set, cfg.client, build_objective(cfg, len(train_set.y)), gen,
+                              torch.device("cpu"))
+            state = model.state_dict()
+            acc_state = ({k: v * res.num_examples for k, v in state.items()} if acc_state is None
+                         else {k: acc_state[k] + v * res.num_examples for k, v in state.items()})
+            total += res.num_examples
+        model.load_state_dict({k: v / total for k, v in acc_state.items()})
+        accuracy = evaluate(model, data.test, torch.device("cpu")).accuracy
+    t_end = time.perf_counter()
+    return {"startup_s": t_start - t0, "rounds_s": t_end - t_start, "final_accuracy": accuracy}
+
+
+def minimal_flower(cfg) -> dict:
+    """A Flower app as in Flower's quickstart examples: FedAvg.start over a ClientApp."""
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        data = federated_data(cfg)
+        train_set, _ = data.client(pid)
+        model = make_model(cfg.model, data.train, cfg.seed)
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        gen = torch.Generator().manual_seed(pid)
+        res = train_local(model, train_set, cfg.client, build_objective(cfg, len(train_set.y)), gen,
+                          torch.device("cpu"))
+        content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                              "metrics": MetricRecord({"train_loss": res.loss, "num-examples": res.num_examples})})
+        return Message(content=content, reply_to=msg)
+
+    stamps: list[float] = []
+    accuracy: list[float] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        data = federated_data(cfg)
+        model = make_model(cfg.model, data.train, cfg.seed)
+
+        def central(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            model.load_state_dict(arrays.to_torch_state_dict())
+            res = evaluate(model, data.test, torch.device("cpu"))
+            stamps.append(time.perf_counter())
+            accuracy.append(res.accuracy)
+            return MetricRecord({"accuracy": res.accuracy})
+
+        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0,
+                          min_available_nodes=cfg.partition.num_clients)
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.rounds,
+                       evaluate_fn=central)
+
+    t0 = time.perf_counter()
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.partition.num_clients,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"logging_level": logging.ERROR}})
+    t_end = time.perf_counter()
+    # stamps[0] is the evaluation of the initial model, before round 1
+    rounds_s = stamps[-1] - stamps[0]
+    return {"startup_s": (t_end - t0) - rounds_s, "rounds_s": rounds_s, "final_accuracy": accuracy[-1]}
+
+
+def fedsim_run(cfg) -> dict:
+    t0 = time.perf_counter()
+    path, summary = run_experiment(cfg)
+    total = time.perf_counter() - t0
+    rows = RunDir.open(path).rows()
+    # wall_time_s of a row is measured from the start of the round loop (after start-up)
+    rounds_s = rows[-1]["wall_time_s"]
+    return {"startup_s": total - rounds_s, "rounds_s": rounds_s, "final_accuracy": summary["final_accuracy"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--out", default="benchmarks/results/engine_overhead.json")
+    args = parser.parse_args()
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    cfg = make_config(args.clients, args.rounds, "/tmp/fedsim-engine-overhead")
+    results = {"plain loop": plain_loop(cfg), "fedsim": fedsim_run(cfg), "plain Flower app": minimal_flower(cfg)}
+    base = results["plain loop"]["rounds_s"] / args.rounds
+    print(f"\n{args.clients} clients x 1 local epoch, {args.rounds} rounds, digits MLP")
+    print(f"{'engine':<18}{'start-up s':>12}{'per round s':>13}{'x plain loop':>14}{'final acc':>11}")
+    for name, r in results.items():
+        r["per_round_s"] = r["rounds_s"] / args.rounds
+        r["ratio_to_plain_loop"] = r["per_round_s"] / base
+        print(f"{name:<18}{r['startup_s']:>12.2f}{r['per_round_s']:>13.3f}{r['ratio_to_plain_loop']:>14.2f}"
+              f"{r['final_accuracy']:>11.4f}")
+    ratio = results["fedsim"]["per_round_s"] / results["plain Flower app"]["per_round_s"]
+    print(f"fedsim / plain Flower app per-round time: {ratio:.2f} (target <= 1.0)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "command": f"python benchmarks/engine_overhead.py --clients {args.clients} --rounds {args.rounds}",
+        "environment": environment(), "clients": args.clients, "rounds": args.rounds,
+        "results": results, "fedsim_over_flower": ratio,
+    }, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The ``fedsim`` command line: run, validate, partition, report, bench."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from fedsim.config import ConfigError, ExperimentConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Federated-learning simulation on Flower + Ray.")
+console = Console()
+
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="override KEY=VALUE (repeatable)")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+
+
+def _config(path: Path, overrides: list[str] | None) -> ExperimentConfig:
+    try:
+        return load_config(path, overrides or [])
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            console.print(f"[red]config error:[/red] {line}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Argument(help="experiment YAML (optional with --resume)")] = None,
+    set_: SetOption = None,
+    resume: Annotated[Path | None, typer.Option(help="continue this run directory from its last checkpoint")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="attach to a Ray cluster, HOST:PORT")] = None,
+    progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
+    verbose: Annotated[bool, typer.Option(help="debug logs, Flower's included")] = False,
+) -> None:
+    """Run an experiment and write its run directory."""
+    from fedsim.sim.results import RunDir
+    from fedsim.sim.runner import run_experiment
+
+    _setup_logging(verbose)
+    if resume is not None:
+        try:
+            run_dir = RunDir.open(resume)
+        except FileNotFoundError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+        cfg = _config(run_dir.config_path, set_)
+    elif config is None:
+        console.print("[red]error:[/red] give a CONFIG file, or --resume RUN_DIR")
+        raise typer.Exit(2)
+    else:
+        cfg = _config(config, set_)
+    path, summary = run_experiment(cfg, resume=resume, ray_address=ray_address,
+                                   show_progress=progress, verbose=verbose)
+    acc = summary.get("final_accuracy")
+    console.print(f"[green]done[/green]: {path}  final accuracy "
+                  f"{'-' if acc is None else f'{acc:.4f}'}  ({summary.get('status')})")
+
+
+@app.command()
+def validate(config: Path, set_: SetOption = None) -> None:
+    """Check a config file (and overrides) without running anything."""
+    cfg = _config(config, set_)
+    console.print(f"[green]ok[/green]: {config} ({cfg.strategy.name}, {cfg.partition.num_clients} clients, "
+                  f"{cfg.rounds} rounds)")
+
+
+@app.command()
+def partition(
+    config: Path,
+    set_: SetOption = None,
+    out: Annotated[Path, typer.Option(help="PNG of the per-client label histograms")] = Path("partition.png"),
+) -> None:
+    """Show each client's label histogram as a table, and write it as a PNG."""
+    from fedsim.data.partition import label_histograms, plot_label_histograms
+    from fedsim.sim.components import federated_data
+
+    cfg = _config(config, set_)
+    data = federated_data(cfg)
+    parts = [list(a) + list(b) for a, b in zip(data.client_train, data.client_test, strict=True)]
+    hist = label_histograms(data.train.y, [np.asarray(p, dtype=int) for p in parts],
+                            data.train.num_classes)
+    table = Table(title=f"{cfg.data.name}: {cfg.partition.scheme} over {cfg.partition.num_clients} clients")
+    table.add_column("client", justify="right")
+    for c in range(data.train.num_classes):
+        table.add_column(str(c), justify="right")
+    table.add_column("total", justify="right")
+    for i, row in enumerate(hist):
+        table.add_row(str(i), *(str(int(v)) for v in row), str(int(row.sum())))
+    console.print(table)
+    plot_label_histograms(hist, out)
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories to compare")],
+    out: Annotated[Path, typer.Option(help="comparison plot")] = Path("report.png"),
+) -> None:
+    """Compare runs in one table and one accuracy plot."""
+    from fedsim.sim.plots import plot_comparison
+    from fedsim.sim.results import RunDir
+
+    table = Table(title="fedsim runs")
+    for col in ("run", "strategy", "rounds", "final acc", "best acc", "rounds to target", "wall (s)", "failed"):
+        table.add_column(col)
+    curves = {}
+    for path in run_dirs:
+        try:
+            run_dir = RunDir.open(path)
+        except FileNotFoundError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+        cfg, summary = run_dir.config(), run_dir.summary()
+        curves[path.name] = run_dir.rows()
+
+        def fmt(v, spec=".4f"):
+            return "-" if v is None else format(v, spec)
+
+        table.add_row(path.name, cfg.strategy.name, str(summary.get("rounds_completed", "-")),
+                      fmt(summary.get("final_accuracy")), fmt(summary.get("best_accuracy")),
+                      fmt(summary.get("rounds_to_target"), "d"), fmt(summary.get("wall_time_s"), ".1f"),
+                      str(summary.get("failed_client_calls", "-")))
+    console.print(table)
+    plot_comparison(curves, out)
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def bench(
+    spec: Path,
+    runs_dir: Annotated[str | None, typer.Option(help="where the grid's run directories go")] = None,
+) -> None:
+    """Run a benchmark grid and write its table, JSON and plot."""
+    from fedsim.bench import run_bench
+
+    _setup_logging(False)
+    try:
+        md = run_bench(spec, runs_dir)
+    except ConfigError as exc:
+        console.print(f"[red]bench spec error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(md.read_text())
+    console.print(f"wrote {md}")
+
+
+if __name__ == "__main__":
+    app()

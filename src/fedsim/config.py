@@ -1,0 +1,311 @@
+"""The experiment description: pydantic models of a whole fedsim run.
+
+This is the one place defaults live. A YAML file in ``configs/`` is loaded into
+:class:`ExperimentConfig`; ``--set a.b=value`` overrides are applied to the raw mapping
+before validation, so an override is checked exactly like a value in the file. Unknown
+keys, wrong types and out-of-range values raise :class:`ConfigError` with one line per
+problem that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names every bad key."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------- data
+class SyntheticConfig(Section):
+    """LEAF Synthetic(alpha, beta): alpha controls model heterogeneity, beta data heterogeneity."""
+
+    alpha: float = Field(1.0, ge=0)
+    beta: float = Field(1.0, ge=0)
+    dim: int = Field(60, ge=1)
+    num_classes: int = Field(10, ge=2)
+
+
+class DataConfig(Section):
+    """Which dataset to load; ``path`` for file loaders, ``hf_id`` for Hugging Face ids."""
+
+    name: Literal["digits", "synthetic", "mnist", "cifar10", "npz", "hf"] = "digits"
+    path: str | None = None
+    hf_id: str | None = None
+    hf_image_key: str = "image"
+    hf_label_key: str = "label"
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out server test set")
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_validator(mode="after")
+    def _needs_source(self) -> DataConfig:
+        if self.name in ("mnist", "cifar10", "npz") and not self.path:
+            raise ValueError(f"data.path is required for data.name={self.name!r}")
+        if self.name == "hf" and not self.hf_id:
+            raise ValueError("data.hf_id is required for data.name='hf'")
+        return self
+
+
+class PartitionConfig(Section):
+    """How the training data is split over clients (flwr-datasets partitioners)."""
+
+    scheme: Literal["iid", "dirichlet", "shards", "quantity", "natural"] = "dirichlet"
+    num_clients: int = Field(10, ge=1)
+    alpha: float = Field(0.5, gt=0, description="Dirichlet label-skew concentration")
+    shards_per_client: int = Field(2, ge=1)
+    quantity_alpha: float = Field(0.5, gt=0, description="Dirichlet concentration of sizes")
+    min_size: int = Field(2, ge=1)
+    client_test_fraction: float = Field(0.2, ge=0, lt=1)
+
+
+# -------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    """A model of the zoo, chosen by name."""
+
+    name: Literal["mlp", "cnn", "lenet5", "resnet8"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [128], description="MLP hidden sizes")
+
+
+# ----------------------------------------------------------------- client training
+class ClientConfig(Section):
+    """The local training loop every client runs."""
+
+    local_epochs: int = Field(1, ge=1)
+    local_steps: int | None = Field(None, ge=1, description="if set, overrides local_epochs")
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    timeout_s: float = Field(120.0, gt=0, description="a reply later than this is a failure")
+
+
+class AuxLossConfig(Section):
+    """An auxiliary loss term added to the main loss with a weight."""
+
+    name: str
+    weight: float = Field(1e-4, ge=0)
+
+
+class LossConfig(BaseModel):
+    """``loss: {name: ..., <kwargs>}``; kwargs are checked against the loss's constructor."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = "cross_entropy"
+    aux: AuxLossConfig | None = None
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _known_loss_and_kwargs(self) -> LossConfig:
+        from fedsim.losses import REGISTRY  # the registry is the source of truth for names
+
+        for where, name, kwargs in (
+            ("loss", self.name, self.kwargs),
+            ("loss.aux", self.aux.name if self.aux else None, {}),
+        ):
+            if name is None:
+                continue
+            if name not in REGISTRY:
+                raise ValueError(
+                    f"{where}.name: {name!r} is not a loss; known: {', '.join(sorted(REGISTRY))}"
+                )
+            params = inspect.signature(REGISTRY[name]).parameters
+            allowed = [p for p in params if p not in ("self", "num_samples")]
+            unknown = [k for k in kwargs if k not in allowed]
+            if unknown:
+                raise ValueError(
+                    f"{where}: unknown argument(s) {', '.join(unknown)} for {name!r}; "
+                    f"allowed: {', '.join(allowed) or '(none)'}"
+                )
+        return self
+
+
+# ---------------------------------------------------------------------- strategies
+class ServerOptConfig(Section):
+    """Server optimizer applied to the aggregated update (FedAvgM / FedAdam, Reddi et al. 2021)."""
+
+    name: Literal["sgd", "momentum", "adam"] = "sgd"
+    lr: float = Field(1.0, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    eps: float = Field(1e-3, gt=0)
+
+
+class SyncStrategyBase(Section):
+    """Fields every synchronous strategy shares."""
+
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(1.0, ge=0, le=1, description="0 turns federated eval off")
+    min_successful: int = Field(1, ge=1, description="fewer valid replies skip the round")
+    server_opt: ServerOptConfig = ServerOptConfig()
+
+
+class FedAvgConfig(SyncStrategyBase):
+    """FedAvg (McMahan et al. 2017), example-weighted mean of client updates."""
+
+    name: Literal["fedavg"] = "fedavg"
+
+
+class FedProxConfig(SyncStrategyBase):
+    """FedProx (Li et al. 2020): FedAvg with a proximal term mu/2 ||w - w_global||^2."""
+
+    name: Literal["fedprox"] = "fedprox"
+    mu: float = Field(0.01, ge=0)
+
+
+StrategyConfig = Annotated[FedAvgConfig | FedProxConfig, Field(discriminator="name")]
+
+
+# ----------------------------------------------------------------------- simulation
+class SimConfig(Section):
+    """Where and how clients run: Flower's simulation engine on Ray."""
+
+    backend: Literal["ray"] = "ray"
+    num_cpus_per_client: float = Field(1.0, gt=0)
+    num_gpus_per_client: float = Field(0.0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    ray_address: str | None = Field(None, description="attach to an existing Ray cluster")
+    wait_for_nodes_s: float = Field(120.0, gt=0)
+
+
+class EvalConfig(Section):
+    """Centralised (server test set) and federated (client test splits) evaluation."""
+
+    every: int = Field(1, ge=1)
+    centralised: bool = True
+    federated: bool = True
+    batch_size: int = Field(512, ge=1)
+
+
+class FaultConfig(Section):
+    """Faults injected into chosen clients, to exercise failure handling (off by default)."""
+
+    crash: list[int] = Field(default_factory=list, description="partition ids that raise")
+    slow: list[int] = Field(default_factory=list, description="partition ids that stall")
+    slow_s: float = Field(0.0, ge=0, description="how long a slow client stalls")
+    nan: list[int] = Field(default_factory=list, description="partition ids that send NaN")
+    wrong_shape: list[int] = Field(default_factory=list, description="ids that send a short update")
+    rounds: list[int] | None = Field(None, description="rounds the faults apply to; None = all")
+
+
+class OutputConfig(Section):
+    """Where results go: ``<dir>/<name>-<timestamp>/``."""
+
+    dir: str = "runs"
+    checkpoint_every: int = Field(5, ge=1)
+    plots: bool = True
+    target_accuracy: float = Field(0.9, gt=0, le=1, description="for rounds-to-target")
+
+
+class ExperimentConfig(Section):
+    """A whole experiment: everything a run needs, and nothing else."""
+
+    name: str = "experiment"
+    seed: int = 0
+    rounds: int = Field(20, ge=1)
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    model: ModelConfig = ModelConfig()
+    strategy: StrategyConfig = FedAvgConfig()
+    client: ClientConfig = ClientConfig()
+    loss: LossConfig = LossConfig()
+    sim: SimConfig = SimConfig()
+    eval: EvalConfig = EvalConfig()
+    faults: FaultConfig = FaultConfig()
+    output: OutputConfig = OutputConfig()
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (what ``config.yaml`` in a run directory holds)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ------------------------------------------------------------------------- loading
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. strategy.mu=0.01")
+    key, text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment!r}: empty key segment")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} holds a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The fields of the section that ``loc`` points into (for 'unknown key' messages)."""
+    model: Any = ExperimentConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            continue
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return sorted(model.model_fields)
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem: ``key: what is wrong (got value)``."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.endswith("Config")))
+        key = ".".join(str(p) for p in loc) or "config"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            lines.append(f"{key}: unknown key; allowed here: {', '.join(allowed)}")
+        elif err["type"] == "union_tag_invalid":
+            lines.append(f"{key}.name: {err['ctx']['tag']!r} is not known; known: {err['ctx']['expected_tags']}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            suffix = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            lines.append(f"{key}: {msg}{suffix}")
+    return "\n".join(lines)
+
+
+def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
+    """Validate a raw mapping into an :class:`ExperimentConfig` or raise :class:`ConfigError`."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load a YAML experiment file, apply ``--set`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return validate_config(raw)

@@ -1,0 +1,93 @@
+"""``load_dataset``: every dataset fedsim knows, by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from fedsim.data.array_dataset import ArrayDataset
+from fedsim.data.cifar10 import load_cifar10
+from fedsim.data.digits import load_digits
+from fedsim.data.huggingface import load_hf
+from fedsim.data.mnist import load_mnist
+from fedsim.data.npz import load_npz
+from fedsim.data.synthetic import generate_synthetic
+
+DATASETS = ("digits", "synthetic", "mnist", "cifar10", "npz", "hf")
+
+_OPTIONS = {
+    "digits": (),
+    "synthetic": ("alpha", "beta", "num_devices", "dim", "num_classes"),
+    "mnist": (),
+    "cifar10": (),
+    "npz": (),
+    "hf": ("image_key", "label_key", "train_split", "test_split"),
+}
+_NEEDS_PATH = ("mnist", "cifar10", "npz")
+
+
+def load_dataset(
+    name: str,
+    *,
+    path: str | Path | None = None,
+    hf_id: str | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    **options: Any,
+) -> tuple[ArrayDataset, ArrayDataset]:
+    """Load a dataset by name as ``(train, held-out test)``.
+
+    Parameters
+    ----------
+    name : str
+        One of ``DATASETS``: ``"digits"`` (built in), ``"synthetic"`` (generated),
+        ``"mnist"`` (directory of idx files), ``"cifar10"`` (directory of python
+        batches), ``"npz"`` (archive with ``x``, ``y``) or ``"hf"`` (Hugging Face
+        hub id, or a directory written by ``save_to_disk``).
+    path : str or Path or None, default None
+        The file or directory of ``mnist``, ``cifar10``, ``npz`` and ``hf``.
+    hf_id : str or None, default None
+        Hub id of ``hf``, instead of ``path``.
+    seed : int, default 0
+        Seed of generation and of train/test splits.
+    test_fraction : float, default 0.2
+        Held-out fraction for datasets without an official test split
+        (``mnist`` and ``cifar10`` use theirs).
+    **options
+        Dataset-specific: ``synthetic`` takes alpha, beta, num_devices, dim,
+        num_classes (see ``generate_synthetic``); ``hf`` takes image_key,
+        label_key, train_split, test_split (see ``load_hf``).
+
+    Returns
+    -------
+    tuple[ArrayDataset, ArrayDataset]
+        ``(train, test)``.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"'{name}' is not a dataset; known: {', '.join(DATASETS)}")
+    for option in options:
+        if option not in _OPTIONS[name]:
+            known = ", ".join(_OPTIONS[name]) or "none"
+            raise ValueError(f"'{option}' is not an option of dataset {name}; known: {known}")
+    if hf_id is not None and name != "hf":
+        raise ValueError(f"hf_id is only for dataset hf; got it for {name}")
+    if path is not None and name not in (*_NEEDS_PATH, "hf"):
+        raise ValueError(f"dataset {name} takes no path; got {path}")
+    if name in _NEEDS_PATH and path is None:
+        raise ValueError(f"dataset {name} needs a path")
+    if name == "digits":
+        return load_digits(seed=seed, test_fraction=test_fraction)
+    if name == "synthetic":
+        return generate_synthetic(seed=seed, test_fraction=test_fraction, **options)
+    if name == "mnist":
+        return load_mnist(path)
+    if name == "cifar10":
+        return load_cifar10(path)
+    if name == "npz":
+        return load_npz(path, seed=seed, test_fraction=test_fraction)
+    if (hf_id is None) == (path is None):
+        raise ValueError("dataset hf needs exactly one of hf_id (hub id) or path (save_to_disk)")
+    source = hf_id if hf_id is not None else datasets.load_from_disk(str(path))
+    return load_hf(source, seed=seed, test_fraction=test_fraction, **options)

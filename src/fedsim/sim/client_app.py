@@ -1,0 +1,99 @@
+"""The Flower ClientApp of a fedsim run.
+
+One ClientApp serves every simulated client: Flower tells it which partition it plays
+(``node_config["partition-id"]``), it loads that client's data from the per-process
+cache, rebuilds the model from the global arrays, trains with ``train_local`` and
+replies with the flat update ``w_local - w_global``. Deterministic: the client's random
+generator is seeded from (run seed, round, partition id), never from the host.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsim.clients.hooks import ClientHook, ProximalTerm
+from fedsim.clients.train import evaluate, train_local
+from fedsim.config import ExperimentConfig
+from fedsim.params import ParamSpec, get_flat
+from fedsim.sim.components import build_objective, derive_seed, federated_data, make_model, resolve_device
+from fedsim.sim.faults import inject_fault
+from fedsim.sim.sync import predict_fn
+
+
+def partition_of(context: Context, message: Message) -> int:
+    """The partition this node plays: from the node config, else from the message."""
+    if "partition-id" in context.node_config:
+        return int(context.node_config["partition-id"])
+    return int(message.content["config"]["partition-id"])
+
+
+def _load_global(cfg: ExperimentConfig, message: Message, device: torch.device):
+    data = federated_data(cfg)
+    model = make_model(cfg.model, data.train, cfg.seed)
+    model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+    return model.to(device), data
+
+
+def _hooks(message: Message, model: torch.nn.Module) -> tuple[ClientHook, ...]:
+    config = message.content["config"]
+    hooks: list[ClientHook] = []
+    mu = float(config.get("proximal-mu", 0.0))
+    if mu > 0:
+        hooks.append(ProximalTerm(mu, [p.detach().clone() for p in model.parameters()]))
+    return tuple(hooks)
+
+
+def build_client_app(cfg: ExperimentConfig) -> ClientApp:
+    """A ClientApp that trains and evaluates the config's model on its partition."""
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        start = time.perf_counter()
+        pid = partition_of(context, message)
+        server_round = int(message.content["config"]["server-round"])
+        torch.set_num_threads(max(1, int(cfg.sim.num_cpus_per_client)))
+        device = resolve_device(cfg)
+        model, data = _load_global(cfg, message, device)
+        train_set, _ = data.client(pid)
+        spec = ParamSpec.of(model)
+        global_flat = get_flat(model, spec)
+        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "train", server_round, pid))
+        objective = build_objective(cfg, len(train_set.y), _hooks(message, model))
+        result = train_local(model, train_set, cfg.client, objective, generator, device)
+        update = (get_flat(model.cpu(), spec) - global_flat).numpy()
+        update = inject_fault(cfg.faults, pid, server_round, update)
+        metrics = MetricRecord({
+            "num-examples": result.num_examples,
+            "train_loss": result.loss,
+            "train_accuracy": result.accuracy,
+            "steps": result.steps,
+            "duration_s": time.perf_counter() - start,
+        })
+        content = RecordDict({"update": ArrayRecord({"update": Array(np.ascontiguousarray(update))}),
+                              "metrics": metrics})
+        return Message(content=content, reply_to=message)
+
+    @app.evaluate()
+    def evaluate_client(message: Message, context: Context) -> Message:
+        pid = partition_of(context, message)
+        device = resolve_device(cfg)
+        model, data = _load_global(cfg, message, device)
+        _, test_set = data.client(pid)
+        result = evaluate(model, test_set, device, cfg.eval.batch_size, predict_fn(cfg))
+        metrics = MetricRecord({"num-examples": result.num_examples,
+                                "eval_loss": result.loss if result.num_examples else 0.0,
+                                "eval_accuracy": result.accuracy if result.num_examples else 0.0})
+        return Message(content=RecordDict({"metrics": metrics}), reply_to=message)
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        metrics = MetricRecord({"partition-id": partition_of(context, message)})
+        return Message(content=RecordDict({"metrics": metrics}), reply_to=message)
+
+    return app

@@ -1,0 +1,123 @@
+"""Building the pieces of a run from its config: data, partitions, model, objective.
+
+Both the ServerApp (in the driver process) and every ClientApp (in Ray workers) build
+what they need from the same config, so each piece is a deterministic function of the
+config and the seed. The federated dataset is cached per process: a Ray worker loads and
+partitions the data once and then serves every client call from memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedsim import losses
+from fedsim.clients.hooks import ClientHook
+from fedsim.clients.objective import ClientObjective
+from fedsim.config import DataConfig, ExperimentConfig, ModelConfig, PartitionConfig
+from fedsim.data import ArrayDataset, load_dataset
+from fedsim.data.partition import partition_indices, split_client
+from fedsim.models import build_model
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """The server's held-out test set and each client's train/test indices into ``train``."""
+
+    train: ArrayDataset
+    test: ArrayDataset
+    client_train: tuple[np.ndarray, ...]
+    client_test: tuple[np.ndarray, ...]
+
+    def client(self, partition_id: int) -> tuple[ArrayDataset, ArrayDataset]:
+        if not 0 <= partition_id < len(self.client_train):
+            raise ValueError(f"partition id {partition_id} out of range 0..{len(self.client_train) - 1}")
+        return (self.train.subset(self.client_train[partition_id]),
+                self.train.subset(self.client_test[partition_id]))
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 31-bit seed derived from any parts (stable across processes, unlike ``hash``)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random`` (Flower samples with it), numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_source(data: DataConfig, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
+    """Load the configured dataset as (train pool, server test set)."""
+    options = data.synthetic.model_dump() if data.name == "synthetic" else {}
+    if data.name == "hf":
+        options = {"image_key": data.hf_image_key, "label_key": data.hf_label_key}
+    return load_dataset(data.name, path=data.path, hf_id=data.hf_id, seed=seed,
+                        test_fraction=data.test_fraction, **options)
+
+
+@functools.lru_cache(maxsize=4)
+def _federated_data(data_json: str, partition_json: str, seed: int) -> FederatedData:
+    data = DataConfig.model_validate_json(data_json)
+    part = PartitionConfig.model_validate_json(partition_json)
+    train, test = load_source(data, seed)
+    parts = partition_indices(
+        train.y, part.scheme, part.num_clients, seed, alpha=part.alpha,
+        shards_per_client=part.shards_per_client, quantity_alpha=part.quantity_alpha,
+        min_size=part.min_size, groups=train.groups,
+    )
+    splits = [split_client(idx, part.client_test_fraction, derive_seed(seed, "client-split", i))
+              for i, idx in enumerate(parts)]
+    return FederatedData(train, test, tuple(s[0] for s in splits), tuple(s[1] for s in splits))
+
+
+def federated_data(cfg: ExperimentConfig) -> FederatedData:
+    """The run's data, partitioned over ``cfg.partition.num_clients`` clients (cached)."""
+    return _federated_data(cfg.data.model_dump_json(), cfg.partition.model_dump_json(), cfg.seed)
+
+
+def make_model(model: ModelConfig, data: ArrayDataset, seed: int) -> nn.Module:
+    """The configured model, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    kwargs = {"hidden": tuple(model.hidden)} if model.name == "mlp" else {}
+    return build_model(model.name, data.input_shape, data.num_classes, **kwargs)
+
+
+def build_loss(cfg: ExperimentConfig, num_samples: int) -> tuple[nn.Module, nn.Module | None]:
+    """The main loss and the optional auxiliary loss of the config."""
+    main = losses.build(cfg.loss.name, **_with_samples(cfg.loss.name, cfg.loss.kwargs, num_samples))
+    aux = None
+    if cfg.loss.aux is not None:
+        aux = losses.build(cfg.loss.aux.name, **_with_samples(cfg.loss.aux.name, {}, num_samples))
+    return main, aux
+
+
+def _with_samples(name: str, kwargs: dict, num_samples: int) -> dict:
+    """Stateful losses keep per-sample state and need the number of samples."""
+    if "num_samples" in inspect.signature(losses.REGISTRY[name]).parameters:
+        return {**kwargs, "num_samples": num_samples}
+    return kwargs
+
+
+def build_objective(cfg: ExperimentConfig, num_samples: int, hooks: tuple[ClientHook, ...] = ()) -> ClientObjective:
+    """The client objective: main loss, weighted auxiliary term and strategy hooks."""
+    main, aux = build_loss(cfg, num_samples)
+    weight = cfg.loss.aux.weight if cfg.loss.aux else 0.0
+    return ClientObjective(main, aux, weight, hooks)
+
+
+def resolve_device(cfg: ExperimentConfig) -> torch.device:
+    """``sim.device``: auto uses CUDA when present and the client was given a GPU share."""
+    if cfg.sim.device == "cuda" or (cfg.sim.device == "auto" and torch.cuda.is_available()
+                                    and cfg.sim.num_gpus_per_client > 0):
+        return torch.device("cuda")
+    return torch.device("cpu")

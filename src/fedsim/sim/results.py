@@ -1,0 +1,148 @@
+"""A run directory: resolved config, per-round metrics, summary, checkpoints, plots.
+
+Layout of ``runs/<name>-<timestamp>/``::
+
+    config.yaml       the resolved config the run used
+    metrics.jsonl     one JSON row per round, flushed and fsynced as it is written
+    summary.json      final numbers (rewritten at the end, and when a run is interrupted)
+    checkpoints/      round-<k>.pt every ``output.checkpoint_every`` rounds and at the end
+    plots/            accuracy.png and loss.png per round
+
+Rows already written are never lost: each is appended with one ``write`` and an fsync.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from fedsim.config import ExperimentConfig, validate_config
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The state saved after a round: enough to continue as if never stopped."""
+
+    round: int
+    model: dict[str, torch.Tensor]
+    strategy: dict[str, Any]
+    elapsed_s: float
+
+
+class RunDir:
+    """Reads and writes one run directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.summary_path = self.path / "summary.json"
+        self.config_path = self.path / "config.yaml"
+        self.checkpoint_dir = self.path / "checkpoints"
+        self.plot_dir = self.path / "plots"
+
+    @classmethod
+    def create(cls, cfg: ExperimentConfig) -> RunDir:
+        """A new directory ``<output.dir>/<name>-<timestamp>`` holding the resolved config."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = Path(cfg.output.dir) / f"{cfg.name}-{stamp}"
+        path, n = base, 1
+        while path.exists():
+            path, n = base.with_name(f"{base.name}-{n}"), n + 1
+        run = cls(path)
+        run.checkpoint_dir.mkdir(parents=True)
+        run.plot_dir.mkdir()
+        run.config_path.write_text(cfg.to_yaml())
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        run = cls(Path(path))
+        if not run.config_path.is_file():
+            raise FileNotFoundError(f"{path}: not a run directory (no config.yaml)")
+        return run
+
+    def config(self) -> ExperimentConfig:
+        return validate_config(yaml.safe_load(self.config_path.read_text()))
+
+    # ---------------------------------------------------------------- metrics
+    def append(self, row: dict[str, Any]) -> None:
+        line = json.dumps(row, sort_keys=False) + "\n"
+        with self.metrics_path.open("a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, last_round: int) -> None:
+        """Drop rows of rounds after ``last_round`` (they are redone on resume)."""
+        kept = [r for r in self.rows() if r["round"] <= last_round]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.metrics_path)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        tmp = self.summary_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(self.summary_path)
+
+    def summary(self) -> dict[str, Any]:
+        return json.loads(self.summary_path.read_text()) if self.summary_path.exists() else {}
+
+    # ------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, ckpt: Checkpoint) -> Path:
+        path = self.checkpoint_dir / f"round-{ckpt.round:05d}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({"round": ckpt.round, "model": ckpt.model, "strategy": ckpt.strategy,
+                    "elapsed_s": ckpt.elapsed_s}, tmp)
+        tmp.replace(path)
+        return path
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        files = sorted(self.checkpoint_dir.glob("round-*.pt"))
+        if not files:
+            return None
+        # our own file, holding optimizer and sampler state beside tensors
+        raw = torch.load(files[-1], weights_only=False)
+        return Checkpoint(raw["round"], raw["model"], raw["strategy"], raw["elapsed_s"])
+
+
+def rounds_to_target(rows: list[dict[str, Any]], target: float, key: str = "centralised_accuracy") -> int | None:
+    """First round whose ``key`` reaches ``target``, or None."""
+    for row in rows:
+        value = row.get(key)
+        if value is not None and value >= target:
+            return int(row["round"])
+    return None
+
+
+def summarise(rows: list[dict[str, Any]], target: float, status: str) -> dict[str, Any]:
+    """summary.json content from the metrics rows."""
+    evaluated = [r for r in rows if r.get("centralised_accuracy") is not None]
+    last = evaluated[-1] if evaluated else {}
+    return {
+        "status": status,
+        "rounds_completed": rows[-1]["round"] if rows else 0,
+        "final_accuracy": last.get("centralised_accuracy"),
+        "final_loss": last.get("centralised_loss"),
+        "best_accuracy": max((r["centralised_accuracy"] for r in evaluated), default=None),
+        "final_federated_accuracy": next((r["federated_accuracy"] for r in reversed(rows)
+                                          if r.get("federated_accuracy") is not None), None),
+        "target_accuracy": target,
+        "rounds_to_target": rounds_to_target(rows, target),
+        "wall_time_s": rows[-1]["wall_time_s"] if rows else 0.0,
+        "failed_client_calls": sum(r.get("num_failed", 0) for r in rows),
+        "skipped_rounds": sum(1 for r in rows if r.get("skipped")),
+        "bytes_up_total": rows[-1].get("bytes_up_total", 0) if rows else 0,
+        "bytes_down_total": rows[-1].get("bytes_down_total", 0) if rows else 0,
+    }

@@ -1,0 +1,175 @@
+"""The Flower adapter every synchronous fedsim strategy shares.
+
+A fedsim strategy is a Flower ``Strategy`` (configure/aggregate for train and evaluate),
+so Flower's orchestration drives it, with three differences from Flower's built-ins:
+
+- clients are addressed by *partition id*, sampled by a seeded participation model, so a
+  run is reproducible although Flower's node ids are random;
+- every reply is screened (:mod:`fedsim.strategies.replies`) and a bad one is dropped
+  and logged, never fatal; fewer than ``min_successful`` valid replies skip the round;
+- the math lives in :meth:`FedsimStrategy.aggregate_updates`, which subclasses implement
+  by calling a pure function on an (N, D) tensor of updates. The result is applied by
+  the server optimizer (:mod:`fedsim.strategies.server_opt`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedsim.config import SyncStrategyBase
+from fedsim.params import ParamSpec
+from fedsim.strategies.replies import ClientUpdate, Failure, screen_train_replies
+from fedsim.strategies.server_opt import ServerOptimizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundReport:
+    """What happened to the clients of the last training round."""
+
+    sampled: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    skipped: bool = False
+
+
+def weighted_mean(updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i u_i / sum_i w_i over the rows of an (N, D) matrix."""
+    w = weights.to(updates.dtype)
+    return (w / w.sum()) @ updates
+
+
+class FedsimStrategy(Strategy):
+    """Base adapter: sampling, messaging, reply screening, server optimizer, state.
+
+    Parameters
+    ----------
+    cfg : SyncStrategyBase
+        The strategy's config section.
+    spec : ParamSpec
+        The model's flat-vector layout.
+    sampler : object with ``sample(round) -> list[int]``
+        Participation model over partition ids.
+    node_of : dict[int, int]
+        partition id -> Flower node id.
+    client_config : dict
+        Extra entries every training message carries (e.g. ``proximal-mu``).
+    """
+
+    def __init__(self, cfg: SyncStrategyBase, spec: ParamSpec, sampler, node_of: dict[int, int],
+                 client_config: dict | None = None) -> None:
+        self.cfg = cfg
+        self.spec = spec
+        self.sampler = sampler
+        self.node_of = dict(node_of)
+        self.pid_of = {n: p for p, n in self.node_of.items()}
+        self.client_config = dict(client_config or {})
+        self.server_opt = ServerOptimizer(cfg.server_opt)
+        self.report = RoundReport()
+        self._sent: dict[int, int] = {}
+        self._template: dict[str, torch.Tensor] = {}
+        self._global: torch.Tensor | None = None
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.node_of)
+
+    # ----------------------------------------------------------------- math hook
+    def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
+        """Combine the accepted updates into one (D,) update. FedAvg by default."""
+        stacked = torch.stack([u.update for u in updates])
+        weights = torch.tensor([u.num_examples for u in updates], dtype=torch.float32)
+        return weighted_mean(stacked, weights)
+
+    # -------------------------------------------------------------- Flower API
+    def summary(self) -> None:
+        log.info("%s: %d clients, %s", type(self).__name__, self.num_clients, self.cfg)
+
+    def _messages(self, pids: Iterable[int], arrays: ArrayRecord, config: ConfigRecord,
+                  message_type: str) -> list[Message]:
+        msgs = []
+        for pid in pids:
+            cfg = ConfigRecord({**config, "partition-id": pid})
+            content = RecordDict({"arrays": arrays, "config": cfg})
+            msgs.append(Message(content=content, message_type=message_type, dst_node_id=self.node_of[pid]))
+        return msgs
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._template = arrays.to_torch_state_dict()
+        self._global = self.spec.flatten(self._template)
+        pids = self.sampler.sample(server_round)
+        self._sent = {self.node_of[p]: p for p in pids}
+        self.report = RoundReport(sampled=list(pids))
+        config = ConfigRecord({**config, **self.client_config, "server-round": server_round})
+        return self._messages(pids, arrays, config, MessageType.TRAIN)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted, failures = screen_train_replies(list(replies), self._sent, self.spec.dim)
+        self.report.accepted = [u.partition_id for u in accepted]
+        self.report.failures = failures
+        metrics = MetricRecord({"num-accepted": len(accepted), "num-failed": len(failures)})
+        if accepted:
+            total = sum(u.num_examples for u in accepted)
+            for key in ("train_loss", "train_accuracy"):
+                values = [u.metrics[key] * u.num_examples for u in accepted if key in u.metrics]
+                if values:
+                    metrics[key] = sum(values) / total
+        if len(accepted) < self.cfg.min_successful:
+            self.report.skipped = True
+            log.warning("round %d skipped: %d valid replies, %d required",
+                        server_round, len(accepted), self.cfg.min_successful)
+            return None, metrics
+        delta = self.aggregate_updates(server_round, accepted)
+        new_global = self.server_opt.step(self._global, delta)
+        self._global = new_global
+        state = dict(self._template)
+        state.update(self.spec.unflatten(new_global))
+        return ArrayRecord(state), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        if self.cfg.fraction_evaluate == 0:
+            return []
+        count = max(1, round(self.cfg.fraction_evaluate * self.num_clients))
+        pids = sorted(self.node_of)[:count] if count < self.num_clients else sorted(self.node_of)
+        config = ConfigRecord({**config, "server-round": server_round})
+        return self._messages(pids, arrays, config, MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        total, loss, correct = 0, 0.0, 0.0
+        for msg in replies:
+            if msg.has_error():
+                log.warning("evaluation failed on client %s: %s",
+                            self.pid_of.get(msg.metadata.src_node_id), msg.error.reason)
+                continue
+            rec = next(iter(msg.content.metric_records.values()))
+            n = int(rec["num-examples"])
+            total += n
+            loss += float(rec["eval_loss"]) * n
+            correct += float(rec["eval_accuracy"]) * n
+        if total == 0:
+            return None
+        return MetricRecord({"federated_loss": loss / total, "federated_accuracy": correct / total})
+
+    # ------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """Everything needed to resume: server optimizer and participation state."""
+        state = {"server_opt": self.server_opt.state_dict()}
+        if hasattr(self.sampler, "state_dict"):
+            state["sampler"] = self.sampler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.server_opt.load_state_dict(state.get("server_opt", {}))
+        if "sampler" in state:
+            self.sampler.load_state_dict(state["sampler"])

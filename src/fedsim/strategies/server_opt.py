@@ -1,0 +1,48 @@
+"""Server optimizers applied to the aggregated client update.
+
+"Adaptive Federated Optimization" (Reddi et al., arXiv 2003.00295) treats the aggregated
+update ``delta`` as a pseudo-gradient step:
+
+- sgd:       x <- x + lr * delta                                   (FedAvg when lr = 1)
+- momentum:  m <- beta * m + delta;  x <- x + lr * m               (FedAvgM, Hsu et al. 2019)
+- adam:      m <- b1 m + (1 - b1) delta;  v <- b2 v + (1 - b2) delta^2;
+             x <- x + lr * m / (sqrt(v) + eps)                      (FedAdam)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedsim.config import ServerOptConfig
+
+
+class ServerOptimizer:
+    """Applies aggregated updates to the global model vector; holds momentum state."""
+
+    def __init__(self, cfg: ServerOptConfig) -> None:
+        self.cfg = cfg
+        self.m: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def step(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Return the new global vector (``x`` is not modified)."""
+        cfg = self.cfg
+        if cfg.name == "sgd":
+            return x + cfg.lr * delta
+        if self.m is None:
+            self.m = torch.zeros_like(x)
+        if cfg.name == "momentum":
+            self.m = cfg.momentum * self.m + delta
+            return x + cfg.lr * self.m
+        if self.v is None:
+            self.v = torch.zeros_like(x)
+        self.m = cfg.beta1 * self.m + (1 - cfg.beta1) * delta
+        self.v = cfg.beta2 * self.v + (1 - cfg.beta2) * delta**2
+        return x + cfg.lr * self.m / (self.v.sqrt() + cfg.eps)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in (("m", self.m), ("v", self.v)) if v is not None}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.m = state.get("m")
+        self.v = state.get("v")

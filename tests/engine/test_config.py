@@ -1,0 +1,86 @@
+"""The experiment config: defaults, overrides and one-line errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from fedsim.config import ConfigError, ExperimentConfig, apply_override, load_config, validate_config
+
+QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
+
+
+def test_quickstart_config_loads_with_its_values():
+    cfg = load_config(QUICKSTART)
+    assert (cfg.partition.num_clients, cfg.partition.alpha, cfg.rounds) == (10, 0.5, 20)
+    assert (cfg.data.name, cfg.model.name, cfg.strategy.name) == ("digits", "mlp", "fedavg")
+
+
+def test_set_overrides_switch_strategy_and_parse_values():
+    cfg = load_config(QUICKSTART, ["strategy.name=fedprox", "strategy.mu=0.01", "model.hidden=[32, 16]"])
+    assert cfg.strategy.name == "fedprox" and cfg.strategy.mu == 0.01
+    assert cfg.model.hidden == [32, 16]
+
+
+def test_misspelled_key_names_it_and_the_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, ["partition.nmu_clients=5"])
+    msg = str(err.value)
+    assert "partition.nmu_clients: unknown key" in msg and "num_clients" in msg
+
+
+def test_out_of_range_value_names_key_and_value():
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, ["client.lr=-1"])
+    assert "client.lr" in str(err.value) and "-1" in str(err.value)
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises(ConfigError, match="rounds"):
+        validate_config({"rounds": "many"})
+
+
+def test_unknown_strategy_lists_known_names():
+    with pytest.raises(ConfigError) as err:
+        validate_config({"strategy": {"name": "fedavgg"}})
+    assert "'fedavgg'" in str(err.value) and "fedprox" in str(err.value)
+
+
+def test_strategy_parameter_of_another_strategy_is_rejected():
+    with pytest.raises(ConfigError, match="strategy.fedavg.mu|strategy.mu"):
+        validate_config({"strategy": {"name": "fedavg", "mu": 0.1}})
+
+
+def test_unknown_loss_and_bad_loss_argument_are_rejected():
+    with pytest.raises(ConfigError, match="'crossentropy' is not a loss"):
+        validate_config({"loss": {"name": "crossentropy"}})
+    with pytest.raises(ConfigError, match="unknown argument"):
+        validate_config({"loss": {"name": "cross_entropy", "smoothing_typo": 0.1}})
+
+
+def test_file_loaders_need_a_path():
+    with pytest.raises(ConfigError, match="data.path is required"):
+        validate_config({"data": {"name": "mnist"}})
+
+
+def test_override_syntax_errors_are_clear():
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_override({}, "rounds")
+    with pytest.raises(ConfigError, match="holds a value"):
+        apply_override({"rounds": 3}, "rounds.x=1")
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(QUICKSTART, ["strategy.name=fedprox"])
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+    assert isinstance(ExperimentConfig(), ExperimentConfig)
+
+
+def test_missing_or_malformed_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rounds: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

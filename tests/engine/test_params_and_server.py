@@ -1,0 +1,85 @@
+"""Flat parameter vectors, reply screening and server optimizers."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
+
+from fedsim.config import ServerOptConfig
+from fedsim.params import ParamSpec, get_flat, set_flat
+from fedsim.strategies.base import weighted_mean
+from fedsim.strategies.replies import Failure, screen_train_replies
+from fedsim.strategies.server_opt import ServerOptimizer
+
+
+def test_flatten_round_trip_skips_integer_buffers():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    spec = ParamSpec.of(model)
+    assert "1.num_batches_tracked" not in spec.names
+    assert spec.dim == 3 * 2 + 2 + 2 * 4  # linear w, b; bn weight, bias, running mean, var
+    vec = torch.arange(spec.dim, dtype=torch.float32)
+    set_flat(model, spec, vec)
+    assert torch.equal(get_flat(model, spec), vec)
+    layers = spec.split_layers(vec[None].repeat(2, 1))
+    assert [tuple(t.shape) for t in layers][0] == (2, 2, 3)
+    assert torch.equal(spec.join_layers([t[0] for t in layers]), vec)
+
+
+def test_flatten_rejects_wrong_shapes():
+    spec = ParamSpec(("w",), ((2, 2),))
+    with pytest.raises(ValueError, match="shape"):
+        spec.flatten({"w": torch.zeros(3)})
+    with pytest.raises(ValueError, match="model has 4"):
+        spec.unflatten(torch.zeros(5))
+
+
+def _reply(node: int, update, num_examples=10, error: str | None = None) -> Message:
+    md = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
+                  group_id="", created_at=0.0, ttl=100.0, message_type="train")
+    if error:
+        return Message(metadata=md, error=Error(code=0, reason=error))
+    content = RecordDict({"update": ArrayRecord({"update": Array(np.asarray(update, dtype=np.float32))}),
+                          "metrics": MetricRecord({"num-examples": num_examples})})
+    return Message(metadata=md, content=content)
+
+
+def test_screening_rejects_bad_replies_and_names_the_client():
+    sent = {101: 0, 102: 1, 103: 2, 104: 3, 105: 4, 106: 5}
+    replies = [
+        _reply(106, [1.0, 2.0, 3.0]),
+        _reply(101, [1.0, 2.0, 3.0]),
+        _reply(102, [1.0, float("nan"), 3.0]),
+        _reply(103, [1.0, 2.0]),
+        _reply(104, [1.0, 2.0, 3.0], error="boom"),
+        _reply(999, [1.0, 2.0, 3.0]),  # not asked this round: ignored
+    ]
+    accepted, failures = screen_train_replies(replies, sent, dim=3)
+    assert [u.partition_id for u in accepted] == [0, 5]  # sorted by partition id
+    reasons = {f.partition_id: f.reason for f in failures}
+    assert "NaN" in reasons[1]
+    assert "shape (2,)" in reasons[2]
+    assert "boom" in reasons[3]
+    assert reasons[4] == "no reply before the timeout"
+    assert all(isinstance(f, Failure) for f in failures)
+
+
+def test_weighted_mean_is_example_weighted():
+    updates = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert torch.allclose(weighted_mean(updates, torch.tensor([3.0, 1.0])), torch.tensor([0.75, 0.25]))
+
+
+def test_server_momentum_and_adam_match_hand_computation():
+    x = torch.zeros(2)
+    d = torch.tensor([1.0, -2.0])
+    mom = ServerOptimizer(ServerOptConfig(name="momentum", lr=0.5, momentum=0.9))
+    x1 = mom.step(x, d)
+    x2 = mom.step(x1, d)
+    assert torch.allclose(x2, 0.5 * d + 0.5 * (0.9 * d + d))
+    adam = ServerOptimizer(ServerOptConfig(name="adam", lr=0.1, beta1=0.9, beta2=0.99, eps=1e-3))
+    y = adam.step(x, d)
+    m, v = 0.1 * d, 0.01 * d**2
+    assert torch.allclose(y, 0.1 * m / (v.sqrt() + 1e-3))
+    state = adam.state_dict()
+    other = ServerOptimizer(ServerOptConfig(name="adam", lr=0.1, beta1=0.9, beta2=0.99, eps=1e-3))
+    other.load_state_dict(state)
+    assert torch.equal(other.step(y, d), adam.step(y, d))
