@@ -1,0 +1,124 @@
+"""FedBuff: buffered asynchronous aggregation.
+
+Source: J. Nguyen, K. Malik, H. Zhan, A. Yousefpour, M. Rabbat, M. Malek, D. Huba,
+"Federated Learning with Buffered Asynchronous Aggregation", AISTATS 2022, arXiv 2106.06639.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fedsim.strategies.aggregate import check_updates
+
+
+def staleness_scale(staleness: int) -> float:
+    """FedBuff's staleness down-weighting ``1 / sqrt(1 + staleness)``, staleness >= 0."""
+    if staleness < 0:
+        raise ValueError(f"staleness_scale: staleness must be >= 0, got {staleness}")
+    return 1.0 / math.sqrt(1.0 + staleness)
+
+
+def fedbuff_aggregate(model: Tensor, updates: Tensor, stalenesses: Sequence[int],
+                      eta_g: float = 1.0) -> Tensor:
+    """``x + eta_g * (1/K) * sum_k Delta_k / sqrt(1 + staleness_k)`` over K buffered updates.
+
+    Parameters
+    ----------
+    model : Tensor, shape (D,)
+        Current global model, flat.
+    updates : Tensor, shape (K, D)
+        Buffered client updates ``x_k - x_start``, one row each (K >= 1).
+    stalenesses : sequence of int
+        Staleness of each update when it arrived, >= 0.
+    eta_g : float, default 1.0
+        Server learning rate.
+
+    Returns
+    -------
+    Tensor
+        The new global model (a new tensor; ``model`` is not modified).
+    """
+    check_updates(updates, "fedbuff_aggregate")
+    if updates.shape[1:] != model.shape:
+        raise ValueError(f"fedbuff_aggregate: updates of shape {tuple(updates.shape)} do not "
+                         f"match the model's {tuple(model.shape)}")
+    if len(stalenesses) != updates.shape[0]:
+        raise ValueError(f"fedbuff_aggregate: {updates.shape[0]} updates but "
+                         f"{len(stalenesses)} stalenesses")
+    scales = torch.tensor([staleness_scale(s) for s in stalenesses], dtype=updates.dtype)
+    return model + (eta_g / updates.shape[0]) * (scales @ updates)
+
+
+class FedBuff:
+    """FedBuff server rule (Nguyen et al., AISTATS 2022, arXiv 2106.06639).
+
+    Client updates ``Delta_k = x_k - x_start`` are buffered as they arrive, each tagged
+    with its staleness ``version - base_version`` at arrival. When ``buffer_size`` (K) of
+    them are in, the server applies
+
+        x <- x + eta_g * (1/K) * sum_k Delta_k / sqrt(1 + staleness_k)
+
+    and empties the buffer. Driving loop: ``add(...)``; ``if is_full: model = flush(model)``.
+
+    Parameters
+    ----------
+    buffer_size : int, default 10
+        K, the number of arrivals per server update (the paper's default is 10).
+    eta_g : float, default 1.0
+        Server learning rate.
+
+    Attributes
+    ----------
+    version : int
+        Number of server updates (flushes) so far.
+    """
+
+    def __init__(self, buffer_size: int = 10, eta_g: float = 1.0) -> None:
+        if buffer_size < 1:
+            raise ValueError(f"FedBuff: buffer_size must be >= 1, got {buffer_size}")
+        if not eta_g > 0:
+            raise ValueError(f"FedBuff: eta_g must be > 0, got {eta_g}")
+        self.buffer_size = int(buffer_size)
+        self.eta_g = float(eta_g)
+        self.version = 0
+        self._deltas: list[Tensor] = []
+        self._stalenesses: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._deltas)
+
+    @property
+    def is_full(self) -> bool:
+        """True once ``buffer_size`` updates are buffered."""
+        return len(self._deltas) >= self.buffer_size
+
+    def add(self, delta: Tensor, base_version: int) -> int:
+        """Buffer one update from a client that started from ``base_version``; returns
+        its staleness."""
+        if not 0 <= base_version <= self.version:
+            raise ValueError(f"FedBuff: base_version {base_version} is not in "
+                             f"[0, current version {self.version}]")
+        if self.is_full:
+            raise ValueError(f"FedBuff: the buffer already holds {self.buffer_size} "
+                             f"updates; flush before adding more")
+        staleness = self.version - base_version
+        self._deltas.append(delta)
+        self._stalenesses.append(staleness)
+        return staleness
+
+    def flush(self, model: Tensor) -> Tensor:
+        """Aggregate the buffered updates into ``model``, empty the buffer, bump
+        :attr:`version` and return the new model. Raises if the buffer is empty."""
+        if not self._deltas:
+            raise ValueError("FedBuff.flush: the buffer is empty")
+        new_model = fedbuff_aggregate(model, torch.stack(self._deltas), self._stalenesses,
+                                      self.eta_g)
+        self._deltas, self._stalenesses = [], []
+        self.version += 1
+        return new_model
+
+    def __repr__(self) -> str:
+        return (f"FedBuff(buffer_size={self.buffer_size}, eta_g={self.eta_g}, "
+                f"version={self.version}, buffered={len(self)})")
