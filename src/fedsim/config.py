@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -135,6 +135,85 @@ class LossConfig(BaseModel):
         return self
 
 
+# ------------------------------------------------------------------------ quantization
+class QATSettings(Section):
+    """Quantization-aware training of the client model (fedsim.quant.prepare_qat).
+
+    QAT switches on after ``start_fraction`` of the run's rounds (train in float first,
+    then quantized: the compute-optimal QAT schedule applied to the federated run).
+    """
+
+    weight_bits: Literal[2, 4, 8] = 8
+    granularity: Literal["per_channel", "per_tensor"] = "per_channel"
+    symmetric: bool = True
+    activation_bits: Literal[2, 4, 8] | None = None
+    lsq: bool = False
+    start_fraction: float = Field(0.0, ge=0, lt=1)
+
+
+class LowBitSettings(Section):
+    """Low-bit training: quantized forward and backward, stochastic gradient rounding."""
+
+    bits: int = Field(8, ge=2, le=8)
+    grad_bits: int = Field(8, ge=2, le=8)
+
+
+class LinkSettings(Section):
+    """A codec for one direction of traffic, with optional error feedback (uplink only)."""
+
+    codec: Literal["identity", "float16", "qsgd", "topk", "randk", "sign"] = "identity"
+    bits: Literal[2, 4, 8] = Field(8, description="qsgd")
+    block_size: int = Field(256, ge=1, description="qsgd")
+    fraction: float | None = Field(None, gt=0, le=1, description="topk / randk")
+    error_feedback: Literal["none", "ef", "ef21", "econtrol"] = "none"
+    eta: float | None = Field(None, ge=0, description="econtrol: about k/d of the compressor")
+
+    @model_validator(mode="after")
+    def _complete(self) -> LinkSettings:
+        if self.codec in ("topk", "randk") and self.fraction is None:
+            raise ValueError(f"fraction is required for codec {self.codec!r}")
+        if self.error_feedback == "econtrol" and self.eta is None:
+            raise ValueError("eta is required for error_feedback 'econtrol'")
+        return self
+
+    def codec_kwargs(self) -> dict[str, Any]:
+        """The arguments of ``fedsim.quant.codecs.build`` for this codec."""
+        if self.codec == "qsgd":
+            return {"bits": self.bits, "block_size": self.block_size}
+        if self.codec in ("topk", "randk"):
+            return {"fraction": self.fraction}
+        return {}
+
+
+class PTQSettings(Section):
+    """Post-training weight quantization of the final global model, reported beside float."""
+
+    method: Literal["rtn", "awq"] = "rtn"
+    bits: int = Field(4, ge=2, le=8)
+    calibration_samples: int = Field(256, ge=1, description="awq")
+
+
+class QuantConfig(Section):
+    """``quant: {qat, lowbit, uplink, downlink, ptq}``; everything off by default."""
+
+    qat: QATSettings | None = None
+    lowbit: LowBitSettings | None = None
+    uplink: LinkSettings = LinkSettings()
+    downlink: LinkSettings = LinkSettings()
+    ptq: PTQSettings | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> QuantConfig:
+        if self.qat is not None and self.lowbit is not None:
+            raise ValueError("qat and lowbit are alternatives; set one")
+        if self.downlink.error_feedback != "none":
+            raise ValueError("downlink.error_feedback: error feedback applies to the uplink only")
+        if self.downlink.codec not in ("identity", "float16", "qsgd"):
+            raise ValueError(f"downlink.codec: {self.downlink.codec!r} cannot carry a whole model; "
+                             "use identity, float16 or qsgd")
+        return self
+
+
 # ---------------------------------------------------------------------- strategies
 class ServerOptConfig(Section):
     """Server optimizer applied to the aggregated update (FedAvgM / FedAdam, Reddi et al. 2021)."""
@@ -150,6 +229,7 @@ class ServerOptConfig(Section):
 class SyncStrategyBase(Section):
     """Fields every synchronous strategy shares."""
 
+    family: ClassVar[str] = "sync"
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1, description="0 turns federated eval off")
     min_successful: int = Field(1, ge=1, description="fewer valid replies skip the round")
@@ -169,19 +249,89 @@ class FedProxConfig(SyncStrategyBase):
     mu: float = Field(0.01, ge=0)
 
 
-StrategyConfig = Annotated[FedAvgConfig | FedProxConfig, Field(discriminator="name")]
+class AsyncStrategyBase(Section):
+    """Fields of the asynchronous strategies (virtual clock; see fedsim.sim.async_loop).
+
+    Times are in units of the slowest client's time for one local update, so a run with
+    ``horizon: 20`` takes as long as 20 rounds of synchronous FedAvg waiting for the slowest.
+    """
+
+    family: ClassVar[str] = "async"
+    horizon: float = Field(20.0, gt=0, description="virtual time budget")
+    eval_every: float = Field(1.0, gt=0, description="virtual time between evaluations")
+
+
+class FedFixConfig(AsyncStrategyBase):
+    """FedFix (Fraboni et al., arXiv 2206.10189): aggregate every fixed window of time."""
+
+    name: Literal["fedfix"] = "fedfix"
+    window: float = Field(0.5, gt=0, description="aggregation window, x slowest client's time")
+    eta_g: float = Field(1.0, gt=0)
+
+
+class FedAsyncConfig(AsyncStrategyBase):
+    """FedAsync (Xie et al., arXiv 1903.03934): mix each arrival with alpha (1+s)^-a."""
+
+    name: Literal["fedasync"] = "fedasync"
+    alpha: float = Field(0.6, gt=0, le=1)
+    a: float = Field(0.5, ge=0)
+
+
+class FedBuffConfig(AsyncStrategyBase):
+    """FedBuff (Nguyen et al., arXiv 2106.06639): aggregate every K arrivals."""
+
+    name: Literal["fedbuff"] = "fedbuff"
+    buffer_size: int = Field(10, ge=1)
+    eta_g: float = Field(1.0, gt=0)
+
+
+class GossipConfig(Section):
+    """Decentralised gossip (plain or variance-corrected, Yu et al., "Vanishing Variance
+    Problem in Fully Decentralized Neural-Network Systems"); ``rounds`` gossip rounds."""
+
+    family: ClassVar[str] = "gossip"
+    name: Literal["gossip"] = "gossip"
+    topology: Literal["ring", "torus", "regular", "erdos_renyi", "full", "exponential"] = "regular"
+    degree: int = Field(8, ge=1, description="for topology: regular")
+    p: float | None = Field(None, gt=0, le=1, description="edge probability, erdos_renyi")
+    mixing: Literal["half", "metropolis", "uniform"] = Field(
+        "half", description="half: x_i <- (x_i + mean of neighbours) / 2")
+    variance_correction: bool = True
+    eps: float = Field(1e-4, gt=0)
+
+
+StrategyConfig = Annotated[
+    FedAvgConfig | FedProxConfig | FedFixConfig | FedAsyncConfig | FedBuffConfig | GossipConfig,
+    Field(discriminator="name"),
+]
 
 
 # ----------------------------------------------------------------------- simulation
+class SpeedConfig(Section):
+    """Simulated device speeds (local updates per unit of virtual time); see fedsim.sim.speeds."""
+
+    kind: Literal["linear", "lognormal", "two_tier", "csv"] = "linear"
+    spread: float = Field(0.8, ge=0, description="linear: fastest is (1 + spread) x slowest")
+    sigma: float = Field(0.5, gt=0, description="lognormal")
+    slow_fraction: float = Field(0.5, ge=0, le=1, description="two_tier")
+    slow_factor: float = Field(4.0, ge=1, description="two_tier")
+    path: str | None = Field(None, description="csv: a file with a 'speed' column")
+    network_delay: float = Field(0.0, ge=0)
+    dropout: float = Field(0.0, ge=0, lt=1, description="probability a client's update is lost")
+
+
 class SimConfig(Section):
     """Where and how clients run: Flower's simulation engine on Ray."""
 
-    backend: Literal["ray"] = "ray"
+    backend: Literal["ray", "inprocess"] = Field(
+        "ray", description="ray: Flower's simulation engine; inprocess: sequential calls, no Ray")
     num_cpus_per_client: float = Field(1.0, gt=0)
     num_gpus_per_client: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     ray_address: str | None = Field(None, description="attach to an existing Ray cluster")
     wait_for_nodes_s: float = Field(120.0, gt=0)
+    speeds: SpeedConfig = SpeedConfig()
+    concurrency: int | None = Field(None, ge=1, description="clients training at once (async)")
 
 
 class EvalConfig(Section):
@@ -225,6 +375,7 @@ class ExperimentConfig(Section):
     strategy: StrategyConfig = FedAvgConfig()
     client: ClientConfig = ClientConfig()
     loss: LossConfig = LossConfig()
+    quant: QuantConfig = QuantConfig()
     sim: SimConfig = SimConfig()
     eval: EvalConfig = EvalConfig()
     faults: FaultConfig = FaultConfig()

@@ -7,6 +7,7 @@ from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord,
 
 from fedsim.config import ServerOptConfig
 from fedsim.params import ParamSpec, get_flat, set_flat
+from fedsim.quant import codecs
 from fedsim.strategies.base import weighted_mean
 from fedsim.strategies.replies import Failure, screen_train_replies
 from fedsim.strategies.server_opt import ServerOptimizer
@@ -33,13 +34,17 @@ def test_flatten_rejects_wrong_shapes():
         spec.unflatten(torch.zeros(5))
 
 
+IDENTITY = codecs.build("identity")
+
+
 def _reply(node: int, update, num_examples=10, error: str | None = None) -> Message:
     md = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
                   group_id="", created_at=0.0, ttl=100.0, message_type="train")
     if error:
         return Message(metadata=md, error=Error(code=0, reason=error))
-    content = RecordDict({"update": ArrayRecord({"update": Array(np.asarray(update, dtype=np.float32))}),
-                          "metrics": MetricRecord({"num-examples": num_examples})})
+    payload = IDENTITY.encode(torch.tensor(update, dtype=torch.float32))
+    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.to_arrays().items()})
+    content = RecordDict({"update": arrays, "metrics": MetricRecord({"num-examples": num_examples})})
     return Message(metadata=md, content=content)
 
 
@@ -53,8 +58,9 @@ def test_screening_rejects_bad_replies_and_names_the_client():
         _reply(104, [1.0, 2.0, 3.0], error="boom"),
         _reply(999, [1.0, 2.0, 3.0]),  # not asked this round: ignored
     ]
-    accepted, failures = screen_train_replies(replies, sent, dim=3)
+    accepted, failures = screen_train_replies(replies, sent, dim=3, codec=IDENTITY)
     assert [u.partition_id for u in accepted] == [0, 5]  # sorted by partition id
+    assert accepted[0].nbytes == 6 + 3 * 4  # header + three float32 values
     reasons = {f.partition_id: f.reason for f in failures}
     assert "NaN" in reasons[1]
     assert "shape (2,)" in reasons[2]

@@ -17,10 +17,18 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fedsim.clients.hooks import ClientHook, ProximalTerm
+from fedsim.clients.quantization import Uplink, prepare_training_model
 from fedsim.clients.train import evaluate, train_local
 from fedsim.config import ExperimentConfig
 from fedsim.params import ParamSpec, get_flat
-from fedsim.sim.components import build_objective, derive_seed, federated_data, make_model, resolve_device
+from fedsim.sim.components import (
+    build_objective,
+    derive_seed,
+    device_speeds,
+    federated_data,
+    make_model,
+    resolve_device,
+)
 from fedsim.sim.faults import inject_fault
 from fedsim.sim.sync import predict_fn
 
@@ -63,21 +71,26 @@ def build_client_app(cfg: ExperimentConfig) -> ClientApp:
         train_set, _ = data.client(pid)
         spec = ParamSpec.of(model)
         global_flat = get_flat(model, spec)
+        hooks = _hooks(message, model)
+        model = prepare_training_model(model, cfg.quant, server_round, cfg.rounds)
         generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "train", server_round, pid))
-        objective = build_objective(cfg, len(train_set.y), _hooks(message, model))
+        objective = build_objective(cfg, len(train_set.y), hooks)
         result = train_local(model, train_set, cfg.client, objective, generator, device)
-        update = (get_flat(model.cpu(), spec) - global_flat).numpy()
-        update = inject_fault(cfg.faults, pid, server_round, update)
+        update = spec.flatten(model.cpu().state_dict()) - global_flat
+        update = torch.from_numpy(inject_fault(cfg.faults, pid, server_round, update.numpy()))
+        codec_rng = torch.Generator().manual_seed(derive_seed(cfg.seed, "uplink", server_round, pid))
+        payload = Uplink(cfg.quant.uplink).encode(update, context.state, codec_rng)
         metrics = MetricRecord({
             "num-examples": result.num_examples,
             "train_loss": result.loss,
             "train_accuracy": result.accuracy,
             "steps": result.steps,
             "duration_s": time.perf_counter() - start,
+            "virtual_duration": result.steps / float(device_speeds(cfg)[pid]),
+            "bytes_up": payload.nbytes,
         })
-        content = RecordDict({"update": ArrayRecord({"update": Array(np.ascontiguousarray(update))}),
-                              "metrics": metrics})
-        return Message(content=content, reply_to=message)
+        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.to_arrays().items()})
+        return Message(content=RecordDict({"update": arrays, "metrics": metrics}), reply_to=message)
 
     @app.evaluate()
     def evaluate_client(message: Message, context: Context) -> Message:

@@ -21,10 +21,11 @@ from torch import nn
 from fedsim import losses
 from fedsim.clients.hooks import ClientHook
 from fedsim.clients.objective import ClientObjective
-from fedsim.config import DataConfig, ExperimentConfig, ModelConfig, PartitionConfig
+from fedsim.config import DataConfig, ExperimentConfig, ModelConfig, PartitionConfig, SpeedConfig
 from fedsim.data import ArrayDataset, load_dataset
 from fedsim.data.partition import partition_indices, split_client
 from fedsim.models import build_model
+from fedsim.sim.speeds import client_speeds
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,22 @@ def build_objective(cfg: ExperimentConfig, num_samples: int, hooks: tuple[Client
     main, aux = build_loss(cfg, num_samples)
     weight = cfg.loss.aux.weight if cfg.loss.aux else 0.0
     return ClientObjective(main, aux, weight, hooks)
+
+
+SPEED_PARAMS = {"linear": ("spread",), "lognormal": ("sigma",), "two_tier": ("slow_fraction", "slow_factor"),
+                "csv": ("path",)}
+
+
+@functools.lru_cache(maxsize=4)
+def _speeds(speed_json: str, num_clients: int, seed: int) -> np.ndarray:
+    speeds = SpeedConfig.model_validate_json(speed_json)
+    params = {k: getattr(speeds, k) for k in SPEED_PARAMS[speeds.kind]}
+    return client_speeds(speeds.kind, num_clients, derive_seed(seed, "speeds"), **params)
+
+
+def device_speeds(cfg: ExperimentConfig) -> np.ndarray:
+    """Each client's simulated speed (local steps per unit of virtual time), ``sim.speeds``."""
+    return _speeds(cfg.sim.speeds.model_dump_json(), cfg.partition.num_clients, cfg.seed)
 
 
 def resolve_device(cfg: ExperimentConfig) -> torch.device:

@@ -1,9 +1,11 @@
 """Launching a run: a ServerApp and a ClientApp built from the config, on Flower's
-simulation engine with the Ray backend (local Ray, or an existing cluster)."""
+simulation engine with the Ray backend (local Ray, or an existing cluster), or on the
+in-process grid (``sim.backend: inprocess``)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +16,20 @@ from flwr.simulation import run_simulation
 from fedsim.config import ExperimentConfig
 from fedsim.sim.client_app import build_client_app
 from fedsim.sim.components import seed_everything
+from fedsim.sim.inprocess import InProcessGrid
 from fedsim.sim.results import RunDir
 from fedsim.sim.sync import run_sync
 
 log = logging.getLogger(__name__)
+
+
+# The server loop of each strategy family (strategy config's ``family``)
+LOOPS: dict[str, Callable[..., dict[str, Any]]] = {"sync": run_sync}
+
+
+def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_progress: bool) -> dict[str, Any]:
+    """Run the loop of the configured strategy's family on ``grid``; return the summary."""
+    return LOOPS[cfg.strategy.family](grid, cfg, run, resume, show_progress)
 
 
 def build_server_app(cfg: ExperimentConfig, run: RunDir, resume: bool, show_progress: bool,
@@ -28,7 +40,7 @@ def build_server_app(cfg: ExperimentConfig, run: RunDir, resume: bool, show_prog
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         seed_everything(cfg.seed)
-        outcome.update(run_sync(grid, cfg, run, resume, show_progress))
+        outcome.update(serve(grid, cfg, run, resume, show_progress))
 
     return app
 
@@ -51,6 +63,10 @@ def run_experiment(cfg: ExperimentConfig, *, resume: str | Path | None = None, r
     logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.WARNING)
     seed_everything(cfg.seed)
     outcome: dict[str, Any] = {}
+    if cfg.sim.backend == "inprocess":
+        grid = InProcessGrid(build_client_app(cfg), cfg.partition.num_clients)
+        outcome.update(serve(grid, cfg, run, resume is not None, show_progress))
+        return run.path, outcome
     run_simulation(
         server_app=build_server_app(cfg, run, resume is not None, show_progress, outcome),
         client_app=build_client_app(cfg),

@@ -13,12 +13,14 @@ import logging
 import time
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedsim.clients.train import evaluate
 from fedsim.config import ExperimentConfig
 from fedsim.params import ParamSpec
+from fedsim.quant.ptq import quantize_weights_awq, quantize_weights_rtn
 from fedsim.sim.components import build_loss, federated_data, make_model, resolve_device
 from fedsim.sim.plots import plot_run
 from fedsim.sim.progress import RoundProgress
@@ -86,7 +88,6 @@ def run_sync(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_
     bytes_down_total = rows[-1].get("bytes_down_total", 0) if rows else 0
 
     arrays = ArrayRecord(model.state_dict())
-    model_bytes = 4 * spec.dim
     t0 = time.perf_counter() - elapsed_before
     status = "interrupted"
     try:
@@ -99,8 +100,8 @@ def run_sync(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_
                 if new_arrays is not None:
                     arrays = new_arrays
                 report = strategy.report
-                bytes_down_total += model_bytes * len(messages)
-                bytes_up_total += model_bytes * len(report.accepted)
+                bytes_down_total += report.bytes_down
+                bytes_up_total += report.bytes_up
                 row: dict[str, Any] = {
                     "round": rnd,
                     "num_sampled": len(report.sampled),
@@ -109,6 +110,8 @@ def run_sync(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_
                     "failures": [{"client": f.partition_id, "reason": f.reason} for f in report.failures],
                     "skipped": report.skipped,
                     "train_loss": (train_metrics or {}).get("train_loss"),
+                    "bytes_up": report.bytes_up,
+                    "bytes_down": report.bytes_down,
                     "bytes_up_total": bytes_up_total,
                     "bytes_down_total": bytes_down_total,
                 }
@@ -138,10 +141,26 @@ def run_sync(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_
     finally:
         rows = run.rows()
         summary = summarise(rows, cfg.output.target_accuracy, status)
+        if status == "completed" and cfg.quant.ptq is not None:
+            model.load_state_dict(arrays.to_torch_state_dict())
+            summary.update(post_training_quantization(cfg, model, data, device, predict))
         run.write_summary(summary)
         if cfg.output.plots and rows:
             plot_run(rows, run.plot_dir)
     return summary
+
+
+def post_training_quantization(cfg: ExperimentConfig, model, data, device, predict) -> dict[str, Any]:
+    """Quantize the final global model's weights (``quant.ptq``) and evaluate it beside float."""
+    ptq = cfg.quant.ptq
+    if ptq.method == "awq":
+        calibration = torch.from_numpy(data.train.x[: ptq.calibration_samples])
+        quantized = quantize_weights_awq(model, calibration, ptq.bits)
+    else:
+        quantized = quantize_weights_rtn(model, ptq.bits)
+    res = evaluate(quantized.to(device), data.test, device, cfg.eval.batch_size, predict)
+    log.info("post-training %s int%d: accuracy %.4f", ptq.method, ptq.bits, res.accuracy)
+    return {"ptq_method": ptq.method, "ptq_bits": ptq.bits, "ptq_accuracy": res.accuracy}
 
 
 def _fmt(value: float | None) -> str:

@@ -23,4 +23,4 @@ def build_sampler(cfg: ExperimentConfig):
 def build_strategy(cfg: ExperimentConfig, spec: ParamSpec, node_of: dict[int, int]) -> FedsimStrategy:
     """The configured strategy, ready to drive (config validation guarantees the name)."""
     cls = STRATEGIES[cfg.strategy.name]
-    return cls(cfg.strategy, spec, build_sampler(cfg), node_of)
+    return cls(cfg.strategy, spec, build_sampler(cfg), node_of, cfg.quant)

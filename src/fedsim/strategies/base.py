@@ -23,8 +23,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.config import SyncStrategyBase
+from fedsim.clients.quantization import build_codec
+from fedsim.config import QuantConfig, SyncStrategyBase
 from fedsim.params import ParamSpec
+from fedsim.quant.error_feedback import ServerEstimate
 from fedsim.strategies.replies import ClientUpdate, Failure, screen_train_replies
 from fedsim.strategies.server_opt import ServerOptimizer
 
@@ -39,6 +41,8 @@ class RoundReport:
     accepted: list[int] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     skipped: bool = False
+    bytes_up: int = 0
+    bytes_down: int = 0
 
 
 def weighted_mean(updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -60,12 +64,14 @@ class FedsimStrategy(Strategy):
         Participation model over partition ids.
     node_of : dict[int, int]
         partition id -> Flower node id.
+    quant : QuantConfig
+        Uplink codec and error feedback (decoding replies), downlink codec.
     client_config : dict
         Extra entries every training message carries (e.g. ``proximal-mu``).
     """
 
     def __init__(self, cfg: SyncStrategyBase, spec: ParamSpec, sampler, node_of: dict[int, int],
-                 client_config: dict | None = None) -> None:
+                 quant: QuantConfig, client_config: dict | None = None) -> None:
         self.cfg = cfg
         self.spec = spec
         self.sampler = sampler
@@ -73,6 +79,10 @@ class FedsimStrategy(Strategy):
         self.pid_of = {n: p for p, n in self.node_of.items()}
         self.client_config = dict(client_config or {})
         self.server_opt = ServerOptimizer(cfg.server_opt)
+        self.uplink = build_codec(quant.uplink)
+        self.downlink = build_codec(quant.downlink)
+        # EF21 / EControl: the server keeps each client's running estimate h_i
+        self.estimates = ServerEstimate() if quant.uplink.error_feedback in ("ef21", "econtrol") else None
         self.report = RoundReport()
         self._sent: dict[int, int] = {}
         self._template: dict[str, torch.Tensor] = {}
@@ -108,15 +118,34 @@ class FedsimStrategy(Strategy):
         self._global = self.spec.flatten(self._template)
         pids = self.sampler.sample(server_round)
         self._sent = {self.node_of[p]: p for p in pids}
-        self.report = RoundReport(sampled=list(pids))
+        sent_arrays, model_bytes = self._downlink_arrays(arrays)
+        self.report = RoundReport(sampled=list(pids), bytes_down=model_bytes * len(pids))
         config = ConfigRecord({**config, **self.client_config, "server-round": server_round})
-        return self._messages(pids, arrays, config, MessageType.TRAIN)
+        return self._messages(pids, sent_arrays, config, MessageType.TRAIN)
+
+    def _downlink_arrays(self, arrays: ArrayRecord) -> tuple[ArrayRecord, int]:
+        """The model as the clients receive it, and its size on the wire.
+
+        The server keeps the float master copy; clients train from the decoded broadcast.
+        In simulation the decoded float arrays travel, and the bytes counted are those of
+        the encoded payload.
+        """
+        payload = self.downlink.encode(self._global)
+        if self.downlink.name == "identity":
+            return arrays, payload.nbytes
+        state = dict(self._template)
+        state.update(self.spec.unflatten(self.downlink.decode(payload)))
+        return ArrayRecord(state), payload.nbytes
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted, failures = screen_train_replies(list(replies), self._sent, self.spec.dim)
+        accepted, failures = screen_train_replies(list(replies), self._sent, self.spec.dim, self.uplink)
         self.report.accepted = [u.partition_id for u in accepted]
         self.report.failures = failures
+        self.report.bytes_up = sum(u.nbytes for u in accepted)
+        if self.estimates is not None:
+            for u in accepted:  # the payload is an increment of the client's estimate h_i
+                u.update = self.estimates.update(u.partition_id, u.update)
         metrics = MetricRecord({"num-accepted": len(accepted), "num-failed": len(failures)})
         if accepted:
             total = sum(u.num_examples for u in accepted)
@@ -165,11 +194,15 @@ class FedsimStrategy(Strategy):
     def state_dict(self) -> dict:
         """Everything needed to resume: server optimizer and participation state."""
         state = {"server_opt": self.server_opt.state_dict()}
+        if self.estimates is not None:
+            state["uplink_estimates"] = self.estimates.state_dict()
         if hasattr(self.sampler, "state_dict"):
             state["sampler"] = self.sampler.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.server_opt.load_state_dict(state.get("server_opt", {}))
+        if self.estimates is not None and "uplink_estimates" in state:
+            self.estimates.load_state_dict(state["uplink_estimates"])
         if "sampler" in state:
             self.sampler.load_state_dict(state["sampler"])

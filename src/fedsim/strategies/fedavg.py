@@ -13,7 +13,7 @@ this strategy puts into every training message.
 
 from __future__ import annotations
 
-from fedsim.config import FedProxConfig
+from fedsim.config import FedProxConfig, QuantConfig
 from fedsim.params import ParamSpec
 from fedsim.strategies.base import FedsimStrategy
 
@@ -31,5 +31,6 @@ class FedProx(FedAvg):
         ``mu`` (float, default 0.01) is the proximal strength.
     """
 
-    def __init__(self, cfg: FedProxConfig, spec: ParamSpec, sampler, node_of: dict[int, int]) -> None:
-        super().__init__(cfg, spec, sampler, node_of, client_config={"proximal-mu": cfg.mu})
+    def __init__(self, cfg: FedProxConfig, spec: ParamSpec, sampler, node_of: dict[int, int],
+                 quant: QuantConfig) -> None:
+        super().__init__(cfg, spec, sampler, node_of, quant, client_config={"proximal-mu": cfg.mu})

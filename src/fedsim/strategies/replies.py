@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from flwr.app import Message
 
+from fedsim.quant.codecs import Codec
+
 log = logging.getLogger(__name__)
 
 
@@ -24,6 +26,7 @@ class ClientUpdate:
     partition_id: int
     num_examples: int
     update: torch.Tensor
+    nbytes: int
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -40,30 +43,32 @@ def _metrics(msg: Message) -> dict[str, float]:
     return {k: float(v) for rec in records.values() for k, v in rec.items() if isinstance(v, int | float)}
 
 
-def screen_train_reply(msg: Message, partition_id: int, dim: int) -> ClientUpdate | Failure:
-    """Accept a training reply as a :class:`ClientUpdate` or explain why it is rejected."""
+def screen_train_reply(msg: Message, partition_id: int, dim: int, codec: Codec) -> ClientUpdate | Failure:
+    """Decode a training reply with the uplink ``codec`` into a :class:`ClientUpdate`, or
+    explain why it is rejected."""
     if msg.has_error():
         return Failure(partition_id, f"client error: {msg.error.reason}")
     arrays = msg.content.array_records.get("update")
-    if arrays is None or "update" not in arrays:
-        return Failure(partition_id, "reply has no 'update' array")
+    if arrays is None:
+        return Failure(partition_id, "reply has no 'update' record")
     metrics = _metrics(msg)
     num_examples = int(metrics.get("num-examples", 0))
     if num_examples <= 0:
         return Failure(partition_id, "reply has no positive 'num-examples'")
     try:
-        update = torch.from_numpy(arrays["update"].numpy().copy())
-    except (TypeError, ValueError) as exc:
-        return Failure(partition_id, f"update cannot be read: {exc}")
+        payload = codec.from_arrays({k: v.numpy() for k, v in arrays.items()})
+        update = codec.decode(payload)
+    except (KeyError, TypeError, ValueError) as exc:
+        return Failure(partition_id, f"update cannot be decoded: {exc}")
     if update.dim() != 1 or update.numel() != dim:
         return Failure(partition_id, f"update has shape {tuple(update.shape)}, expected ({dim},)")
     if not torch.isfinite(update).all():
         return Failure(partition_id, "update holds NaN or Inf")
-    return ClientUpdate(partition_id, num_examples, update.to(torch.float32), metrics)
+    return ClientUpdate(partition_id, num_examples, update.to(torch.float32), payload.nbytes, metrics)
 
 
 def screen_train_replies(
-    replies: list[Message], sent: dict[int, int], dim: int
+    replies: list[Message], sent: dict[int, int], dim: int, codec: Codec
 ) -> tuple[list[ClientUpdate], list[Failure]]:
     """Screen the replies of one round.
 
@@ -76,6 +81,8 @@ def screen_train_replies(
         no reply timed out.
     dim : int
         Length of the flat model vector.
+    codec : Codec
+        The uplink codec the clients encode with.
 
     Returns
     -------
@@ -90,7 +97,7 @@ def screen_train_replies(
         if node not in sent:
             continue
         answered.add(node)
-        result = screen_train_reply(msg, sent[node], dim)
+        result = screen_train_reply(msg, sent[node], dim, codec)
         (failures if isinstance(result, Failure) else accepted).append(result)
     failures += [Failure(pid, "no reply before the timeout") for node, pid in sent.items() if node not in answered]
     for f in failures:

@@ -1,0 +1,48 @@
+"""FedLEx client side: scale each gradient elementwise by the guidance matrix.
+
+Reference
+---------
+FedLEx, as specified in fedsim's ALGORITHMS.md; the guidance matrix is built by
+:func:`fedsim.strategies.fedlex.guidance_matrix`. Call :func:`apply_guidance` between
+``loss.backward()`` and ``optimizer.step()``: ``grad_p <- M_p * grad_p``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+__all__ = ["apply_guidance"]
+
+
+def apply_guidance(
+    parameters: torch.nn.Module | Iterable[tuple[str, torch.nn.Parameter]],
+    guidance: Mapping[str, torch.Tensor],
+) -> None:
+    """Multiply every parameter's ``.grad`` in place by its guidance tensor.
+
+    Parameters
+    ----------
+    parameters : torch.nn.Module or iterable of (str, torch.nn.Parameter)
+        A model (its ``named_parameters()`` are used) or ``(name, parameter)`` pairs.
+    guidance : mapping of str to torch.Tensor
+        Guidance per parameter name, each the parameter's shape (extra entries, e.g. for
+        buffers, are ignored).
+
+    Raises
+    ------
+    ValueError
+        If a parameter with a gradient has no guidance entry or one of another shape.
+    """
+    named = parameters.named_parameters() if isinstance(parameters, torch.nn.Module) else parameters
+    for name, param in named:
+        if param.grad is None:
+            continue
+        if name not in guidance:
+            raise ValueError(f"apply_guidance: no guidance for parameter {name!r}")
+        scale = guidance[name]
+        if scale.shape != param.grad.shape:
+            raise ValueError(f"apply_guidance: guidance for {name!r} has shape {tuple(scale.shape)}, "
+                             f"gradient has {tuple(param.grad.shape)}")
+        param.grad.mul_(scale.to(device=param.grad.device, dtype=param.grad.dtype))

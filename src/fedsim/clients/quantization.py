@@ -1,0 +1,74 @@
+"""Quantized client training and compressed uplink, from the ``quant:`` config.
+
+- ``prepare_training_model``: QAT (fake-quantized Linear/Conv2d, torchao where it fits) or
+  low-bit training (quantized forward and backward). QAT switches on after
+  ``start_fraction`` of the run's rounds: train in float first, quantized at the end.
+- ``Uplink``: the client's codec and error feedback. The error-feedback memory lives in the
+  node's Flower ``Context.state`` (persistent per node across rounds in both backends), so it
+  survives rounds in which the client is not sampled.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from flwr.app import ArrayRecord, RecordDict
+from torch import nn
+
+from fedsim.config import LinkSettings, QuantConfig
+from fedsim.quant import LowBitConfig, QATConfig, prepare_lowbit, prepare_qat, set_qat_enabled
+from fedsim.quant import codecs, error_feedback
+from fedsim.quant.codecs import Codec, Payload
+
+EF_STATE_KEY = "uplink-error-feedback"
+
+
+def qat_active(quant: QuantConfig, server_round: int, rounds: int) -> bool:
+    """QAT is on from the first round after ``start_fraction * rounds``."""
+    return quant.qat is not None and server_round > math.floor(quant.qat.start_fraction * rounds)
+
+
+def prepare_training_model(model: nn.Module, quant: QuantConfig, server_round: int, rounds: int) -> nn.Module:
+    """The model the client trains: float, fake-quantized (QAT) or low-bit.
+
+    Parameter names are unchanged, so the float weights are read back with the same
+    ``ParamSpec`` as the plain model.
+    """
+    if quant.qat is not None:
+        q = quant.qat
+        model = prepare_qat(model, QATConfig(weight_bits=q.weight_bits, granularity=q.granularity,
+                                             symmetric=q.symmetric, activation_bits=q.activation_bits,
+                                             lsq=q.lsq, start_fraction=0.0))
+        set_qat_enabled(model, qat_active(quant, server_round, rounds))
+    elif quant.lowbit is not None:
+        model = prepare_lowbit(model, LowBitConfig(bits=quant.lowbit.bits, grad_bits=quant.lowbit.grad_bits))
+    return model
+
+
+def build_codec(link: LinkSettings) -> Codec:
+    """The codec of one link direction."""
+    return codecs.build(link.codec, **link.codec_kwargs())
+
+
+class Uplink:
+    """Compress a client's flat update with the configured codec and error feedback."""
+
+    def __init__(self, link: LinkSettings) -> None:
+        self.link = link
+        self.codec = build_codec(link)
+
+    def _wrapper(self) -> error_feedback.ErrorFeedback:
+        kwargs = {"eta": self.link.eta} if self.link.error_feedback == "econtrol" else {}
+        return error_feedback.build(self.link.error_feedback, self.codec, **kwargs)
+
+    def encode(self, update: torch.Tensor, state: RecordDict, generator: torch.Generator) -> Payload:
+        """Encode ``update``, reading and writing the error-feedback memory in ``state``."""
+        wrapper = self._wrapper()
+        if EF_STATE_KEY in state:
+            wrapper.load_state_dict(state[EF_STATE_KEY].to_torch_state_dict())
+        payload = wrapper.compress(update, generator=generator)
+        memory = wrapper.state_dict()
+        if memory:
+            state[EF_STATE_KEY] = ArrayRecord({k: v.contiguous() for k, v in memory.items()})
+        return payload

@@ -1,0 +1,188 @@
+"""FedAU: FedAvg with online-estimated aggregation weights for unknown participation.
+
+Reference
+---------
+S. Wang, M. Ji, "A Lightweight Method for Tackling Unknown Participation Statistics in
+Federated Averaging", arXiv:2306.03401. Authors' code: github.com/IBM/fedau (``main.py``).
+
+Definition implemented (online weight estimation, per client ``i``)
+-------------------------------------------------------------------
+The client keeps ``S_i``, the length of its open participation gap, and the gaps closed so
+far (their sum and count suffice). In every round ``t``, for every client::
+
+    S_i <- S_i + 1
+    if i participates in round t:
+        omega_i^t = mean(closed gaps)  if any gap is closed, else 1   # history BEFORE this gap
+        close the gap S_i;  S_i <- 0
+    elif S_i == K:
+        close the gap S_i (= K);  S_i <- 0                             # the open gap reached K
+
+So a gap is the number of rounds between consecutive participations (participating in two
+consecutive rounds is a gap of 1), every recorded gap is at most ``K``, and an absence longer
+than ``K`` rounds is recorded as gaps of ``K`` followed by the remainder. ``omega_i`` estimates
+``1 / p_i`` (the mean gap of a Bernoulli(``p_i``) client is ``1 / p_i``), truncated by ``K``.
+The first participation gets weight 1, and the weight of round ``t`` uses only the gaps
+closed before round ``t``, never the one that round ``t`` closes. Before the first recorded
+round every client's open gap is 0, so a client that participates in the first round closes
+a gap of 1. This is the rule of the authors' code (IBM/fedau, ``main.py``: the weight is the
+mean of the recorded intervals, taken before the current interval is appended; an interval is
+also recorded when the non-participation count reaches K). Their default cut-off is
+effectively infinite (100000); fedsim's default is K = 50.
+
+Aggregation::
+
+    x <- x + eta_g * (1/N) * sum_{i in S_t} omega_i^t * Delta_i^t
+
+with ``N`` the total number of clients, not the number of participants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from fedsim.strategies.aggregate import check_updates
+
+__all__ = ["FedAUWeights", "fedau_aggregate"]
+
+
+class FedAUWeights:
+    """Online FedAU weights ``omega_i`` from the observed participation of ``N`` clients.
+
+    FedAU (Wang & Ji, "A Lightweight Method for Tackling Unknown Participation Statistics in
+    Federated Averaging", arXiv:2306.03401); the rule is spelled out in the module docstring.
+
+    Parameters
+    ----------
+    num_clients : int
+        Total number of clients ``N`` (ids ``0..N-1``).
+    K : int, default 50
+        Cut-off: an open gap is recorded (as ``K``) once it reaches ``K`` rounds.
+
+    Notes
+    -----
+    Call :meth:`observe` once per round, with increasing round numbers. Rounds skipped
+    between two calls count as rounds in which no client participated; the first call starts
+    the history (earlier round numbers are not counted as absences).
+    """
+
+    def __init__(self, num_clients: int, K: int = 50) -> None:
+        if num_clients < 1:
+            raise ValueError(f"FedAUWeights: num_clients must be >= 1, got {num_clients}")
+        if K < 1:
+            raise ValueError(f"FedAUWeights: K must be >= 1, got {K}")
+        self.num_clients = int(num_clients)
+        self.K = int(K)
+        self.open_gap = np.zeros(self.num_clients, dtype=np.int64)
+        self.gap_sum = np.zeros(self.num_clients, dtype=np.int64)
+        self.gap_count = np.zeros(self.num_clients, dtype=np.int64)
+        self.last_round: int | None = None
+
+    def omega(self) -> np.ndarray:
+        """Current weights of all clients from the closed gaps (1 where none is closed yet)."""
+        has_gaps = self.gap_count > 0
+        return np.where(has_gaps, self.gap_sum / np.maximum(self.gap_count, 1), 1.0)
+
+    def _skip_rounds(self, num_rounds: int) -> None:
+        """Advance every open gap by ``num_rounds`` rounds without participation."""
+        total = self.open_gap + num_rounds
+        closed = total // self.K
+        self.gap_sum += closed * self.K
+        self.gap_count += closed
+        self.open_gap = total % self.K
+
+    def observe(self, server_round: int, participant_ids: Iterable[int]) -> dict[int, float]:
+        """Record round ``server_round`` and return the weights of its participants.
+
+        Parameters
+        ----------
+        server_round : int
+            Round number, larger than the previous call's.
+        participant_ids : iterable of int
+            Ids of the clients that participated (distinct, in ``[0, N)``).
+
+        Returns
+        -------
+        dict of int to float
+            ``omega_i`` of each participant, computed from its gaps closed before this round.
+        """
+        ids = np.asarray(sorted(int(i) for i in participant_ids), dtype=np.int64)
+        if ids.size and (ids[0] < 0 or ids[-1] >= self.num_clients):
+            raise ValueError(f"FedAUWeights.observe: participant ids must be in [0, {self.num_clients}), "
+                             f"got {ids.tolist()}")
+        if ids.size != np.unique(ids).size:
+            raise ValueError(f"FedAUWeights.observe: duplicate participant ids in {ids.tolist()}")
+        if self.last_round is not None:
+            if server_round <= self.last_round:
+                raise ValueError(f"FedAUWeights.observe: round {server_round} is not after the last "
+                                 f"observed round {self.last_round}")
+            self._skip_rounds(server_round - self.last_round - 1)
+        self.last_round = int(server_round)
+
+        weights = self.omega()[ids]
+        self.open_gap += 1
+        participated = np.zeros(self.num_clients, dtype=bool)
+        participated[ids] = True
+        closes = participated | (self.open_gap >= self.K)
+        self.gap_sum[closes] += self.open_gap[closes]
+        self.gap_count[closes] += 1
+        self.open_gap[closes] = 0
+        return {int(i): float(w) for i, w in zip(ids, weights)}
+
+    def state_dict(self) -> dict:
+        """Checkpointable state (plain Python types)."""
+        return {
+            "num_clients": self.num_clients,
+            "K": self.K,
+            "open_gap": self.open_gap.tolist(),
+            "gap_sum": self.gap_sum.tolist(),
+            "gap_count": self.gap_count.tolist(),
+            "last_round": self.last_round,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state written by :meth:`state_dict` (same ``num_clients`` and ``K``)."""
+        if state["num_clients"] != self.num_clients or state["K"] != self.K:
+            raise ValueError(f"FedAUWeights.load_state_dict: state is for num_clients={state['num_clients']}, "
+                             f"K={state['K']}; this object has num_clients={self.num_clients}, K={self.K}")
+        self.open_gap = np.asarray(state["open_gap"], dtype=np.int64)
+        self.gap_sum = np.asarray(state["gap_sum"], dtype=np.int64)
+        self.gap_count = np.asarray(state["gap_count"], dtype=np.int64)
+        self.last_round = None if state["last_round"] is None else int(state["last_round"])
+
+
+def fedau_aggregate(
+    updates: torch.Tensor,
+    weights: torch.Tensor | Sequence[float],
+    num_clients: int,
+    eta_g: float = 1.0,
+) -> torch.Tensor:
+    """FedAU's server step (arXiv:2306.03401): ``eta_g * (1/N) * sum_i omega_i * Delta_i``.
+
+    Parameters
+    ----------
+    updates : torch.Tensor
+        Participants' updates ``Delta_i``, shape ``(n, D)``.
+    weights : torch.Tensor or sequence of float
+        Their FedAU weights ``omega_i``, shape ``(n,)`` (from :meth:`FedAUWeights.observe`).
+    num_clients : int
+        Total number of clients ``N`` (the divisor; not ``n``).
+    eta_g : float, default 1.0
+        Global learning rate.
+
+    Returns
+    -------
+    torch.Tensor
+        Shape ``(D,)``, dtype and device of ``updates``.
+    """
+    check_updates(updates, "fedau_aggregate")
+    w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+    if w.numel() != updates.shape[0]:
+        raise ValueError(f"fedau_aggregate: got {w.numel()} weights for {updates.shape[0]} updates")
+    if num_clients < updates.shape[0]:
+        raise ValueError(f"fedau_aggregate: num_clients ({num_clients}) is smaller than the number "
+                         f"of updates ({updates.shape[0]})")
+    scale = (w * (eta_g / num_clients)).to(dtype=updates.dtype, device=updates.device)
+    return scale @ updates
