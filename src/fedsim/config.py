@@ -249,6 +249,75 @@ class FedProxConfig(SyncStrategyBase):
     mu: float = Field(0.01, ge=0)
 
 
+class MedianConfig(SyncStrategyBase):
+    """Coordinate-wise median (Yin et al. 2018)."""
+
+    name: Literal["median"] = "median"
+
+
+class TrimmedMeanConfig(SyncStrategyBase):
+    """Coordinate-wise trimmed mean: drop the ``beta`` fraction at each end (Yin et al. 2018)."""
+
+    name: Literal["trimmed_mean"] = "trimmed_mean"
+    beta: float = Field(0.1, ge=0, lt=0.5)
+
+
+class KrumConfig(SyncStrategyBase):
+    """Krum (Blanchard et al. 2017); ``num_byzantine`` None assumes attack.fraction of the replies."""
+
+    name: Literal["krum"] = "krum"
+    num_byzantine: int | None = Field(None, ge=0)
+
+
+class MultiKrumConfig(SyncStrategyBase):
+    """Multi-Krum: the mean of the ``m`` best-scored updates (None: n - f)."""
+
+    name: Literal["multikrum"] = "multikrum"
+    num_byzantine: int | None = Field(None, ge=0)
+    m: int | None = Field(None, ge=1)
+
+
+class FlagConfig(SyncStrategyBase):
+    """Flag Aggregator (Almasi et al., ICLR 2023): robust subspace of the updates by IRLS."""
+
+    name: Literal["flag"] = "flag"
+    r: int = Field(8, ge=1)
+    lam: float = Field(0.0, ge=0)
+    max_iter: int = Field(10, ge=1)
+    tol: float = Field(1e-6, gt=0)
+
+
+class FedAUConfig(SyncStrategyBase):
+    """FedAU (Wang & Ji, arXiv 2306.03401): x += eta_g/N * sum omega_i Delta_i.
+
+    ``weights: online`` estimates omega_i from participation gaps (capped at K);
+    ``weights: known`` uses the oracle omega_i = 1/p_i of the participation model.
+    """
+
+    name: Literal["fedau"] = "fedau"
+    K: int = Field(50, ge=1)
+    weights: Literal["online", "known"] = "online"
+
+
+class FedLDConfig(SyncStrategyBase):
+    """FedLD: SVD-filtered, sign-aligned, norm-preserving aggregation; clients add
+    beta * log(1 + ||softmax(logits)||_F^2) to their loss."""
+
+    name: Literal["fedld"] = "fedld"
+    keep: float = Field(0.8, gt=0, le=1)
+    beta: float = Field(0.03, ge=0)
+
+
+class FedLExConfig(SyncStrategyBase):
+    """FedLEx: scouts explore for ``explore_rounds`` rounds; their drift gives a guidance
+    matrix that masks every client's gradients afterwards; server momentum 0.9."""
+
+    name: Literal["fedlex"] = "fedlex"
+    explore_rounds: int = Field(2, ge=1)
+    scouts: int = Field(5, ge=1)
+    server_opt: ServerOptConfig = ServerOptConfig(name="momentum", lr=1.0, momentum=0.9)
+
+
 class AsyncStrategyBase(Section):
     """Fields of the asynchronous strategies (virtual clock; see fedsim.sim.async_loop).
 
@@ -301,9 +370,49 @@ class GossipConfig(Section):
 
 
 StrategyConfig = Annotated[
-    FedAvgConfig | FedProxConfig | FedFixConfig | FedAsyncConfig | FedBuffConfig | GossipConfig,
+    FedAvgConfig | FedProxConfig | MedianConfig | TrimmedMeanConfig | KrumConfig | MultiKrumConfig
+    | FlagConfig | FedAUConfig | FedLDConfig | FedLExConfig
+    | FedFixConfig | FedAsyncConfig | FedBuffConfig | GossipConfig,
     Field(discriminator="name"),
 ]
+
+
+class ParticipationConfig(Section):
+    """Which clients take part each round (fedsim.strategies.participation).
+
+    uniform: ``strategy.fraction_train`` of the clients, uniformly; bernoulli: client i
+    independently with probability p_i drawn uniformly in [p_low, p_high], or tied to its
+    label mix (``tied_to_labels``, mean ``p_mean``); markov: on/off chains with stationary
+    probabilities as bernoulli's and ``p_off_to_on``; cyclic: ``num_groups`` groups in turn.
+    """
+
+    model: Literal["uniform", "bernoulli", "markov", "cyclic"] = "uniform"
+    p_low: float = Field(0.02, gt=0, le=1)
+    p_high: float = Field(0.5, gt=0, le=1)
+    tied_to_labels: bool = False
+    p_mean: float = Field(0.1, gt=0, le=1)
+    p_off_to_on: float = Field(0.05, gt=0, le=1)
+    num_groups: int = Field(4, ge=1)
+
+
+class AttackConfig(Section):
+    """Byzantine clients: a fixed, seeded ``fraction`` of them run ``name``.
+
+    Update attacks (sign_flip, scaled, gaussian, alie, ipm) replace the Byzantine rows of
+    the round's updates on the server, knowing the honest ones (omniscient attacker);
+    label_flip makes Byzantine clients train on flipped labels.
+    """
+
+    name: Literal["none", "sign_flip", "scaled", "gaussian", "alie", "ipm", "label_flip"] = "none"
+    fraction: float = Field(0.0, ge=0, lt=0.5)
+    scale: float | None = Field(None, description="sign_flip, scaled")
+    std: float | None = Field(None, gt=0, description="gaussian")
+    z: float | None = Field(None, description="alie; None uses the paper's formula")
+    epsilon: float | None = Field(None, description="ipm")
+
+    def kwargs(self) -> dict[str, float]:
+        """The set parameters, as ``fedsim.attacks.build_attack`` takes them."""
+        return {k: v for k in ("scale", "std", "z", "epsilon") if (v := getattr(self, k)) is not None}
 
 
 # ----------------------------------------------------------------------- simulation
@@ -376,6 +485,8 @@ class ExperimentConfig(Section):
     client: ClientConfig = ClientConfig()
     loss: LossConfig = LossConfig()
     quant: QuantConfig = QuantConfig()
+    participation: ParticipationConfig = ParticipationConfig()
+    attack: AttackConfig = AttackConfig()
     sim: SimConfig = SimConfig()
     eval: EvalConfig = EvalConfig()
     faults: FaultConfig = FaultConfig()

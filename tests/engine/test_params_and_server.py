@@ -8,7 +8,7 @@ from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord,
 from fedsim.config import ServerOptConfig
 from fedsim.params import ParamSpec, get_flat, set_flat
 from fedsim.quant import codecs
-from fedsim.strategies.base import weighted_mean
+from fedsim.strategies.aggregate import weighted_mean
 from fedsim.strategies.replies import Failure, screen_train_replies
 from fedsim.strategies.server_opt import ServerOptimizer
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from fedsim.clients.hooks import ClientHook
+
 __all__ = ["fedld_regulariser"]
 
 
@@ -39,3 +41,13 @@ def fedld_regulariser(logits: torch.Tensor, beta: float = 0.03) -> torch.Tensor:
         raise ValueError(f"fedld_regulariser: logits must have shape (B, C, ...), got {tuple(logits.shape)}")
     probs = torch.softmax(logits, dim=1)
     return beta * torch.log1p(probs.square().sum())
+
+
+class FedLDRegulariser(ClientHook):
+    """FedLD's client term as a hook: adds :func:`fedld_regulariser` of the batch logits."""
+
+    def __init__(self, beta: float) -> None:
+        self.beta = beta
+
+    def extra_loss(self, model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
+        return fedld_regulariser(logits, self.beta)

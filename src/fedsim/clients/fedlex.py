@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from fedsim.clients.hooks import ClientHook
+
 __all__ = ["apply_guidance"]
 
 
@@ -46,3 +48,13 @@ def apply_guidance(
             raise ValueError(f"apply_guidance: guidance for {name!r} has shape {tuple(scale.shape)}, "
                              f"gradient has {tuple(param.grad.shape)}")
         param.grad.mul_(scale.to(device=param.grad.device, dtype=param.grad.dtype))
+
+
+class GuidanceMask(ClientHook):
+    """FedLEx's client side as a hook: gradients times the guidance matrix before each step."""
+
+    def __init__(self, guidance: Mapping[str, torch.Tensor]) -> None:
+        self.guidance = guidance
+
+    def before_step(self, model: torch.nn.Module) -> None:
+        apply_guidance(model, self.guidance)

@@ -17,7 +17,6 @@ from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
 from fedsim.config import LinkSettings, QuantConfig
-from fedsim.quant import LowBitConfig, QATConfig, prepare_lowbit, prepare_qat, set_qat_enabled
 from fedsim.quant import codecs, error_feedback
 from fedsim.quant.codecs import Codec, Payload
 
@@ -36,12 +35,17 @@ def prepare_training_model(model: nn.Module, quant: QuantConfig, server_round: i
     ``ParamSpec`` as the plain model.
     """
     if quant.qat is not None:
+        # imported here: torchao takes seconds to load and a float run never needs it
+        from fedsim.quant.qat import QATConfig, prepare_qat, set_qat_enabled
+
         q = quant.qat
         model = prepare_qat(model, QATConfig(weight_bits=q.weight_bits, granularity=q.granularity,
                                              symmetric=q.symmetric, activation_bits=q.activation_bits,
                                              lsq=q.lsq, start_fraction=0.0))
         set_qat_enabled(model, qat_active(quant, server_round, rounds))
     elif quant.lowbit is not None:
+        from fedsim.quant.lowbit import LowBitConfig, prepare_lowbit
+
         model = prepare_lowbit(model, LowBitConfig(bits=quant.lowbit.bits, grad_bits=quant.lowbit.grad_bits))
     return model
 

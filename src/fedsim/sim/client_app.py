@@ -9,6 +9,7 @@ generator is seeded from (run seed, round, partition id), never from the host.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -16,14 +17,19 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedsim.attacks import build_attack, choose_byzantine
+from fedsim.clients.fedld import FedLDRegulariser
+from fedsim.clients.fedlex import GuidanceMask
 from fedsim.clients.hooks import ClientHook, ProximalTerm
+from fedsim.clients.objective import ClientObjective
 from fedsim.clients.quantization import Uplink, prepare_training_model
 from fedsim.clients.train import evaluate, train_local
 from fedsim.config import ExperimentConfig
+from fedsim.data import ArrayDataset
 from fedsim.params import ParamSpec, get_flat
+from fedsim.seeding import derive_seed
 from fedsim.sim.components import (
     build_objective,
-    derive_seed,
     device_speeds,
     federated_data,
     make_model,
@@ -31,6 +37,9 @@ from fedsim.sim.components import (
 )
 from fedsim.sim.faults import inject_fault
 from fedsim.sim.sync import predict_fn
+
+
+LOSS_STATE_KEY = "loss-state"
 
 
 def partition_of(context: Context, message: Message) -> int:
@@ -48,12 +57,41 @@ def _load_global(cfg: ExperimentConfig, message: Message, device: torch.device):
 
 
 def _hooks(message: Message, model: torch.nn.Module) -> tuple[ClientHook, ...]:
+    """The client hooks the strategy switched on through the message."""
     config = message.content["config"]
     hooks: list[ClientHook] = []
     mu = float(config.get("proximal-mu", 0.0))
     if mu > 0:
         hooks.append(ProximalTerm(mu, [p.detach().clone() for p in model.parameters()]))
+    if "fedld-beta" in config:
+        hooks.append(FedLDRegulariser(float(config["fedld-beta"])))
+    if "guidance" in message.content.array_records:
+        hooks.append(GuidanceMask(message.content["guidance"].to_torch_state_dict()))
     return tuple(hooks)
+
+
+def restore_loss_state(objective: ClientObjective, state: RecordDict) -> None:
+    """Load the per-sample state of stateful losses (ALDR-KL, SogCLR, iSogCLR) kept in the
+    node's Context between rounds."""
+    if LOSS_STATE_KEY in state:
+        objective.main.load_state_dict(state[LOSS_STATE_KEY].to_torch_state_dict())
+
+
+def save_loss_state(objective: ClientObjective, state: RecordDict) -> None:
+    """Keep the main loss's buffers (if it has any) in the node's Context."""
+    buffers = objective.main.state_dict()
+    if buffers:
+        state[LOSS_STATE_KEY] = ArrayRecord({k: v.contiguous() for k, v in buffers.items()})
+
+
+def _poisoned(cfg: ExperimentConfig, train_set: ArrayDataset, pid: int) -> ArrayDataset:
+    """A Byzantine client's training data under a data attack (label flip), else as is."""
+    if cfg.attack.name != "label_flip" or pid not in choose_byzantine(
+            cfg.partition.num_clients, cfg.attack.fraction, cfg.seed):
+        return train_set
+    flip = build_attack("label_flip", num_classes=train_set.num_classes)
+    labels = flip(torch.from_numpy(train_set.y)).numpy()
+    return dataclasses.replace(train_set, y=labels)
 
 
 def build_client_app(cfg: ExperimentConfig) -> ClientApp:
@@ -68,14 +106,16 @@ def build_client_app(cfg: ExperimentConfig) -> ClientApp:
         torch.set_num_threads(max(1, int(cfg.sim.num_cpus_per_client)))
         device = resolve_device(cfg)
         model, data = _load_global(cfg, message, device)
-        train_set, _ = data.client(pid)
+        train_set = _poisoned(cfg, data.client(pid)[0], pid)
         spec = ParamSpec.of(model)
         global_flat = get_flat(model, spec)
         hooks = _hooks(message, model)
         model = prepare_training_model(model, cfg.quant, server_round, cfg.rounds)
         generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "train", server_round, pid))
         objective = build_objective(cfg, len(train_set.y), hooks)
+        restore_loss_state(objective, context.state)
         result = train_local(model, train_set, cfg.client, objective, generator, device)
+        save_loss_state(objective, context.state)
         update = spec.flatten(model.cpu().state_dict()) - global_flat
         update = torch.from_numpy(inject_fault(cfg.faults, pid, server_round, update.numpy()))
         codec_rng = torch.Generator().manual_seed(derive_seed(cfg.seed, "uplink", server_round, pid))

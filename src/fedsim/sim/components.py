@@ -9,9 +9,7 @@ partitions the data once and then serves every client call from memory.
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
-import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +23,7 @@ from fedsim.config import DataConfig, ExperimentConfig, ModelConfig, PartitionCo
 from fedsim.data import ArrayDataset, load_dataset
 from fedsim.data.partition import partition_indices, split_client
 from fedsim.models import build_model
+from fedsim.seeding import derive_seed
 from fedsim.sim.speeds import client_speeds
 
 
@@ -42,19 +41,6 @@ class FederatedData:
             raise ValueError(f"partition id {partition_id} out of range 0..{len(self.client_train) - 1}")
         return (self.train.subset(self.client_train[partition_id]),
                 self.train.subset(self.client_test[partition_id]))
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 31-bit seed derived from any parts (stable across processes, unlike ``hash``)."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random`` (Flower samples with it), numpy and torch."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def load_source(data: DataConfig, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
@@ -98,7 +84,9 @@ def build_loss(cfg: ExperimentConfig, num_samples: int) -> tuple[nn.Module, nn.M
     main = losses.build(cfg.loss.name, **_with_samples(cfg.loss.name, cfg.loss.kwargs, num_samples))
     aux = None
     if cfg.loss.aux is not None:
-        aux = losses.build(cfg.loss.aux.name, **_with_samples(cfg.loss.aux.name, {}, num_samples))
+        # loss.aux.weight is the only weight of the auxiliary term: a loss's own weight is 1
+        own = {"weight": 1.0} if "weight" in inspect.signature(losses.REGISTRY[cfg.loss.aux.name]).parameters else {}
+        aux = losses.build(cfg.loss.aux.name, **_with_samples(cfg.loss.aux.name, own, num_samples))
     return main, aux
 
 

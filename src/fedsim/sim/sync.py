@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -21,7 +22,7 @@ from fedsim.clients.train import evaluate
 from fedsim.config import ExperimentConfig
 from fedsim.params import ParamSpec
 from fedsim.quant.ptq import quantize_weights_awq, quantize_weights_rtn
-from fedsim.sim.components import build_loss, federated_data, make_model, resolve_device
+from fedsim.sim.components import FederatedData, build_loss, federated_data, make_model, resolve_device
 from fedsim.sim.plots import plot_run
 from fedsim.sim.progress import RoundProgress
 from fedsim.sim.results import Checkpoint, RunDir, summarise
@@ -59,6 +60,13 @@ def discover_clients(grid: Grid, num_clients: int, wait_s: float) -> dict[int, i
     return node_of
 
 
+def label_mix(data: FederatedData) -> np.ndarray:
+    """Each client's label proportions in its training split (clients x classes)."""
+    counts = np.stack([np.bincount(data.train.y[idx], minlength=data.train.num_classes)
+                       for idx in data.client_train]).astype(np.float64)
+    return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+
+
 def predict_fn(cfg: ExperimentConfig):
     """The loss's own decision rule when it has one (HarmonicLoss), else None (argmax)."""
     return getattr(build_loss(cfg, num_samples=1)[0], "predict", None)
@@ -71,7 +79,7 @@ def run_sync(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_
     model = make_model(cfg.model, data.train, cfg.seed)
     spec = ParamSpec.of(model)
     node_of = discover_clients(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
-    strategy = build_strategy(cfg, spec, node_of)
+    strategy = build_strategy(cfg, spec, node_of, label_mix(data))
     predict = predict_fn(cfg)
 
     start_round, elapsed_before = 1, 0.0

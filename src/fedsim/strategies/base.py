@@ -24,9 +24,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.clients.quantization import build_codec
-from fedsim.config import QuantConfig, SyncStrategyBase
+from fedsim.attacks import build_attack, choose_byzantine
+from fedsim.config import ExperimentConfig, SyncStrategyBase
+from fedsim.seeding import derive_seed
 from fedsim.params import ParamSpec
 from fedsim.quant.error_feedback import ServerEstimate
+from fedsim.strategies.aggregate import weighted_mean
 from fedsim.strategies.replies import ClientUpdate, Failure, screen_train_replies
 from fedsim.strategies.server_opt import ServerOptimizer
 
@@ -45,40 +48,38 @@ class RoundReport:
     bytes_down: int = 0
 
 
-def weighted_mean(updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i u_i / sum_i w_i over the rows of an (N, D) matrix."""
-    w = weights.to(updates.dtype)
-    return (w / w.sum()) @ updates
-
-
 class FedsimStrategy(Strategy):
     """Base adapter: sampling, messaging, reply screening, server optimizer, state.
 
     Parameters
     ----------
-    cfg : SyncStrategyBase
-        The strategy's config section.
+    exp : ExperimentConfig
+        The experiment: ``exp.strategy`` is this strategy's section; ``exp.quant`` gives the
+        uplink codec and error feedback (decoding replies) and the downlink codec;
+        ``exp.attack`` the Byzantine clients and their update attack.
     spec : ParamSpec
         The model's flat-vector layout.
-    sampler : object with ``sample(round) -> list[int]``
-        Participation model over partition ids.
     node_of : dict[int, int]
         partition id -> Flower node id.
-    quant : QuantConfig
-        Uplink codec and error feedback (decoding replies), downlink codec.
+    sampler : object with ``sample(round) -> list[int]`` and ``probabilities()``
+        Participation model over partition ids.
     client_config : dict
         Extra entries every training message carries (e.g. ``proximal-mu``).
     """
 
-    def __init__(self, cfg: SyncStrategyBase, spec: ParamSpec, sampler, node_of: dict[int, int],
-                 quant: QuantConfig, client_config: dict | None = None) -> None:
-        self.cfg = cfg
+    def __init__(self, exp: ExperimentConfig, spec: ParamSpec, node_of: dict[int, int], sampler,
+                 client_config: dict | None = None) -> None:
+        self.exp = exp
+        self.cfg: SyncStrategyBase = exp.strategy
+        quant = exp.quant
         self.spec = spec
         self.sampler = sampler
         self.node_of = dict(node_of)
         self.pid_of = {n: p for p, n in self.node_of.items()}
         self.client_config = dict(client_config or {})
-        self.server_opt = ServerOptimizer(cfg.server_opt)
+        self.server_opt = ServerOptimizer(self.cfg.server_opt)
+        self.attack = build_attack(exp.attack.name, **exp.attack.kwargs()) if exp.attack.name != "label_flip" else None
+        self.byzantine = set(choose_byzantine(self.num_clients, exp.attack.fraction, exp.seed))
         self.uplink = build_codec(quant.uplink)
         self.downlink = build_codec(quant.downlink)
         # EF21 / EControl: the server keeps each client's running estimate h_i
@@ -92,7 +93,18 @@ class FedsimStrategy(Strategy):
     def num_clients(self) -> int:
         return len(self.node_of)
 
-    # ----------------------------------------------------------------- math hook
+    # ---------------------------------------------------------------- hooks
+    def participants(self, server_round: int) -> list[int]:
+        """Partition ids asked to train this round (the participation model by default)."""
+        return self.sampler.sample(server_round)
+
+    def extra_content(self, server_round: int) -> dict[str, ArrayRecord]:
+        """Records added to every training message of the round (e.g. FedLEx's guidance)."""
+        return {}
+
+    def observe(self, server_round: int, accepted: list[ClientUpdate]) -> None:
+        """Called every round with the accepted updates, before a possible skip."""
+
     def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
         """Combine the accepted updates into one (D,) update. FedAvg by default."""
         stacked = torch.stack([u.update for u in updates])
@@ -104,11 +116,11 @@ class FedsimStrategy(Strategy):
         log.info("%s: %d clients, %s", type(self).__name__, self.num_clients, self.cfg)
 
     def _messages(self, pids: Iterable[int], arrays: ArrayRecord, config: ConfigRecord,
-                  message_type: str) -> list[Message]:
+                  message_type: str, extra: dict[str, ArrayRecord] | None = None) -> list[Message]:
         msgs = []
         for pid in pids:
             cfg = ConfigRecord({**config, "partition-id": pid})
-            content = RecordDict({"arrays": arrays, "config": cfg})
+            content = RecordDict({"arrays": arrays, "config": cfg, **(extra or {})})
             msgs.append(Message(content=content, message_type=message_type, dst_node_id=self.node_of[pid]))
         return msgs
 
@@ -116,12 +128,12 @@ class FedsimStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         self._template = arrays.to_torch_state_dict()
         self._global = self.spec.flatten(self._template)
-        pids = self.sampler.sample(server_round)
+        pids = self.participants(server_round)
         self._sent = {self.node_of[p]: p for p in pids}
         sent_arrays, model_bytes = self._downlink_arrays(arrays)
         self.report = RoundReport(sampled=list(pids), bytes_down=model_bytes * len(pids))
         config = ConfigRecord({**config, **self.client_config, "server-round": server_round})
-        return self._messages(pids, sent_arrays, config, MessageType.TRAIN)
+        return self._messages(pids, sent_arrays, config, MessageType.TRAIN, self.extra_content(server_round))
 
     def _downlink_arrays(self, arrays: ArrayRecord) -> tuple[ArrayRecord, int]:
         """The model as the clients receive it, and its size on the wire.
@@ -146,6 +158,8 @@ class FedsimStrategy(Strategy):
         if self.estimates is not None:
             for u in accepted:  # the payload is an increment of the client's estimate h_i
                 u.update = self.estimates.update(u.partition_id, u.update)
+        self._apply_attack(server_round, accepted)
+        self.observe(server_round, accepted)
         metrics = MetricRecord({"num-accepted": len(accepted), "num-failed": len(failures)})
         if accepted:
             total = sum(u.num_examples for u in accepted)
@@ -164,6 +178,20 @@ class FedsimStrategy(Strategy):
         state = dict(self._template)
         state.update(self.spec.unflatten(new_global))
         return ArrayRecord(state), metrics
+
+    def _apply_attack(self, server_round: int, accepted: list[ClientUpdate]) -> None:
+        """Replace the Byzantine clients' updates with the configured attack's output.
+
+        The attacker is omniscient: it sees the round's honest updates (ALIE and IPM need them).
+        """
+        rows = [i for i, u in enumerate(accepted) if u.partition_id in self.byzantine]
+        if self.attack is None or self.attack.acts_on != "updates" or not rows:
+            return
+        stacked = torch.stack([u.update for u in accepted])
+        generator = torch.Generator().manual_seed(derive_seed(self.exp.seed, "attack", server_round))
+        attacked = self.attack(stacked, rows, generator=generator)
+        for i in rows:
+            accepted[i].update = attacked[i]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 
 from fedsim.strategies.aggregate import check_updates
+from fedsim.strategies.base import FedsimStrategy
+from fedsim.strategies.replies import ClientUpdate
 
 __all__ = ["FedAUWeights", "fedau_aggregate"]
 
@@ -186,3 +188,38 @@ def fedau_aggregate(
                          f"of updates ({updates.shape[0]})")
     scale = (w * (eta_g / num_clients)).to(dtype=updates.dtype, device=updates.device)
     return scale @ updates
+
+
+class FedAU(FedsimStrategy):
+    """Flower adapter of FedAU: ``delta = (1/N) sum_{i in S_t} omega_i Delta_i``.
+
+    ``strategy.weights: online`` uses :class:`FedAUWeights` (estimated from each client's
+    participation gaps, capped at ``K``), fed every round with the clients whose updates were
+    accepted; ``known`` uses the oracle ``omega_i = 1 / p_i`` of the participation model
+    (the "FedAvg with known participation probabilities" baseline).
+    """
+
+    def __init__(self, exp, spec, node_of, sampler) -> None:
+        super().__init__(exp, spec, node_of, sampler)
+        self.weights = FedAUWeights(self.num_clients, K=self.cfg.K)
+        self._omega: dict[int, float] = {}
+
+    def observe(self, server_round: int, accepted: list[ClientUpdate]) -> None:
+        ids = [u.partition_id for u in accepted]
+        if self.cfg.weights == "online":
+            self._omega = self.weights.observe(server_round, ids)
+        else:
+            p = self.sampler.probabilities()
+            self._omega = {i: 1.0 / float(p[i]) for i in ids}
+
+    def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
+        stacked = torch.stack([u.update for u in updates])
+        omega = torch.tensor([self._omega[u.partition_id] for u in updates], dtype=stacked.dtype)
+        return fedau_aggregate(stacked, omega, num_clients=self.num_clients)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "fedau_weights": self.weights.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.weights.load_state_dict(state["fedau_weights"])

@@ -13,7 +13,7 @@ this strategy puts into every training message.
 
 from __future__ import annotations
 
-from fedsim.config import FedProxConfig, QuantConfig
+from fedsim.config import ExperimentConfig
 from fedsim.params import ParamSpec
 from fedsim.strategies.base import FedsimStrategy
 
@@ -27,10 +27,9 @@ class FedProx(FedAvg):
 
     Parameters
     ----------
-    cfg : FedProxConfig
-        ``mu`` (float, default 0.01) is the proximal strength.
+    exp : ExperimentConfig
+        ``exp.strategy.mu`` (float, default 0.01) is the proximal strength.
     """
 
-    def __init__(self, cfg: FedProxConfig, spec: ParamSpec, sampler, node_of: dict[int, int],
-                 quant: QuantConfig) -> None:
-        super().__init__(cfg, spec, sampler, node_of, quant, client_config={"proximal-mu": cfg.mu})
+    def __init__(self, exp: ExperimentConfig, spec: ParamSpec, node_of: dict[int, int], sampler) -> None:
+        super().__init__(exp, spec, node_of, sampler, client_config={"proximal-mu": exp.strategy.mu})

@@ -50,6 +50,8 @@ from typing import NamedTuple
 import torch
 
 from fedsim.strategies.aggregate import as_weights, check_updates, gram_matrix
+from fedsim.strategies.base import FedsimStrategy
+from fedsim.strategies.replies import ClientUpdate
 
 __all__ = ["FedLDDirections", "fedld_aggregate", "fedld_directions", "fedld_rebuild"]
 
@@ -199,3 +201,16 @@ def fedld_aggregate(
         coefficients = w.to(stack.device) @ _rebuild_coefficients(_spectrum(stack, keep))
         out.append((coefficients.to(stack.dtype) @ stack).reshape(layer.shape[1:]))
     return out
+
+
+class FedLD(FedsimStrategy):
+    """Flower adapter of FedLD: :func:`fedld_aggregate` per layer on the server; clients add
+    :func:`fedsim.clients.fedld.fedld_regulariser` (``strategy.beta``) to their loss."""
+
+    def __init__(self, exp, spec, node_of, sampler) -> None:
+        super().__init__(exp, spec, node_of, sampler, client_config={"fedld-beta": exp.strategy.beta})
+
+    def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
+        layers = self.spec.split_layers(torch.stack([u.update for u in updates]))
+        weights = torch.tensor([u.num_examples for u in updates], dtype=torch.float32)
+        return self.spec.join_layers(fedld_aggregate(layers, weights, keep=self.cfg.keep))

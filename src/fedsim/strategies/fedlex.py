@@ -27,6 +27,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+from flwr.app import ArrayRecord
+
+from fedsim.seeding import derive_seed
+from fedsim.strategies.base import FedsimStrategy
+from fedsim.strategies.replies import ClientUpdate
 
 __all__ = ["guidance_matrix"]
 
@@ -72,3 +77,47 @@ def guidance_matrix(
         else:
             guidance[name] = torch.ones_like(start)
     return guidance
+
+
+class FedLEx(FedsimStrategy):
+    """Flower adapter of FedLEx's two phases.
+
+    Exploration (rounds ``1..explore_rounds``): only the ``scouts`` (a fixed, seeded set of
+    clients) train, aggregated by FedAvg. At the end of the last exploration round the
+    guidance matrix is computed from that round's scout models against the round's base
+    model (:func:`guidance_matrix`). Afterwards every training message carries the
+    guidance, and each client multiplies its gradients by it before the optimizer step
+    (:func:`fedsim.clients.fedlex.apply_guidance`); the server applies FedAvg with the
+    configured server optimizer (momentum 0.9 by default, as in the paper).
+    """
+
+    def __init__(self, exp, spec, node_of, sampler) -> None:
+        super().__init__(exp, spec, node_of, sampler)
+        rng = torch.Generator().manual_seed(derive_seed(exp.seed, "fedlex-scouts"))
+        count = min(self.cfg.scouts, self.num_clients)
+        self.scouts = sorted(torch.randperm(self.num_clients, generator=rng)[:count].tolist())
+        self.guidance: dict[str, torch.Tensor] | None = None
+
+    def participants(self, server_round: int) -> list[int]:
+        if server_round <= self.cfg.explore_rounds:
+            return self.scouts
+        return super().participants(server_round)
+
+    def extra_content(self, server_round: int) -> dict[str, ArrayRecord]:
+        if self.guidance is None:
+            return {}
+        return {"guidance": ArrayRecord({k: v.contiguous() for k, v in self.guidance.items()})}
+
+    def observe(self, server_round: int, accepted: list[ClientUpdate]) -> None:
+        if server_round != self.cfg.explore_rounds or not accepted:
+            return
+        base = self.spec.unflatten(self._global)
+        scouts = [self.spec.unflatten(self._global + u.update) for u in accepted]
+        self.guidance = guidance_matrix(base, scouts)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "guidance": self.guidance}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.guidance = state.get("guidance")

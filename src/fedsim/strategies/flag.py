@@ -71,6 +71,8 @@ from typing import NamedTuple
 import torch
 
 from fedsim.strategies.aggregate import check_updates, gram_matrix
+from fedsim.strategies.base import FedsimStrategy
+from fedsim.strategies.replies import ClientUpdate
 
 __all__ = ["FlagSubspace", "flag_aggregate", "flag_objective", "flag_subspace"]
 
@@ -314,3 +316,11 @@ def flag_aggregate(
     scale = torch.quantile(coord.norms, 0.5)
     coefficients = scale * _lift(updates, coord, projected[:, None])[:, 0]
     return coefficients.to(updates.dtype) @ updates
+
+
+class FlagStrategy(FedsimStrategy):
+    """Flower adapter of :func:`flag_aggregate` (``strategy.r``, ``lam``, ``max_iter``, ``tol``)."""
+
+    def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
+        stacked = torch.stack([u.update for u in updates])
+        return flag_aggregate(stacked, r=self.cfg.r, lam=self.cfg.lam, max_iter=self.cfg.max_iter, tol=self.cfg.tol)

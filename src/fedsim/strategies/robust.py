@@ -22,6 +22,8 @@ from collections.abc import Iterator
 import torch
 
 from fedsim.strategies.aggregate import check_updates, column_chunks, pairwise_sq_distances, weighted_mean
+from fedsim.strategies.base import FedsimStrategy
+from fedsim.strategies.replies import ClientUpdate
 
 __all__ = [
     "coordinate_median",
@@ -190,3 +192,42 @@ def multi_krum(updates: torch.Tensor, num_byzantine: int, m: int | None = None) 
     selection = torch.zeros(n, dtype=torch.float64)
     selection[chosen] = 1.0
     return weighted_mean(updates, selection)
+
+
+class _RobustStrategy(FedsimStrategy):
+    """Shared adapter of the robust baselines: equal weight per update, f from the config."""
+
+    def num_byzantine(self, num_updates: int) -> int:
+        """``strategy.num_byzantine``, else the attack's fraction of this round's updates."""
+        configured = getattr(self.cfg, "num_byzantine", None)
+        if configured is not None:
+            return configured
+        return int(self.exp.attack.fraction * num_updates + 1e-9)
+
+
+class Median(_RobustStrategy):
+    """Coordinate-wise median of the updates (:func:`coordinate_median`)."""
+
+    def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
+        return coordinate_median(torch.stack([u.update for u in updates]))
+
+
+class TrimmedMean(_RobustStrategy):
+    """Coordinate-wise trimmed mean (:func:`trimmed_mean`, ``strategy.beta``)."""
+
+    def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
+        return trimmed_mean(torch.stack([u.update for u in updates]), self.cfg.beta)
+
+
+class Krum(_RobustStrategy):
+    """Krum (:func:`krum`): the update closest to its n - f - 2 nearest neighbours."""
+
+    def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
+        return krum(torch.stack([u.update for u in updates]), self.num_byzantine(len(updates)))
+
+
+class MultiKrum(_RobustStrategy):
+    """Multi-Krum (:func:`multi_krum`): mean of the ``m`` best-scored updates."""
+
+    def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
+        return multi_krum(torch.stack([u.update for u in updates]), self.num_byzantine(len(updates)), self.cfg.m)

@@ -1,0 +1,479 @@
+"""fedsim's asynchronous server loop: FedFix, FedAsync and FedBuff on a virtual clock.
+
+Flower's Strategy loop is synchronous, so the asynchronous algorithms run in this loop over
+``grid.push_messages`` / ``grid.pull_messages``. Clients train from whatever global model
+is newest when they start; the server applies their results in order of arrival:
+
+- FedFix (Fraboni et al., "A General Theory for Federated Optimization with Asynchronous
+  and Heterogeneous Clients Updates", JMLR 2023, arXiv 2206.10189): every ``window`` of
+  time, the arrivals of that window are aggregated with weights ceil(tau_i / window) * p_i;
+  those clients then restart from the new model.
+- FedAsync (Xie, Koyejo, Gupta, "Asynchronous Federated Optimization", arXiv 1903.03934):
+  each arrival is mixed in at once with alpha * (1 + staleness)^-a.
+- FedBuff (Nguyen et al., "Federated Learning with Buffered Asynchronous Aggregation",
+  AISTATS 2022, arXiv 2106.06639): every ``buffer_size`` arrivals, a staleness-scaled mean.
+
+At most ``sim.concurrency`` clients train at once (all by default); a client that finishes
+goes back to the idle pool and free slots are refilled from it (FedAsync, FedBuff: at once;
+FedFix: at the window's end). Where arrivals come from, and what time is, is the arrival
+source's business (:mod:`fedsim.sim.arrivals`): simulated devices on a virtual clock, or
+the wall clock in deployment. Each run writes one metrics row per evaluation time
+(``strategy.eval_every``), with the virtual time beside the wall time.
+
+Synchronous FedAvg that waits for the slowest client is FedFix with ``window`` at least the
+slowest client's time (1.0 without network delay): every client then lands in every window
+with weight ceil(tau_i / window) * p_i = p_i, the FedAvg weights, and all restart together.
+That is how the asynchronous comparison puts FedAvg on the same virtual time axis.
+
+Determinism: a job's finish time and dropout are computed by the server at dispatch from
+the seed, the client and its dispatch count; events are processed in time order with seeded
+ties; a client's training is seeded by (seed, its dispatch count, client) and starts from a
+model fixed by the events before it. Replies are pulled per event, so the host's load
+changes only how long the server waits. Only a reply later than ``client.timeout_s`` of wall
+time (a failure by definition) depends on the host.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from torch import Tensor
+
+from fedsim.clients.train import evaluate
+from fedsim.config import AsyncStrategyBase, ExperimentConfig, FedAsyncConfig, FedBuffConfig, FedFixConfig
+from fedsim.clients.quantization import build_codec
+from fedsim.params import ParamSpec
+from fedsim.seeding import derive_seed
+from fedsim.sim.arrivals import Arrival, Job, SimulatedDevices, VirtualArrivals, WallArrivals
+from fedsim.sim.clock import Clock, WallClock
+from fedsim.sim.components import FederatedData, federated_data, make_model, resolve_device
+from fedsim.sim.plots import plot_run
+from fedsim.sim.progress import RoundProgress
+from fedsim.sim.results import Checkpoint, RunDir, summarise
+from fedsim.sim.sync import discover_clients, predict_fn
+from fedsim.strategies.fedasync import FedAsync
+from fedsim.strategies.fedbuff import FedBuff
+from fedsim.strategies.fedfix import FedFix, FedFixArrival
+from fedsim.strategies.replies import ClientUpdate, Failure
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------ rules
+class AsyncRule:
+    """How a server rule meets the loop: it receives accepted arrivals one at a time and,
+    for windowed rules, closes windows at fixed times. ``version`` counts model updates."""
+
+    restarts_on_arrival = True
+
+    @property
+    def version(self) -> int:
+        return self.server.version
+
+    def receive(self, model: Tensor, update: ClientUpdate, arrival: Arrival) -> Tensor:
+        """Take one accepted update; return the (possibly new) global model."""
+        raise NotImplementedError
+
+    def next_boundary(self) -> float | None:
+        """Time of the next window's end, or None for rules without windows."""
+        return None
+
+
+class FedAsyncRule(AsyncRule):
+    """FedAsync (arXiv 1903.03934): x <- (1 - alpha_t) x + alpha_t x_i on every arrival."""
+
+    def __init__(self, cfg: FedAsyncConfig) -> None:
+        self.server = FedAsync(cfg.alpha, cfg.a)
+
+    def receive(self, model: Tensor, update: ClientUpdate, arrival: Arrival) -> Tensor:
+        return self.server.apply(model, arrival.job.base + update.update, arrival.job.base_version)
+
+
+class FedBuffRule(AsyncRule):
+    """FedBuff (arXiv 2106.06639): buffer arrivals, apply their staleness-scaled mean every K."""
+
+    def __init__(self, cfg: FedBuffConfig) -> None:
+        self.server = FedBuff(cfg.buffer_size, cfg.eta_g)
+
+    def receive(self, model: Tensor, update: ClientUpdate, arrival: Arrival) -> Tensor:
+        self.server.add(update.update, arrival.job.base_version)
+        return self.server.flush(model) if self.server.is_full else model
+
+
+class FedFixRule(AsyncRule):
+    """FedFix (arXiv 2206.10189): aggregate each window's arrivals with weights
+    ceil(tau_i / window) * p_i; the clients of the window restart at its end.
+
+    Parameters
+    ----------
+    cfg : FedFixConfig
+        ``window`` and ``eta_g``.
+    shares : numpy.ndarray
+        Each client's data share p_i (sums to 1).
+    """
+
+    restarts_on_arrival = False
+
+    def __init__(self, cfg: FedFixConfig, shares: np.ndarray) -> None:
+        self.server = FedFix(cfg.window, cfg.eta_g)
+        self.shares = shares
+        self.windows_closed = 0
+        self._pending: list[FedFixArrival] = []
+
+    def receive(self, model: Tensor, update: ClientUpdate, arrival: Arrival) -> Tensor:
+        share = float(self.shares[arrival.job.partition_id])
+        self._pending.append(FedFixArrival(update.update, arrival.duration, share))
+        return model
+
+    def next_boundary(self) -> float:
+        return (self.windows_closed + 1) * self.server.window
+
+    def close_window(self, model: Tensor) -> Tensor:
+        """Aggregate the window's arrivals (an empty window leaves the model as it is)."""
+        model = self.server.aggregate(model, self._pending)
+        self._pending = []
+        self.windows_closed += 1
+        return model
+
+
+def build_rule(strategy: AsyncStrategyBase, shares: np.ndarray) -> AsyncRule:
+    """The loop's rule for ``strategy.name`` (config validation guarantees the name)."""
+    if isinstance(strategy, FedFixConfig):
+        return FedFixRule(strategy, shares)
+    if isinstance(strategy, FedBuffConfig):
+        return FedBuffRule(strategy)
+    return FedAsyncRule(strategy)
+
+
+# ------------------------------------------------------------------------ client pool
+class ClientPool:
+    """Which clients train: at most ``concurrency`` at once.
+
+    Free slots are filled from the idle clients: all of them when there is room, else a
+    uniform draw without replacement from a seeded generator.
+
+    Parameters
+    ----------
+    num_clients : int
+        N.
+    concurrency : int or None
+        Clients training at once (``sim.concurrency``); None means all.
+    seed : int
+        Seed of the draws.
+    """
+
+    def __init__(self, num_clients: int, concurrency: int | None, seed: int) -> None:
+        self.concurrency = min(concurrency or num_clients, num_clients)
+        self.idle = list(range(num_clients))
+        self.in_flight: dict[int, Job] = {}
+        self.dispatches = np.zeros(num_clients, dtype=np.int64)
+        self._rng = np.random.default_rng(derive_seed(seed, "async-pool"))
+
+    def take(self) -> list[tuple[int, int]]:
+        """Clients to start now, as (client, its dispatch count), in client order."""
+        free = self.concurrency - len(self.in_flight)
+        if free >= len(self.idle):
+            chosen = self.idle
+        else:
+            chosen = sorted(self._rng.choice(self.idle, size=free, replace=False).tolist())
+        self.idle = [c for c in self.idle if c not in chosen]
+        self.dispatches[chosen] += 1
+        return [(c, int(self.dispatches[c])) for c in chosen]
+
+    def finish(self, client: int) -> None:
+        """The client's job is over (arrived or failed): it is idle again."""
+        del self.in_flight[client]
+        bisect.insort(self.idle, client)
+
+
+# ------------------------------------------------------------------------------ server
+@dataclass
+class IntervalStats:
+    """What happened between two metrics rows."""
+
+    sent: int = 0
+    accepted: list[ClientUpdate] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    staleness: list[int] = field(default_factory=list)
+
+    def row(self, model_bytes: int) -> dict[str, Any]:
+        examples = sum(u.num_examples for u in self.accepted)
+        losses = [u.metrics["train_loss"] * u.num_examples for u in self.accepted if "train_loss" in u.metrics]
+        return {
+            "num_success": len(self.accepted),
+            "num_failed": len(self.failures),
+            "failures": [{"client": f.partition_id, "reason": f.reason} for f in self.failures],
+            "train_loss": sum(losses) / examples if losses else None,
+            "staleness_mean": float(np.mean(self.staleness)) if self.staleness else None,
+            "staleness_max": max(self.staleness, default=None),
+            "bytes_up": sum(u.nbytes for u in self.accepted),
+            "bytes_down": model_bytes * self.sent,
+        }
+
+
+class AsyncServer:
+    """The state of an asynchronous run and the events that change it.
+
+    Parameters
+    ----------
+    rule : AsyncRule
+        The server algorithm.
+    pool : ClientPool
+        Who trains.
+    source : VirtualArrivals or WallArrivals
+        Where arrivals come from; owns the clock.
+    spec : ParamSpec
+        The model's flat layout.
+    template : dict
+        A state dict of the model (integer buffers are sent as they are here).
+    node_of : dict[int, int]
+        Client (partition id) -> Flower node id.
+    """
+
+    def __init__(self, rule: AsyncRule, pool: ClientPool, source: VirtualArrivals | WallArrivals,
+                 spec: ParamSpec, template: dict[str, Tensor], node_of: dict[int, int]) -> None:
+        self.rule = rule
+        self.pool = pool
+        self.source = source
+        self.spec = spec
+        self.template = template
+        self.node_of = node_of
+        self.model = spec.flatten(template)
+        self.updates_per_client = np.zeros(len(node_of), dtype=np.int64)
+        self.stats = IntervalStats()
+        self._arrays: tuple[int, ArrayRecord] | None = None
+
+    def arrays(self, model: Tensor, version: int) -> ArrayRecord:
+        """The model of ``version`` as Flower arrays (the current version's is cached)."""
+        if self._arrays is not None and self._arrays[0] == version:
+            return self._arrays[1]
+        record = ArrayRecord({**self.template, **self.spec.unflatten(model)})
+        if version == self.rule.version:
+            self._arrays = (version, record)
+        return record
+
+    def message(self, job: Job) -> Message:
+        config = ConfigRecord({"server-round": job.count, "partition-id": job.partition_id})
+        content = RecordDict({"arrays": self.arrays(job.base, job.base_version), "config": config})
+        return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=self.node_of[job.partition_id])
+
+    def dispatch_free(self) -> None:
+        """Start idle clients from the current model until the pool is full."""
+        for client, count in self.pool.take():
+            job = Job(client, count, self.model, self.rule.version, self.source.clock.now())
+            self.pool.in_flight[client] = job
+            self.source.dispatch(job, self.message(job))
+            self.stats.sent += 1
+
+    def handle(self, arrival: Arrival) -> None:
+        """Apply one arrival (an update or a failure) and free its client."""
+        client = arrival.job.partition_id
+        self.pool.finish(client)
+        if isinstance(arrival.result, Failure):
+            log.warning("client %d failed at t=%.3f: %s", client, arrival.time, arrival.result.reason)
+            self.stats.failures.append(arrival.result)
+        else:
+            self.stats.accepted.append(arrival.result)
+            self.stats.staleness.append(self.rule.version - arrival.job.base_version)
+            self.updates_per_client[client] += 1
+            self.model = self.rule.receive(self.model, arrival.result, arrival)
+        if self.rule.restarts_on_arrival:
+            self.dispatch_free()
+
+    def advance_to(self, t: float) -> None:
+        """Process every arrival and window end up to time ``t``, in time order (arrivals
+        at a window's end belong to that window)."""
+        while True:
+            boundary = self.rule.next_boundary()
+            until = t if boundary is None else min(boundary, t)
+            while (arrival := self.source.next_until(until)) is not None:
+                self.handle(arrival)
+            if boundary is None or boundary > t:
+                break
+            self.source.clock.advance_to(boundary)
+            self.model = self.rule.close_window(self.model)
+            self.dispatch_free()
+        self.source.clock.advance_to(t)
+
+    def take_stats(self) -> IntervalStats:
+        stats, self.stats = self.stats, IntervalStats()
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs; jobs are shared between the pool and the queue."""
+        return {"model": self.model, "rule": self.rule, "pool": self.pool,
+                "updates_per_client": self.updates_per_client, "source": self.source.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpointed run and send the in-flight jobs' messages again (their
+        training is seeded, so the replies are the ones the first attempt would have got)."""
+        self.model, self.rule, self.pool = state["model"], state["rule"], state["pool"]
+        self.updates_per_client = state["updates_per_client"]
+        self.source.load_state_dict(state["source"])
+        for client in sorted(self.pool.in_flight):
+            job = self.pool.in_flight[client]
+            self.source.resend(job, self.message(job))
+
+
+# -------------------------------------------------------------------------- evaluation
+def federated_evaluate(grid: Grid, node_of: dict[int, int], arrays: ArrayRecord, tick: int,
+                       timeout_s: float) -> dict[str, float]:
+    """Example-weighted loss and accuracy of ``arrays`` on every client's test split."""
+    messages = [Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(
+        {"server-round": tick, "partition-id": pid})}), message_type=MessageType.EVALUATE, dst_node_id=node)
+        for pid, node in sorted(node_of.items())]
+    total, loss, correct = 0, 0.0, 0.0
+    for reply in grid.send_and_receive(messages, timeout=timeout_s):
+        if reply.has_error():
+            log.warning("evaluation failed on node %s: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        metrics = next(iter(reply.content.metric_records.values()))
+        n = int(metrics["num-examples"])
+        total, loss, correct = total + n, loss + metrics["eval_loss"] * n, correct + metrics["eval_accuracy"] * n
+    return {"federated_loss": loss / total, "federated_accuracy": correct / total} if total else {}
+
+
+def eval_times(strategy: AsyncStrategyBase) -> list[float]:
+    """The times of the metrics rows: every ``eval_every`` up to ``horizon`` (included)."""
+    count = math.ceil(strategy.horizon / strategy.eval_every - 1e-9)
+    return [min(k * strategy.eval_every, strategy.horizon) for k in range(1, count + 1)]
+
+
+def time_to_target(rows: list[dict[str, Any]], target: float) -> float | None:
+    """Virtual time of the first row whose centralised accuracy reaches ``target``."""
+    return next((r["virtual_time"] for r in rows if (r.get("centralised_accuracy") or 0.0) >= target), None)
+
+
+def data_shares(data: FederatedData) -> np.ndarray:
+    """p_i = n_i / sum_j n_j over the clients' training sets."""
+    sizes = np.array([len(idx) for idx in data.client_train], dtype=np.float64)
+    return sizes / sizes.sum()
+
+
+# -------------------------------------------------------------------------------- loop
+def check_supported(cfg: ExperimentConfig, loop: str) -> None:
+    """Raise for the options that only the synchronous strategies implement."""
+    problems = []
+    if cfg.quant.uplink.error_feedback in ("ef21", "econtrol"):
+        problems.append(f"quant.uplink.error_feedback: {cfg.quant.uplink.error_feedback!r} needs the "
+                        f"server estimates of the synchronous strategies; use none or ef")
+    if cfg.quant.downlink.codec != "identity":
+        problems.append(f"quant.downlink.codec: {cfg.quant.downlink.codec!r}; only identity")
+    if cfg.attack.name not in ("none", "label_flip"):
+        problems.append(f"attack.name: {cfg.attack.name!r} is a server-side update attack; only label_flip")
+    if problems:
+        raise ValueError(f"the {loop} loop does not support " + "; ".join(problems))
+
+
+def arrival_source(grid: Grid, cfg: ExperimentConfig, data: FederatedData, dim: int,
+                   clock: Clock | None) -> VirtualArrivals | WallArrivals:
+    """Simulated devices on a virtual clock, or the wall clock when one is given."""
+    codec = build_codec(cfg.quant.uplink)
+    if isinstance(clock, WallClock):
+        return WallArrivals(grid, dim, codec, cfg.client.timeout_s, clock)
+    return VirtualArrivals(grid, SimulatedDevices.from_config(cfg, data), dim, codec, cfg.client.timeout_s,
+                           derive_seed(cfg.seed, "event-ties"))
+
+
+def run_async(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_progress: bool,
+              clock: Clock | None = None) -> dict[str, Any]:
+    """Run (or continue) the configured asynchronous experiment; return its summary.
+
+    ``clock``: None or a ``VirtualClock`` simulates devices on virtual time; a
+    ``WallClock`` runs on real time (deployment; times in seconds, no checkpoints).
+    """
+    check_supported(cfg, "asynchronous")
+    data = federated_data(cfg)
+    device = resolve_device(cfg)
+    net = make_model(cfg.model, data.train, cfg.seed)
+    spec = ParamSpec.of(net)
+    template = {k: v.clone() for k, v in net.state_dict().items()}
+    node_of = discover_clients(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
+    source = arrival_source(grid, cfg, data, spec.dim, clock)
+    server = AsyncServer(build_rule(cfg.strategy, data_shares(data)),
+                         ClientPool(cfg.partition.num_clients, cfg.sim.concurrency, cfg.seed),
+                         source, spec, template, node_of)
+    times = eval_times(cfg.strategy)
+    start, elapsed_before = _restore(server, run, resume)
+    rows = run.rows()
+    bytes_up = rows[-1]["bytes_up_total"] if rows else 0
+    bytes_down = rows[-1]["bytes_down_total"] if rows else 0
+    predict = predict_fn(cfg)
+    t0 = time.perf_counter() - elapsed_before
+    status = "interrupted"
+    try:
+        with RoundProgress(len(times), enabled=show_progress) as progress:
+            progress.advance_to(start, None, None)
+            for tick in range(start + 1, len(times) + 1):
+                server.advance_to(times[tick - 1])
+                row: dict[str, Any] = {"round": tick, "virtual_time": times[tick - 1],
+                                       "model_version": server.rule.version,
+                                       **server.take_stats().row(4 * spec.dim)}
+                bytes_up, bytes_down = bytes_up + row.pop("bytes_up"), bytes_down + row.pop("bytes_down")
+                row.update(bytes_up_total=bytes_up, bytes_down_total=bytes_down)
+                arrays = server.arrays(server.model, server.rule.version)
+                net.load_state_dict(arrays.to_torch_state_dict())
+                if cfg.eval.centralised:
+                    res = evaluate(net.to(device), data.test, device, cfg.eval.batch_size, predict)
+                    net.cpu()
+                    row.update(centralised_accuracy=res.accuracy, centralised_loss=res.loss)
+                if cfg.eval.federated:
+                    row.update(federated_evaluate(grid, node_of, arrays, tick, cfg.client.timeout_s))
+                row["wall_time_s"] = time.perf_counter() - t0
+                run.append(row)
+                _log_row(row, times[-1])
+                progress.advance_to(tick, row.get("centralised_accuracy"), row.get("centralised_loss"))
+                if source.resumable and (tick % cfg.output.checkpoint_every == 0 or tick == len(times)):
+                    run.save_checkpoint(Checkpoint(tick, {k: v.clone() for k, v in net.state_dict().items()},
+                                                   server.state_dict(), row["wall_time_s"]))
+        status = "completed"
+    finally:
+        summary = _summary(run.rows(), cfg, server, status)
+        run.write_summary(summary)
+        if cfg.output.plots and run.rows():
+            plot_run(run.rows(), run.plot_dir, x_key="virtual_time")
+    return summary
+
+
+def _restore(server: AsyncServer, run: RunDir, resume: bool) -> tuple[int, float]:
+    """Continue from the last checkpoint (returns its tick and wall time), or start fresh."""
+    if resume and (ckpt := run.latest_checkpoint()) is not None:
+        if not server.source.resumable:
+            raise ValueError("an asynchronous run on the wall clock cannot be resumed; start it again")
+        server.load_state_dict(ckpt.strategy)
+        run.truncate_after(ckpt.round)
+        log.info("resuming %s after t=%.3f", run.path, server.source.clock.now())
+        return ckpt.round, ckpt.elapsed_s
+    if resume:
+        run.truncate_after(0)
+    server.dispatch_free()
+    return 0, 0.0
+
+
+def _summary(rows: list[dict[str, Any]], cfg: ExperimentConfig, server: AsyncServer, status: str) -> dict[str, Any]:
+    summary = summarise(rows, cfg.output.target_accuracy, status)
+    summary.update(
+        virtual_time=rows[-1]["virtual_time"] if rows else 0.0,
+        virtual_time_to_target=time_to_target(rows, cfg.output.target_accuracy),
+        model_updates=server.rule.version,
+        updates_per_client=server.updates_per_client.tolist(),
+    )
+    return summary
+
+
+def _log_row(row: dict[str, Any], horizon: float) -> None:
+    acc = row.get("centralised_accuracy")
+    log.info("t %.2f/%.2f  acc %s  version %d  updates %d  failed %d", row["virtual_time"], horizon,
+             "-" if acc is None else f"{acc:.4f}", row["model_version"], row["num_success"], row["num_failed"])
+
+
+__all__ = ["AsyncServer", "ClientPool", "build_rule", "run_async"]
