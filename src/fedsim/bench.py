@@ -5,17 +5,21 @@ A spec names the experiment, the base config(s), the variants to compare (each a
 seeds. Each cell is run once per seed; the table shows mean ± std of the final
 centralised accuracy, rounds to the target accuracy and wall time. Results go to
 ``<out>/<name>.md`` (with the command, versions and machine that produced them),
-``<out>/<name>.json`` and ``<out>/<name>.png``.
+``<out>/<name>.json`` and ``<out>/<name>.png`` (the curve of each setting's first seed).
+``checks:`` state the claims of the papers as comparisons of two settings; each table ends
+with whether each claim held, computed from the numbers, never written by hand.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
 import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,22 @@ class Variant(BaseModel):
     set: list[str] = Field(default_factory=list)
 
 
+class Check(BaseModel):
+    """A claim checked on the results: ``setting`` beats ``baseline`` on ``metric`` by ``by``.
+
+    For a metric where lower is better (rounds or time to target) set ``lower_is_better``.
+    The verdict is computed from the means, so the table says whether the claim held.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    claim: str
+    setting: str
+    baseline: str
+    metric: str = "final_accuracy"
+    by: float = 0.0
+    lower_is_better: bool = False
+
+
 class BenchSpec(BaseModel):
     """A benchmark grid."""
 
@@ -48,6 +68,8 @@ class BenchSpec(BaseModel):
     target_accuracy: float = 0.9
     out: str = "benchmarks/results"
     claim: str | None = Field(None, description="the paper's claim this grid checks")
+    extra: list[str] = Field(default_factory=list, description="summary keys shown as extra columns")
+    checks: list[Check] = Field(default_factory=list)
 
     @classmethod
     def load(cls, path: str | Path) -> BenchSpec:
@@ -73,6 +95,15 @@ def cells(spec: BenchSpec, base_dir: Path) -> list[tuple[str, Path, list[str]]]:
     return out
 
 
+def _extra_cell(key: str, value: float | None, baseline: float | None) -> str:
+    """An extra column's cell; byte counts also show their ratio to the first setting."""
+    if value is None:
+        return "-"
+    if "bytes" in key and baseline:
+        return f"{value:.3g} ({baseline / value:.1f}x fewer)" if value < baseline else f"{value:.3g}"
+    return f"{value:.4g}"
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -93,11 +124,18 @@ def environment() -> dict[str, str]:
             "cpus": str(__import__("os").cpu_count()), "date": time.strftime("%Y-%m-%d")}
 
 
-def run_bench(spec_path: str | Path, runs_dir: str | None = None, run_fn=None) -> Path:
-    """Run the grid of ``spec_path``; return the markdown table's path."""
+def _run_one(cfg) -> tuple[str, dict[str, Any]]:
     from fedsim.sim.runner import run_experiment
 
-    run_fn = run_fn or run_experiment
+    path, summary = run_experiment(cfg)
+    return str(path), summary
+
+
+def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1) -> Path:
+    """Run the grid of ``spec_path`` (``jobs`` runs at a time); return the markdown table's path.
+
+    Parallel jobs need ``sim.backend: inprocess`` (each Ray run would start its own cluster).
+    """
     spec = BenchSpec.load(spec_path)
     base_dir = Path(spec_path).parent
     configs = []
@@ -107,13 +145,42 @@ def run_bench(spec_path: str | Path, runs_dir: str | None = None, run_fn=None) -
             if runs_dir:
                 overrides.append(f"output.dir={runs_dir}")
             configs.append((label, seed, load_config(path, overrides)))  # all validated before any run
+    if jobs > 1 and any(cfg.sim.backend != "inprocess" for _, _, cfg in configs):
+        raise ConfigError("--jobs > 1 needs sim.backend=inprocess in every run of the grid")
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            outcomes = list(pool.map(_run_one, [cfg for _, _, cfg in configs]))
+    else:
+        outcomes = [_run_one(cfg) for _, _, cfg in configs]
     results: dict[str, list[dict[str, Any]]] = {}
     curves: dict[str, list[dict[str, Any]]] = {}
-    for label, seed, cfg in configs:
-        run_path, summary = run_fn(cfg)
-        results.setdefault(label, []).append({"seed": seed, "run": str(run_path), **summary})
+    for (label, seed, _), (run_path, summary) in zip(configs, outcomes, strict=True):
+        results.setdefault(label, []).append({"seed": seed, "run": run_path, **summary})
         curves.setdefault(label, RunDir.open(run_path).rows())
     return write_bench(spec, results, curves)
+
+
+def _mean_of(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.mean(values) if values else None
+
+
+def verdicts(spec: BenchSpec, results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One line per check: whether the claim held on the means, with the numbers."""
+    lines = []
+    for check in spec.checks:
+        if check.setting not in results or check.baseline not in results:
+            raise ConfigError(f"check {check.claim!r}: no setting named {check.setting!r} or {check.baseline!r}")
+        a, b = _mean_of(results[check.setting], check.metric), _mean_of(results[check.baseline], check.metric)
+        if a is None or b is None:
+            held = False
+        else:
+            held = (a <= b - check.by) if check.lower_is_better else (a >= b + check.by)
+        fa = "-" if a is None else f"{a:.4g}"
+        fb = "-" if b is None else f"{b:.4g}"
+        lines.append(f"- {'HOLDS' if held else 'DOES NOT HOLD'}: {check.claim} "
+                     f"({check.metric}: {check.setting} {fa} vs {check.baseline} {fb})")
+    return lines
 
 
 def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]],
@@ -127,22 +194,29 @@ def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]],
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     if spec.claim:
         lines += [f"Claim checked: {spec.claim}", ""]
-    lines += [f"| setting | final accuracy | rounds to {spec.target_accuracy:.2f} | wall time (s) | seeds |",
-              "|---|---|---|---|---|"]
+    extra_heads = "".join(f" {k.replace('_', ' ')} |" for k in spec.extra)
+    lines += [f"| setting | final accuracy | rounds to {spec.target_accuracy:.2f} | wall time (s) |{extra_heads} seeds |",
+              "|---|---|---|---|" + "---|" * len(spec.extra) + "---|"]
+    first = next(iter(results.values()), [])
     table = []
     for label, runs in results.items():
         finals = [r["final_accuracy"] for r in runs if r.get("final_accuracy") is not None]
         reached = [r["rounds_to_target"] for r in runs if r.get("rounds_to_target") is not None]
         rtt = f"{statistics.mean(reached):.1f} ({len(reached)}/{len(runs)} reached)" if reached else f"never (0/{len(runs)})"
         walls = [r["wall_time_s"] for r in runs]
-        lines.append(f"| {label} | {_mean_std(finals)} | {rtt} | {statistics.mean(walls):.1f} | {len(runs)} |")
+        extras = {k: _mean_of(runs, k) for k in spec.extra}
+        cells = "".join(f" {_extra_cell(k, v, _mean_of(first, k))} |" for k, v in extras.items())
+        lines.append(f"| {label} | {_mean_std(finals)} | {rtt} | {statistics.mean(walls):.1f} |{cells} {len(runs)} |")
         table.append({"setting": label, "final_accuracy_mean": statistics.mean(finals) if finals else None,
                       "final_accuracy_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                       "rounds_to_target_mean": statistics.mean(reached) if reached else None,
-                      "reached": len(reached), "runs": runs})
+                      "reached": len(reached), **{f"{k}_mean": v for k, v in extras.items()}, "runs": runs})
+    checks = verdicts(spec, results)
+    if checks:
+        lines += ["", "Claim checks (computed from the means above):", *checks]
     md = out / f"{spec.name}.md"
     md.write_text("\n".join(lines) + "\n")
     (out / f"{spec.name}.json").write_text(json.dumps(
-        {"spec": spec.model_dump(), "environment": env, "table": table}, indent=2))
+        {"spec": spec.model_dump(), "environment": env, "table": table, "checks": checks}, indent=2))
     plot_comparison(curves, out / f"{spec.name}.png")
     return md
