@@ -8,15 +8,15 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
 from fedsim.config import ConfigError, ExperimentConfig, load_config
+from fedsim.sim.progress import CONSOLE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated-learning simulation on Flower + Ray.")
-console = Console()
+console = CONSOLE
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="override KEY=VALUE (repeatable)")]
 

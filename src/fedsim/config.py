@@ -38,7 +38,12 @@ class SyntheticConfig(Section):
 
 
 class DataConfig(Section):
-    """Which dataset to load; ``path`` for file loaders, ``hf_id`` for Hugging Face ids."""
+    """Which dataset to load; ``path`` for file loaders, ``hf_id`` for Hugging Face ids.
+
+    ``hf`` names a public dataset the ecosystem's way: ``hf_id: ylecun/mnist`` is loaded
+    through flwr-datasets' ``FederatedDataset``; offline, ``path`` to a ``save_to_disk``
+    folder of a ``datasets.Dataset`` takes the same code path from the conversion on.
+    """
 
     name: Literal["digits", "synthetic", "mnist", "cifar10", "npz", "hf"] = "digits"
     path: str | None = None
@@ -52,8 +57,9 @@ class DataConfig(Section):
     def _needs_source(self) -> DataConfig:
         if self.name in ("mnist", "cifar10", "npz") and not self.path:
             raise ValueError(f"data.path is required for data.name={self.name!r}")
-        if self.name == "hf" and not self.hf_id:
-            raise ValueError("data.hf_id is required for data.name='hf'")
+        if self.name == "hf" and (self.hf_id is None) == (self.path is None):
+            raise ValueError("data.name='hf' needs exactly one of data.hf_id (a Hugging Face id, "
+                             "loaded through flwr-datasets) or data.path (a save_to_disk folder)")
         return self
 
 

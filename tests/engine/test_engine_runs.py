@@ -41,6 +41,8 @@ def test_fedavg_learns_digits_and_runs_are_identical_with_the_same_seed(small_co
     assert sorted(p.name for p in run.checkpoint_dir.iterdir()) == ["round-00005.pt", "round-00008.pt"]
     assert json.loads(run.summary_path.read_text())["rounds_completed"] == 8
     assert _accuracies(path_a) == _accuracies(path_b)
+    path_c, _ = run_experiment(cfg.model_copy(update={"sim": cfg.sim.model_copy(update={"backend": "inprocess"})}))
+    assert _accuracies(path_c) == _accuracies(path_a)  # the in-process backend computes the same run
 
 
 def test_fedprox_trains_with_the_proximal_term(small_config):

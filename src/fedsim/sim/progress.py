@@ -6,6 +6,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
+# One console for the progress bar and the log handler, so log lines print above the bar
+CONSOLE = Console()
+
+
 class RoundProgress:
     """Progress over rounds; ``enabled=False`` makes every call a no-op (tests, benches)."""
 
@@ -14,7 +18,7 @@ class RoundProgress:
         self._progress = Progress(
             TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
             TextColumn("acc {task.fields[acc]}"), TextColumn("loss {task.fields[loss]}"),
-            TimeElapsedColumn(), console=console, transient=False,
+            TimeElapsedColumn(), console=console or CONSOLE, transient=False,
         ) if enabled else None
         self._task = None
         self.total = total
