@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedsim.clients.hooks import ClientHook
 from fedsim.clients.objective import ClientObjective
 from fedsim.config import ClientConfig
 from fedsim.data import ArrayDataset
@@ -121,5 +120,3 @@ def evaluate(
         correct += int((labels == y).sum())
     return EvalResult(num_examples=n, loss=loss_sum / n, accuracy=correct / n)
 
-
-__all__ = ["ClientHook", "EvalResult", "TrainResult", "build_optimizer", "evaluate", "train_local"]

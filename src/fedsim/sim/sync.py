@@ -125,16 +125,7 @@ def run_sync(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_
                 }
                 if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
                     model.load_state_dict(arrays.to_torch_state_dict())
-                    if cfg.eval.centralised:
-                        res = evaluate(model.to(device), data.test, device, cfg.eval.batch_size, predict)
-                        model.cpu()
-                        row.update(centralised_accuracy=res.accuracy, centralised_loss=res.loss)
-                    if cfg.eval.federated:
-                        eval_msgs = strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid)
-                        fed = strategy.aggregate_evaluate(
-                            rnd, grid.send_and_receive(list(eval_msgs), timeout=cfg.client.timeout_s))
-                        if fed is not None:
-                            row.update(fed)
+                    row.update(evaluate_round(cfg, grid, strategy, rnd, arrays, model, data, device, predict))
                 row["wall_time_s"] = time.perf_counter() - t0
                 run.append(row)
                 log.info("round %d/%d  acc %s  loss %s  ok %d  failed %d%s", rnd, cfg.rounds,
@@ -156,6 +147,23 @@ def run_sync(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_
         if cfg.output.plots and rows:
             plot_run(rows, run.plot_dir)
     return summary
+
+
+def evaluate_round(cfg: ExperimentConfig, grid: Grid, strategy, rnd: int, arrays: ArrayRecord, model,
+                   data: FederatedData, device, predict) -> dict[str, float]:
+    """Centralised accuracy/loss of ``model`` on the server's test set and federated
+    accuracy/loss on the clients' test splits, as configured in ``eval:``."""
+    metrics: dict[str, float] = {}
+    if cfg.eval.centralised:
+        res = evaluate(model.to(device), data.test, device, cfg.eval.batch_size, predict)
+        model.cpu()
+        metrics.update(centralised_accuracy=res.accuracy, centralised_loss=res.loss)
+    if cfg.eval.federated:
+        messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid))
+        fed = strategy.aggregate_evaluate(rnd, grid.send_and_receive(messages, timeout=cfg.client.timeout_s))
+        if fed is not None:
+            metrics.update(fed)
+    return metrics
 
 
 def post_training_quantization(cfg: ExperimentConfig, model, data, device, predict) -> dict[str, Any]:

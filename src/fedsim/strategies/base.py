@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.clients.quantization import build_codec
-from fedsim.attacks import build_attack, choose_byzantine
+from fedsim.attacks import ATTACKS, build_attack, choose_byzantine
 from fedsim.config import ExperimentConfig, SyncStrategyBase
 from fedsim.seeding import derive_seed
 from fedsim.params import ParamSpec
@@ -78,7 +78,9 @@ class FedsimStrategy(Strategy):
         self.pid_of = {n: p for p, n in self.node_of.items()}
         self.client_config = dict(client_config or {})
         self.server_opt = ServerOptimizer(self.cfg.server_opt)
-        self.attack = build_attack(exp.attack.name, **exp.attack.kwargs()) if exp.attack.name != "label_flip" else None
+        # update attacks act here; data attacks (label flip) act on the Byzantine clients
+        acts_on_updates = ATTACKS[exp.attack.name].acts_on == "updates"
+        self.attack = build_attack(exp.attack.name, **exp.attack.kwargs()) if acts_on_updates else None
         self.byzantine = set(choose_byzantine(self.num_clients, exp.attack.fraction, exp.seed))
         self.uplink = build_codec(quant.uplink)
         self.downlink = build_codec(quant.downlink)
@@ -185,7 +187,7 @@ class FedsimStrategy(Strategy):
         The attacker is omniscient: it sees the round's honest updates (ALIE and IPM need them).
         """
         rows = [i for i, u in enumerate(accepted) if u.partition_id in self.byzantine]
-        if self.attack is None or self.attack.acts_on != "updates" or not rows:
+        if self.attack is None or not rows:
             return
         stacked = torch.stack([u.update for u in accepted])
         generator = torch.Generator().manual_seed(derive_seed(self.exp.seed, "attack", server_round))
