@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedsim.config import ConfigError, load_config
 from fedsim.sim.plots import plot_comparison
@@ -42,8 +42,12 @@ class Variant(BaseModel):
 class Check(BaseModel):
     """A claim checked on the results: ``setting`` beats ``baseline`` on ``metric`` by ``by``.
 
-    For a metric where lower is better (rounds or time to target) set ``lower_is_better``.
-    The verdict is computed from the means, so the table says whether the claim held.
+    For a metric where lower is better (rounds or time to target, bytes) set
+    ``lower_is_better``. ``by`` is a difference (negative allows a loss: ``by: -0.005`` is
+    "setting >= baseline - 0.005"); ``ratio`` instead asks for a factor: "setting >= ratio x
+    baseline", or with ``lower_is_better`` "setting <= baseline / ratio" (``ratio: 4`` on
+    bytes is "4x fewer bytes"). The verdict is computed from the means, so the table says
+    whether the claim held.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -52,7 +56,20 @@ class Check(BaseModel):
     baseline: str
     metric: str = "final_accuracy"
     by: float = 0.0
+    ratio: float | None = Field(None, gt=0, description="a factor instead of a difference")
     lower_is_better: bool = False
+
+    @model_validator(mode="after")
+    def _one_margin(self) -> Check:
+        if self.ratio is not None and self.by != 0:
+            raise ValueError(f"check {self.claim!r}: give by (a difference) or ratio (a factor), not both")
+        return self
+
+    def held(self, setting: float, baseline: float) -> bool:
+        """Whether the claim holds for these means of the setting and the baseline."""
+        if self.ratio is not None:
+            return setting * self.ratio <= baseline if self.lower_is_better else setting >= baseline * self.ratio
+        return setting <= baseline - self.by if self.lower_is_better else setting >= baseline + self.by
 
 
 class BenchSpec(BaseModel):
@@ -172,14 +189,15 @@ def verdicts(spec: BenchSpec, results: dict[str, list[dict[str, Any]]]) -> list[
         if check.setting not in results or check.baseline not in results:
             raise ConfigError(f"check {check.claim!r}: no setting named {check.setting!r} or {check.baseline!r}")
         a, b = _mean_of(results[check.setting], check.metric), _mean_of(results[check.baseline], check.metric)
-        if a is None or b is None:
-            held = False
-        else:
-            held = (a <= b - check.by) if check.lower_is_better else (a >= b + check.by)
+        held = a is not None and b is not None and check.held(a, b)
         fa = "-" if a is None else f"{a:.4g}"
         fb = "-" if b is None else f"{b:.4g}"
+        factor = ""
+        if check.ratio is not None and a and b:
+            measured = b / a if check.lower_is_better else a / b
+            factor = f", {measured:.3g}x{' fewer' if check.lower_is_better else ''}, needs {check.ratio:g}x"
         lines.append(f"- {'HOLDS' if held else 'DOES NOT HOLD'}: {check.claim} "
-                     f"({check.metric}: {check.setting} {fa} vs {check.baseline} {fb})")
+                     f"({check.metric}: {check.setting} {fa} vs {check.baseline} {fb}{factor})")
     return lines
 
 

@@ -7,6 +7,14 @@ losses ask for and passes exactly that. When the main loss trains embeddings onl
 (``task == "embedding"``), the classifier head is fitted at the same time with cross
 entropy on the *detached* features, a linear probe, so the model still predicts classes
 and federated accuracy stays meaningful.
+
+``classifier`` is the head as the loss's decision rule reads it. A loss with a rule of its own
+(``predict``: HarmonicLoss, nearest class centre) gets the head's weight, whose rows are the
+class centres; the bias plays no part in its training or its predictions. A loss without one
+(LinearCrossEntropy) is evaluated like any classifier, by the argmax of the model's logits
+``e W^T + b``, so it gets the whole affine head as one matrix ``[W | b]`` against the features
+extended by a constant 1: ``[e, 1] [W | b]^T = e W^T + b``. It then trains exactly the logits
+that are evaluated, bias included, with the head of the model zoo as it is.
 """
 
 from __future__ import annotations
@@ -26,6 +34,12 @@ def second_view(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (x + 0.1 * noise) * keep
 
 
+def with_bias_column(embeddings: torch.Tensor, head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([e, 1], [W | b])``: the affine head ``e W^T + b`` as one bias-free linear map."""
+    ones = torch.ones(*embeddings.shape[:-1], 1, dtype=embeddings.dtype, device=embeddings.device)
+    return torch.cat([embeddings, ones], dim=-1), torch.cat([head.weight, head.bias[:, None]], dim=1)
+
+
 class ClientObjective:
     """The training objective of one client: main loss + weight * aux + hook terms."""
 
@@ -42,6 +56,8 @@ class ClientObjective:
         self.hooks = hooks
         self.needs = set(main.inputs) | (set(aux.inputs) if aux is not None else set())
         self.probe_head = getattr(main, "task", "classification") == "embedding"
+        # a classifier loss judged by argmax of the model's logits must see the bias too
+        self.affine_classifier = "classifier" in main.inputs and not hasattr(main, "predict")
 
     def __call__(
         self,
@@ -59,7 +75,10 @@ class ClientObjective:
             available["classifier"] = model.head.weight
         if "embeddings2" in self.needs:
             available["embeddings2"] = model.features(second_view(x, generator))
-        loss = self.main(**{k: available[k] for k in self.main.inputs})
+        main_inputs = {k: available[k] for k in self.main.inputs}
+        if self.affine_classifier and model.head.bias is not None:
+            main_inputs["embeddings"], main_inputs["classifier"] = with_bias_column(embeddings, model.head)
+        loss = self.main(**main_inputs)
         if self.aux is not None and self.aux_weight:
             loss = loss + self.aux_weight * self.aux(**{k: available[k] for k in self.aux.inputs})
         if self.probe_head:

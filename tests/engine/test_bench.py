@@ -1,0 +1,72 @@
+"""``fedsim bench``: claim checks as differences or factors, and a small grid end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedsim.bench import BenchSpec, Check, run_bench, verdicts
+from fedsim.config import ConfigError
+
+QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
+
+
+def _check(**kw) -> Check:
+    return Check(**{"claim": "c", "setting": "s", "baseline": "b", **kw})
+
+
+def test_difference_check_with_a_negative_by_allows_that_loss():
+    allowed_loss = _check(by=-0.005)
+    assert allowed_loss.held(0.930, 0.934)
+    assert not allowed_loss.held(0.928, 0.934)
+    assert _check(by=0.01).held(0.95, 0.94) and not _check(by=0.01).held(0.945, 0.94)
+
+
+def test_ratio_check_asks_for_a_factor_fewer_when_lower_is_better():
+    four_x_fewer = _check(metric="bytes_up_total", ratio=4, lower_is_better=True)
+    assert four_x_fewer.held(1_000, 4_000)
+    assert not four_x_fewer.held(1_001, 4_000)
+    assert _check(ratio=2).held(10.0, 5.0) and not _check(ratio=2).held(9.9, 5.0)
+
+
+def test_check_takes_a_difference_or_a_ratio_not_both(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"name": "x", "configs": ["a.yaml"], "checks": [
+        {"claim": "both", "setting": "s", "baseline": "b", "by": 0.1, "ratio": 2}]}))
+    with pytest.raises(ConfigError, match="by .* or ratio"):
+        BenchSpec.load(spec)
+    with pytest.raises(ValueError, match="greater than 0"):
+        _check(ratio=0)
+
+
+def test_verdict_line_shows_the_measured_factor_and_the_required_one():
+    spec = BenchSpec(name="x", configs=["a.yaml"], checks=[
+        _check(claim="int8: 4x fewer bytes", metric="bytes_up_total", ratio=4, lower_is_better=True)])
+    results = {"s": [{"bytes_up_total": 9768}, {"bytes_up_total": 9768}], "b": [{"bytes_up_total": 38446}]}
+    [line] = verdicts(spec, results)
+    assert line.startswith("- DOES NOT HOLD: int8: 4x fewer bytes")
+    assert "3.94x fewer, needs 4x" in line
+
+
+def test_small_grid_runs_every_cell_and_writes_table_and_checks(tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "tiny",
+        "configs": [str(QUICKSTART)],
+        "variants": [{"label": "float32"},
+                     {"label": "qsgd int8", "set": ["quant.uplink.codec=qsgd", "quant.uplink.bits=8"]}],
+        "seeds": [0],
+        "common": ["sim.backend=inprocess", "partition.num_clients=2", "rounds=1", "eval.federated=false"],
+        "extra": ["bytes_up_total"],
+        "out": str(tmp_path / "results"),
+        "checks": [{"claim": "int8 sends 3x fewer bytes", "setting": "qsgd int8", "baseline": "float32",
+                    "metric": "bytes_up_total", "ratio": 3, "lower_is_better": True}],
+    }))
+    md = run_bench(spec_path, runs_dir=str(tmp_path / "runs"))
+    text = md.read_text()
+    assert "| float32 |" in text and "| qsgd int8 |" in text and "x fewer)" in text
+    assert "- HOLDS: int8 sends 3x fewer bytes" in text
+    table = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    assert [row["setting"] for row in table["table"]] == ["float32", "qsgd int8"]
+    assert (tmp_path / "results" / "tiny.png").stat().st_size > 0

@@ -1,0 +1,125 @@
+"""Quantized clients and compressed uplinks in federated runs: accuracy against float, the
+bytes on the wire in metrics.jsonl, and error-feedback memory kept per client across rounds.
+
+All runs use the in-process backend (the same ClientApp, no Ray) with few clients and rounds.
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fedsim.clients.quantization import EF_STATE_KEY
+from fedsim.config import load_config
+from fedsim.sim.client_app import build_client_app
+from fedsim.sim.inprocess import InProcessGrid
+from fedsim.sim.results import RunDir
+from fedsim.sim.runner import run_experiment, serve
+
+ROOT = Path(__file__).parents[2]
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+QAT_INT8 = ROOT / "configs" / "qat_int8.yaml"
+SHORT_RUN = ("sim.backend=inprocess", "partition.num_clients=5", "rounds=4", "eval.federated=false",
+             "output.plots=false")
+MLP_DIM = 64 * 128 + 128 + 128 * 10 + 10  # digits MLP, hidden [128]: the values of one update
+
+
+def test_qat_int8_config_is_the_quickstart_plus_quantization():
+    quickstart, qat = yaml.safe_load(QUICKSTART.read_text()), yaml.safe_load(QAT_INT8.read_text())
+    assert qat.pop("quant") == {"qat": {"weight_bits": 8, "granularity": "per_channel"},
+                                "uplink": {"codec": "qsgd", "bits": 8, "block_size": 256}}
+    assert {**qat, "name": "quickstart"} == quickstart
+
+
+def test_int8_qat_clients_with_qsgd_int8_uplink_reach_float_accuracy(tmp_path):
+    sets = [*SHORT_RUN, "rounds=5", f"output.dir={tmp_path}"]
+    _, float_run = run_experiment(load_config(QUICKSTART, sets))
+    _, int8_run = run_experiment(load_config(QAT_INT8, sets))
+    assert float_run["final_accuracy"] >= 0.85
+    assert int8_run["final_accuracy"] >= float_run["final_accuracy"] - 0.02
+    assert int8_run["bytes_up_total"] < float_run["bytes_up_total"] / 3.9
+
+
+def test_metrics_count_the_codec_payload_bytes_per_round_and_in_total(small_config):
+    cfg = small_config(*SHORT_RUN, "rounds=3", "strategy.fraction_train=0.6", "quant.uplink.codec=qsgd",
+                       "quant.uplink.bits=8", "quant.downlink.codec=float16")
+    path, summary = run_experiment(cfg)
+    rows = RunDir.open(path).rows()
+    header = 1 + 1 + 4  # codec id, ndim, one uint32 dimension
+    qsgd_int8 = header + MLP_DIM + 4 * math.ceil(MLP_DIM / 256)  # a byte a value, a float32 scale a block
+    float16 = header + 2 * MLP_DIM
+    up_total = down_total = 0
+    for row in rows:
+        assert row["num_sampled"] == 3 and row["num_success"] == 3
+        assert row["bytes_up"] == qsgd_int8 * row["num_success"]
+        assert row["bytes_down"] == float16 * row["num_sampled"]
+        up_total, down_total = up_total + row["bytes_up"], down_total + row["bytes_down"]
+        assert (row["bytes_up_total"], row["bytes_down_total"]) == (up_total, down_total)
+    assert (summary["bytes_up_total"], summary["bytes_down_total"]) == (up_total, down_total)
+
+
+def _memory(context) -> dict[str, torch.Tensor]:
+    record = context.state.array_records.get(EF_STATE_KEY)
+    return {} if record is None else record.to_torch_state_dict()
+
+
+class _RecordingApp:
+    """Wraps a ClientApp; records which partitions trained in which round, and each node's
+    error-feedback memory before and after every training call."""
+
+    def __init__(self, app):
+        self.app = app
+        self.trained: dict[int, list[int]] = {}
+        self.memory: dict[tuple[int, int, str], dict[str, torch.Tensor]] = {}
+
+    def __call__(self, message, context):
+        if message.metadata.message_type != "train":
+            return self.app(message, context)
+        pid, rnd = int(context.node_config["partition-id"]), int(message.content["config"]["server-round"])
+        self.trained.setdefault(pid, []).append(rnd)
+        self.memory[pid, rnd, "before"] = _memory(context)
+        reply = self.app(message, context)
+        self.memory[pid, rnd, "after"] = _memory(context)
+        return reply
+
+
+@pytest.mark.parametrize("feedback", [["quant.uplink.error_feedback=ef21"],
+                                      ["quant.uplink.error_feedback=econtrol", "quant.uplink.eta=0.1"]],
+                         ids=["ef21", "econtrol"])
+def test_client_and_server_estimates_stay_equal_when_clients_skip_rounds(small_config, feedback):
+    cfg = small_config(*SHORT_RUN, "partition.num_clients=4", "rounds=5", "strategy.fraction_train=0.5",
+                       "quant.uplink.codec=topk", "quant.uplink.fraction=0.05", *feedback)
+    app = _RecordingApp(build_client_app(cfg))
+    grid = InProcessGrid(app, cfg.partition.num_clients)
+    run = RunDir.create(cfg)
+    serve(grid, cfg, run, resume=False, show_progress=False)
+    gaps = [pid for pid, rounds in app.trained.items() if any(b - a > 1 for a, b in zip(rounds, rounds[1:]))]
+    assert gaps, f"no client skipped a round between two trainings: {app.trained}"
+    server = run.latest_checkpoint().strategy["uplink_estimates"]
+    assert sorted(server) == sorted(str(pid) for pid in app.trained)
+    for context in grid._contexts.values():
+        pid = int(context.node_config["partition-id"])
+        if pid not in app.trained:
+            assert EF_STATE_KEY not in context.state
+            continue
+        client = context.state[EF_STATE_KEY].to_torch_state_dict()
+        assert torch.count_nonzero(client["estimate"]) > 0
+        torch.testing.assert_close(client["estimate"], server[str(pid)], rtol=0, atol=1e-7)
+
+
+def test_error_feedback_memory_is_kept_per_client_across_rounds(small_config):
+    cfg = small_config(*SHORT_RUN, "partition.num_clients=3", "rounds=3", "quant.uplink.codec=topk",
+                       "quant.uplink.fraction=0.01", "quant.uplink.error_feedback=ef")
+    app = _RecordingApp(build_client_app(cfg))
+    grid = InProcessGrid(app, cfg.partition.num_clients)
+    serve(grid, cfg, RunDir.create(cfg), resume=False, show_progress=False)
+    for pid in range(3):
+        assert app.memory[pid, 1, "before"] == {}
+        for rnd in (1, 2, 3):
+            error = app.memory[pid, rnd, "after"]["error"]
+            assert error.shape == (MLP_DIM,) and torch.count_nonzero(error) > MLP_DIM // 2
+        for rnd in (2, 3):
+            assert torch.equal(app.memory[pid, rnd, "before"]["error"], app.memory[pid, rnd - 1, "after"]["error"])
+    assert not torch.equal(app.memory[0, 3, "after"]["error"], app.memory[1, 3, "after"]["error"])
