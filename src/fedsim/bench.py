@@ -35,7 +35,7 @@ class Variant(BaseModel):
     """One compared setting: a label and its overrides."""
 
     model_config = ConfigDict(extra="forbid")
-    label: str
+    label: str = Field(pattern=r"^[^|]+$", description="no '|': labels are markdown table cells")
     set: list[str] = Field(default_factory=list)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -120,24 +120,23 @@ class LossConfig(BaseModel):
     def _known_loss_and_kwargs(self) -> LossConfig:
         from fedsim.losses import REGISTRY  # the registry is the source of truth for names
 
-        for where, name, kwargs in (
-            ("loss", self.name, self.kwargs),
-            ("loss.aux", self.aux.name if self.aux else None, {}),
-        ):
+        for where, name, kwargs in (("name", self.name, self.kwargs),
+                                    ("aux.name", self.aux.name if self.aux else None, {})):
             if name is None:
                 continue
             if name not in REGISTRY:
-                raise ValueError(
-                    f"{where}.name: {name!r} is not a loss; known: {', '.join(sorted(REGISTRY))}"
-                )
+                raise ValueError(f"{where}: {name!r} is not a loss; known: {', '.join(sorted(REGISTRY))}")
             params = inspect.signature(REGISTRY[name]).parameters
             allowed = [p for p in params if p not in ("self", "num_samples")]
             unknown = [k for k in kwargs if k not in allowed]
             if unknown:
-                raise ValueError(
-                    f"{where}: unknown argument(s) {', '.join(unknown)} for {name!r}; "
-                    f"allowed: {', '.join(allowed) or '(none)'}"
-                )
+                raise ValueError(f"unknown argument(s) {', '.join(unknown)} for {name!r}; "
+                                 f"allowed: {', '.join(allowed) or '(none)'}")
+            # build it once, so a bad value (tau: -1) stops here and not in every client
+            try:
+                REGISTRY[name](**kwargs, **({"num_samples": 1} if "num_samples" in params else {}))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{name!r}: {exc}") from None
         return self
 
 
@@ -398,6 +397,8 @@ class ParticipationConfig(Section):
     tied_to_labels: bool = False
     p_mean: float = Field(0.1, gt=0, le=1)
     p_off_to_on: float = Field(0.05, gt=0, le=1)
+    label_concentration: float = Field(
+        0.1, gt=0, description="tied_to_labels: Dirichlet concentration of the class weights")
     num_groups: int = Field(4, ge=1)
 
 
@@ -528,11 +529,12 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         if field is None:
             continue
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
+        # a section may be optional (``AuxLossConfig | None``): look through the union
+        candidates = get_args(field.annotation) or (field.annotation,)
+        sections = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not sections:
             return []
+        model = sections[0]
     return sorted(model.model_fields)
 
 
@@ -542,13 +544,13 @@ def format_validation_error(exc: ValidationError) -> str:
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.endswith("Config")))
         key = ".".join(str(p) for p in loc) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc)
             lines.append(f"{key}: unknown key; allowed here: {', '.join(allowed)}")
         elif err["type"] == "union_tag_invalid":
             lines.append(f"{key}.name: {err['ctx']['tag']!r} is not known; known: {err['ctx']['expected_tags']}")
         else:
-            msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
             suffix = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
             lines.append(f"{key}: {msg}{suffix}")

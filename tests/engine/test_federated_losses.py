@@ -108,8 +108,6 @@ def test_bad_loss_argument_fails_validation_naming_it(small_config, sets, named)
         small_config(*sets)
 
 
-@pytest.mark.xfail(strict=True, reason="config.py checks loss argument names, not values: a bad value "
-                   "passes validation and raises in every client (see the report)")
 def test_bad_loss_argument_value_fails_validation_naming_it(small_config):
     with pytest.raises(ConfigError, match="tau"):
         small_config("loss.name=compsum", "loss.tau=-1")

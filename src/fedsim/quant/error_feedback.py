@@ -226,6 +226,10 @@ class ServerEstimate:
     def __len__(self) -> int:
         return len(self._estimates)
 
+    def items(self) -> list[tuple[str, torch.Tensor]]:
+        """(client id, estimate h_i) of every client seen."""
+        return list(self._estimates.items())
+
     def update(self, client_id: int | str, increment: torch.Tensor) -> torch.Tensor:
         """Add ``increment`` to client ``client_id``'s estimate; return the new estimate."""
         key = str(client_id)

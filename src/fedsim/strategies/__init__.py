@@ -46,7 +46,8 @@ def build_sampler(exp: ExperimentConfig, label_mix: np.ndarray | None = None):
         if label_mix is None:
             raise ValueError("participation.tied_to_labels needs the clients' label mix")
         bernoulli = BernoulliParticipation.from_label_distribution(
-            label_mix, mean_probability=part.p_mean, min_probability=part.p_low, seed=seed)
+            label_mix, mean_probability=part.p_mean, min_probability=part.p_low,
+            concentration=part.label_concentration, seed=seed)
     else:
         bernoulli = BernoulliParticipation.from_uniform(n, low=part.p_low, high=part.p_high, seed=seed)
     if part.model == "bernoulli":

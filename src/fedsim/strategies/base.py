@@ -86,6 +86,7 @@ class FedsimStrategy(Strategy):
         self.downlink = build_codec(quant.downlink)
         # EF21 / EControl: the server keeps each client's running estimate h_i
         self.estimates = ServerEstimate() if quant.uplink.error_feedback in ("ef21", "econtrol") else None
+        self._examples: dict[int, int] = {}
         self.report = RoundReport()
         self._sent: dict[int, int] = {}
         self._template: dict[str, torch.Tensor] = {}
@@ -157,10 +158,11 @@ class FedsimStrategy(Strategy):
         self.report.accepted = [u.partition_id for u in accepted]
         self.report.failures = failures
         self.report.bytes_up = sum(u.nbytes for u in accepted)
+        self._apply_attack(server_round, accepted)
         if self.estimates is not None:
             for u in accepted:  # the payload is an increment of the client's estimate h_i
-                u.update = self.estimates.update(u.partition_id, u.update)
-        self._apply_attack(server_round, accepted)
+                self.estimates.update(u.partition_id, u.update)
+                self._examples[u.partition_id] = u.num_examples
         self.observe(server_round, accepted)
         metrics = MetricRecord({"num-accepted": len(accepted), "num-failed": len(failures)})
         if accepted:
@@ -174,12 +176,18 @@ class FedsimStrategy(Strategy):
             log.warning("round %d skipped: %d valid replies, %d required",
                         server_round, len(accepted), self.cfg.min_successful)
             return None, metrics
-        delta = self.aggregate_updates(server_round, accepted)
+        delta = self.aggregate_updates(server_round, self._ef21_pp() if self.estimates else accepted)
         new_global = self.server_opt.step(self._global, delta)
         self._global = new_global
         state = dict(self._template)
         state.update(self.spec.unflatten(new_global))
         return ArrayRecord(state), metrics
+
+    def _ef21_pp(self) -> list[ClientUpdate]:
+        """EF21-PP: every client seen so far enters with its latest estimate h_i, the clients
+        skipped this round included (Richtarik et al. 2021, partial participation)."""
+        return [ClientUpdate(pid, self._examples[pid], h, 0) for pid, h in sorted(
+            (int(k), v) for k, v in self.estimates.items())]
 
     def _apply_attack(self, server_round: int, accepted: list[ClientUpdate]) -> None:
         """Replace the Byzantine clients' updates with the configured attack's output.
@@ -226,6 +234,7 @@ class FedsimStrategy(Strategy):
         state = {"server_opt": self.server_opt.state_dict()}
         if self.estimates is not None:
             state["uplink_estimates"] = self.estimates.state_dict()
+            state["uplink_examples"] = dict(self._examples)
         if hasattr(self.sampler, "state_dict"):
             state["sampler"] = self.sampler.state_dict()
         return state
@@ -234,5 +243,6 @@ class FedsimStrategy(Strategy):
         self.server_opt.load_state_dict(state.get("server_opt", {}))
         if self.estimates is not None and "uplink_estimates" in state:
             self.estimates.load_state_dict(state["uplink_estimates"])
+            self._examples = dict(state["uplink_examples"])
         if "sampler" in state:
             self.sampler.load_state_dict(state["sampler"])
