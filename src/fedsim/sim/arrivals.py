@@ -21,7 +21,6 @@ Times of the virtual clock are in units of the slowest client's time for one loc
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,14 +31,12 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedsim.config import ExperimentConfig
-from fedsim.sim.clock import EventQueue, VirtualClock, WallClock
 from fedsim.quant.codecs import Codec
 from fedsim.seeding import derive_seed
+from fedsim.sim.clock import EventQueue, VirtualClock, WallClock
 from fedsim.sim.components import FederatedData, device_speeds
 from fedsim.sim.speeds import client_duration
 from fedsim.strategies.replies import ClientUpdate, Failure, screen_train_reply
-
-log = logging.getLogger(__name__)
 
 POLL_S = 0.01
 LOST = "update lost (simulated dropout)"
@@ -181,20 +178,18 @@ class VirtualArrivals:
         Wall-clock seconds a reply may take before the job counts as failed.
     seed : int
         Seed of the event queue's tie-breaking.
-    start : float, default 0.0
-        Virtual time to start from (a resumed run).
     """
 
     resumable = True
 
     def __init__(self, grid: Grid, devices: SimulatedDevices, dim: int, codec: Codec, timeout_s: float,
-                 seed: int, start: float = 0.0) -> None:
+                 seed: int) -> None:
         self.grid = grid
         self.devices = devices
         self.dim = dim
         self.codec = codec
         self.timeout_s = timeout_s
-        self.clock = VirtualClock(start)
+        self.clock = VirtualClock()
         self.queue = EventQueue(seed)
 
     def dispatch(self, job: Job, message: Message) -> None:
@@ -241,6 +236,7 @@ class VirtualArrivals:
         return {"now": self.clock.now(), "queue": self.queue}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s clock and queue."""
         self.clock = VirtualClock(state["now"])
         self.queue = state["queue"]
 
@@ -274,32 +270,36 @@ class WallArrivals:
         self.timeout_s = timeout_s
         self.clock = clock or WallClock()
         self._jobs: dict[str, Job] = {}
-        self._done: list[tuple[Job, ClientUpdate | Failure]] = []
+        self._done: list[tuple[float, Job, ClientUpdate | Failure]] = []
 
     def dispatch(self, job: Job, message: Message) -> None:
         """Send the job's message."""
         _push(self.grid, job, message, self.timeout_s)
         if job.message_id is None:
-            self._done.append((job, Failure(job.partition_id, UNSENT)))
+            self._done.append((self.clock.now(), job, Failure(job.partition_id, UNSENT)))
         else:
             self._jobs[job.message_id] = job
 
     def next_until(self, t: float) -> Arrival | None:
-        """The next reply (or timeout) before wall time ``t``, else None once ``t`` passes."""
+        """The next reply (or timeout) received by wall time ``t``, else None once ``t`` passes."""
         while not self._done:
+            if self.clock.now() >= t:
+                return None
             self._poll()
             if not self._done:
-                if self.clock.now() >= t:
-                    return None
                 time.sleep(POLL_S)
-        job, result = self._done.pop(0)
-        return Arrival(job, self.clock.now(), result)
+        if self._done[0][0] > t:
+            return None
+        received, job, result = self._done.pop(0)
+        return Arrival(job, received, result)
 
     def _poll(self) -> None:
+        """Collect the replies that are in, and the jobs past their deadline, stamped now."""
+        now = self.clock.now()
         for message in self.grid.pull_messages(list(self._jobs)):
             job = self._jobs.pop(message.metadata.reply_to_message_id)
-            self._done.append((job, screen_train_reply(message, job.partition_id, self.dim, self.codec)))
-        now = time.monotonic()
-        for message_id in [m for m, job in self._jobs.items() if now > job.deadline]:
+            self._done.append((now, job, screen_train_reply(message, job.partition_id, self.dim, self.codec)))
+        expired = [m for m, job in self._jobs.items() if time.monotonic() > job.deadline]
+        for message_id in expired:
             job = self._jobs.pop(message_id)
-            self._done.append((job, Failure(job.partition_id, TIMEOUT)))
+            self._done.append((now, job, Failure(job.partition_id, TIMEOUT)))

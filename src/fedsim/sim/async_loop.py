@@ -43,17 +43,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from torch import Tensor
+from torch import Tensor, nn
 
+from fedsim.clients.quantization import build_codec
 from fedsim.clients.train import evaluate
 from fedsim.config import AsyncStrategyBase, ExperimentConfig, FedAsyncConfig, FedBuffConfig, FedFixConfig
-from fedsim.clients.quantization import build_codec
+from fedsim.data import ArrayDataset
 from fedsim.params import ParamSpec
 from fedsim.seeding import derive_seed
-from fedsim.sim.arrivals import Arrival, Job, SimulatedDevices, VirtualArrivals, WallArrivals
+from fedsim.sim.arrivals import LOST, Arrival, Job, SimulatedDevices, VirtualArrivals, WallArrivals
 from fedsim.sim.clock import Clock, WallClock
 from fedsim.sim.components import FederatedData, federated_data, make_model, resolve_device
 from fedsim.sim.plots import plot_run
@@ -189,6 +189,10 @@ class ClientPool:
         self.dispatches[chosen] += 1
         return [(c, int(self.dispatches[c])) for c in chosen]
 
+    def start(self, job: Job) -> None:
+        """The job of a client returned by :meth:`take` is under way."""
+        self.in_flight[job.partition_id] = job
+
     def finish(self, client: int) -> None:
         """The client's job is over (arrived or failed): it is idle again."""
         del self.in_flight[client]
@@ -196,6 +200,13 @@ class ClientPool:
 
 
 # ------------------------------------------------------------------------------ server
+def mean_train_loss(updates: list[ClientUpdate]) -> float | None:
+    """The example-weighted mean of the updates' reported training losses."""
+    reported = [u for u in updates if "train_loss" in u.metrics]
+    examples = sum(u.num_examples for u in reported)
+    return sum(u.metrics["train_loss"] * u.num_examples for u in reported) / examples if examples else None
+
+
 @dataclass
 class IntervalStats:
     """What happened between two metrics rows."""
@@ -206,13 +217,12 @@ class IntervalStats:
     staleness: list[int] = field(default_factory=list)
 
     def row(self, model_bytes: int) -> dict[str, Any]:
-        examples = sum(u.num_examples for u in self.accepted)
-        losses = [u.metrics["train_loss"] * u.num_examples for u in self.accepted if "train_loss" in u.metrics]
+        """The interval's columns of a metrics row (byte counts of this interval only)."""
         return {
             "num_success": len(self.accepted),
             "num_failed": len(self.failures),
             "failures": [{"client": f.partition_id, "reason": f.reason} for f in self.failures],
-            "train_loss": sum(losses) / examples if losses else None,
+            "train_loss": mean_train_loss(self.accepted),
             "staleness_mean": float(np.mean(self.staleness)) if self.staleness else None,
             "staleness_max": max(self.staleness, default=None),
             "bytes_up": sum(u.nbytes for u in self.accepted),
@@ -270,7 +280,7 @@ class AsyncServer:
         """Start idle clients from the current model until the pool is full."""
         for client, count in self.pool.take():
             job = Job(client, count, self.model, self.rule.version, self.source.clock.now())
-            self.pool.in_flight[client] = job
+            self.pool.start(job)
             self.source.dispatch(job, self.message(job))
             self.stats.sent += 1
 
@@ -279,7 +289,8 @@ class AsyncServer:
         client = arrival.job.partition_id
         self.pool.finish(client)
         if isinstance(arrival.result, Failure):
-            log.warning("client %d failed at t=%.3f: %s", client, arrival.time, arrival.result.reason)
+            level = logging.DEBUG if arrival.result.reason == LOST else logging.WARNING
+            log.log(level, "client %d failed at t=%.3f: %s", client, arrival.time, arrival.result.reason)
             self.stats.failures.append(arrival.result)
         else:
             self.stats.accepted.append(arrival.result)
@@ -325,21 +336,56 @@ class AsyncServer:
 
 
 # -------------------------------------------------------------------------- evaluation
-def federated_evaluate(grid: Grid, node_of: dict[int, int], arrays: ArrayRecord, tick: int,
-                       timeout_s: float) -> dict[str, float]:
-    """Example-weighted loss and accuracy of ``arrays`` on every client's test split."""
-    messages = [Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(
-        {"server-round": tick, "partition-id": pid})}), message_type=MessageType.EVALUATE, dst_node_id=node)
-        for pid, node in sorted(node_of.items())]
-    total, loss, correct = 0, 0.0, 0.0
-    for reply in grid.send_and_receive(messages, timeout=timeout_s):
-        if reply.has_error():
-            log.warning("evaluation failed on node %s: %s", reply.metadata.src_node_id, reply.error.reason)
-            continue
-        metrics = next(iter(reply.content.metric_records.values()))
-        n = int(metrics["num-examples"])
-        total, loss, correct = total + n, loss + metrics["eval_loss"] * n, correct + metrics["eval_accuracy"] * n
-    return {"federated_loss": loss / total, "federated_accuracy": correct / total} if total else {}
+class GlobalEvaluator:
+    """The global model's loss and accuracy on the server's test set (``eval.centralised``)
+    and, example-weighted, on every client's test split (``eval.federated``).
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        ``eval``, ``client.timeout_s`` and the loss's decision rule.
+    net : torch.nn.Module
+        A model of the run's architecture, loaded with each evaluated model.
+    test : ArrayDataset
+        The server's test set.
+    grid : Grid
+        Where federated EVALUATE messages go.
+    node_of : dict[int, int]
+        Client (partition id) -> Flower node id.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, net: nn.Module, test: ArrayDataset, grid: Grid,
+                 node_of: dict[int, int]) -> None:
+        self.cfg, self.net, self.test, self.grid, self.node_of = cfg, net, test, grid, node_of
+        self.device = resolve_device(cfg)
+        self.predict = predict_fn(cfg)
+
+    def __call__(self, arrays: ArrayRecord, tick: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.cfg.eval.centralised:
+            self.net.load_state_dict(arrays.to_torch_state_dict())
+            res = evaluate(self.net.to(self.device), self.test, self.device, self.cfg.eval.batch_size, self.predict)
+            self.net.cpu()
+            metrics.update(centralised_accuracy=res.accuracy, centralised_loss=res.loss)
+        if self.cfg.eval.federated:
+            metrics.update(self._federated(arrays, tick))
+        return metrics
+
+    def _federated(self, arrays: ArrayRecord, tick: int) -> dict[str, float]:
+        messages = []
+        for pid, node in sorted(self.node_of.items()):
+            config = ConfigRecord({"server-round": tick, "partition-id": pid})
+            messages.append(Message(content=RecordDict({"arrays": arrays, "config": config}),
+                                    message_type=MessageType.EVALUATE, dst_node_id=node))
+        total, loss, correct = 0, 0.0, 0.0
+        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.client.timeout_s):
+            if reply.has_error():
+                log.warning("evaluation failed on node %s: %s", reply.metadata.src_node_id, reply.error.reason)
+                continue
+            metrics = next(iter(reply.content.metric_records.values()))
+            n = int(metrics["num-examples"])
+            total, loss, correct = total + n, loss + metrics["eval_loss"] * n, correct + metrics["eval_accuracy"] * n
+        return {"federated_loss": loss / total, "federated_accuracy": correct / total} if total else {}
 
 
 def eval_times(strategy: AsyncStrategyBase) -> list[float]:
@@ -393,7 +439,6 @@ def run_async(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show
     """
     check_supported(cfg, "asynchronous")
     data = federated_data(cfg)
-    device = resolve_device(cfg)
     net = make_model(cfg.model, data.train, cfg.seed)
     spec = ParamSpec.of(net)
     template = {k: v.clone() for k, v in net.state_dict().items()}
@@ -402,12 +447,12 @@ def run_async(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show
     server = AsyncServer(build_rule(cfg.strategy, data_shares(data)),
                          ClientPool(cfg.partition.num_clients, cfg.sim.concurrency, cfg.seed),
                          source, spec, template, node_of)
+    evaluate_global = GlobalEvaluator(cfg, net, data.test, grid, node_of)
     times = eval_times(cfg.strategy)
     start, elapsed_before = _restore(server, run, resume)
     rows = run.rows()
     bytes_up = rows[-1]["bytes_up_total"] if rows else 0
     bytes_down = rows[-1]["bytes_down_total"] if rows else 0
-    predict = predict_fn(cfg)
     t0 = time.perf_counter() - elapsed_before
     status = "interrupted"
     try:
@@ -420,21 +465,14 @@ def run_async(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show
                                        **server.take_stats().row(4 * spec.dim)}
                 bytes_up, bytes_down = bytes_up + row.pop("bytes_up"), bytes_down + row.pop("bytes_down")
                 row.update(bytes_up_total=bytes_up, bytes_down_total=bytes_down)
-                arrays = server.arrays(server.model, server.rule.version)
-                net.load_state_dict(arrays.to_torch_state_dict())
-                if cfg.eval.centralised:
-                    res = evaluate(net.to(device), data.test, device, cfg.eval.batch_size, predict)
-                    net.cpu()
-                    row.update(centralised_accuracy=res.accuracy, centralised_loss=res.loss)
-                if cfg.eval.federated:
-                    row.update(federated_evaluate(grid, node_of, arrays, tick, cfg.client.timeout_s))
+                row.update(evaluate_global(server.arrays(server.model, server.rule.version), tick))
                 row["wall_time_s"] = time.perf_counter() - t0
                 run.append(row)
                 _log_row(row, times[-1])
                 progress.advance_to(tick, row.get("centralised_accuracy"), row.get("centralised_loss"))
                 if source.resumable and (tick % cfg.output.checkpoint_every == 0 or tick == len(times)):
-                    run.save_checkpoint(Checkpoint(tick, {k: v.clone() for k, v in net.state_dict().items()},
-                                                   server.state_dict(), row["wall_time_s"]))
+                    model = {**template, **spec.unflatten(server.model.clone())}
+                    run.save_checkpoint(Checkpoint(tick, model, server.state_dict(), row["wall_time_s"]))
         status = "completed"
     finally:
         summary = _summary(run.rows(), cfg, server, status)

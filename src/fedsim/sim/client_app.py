@@ -10,6 +10,7 @@ generator is seeded from (run seed, round, partition id), never from the host.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import numpy as np
@@ -49,9 +50,17 @@ def partition_of(context: Context, message: Message) -> int:
     return int(message.content["config"]["partition-id"])
 
 
+@functools.lru_cache(maxsize=2)
+def _worker_model(cfg_json: str) -> torch.nn.Module:
+    """One model per worker process, reused by every client call: each call overwrites its
+    whole state with the global arrays, so building (and seeding) a new one per call is waste."""
+    cfg = ExperimentConfig.model_validate_json(cfg_json)
+    return make_model(cfg.model, federated_data(cfg).train, cfg.seed)
+
+
 def _load_global(cfg: ExperimentConfig, message: Message, device: torch.device):
     data = federated_data(cfg)
-    model = make_model(cfg.model, data.train, cfg.seed)
+    model = _worker_model(cfg.model_dump_json())
     model.load_state_dict(message.content["arrays"].to_torch_state_dict())
     return model.to(device), data
 

@@ -14,18 +14,19 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from fedsim.config import ExperimentConfig
+from fedsim.sim.async_loop import run_async
 from fedsim.sim.client_app import build_client_app
+from fedsim.sim.gossip_loop import run_gossip
 from fedsim.seeding import seed_everything
 from fedsim.sim.inprocess import InProcessGrid
 from fedsim.sim.results import RunDir
-from fedsim.sim.async_loop import run_async
 from fedsim.sim.sync import run_sync
 
 log = logging.getLogger(__name__)
 
 
 # The server loop of each strategy family (strategy config's ``family``)
-LOOPS: dict[str, Callable[..., dict[str, Any]]] = {"sync": run_sync, "async": run_async}
+LOOPS: dict[str, Callable[..., dict[str, Any]]] = {"sync": run_sync, "async": run_async, "gossip": run_gossip}
 
 
 def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_progress: bool) -> dict[str, Any]:

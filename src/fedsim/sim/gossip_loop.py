@@ -1,0 +1,280 @@
+"""fedsim's decentralised gossip loop: plain or variance-corrected model averaging.
+
+Source of the variance correction: Y. Tian, Z. Al-Ars, M. Kitsak, P. Hofstee, "Vanishing
+Variance Problem in Fully Decentralized Neural-Network Systems", arXiv 2404.04616.
+
+There is no global model. Node i starts from its own initialisation (seeded by (seed, i):
+fully decentralised nodes do not share an initial model, which is what makes plain
+averaging shrink the weights' variance). Every round each node trains locally, then mixes
+with its neighbours on the configured topology (``strategy.topology``; time-varying graphs
+change every round):
+
+- plain: ``x_i <- sum_j W_ij x_j``, W the 0.5/0.5 rule (``x_i <- (x_i + mean of
+  neighbours) / 2``), Metropolis-Hastings or uniform weights (``strategy.mixing``);
+- variance-corrected (``strategy.variance_correction``): then every weight layer (matrix
+  or kernel) of the mixed model is rescaled around its mean to the average variance of the
+  layers it mixed; biases and normalisation statistics are averaged plainly.
+
+Server-relayed gossip. The ClientApp trains whatever model its TRAIN message carries, so
+the server keeps every node's model, sends node i its own model to train, and applies
+node i's mixing step over the models of i's neighbours. The math is exactly that of
+decentralised gossip, but in deployment all models pass through the server: this is
+"server-relayed gossip", not peer-to-peer. Bytes are counted as they travel (one model
+down and one update up per node and round).
+
+Each evaluation row reports the mean, spread, min and max of the nodes' accuracies on the
+server's held-out test set, the accuracy of the nodes' average model, the consensus
+distance ``(1/n) sum_i ||x_i - x_bar||^2`` and every tensor's variance (averaged over
+nodes); every row (evaluated or not) has the last two.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from torch import Tensor, nn
+
+from fedsim.clients.quantization import build_codec
+from fedsim.clients.train import evaluate
+from fedsim.config import ExperimentConfig, GossipConfig
+from fedsim.data import ArrayDataset
+from fedsim.params import ParamSpec, set_flat
+from fedsim.seeding import derive_seed
+from fedsim.sim.async_loop import check_supported, mean_train_loss
+from fedsim.sim.components import federated_data, make_model, resolve_device
+from fedsim.sim.plots import plot_comparison, plot_run
+from fedsim.sim.progress import RoundProgress
+from fedsim.sim.results import Checkpoint, RunDir, summarise
+from fedsim.sim.sync import discover_clients, predict_fn
+from fedsim.sim.topology import Topology, make_topology, mixing_matrix, neighbours
+from fedsim.strategies.gossip import consensus_distance, gossip_mix, neighbour_average_matrix, variance_correct
+from fedsim.strategies.replies import screen_train_replies
+
+log = logging.getLogger(__name__)
+
+# strategy.topology -> fedsim.sim.topology's name
+TOPOLOGY_NAMES = {"ring": "ring", "torus": "torus", "regular": "random_regular", "erdos_renyi": "erdos_renyi",
+                  "full": "fully_connected", "exponential": "one_peer_exponential"}
+
+
+def build_topology(strategy: GossipConfig, num_nodes: int, seed: int) -> Topology:
+    """The configured communication graph over ``num_nodes`` nodes (random graphs seeded)."""
+    options: dict[str, Any] = {}
+    if strategy.topology == "regular":
+        options["degree"] = strategy.degree
+    if strategy.topology == "erdos_renyi":
+        options["p"] = strategy.p
+    return make_topology(TOPOLOGY_NAMES[strategy.topology], num_nodes, seed=derive_seed(seed, "topology"), **options)
+
+
+def mixing_weights(topology: Topology, step: int, rule: str) -> Tensor:
+    """W of gossip step ``step``: the 0.5/0.5 rule ("half"), "metropolis" or "uniform"."""
+    if rule == "half":
+        return neighbour_average_matrix(neighbours(topology, step))
+    return mixing_matrix(topology.adjacency(step), rule)
+
+
+def gossip_step(layers: list[Tensor], W: Tensor, peers: list[list[int]], correct: list[bool],
+                eps: float = 1e-4) -> list[Tensor]:
+    """One mixing step of all nodes, per layer (each layer stacks the n nodes on dim 0).
+
+    Where ``correct[k]``, node i's mixed layer k is rescaled to the average variance of the
+    layers it mixed (its own and those of ``peers[i]``, before the step); with the 0.5/0.5
+    rule this is :func:`fedsim.strategies.gossip.variance_corrected_average`.
+    """
+    mixed = gossip_mix(layers, W)
+    return [torch.stack([variance_correct(after[i], before[[i, *p]], eps) for i, p in enumerate(peers)])
+            if corrected else after for before, after, corrected in zip(layers, mixed, correct, strict=True)]
+
+
+def weight_layers(spec: ParamSpec) -> list[bool]:
+    """Which tensors are weight matrices or kernels (two or more dims): the layers whose
+    variance the correction keeps. Biases and normalisation parameters and statistics are
+    averaged plainly (the paper's Xavier-initialised biases start at zero variance)."""
+    return [len(shape) >= 2 for shape in spec.shapes]
+
+
+def layer_variances(spec: ParamSpec, models: Tensor) -> dict[str, float]:
+    """Each layer's weight variance (population, over its elements), averaged over nodes."""
+    return {name: float(layer.reshape(layer.shape[0], -1).var(dim=1, correction=0).mean())
+            for name, layer in zip(spec.names, spec.split_layers(models), strict=True)}
+
+
+def variance_drift(initial: dict[str, float], final: dict[str, float], weights: list[str]) -> dict[str, Any]:
+    """How far each layer's variance moved from its initial value: the ratios final /
+    initial, and over the weight layers ``weights`` their mean absolute log (0 when every
+    weight layer kept its initial variance)."""
+    ratios = {name: final[name] / initial[name] for name in initial}
+    drift = sum(abs(math.log(ratios[name])) for name in weights) / len(weights)
+    return {"initial_layer_variance": initial, "final_layer_variance": final, "layer_variance_ratio": ratios,
+            "layer_variance_log_drift": drift}
+
+
+def layer_variance_series(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per layer, its variance per round (the form ``plots.plot_comparison`` draws)."""
+    names = rows[0]["layer_variance"] if rows else {}
+    return {name: [{"round": r["round"], "layer_variance": r["layer_variance"][name]} for r in rows]
+            for name in names}
+
+
+def initial_models(cfg: ExperimentConfig, train: ArrayDataset, spec: ParamSpec) -> Tensor:
+    """Every node's own initial model, flat, stacked (n, D)."""
+    return torch.stack([spec.flatten(make_model(cfg.model, train, derive_seed(cfg.seed, "node", i)).state_dict())
+                        for i in range(cfg.partition.num_clients)])
+
+
+class NodeEvaluator:
+    """Accuracy of every node's model, and of their average, on the server's test set."""
+
+    def __init__(self, cfg: ExperimentConfig, net: nn.Module, spec: ParamSpec, test: ArrayDataset) -> None:
+        self.net, self.spec, self.test = net, spec, test
+        self.device = resolve_device(cfg)
+        self.batch_size = cfg.eval.batch_size
+        self.predict = predict_fn(cfg)
+
+    def _evaluate(self, flat: Tensor):
+        set_flat(self.net, self.spec, flat)
+        result = evaluate(self.net.to(self.device), self.test, self.device, self.batch_size, self.predict)
+        self.net.cpu()
+        return result
+
+    def __call__(self, models: Tensor) -> dict[str, float]:
+        results = [self._evaluate(m) for m in models]
+        accuracy = torch.tensor([r.accuracy for r in results])
+        average = self._evaluate(models.mean(dim=0))
+        return {"centralised_accuracy": float(accuracy.mean()),
+                "centralised_loss": sum(r.loss for r in results) / len(results),
+                "node_accuracy_std": float(accuracy.std(correction=0)),
+                "node_accuracy_min": float(accuracy.min()), "node_accuracy_max": float(accuracy.max()),
+                "average_model_accuracy": average.accuracy}
+
+
+class GossipNodes:
+    """The nodes' models and one gossip round over them (server-relayed).
+
+    Parameters
+    ----------
+    grid : Grid
+        Where TRAIN messages go.
+    cfg : ExperimentConfig
+        ``strategy`` is the :class:`GossipConfig`.
+    spec : ParamSpec
+        The model's flat layout.
+    template : dict
+        A state dict of the model (integer buffers are sent as they are here).
+    node_of : dict[int, int]
+        Node (partition id) -> Flower node id.
+    models : Tensor
+        (n, D) flat models, one row per node.
+    """
+
+    def __init__(self, grid: Grid, cfg: ExperimentConfig, spec: ParamSpec, template: dict[str, Tensor],
+                 node_of: dict[int, int], models: Tensor) -> None:
+        self.grid, self.cfg, self.spec, self.template, self.node_of = grid, cfg, spec, template, node_of
+        self.strategy: GossipConfig = cfg.strategy
+        self.topology = build_topology(self.strategy, len(node_of), cfg.seed)
+        self.codec = build_codec(cfg.quant.uplink)
+        self.models = models
+
+    def train(self, rnd: int) -> dict[str, Any]:
+        """Every node trains its own model once; a node that fails keeps its model."""
+        messages = [self._message(rnd, i) for i in range(len(self.node_of))]
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.client.timeout_s))
+        sent = {node: pid for pid, node in self.node_of.items()}
+        accepted, failures = screen_train_replies(replies, sent, self.spec.dim, self.codec)
+        for u in accepted:
+            self.models[u.partition_id] += u.update
+        return {"num_success": len(accepted), "num_failed": len(failures),
+                "failures": [{"client": f.partition_id, "reason": f.reason} for f in failures],
+                "train_loss": mean_train_loss(accepted),
+                "bytes_up": sum(u.nbytes for u in accepted), "bytes_down": 4 * self.spec.dim * len(messages)}
+
+    def _message(self, rnd: int, node: int) -> Message:
+        arrays = ArrayRecord({**self.template, **self.spec.unflatten(self.models[node])})
+        config = ConfigRecord({"server-round": rnd, "partition-id": node})
+        return Message(content=RecordDict({"arrays": arrays, "config": config}), message_type=MessageType.TRAIN,
+                       dst_node_id=self.node_of[node])
+
+    def mix(self, rnd: int) -> None:
+        """Gossip step ``rnd - 1`` of the topology (plain or variance-corrected)."""
+        step = rnd - 1
+        W = mixing_weights(self.topology, step, self.strategy.mixing)
+        correct = [self.strategy.variance_correction and weight for weight in weight_layers(self.spec)]
+        layers = gossip_step(self.spec.split_layers(self.models), W, neighbours(self.topology, step), correct,
+                             self.strategy.eps)
+        self.models = torch.cat([layer.reshape(layer.shape[0], -1) for layer in layers], dim=1)
+
+
+def run_gossip(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_progress: bool) -> dict[str, Any]:
+    """Run (or continue) the configured gossip experiment for ``cfg.rounds`` rounds."""
+    check_supported(cfg, "gossip")
+    data = federated_data(cfg)
+    net = make_model(cfg.model, data.train, cfg.seed)
+    spec = ParamSpec.of(net)
+    template = {k: v.clone() for k, v in net.state_dict().items()}
+    node_of = discover_clients(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
+    nodes = GossipNodes(grid, cfg, spec, template, node_of, initial_models(cfg, data.train, spec))
+    initial_variance = layer_variances(spec, nodes.models)
+    evaluate_nodes = NodeEvaluator(cfg, net, spec, data.test)
+    start, elapsed_before = 1, 0.0
+    if resume and (ckpt := run.latest_checkpoint()) is not None:
+        nodes.models = ckpt.strategy["node_models"]
+        start, elapsed_before = ckpt.round + 1, ckpt.elapsed_s
+        run.truncate_after(ckpt.round)
+        log.info("resuming %s after round %d", run.path, ckpt.round)
+    elif resume:
+        run.truncate_after(0)
+    rows = run.rows()
+    bytes_up = rows[-1]["bytes_up_total"] if rows else 0
+    bytes_down = rows[-1]["bytes_down_total"] if rows else 0
+    t0 = time.perf_counter() - elapsed_before
+    status = "interrupted"
+    try:
+        with RoundProgress(cfg.rounds, enabled=show_progress) as progress:
+            progress.advance_to(start - 1, None, None)
+            for rnd in range(start, cfg.rounds + 1):
+                row: dict[str, Any] = {"round": rnd, **nodes.train(rnd)}
+                nodes.mix(rnd)
+                bytes_up, bytes_down = bytes_up + row.pop("bytes_up"), bytes_down + row.pop("bytes_down")
+                row.update(bytes_up_total=bytes_up, bytes_down_total=bytes_down,
+                           consensus_distance=consensus_distance(nodes.models),
+                           layer_variance=layer_variances(spec, nodes.models))
+                if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
+                    row.update(evaluate_nodes(nodes.models))
+                row["wall_time_s"] = time.perf_counter() - t0
+                run.append(row)
+                _log_row(row, cfg.rounds)
+                progress.advance_to(rnd, row.get("centralised_accuracy"), row.get("centralised_loss"))
+                if rnd % cfg.output.checkpoint_every == 0 or rnd == cfg.rounds:
+                    set_flat(net, spec, nodes.models.mean(dim=0))
+                    run.save_checkpoint(Checkpoint(rnd, {k: v.clone() for k, v in net.state_dict().items()},
+                                                   {"node_models": nodes.models.clone()}, row["wall_time_s"]))
+        status = "completed"
+    finally:
+        rows = run.rows()
+        summary = summarise(rows, cfg.output.target_accuracy, status)
+        if rows:
+            weights = [n for n, weight in zip(spec.names, weight_layers(spec), strict=True) if weight]
+            summary.update(variance_drift(initial_variance, rows[-1]["layer_variance"], weights),
+                           final_consensus_distance=rows[-1]["consensus_distance"])
+        run.write_summary(summary)
+        if cfg.output.plots and rows:
+            plot_run(rows, run.plot_dir)
+            plot_comparison(layer_variance_series(rows), run.plot_dir / "layer_variance.png", key="layer_variance")
+    return summary
+
+
+def _log_row(row: dict[str, Any], rounds: int) -> None:
+    acc = row.get("centralised_accuracy")
+    log.info("round %d/%d  node acc %s  consensus %.4g  ok %d  failed %d", row["round"], rounds,
+             "-" if acc is None else f"{acc:.4f} ± {row['node_accuracy_std']:.4f}",
+             row["consensus_distance"], row["num_success"], row["num_failed"])
+
+
+__all__ = ["build_topology", "gossip_step", "weight_layers", "layer_variance_series", "layer_variances", "run_gossip"]
