@@ -13,6 +13,7 @@ with whether each claim held, computed from the numbers, never written by hand.
 from __future__ import annotations
 
 import itertools
+import math
 import json
 import multiprocessing
 import platform
@@ -46,14 +47,17 @@ class Check(BaseModel):
     ``lower_is_better``. ``by`` is a difference (negative allows a loss: ``by: -0.005`` is
     "setting >= baseline - 0.005"); ``ratio`` instead asks for a factor: "setting >= ratio x
     baseline", or with ``lower_is_better`` "setting <= baseline / ratio" (``ratio: 4`` on
-    bytes is "4x fewer bytes"). The verdict is computed from the means, so the table says
-    whether the claim held.
+    bytes is "4x fewer bytes"). Without a ``baseline``, ``value`` is the bar: "setting >= value
+    + by" (or <= with ``lower_is_better``). The verdict is computed from the means over all
+    seeds, so the table says whether the claim held; a seed that never reached a target
+    counts as never (a ``*_to_target`` mean is infinite then), not as a missing value.
     """
 
     model_config = ConfigDict(extra="forbid")
     claim: str
     setting: str
-    baseline: str
+    baseline: str | None = None
+    value: float | None = Field(None, description="an absolute bar instead of a baseline setting")
     metric: str = "final_accuracy"
     by: float = 0.0
     ratio: float | None = Field(None, gt=0, description="a factor instead of a difference")
@@ -63,6 +67,8 @@ class Check(BaseModel):
     def _one_margin(self) -> Check:
         if self.ratio is not None and self.by != 0:
             raise ValueError(f"check {self.claim!r}: give by (a difference) or ratio (a factor), not both")
+        if (self.baseline is None) == (self.value is None):
+            raise ValueError(f"check {self.claim!r}: give a baseline setting or an absolute value, one of them")
         return self
 
     def held(self, setting: float, baseline: float) -> bool:
@@ -86,6 +92,8 @@ class BenchSpec(BaseModel):
     out: str = "benchmarks/results"
     claim: str | None = Field(None, description="the paper's claim this grid checks")
     extra: list[str] = Field(default_factory=list, description="summary keys shown as extra columns")
+    x_key: str = Field("round", description="x axis of the plot: round, virtual_time, wall_time_s")
+    notes: str | None = Field(None, description="interpretation printed under the verdicts")
     checks: list[Check] = Field(default_factory=list)
 
     @classmethod
@@ -174,7 +182,24 @@ def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1)
     for (label, seed, _), (run_path, summary) in zip(configs, outcomes, strict=True):
         results.setdefault(label, []).append({"seed": seed, "run": run_path, **summary})
         curves.setdefault(label, RunDir.open(run_path).rows())
-    return write_bench(spec, results, curves)
+    return write_bench(spec, results, curves, command=f"fedsim bench {' '.join(sys.argv[2:]) or spec_path}")
+
+
+def rerender_bench(spec_path: str | Path) -> Path:
+    """Rewrite a grid's table, verdicts and plot from its stored JSON, without running it.
+
+    For new or changed ``checks:`` on results already measured; the curves come from the run
+    directories named in the JSON, where they still exist.
+    """
+    spec = BenchSpec.load(spec_path)
+    stored_path = Path(spec.out) / f"{spec.name}.json"
+    if not stored_path.is_file():
+        raise ConfigError(f"{stored_path}: no stored results to re-render; run the grid first")
+    stored = json.loads(stored_path.read_text())
+    results = {row["setting"]: row["runs"] for row in stored["table"]}
+    curves = {label: RunDir.open(runs[0]["run"]).rows() for label, runs in results.items()
+              if (Path(runs[0]["run"]) / "config.yaml").is_file()}
+    return write_bench(spec, results, curves, command=stored.get("command", f"fedsim bench {spec_path}"))
 
 
 def _mean_of(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -182,33 +207,43 @@ def _mean_of(runs: list[dict[str, Any]], key: str) -> float | None:
     return statistics.mean(values) if values else None
 
 
+def _check_mean(runs: list[dict[str, Any]], metric: str) -> float | None:
+    """Mean of ``metric`` over all seeds; a ``*_to_target`` never reached makes it infinite."""
+    values = [r.get(metric) for r in runs]
+    if metric.endswith("_to_target") and any(v is None for v in values):
+        return math.inf
+    return _mean_of(runs, metric)
+
+
 def verdicts(spec: BenchSpec, results: dict[str, list[dict[str, Any]]]) -> list[str]:
     """One line per check: whether the claim held on the means, with the numbers."""
     lines = []
     for check in spec.checks:
-        if check.setting not in results or check.baseline not in results:
-            raise ConfigError(f"check {check.claim!r}: no setting named {check.setting!r} or {check.baseline!r}")
-        a, b = _mean_of(results[check.setting], check.metric), _mean_of(results[check.baseline], check.metric)
+        for name in (check.setting, check.baseline):
+            if name is not None and name not in results:
+                raise ConfigError(f"check {check.claim!r}: no setting named {name!r}")
+        a = _check_mean(results[check.setting], check.metric)
+        b = check.value if check.baseline is None else _check_mean(results[check.baseline], check.metric)
         held = a is not None and b is not None and check.held(a, b)
         fa = "-" if a is None else f"{a:.4g}"
         fb = "-" if b is None else f"{b:.4g}"
         factor = ""
-        if check.ratio is not None and a and b:
+        if check.ratio is not None and a and b and math.isfinite(a) and math.isfinite(b):
             measured = b / a if check.lower_is_better else a / b
             factor = f", {measured:.3g}x{' fewer' if check.lower_is_better else ''}, needs {check.ratio:g}x"
         lines.append(f"- {'HOLDS' if held else 'DOES NOT HOLD'}: {check.claim} "
-                     f"({check.metric}: {check.setting} {fa} vs {check.baseline} {fb}{factor})")
+                     f"({check.metric}: {check.setting} {fa} vs {check.baseline or 'bar'} {fb}{factor})")
     return lines
 
 
 def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]],
-                curves: dict[str, list[dict[str, Any]]]) -> Path:
+                curves: dict[str, list[dict[str, Any]]], command: str) -> Path:
     """Write the markdown table, JSON and plot of a finished grid."""
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment()
     lines = [f"# {spec.name}", "",
-             f"Command: `fedsim bench {' '.join(sys.argv[2:]) or spec.name}`  ",
+             f"Command: `{command}`  ",
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     if spec.claim:
         lines += [f"Claim checked: {spec.claim}", ""]
@@ -232,9 +267,13 @@ def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]],
     checks = verdicts(spec, results)
     if checks:
         lines += ["", "Claim checks (computed from the means above):", *checks]
+    if spec.notes:
+        lines += ["", "## Notes (from the spec)", "", spec.notes.strip()]
     md = out / f"{spec.name}.md"
     md.write_text("\n".join(lines) + "\n")
     (out / f"{spec.name}.json").write_text(json.dumps(
-        {"spec": spec.model_dump(), "environment": env, "table": table, "checks": checks}, indent=2))
-    plot_comparison(curves, out / f"{spec.name}.png")
+        {"command": command, "spec": spec.model_dump(), "environment": env, "table": table, "checks": checks},
+        indent=2))
+    if curves:
+        plot_comparison(curves, out / f"{spec.name}.png", x_key=spec.x_key)
     return md

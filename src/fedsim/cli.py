@@ -142,13 +142,14 @@ def bench(
     spec: Path,
     runs_dir: Annotated[str | None, typer.Option(help="where the grid's run directories go")] = None,
     jobs: Annotated[int, typer.Option(help="runs at a time (needs sim.backend=inprocess)")] = 1,
+    rerender: Annotated[bool, typer.Option(help="rewrite table and verdicts from stored results")] = False,
 ) -> None:
     """Run a benchmark grid and write its table, JSON and plot."""
-    from fedsim.bench import run_bench
+    from fedsim.bench import rerender_bench, run_bench
 
     _setup_logging(False)
     try:
-        md = run_bench(spec, runs_dir, jobs)
+        md = rerender_bench(spec) if rerender else run_bench(spec, runs_dir, jobs)
     except ConfigError as exc:
         console.print(f"[red]bench spec error:[/red] {exc}")
         raise typer.Exit(2) from None

@@ -70,3 +70,16 @@ def test_small_grid_runs_every_cell_and_writes_table_and_checks(tmp_path):
     table = json.loads((tmp_path / "results" / "tiny.json").read_text())
     assert [row["setting"] for row in table["table"]] == ["float32", "qsgd int8"]
     assert (tmp_path / "results" / "tiny.png").stat().st_size > 0
+
+
+def test_a_seed_that_never_reached_the_target_counts_as_never():
+    from fedsim.bench import BenchSpec, Check, verdicts
+
+    spec = BenchSpec(name="t", configs=["x.yaml"], checks=[
+        Check(claim="A is faster", setting="A", baseline="B", metric="rounds_to_target", lower_is_better=True),
+        Check(claim="B within 10 rounds", setting="B", value=10, metric="rounds_to_target", lower_is_better=True)])
+    results = {"A": [{"rounds_to_target": 3}, {"rounds_to_target": None}],
+               "B": [{"rounds_to_target": 8}, {"rounds_to_target": 9}]}
+    lines = verdicts(spec, results)
+    assert lines[0].startswith("- DOES NOT HOLD") and "inf" in lines[0]
+    assert lines[1].startswith("- HOLDS") and "vs bar 10" in lines[1]
