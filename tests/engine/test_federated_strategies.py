@@ -37,11 +37,11 @@ class RecordingGrid(InProcessGrid):
         super().__init__(client_app, num_nodes)
         self.exchanges = []
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
         messages = list(messages)
-        replies = list(super().send_and_receive(messages, timeout=timeout))
-        self.exchanges.append((messages, replies))
-        return replies
+        ids = list(super().push_messages(messages))
+        self.exchanges.append((messages, [self._replies[i] for i in ids]))
+        return ids
 
 
 def recorded_run(cfg):

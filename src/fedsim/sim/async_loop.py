@@ -56,6 +56,7 @@ from fedsim.seeding import derive_seed
 from fedsim.sim.arrivals import LOST, Arrival, Job, SimulatedDevices, VirtualArrivals, WallArrivals
 from fedsim.sim.clock import Clock, WallClock
 from fedsim.sim.components import FederatedData, federated_data, make_model, resolve_device
+from fedsim.sim.messaging import send_and_collect
 from fedsim.sim.plots import plot_run
 from fedsim.sim.progress import RoundProgress
 from fedsim.sim.results import Checkpoint, RunDir, summarise
@@ -378,7 +379,7 @@ class GlobalEvaluator:
             messages.append(Message(content=RecordDict({"arrays": arrays, "config": config}),
                                     message_type=MessageType.EVALUATE, dst_node_id=node))
         total, loss, correct = 0, 0.0, 0.0
-        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.client.timeout_s):
+        for reply in send_and_collect(self.grid, messages, self.cfg.client.timeout_s):
             if reply.has_error():
                 log.warning("evaluation failed on node %s: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue

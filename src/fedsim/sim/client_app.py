@@ -30,6 +30,7 @@ from fedsim.data import ArrayDataset
 from fedsim.params import ParamSpec, get_flat
 from fedsim.seeding import derive_seed
 from fedsim.sim.components import (
+    FederatedData,
     build_objective,
     device_speeds,
     federated_data,
@@ -50,19 +51,28 @@ def partition_of(context: Context, message: Message) -> int:
     return int(message.content["config"]["partition-id"])
 
 
+@dataclasses.dataclass(frozen=True)
+class Worker:
+    """What a worker process builds once and every client call it serves reuses: the
+    partitioned data, the device speeds, and one model whose whole state each call
+    overwrites with the global arrays (building and seeding a model per call is waste)."""
+
+    data: FederatedData
+    speeds: np.ndarray
+    model: torch.nn.Module
+
+
 @functools.lru_cache(maxsize=2)
-def _worker_model(cfg_json: str) -> torch.nn.Module:
-    """One model per worker process, reused by every client call: each call overwrites its
-    whole state with the global arrays, so building (and seeding) a new one per call is waste."""
+def worker(cfg_json: str) -> Worker:
+    """The worker state of the config serialised as ``cfg_json`` (cached per process)."""
     cfg = ExperimentConfig.model_validate_json(cfg_json)
-    return make_model(cfg.model, federated_data(cfg).train, cfg.seed)
-
-
-def _load_global(cfg: ExperimentConfig, message: Message, device: torch.device):
     data = federated_data(cfg)
-    model = _worker_model(cfg.model_dump_json())
-    model.load_state_dict(message.content["arrays"].to_torch_state_dict())
-    return model.to(device), data
+    return Worker(data, device_speeds(cfg), make_model(cfg.model, data.train, cfg.seed))
+
+
+def _load_global(w: Worker, message: Message, device: torch.device) -> torch.nn.Module:
+    w.model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+    return w.model.to(device)
 
 
 def _hooks(message: Message, model: torch.nn.Module) -> tuple[ClientHook, ...]:
@@ -106,6 +116,7 @@ def _poisoned(cfg: ExperimentConfig, train_set: ArrayDataset, pid: int) -> Array
 def build_client_app(cfg: ExperimentConfig) -> ClientApp:
     """A ClientApp that trains and evaluates the config's model on its partition."""
     app = ClientApp()
+    cfg_json = cfg.model_dump_json()  # once: the key of the per-process worker state
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
@@ -114,8 +125,9 @@ def build_client_app(cfg: ExperimentConfig) -> ClientApp:
         server_round = int(message.content["config"]["server-round"])
         torch.set_num_threads(max(1, int(cfg.sim.num_cpus_per_client)))
         device = resolve_device(cfg)
-        model, data = _load_global(cfg, message, device)
-        train_set = _poisoned(cfg, data.client(pid)[0], pid)
+        w = worker(cfg_json)
+        model = _load_global(w, message, device)
+        train_set = _poisoned(cfg, w.data.client(pid)[0], pid)
         spec = ParamSpec.of(model)
         global_flat = get_flat(model, spec)
         hooks = _hooks(message, model)
@@ -135,7 +147,7 @@ def build_client_app(cfg: ExperimentConfig) -> ClientApp:
             "train_accuracy": result.accuracy,
             "steps": result.steps,
             "duration_s": time.perf_counter() - start,
-            "virtual_duration": result.steps / float(device_speeds(cfg)[pid]),
+            "virtual_duration": result.steps / float(w.speeds[pid]),
             "bytes_up": payload.nbytes,
         })
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.to_arrays().items()})
@@ -145,8 +157,9 @@ def build_client_app(cfg: ExperimentConfig) -> ClientApp:
     def evaluate_client(message: Message, context: Context) -> Message:
         pid = partition_of(context, message)
         device = resolve_device(cfg)
-        model, data = _load_global(cfg, message, device)
-        _, test_set = data.client(pid)
+        w = worker(cfg_json)
+        model = _load_global(w, message, device)
+        _, test_set = w.data.client(pid)
         result = evaluate(model, test_set, device, cfg.eval.batch_size, predict_fn(cfg))
         metrics = MetricRecord({"num-examples": result.num_examples,
                                 "eval_loss": result.loss if result.num_examples else 0.0,

@@ -85,16 +85,20 @@ def build_loss(cfg: ExperimentConfig, num_samples: int) -> tuple[nn.Module, nn.M
     aux = None
     if cfg.loss.aux is not None:
         # loss.aux.weight is the only weight of the auxiliary term: a loss's own weight is 1
-        own = {"weight": 1.0} if "weight" in inspect.signature(losses.REGISTRY[cfg.loss.aux.name]).parameters else {}
+        own = {"weight": 1.0} if "weight" in loss_parameters(cfg.loss.aux.name) else {}
         aux = losses.build(cfg.loss.aux.name, **_with_samples(cfg.loss.aux.name, own, num_samples))
     return main, aux
 
 
+@functools.cache
+def loss_parameters(name: str) -> frozenset[str]:
+    """The constructor parameters of the registered loss ``name``."""
+    return frozenset(inspect.signature(losses.REGISTRY[name]).parameters)
+
+
 def _with_samples(name: str, kwargs: dict, num_samples: int) -> dict:
     """Stateful losses keep per-sample state and need the number of samples."""
-    if "num_samples" in inspect.signature(losses.REGISTRY[name]).parameters:
-        return {**kwargs, "num_samples": num_samples}
-    return kwargs
+    return {**kwargs, "num_samples": num_samples} if "num_samples" in loss_parameters(name) else kwargs
 
 
 def build_objective(cfg: ExperimentConfig, num_samples: int, hooks: tuple[ClientHook, ...] = ()) -> ClientObjective:

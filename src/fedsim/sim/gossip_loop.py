@@ -48,6 +48,7 @@ from fedsim.params import ParamSpec, set_flat
 from fedsim.seeding import derive_seed
 from fedsim.sim.async_loop import check_supported, mean_train_loss
 from fedsim.sim.components import federated_data, make_model, resolve_device
+from fedsim.sim.messaging import send_and_collect
 from fedsim.sim.plots import plot_comparison, plot_run
 from fedsim.sim.progress import RoundProgress
 from fedsim.sim.results import Checkpoint, RunDir, summarise
@@ -185,7 +186,7 @@ class GossipNodes:
     def train(self, rnd: int) -> dict[str, Any]:
         """Every node trains its own model once; a node that fails keeps its model."""
         messages = [self._message(rnd, i) for i in range(len(self.node_of))]
-        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.client.timeout_s))
+        replies = send_and_collect(self.grid, messages, self.cfg.client.timeout_s)
         sent = {node: pid for pid, node in self.node_of.items()}
         accepted, failures = screen_train_replies(replies, sent, self.spec.dim, self.codec)
         for u in accepted:

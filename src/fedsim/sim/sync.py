@@ -1,7 +1,7 @@
 """fedsim's synchronous round loop over a Flower Grid.
 
 It drives a Flower ``Strategy`` exactly as ``Strategy.start`` does (configure_train ->
-send_and_receive -> aggregate_train -> configure_evaluate -> aggregate_evaluate ->
+send -> collect replies -> aggregate_train -> configure_evaluate -> aggregate_evaluate ->
 centralised evaluation), and adds what ``start`` lacks: starting from a checkpointed
 round, a metrics row per round written as it completes, checkpoints, a progress bar,
 and failure accounting.
@@ -23,6 +23,7 @@ from fedsim.config import ExperimentConfig
 from fedsim.params import ParamSpec
 from fedsim.quant.ptq import quantize_weights_awq, quantize_weights_rtn
 from fedsim.sim.components import FederatedData, build_loss, federated_data, make_model, resolve_device
+from fedsim.sim.messaging import send_and_collect
 from fedsim.sim.plots import plot_run
 from fedsim.sim.progress import RoundProgress
 from fedsim.sim.results import Checkpoint, RunDir, summarise
@@ -44,7 +45,7 @@ def discover_clients(grid: Grid, num_clients: int, wait_s: float) -> dict[int, i
                                f"after {wait_s:.0f} s (sim.wait_for_nodes_s)")
         time.sleep(0.2)
     queries = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-    replies = list(grid.send_and_receive(queries, timeout=wait_s))
+    replies = send_and_collect(grid, queries, wait_s)
     node_of: dict[int, int] = {}
     for msg in replies:
         if msg.has_error():
@@ -103,7 +104,7 @@ def run_sync(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_
             progress.advance_to(start_round - 1, None, None)
             for rnd in range(start_round, cfg.rounds + 1):
                 messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
-                replies = grid.send_and_receive(messages, timeout=cfg.client.timeout_s)
+                replies = send_and_collect(grid, messages, cfg.client.timeout_s)
                 new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
                 if new_arrays is not None:
                     arrays = new_arrays
@@ -160,7 +161,7 @@ def evaluate_round(cfg: ExperimentConfig, grid: Grid, strategy, rnd: int, arrays
         metrics.update(centralised_accuracy=res.accuracy, centralised_loss=res.loss)
     if cfg.eval.federated:
         messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid))
-        fed = strategy.aggregate_evaluate(rnd, grid.send_and_receive(messages, timeout=cfg.client.timeout_s))
+        fed = strategy.aggregate_evaluate(rnd, send_and_collect(grid, messages, cfg.client.timeout_s))
         if fed is not None:
             metrics.update(fed)
     return metrics
