@@ -447,6 +447,8 @@ class SimConfig(Section):
     ray_address: str | None = Field(None, description="attach to an existing Ray cluster")
     wait_for_nodes_s: float = Field(120.0, gt=0)
     speeds: SpeedConfig = SpeedConfig()
+    clock: Literal["virtual", "wall"] = Field(
+        "virtual", description="async loops: simulated device times, or real time (deployment)")
     concurrency: int | None = Field(None, ge=1, description="clients training at once (async)")
 
 

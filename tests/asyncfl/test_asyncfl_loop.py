@@ -156,13 +156,23 @@ def test_wall_clock_runs_the_same_loop_in_seconds(config, tmp_path):
     from fedsim.sim.client_app import build_client_app
     from fedsim.sim.inprocess import InProcessGrid
 
-    cfg = config("strategy={name: fedasync, horizon: 0.6, eval_every: 0.3}")
+    cfg = config("strategy={name: fedasync, horizon: 2.0, eval_every: 1.0}")
     grid = InProcessGrid(build_client_app(cfg), cfg.partition.num_clients)
     run = RunDir.create(cfg)
     summary = run_async(grid, cfg, run, resume=False, show_progress=False, clock=WallClock())
-    assert summary["status"] == "completed" and summary["model_updates"] > 0
-    assert [r["virtual_time"] for r in run.rows()] == [0.3, 0.6]
+    # how many updates land in 2 s of real time depends on the host: not asserted
+    assert summary["status"] == "completed"
+    assert [r["virtual_time"] for r in run.rows()] == [1.0, 2.0]
     assert not any(run.checkpoint_dir.iterdir())
+
+
+def test_sim_clock_wall_selects_real_time_from_the_config(config):
+    path, summary = run_experiment(config("strategy={name: fedasync, horizon: 2.0, eval_every: 1.0}",
+                                          "sim.clock=wall"))
+    assert summary["status"] == "completed"
+    rows = RunDir.open(path).rows()
+    assert [r["virtual_time"] for r in rows] == [1.0, 2.0]  # seconds of wall time
+    assert not any(RunDir.open(path).checkpoint_dir.iterdir())
 
 
 def test_options_only_sync_strategies_have_are_refused(config):

@@ -435,10 +435,12 @@ def run_async(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show
               clock: Clock | None = None) -> dict[str, Any]:
     """Run (or continue) the configured asynchronous experiment; return its summary.
 
-    ``clock``: None or a ``VirtualClock`` simulates devices on virtual time; a
-    ``WallClock`` runs on real time (deployment; times in seconds, no checkpoints).
+    ``clock``: None takes ``sim.clock``; a ``VirtualClock`` simulates devices on virtual
+    time; a ``WallClock`` runs on real time (deployment; times in seconds, no checkpoints).
     """
     check_supported(cfg, "asynchronous")
+    if clock is None and cfg.sim.clock == "wall":
+        clock = WallClock()
     data = federated_data(cfg)
     net = make_model(cfg.model, data.train, cfg.seed)
     spec = ParamSpec.of(net)
