@@ -85,6 +85,23 @@ def column_chunks(num_columns: int, chunk_columns: int = DEFAULT_CHUNK_COLUMNS) 
         yield slice(start, min(start + chunk_columns, num_columns))
 
 
+def apply_weighted_sum(model: torch.Tensor, updates: torch.Tensor, weights: torch.Tensor, eta_g: float,
+                       where: str) -> torch.Tensor:
+    """``model + eta_g * sum_i w_i Delta_i`` (the weights are not normalised), after checking
+    that the (N, D) updates match the (D,) model and the (N,) weights.
+
+    Shared by the asynchronous rules, which apply their own weighting (FedFix's
+    ``ceil(tau/window) p_i``, FedBuff's staleness scale over K).
+    """
+    check_updates(updates, where)
+    if updates.shape[1:] != model.shape:
+        raise ValueError(f"{where}: updates of shape {tuple(updates.shape)} do not match the model's "
+                         f"{tuple(model.shape)}")
+    if weights.shape != (updates.shape[0],):
+        raise ValueError(f"{where}: {updates.shape[0]} updates but weights of shape {tuple(weights.shape)}")
+    return model + eta_g * (weights.to(updates.dtype) @ updates)
+
+
 def weighted_mean(
     updates: torch.Tensor, weights: torch.Tensor | Sequence[float] | None = None
 ) -> torch.Tensor:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fedsim.strategies.aggregate import check_updates
+from fedsim.strategies.aggregate import apply_weighted_sum
 
 
 def staleness_scale(staleness: int) -> float:
@@ -40,15 +40,10 @@ def fedbuff_aggregate(model: Tensor, updates: Tensor, stalenesses: Sequence[int]
     Tensor
         The new global model (a new tensor; ``model`` is not modified).
     """
-    check_updates(updates, "fedbuff_aggregate")
-    if updates.shape[1:] != model.shape:
-        raise ValueError(f"fedbuff_aggregate: updates of shape {tuple(updates.shape)} do not "
-                         f"match the model's {tuple(model.shape)}")
-    if len(stalenesses) != updates.shape[0]:
-        raise ValueError(f"fedbuff_aggregate: {updates.shape[0]} updates but "
-                         f"{len(stalenesses)} stalenesses")
-    scales = torch.tensor([staleness_scale(s) for s in stalenesses], dtype=updates.dtype)
-    return model + (eta_g / updates.shape[0]) * (scales @ updates)
+    if len(stalenesses) != len(updates):
+        raise ValueError(f"fedbuff_aggregate: {len(updates)} updates but {len(stalenesses)} stalenesses")
+    scales = torch.tensor([staleness_scale(s) / len(updates) for s in stalenesses], dtype=updates.dtype)
+    return apply_weighted_sum(model, updates, scales, eta_g, "fedbuff_aggregate")
 
 
 class FedBuff:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedsim.strategies.aggregate import check_updates
+from fedsim.strategies.aggregate import apply_weighted_sum
 
 _CEIL_RTOL = 1e-9
 
@@ -98,14 +98,7 @@ def fedfix_aggregate(model: Tensor, updates: Tensor, weights: Tensor,
     Tensor
         The new global model (a new tensor; ``model`` is not modified).
     """
-    check_updates(updates, "fedfix_aggregate")
-    if updates.shape[1:] != model.shape:
-        raise ValueError(f"fedfix_aggregate: updates of shape {tuple(updates.shape)} do not "
-                         f"match the model's {tuple(model.shape)}")
-    if weights.shape != (updates.shape[0],):
-        raise ValueError(f"fedfix_aggregate: {updates.shape[0]} updates but weights of "
-                         f"shape {tuple(weights.shape)}")
-    return model + eta_g * (weights.to(updates.dtype) @ updates)
+    return apply_weighted_sum(model, updates, weights, eta_g, "fedfix_aggregate")
 
 
 class FedFix:
