@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 from torch import nn
+
+ConvT = TypeVar("ConvT", bound=nn.Conv2d)
 
 
 def swap_layers(model: nn.Module, replace: Callable[[nn.Module], nn.Module | None]) -> None:
@@ -29,3 +32,13 @@ def reject_prepared(model: nn.Module, prepared: tuple[type, ...], verb: str) -> 
         raise ValueError(
             f"{verb}: the model already has quantized layers: {', '.join(found)}; start from a float model"
         )
+
+
+def conv2d_sharing(cls: type[ConvT], conv: nn.Conv2d) -> ConvT:
+    """A ``cls`` (a Conv2d subclass) with ``conv``'s geometry, sharing its weight and bias."""
+    new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+              dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+              padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+    new.weight = conv.weight
+    new.bias = conv.bias
+    return new

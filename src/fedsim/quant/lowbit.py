@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsim.quant.fake import SUPPORTED_BITS, check_choice, fake_quantize, quant_range, stochastic_round
-from fedsim.quant.layers import reject_prepared, swap_layers
+from fedsim.quant.layers import conv2d_sharing, reject_prepared, swap_layers
 
 
 @dataclass(frozen=True)
@@ -137,21 +137,7 @@ class LowBitConv2d(nn.Conv2d):
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d, config: LowBitConfig) -> LowBitConv2d:
         """Wrap ``conv``, sharing its parameters."""
-        new = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-        )
-        new.weight = conv.weight
-        new.bias = conv.bias
+        new = conv2d_sharing(cls, conv)
         new.bits = config.bits
         new.grad_bits = config.grad_bits
         return new

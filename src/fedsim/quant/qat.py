@@ -32,7 +32,7 @@ from torch import nn
 from torchao.quantization.qat import FakeQuantizedLinear, FakeQuantizerBase, IntxFakeQuantizeConfig
 
 from fedsim.quant.fake import check_choice, choose_qparams, fake_quantize, quant_range
-from fedsim.quant.layers import reject_prepared, swap_layers
+from fedsim.quant.layers import conv2d_sharing, reject_prepared, swap_layers
 
 WEIGHT_BITS = (2, 4, 8)
 ACTIVATION_BITS = (None, 2, 4, 8)
@@ -208,21 +208,7 @@ class QATConv2d(nn.Conv2d):
         cls, conv: nn.Conv2d, weight_fake_quantizer: nn.Module, activation_fake_quantizer: nn.Module | None
     ) -> QATConv2d:
         """Wrap ``conv``, sharing its parameters."""
-        new = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-        )
-        new.weight = conv.weight
-        new.bias = conv.bias
+        new = conv2d_sharing(cls, conv)
         new.weight_fake_quantizer = weight_fake_quantizer
         new.activation_fake_quantizer = activation_fake_quantizer
         return new
