@@ -24,7 +24,7 @@ identity 4 d                            no         yes      e = 0
 float16  2 d                            no         no       |e_i| <= 2^-11 |x_i| for |x_i| in
                                                             [2^-14, 65504]; 2^-25 below
 qsgd     ceil(d b / 8) + 4 ceil(d / B)  yes        yes      |e_i| < max|x_block| / (2^(b-1) - 1)
-topk     8 k                            no         no       ||e||^2 <= (1 - k/d) ||x||^2
+topk     6 k (d <= 65536), else 8 k     no         no       ||e||^2 <= (1 - k/d) ||x||^2
 randk    4 k + 8                        yes        option   E||e||^2 = (1 - k/d) ||x||^2, or
                                                             (d/k - 1) ||x||^2 when unbiased
 sign     ceil(d / 8) + 4                no         no       ||e||^2 = ||x||^2 - ||x||_1^2 / d
@@ -302,13 +302,19 @@ def _kept(fraction: float | None, k: int | None, d: int) -> int:
     return min(k, d) if k is not None else max(1, round(fraction * d))
 
 
+def index_dtype(d: int) -> type:
+    """The narrowest unsigned integer type that holds every index of ``d`` values."""
+    return np.uint16 if d <= 2**16 else np.uint32
+
+
 @dataclass(frozen=True)
 class TopK(Codec):
     """Top-k sparsification: the ``k`` largest-magnitude values and their indices.
 
     Stich et al. 2018, "Sparsified SGD with Memory", arXiv 1809.07599. Contractive:
-    ``||x - top_k(x)||^2 <= (1 - k/d) ||x||^2``; the kept values are exact. Indices travel as
-    uint32 in increasing order, values as float32: ``8 k`` bytes.
+    ``||x - top_k(x)||^2 <= (1 - k/d) ||x||^2``; the kept values are exact. Indices travel in
+    increasing order as uint16 when every index fits (``d <= 65536``), else as uint32; values
+    as float32: ``6 k`` or ``8 k`` bytes.
 
     Parameters
     ----------
@@ -331,12 +337,13 @@ class TopK(Codec):
 
     def layout(self, d: int) -> dict[str, tuple[type, int]]:
         kept = _kept(self.fraction, self.k, d)
-        return {"indices": (np.uint32, kept), "values": (np.float32, kept)}
+        return {"indices": (index_dtype(d), kept), "values": (np.float32, kept)}
 
     def _encode(self, flat, generator):
         kept = _kept(self.fraction, self.k, flat.numel())
         indices = torch.topk(flat.abs(), kept, sorted=False).indices.sort().values
-        return {"indices": _to_numpy(indices).astype(np.uint32), "values": _to_numpy(flat[indices])}
+        return {"indices": _to_numpy(indices).astype(index_dtype(flat.numel())),
+                "values": _to_numpy(flat[indices])}
 
     def _decode(self, arrays, d):
         out = torch.zeros(d)
