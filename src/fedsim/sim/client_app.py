@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -54,12 +55,14 @@ def partition_of(context: Context, message: Message) -> int:
 @dataclasses.dataclass(frozen=True)
 class Worker:
     """What a worker process builds once and every client call it serves reuses: the
-    partitioned data, the device speeds, and one model whose whole state each call
-    overwrites with the global arrays (building and seeding a model per call is waste)."""
+    partitioned data, the device speeds, the loss's decision rule, and one model whose whole
+    state each call overwrites with the global arrays (building and seeding a model per call
+    is waste)."""
 
     data: FederatedData
     speeds: np.ndarray
     model: torch.nn.Module
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
 
 
 @functools.lru_cache(maxsize=2)
@@ -67,7 +70,7 @@ def worker(cfg_json: str) -> Worker:
     """The worker state of the config serialised as ``cfg_json`` (cached per process)."""
     cfg = ExperimentConfig.model_validate_json(cfg_json)
     data = federated_data(cfg)
-    return Worker(data, device_speeds(cfg), make_model(cfg.model, data.train, cfg.seed))
+    return Worker(data, device_speeds(cfg), make_model(cfg.model, data.train, cfg.seed), predict_fn(cfg))
 
 
 def _load_global(w: Worker, message: Message, device: torch.device) -> torch.nn.Module:
@@ -160,7 +163,7 @@ def build_client_app(cfg: ExperimentConfig) -> ClientApp:
         w = worker(cfg_json)
         model = _load_global(w, message, device)
         _, test_set = w.data.client(pid)
-        result = evaluate(model, test_set, device, cfg.eval.batch_size, predict_fn(cfg))
+        result = evaluate(model, test_set, device, cfg.eval.batch_size, w.predict)
         metrics = MetricRecord({"num-examples": result.num_examples,
                                 "eval_loss": result.loss if result.num_examples else 0.0,
                                 "eval_accuracy": result.accuracy if result.num_examples else 0.0})
