@@ -9,7 +9,7 @@ from fedsim.config import ServerOptConfig
 from fedsim.params import ParamSpec, get_flat, set_flat
 from fedsim.quant import codecs
 from fedsim.strategies.aggregate import weighted_mean
-from fedsim.strategies.replies import Failure, screen_train_replies
+from fedsim.strategies.replies import Failure, screen_model_reply, screen_replies, screen_train_replies
 from fedsim.strategies.server_opt import ServerOptimizer
 
 
@@ -37,14 +37,14 @@ def test_flatten_rejects_wrong_shapes():
 IDENTITY = codecs.build("identity")
 
 
-def _reply(node: int, update, num_examples=10, error: str | None = None) -> Message:
+def _reply(node: int, update, num_examples=10, error: str | None = None, record: str = "update") -> Message:
     md = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
                   group_id="", created_at=0.0, ttl=100.0, message_type="train")
     if error:
         return Message(metadata=md, error=Error(code=0, reason=error))
     payload = IDENTITY.encode(torch.tensor(update, dtype=torch.float32))
     arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.to_arrays().items()})
-    content = RecordDict({"update": arrays, "metrics": MetricRecord({"num-examples": num_examples})})
+    content = RecordDict({record: arrays, "metrics": MetricRecord({"num-examples": num_examples})})
     return Message(metadata=md, content=content)
 
 
@@ -67,6 +67,19 @@ def test_screening_rejects_bad_replies_and_names_the_client():
     assert "boom" in reasons[3]
     assert reasons[4] == "no reply before the timeout"
     assert all(isinstance(f, Failure) for f in failures)
+
+
+def test_model_replies_need_a_whole_finite_model_but_no_examples():
+    sent = {101: 0, 102: 1, 103: 2, 104: 3}
+    replies = [_reply(101, [1.0, 2.0, 3.0], num_examples=0, record="model"),
+               _reply(102, [1.0, float("inf"), 3.0], record="model"),
+               _reply(103, [1.0, 2.0, 3.0, 4.0], record="model"),
+               _reply(104, [1.0, 2.0, 3.0])]  # a training reply is not a model
+    accepted, failures = screen_replies(replies, sent, lambda msg, pid: screen_model_reply(msg, pid, dim=3))
+    assert [u.partition_id for u in accepted] == [0]
+    assert torch.equal(accepted[0].update, torch.tensor([1.0, 2.0, 3.0]))
+    assert [f.reason for f in failures] == ["model holds NaN or Inf", "model has shape (4,), expected (3,)",
+                                            "reply has no 'model' record"]
 
 
 def test_weighted_mean_is_example_weighted():

@@ -5,19 +5,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsim.config import load_config
 from fedsim.params import ParamSpec
 from fedsim.quant.codecs import build as build_codec
 from fedsim.sim.components import federated_data, make_model
-from fedsim.sim.gossip_loop import build_topology, gossip_step, initial_models, mixing_weights, run_gossip
-from fedsim.sim.inprocess import InProcessGrid
+from fedsim.clients import gossip_node
+from fedsim.sim.gossip_loop import build_topology, initial_models, mixing_weights, run_gossip
+from fedsim.sim.client_app import build_client_app
+from fedsim.sim.inprocess import FIRST_NODE_ID, InProcessGrid
 from fedsim.sim.results import RunDir
 from fedsim.sim.runner import run_experiment
 from fedsim.sim.topology import neighbours
-from fedsim.strategies.gossip import variance_corrected_average
+from fedsim.strategies.gossip import gossip_mix, mix_node, variance_corrected_average
 
 ROOT = Path(__file__).parents[2]
 GOSSIP = ROOT / "configs" / "gossip.yaml"
@@ -32,16 +34,22 @@ def config(tmp_path):
     return make
 
 
-def idle_client_app(dim: int) -> ClientApp:
-    """A ClientApp whose nodes never change their model (a zero update every round)."""
+def idle_client_app(cfg, spec: ParamSpec) -> ClientApp:
+    """Gossip nodes that never train (a zero update every round) but mix as fedsim's do."""
     app = ClientApp()
-    payload = build_codec("identity").encode(torch.zeros(dim)).to_arrays()
+    payload = build_codec("identity").encode(torch.zeros(spec.dim)).to_arrays()
 
-    @app.train()
+    @app.train("gossip")
     def train(message: Message, context) -> Message:
+        rnd = int(message.content["config"]["server-round"])
+        gossip_node.keep_model(context, gossip_node.held_model(message, context), gossip_node.version(rnd, "train"))
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.items()})
         metrics = MetricRecord({"num-examples": 1, "train_loss": 0.0})
         return Message(content=RecordDict({"update": arrays, "metrics": metrics}), reply_to=message)
+
+    @app.train("mix")
+    def mix(message: Message, context) -> Message:
+        return gossip_node.mix_reply(message, context, spec, cfg.strategy.variance_correction, cfg.strategy.eps)
 
     @app.query()
     def query(message: Message, context) -> Message:
@@ -56,7 +64,7 @@ def _run_idle(cfg):
     data = federated_data(cfg)
     spec = ParamSpec.of(make_model(cfg.model, data.train, cfg.seed))
     run = RunDir.create(cfg)
-    grid = InProcessGrid(idle_client_app(spec.dim), cfg.partition.num_clients)
+    grid = InProcessGrid(idle_client_app(cfg, spec), cfg.partition.num_clients)
     summary = run_gossip(grid, cfg, run, resume=False, show_progress=False)
     return run, summary, initial_models(cfg, data.train, spec)
 
@@ -84,12 +92,29 @@ def test_variance_correction_keeps_layer_variance_that_plain_gossip_loses(config
     assert exact["layer_variance_log_drift"] < corrected["layer_variance_log_drift"] < plain["layer_variance_log_drift"]
 
 
-def test_half_rule_step_with_correction_is_the_variance_corrected_average():
+def _node_steps(layers, W, correct):
+    """Every node's own mixing step (fedsim.strategies.gossip.mix_node), stacked."""
+    rows = []
+    for i in range(W.shape[0]):
+        mixed = [i, *(j for j in range(W.shape[1]) if j != i and W[i, j] != 0)]
+        rows.append(mix_node([layer[mixed] for layer in layers], W[i, mixed], correct))
+    return [torch.stack(per_node) for per_node in zip(*rows, strict=True)]
+
+
+def test_each_nodes_half_rule_step_with_correction_is_the_variance_corrected_average():
     topology = build_topology(load_config(GOSSIP).strategy, 12, seed=0)
-    peers = neighbours(topology)
     layers = [torch.randn(12, 5, 3), torch.randn(12, 7)]
-    ours = gossip_step(layers, mixing_weights(topology, 0, "half"), peers, correct=[True, True])
-    for a, b in zip(ours, variance_corrected_average(layers, peers), strict=True):
+    ours = _node_steps(layers, mixing_weights(topology, 0, "half"), correct=[True, True])
+    for a, b in zip(ours, variance_corrected_average(layers, neighbours(topology)), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(("topology", "rule"), [("torus", "metropolis"), ("exponential", "uniform")])
+def test_each_nodes_plain_step_is_its_row_of_the_mixing_matrix(config, topology, rule):
+    graph = build_topology(config(f"strategy.topology={topology}").strategy, 16, seed=0)
+    W = mixing_weights(graph, 3, rule)
+    layers = [torch.randn(16, 4, 2), torch.randn(16, 3)]
+    for a, b in zip(_node_steps(layers, W, correct=[False, False]), gossip_mix(layers, W), strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -122,7 +147,109 @@ def test_gossip_trains_every_node_and_reports_spread_consensus_and_layer_varianc
 def test_resumed_gossip_run_continues_exactly(config):
     cfg = config("rounds=4", "output.checkpoint_every=2", "client.local_steps=3", "partition.scheme=iid")
     path, _ = run_experiment(cfg)
-    rows = [{k: v for k, v in r.items() if k != "wall_time_s"} for r in RunDir.open(path).rows()]
+    volatile = {"wall_time_s", "bytes_down_total"}
+    first = RunDir.open(path).rows()
     (RunDir.open(path).checkpoint_dir / "round-00004.pt").unlink()
     run_experiment(cfg, resume=path)
-    assert [{k: v for k, v in r.items() if k != "wall_time_s"} for r in RunDir.open(path).rows()] == rows
+    again = RunDir.open(path).rows()
+    assert [{k: v for k, v in r.items() if k not in volatile} for r in again] == \
+        [{k: v for k, v in r.items() if k not in volatile} for r in first]
+    # the resumed process resends every node its model once (its worker's state is gone)
+    dim = ParamSpec.of(make_model(cfg.model, federated_data(cfg).train, cfg.seed)).dim
+    assert again[-1]["bytes_down_total"] - first[-1]["bytes_down_total"] == 8 * 4 * dim
+
+
+class LosingGrid(InProcessGrid):
+    """An in-process grid whose node playing ``pid`` loses its Context state (as a restarted
+    worker would) just before its ``message_type`` message of round ``at_round``."""
+
+    def __init__(self, app, num_nodes, pid, at_round, message_type):
+        super().__init__(app, num_nodes)
+        self.node, self.at_round, self.message_type = FIRST_NODE_ID + pid, at_round, message_type
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        for msg in messages:
+            if (msg.metadata.message_type == self.message_type and msg.metadata.dst_node_id == self.node
+                    and msg.content["config"]["server-round"] == self.at_round):
+                self._contexts[self.node].state = RecordDict()
+        return super().push_messages(messages)
+
+
+def _run_real(cfg, grid_factory=InProcessGrid):
+    """Run the gossip loop in-process with fedsim's ClientApp; return rows, mirrors, grid."""
+    run = RunDir.create(cfg)
+    grid = grid_factory(build_client_app(cfg), cfg.partition.num_clients)
+    run_gossip(grid, cfg, run, resume=False, show_progress=False)
+    return run.rows(), run.latest_checkpoint().strategy["node_models"], grid
+
+
+def _held(grid, spec):
+    """What each node keeps in its Context: its flat model and that model's version."""
+    states = [grid._contexts[node].state for node in sorted(grid.get_node_ids())]
+    return (torch.stack([spec.flatten(s[gossip_node.MODEL_KEY].to_torch_state_dict()) for s in states]),
+            [s[gossip_node.VERSION_KEY]["version"] for s in states])
+
+
+@pytest.mark.parametrize("uplink", [[], ["quant.uplink.codec=topk", "quant.uplink.fraction=0.1",
+                                         "quant.uplink.error_feedback=ef"]])
+def test_nodes_keep_their_models_in_their_client_state(config, uplink):
+    cfg = config("rounds=3", "client.local_steps=2", *uplink)
+    rows, mirrors, grid = _run_real(cfg)
+    spec = ParamSpec.of(make_model(cfg.model, federated_data(cfg).train, cfg.seed))
+    held, versions = _held(grid, spec)
+    torch.testing.assert_close(held, mirrors, rtol=0, atol=1e-6)  # the server mirrors them exactly
+    assert versions == ["3/mix"] * 8
+    # traffic: the models go down once, in round 1; then only the 4 neighbours' models
+    mix_down = 8 * 4 * 4 * spec.dim
+    down = [b - a for a, b in zip([0] + [r["bytes_down_total"] for r in rows], [r["bytes_down_total"] for r in rows])]
+    assert down == [8 * 4 * spec.dim + mix_down, mix_down, mix_down]
+
+
+@pytest.mark.parametrize(("step", "failed", "ok", "expected"), [
+    ("train.gossip", "failures", "num_mix_failed", "2/mix"),  # then it mixes its round-2 model, resent
+    ("train.mix", "mix_failures", "num_failed", "3/train"),  # then it trains its round-3 model, resent
+])
+def test_a_node_that_lost_its_state_refuses_is_resent_its_model_and_rejoins(config, step, failed, ok, expected):
+    cfg = config("rounds=4", "client.local_steps=2")
+    spec = ParamSpec.of(make_model(cfg.model, federated_data(cfg).train, cfg.seed))
+    rows, mirrors, grid = _run_real(cfg, lambda app, n: LosingGrid(app, n, pid=5, at_round=3, message_type=step))
+    assert [len(r[failed]) for r in rows] == [0, 0, 1, 0]
+    assert rows[2][failed][0] == {"client": 5, "reason": "client error: RuntimeError: gossip node holds no model; "
+                                                         f"the server expects version {expected}"}
+    assert all(r[ok] == 0 for r in rows)
+    held, versions = _held(grid, spec)
+    torch.testing.assert_close(held, mirrors, rtol=0, atol=1e-6)
+    assert versions == ["4/mix"] * 8
+
+
+def test_a_node_adopts_a_resent_model_and_refuses_a_stale_one(config):
+    cfg = config()
+    spec = ParamSpec.of(net := make_model(cfg.model, federated_data(cfg).train, cfg.seed))
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    config_record = ConfigRecord({"server-round": 3, "partition-id": 0, "gossip-version": "2/mix"})
+    resent = Message(RecordDict({"config": config_record, "arrays": ArrayRecord(net.state_dict())}), dst_node_id=1,
+                     message_type="train.gossip")
+    torch.testing.assert_close(spec.flatten(gossip_node.held_model(resent, context)), spec.flatten(net.state_dict()))
+    bare = Message(RecordDict({"config": config_record}), dst_node_id=1, message_type="train.gossip")
+    with pytest.raises(RuntimeError, match="holds no model; the server expects version 2/mix"):
+        gossip_node.held_model(bare, context)
+    gossip_node.keep_model(context, net.state_dict(), gossip_node.version(1, "mix"))
+    with pytest.raises(RuntimeError, match="holds model version 1/mix; the server expects 2/mix"):
+        gossip_node.held_model(bare, context)
+    gossip_node.keep_model(context, net.state_dict(), gossip_node.version(2, "mix"))
+    torch.testing.assert_close(spec.flatten(gossip_node.held_model(bare, context)), spec.flatten(net.state_dict()))
+
+
+def test_gossip_nodes_keep_their_state_on_flowers_ray_engine(config):
+    """Under Ray each node's Context lives in the simulation engine between messages: no
+    node is ever refused for a missing model, and the run equals the in-process one."""
+    cfg = config("rounds=3", "partition.num_clients=6", "strategy.degree=2", "client.local_steps=2",
+                 "sim.backend=ray")
+    path, summary = run_experiment(cfg)
+    rows = RunDir.open(path).rows()
+    assert summary["status"] == "completed"
+    assert all(r["num_failed"] == 0 and r["num_mix_failed"] == 0 for r in rows)
+    _, local = run_experiment(cfg.model_copy(update={"sim": cfg.sim.model_copy(update={"backend": "inprocess"})}))
+    assert summary["final_accuracy"] == local["final_accuracy"]
+    assert summary["final_consensus_distance"] == local["final_consensus_distance"]

@@ -5,6 +5,9 @@ One ClientApp serves every simulated client: Flower tells it which partition it 
 cache, rebuilds the model from the global arrays, trains with ``train_local`` and
 replies with the flat update ``w_local - w_global``. Deterministic: the client's random
 generator is seeded from (run seed, round, partition id), never from the host.
+
+Gossip nodes (``train.gossip`` and ``train.mix`` messages) train and mix the model they
+keep in their Context instead (``fedsim.clients.gossip_node``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fedsim.attacks import build_attack, choose_byzantine
+from fedsim.clients import gossip_node
 from fedsim.clients.fedld import FedLDRegulariser
 from fedsim.clients.fedlex import GuidanceMask
 from fedsim.clients.hooks import ClientHook, ProximalTerm
@@ -65,6 +69,17 @@ class Worker:
     predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainReply:
+    """A training call's reply, and what a gossip node needs to keep its model: the flat
+    model it started from and the update as the server decodes it."""
+
+    message: Message
+    spec: ParamSpec
+    start: torch.Tensor
+    sent_update: torch.Tensor
+
+
 @functools.lru_cache(maxsize=2)
 def worker(cfg_json: str) -> Worker:
     """The worker state of the config serialised as ``cfg_json`` (cached per process)."""
@@ -73,8 +88,8 @@ def worker(cfg_json: str) -> Worker:
     return Worker(data, device_speeds(cfg), make_model(cfg.model, data.train, cfg.seed), predict_fn(cfg))
 
 
-def _load_global(w: Worker, message: Message, device: torch.device) -> torch.nn.Module:
-    w.model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+def _load(w: Worker, state_dict: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
+    w.model.load_state_dict(state_dict)
     return w.model.to(device)
 
 
@@ -120,16 +135,16 @@ def build_client_app(cfg: ExperimentConfig) -> ClientApp:
     """A ClientApp that trains and evaluates the config's model on its partition."""
     app = ClientApp()
     cfg_json = cfg.model_dump_json()  # once: the key of the per-process worker state
+    uplink = Uplink(cfg.quant.uplink)
 
-    @app.train()
-    def train(message: Message, context: Context) -> Message:
+    def train_from(message: Message, context: Context, start_state: dict[str, torch.Tensor]) -> TrainReply:
         start = time.perf_counter()
         pid = partition_of(context, message)
         server_round = int(message.content["config"]["server-round"])
         torch.set_num_threads(max(1, int(cfg.sim.num_cpus_per_client)))
         device = resolve_device(cfg)
         w = worker(cfg_json)
-        model = _load_global(w, message, device)
+        model = _load(w, start_state, device)
         train_set = _poisoned(cfg, w.data.client(pid)[0], pid)
         spec = ParamSpec.of(model)
         global_flat = get_flat(model, spec)
@@ -143,7 +158,7 @@ def build_client_app(cfg: ExperimentConfig) -> ClientApp:
         update = spec.flatten(model.cpu().state_dict()) - global_flat
         update = torch.from_numpy(inject_fault(cfg.faults, pid, server_round, update.numpy()))
         codec_rng = torch.Generator().manual_seed(derive_seed(cfg.seed, "uplink", server_round, pid))
-        payload = Uplink(cfg.quant.uplink).encode(update, context.state, codec_rng)
+        payload = uplink.encode(update, context.state, codec_rng)
         metrics = MetricRecord({
             "num-examples": result.num_examples,
             "train_loss": result.loss,
@@ -154,14 +169,34 @@ def build_client_app(cfg: ExperimentConfig) -> ClientApp:
             "bytes_up": payload.nbytes,
         })
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.to_arrays().items()})
-        return Message(content=RecordDict({"update": arrays, "metrics": metrics}), reply_to=message)
+        reply = Message(content=RecordDict({"update": arrays, "metrics": metrics}), reply_to=message)
+        return TrainReply(reply, spec, global_flat, uplink.codec.decode(payload))
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        return train_from(message, context, message.content["arrays"].to_torch_state_dict()).message
+
+    @app.train("gossip")
+    def train_gossip(message: Message, context: Context) -> Message:
+        """A gossip node trains the model it holds and keeps what the server will see."""
+        start_state = gossip_node.held_model(message, context)
+        result = train_from(message, context, start_state)
+        held = result.spec.unflatten(result.start + result.sent_update)
+        server_round = int(message.content["config"]["server-round"])
+        gossip_node.keep_model(context, {**start_state, **held}, gossip_node.version(server_round, "train"))
+        return result.message
+
+    @app.train("mix")
+    def mix(message: Message, context: Context) -> Message:
+        spec = ParamSpec.of(worker(cfg_json).model)
+        return gossip_node.mix_reply(message, context, spec, cfg.strategy.variance_correction, cfg.strategy.eps)
 
     @app.evaluate()
     def evaluate_client(message: Message, context: Context) -> Message:
         pid = partition_of(context, message)
         device = resolve_device(cfg)
         w = worker(cfg_json)
-        model = _load_global(w, message, device)
+        model = _load(w, message.content["arrays"].to_torch_state_dict(), device)
         _, test_set = w.data.client(pid)
         result = evaluate(model, test_set, device, cfg.eval.batch_size, w.predict)
         metrics = MetricRecord({"num-examples": result.num_examples,

@@ -15,12 +15,14 @@ change every round):
   or kernel) of the mixed model is rescaled around its mean to the average variance of the
   layers it mixed; biases and normalisation statistics are averaged plainly.
 
-Server-relayed gossip. The ClientApp trains whatever model its TRAIN message carries, so
-the server keeps every node's model, sends node i its own model to train, and applies
-node i's mixing step over the models of i's neighbours. The math is exactly that of
-decentralised gossip, but in deployment all models pass through the server: this is
-"server-relayed gossip", not peer-to-peer. Bytes are counted as they travel (one model
-down and one update up per node and round).
+Each node keeps its own model in its Flower Context (``fedsim.clients.gossip_node``): it
+trains it on a ``train.gossip`` message and mixes it on a ``train.mix`` message that
+carries its neighbours' models and its row of W, and replies with the result. Flower
+routes every message through the SuperLink, so the server relays the neighbours' models
+(in peer-to-peer gossip they would go node to node) and mirrors what each node holds,
+for evaluation and checkpoints; it never runs a node's step. Bytes are counted as they
+travel: per node and round, down its neighbours' models, up its update and its mixed
+model (plus a whole model to each node whose state the server resends).
 
 Each evaluation row reports the mean, spread, min and max of the nodes' accuracies on the
 server's held-out test set, the accuracy of the nodes' average model, the consensus
@@ -33,13 +35,16 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from torch import Tensor, nn
 
+from fedsim.clients import gossip_node
+from fedsim.clients.gossip_node import weight_layers
 from fedsim.clients.quantization import build_codec
 from fedsim.clients.train import evaluate
 from fedsim.config import ExperimentConfig, GossipConfig
@@ -54,8 +59,8 @@ from fedsim.sim.progress import RoundProgress
 from fedsim.sim.results import Checkpoint, RunDir, summarise
 from fedsim.sim.sync import discover_clients, predict_fn
 from fedsim.sim.topology import Topology, make_topology, mixing_matrix, neighbours
-from fedsim.strategies.gossip import consensus_distance, gossip_mix, neighbour_average_matrix, variance_correct
-from fedsim.strategies.replies import screen_train_replies
+from fedsim.strategies.gossip import consensus_distance, neighbour_average_matrix
+from fedsim.strategies.replies import ClientUpdate, Failure, screen_model_reply, screen_replies, screen_train_reply
 
 log = logging.getLogger(__name__)
 
@@ -79,26 +84,6 @@ def mixing_weights(topology: Topology, step: int, rule: str) -> Tensor:
     if rule == "half":
         return neighbour_average_matrix(neighbours(topology, step))
     return mixing_matrix(topology.adjacency(step), rule)
-
-
-def gossip_step(layers: list[Tensor], W: Tensor, peers: list[list[int]], correct: list[bool],
-                eps: float = 1e-4) -> list[Tensor]:
-    """One mixing step of all nodes, per layer (each layer stacks the n nodes on dim 0).
-
-    Where ``correct[k]``, node i's mixed layer k is rescaled to the average variance of the
-    layers it mixed (its own and those of ``peers[i]``, before the step); with the 0.5/0.5
-    rule this is :func:`fedsim.strategies.gossip.variance_corrected_average`.
-    """
-    mixed = gossip_mix(layers, W)
-    return [torch.stack([variance_correct(after[i], before[[i, *p]], eps) for i, p in enumerate(peers)])
-            if corrected else after for before, after, corrected in zip(layers, mixed, correct, strict=True)]
-
-
-def weight_layers(spec: ParamSpec) -> list[bool]:
-    """Which tensors are weight matrices or kernels (two or more dims): the layers whose
-    variance the correction keeps. Biases and normalisation parameters and statistics are
-    averaged plainly (the paper's Xavier-initialised biases start at zero variance)."""
-    return [len(shape) >= 2 for shape in spec.shapes]
 
 
 def layer_variances(spec: ParamSpec, models: Tensor) -> dict[str, float]:
@@ -157,12 +142,20 @@ class NodeEvaluator:
 
 
 class GossipNodes:
-    """The nodes' models and one gossip round over them (server-relayed).
+    """The server's side of a gossip round: it relays models between nodes that keep their own.
+
+    Each node holds its model in its Context (``fedsim.clients.gossip_node``). Every round
+    the server asks every node to train (``train.gossip``), then sends each node the
+    models of its neighbours and its row of the mixing matrix (``train.mix``); the node
+    mixes and replies with its mixed model. ``models`` mirrors what the nodes hold, as
+    their replies report it, for relaying, evaluation and checkpoints. A node whose reply
+    fails keeps its model and is sent its mirrored model with its next message, as is
+    every node in the first round this process runs (a fresh run or a resume).
 
     Parameters
     ----------
     grid : Grid
-        Where TRAIN messages go.
+        Where the messages go.
     cfg : ExperimentConfig
         ``strategy`` is the :class:`GossipConfig`.
     spec : ParamSpec
@@ -172,44 +165,80 @@ class GossipNodes:
     node_of : dict[int, int]
         Node (partition id) -> Flower node id.
     models : Tensor
-        (n, D) flat models, one row per node.
+        (n, D) flat models, one row per node, as of the end of round ``completed``.
+    completed : int
+        The last round these models went through (0 for the initial models).
     """
 
     def __init__(self, grid: Grid, cfg: ExperimentConfig, spec: ParamSpec, template: dict[str, Tensor],
-                 node_of: dict[int, int], models: Tensor) -> None:
+                 node_of: dict[int, int], models: Tensor, completed: int = 0) -> None:
         self.grid, self.cfg, self.spec, self.template, self.node_of = grid, cfg, spec, template, node_of
         self.strategy: GossipConfig = cfg.strategy
         self.topology = build_topology(self.strategy, len(node_of), cfg.seed)
         self.codec = build_codec(cfg.quant.uplink)
         self.models = models
+        n = len(node_of)
+        self.versions = [gossip_node.version(completed, "mix")] * n
+        self.resend = set(range(n))
 
     def train(self, rnd: int) -> dict[str, Any]:
         """Every node trains its own model once; a node that fails keeps its model."""
-        messages = [self._message(rnd, i) for i in range(len(self.node_of))]
-        replies = send_and_collect(self.grid, messages, self.cfg.client.timeout_s)
-        sent = {node: pid for pid, node in self.node_of.items()}
-        accepted, failures = screen_train_replies(replies, sent, self.spec.dim, self.codec)
+        dim = self.spec.dim
+        messages = [self._message(rnd, i, "gossip") for i in range(len(self.node_of))]
+        bytes_down = self._resent_bytes()
+        accepted, failures = self._exchange(messages, lambda msg, pid: screen_train_reply(msg, pid, dim, self.codec))
         for u in accepted:
             self.models[u.partition_id] += u.update
+        self._settle(accepted, failures, gossip_node.version(rnd, "train"))
         return {"num_success": len(accepted), "num_failed": len(failures),
                 "failures": [{"client": f.partition_id, "reason": f.reason} for f in failures],
                 "train_loss": mean_train_loss(accepted),
-                "bytes_up": sum(u.nbytes for u in accepted), "bytes_down": 4 * self.spec.dim * len(messages)}
+                "bytes_up": sum(u.nbytes for u in accepted), "bytes_down": bytes_down}
 
-    def _message(self, rnd: int, node: int) -> Message:
-        arrays = ArrayRecord({**self.template, **self.spec.unflatten(self.models[node])})
-        config = ConfigRecord({"server-round": rnd, "partition-id": node})
-        return Message(content=RecordDict({"arrays": arrays, "config": config}), message_type=MessageType.TRAIN,
-                       dst_node_id=self.node_of[node])
+    def mix(self, rnd: int) -> dict[str, Any]:
+        """Gossip step ``rnd - 1`` of the topology (plain or variance-corrected), run by the
+        nodes; a node whose mix fails keeps its trained model."""
+        W = mixing_weights(self.topology, rnd - 1, self.strategy.mixing)
+        bytes_down = self._resent_bytes()
+        messages = []
+        for i in range(len(self.node_of)):
+            peers = [j for j in range(W.shape[1]) if j != i and W[i, j] != 0]
+            message = self._message(rnd, i, "mix")
+            message.content["peers"] = ArrayRecord({"models": Array(self.models[peers].numpy())})
+            message.content["config"]["self-weight"] = float(W[i, i])
+            message.content["config"]["peer-weights"] = [float(W[i, j]) for j in peers]
+            messages.append(message)
+            bytes_down += 4 * self.spec.dim * len(peers)
+        accepted, failures = self._exchange(messages, lambda msg, pid: screen_model_reply(msg, pid, self.spec.dim))
+        for u in accepted:
+            self.models[u.partition_id] = u.update
+        self._settle(accepted, failures, gossip_node.version(rnd, "mix"))
+        return {"num_mix_failed": len(failures),
+                "mix_failures": [{"client": f.partition_id, "reason": f.reason} for f in failures],
+                "bytes_up": sum(u.nbytes for u in accepted), "bytes_down": bytes_down}
 
-    def mix(self, rnd: int) -> None:
-        """Gossip step ``rnd - 1`` of the topology (plain or variance-corrected)."""
-        step = rnd - 1
-        W = mixing_weights(self.topology, step, self.strategy.mixing)
-        correct = [self.strategy.variance_correction and weight for weight in weight_layers(self.spec)]
-        layers = gossip_step(self.spec.split_layers(self.models), W, neighbours(self.topology, step), correct,
-                             self.strategy.eps)
-        self.models = torch.cat([layer.reshape(layer.shape[0], -1) for layer in layers], dim=1)
+    def _message(self, rnd: int, node: int, action: str) -> Message:
+        config = ConfigRecord({"server-round": rnd, "partition-id": node, "gossip-version": self.versions[node]})
+        content = RecordDict({"config": config})
+        if node in self.resend:
+            content["arrays"] = ArrayRecord({**self.template, **self.spec.unflatten(self.models[node])})
+        return Message(content=content, message_type=f"{MessageType.TRAIN}.{action}", dst_node_id=self.node_of[node])
+
+    def _resent_bytes(self) -> int:
+        return 4 * self.spec.dim * len(self.resend)
+
+    def _exchange(self, messages: list[Message], screen: Callable[[Message, int], ClientUpdate | Failure]
+                  ) -> tuple[list[ClientUpdate], list[Failure]]:
+        replies = send_and_collect(self.grid, messages, self.cfg.client.timeout_s)
+        sent = {node: pid for pid, node in self.node_of.items()}
+        return screen_replies(replies, sent, screen)
+
+    def _settle(self, accepted: list[ClientUpdate], failures: list[Failure], new_version: str) -> None:
+        """Nodes that replied now hold ``new_version``; the others get their model resent."""
+        for u in accepted:
+            self.versions[u.partition_id] = new_version
+            self.resend.discard(u.partition_id)
+        self.resend.update(f.partition_id for f in failures)
 
 
 def run_gossip(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_progress: bool) -> dict[str, Any]:
@@ -220,17 +249,18 @@ def run_gossip(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, sho
     spec = ParamSpec.of(net)
     template = {k: v.clone() for k, v in net.state_dict().items()}
     node_of = discover_clients(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
-    nodes = GossipNodes(grid, cfg, spec, template, node_of, initial_models(cfg, data.train, spec))
-    initial_variance = layer_variances(spec, nodes.models)
+    models = initial_models(cfg, data.train, spec)
+    initial_variance = layer_variances(spec, models)
     evaluate_nodes = NodeEvaluator(cfg, net, spec, data.test)
     start, elapsed_before = 1, 0.0
     if resume and (ckpt := run.latest_checkpoint()) is not None:
-        nodes.models = ckpt.strategy["node_models"]
+        models = ckpt.strategy["node_models"]
         start, elapsed_before = ckpt.round + 1, ckpt.elapsed_s
         run.truncate_after(ckpt.round)
         log.info("resuming %s after round %d", run.path, ckpt.round)
     elif resume:
         run.truncate_after(0)
+    nodes = GossipNodes(grid, cfg, spec, template, node_of, models, completed=start - 1)
     rows = run.rows()
     bytes_up = rows[-1]["bytes_up_total"] if rows else 0
     bytes_down = rows[-1]["bytes_down_total"] if rows else 0
@@ -240,9 +270,10 @@ def run_gossip(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, sho
         with RoundProgress(cfg.rounds, enabled=show_progress) as progress:
             progress.advance_to(start - 1, None, None)
             for rnd in range(start, cfg.rounds + 1):
-                row: dict[str, Any] = {"round": rnd, **nodes.train(rnd)}
-                nodes.mix(rnd)
-                bytes_up, bytes_down = bytes_up + row.pop("bytes_up"), bytes_down + row.pop("bytes_down")
+                trained, mixed = nodes.train(rnd), nodes.mix(rnd)
+                bytes_up += trained.pop("bytes_up") + mixed.pop("bytes_up")
+                bytes_down += trained.pop("bytes_down") + mixed.pop("bytes_down")
+                row: dict[str, Any] = {"round": rnd, **trained, **mixed}
                 row.update(bytes_up_total=bytes_up, bytes_down_total=bytes_down,
                            consensus_distance=consensus_distance(nodes.models),
                            layer_variance=layer_variances(spec, nodes.models))
@@ -278,4 +309,4 @@ def _log_row(row: dict[str, Any], rounds: int) -> None:
              row["consensus_distance"], row["num_success"], row["num_failed"])
 
 
-__all__ = ["build_topology", "gossip_step", "weight_layers", "layer_variance_series", "layer_variances", "run_gossip"]
+__all__ = ["GossipNodes", "build_topology", "layer_variance_series", "layer_variances", "run_gossip"]

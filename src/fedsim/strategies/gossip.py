@@ -140,6 +140,40 @@ def variance_corrected_average(models: NodeModels, neighbours: Sequence[Sequence
     return _like(models, corrected)
 
 
+def mix_node(layers: Sequence[Tensor], weights: Tensor, correct: Sequence[bool],
+             eps: float = 1e-4) -> list[Tensor]:
+    """One node's gossip step, as the node itself runs it: ``x_i <- sum_m w_m x_m`` over
+    the models it mixes, then (where ``correct[k]``) :func:`variance_correct` of layer k
+    against the k-th layers that were mixed.
+
+    This is row i of :func:`gossip_mix` (``w = W[i, [i, *peers]]``) followed by the
+    correction of :func:`variance_corrected_average`, computed from node i's own model and
+    the models its neighbours sent it, with no view of the rest of the graph.
+
+    Parameters
+    ----------
+    layers : sequence of Tensor (m, ...)
+        Layer k of the m models being mixed, stacked on dim 0: the node's own first, then
+        its neighbours'.
+    weights : Tensor (m,)
+        The mixing weights of those models (the node's row of W, restricted to them).
+    correct : sequence of bool
+        Per layer, whether to restore its variance after mixing.
+    eps : float, default 1e-4
+        The guard of :func:`variance_correct`.
+    """
+    if len(correct) != len(layers):
+        raise ValueError(f"mix_node: {len(correct)} correction flags for {len(layers)} layers")
+    m = weights.shape[0]
+    mixed = []
+    for layer, corrected in zip(_layers(layers), correct, strict=True):
+        if layer.shape[0] != m:
+            raise ValueError(f"mix_node: {m} weights for {layer.shape[0]} stacked models")
+        after = torch.tensordot(weights.to(layer.dtype), layer, dims=1)
+        mixed.append(variance_correct(after, layer, eps) if corrected else after)
+    return mixed
+
+
 def consensus_distance(models: NodeModels) -> float:
     """How far the nodes are from agreeing: ``(1/n) sum_i ||x_i - x_bar||^2``, with
     ``x_bar`` the average model and the squared norm summed over all layers. Zero iff all

@@ -9,12 +9,15 @@ an aggregator.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from flwr.app import Message
 
-from fedsim.quant.codecs import Codec
+from fedsim.quant.codecs import Codec, Identity
+
+IDENTITY = Identity()
 
 log = logging.getLogger(__name__)
 
@@ -43,32 +46,49 @@ def _metrics(msg: Message) -> dict[str, float]:
     return {k: float(v) for rec in records.values() for k, v in rec.items() if isinstance(v, int | float)}
 
 
+def _decode(msg: Message, partition_id: int, record: str, dim: int, codec: Codec
+            ) -> tuple[torch.Tensor, int] | Failure:
+    """The flat vector (and its size on the wire) that ``record`` of the reply encodes with
+    ``codec``, or why it cannot be used."""
+    if msg.has_error():
+        return Failure(partition_id, f"client error: {msg.error.reason}")
+    arrays = msg.content.array_records.get(record)
+    if arrays is None:
+        return Failure(partition_id, f"reply has no '{record}' record")
+    try:
+        payload = codec.from_arrays({k: v.numpy() for k, v in arrays.items()})
+        vector = codec.decode(payload)
+    except (KeyError, TypeError, ValueError) as exc:
+        return Failure(partition_id, f"{record} cannot be decoded: {exc}")
+    if vector.dim() != 1 or vector.numel() != dim:
+        return Failure(partition_id, f"{record} has shape {tuple(vector.shape)}, expected ({dim},)")
+    if not torch.isfinite(vector).all():
+        return Failure(partition_id, f"{record} holds NaN or Inf")
+    return vector.to(torch.float32), payload.nbytes
+
+
 def screen_train_reply(msg: Message, partition_id: int, dim: int, codec: Codec) -> ClientUpdate | Failure:
     """Decode a training reply with the uplink ``codec`` into a :class:`ClientUpdate`, or
     explain why it is rejected."""
-    if msg.has_error():
-        return Failure(partition_id, f"client error: {msg.error.reason}")
-    arrays = msg.content.array_records.get("update")
-    if arrays is None:
-        return Failure(partition_id, "reply has no 'update' record")
+    decoded = _decode(msg, partition_id, "update", dim, codec)
+    if isinstance(decoded, Failure):
+        return decoded
     metrics = _metrics(msg)
     num_examples = int(metrics.get("num-examples", 0))
     if num_examples <= 0:
         return Failure(partition_id, "reply has no positive 'num-examples'")
-    try:
-        payload = codec.from_arrays({k: v.numpy() for k, v in arrays.items()})
-        update = codec.decode(payload)
-    except (KeyError, TypeError, ValueError) as exc:
-        return Failure(partition_id, f"update cannot be decoded: {exc}")
-    if update.dim() != 1 or update.numel() != dim:
-        return Failure(partition_id, f"update has shape {tuple(update.shape)}, expected ({dim},)")
-    if not torch.isfinite(update).all():
-        return Failure(partition_id, "update holds NaN or Inf")
-    return ClientUpdate(partition_id, num_examples, update.to(torch.float32), payload.nbytes, metrics)
+    return ClientUpdate(partition_id, num_examples, *decoded, metrics)
 
 
-def screen_train_replies(
-    replies: list[Message], sent: dict[int, int], dim: int, codec: Codec
+def screen_model_reply(msg: Message, partition_id: int, dim: int) -> ClientUpdate | Failure:
+    """A reply that carries a whole flat model in its ``model`` record, float32 (a gossip
+    node's mixed model): a :class:`ClientUpdate` whose ``update`` is that model."""
+    decoded = _decode(msg, partition_id, "model", dim, IDENTITY)
+    return decoded if isinstance(decoded, Failure) else ClientUpdate(partition_id, 0, *decoded, _metrics(msg))
+
+
+def screen_replies(
+    replies: list[Message], sent: dict[int, int], screen: Callable[[Message, int], ClientUpdate | Failure]
 ) -> tuple[list[ClientUpdate], list[Failure]]:
     """Screen the replies of one round.
 
@@ -77,12 +97,11 @@ def screen_train_replies(
     replies : list[Message]
         Replies received before the timeout.
     sent : dict[int, int]
-        node id -> partition id of every client asked to train this round; a client with
-        no reply timed out.
-    dim : int
-        Length of the flat model vector.
-    codec : Codec
-        The uplink codec the clients encode with.
+        node id -> partition id of every client asked this round; a client with no reply
+        timed out.
+    screen : callable
+        ``screen(reply, partition_id)``: one reply's :class:`ClientUpdate` or
+        :class:`Failure` (e.g. :func:`screen_train_reply` with its dim and codec bound).
 
     Returns
     -------
@@ -97,7 +116,7 @@ def screen_train_replies(
         if node not in sent:
             continue
         answered.add(node)
-        result = screen_train_reply(msg, sent[node], dim, codec)
+        result = screen(msg, sent[node])
         (failures if isinstance(result, Failure) else accepted).append(result)
     failures += [Failure(pid, "no reply before the timeout") for node, pid in sent.items() if node not in answered]
     for f in failures:
@@ -105,3 +124,11 @@ def screen_train_replies(
     accepted.sort(key=lambda u: u.partition_id)
     failures.sort(key=lambda f: f.partition_id)
     return accepted, failures
+
+
+def screen_train_replies(
+    replies: list[Message], sent: dict[int, int], dim: int, codec: Codec
+) -> tuple[list[ClientUpdate], list[Failure]]:
+    """:func:`screen_replies` of training replies whose updates ``codec`` encodes, of
+    length ``dim``."""
+    return screen_replies(replies, sent, lambda msg, pid: screen_train_reply(msg, pid, dim, codec))

@@ -1,0 +1,98 @@
+"""A gossip node's side of decentralised training: its own model, kept in its Flower
+``Context.state``, and the mixing step it runs on it.
+
+Each gossip round has two messages per node (``fedsim.sim.gossip_loop`` sends them):
+
+- ``train.gossip``: the node trains the model it holds and replies with the update (through
+  the uplink codec; the node then holds ``start + decoded update``, exactly what the
+  server and the neighbours see, the error-feedback memory keeping the rest);
+- ``train.mix``: the message carries the neighbours' models and the node's row of the
+  mixing matrix; the node mixes (:func:`fedsim.strategies.gossip.mix_node`, plain or
+  variance-corrected), keeps the result and replies with it.
+
+The model a node holds is tagged with a version, ``"<round>/train"`` or ``"<round>/mix"``.
+Every message states the version the server's copy has; a node whose own differs (a
+restarted worker lost its state, a reply went missing) refuses with a one-line error.
+The server resends a node its model (an ``arrays`` record) in the first round of a run,
+after a resume, and after any failed reply, and the node adopts it.
+
+Source of the variance correction: Y. Tian, Z. Al-Ars, M. Kitsak, P. Hofstee, "Vanishing
+Variance Problem in Fully Decentralized Neural-Network Systems", arXiv 2404.04616.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedsim.params import ParamSpec
+from fedsim.quant import codecs
+from fedsim.strategies.gossip import mix_node
+
+MODEL_KEY = "gossip-model"
+VERSION_KEY = "gossip-version"
+MIXED_RECORD = "model"
+
+
+def version(server_round: int, step: str) -> str:
+    """The version of a node's model after ``step`` ("train" or "mix") of ``server_round``;
+    a run starts from version ``"0/mix"``."""
+    return f"{server_round}/{step}"
+
+
+def weight_layers(spec: ParamSpec) -> list[bool]:
+    """Which tensors are weight matrices or kernels (two or more dims): the layers whose
+    variance the correction keeps. Biases and normalisation parameters and statistics are
+    averaged plainly (the paper's Xavier-initialised biases start at zero variance)."""
+    return [len(shape) >= 2 for shape in spec.shapes]
+
+
+def held_model(message: Message, context: Context) -> dict[str, torch.Tensor]:
+    """The model this node works on: the one the message carries (the server resends it),
+    else the one in its Context, which must be the version the message names."""
+    want = str(message.content["config"]["gossip-version"])
+    if "arrays" in message.content.array_records:
+        return message.content["arrays"].to_torch_state_dict()
+    if MODEL_KEY not in context.state:
+        raise RuntimeError(f"gossip node holds no model; the server expects version {want}")
+    have = str(context.state[VERSION_KEY]["version"])
+    if have != want:
+        raise RuntimeError(f"gossip node holds model version {have}; the server expects {want}")
+    return context.state[MODEL_KEY].to_torch_state_dict()
+
+
+def keep_model(context: Context, state_dict: dict[str, torch.Tensor], model_version: str) -> None:
+    """Store the node's model and its version in its Context."""
+    context.state[MODEL_KEY] = ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
+    context.state[VERSION_KEY] = ConfigRecord({"version": model_version})
+
+
+def _peer_models(message: Message, num_peers: int, dim: int) -> torch.Tensor:
+    peers = torch.from_numpy(message.content["peers"]["models"].numpy()).to(torch.float32)
+    if peers.shape != (num_peers, dim):
+        raise ValueError(f"mix message holds peer models of shape {tuple(peers.shape)}, "
+                         f"expected ({num_peers}, {dim})")
+    if not torch.isfinite(peers).all():
+        raise ValueError("mix message holds NaN or Inf peer models")
+    return peers
+
+
+def mix_reply(message: Message, context: Context, spec: ParamSpec, variance_correction: bool,
+              eps: float) -> Message:
+    """Run the node's mixing step on the ``train.mix`` message; keep and return the result.
+
+    The message's config holds ``self-weight`` and ``peer-weights`` (the node's row of W,
+    the peers in the order of the ``peers`` record's rows) and the ``server-round``.
+    """
+    config = message.content["config"]
+    own = held_model(message, context)
+    weights = torch.tensor([float(config["self-weight"]), *map(float, config["peer-weights"])], dtype=torch.float64)
+    stacked = torch.cat([spec.flatten(own)[None], _peer_models(message, len(weights) - 1, spec.dim)])
+    correct = [variance_correction and weight for weight in weight_layers(spec)]
+    flat = spec.join_layers(mix_node(spec.split_layers(stacked), weights, correct, eps))
+    keep_model(context, {**own, **spec.unflatten(flat)}, version(int(config["server-round"]), "mix"))
+    payload = codecs.build("identity").encode(flat)
+    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.to_arrays().items()})
+    return Message(content=RecordDict({MIXED_RECORD: arrays, "metrics": MetricRecord({"bytes_up": payload.nbytes})}),
+                   reply_to=message)
