@@ -5,7 +5,8 @@ A spec names the experiment, the base config(s), the variants to compare (each a
 seeds. Each cell is run once per seed; the table shows mean ± std of the final
 centralised accuracy, rounds to the target accuracy and wall time. Results go to
 ``<out>/<name>.md`` (with the command, versions and machine that produced them),
-``<out>/<name>.json`` and ``<out>/<name>.png`` (the curve of each setting's first seed).
+``<out>/<name>.json`` and ``<out>/<name>.png`` (the curve of each setting's first seed),
+plus the ``figures:`` the spec asks for (seed means, per axis cell or per layer).
 ``checks:`` state the claims of the papers as comparisons of two settings; each table ends
 with whether each claim held, computed from the numbers, never written by hand.
 """
@@ -78,6 +79,32 @@ class Check(BaseModel):
         return setting <= baseline - self.by if self.lower_is_better else setting >= baseline + self.by
 
 
+class Figure(BaseModel):
+    """A further plot of a grid: ``key`` against ``x_key``, the mean over seeds per setting.
+
+    ``settings`` keeps the settings whose label contains it (one axis cell, e.g.
+    ``"name=digits num_clients=20"``) and drops it from the legend. Where ``key`` holds a
+    dict per metrics row (``layer_variance``), ``layers`` picks the entries to draw, one
+    curve per setting and entry, each divided by the run summary's ``relative_to`` dict
+    (``initial_layer_variance``) when given.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    file: str = Field(pattern=r"^[\w.-]+\.png$")
+    key: str = "centralised_accuracy"
+    x_key: str = "round"
+    ylabel: str | None = None
+    settings: str | None = None
+    layers: list[str] | None = None
+    relative_to: str | None = None
+
+    @model_validator(mode="after")
+    def _layers_for_relative(self) -> Figure:
+        if self.relative_to is not None and self.layers is None:
+            raise ValueError(f"figure {self.file}: relative_to needs layers")
+        return self
+
+
 class BenchSpec(BaseModel):
     """A benchmark grid."""
 
@@ -95,6 +122,7 @@ class BenchSpec(BaseModel):
     x_key: str = Field("round", description="x axis of the plot: round, virtual_time, wall_time_s")
     notes: str | None = Field(None, description="interpretation printed under the verdicts")
     checks: list[Check] = Field(default_factory=list)
+    figures: list[Figure] = Field(default_factory=list)
 
     @classmethod
     def load(cls, path: str | Path) -> BenchSpec:
@@ -236,6 +264,27 @@ def verdicts(spec: BenchSpec, results: dict[str, list[dict[str, Any]]]) -> list[
     return lines
 
 
+def figure_series(figure: Figure, results: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """The curves of ``figure``: per kept setting (and layer), the mean over seeds at every
+    x that all its seeds' metrics rows share, read from the run directories."""
+    series: dict[str, list[dict[str, Any]]] = {}
+    for label, runs in results.items():
+        if figure.settings is not None and figure.settings not in label:
+            continue
+        name = label.replace(figure.settings, "").strip() if figure.settings else label
+        rows = [RunDir.open(run["run"]).rows() for run in runs]
+        for layer in figure.layers or [None]:
+            per_seed = []
+            for run, run_rows in zip(runs, rows, strict=True):
+                scale = run[figure.relative_to][layer] if figure.relative_to else 1.0
+                per_seed.append({r[figure.x_key]: (r[figure.key] if layer is None else r[figure.key][layer]) / scale
+                                 for r in run_rows if r.get(figure.key) is not None})
+            xs = sorted(set.intersection(*(set(points) for points in per_seed)))
+            series[name if layer is None else f"{name}: {layer}"] = [
+                {figure.x_key: x, figure.key: statistics.mean(points[x] for points in per_seed)} for x in xs]
+    return series
+
+
 def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]],
                 curves: dict[str, list[dict[str, Any]]], command: str) -> Path:
     """Write the markdown table, JSON and plot of a finished grid."""
@@ -276,4 +325,7 @@ def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]],
         indent=2))
     if curves:
         plot_comparison(curves, out / f"{spec.name}.png", x_key=spec.x_key)
+    for figure in spec.figures:
+        plot_comparison(figure_series(figure, results), out / figure.file, key=figure.key, x_key=figure.x_key,
+                        ylabel=figure.ylabel)
     return md

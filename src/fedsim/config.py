@@ -360,7 +360,7 @@ class FedBuffConfig(AsyncStrategyBase):
 
 
 class GossipConfig(Section):
-    """Decentralised gossip (plain or variance-corrected, Yu et al., "Vanishing Variance
+    """Decentralised gossip (plain or variance-corrected, Tian et al., "Vanishing Variance
     Problem in Fully Decentralized Neural-Network Systems"); ``rounds`` gossip rounds."""
 
     family: ClassVar[str] = "gossip"

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedsim.bench import BenchSpec, Check, run_bench, verdicts
-from fedsim.config import ConfigError
+from fedsim.bench import BenchSpec, Check, Figure, figure_series, run_bench, verdicts
+from fedsim.config import ConfigError, load_config
+from fedsim.sim.results import RunDir
 
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
 
@@ -83,3 +84,29 @@ def test_a_seed_that_never_reached_the_target_counts_as_never():
     lines = verdicts(spec, results)
     assert lines[0].startswith("- DOES NOT HOLD") and "inf" in lines[0]
     assert lines[1].startswith("- HOLDS") and "vs bar 10" in lines[1]
+
+
+def _run_with_rows(tmp_path, rows) -> str:
+    run = RunDir.create(load_config(QUICKSTART, [f"output.dir={tmp_path}"]))
+    for row in rows:
+        run.append(row)
+    return str(run.path)
+
+
+def test_figure_series_averages_seeds_per_axis_cell_and_per_layer(tmp_path):
+    results = {
+        "A n=20": [{"run": _run_with_rows(tmp_path, [{"t": 1, "acc": 0.2}, {"t": 2, "acc": 0.4}, {"t": 3, "acc": 0.9}])},
+                   {"run": _run_with_rows(tmp_path, [{"t": 1, "acc": 0.4}, {"t": 2, "acc": 0.6}])}],
+        "A n=50": [{"run": _run_with_rows(tmp_path, [{"t": 1, "acc": 0.0}])}],
+    }
+    series = figure_series(Figure(file="f.png", key="acc", x_key="t", settings="n=20"), results)
+    # one setting kept, named without its axis cell; x=3 is missing from one seed, so dropped
+    assert series == {"A": [{"t": 1, "acc": pytest.approx(0.3)}, {"t": 2, "acc": pytest.approx(0.5)}]}
+
+    variance = [{"round": 1, "v": {"w": 2.0, "b": 1.0}}, {"round": 2, "v": {"w": 4.0, "b": 1.0}}]
+    runs = {"plain": [{"run": _run_with_rows(tmp_path, variance), "start": {"w": 2.0, "b": 0.5}}]}
+    layered = figure_series(Figure(file="v.png", key="v", layers=["w", "b"], relative_to="start"), runs)
+    assert layered == {"plain: w": [{"round": 1, "v": 1.0}, {"round": 2, "v": 2.0}],
+                       "plain: b": [{"round": 1, "v": 2.0}, {"round": 2, "v": 2.0}]}
+    with pytest.raises(ValueError, match="relative_to needs layers"):
+        Figure(file="v.png", key="v", relative_to="start")

@@ -37,8 +37,9 @@ def plot_run(rows: list[dict[str, Any]], out_dir: Path, x_key: str = "round") ->
 
 
 def plot_comparison(series: dict[str, list[dict[str, Any]]], path: Path,
-                    key: str = "centralised_accuracy", x_key: str = "round") -> Path:
-    """One curve of ``key`` per labelled run, in one figure."""
+                    key: str = "centralised_accuracy", x_key: str = "round", ylabel: str | None = None) -> Path:
+    """One curve of ``key`` per labelled run, in one figure (y axis named ``ylabel``, else
+    after ``key``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, rows in series.items():
@@ -46,7 +47,7 @@ def plot_comparison(series: dict[str, list[dict[str, Any]]], path: Path,
         if points:
             ax.plot(*zip(*points, strict=True), label=label)
     ax.set_xlabel(x_key.replace("_", " "))
-    ax.set_ylabel(key.replace("_", " "))
+    ax.set_ylabel(ylabel or key.replace("_", " "))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
