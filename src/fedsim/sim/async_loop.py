@@ -439,13 +439,13 @@ def run_async(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show
     time; a ``WallClock`` runs on real time (deployment; times in seconds, no checkpoints).
     """
     check_supported(cfg, "asynchronous")
-    if clock is None and cfg.sim.clock == "wall":
-        clock = WallClock()
     data = federated_data(cfg)
     net = make_model(cfg.model, data.train, cfg.seed)
     spec = ParamSpec.of(net)
     template = {k: v.clone() for k, v in net.state_dict().items()}
     node_of = discover_clients(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
+    if clock is None and cfg.sim.clock == "wall":
+        clock = WallClock()  # time 0 is when the nodes are ready, not when the ServerApp started
     source = arrival_source(grid, cfg, data, spec.dim, clock)
     server = AsyncServer(build_rule(cfg.strategy, data_shares(data)),
                          ClientPool(cfg.partition.num_clients, cfg.sim.concurrency, cfg.seed),

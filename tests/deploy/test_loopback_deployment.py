@@ -1,0 +1,159 @@
+"""Deployment on loopback: a real Flower SuperLink and three SuperNodes, each its own process,
+talking over 127.0.0.1, with the fedsim Flower app (``docker/app``) submitted by ``flwr run``.
+
+This is what ``docker/compose.yaml`` runs, without Docker: the same commands, the same app.
+Flower starts a ``flwr-clientapp`` process per message, so each run takes tens of seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedsim.config import ConfigError, load_config
+from fedsim.deploy import experiment_config
+from fedsim.sim.results import RunDir
+from fedsim.sim.runner import run_experiment
+
+ROOT = Path(__file__).parents[2]
+BIN = Path(sys.executable).parent
+NUM_NODES = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+class Deployment:
+    """A SuperLink and ``NUM_NODES`` SuperNodes (partitions 0..n-1) on loopback."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.port = _free_port()
+        self.env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        self.procs: list[subprocess.Popen] = []
+
+    def _start(self, name: str, *args: str) -> None:
+        log = (self.home / f"{name}.log").open("w")
+        self.procs.append(subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=self.home, env=self.env,
+                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def start(self) -> None:
+        self._start("superlink", "flower-superlink", "--insecure", "--port", str(self.port),
+                    "--disable-runtime-dependency-installation", "--database", str(self.home / "state.db"))
+        _wait_for_port(self.port)
+        for i in range(NUM_NODES):
+            self._start(f"supernode-{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                        "--port", str(_free_port()), "--node-config", f"partition-id={i} num-partitions={NUM_NODES}")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def run(self, config: Path, overrides: list[str], out: Path) -> RunDir:
+        """Submit the fedsim app with this experiment, wait for it to end, return its run."""
+        settings = ";".join([*overrides, f"output.dir={out}"])
+        result = subprocess.run(
+            [str(BIN / "flwr"), "run", str(ROOT / "docker" / "app"), "local", "--stream",
+             "--run-config", f"config='{config}' overrides='{settings}'"],
+            cwd=self.home, env=self.env, capture_output=True, text=True, timeout=400)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        [path] = list(out.iterdir())
+        return RunDir.open(path)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    dep = Deployment(tmp_path_factory.mktemp("flwr-home"))
+    dep.start()
+    yield dep
+    dep.stop()
+
+
+def _simulated(config: Path, overrides: list[str], out: Path) -> list[dict]:
+    path, _ = run_experiment(load_config(config, [*overrides, "sim.backend=inprocess", f"output.dir={out}"]))
+    return RunDir.open(path).rows()
+
+
+def _without(rows: list[dict], *keys: str) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in keys} for r in rows]
+
+
+def test_fedavg_on_real_supernodes_equals_the_simulation(deployment, tmp_path):
+    config = ROOT / "configs" / "quickstart.yaml"
+    overrides = [f"partition.num_clients={NUM_NODES}", "rounds=2", "eval.federated=false", "output.plots=false"]
+    run = deployment.run(config, overrides, tmp_path / "deployed")
+    assert run.summary()["status"] == "completed"
+    assert _without(run.rows(), "wall_time_s") == _without(_simulated(config, overrides, tmp_path / "sim"),
+                                                            "wall_time_s")
+
+
+def test_gossip_nodes_keep_their_models_on_real_supernodes(deployment, tmp_path):
+    config = ROOT / "configs" / "gossip.yaml"
+    overrides = [f"partition.num_clients={NUM_NODES}", "strategy.degree=2", "model.name=mlp", "rounds=2",
+                 "client.local_steps=2", "output.plots=false"]
+    rows = deployment.run(config, overrides, tmp_path / "deployed").rows()
+    # a node that had lost its model would have been refused (num_failed) and resent it
+    assert all(r["num_failed"] == 0 and r["num_mix_failed"] == 0 for r in rows)
+    assert _without(rows, "wall_time_s") == _without(_simulated(config, overrides, tmp_path / "sim"), "wall_time_s")
+
+
+def test_asynchronous_fedbuff_runs_on_the_wall_clock(deployment, tmp_path):
+    overrides = [f"partition.num_clients={NUM_NODES}", "sim.clock=wall", "output.plots=false",
+                 "strategy={name: fedbuff, buffer_size: 1, horizon: 40, eval_every: 20}"]
+    run = deployment.run(ROOT / "configs" / "fedfix.yaml", overrides, tmp_path / "deployed")
+    rows, summary = run.rows(), run.summary()
+    assert summary["status"] == "completed"
+    assert [r["virtual_time"] for r in rows] == [20, 40]  # seconds, on this clock
+    # the loop waited for real time: each row is written when its time has come
+    assert [r["wall_time_s"] for r in rows] == pytest.approx([20, 40], abs=2)
+    assert summary["model_updates"] == rows[-1]["model_version"] >= 1
+    assert sum(r["num_success"] for r in rows) >= 1 and all(r["num_failed"] == 0 for r in rows)
+
+
+def test_a_deployed_async_run_on_the_virtual_clock_is_refused():
+    with pytest.raises(ConfigError, match="need sim.clock=wall"):
+        experiment_config({"config": str(ROOT / "configs" / "fedfix.yaml"), "overrides": "rounds=2"})
+    assert experiment_config({"config": str(ROOT / "configs" / "fedfix.yaml"),
+                              "overrides": "sim.clock=wall"}).sim.clock == "wall"
+
+    with pytest.raises(ConfigError, match="no 'config'"):
+        experiment_config({"overrides": "rounds=2"})
+
+
+def test_compose_file_runs_the_tested_commands_one_partition_per_supernode():
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]
+    superlink = compose.pop("superlink")["command"]
+    assert superlink[0] == "flower-superlink" and "--disable-runtime-dependency-installation" in superlink
+    node_configs = [dict(kv.split("=") for kv in s["command"][s["command"].index("--node-config") + 1].split())
+                    for s in compose.values()]
+    assert sorted(int(c["partition-id"]) for c in node_configs) == list(range(len(compose)))
+    assert {int(c["num-partitions"]) for c in node_configs} == {len(compose)}
+    assert "COPY configs ./configs" in (ROOT / "docker" / "Dockerfile").read_text()
