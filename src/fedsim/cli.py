@@ -1,4 +1,4 @@
-"""The ``fedsim`` command line: run, validate, partition, report, bench."""
+"""The ``fedsim`` command line: run, validate, partition, report, bench, deploy."""
 
 from __future__ import annotations
 
@@ -159,3 +159,24 @@ def bench(
 
 if __name__ == "__main__":
     app()
+
+
+@app.command()
+def deploy(
+    config: Path,
+    superlink: Annotated[str, typer.Option(help="the SuperLink's address, HOST:PORT")],
+    set_: SetOption = None,
+    root_certificates: Annotated[Path | None, typer.Option(
+        help="CA certificates of a TLS SuperLink (without: an insecure connection)")] = None,
+    stream: Annotated[bool, typer.Option(help="follow the run's logs until it ends")] = True,
+) -> None:
+    """Run an experiment on real clients: submit it to a Flower SuperLink whose SuperNodes
+    play its partitions (see docker/compose.yaml)."""
+    from fedsim.deploy import submit
+
+    cfg = _config(config, set_)
+    try:
+        raise typer.Exit(submit(cfg, superlink, root_certificates, stream))
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None

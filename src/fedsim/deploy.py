@@ -1,27 +1,39 @@
-"""fedsim as a Flower app for deployment: real SuperNodes (one per client) and a SuperLink.
+"""fedsim on real clients: a Flower app for a SuperLink and its SuperNodes.
 
-``server_app`` and ``client_app`` are the components a Flower app names (``docker/app``).
-The run config carries the experiment: ``config``, a fedsim YAML path that the SuperLink
-and every SuperNode can read (the Docker images hold ``configs/``), and ``overrides``,
-``--set`` style ``key=value`` pairs separated by ``;``. Each SuperNode states the
-partition it plays with ``--node-config "partition-id=<i> num-partitions=<n>"``.
+``server_app`` and ``client_app`` are the app's components. The SuperLink runs the
+ServerApp, fedsim's server loop for the configured strategy family, exactly as in
+simulation; every SuperNode runs the ClientApp of the partition it states with
+``--node-config "partition-id=<i> num-partitions=<n>"``. ``fedsim deploy CONFIG
+--superlink HOST:PORT`` (:func:`submit`) validates the experiment on the user's machine and
+submits the app with Flower's ``flwr run``; the whole resolved experiment travels in the
+run config (``experiment``, JSON), so the SuperLink and the SuperNodes need fedsim
+installed but no copy of the YAML file. Data files a config names (MNIST, CIFAR-10, NPZ)
+must exist at the same paths on the nodes; the default digits data ships with fedsim.
 
-The server runs the loop of the configured strategy family on the deployment's grid, as
-in simulation; asynchronous strategies need ``sim.clock: wall`` here (real clients take
-real time), and the run directory is written where the ServerApp runs.
+Asynchronous strategies need ``sim.clock: wall`` here (real clients take real time). The
+run directory is written where the ServerApp runs (the SuperLink's working directory).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
+import tomli_w
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
+from pydantic import ValidationError
 
-from fedsim.config import ConfigError, ExperimentConfig, load_config
+from fedsim import __version__
+from fedsim.config import ConfigError, ExperimentConfig
 from fedsim.seeding import seed_everything
 from fedsim.sim.client_app import build_client_app
 from fedsim.sim.results import RunDir
@@ -29,20 +41,42 @@ from fedsim.sim.runner import serve
 
 log = logging.getLogger(__name__)
 
+RUN_CONFIG_KEY = "experiment"
+CONNECTION = "fedsim"
+# The Flower app's pyproject.toml: its components are in this module, so the app itself
+# holds no code (``fedsim deploy`` writes it into a temporary app directory).
+APP_PYPROJECT = {
+    "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+    "project": {"name": "fedsim-app", "version": __version__, "license": "Apache-2.0",
+                "description": "a fedsim experiment on a Flower deployment", "dependencies": ["fedsim"]},
+    "tool": {"hatch": {"build": {"targets": {"wheel": {"packages": ["."]}}}},
+             "flwr": {"app": {"publisher": "fedsim",
+                              "components": {"serverapp": "fedsim.deploy:server_app",
+                                             "clientapp": "fedsim.deploy:client_app"},
+                              "config": {RUN_CONFIG_KEY: ""}}}},
+}
 
-@functools.lru_cache(maxsize=4)
-def _config(path: str, overrides: str) -> ExperimentConfig:
-    cfg = load_config(path, [o.strip() for o in overrides.split(";") if o.strip()])
+
+def check_deployable(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` if it can run on real clients, else a one-line :class:`ConfigError`."""
     if cfg.strategy.family == "async" and cfg.sim.clock != "wall":
-        raise ConfigError(f"{path}: deployed asynchronous runs need sim.clock=wall (clients take real time)")
+        raise ConfigError("deployed asynchronous runs need sim.clock=wall (real clients take real time)")
     return cfg
 
 
+@functools.lru_cache(maxsize=4)
+def _experiment(text: str) -> ExperimentConfig:
+    if not text:
+        raise ConfigError(f"the run config has no '{RUN_CONFIG_KEY}': submit the run with `fedsim deploy`")
+    try:
+        return check_deployable(ExperimentConfig.model_validate_json(text))
+    except ValidationError as exc:
+        raise ConfigError(f"the run config's experiment is not a valid fedsim config: {exc}") from None
+
+
 def experiment_config(run_config: dict[str, Any]) -> ExperimentConfig:
-    """The experiment a deployed run's config names (``config`` path, ``overrides``)."""
-    if "config" not in run_config:
-        raise ConfigError("the run config has no 'config' (the path of a fedsim experiment YAML)")
-    return _config(str(run_config["config"]), str(run_config.get("overrides", "")))
+    """The experiment a deployed run carries in its run config."""
+    return _experiment(str(run_config.get(RUN_CONFIG_KEY, "")))
 
 
 @functools.lru_cache(maxsize=4)
@@ -54,7 +88,7 @@ class DeployedClientApp(ClientApp):
     """fedsim's ClientApp for the run's experiment, built on a node's first message.
 
     A Flower app names one ClientApp object, but fedsim builds its ClientApp from the
-    experiment config, which a deployed node only learns from the run config of each call.
+    experiment, which a deployed node only learns from the run config of each call.
     """
 
     def __call__(self, message: Message, context: Context) -> Message:
@@ -68,10 +102,42 @@ server_app = ServerApp()
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the configured experiment on the deployment's SuperNodes."""
+    """Run the experiment on the deployment's SuperNodes."""
     cfg = experiment_config(dict(context.run_config))
     seed_everything(cfg.seed)
     run = RunDir.create(cfg)
     log.info("fedsim run %s on the deployment's nodes", run.path)
     summary = serve(grid, cfg, run, resume=False, show_progress=False)
     log.info("fedsim run %s %s: final accuracy %s", run.path, summary.get("status"), summary.get("final_accuracy"))
+
+
+def _flwr() -> str:
+    beside = Path(sys.executable).parent / "flwr"
+    found = str(beside) if beside.is_file() else shutil.which("flwr")
+    if found is None:
+        raise ConfigError("Flower's `flwr` command is not installed (pip install 'flwr[simulation]')")
+    return found
+
+
+def submit(cfg: ExperimentConfig, superlink: str, root_certificates: Path | None = None, stream: bool = True) -> int:
+    """Submit ``cfg`` to the SuperLink at ``superlink`` (HOST:PORT) with ``flwr run``.
+
+    Without ``root_certificates`` the connection is insecure (plain HTTP, for loopback and
+    private networks); with them, TLS verified against those certificates. ``stream``
+    follows the run's logs until it ends. Returns ``flwr run``'s exit status.
+    """
+    check_deployable(cfg)
+    connection: dict[str, Any] = {"address": superlink, "insecure": root_certificates is None}
+    if root_certificates is not None:
+        connection["root-certificates"] = str(Path(root_certificates).resolve())
+    with tempfile.TemporaryDirectory(prefix="fedsim-deploy-") as tmp:
+        app, home = Path(tmp, "app"), Path(tmp, "flwr")
+        app.mkdir()
+        home.mkdir()
+        (app / "pyproject.toml").write_text(tomli_w.dumps(APP_PYPROJECT))
+        (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
+        run_config = Path(tmp, "run-config.toml")
+        run_config.write_text(tomli_w.dumps({RUN_CONFIG_KEY: cfg.model_dump_json()}))
+        command = [_flwr(), "run", str(app), CONNECTION, "--run-config", str(run_config)]
+        return subprocess.run([*command, "--stream"] if stream else command,
+                               env={**os.environ, "FLWR_HOME": str(home)}, check=False).returncode

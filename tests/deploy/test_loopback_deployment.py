@@ -1,5 +1,5 @@
 """Deployment on loopback: a real Flower SuperLink and three SuperNodes, each its own process,
-talking over 127.0.0.1, with the fedsim Flower app (``docker/app``) submitted by ``flwr run``.
+talking over 127.0.0.1, and experiments submitted with ``fedsim deploy``.
 
 This is what ``docker/compose.yaml`` runs, without Docker: the same commands, the same app.
 Flower starts a ``flwr-clientapp`` process per message, so each run takes tens of seconds.
@@ -51,8 +51,6 @@ class Deployment:
         self.home = home
         self.port = _free_port()
         self.env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
         self.procs: list[subprocess.Popen] = []
 
     def _start(self, name: str, *args: str) -> None:
@@ -78,11 +76,10 @@ class Deployment:
                 os.killpg(proc.pid, signal.SIGKILL)
 
     def run(self, config: Path, overrides: list[str], out: Path) -> RunDir:
-        """Submit the fedsim app with this experiment, wait for it to end, return its run."""
-        settings = ";".join([*overrides, f"output.dir={out}"])
+        """``fedsim deploy`` this experiment, wait for it to end, return its run."""
+        sets = [arg for o in [*overrides, f"output.dir={out}"] for arg in ("--set", o)]
         result = subprocess.run(
-            [str(BIN / "flwr"), "run", str(ROOT / "docker" / "app"), "local", "--stream",
-             "--run-config", f"config='{config}' overrides='{settings}'"],
+            [str(BIN / "fedsim"), "deploy", str(config), "--superlink", f"127.0.0.1:{self.port}", *sets],
             cwd=self.home, env=self.env, capture_output=True, text=True, timeout=400)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         [path] = list(out.iterdir())
@@ -138,14 +135,23 @@ def test_asynchronous_fedbuff_runs_on_the_wall_clock(deployment, tmp_path):
     assert sum(r["num_success"] for r in rows) >= 1 and all(r["num_failed"] == 0 for r in rows)
 
 
-def test_a_deployed_async_run_on_the_virtual_clock_is_refused():
+def test_the_run_config_carries_the_whole_experiment_and_bad_ones_are_refused():
+    fedfix = ROOT / "configs" / "fedfix.yaml"
+    wall = load_config(fedfix, ["sim.clock=wall", "seed=7"])
+    assert experiment_config({"experiment": wall.model_dump_json()}) == wall
     with pytest.raises(ConfigError, match="need sim.clock=wall"):
-        experiment_config({"config": str(ROOT / "configs" / "fedfix.yaml"), "overrides": "rounds=2"})
-    assert experiment_config({"config": str(ROOT / "configs" / "fedfix.yaml"),
-                              "overrides": "sim.clock=wall"}).sim.clock == "wall"
+        experiment_config({"experiment": load_config(fedfix).model_dump_json()})
+    with pytest.raises(ConfigError, match="submit the run with `fedsim deploy`"):
+        experiment_config({})
+    with pytest.raises(ConfigError, match="not a valid fedsim config"):
+        experiment_config({"experiment": '{"rounds": 0}'})
 
-    with pytest.raises(ConfigError, match="no 'config'"):
-        experiment_config({"overrides": "rounds=2"})
+
+def test_deploy_refuses_a_virtual_clock_async_run_before_submitting_it():
+    result = subprocess.run([str(BIN / "fedsim"), "deploy", str(ROOT / "configs" / "fedfix.yaml"),
+                             "--superlink", "127.0.0.1:9"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "deployed asynchronous runs need sim.clock=wall" in result.stdout
 
 
 def test_compose_file_runs_the_tested_commands_one_partition_per_supernode():
@@ -156,4 +162,4 @@ def test_compose_file_runs_the_tested_commands_one_partition_per_supernode():
                     for s in compose.values()]
     assert sorted(int(c["partition-id"]) for c in node_configs) == list(range(len(compose)))
     assert {int(c["num-partitions"]) for c in node_configs} == {len(compose)}
-    assert "COPY configs ./configs" in (ROOT / "docker" / "Dockerfile").read_text()
+    assert "pip install --no-cache-dir ." in (ROOT / "docker" / "Dockerfile").read_text()
