@@ -7,6 +7,8 @@ Flower starts a ``flwr-clientapp`` process per message, so each run takes tens o
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import signal
 import socket
@@ -44,11 +46,41 @@ def _wait_for_port(port: int, timeout: float = 60.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
-class Deployment:
-    """A SuperLink and ``NUM_NODES`` SuperNodes (partitions 0..n-1) on loopback."""
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A throwaway CA and a certificate for 127.0.0.1 signed by it (PEM files in ``folder``)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
 
-    def __init__(self, home: Path) -> None:
-        self.home = home
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject: str, key, issuer: str, signer, extension) -> x509.Certificate:
+        return (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now).not_valid_after(now + datetime.timedelta(hours=1))
+                .add_extension(extension, critical=False).sign(signer, hashes.SHA256()))
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("fedsim test CA", ca_key, "fedsim test CA", ca_key, x509.BasicConstraints(ca=True, path_length=None))
+    server = certificate("127.0.0.1", key, "fedsim test CA", ca_key,
+                         x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]))
+    files = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
+    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files["cert"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    files["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    return files
+
+
+class Deployment:
+    """A SuperLink and ``num_nodes`` SuperNodes (partitions 0..n-1) on loopback; over TLS
+    when ``tls`` (a CA and the SuperLink's certificate, made for the test)."""
+
+    def __init__(self, home: Path, num_nodes: int = NUM_NODES, tls: bool = False) -> None:
+        self.home, self.num_nodes = home, num_nodes
+        self.certificates = _certificates(home) if tls else None
         self.port = _free_port()
         self.env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
         self.procs: list[subprocess.Popen] = []
@@ -59,12 +91,17 @@ class Deployment:
                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
     def start(self) -> None:
-        self._start("superlink", "flower-superlink", "--insecure", "--port", str(self.port),
+        tls = self.certificates
+        link_security = ["--insecure"] if tls is None else [
+            "--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["cert"]), "--ssl-keyfile", str(tls["key"])]
+        node_security = ["--insecure"] if tls is None else ["--root-certificates", str(tls["ca"])]
+        self._start("superlink", "flower-superlink", *link_security, "--port", str(self.port),
                     "--disable-runtime-dependency-installation", "--database", str(self.home / "state.db"))
         _wait_for_port(self.port)
-        for i in range(NUM_NODES):
-            self._start(f"supernode-{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                        "--port", str(_free_port()), "--node-config", f"partition-id={i} num-partitions={NUM_NODES}")
+        n = self.num_nodes
+        for i in range(n):
+            self._start(f"supernode-{i}", "flower-supernode", *node_security, "--superlink", f"127.0.0.1:{self.port}",
+                        "--port", str(_free_port()), "--node-config", f"partition-id={i} num-partitions={n}")
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -75,12 +112,16 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
 
-    def run(self, config: Path, overrides: list[str], out: Path) -> RunDir:
-        """``fedsim deploy`` this experiment, wait for it to end, return its run."""
+    def deploy(self, config: Path, overrides: list[str], out: Path, *options: str) -> subprocess.CompletedProcess:
+        """``fedsim deploy`` this experiment and wait for it to end."""
         sets = [arg for o in [*overrides, f"output.dir={out}"] for arg in ("--set", o)]
-        result = subprocess.run(
-            [str(BIN / "fedsim"), "deploy", str(config), "--superlink", f"127.0.0.1:{self.port}", *sets],
+        return subprocess.run(
+            [str(BIN / "fedsim"), "deploy", str(config), "--superlink", f"127.0.0.1:{self.port}", *sets, *options],
             cwd=self.home, env=self.env, capture_output=True, text=True, timeout=400)
+
+    def run(self, config: Path, overrides: list[str], out: Path, *options: str) -> RunDir:
+        """``fedsim deploy`` this experiment, wait for it to end, return its run."""
+        result = self.deploy(config, overrides, out, *options)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         [path] = list(out.iterdir())
         return RunDir.open(path)
@@ -163,3 +204,17 @@ def test_compose_file_runs_the_tested_commands_one_partition_per_supernode():
     assert sorted(int(c["partition-id"]) for c in node_configs) == list(range(len(compose)))
     assert {int(c["num-partitions"]) for c in node_configs} == {len(compose)}
     assert "pip install --no-cache-dir ." in (ROOT / "docker" / "Dockerfile").read_text()
+
+
+def test_a_run_over_tls_completes_and_an_insecure_client_is_refused(tmp_path_factory, tmp_path):
+    dep = Deployment(tmp_path_factory.mktemp("flwr-tls"), num_nodes=1, tls=True)
+    dep.start()
+    try:
+        config, overrides = ROOT / "configs" / "quickstart.yaml", ["partition.num_clients=1", "rounds=1",
+                                                                  "eval.federated=false", "output.plots=false"]
+        insecure = dep.deploy(config, overrides, tmp_path / "insecure")
+        assert insecure.returncode != 0 and "unavailable" in insecure.stdout + insecure.stderr
+        run = dep.run(config, overrides, tmp_path / "tls", "--root-certificates", str(dep.certificates["ca"]))
+        assert run.summary()["status"] == "completed" and run.summary()["final_accuracy"] > 0.5
+    finally:
+        dep.stop()
