@@ -59,7 +59,7 @@ from fedsim.sim.components import FederatedData, federated_data, make_model, res
 from fedsim.sim.messaging import send_and_collect
 from fedsim.sim.plots import plot_run
 from fedsim.sim.progress import RoundProgress
-from fedsim.sim.results import Checkpoint, RunDir, summarise
+from fedsim.sim.results import Checkpoint, RunDir, bytes_so_far, summarise
 from fedsim.sim.sync import discover_clients, predict_fn
 from fedsim.strategies.fedasync import FedAsync
 from fedsim.strategies.fedbuff import FedBuff
@@ -453,9 +453,7 @@ def run_async(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show
     evaluate_global = GlobalEvaluator(cfg, net, data.test, grid, node_of)
     times = eval_times(cfg.strategy)
     start, elapsed_before = _restore(server, run, resume)
-    rows = run.rows()
-    bytes_up = rows[-1]["bytes_up_total"] if rows else 0
-    bytes_down = rows[-1]["bytes_down_total"] if rows else 0
+    bytes_up, bytes_down = bytes_so_far(run.rows())
     t0 = time.perf_counter() - elapsed_before
     status = "interrupted"
     try:

@@ -56,7 +56,7 @@ from fedsim.sim.components import federated_data, make_model, resolve_device
 from fedsim.sim.messaging import send_and_collect
 from fedsim.sim.plots import plot_comparison, plot_run
 from fedsim.sim.progress import RoundProgress
-from fedsim.sim.results import Checkpoint, RunDir, summarise
+from fedsim.sim.results import Checkpoint, RunDir, bytes_so_far, summarise
 from fedsim.sim.sync import discover_clients, predict_fn
 from fedsim.sim.topology import Topology, make_topology, mixing_matrix, neighbours
 from fedsim.strategies.gossip import consensus_distance, neighbour_average_matrix
@@ -261,9 +261,7 @@ def run_gossip(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, sho
     elif resume:
         run.truncate_after(0)
     nodes = GossipNodes(grid, cfg, spec, template, node_of, models, completed=start - 1)
-    rows = run.rows()
-    bytes_up = rows[-1]["bytes_up_total"] if rows else 0
-    bytes_down = rows[-1]["bytes_down_total"] if rows else 0
+    bytes_up, bytes_down = bytes_so_far(run.rows())
     t0 = time.perf_counter() - elapsed_before
     status = "interrupted"
     try:

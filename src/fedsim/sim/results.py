@@ -126,6 +126,13 @@ def rounds_to_target(rows: list[dict[str, Any]], target: float, key: str = "cent
     return None
 
 
+def bytes_so_far(rows: list[dict[str, Any]]) -> tuple[int, int]:
+    """Bytes sent up and down over the rows written so far (the totals of the last row);
+    a resumed loop counts on from them."""
+    last = rows[-1] if rows else {}
+    return last.get("bytes_up_total", 0), last.get("bytes_down_total", 0)
+
+
 def summarise(rows: list[dict[str, Any]], target: float, status: str) -> dict[str, Any]:
     """summary.json content from the metrics rows."""
     evaluated = [r for r in rows if r.get("centralised_accuracy") is not None]
@@ -143,6 +150,5 @@ def summarise(rows: list[dict[str, Any]], target: float, status: str) -> dict[st
         "wall_time_s": rows[-1]["wall_time_s"] if rows else 0.0,
         "failed_client_calls": sum(r.get("num_failed", 0) for r in rows),
         "skipped_rounds": sum(1 for r in rows if r.get("skipped")),
-        "bytes_up_total": rows[-1].get("bytes_up_total", 0) if rows else 0,
-        "bytes_down_total": rows[-1].get("bytes_down_total", 0) if rows else 0,
+        **dict(zip(("bytes_up_total", "bytes_down_total"), bytes_so_far(rows), strict=True)),
     }

@@ -26,7 +26,7 @@ from fedsim.sim.components import FederatedData, build_loss, federated_data, mak
 from fedsim.sim.messaging import send_and_collect
 from fedsim.sim.plots import plot_run
 from fedsim.sim.progress import RoundProgress
-from fedsim.sim.results import Checkpoint, RunDir, summarise
+from fedsim.sim.results import Checkpoint, RunDir, bytes_so_far, summarise
 from fedsim.strategies import build_strategy
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,7 @@ def run_sync(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_
         log.info("resuming %s after round %d", run.path, ckpt.round)
     elif resume:
         run.truncate_after(0)
-    rows = run.rows()
-    bytes_up_total = rows[-1].get("bytes_up_total", 0) if rows else 0
-    bytes_down_total = rows[-1].get("bytes_down_total", 0) if rows else 0
+    bytes_up_total, bytes_down_total = bytes_so_far(run.rows())
 
     arrays = ArrayRecord(model.state_dict())
     t0 = time.perf_counter() - elapsed_before
