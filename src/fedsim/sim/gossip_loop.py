@@ -60,7 +60,13 @@ from fedsim.sim.results import Checkpoint, RunDir, bytes_so_far, summarise
 from fedsim.sim.sync import discover_clients, predict_fn
 from fedsim.sim.topology import Topology, make_topology, mixing_matrix, neighbours
 from fedsim.strategies.gossip import consensus_distance, neighbour_average_matrix
-from fedsim.strategies.replies import ClientUpdate, Failure, screen_model_reply, screen_replies, screen_train_reply
+from fedsim.strategies.replies import (
+    ClientUpdate,
+    Failure,
+    screen_model_reply,
+    screen_replies,
+    screen_train_reply,
+)
 
 log = logging.getLogger(__name__)
 
