@@ -29,10 +29,15 @@ class Section(BaseModel):
 
 # --------------------------------------------------------------------------- data
 class SyntheticConfig(Section):
-    """LEAF Synthetic(alpha, beta): alpha controls model heterogeneity, beta data heterogeneity."""
+    """LEAF Synthetic(alpha, beta): alpha controls model heterogeneity, beta data heterogeneity.
+
+    ``num_devices`` natural clients (one group per device); unset, it is
+    ``partition.num_clients`` under ``partition.scheme: natural``, else 30 (LEAF's count).
+    """
 
     alpha: float = Field(1.0, ge=0)
     beta: float = Field(1.0, ge=0)
+    num_devices: int | None = Field(None, ge=1)
     dim: int = Field(60, ge=1)
     num_classes: int = Field(10, ge=2)
 
@@ -437,10 +442,17 @@ class SpeedConfig(Section):
 
 
 class SimConfig(Section):
-    """Where and how clients run: Flower's simulation engine on Ray."""
+    """Where and how clients run.
 
-    backend: Literal["ray", "inprocess"] = Field(
-        "ray", description="ray: Flower's simulation engine; inprocess: sequential calls, no Ray")
+    ``backend``: ``ray`` is Flower's simulation engine (local Ray, or a cluster), with
+    ``clients_per_node`` clients served by each engine node (trained together, stacked);
+    ``inprocess`` runs the clients in the driver process one after another, without Ray;
+    ``batched`` runs them in the driver process and trains each round's clients together,
+    their models stacked (fedsim.clients.batched).
+    """
+
+    backend: Literal["ray", "inprocess", "batched"] = "ray"
+    clients_per_node: int = Field(1, ge=1, description="ray: partitions each Flower node serves")
     num_cpus_per_client: float = Field(1.0, gt=0)
     num_gpus_per_client: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -450,6 +462,13 @@ class SimConfig(Section):
     clock: Literal["virtual", "wall"] = Field(
         "virtual", description="async loops: simulated device times, or real time (deployment)")
     concurrency: int | None = Field(None, ge=1, description="clients training at once (async)")
+
+    @model_validator(mode="after")
+    def _grouping_needs_ray(self) -> SimConfig:
+        if self.clients_per_node > 1 and self.backend != "ray":
+            raise ValueError(f"clients_per_node: groups clients on Flower nodes under backend 'ray'; "
+                             f"backend is {self.backend!r}")
+        return self
 
 
 class EvalConfig(Section):
@@ -481,6 +500,10 @@ class OutputConfig(Section):
     target_accuracy: float = Field(0.9, gt=0, le=1, description="for rounds-to-target")
 
 
+# datasets without a natural client id per sample
+NO_NATURAL_GROUPS = ("digits", "mnist", "cifar10")
+
+
 class ExperimentConfig(Section):
     """A whole experiment: everything a run needs, and nothing else."""
 
@@ -500,6 +523,22 @@ class ExperimentConfig(Section):
     eval: EvalConfig = EvalConfig()
     faults: FaultConfig = FaultConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _natural_groups(self) -> ExperimentConfig:
+        """Resolve ``data.synthetic.num_devices``; a natural partition has one client per group."""
+        synthetic, partition = self.data.synthetic, self.partition
+        if synthetic.num_devices is None:
+            natural = self.data.name == "synthetic" and partition.scheme == "natural"
+            synthetic.num_devices = partition.num_clients if natural else 30
+        if partition.scheme == "natural":
+            if self.data.name in NO_NATURAL_GROUPS:
+                raise ValueError(f"partition.scheme: 'natural' needs data with natural groups; "
+                                 f"data.name {self.data.name!r} has none (synthetic has one per device)")
+            if self.data.name == "synthetic" and synthetic.num_devices != partition.num_clients:
+                raise ValueError(f"partition.num_clients: {partition.num_clients} clients, but a natural partition "
+                                 f"has one per group and data.synthetic.num_devices is {synthetic.num_devices}")
+        return self
 
     def to_yaml(self) -> str:
         """The resolved config as YAML (what ``config.yaml`` in a run directory holds)."""

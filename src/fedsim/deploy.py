@@ -81,7 +81,7 @@ def experiment_config(run_config: dict[str, Any]) -> ExperimentConfig:
 
 @functools.lru_cache(maxsize=4)
 def _client_app(cfg_json: str) -> ClientApp:
-    return build_client_app(ExperimentConfig.model_validate_json(cfg_json))
+    return build_client_app(ExperimentConfig.model_validate_json(cfg_json), sleep_stalls=True)
 
 
 class DeployedClientApp(ClientApp):

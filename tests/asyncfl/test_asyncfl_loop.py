@@ -4,6 +4,7 @@ All runs use the in-process backend except one short Ray run.
 """
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -35,17 +36,26 @@ def _rows(path):
 
 
 class SilentGrid:
-    """A grid that accepts messages (of any content) and never answers: a client that hangs."""
+    """A grid that accepts messages and never answers: a client that hangs. It stamps each
+    message with its id, as Flower's grids do."""
 
     def __init__(self):
         self.pushed = []
 
     def push_messages(self, messages):
-        self.pushed += list(messages)
-        return [f"m{len(self.pushed)}"]
+        ids = []
+        for message in messages:
+            self.pushed.append(message)
+            message.metadata.message_id = f"m{len(self.pushed)}"
+            ids.append(message.metadata.message_id)
+        return ids
 
     def pull_messages(self, message_ids):
         return []
+
+
+def _message():
+    return SimpleNamespace(metadata=SimpleNamespace(message_id=""))
 
 
 def _arrivals(devices, seed, grid=None, timeout_s=60.0):
@@ -60,7 +70,7 @@ def test_arrivals_are_processed_in_virtual_time_order_with_seeded_ties():
     def order(seed):
         source = _arrivals(devices, seed)
         for client in (7, 6, 5, 4, 3, 2, 1, 0):  # dispatch order must not matter
-            source.dispatch(Job(client, 1, torch.zeros(1), 0, 0.0), message=None)
+            source.dispatch([(Job(client, 1, torch.zeros(1), 0, 0.0), _message())])
         arrivals = []
         while (arrival := source.next_until(10.0)) is not None:
             arrivals.append(arrival)
@@ -77,7 +87,7 @@ def test_a_missing_reply_times_out_as_a_failure():
     devices = SimulatedDevices(np.array([1.0]), np.array([1.0]))
     grid = SilentGrid()
     source = _arrivals(devices, 0, grid, timeout_s=0.05)
-    source.dispatch(Job(0, 1, torch.zeros(1), 0, 0.0), message=None)
+    source.dispatch([(Job(0, 1, torch.zeros(1), 0, 0.0), _message())])
     arrival = source.next_until(5.0)
     assert len(grid.pushed) == 1 and arrival.time == 1.0 and arrival.result.reason == TIMEOUT
     assert source.next_until(5.0) is None
@@ -153,11 +163,11 @@ def test_resumed_run_continues_exactly_as_an_uninterrupted_one(config):
 
 
 def test_wall_clock_runs_the_same_loop_in_seconds(config, tmp_path):
-    from fedsim.sim.client_app import build_client_app
+    from fedsim.sim.client_app import ClientRuntime
     from fedsim.sim.inprocess import InProcessGrid
 
     cfg = config("strategy={name: fedasync, horizon: 2.0, eval_every: 1.0}")
-    grid = InProcessGrid(build_client_app(cfg), cfg.partition.num_clients)
+    grid = InProcessGrid(ClientRuntime(cfg), cfg.partition.num_clients)
     run = RunDir.create(cfg)
     summary = run_async(grid, cfg, run, resume=False, show_progress=False, clock=WallClock())
     # how many updates land in 2 s of real time depends on the host: not asserted

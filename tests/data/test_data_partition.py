@@ -44,6 +44,19 @@ def test_natural_groups_become_partitions():
         assert len(np.unique(groups[part])) == 1
 
 
+def test_natural_partitions_equal_flwr_datasets_natural_id_partitioner():
+    import datasets
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    groups = np.random.default_rng(3).choice([7, 2, 40, 11, 5], size=300)
+    partitioner = NaturalIdPartitioner(partition_by="group")
+    partitioner.dataset = datasets.Dataset.from_dict({"group": groups, "idx": np.arange(300)})
+    reference = [np.sort(partitioner.load_partition(i)["idx"]) for i in range(5)]
+    ours = partition_indices(np.zeros(300, int), "natural", 5, seed=0, groups=groups)
+    for mine, theirs in zip(ours, reference, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+
+
 @pytest.mark.parametrize("scheme", PARTITIONS)
 def test_same_seed_same_partitions_other_seed_other(scheme):
     groups = np.arange(1000) % 10

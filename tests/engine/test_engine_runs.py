@@ -50,11 +50,12 @@ def test_fedprox_trains_with_the_proximal_term(small_config):
     assert summary["final_accuracy"] >= 0.7
 
 
-def test_failed_clients_are_counted_and_the_run_goes_on(small_config):
+@pytest.mark.parametrize("per_node", [1, 3], ids=["one-client-per-node", "three-clients-per-node"])
+def test_failed_clients_are_counted_and_the_run_goes_on(small_config, per_node):
     cfg = small_config(
         "rounds=3", "partition.num_clients=6", "faults.crash=[1]", "faults.nan=[2]",
-        "faults.wrong_shape=[3]", "faults.slow=[4]", "faults.slow_s=6", "client.timeout_s=3",
-        "eval.federated=false",
+        "faults.wrong_shape=[3]", "faults.slow=[4]", "faults.slow_s=60", "client.timeout_s=10",
+        "eval.federated=false", f"sim.clients_per_node={per_node}",
     )
     path, summary = run_experiment(cfg)
     rows = RunDir.open(path).rows()
@@ -65,8 +66,14 @@ def test_failed_clients_are_counted_and_the_run_goes_on(small_config):
     assert "NaN" in reasons[2]
     assert "shape" in reasons[3]
     assert reasons[4] == "no reply before the timeout"
-    assert first["num_success"] == 2 and first["num_failed"] == 4
+    assert first["num_success"] == 2 and first["num_failed"] == 4  # a client's failure is its own
     assert summary["final_accuracy"] > 0.3  # clients 0 and 5 still train the model
+    # grouped nodes train their clients stacked: the batched backend's numbers
+    batched = cfg.model_copy(update={"sim": cfg.sim.model_copy(update={"backend": "batched", "clients_per_node": 1})})
+    path_b, _ = run_experiment(batched)
+    for ray_row, batched_row in zip(rows, RunDir.open(path_b).rows(), strict=True):
+        assert abs(ray_row["centralised_accuracy"] - batched_row["centralised_accuracy"]) <= 0.01
+        assert ray_row["failures"] == batched_row["failures"]
 
 
 def test_round_is_skipped_below_the_minimum_of_successful_clients(small_config):

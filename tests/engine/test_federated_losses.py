@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fedsim.clients.objective import ClientObjective
 from fedsim.config import ConfigError
 from fedsim.losses import LinearCrossEntropy
-from fedsim.sim.client_app import LOSS_STATE_KEY, build_client_app
+from fedsim.sim.client_app import LOSS_STATE_KEY, ClientRuntime
 from fedsim.sim.components import build_objective, federated_data, make_model
 from fedsim.sim.inprocess import InProcessGrid
 from fedsim.sim.results import RunDir
@@ -40,32 +40,31 @@ def test_federated_run_with_the_configured_loss_learns_digits(small_config, sets
     assert summary["final_accuracy"] >= 0.85
 
 
-class _RecordingApp:
-    """Wraps a ClientApp; copies each node's loss state after every training call."""
+class _RecordingRuntime(ClientRuntime):
+    """The client runtime, copying each client's loss state after every training call."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, cfg):
+        super().__init__(cfg)
         self.after: dict[tuple[int, int], torch.Tensor] = {}
 
-    def __call__(self, message, context):
-        reply = self.app(message, context)
-        if message.metadata.message_type == "train":
-            key = (int(context.node_config["partition-id"]),
-                   int(message.content["config"]["server-round"]))
-            self.after[key] = context.state[LOSS_STATE_KEY].to_torch_state_dict()["lambdas"].clone()
-        return reply
+    def run(self, message_type, members):
+        outcomes = super().run(message_type, members)
+        if message_type == "train":
+            for m in members:
+                key = (m.partition_id, int(m.content["config"]["server-round"]))
+                self.after[key] = m.state[LOSS_STATE_KEY].to_torch_state_dict()["lambdas"].clone()
+        return outcomes
 
 
 def test_stateful_loss_state_survives_between_rounds_in_the_node_context(small_config):
     # one local step of 8 samples a round: a sample seen in round 1 and not in round 2 keeps
     # its round-1 lambda only if the state was restored at the start of round 2
     cfg = small_config(*SHORT_RUN, "rounds=3", "loss.name=aldr_kl", "client.local_steps=1", "client.batch_size=8")
-    app = _RecordingApp(build_client_app(cfg))
+    app = _RecordingRuntime(cfg)
     grid = InProcessGrid(app, cfg.partition.num_clients)
     serve(grid, cfg, RunDir.create(cfg), resume=False, show_progress=False)
-    contexts = {int(c.node_config["partition-id"]): c for c in grid._contexts.values()}
     lam0 = 1.0  # ALDR-KL's initial lambda
-    for pid, context in contexts.items():
+    for pid in range(cfg.partition.num_clients):
         changed = [app.after[pid, rnd] != lam0 for rnd in (1, 2, 3)]
         assert 0 < int(changed[0].sum()) <= 8
         for before, after in zip(changed, changed[1:]):
@@ -73,7 +72,7 @@ def test_stateful_loss_state_survives_between_rounds_in_the_node_context(small_c
             assert int(after.sum()) > int(before.sum())
         carried = changed[0] & (app.after[pid, 2] == app.after[pid, 1])
         assert bool(carried.any())  # round-1 lambdas of samples round 2 did not visit
-        assert torch.equal(context.state[LOSS_STATE_KEY].to_torch_state_dict()["lambdas"], app.after[pid, 3])
+        assert torch.equal(grid.client_state(pid)[LOSS_STATE_KEY].to_torch_state_dict()["lambdas"], app.after[pid, 3])
 
 
 def test_aux_loss_is_weighted_by_its_config_weight_only(small_config):

@@ -13,7 +13,7 @@ import yaml
 
 from fedsim.clients.quantization import EF_STATE_KEY
 from fedsim.config import load_config
-from fedsim.sim.client_app import build_client_app
+from fedsim.sim.client_app import ClientRuntime
 from fedsim.sim.inprocess import InProcessGrid
 from fedsim.sim.results import RunDir
 from fedsim.sim.runner import run_experiment, serve
@@ -60,29 +60,31 @@ def test_metrics_count_the_codec_payload_bytes_per_round_and_in_total(small_conf
     assert (summary["bytes_up_total"], summary["bytes_down_total"]) == (up_total, down_total)
 
 
-def _memory(context) -> dict[str, torch.Tensor]:
-    record = context.state.array_records.get(EF_STATE_KEY)
+def _memory(state) -> dict[str, torch.Tensor]:
+    record = state.get(EF_STATE_KEY)
     return {} if record is None else record.to_torch_state_dict()
 
 
-class _RecordingApp:
-    """Wraps a ClientApp; records which partitions trained in which round, and each node's
-    error-feedback memory before and after every training call."""
+class _RecordingRuntime(ClientRuntime):
+    """The client runtime, recording which partitions trained in which round, and each
+    client's error-feedback memory before and after every training call."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, cfg):
+        super().__init__(cfg)
         self.trained: dict[int, list[int]] = {}
         self.memory: dict[tuple[int, int, str], dict[str, torch.Tensor]] = {}
 
-    def __call__(self, message, context):
-        if message.metadata.message_type != "train":
-            return self.app(message, context)
-        pid, rnd = int(context.node_config["partition-id"]), int(message.content["config"]["server-round"])
-        self.trained.setdefault(pid, []).append(rnd)
-        self.memory[pid, rnd, "before"] = _memory(context)
-        reply = self.app(message, context)
-        self.memory[pid, rnd, "after"] = _memory(context)
-        return reply
+    def run(self, message_type, members):
+        if message_type != "train":
+            return super().run(message_type, members)
+        for m in members:
+            pid, rnd = m.partition_id, int(m.content["config"]["server-round"])
+            self.trained.setdefault(pid, []).append(rnd)
+            self.memory[pid, rnd, "before"] = _memory(m.state)
+        outcomes = super().run(message_type, members)
+        for m in members:
+            self.memory[m.partition_id, int(m.content["config"]["server-round"]), "after"] = _memory(m.state)
+        return outcomes
 
 
 @pytest.mark.parametrize("feedback", [["quant.uplink.error_feedback=ef21"],
@@ -91,7 +93,7 @@ class _RecordingApp:
 def test_client_and_server_estimates_stay_equal_when_clients_skip_rounds(small_config, feedback):
     cfg = small_config(*SHORT_RUN, "partition.num_clients=4", "rounds=5", "strategy.fraction_train=0.5",
                        "quant.uplink.codec=topk", "quant.uplink.fraction=0.05", *feedback)
-    app = _RecordingApp(build_client_app(cfg))
+    app = _RecordingRuntime(cfg)
     grid = InProcessGrid(app, cfg.partition.num_clients)
     run = RunDir.create(cfg)
     serve(grid, cfg, run, resume=False, show_progress=False)
@@ -99,12 +101,12 @@ def test_client_and_server_estimates_stay_equal_when_clients_skip_rounds(small_c
     assert gaps, f"no client skipped a round between two trainings: {app.trained}"
     server = run.latest_checkpoint().strategy["uplink_estimates"]
     assert sorted(server) == sorted(str(pid) for pid in app.trained)
-    for context in grid._contexts.values():
-        pid = int(context.node_config["partition-id"])
+    for pid in range(cfg.partition.num_clients):
+        state = grid.client_state(pid)
         if pid not in app.trained:
-            assert EF_STATE_KEY not in context.state
+            assert EF_STATE_KEY not in state
             continue
-        client = context.state[EF_STATE_KEY].to_torch_state_dict()
+        client = state[EF_STATE_KEY].to_torch_state_dict()
         assert torch.count_nonzero(client["estimate"]) > 0
         torch.testing.assert_close(client["estimate"], server[str(pid)], rtol=0, atol=1e-7)
 
@@ -112,7 +114,7 @@ def test_client_and_server_estimates_stay_equal_when_clients_skip_rounds(small_c
 def test_error_feedback_memory_is_kept_per_client_across_rounds(small_config):
     cfg = small_config(*SHORT_RUN, "partition.num_clients=3", "rounds=3", "quant.uplink.codec=topk",
                        "quant.uplink.fraction=0.01", "quant.uplink.error_feedback=ef")
-    app = _RecordingApp(build_client_app(cfg))
+    app = _RecordingRuntime(cfg)
     grid = InProcessGrid(app, cfg.partition.num_clients)
     serve(grid, cfg, RunDir.create(cfg), resume=False, show_progress=False)
     for pid in range(3):

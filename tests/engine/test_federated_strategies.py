@@ -14,12 +14,13 @@ from fedsim.clients.quantization import build_codec
 from fedsim.config import LinkSettings, load_config
 from fedsim.params import ParamSpec
 from fedsim.seeding import seed_everything
-from fedsim.sim.client_app import build_client_app
+from fedsim.sim.client_app import ClientRuntime
 from fedsim.sim.components import federated_data, make_model
 from fedsim.sim.inprocess import InProcessGrid
 from fedsim.sim.results import RunDir
 from fedsim.sim.runner import run_experiment
-from fedsim.sim.sync import discover_clients, label_mix, run_sync
+from fedsim.sim.messaging import client_nodes
+from fedsim.sim.sync import label_mix, run_sync
 from fedsim.strategies import build_sampler, build_strategy
 from fedsim.strategies.fedau import fedau_aggregate
 from fedsim.strategies.participation import BernoulliParticipation
@@ -33,21 +34,20 @@ FAST = ("sim.backend=inprocess", "eval.federated=false", "output.plots=false")
 class RecordingGrid(InProcessGrid):
     """The in-process grid, keeping every (messages, replies) exchange of the run."""
 
-    def __init__(self, client_app, num_nodes):
-        super().__init__(client_app, num_nodes)
+    def __init__(self, runtime, num_nodes):
+        super().__init__(runtime, num_nodes)
         self.exchanges = []
 
-    def push_messages(self, messages):
-        messages = list(messages)
-        ids = list(super().push_messages(messages))
-        self.exchanges.append((messages, [self._replies[i] for i in ids]))
-        return ids
+    def collect(self, messages, timeout):
+        replies = super().collect(messages, timeout)
+        self.exchanges.append((messages, replies))
+        return replies
 
 
 def recorded_run(cfg):
     """Run ``cfg`` through :func:`run_sync` on a :class:`RecordingGrid`; return the grid and rows."""
     seed_everything(cfg.seed)
-    grid = RecordingGrid(build_client_app(cfg), cfg.partition.num_clients)
+    grid = RecordingGrid(ClientRuntime(cfg), cfg.partition.num_clients)
     run = RunDir.create(cfg)
     run_sync(grid, cfg, run, resume=False, show_progress=False)
     return grid, run.rows()
@@ -62,8 +62,8 @@ def strategy_with_grid(cfg):
     data = federated_data(cfg)
     model = make_model(cfg.model, data.train, cfg.seed)
     spec = ParamSpec.of(model)
-    grid = InProcessGrid(build_client_app(cfg), cfg.partition.num_clients)
-    node_of = discover_clients(grid, cfg.partition.num_clients, 10)
+    grid = InProcessGrid(ClientRuntime(cfg), cfg.partition.num_clients)
+    node_of = client_nodes(grid, cfg.partition.num_clients, 10)
     return build_strategy(cfg, spec, node_of, label_mix(data)), grid, ArrayRecord(model.state_dict())
 
 
@@ -276,8 +276,8 @@ def test_label_flip_makes_the_byzantine_clients_train_on_flipped_labels(small_co
 def test_participation_model_drives_the_sampled_clients(small_config, settings, varies):
     cfg = small_config(*FAST, "rounds=6", "client.local_epochs=1", *settings)
     grid, rows = recorded_run(cfg)
-    # exchange 0 is discovery; with federated evaluation off, one training exchange per round
-    trained = [sorted(int(m.content["config"]["partition-id"]) for m in msgs) for msgs, _ in grid.exchanges[1:]]
+    # with federated evaluation off, one training exchange per round
+    trained = [sorted(int(m.content["config"]["partition-id"]) for m in msgs) for msgs, _ in grid.exchanges]
     sampler = build_sampler(cfg, label_mix(federated_data(cfg)))
     expected = [sampler.sample(t) for t in range(1, 7)]
     assert trained == expected

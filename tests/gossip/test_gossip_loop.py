@@ -5,8 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsim.config import load_config
 from fedsim.params import ParamSpec
@@ -14,8 +13,8 @@ from fedsim.quant.codecs import build as build_codec
 from fedsim.sim.components import federated_data, make_model
 from fedsim.clients import gossip_node
 from fedsim.sim.gossip_loop import build_topology, initial_models, mixing_weights, run_gossip
-from fedsim.sim.client_app import build_client_app
-from fedsim.sim.inprocess import FIRST_NODE_ID, InProcessGrid
+from fedsim.sim.client_app import ClientRuntime, Outcome, PartitionState
+from fedsim.sim.inprocess import InProcessGrid
 from fedsim.sim.results import RunDir
 from fedsim.sim.runner import run_experiment
 from fedsim.sim.topology import neighbours
@@ -34,29 +33,25 @@ def config(tmp_path):
     return make
 
 
-def idle_client_app(cfg, spec: ParamSpec) -> ClientApp:
+class IdleRuntime(ClientRuntime):
     """Gossip nodes that never train (a zero update every round) but mix as fedsim's do."""
-    app = ClientApp()
-    payload = build_codec("identity").encode(torch.zeros(spec.dim)).to_arrays()
 
-    @app.train("gossip")
-    def train(message: Message, context) -> Message:
-        rnd = int(message.content["config"]["server-round"])
-        gossip_node.keep_model(context, gossip_node.held_model(message, context), gossip_node.version(rnd, "train"))
-        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.items()})
-        metrics = MetricRecord({"num-examples": 1, "train_loss": 0.0})
-        return Message(content=RecordDict({"update": arrays, "metrics": metrics}), reply_to=message)
+    def __init__(self, cfg, spec: ParamSpec):
+        super().__init__(cfg)
+        self.payload = build_codec("identity").encode(torch.zeros(spec.dim)).to_arrays()
 
-    @app.train("mix")
-    def mix(message: Message, context) -> Message:
-        return gossip_node.mix_reply(message, context, spec, cfg.strategy.variance_correction, cfg.strategy.eps)
-
-    @app.query()
-    def query(message: Message, context) -> Message:
-        metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
-        return Message(content=RecordDict({"metrics": metrics}), reply_to=message)
-
-    return app
+    def run(self, message_type, members):
+        if message_type != "train.gossip":
+            return super().run(message_type, members)
+        outcomes = []
+        for m in members:
+            rnd = int(m.content["config"]["server-round"])
+            gossip_node.keep_model(m.state, gossip_node.held_model(m.content, m.state),
+                                   gossip_node.version(rnd, "train"))
+            arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in self.payload.items()})
+            metrics = MetricRecord({"num-examples": 1, "train_loss": 0.0})
+            outcomes.append(Outcome(RecordDict({"update": arrays, "metrics": metrics}), None, 0.0))
+        return outcomes
 
 
 def _run_idle(cfg):
@@ -64,7 +59,7 @@ def _run_idle(cfg):
     data = federated_data(cfg)
     spec = ParamSpec.of(make_model(cfg.model, data.train, cfg.seed))
     run = RunDir.create(cfg)
-    grid = InProcessGrid(idle_client_app(cfg, spec), cfg.partition.num_clients)
+    grid = InProcessGrid(IdleRuntime(cfg, spec), cfg.partition.num_clients)
     summary = run_gossip(grid, cfg, run, resume=False, show_progress=False)
     return run, summary, initial_models(cfg, data.train, spec)
 
@@ -163,30 +158,30 @@ class LosingGrid(InProcessGrid):
     """An in-process grid whose node playing ``pid`` loses its Context state (as a restarted
     worker would) just before its ``message_type`` message of round ``at_round``."""
 
-    def __init__(self, app, num_nodes, pid, at_round, message_type):
-        super().__init__(app, num_nodes)
-        self.node, self.at_round, self.message_type = FIRST_NODE_ID + pid, at_round, message_type
+    def __init__(self, runtime, num_nodes, pid, at_round, message_type):
+        super().__init__(runtime, num_nodes)
+        self.pid, self.at_round, self.message_type = pid, at_round, message_type
 
     def push_messages(self, messages):
         messages = list(messages)
         for msg in messages:
-            if (msg.metadata.message_type == self.message_type and msg.metadata.dst_node_id == self.node
+            if (msg.metadata.message_type == self.message_type and self.partition_of(msg) == self.pid
                     and msg.content["config"]["server-round"] == self.at_round):
-                self._contexts[self.node].state = RecordDict()
+                self.client_state(self.pid).clear()
         return super().push_messages(messages)
 
 
 def _run_real(cfg, grid_factory=InProcessGrid):
     """Run the gossip loop in-process with fedsim's ClientApp; return rows, mirrors, grid."""
     run = RunDir.create(cfg)
-    grid = grid_factory(build_client_app(cfg), cfg.partition.num_clients)
+    grid = grid_factory(ClientRuntime(cfg), cfg.partition.num_clients)
     run_gossip(grid, cfg, run, resume=False, show_progress=False)
     return run.rows(), run.latest_checkpoint().strategy["node_models"], grid
 
 
 def _held(grid, spec):
     """What each node keeps in its Context: its flat model and that model's version."""
-    states = [grid._contexts[node].state for node in sorted(grid.get_node_ids())]
+    states = [grid.client_state(pid) for pid in range(grid.num_partitions)]
     return (torch.stack([spec.flatten(s[gossip_node.MODEL_KEY].to_torch_state_dict()) for s in states]),
             [s[gossip_node.VERSION_KEY]["version"] for s in states])
 
@@ -226,19 +221,18 @@ def test_a_node_that_lost_its_state_refuses_is_resent_its_model_and_rejoins(conf
 def test_a_node_adopts_a_resent_model_and_refuses_a_stale_one(config):
     cfg = config()
     spec = ParamSpec.of(net := make_model(cfg.model, federated_data(cfg).train, cfg.seed))
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    state = PartitionState(RecordDict(), 0)
     config_record = ConfigRecord({"server-round": 3, "partition-id": 0, "gossip-version": "2/mix"})
-    resent = Message(RecordDict({"config": config_record, "arrays": ArrayRecord(net.state_dict())}), dst_node_id=1,
-                     message_type="train.gossip")
-    torch.testing.assert_close(spec.flatten(gossip_node.held_model(resent, context)), spec.flatten(net.state_dict()))
-    bare = Message(RecordDict({"config": config_record}), dst_node_id=1, message_type="train.gossip")
+    resent = RecordDict({"config": config_record, "arrays": ArrayRecord(net.state_dict())})
+    torch.testing.assert_close(spec.flatten(gossip_node.held_model(resent, state)), spec.flatten(net.state_dict()))
+    bare = RecordDict({"config": config_record})
     with pytest.raises(RuntimeError, match="holds no model; the server expects version 2/mix"):
-        gossip_node.held_model(bare, context)
-    gossip_node.keep_model(context, net.state_dict(), gossip_node.version(1, "mix"))
+        gossip_node.held_model(bare, state)
+    gossip_node.keep_model(state, net.state_dict(), gossip_node.version(1, "mix"))
     with pytest.raises(RuntimeError, match="holds model version 1/mix; the server expects 2/mix"):
-        gossip_node.held_model(bare, context)
-    gossip_node.keep_model(context, net.state_dict(), gossip_node.version(2, "mix"))
-    torch.testing.assert_close(spec.flatten(gossip_node.held_model(bare, context)), spec.flatten(net.state_dict()))
+        gossip_node.held_model(bare, state)
+    gossip_node.keep_model(state, net.state_dict(), gossip_node.version(2, "mix"))
+    torch.testing.assert_close(spec.flatten(gossip_node.held_model(bare, state)), spec.flatten(net.state_dict()))
 
 
 def test_gossip_nodes_keep_their_state_on_flowers_ray_engine(config):

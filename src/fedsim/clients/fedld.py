@@ -16,7 +16,7 @@ import torch
 
 from fedsim.clients.hooks import ClientHook
 
-__all__ = ["fedld_regulariser"]
+__all__ = ["fedld_regulariser", "stacked_fedld_regulariser"]
 
 
 def fedld_regulariser(logits: torch.Tensor, beta: float = 0.03) -> torch.Tensor:
@@ -43,6 +43,27 @@ def fedld_regulariser(logits: torch.Tensor, beta: float = 0.03) -> torch.Tensor:
     return beta * torch.log1p(probs.square().sum())
 
 
+def stacked_fedld_regulariser(logits: torch.Tensor, mask: torch.Tensor, beta: float = 0.03) -> torch.Tensor:
+    """:func:`fedld_regulariser` of K clients' padded batches at once.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        Shape ``(K, B, C)``: client k's batch, padded to B rows.
+    mask : torch.Tensor
+        Shape ``(K, B)``: 1 on the real rows, 0 on the padding (which adds nothing).
+    beta : float, default 0.03
+        Weight of the term.
+
+    Returns
+    -------
+    torch.Tensor
+        Shape ``(K,)``, client k's term on its real rows.
+    """
+    probs = torch.softmax(logits, dim=-1) * mask.unsqueeze(-1)
+    return beta * torch.log1p(probs.square().sum(dim=(1, 2)))
+
+
 class FedLDRegulariser(ClientHook):
     """FedLD's client term as a hook: adds :func:`fedld_regulariser` of the batch logits."""
 
@@ -51,3 +72,7 @@ class FedLDRegulariser(ClientHook):
 
     def extra_loss(self, model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
         return fedld_regulariser(logits, self.beta)
+
+    def stacked_extra_loss(self, params: dict[str, torch.Tensor], logits: torch.Tensor,
+                           mask: torch.Tensor) -> torch.Tensor:
+        return stacked_fedld_regulariser(logits, mask, self.beta)

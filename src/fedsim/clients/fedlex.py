@@ -58,3 +58,9 @@ class GuidanceMask(ClientHook):
 
     def before_step(self, model: torch.nn.Module) -> None:
         apply_guidance(model, self.guidance)
+
+    def stacked_before_step(self, params: dict[str, torch.Tensor]) -> None:
+        """The same mask on K clients' stacked gradients ``(K, *shape)``."""
+        for name, param in params.items():
+            if param.grad is not None:
+                param.grad.mul_(self.guidance[name].to(device=param.grad.device, dtype=param.grad.dtype))

@@ -22,9 +22,11 @@ Variance Problem in Fully Decentralized Neural-Network Systems", arXiv 2404.0461
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsim.params import ParamSpec
 from fedsim.quant import codecs
@@ -48,28 +50,29 @@ def weight_layers(spec: ParamSpec) -> list[bool]:
     return [len(shape) >= 2 for shape in spec.shapes]
 
 
-def held_model(message: Message, context: Context) -> dict[str, torch.Tensor]:
-    """The model this node works on: the one the message carries (the server resends it),
-    else the one in its Context, which must be the version the message names."""
-    want = str(message.content["config"]["gossip-version"])
-    if "arrays" in message.content.array_records:
-        return message.content["arrays"].to_torch_state_dict()
-    if MODEL_KEY not in context.state:
+def held_model(content: RecordDict, state: MutableMapping) -> dict[str, torch.Tensor]:
+    """The model this node works on: the one the message ``content`` carries (the server
+    resends it), else the one in its Context ``state``, which must be the version the
+    message names."""
+    want = str(content["config"]["gossip-version"])
+    if "arrays" in content.array_records:
+        return content["arrays"].to_torch_state_dict()
+    if MODEL_KEY not in state:
         raise RuntimeError(f"gossip node holds no model; the server expects version {want}")
-    have = str(context.state[VERSION_KEY]["version"])
+    have = str(state[VERSION_KEY]["version"])
     if have != want:
         raise RuntimeError(f"gossip node holds model version {have}; the server expects {want}")
-    return context.state[MODEL_KEY].to_torch_state_dict()
+    return state[MODEL_KEY].to_torch_state_dict()
 
 
-def keep_model(context: Context, state_dict: dict[str, torch.Tensor], model_version: str) -> None:
-    """Store the node's model and its version in its Context."""
-    context.state[MODEL_KEY] = ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
-    context.state[VERSION_KEY] = ConfigRecord({"version": model_version})
+def keep_model(state: MutableMapping, state_dict: dict[str, torch.Tensor], model_version: str) -> None:
+    """Store the node's model and its version in its Context ``state``."""
+    state[MODEL_KEY] = ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
+    state[VERSION_KEY] = ConfigRecord({"version": model_version})
 
 
-def _peer_models(message: Message, num_peers: int, dim: int) -> torch.Tensor:
-    peers = torch.from_numpy(message.content["peers"]["models"].numpy()).to(torch.float32)
+def _peer_models(content: RecordDict, num_peers: int, dim: int) -> torch.Tensor:
+    peers = torch.from_numpy(content["peers"]["models"].numpy()).to(torch.float32)
     if peers.shape != (num_peers, dim):
         raise ValueError(f"mix message holds peer models of shape {tuple(peers.shape)}, "
                          f"expected ({num_peers}, {dim})")
@@ -78,21 +81,21 @@ def _peer_models(message: Message, num_peers: int, dim: int) -> torch.Tensor:
     return peers
 
 
-def mix_reply(message: Message, context: Context, spec: ParamSpec, variance_correction: bool,
-              eps: float) -> Message:
-    """Run the node's mixing step on the ``train.mix`` message; keep and return the result.
+def mix_reply(content: RecordDict, state: MutableMapping, spec: ParamSpec, variance_correction: bool,
+              eps: float) -> RecordDict:
+    """Run the node's mixing step on a ``train.mix`` message's ``content``; keep the result
+    in the node's ``state`` and return the reply's content.
 
     The message's config holds ``self-weight`` and ``peer-weights`` (the node's row of W,
     the peers in the order of the ``peers`` record's rows) and the ``server-round``.
     """
-    config = message.content["config"]
-    own = held_model(message, context)
+    config = content["config"]
+    own = held_model(content, state)
     weights = torch.tensor([float(config["self-weight"]), *map(float, config["peer-weights"])], dtype=torch.float64)
-    stacked = torch.cat([spec.flatten(own)[None], _peer_models(message, len(weights) - 1, spec.dim)])
+    stacked = torch.cat([spec.flatten(own)[None], _peer_models(content, len(weights) - 1, spec.dim)])
     correct = [variance_correction and weight for weight in weight_layers(spec)]
     flat = spec.join_layers(mix_node(spec.split_layers(stacked), weights, correct, eps))
-    keep_model(context, {**own, **spec.unflatten(flat)}, version(int(config["server-round"]), "mix"))
+    keep_model(state, {**own, **spec.unflatten(flat)}, version(int(config["server-round"]), "mix"))
     payload = codecs.build("identity").encode(flat)
     arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.to_arrays().items()})
-    return Message(content=RecordDict({MIXED_RECORD: arrays, "metrics": MetricRecord({"bytes_up": payload.nbytes})}),
-                   reply_to=message)
+    return RecordDict({MIXED_RECORD: arrays, "metrics": MetricRecord({"bytes_up": payload.nbytes})})

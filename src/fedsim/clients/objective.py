@@ -34,10 +34,11 @@ def second_view(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (x + 0.1 * noise) * keep
 
 
-def with_bias_column(embeddings: torch.Tensor, head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+def with_bias_column(embeddings: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """``([e, 1], [W | b])``: the affine head ``e W^T + b`` as one bias-free linear map."""
     ones = torch.ones(*embeddings.shape[:-1], 1, dtype=embeddings.dtype, device=embeddings.device)
-    return torch.cat([embeddings, ones], dim=-1), torch.cat([head.weight, head.bias[:, None]], dim=1)
+    return torch.cat([embeddings, ones], dim=-1), torch.cat([weight, bias[:, None]], dim=1)
 
 
 class ClientObjective:
@@ -70,17 +71,8 @@ class ClientObjective:
         """Return (loss, logits) for one batch."""
         embeddings = model.features(x)
         logits = model.head(embeddings)
-        available = {"logits": logits, "targets": targets, "embeddings": embeddings, "indices": indices}
-        if "classifier" in self.needs:
-            available["classifier"] = model.head.weight
-        if "embeddings2" in self.needs:
-            available["embeddings2"] = model.features(second_view(x, generator))
-        main_inputs = {k: available[k] for k in self.main.inputs}
-        if self.affine_classifier and model.head.bias is not None:
-            main_inputs["embeddings"], main_inputs["classifier"] = with_bias_column(embeddings, model.head)
-        loss = self.main(**main_inputs)
-        if self.aux is not None and self.aux_weight:
-            loss = loss + self.aux_weight * self.aux(**{k: available[k] for k in self.aux.inputs})
+        embeddings2 = model.features(second_view(x, generator)) if "embeddings2" in self.needs else None
+        loss = self.loss_terms(embeddings, logits, targets, model.head.weight, model.head.bias, indices, embeddings2)
         if self.probe_head:
             loss = loss + F.cross_entropy(model.head(embeddings.detach()), targets)
         for hook in self.hooks:
@@ -88,3 +80,26 @@ class ClientObjective:
             if term is not None:
                 loss = loss + term
         return loss, logits
+
+    def loss_terms(
+        self,
+        embeddings: torch.Tensor,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        indices: torch.Tensor | None = None,
+        embeddings2: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``main + aux_weight * aux`` of one batch, given the model's outputs and its head
+        (``weight``, ``bias``). Each term is reduced as its loss was built: the batch mean,
+        or per sample where :mod:`fedsim.clients.batched` builds them so to mask padding."""
+        available = {"logits": logits, "targets": targets, "embeddings": embeddings, "indices": indices,
+                     "classifier": weight, "embeddings2": embeddings2}
+        main_inputs = {k: available[k] for k in self.main.inputs}
+        if self.affine_classifier and bias is not None:
+            main_inputs["embeddings"], main_inputs["classifier"] = with_bias_column(embeddings, weight, bias)
+        loss = self.main(**main_inputs)
+        if self.aux is not None and self.aux_weight:
+            loss = loss + self.aux_weight * self.aux(**{k: available[k] for k in self.aux.inputs})
+        return loss

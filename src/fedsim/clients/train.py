@@ -1,17 +1,18 @@
 """The local training loop and evaluation, free of Flower.
 
-``train_local`` is a plain function of (model, data, settings, objective, generator):
-the Flower ClientApp calls it once per client, and a batched backend can replace the
-loop over clients without touching it. Batches are cut from tensors held in memory (a
-seeded permutation per epoch) rather than through a DataLoader: the client datasets are
-small and the DataLoader's per-iteration overhead would dominate.
+``train_local`` is a plain function of (model, data, settings, objective, generator): the
+ClientApp calls it for one client; :mod:`fedsim.clients.batched` trains many clients at once
+on the same :func:`batch_schedule`, so both give the same numbers. Batches are cut from
+tensors held in memory (a seeded permutation per epoch) rather than through a DataLoader:
+the client datasets are small and the DataLoader's per-iteration overhead would dominate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,11 +41,32 @@ class EvalResult:
     accuracy: float
 
 
-def build_optimizer(model: nn.Module, cfg: ClientConfig) -> torch.optim.Optimizer:
-    """The client optimizer named in the config."""
+def build_optimizer(parameters: Iterable[torch.Tensor], cfg: ClientConfig) -> torch.optim.Optimizer:
+    """The client optimizer named in the config, over ``parameters``."""
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def local_steps(num_examples: int, cfg: ClientConfig) -> int:
+    """Optimizer steps of one local training run: ``local_steps``, else ``local_epochs``
+    passes over the data in batches of ``batch_size`` (the last batch of an epoch may be short)."""
+    return cfg.local_steps or cfg.local_epochs * -(-num_examples // cfg.batch_size)
+
+
+def batch_schedule(num_examples: int, cfg: ClientConfig, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """The index batches of one local training run, in order: each epoch a seeded
+    permutation of the client's examples cut into batches of ``batch_size``, until
+    :func:`local_steps` batches were given. Lazy, so draws from ``generator`` interleave with
+    the training's own (a contrastive loss's augmentations) exactly as the loop runs."""
+    total, step = local_steps(num_examples, cfg), 0
+    while step < total:
+        order = torch.randperm(num_examples, generator=generator)
+        for start in range(0, num_examples, cfg.batch_size):
+            if step >= total:
+                return
+            yield order[start : start + cfg.batch_size]
+            step += 1
 
 
 def train_local(
@@ -54,45 +76,71 @@ def train_local(
     objective: ClientObjective,
     generator: torch.Generator,
     device: torch.device,
-    grad_transform: Callable[[nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` for the configured epochs or steps.
 
-    Hooks in ``objective.hooks`` add loss terms and transform gradients; ``grad_transform``
-    is a last gradient transform (FedLEx's guidance mask) applied before each step.
+    Hooks in ``objective.hooks`` add loss terms and transform gradients (``before_step``
+    runs between ``backward`` and the optimizer step).
     """
     n = len(data.y)
     if n == 0:
         raise ValueError("client has no training examples")
     x_all = torch.from_numpy(data.x).to(device)
     y_all = torch.from_numpy(data.y).to(device)
-    optimizer = build_optimizer(model, cfg)
-    batches_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
-    total_steps = cfg.local_steps or cfg.local_epochs * batches_per_epoch
+    optimizer = build_optimizer(model.parameters(), cfg)
     model.train()
-    loss_sum, correct, seen, step = 0.0, 0, 0, 0
-    while step < total_steps:
-        order = torch.randperm(n, generator=generator).to(device)
-        for start in range(0, n, cfg.batch_size):
-            if step >= total_steps:
-                break
-            idx = order[start : start + cfg.batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            loss, logits = objective(model, x_all[idx], y_all[idx], idx, generator)
-            loss.backward()
-            for hook in objective.hooks:
-                hook.before_step(model)
-            if grad_transform is not None:
-                grad_transform(model)
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == y_all[idx]).sum())
-            seen += len(idx)
-            step += 1
-    return TrainResult(num_examples=n, steps=step, loss=loss_sum / seen, accuracy=correct / seen)
+    loss_sum, correct, seen, steps = 0.0, 0, 0, 0
+    for batch in batch_schedule(n, cfg, generator):
+        idx = batch.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss, logits = objective(model, x_all[idx], y_all[idx], idx, generator)
+        loss.backward()
+        for hook in objective.hooks:
+            hook.before_step(model)
+        optimizer.step()
+        loss_sum += float(loss.detach()) * len(idx)
+        correct += int((logits.argmax(1) == y_all[idx]).sum())
+        seen += len(idx)
+        steps += 1
+    return TrainResult(num_examples=n, steps=steps, loss=loss_sum / seen, accuracy=correct / seen)
 
 
 @torch.no_grad()
+def evaluate_many(
+    model: nn.Module,
+    datasets: Sequence[ArrayDataset],
+    device: torch.device,
+    batch_size: int = 512,
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> list[EvalResult]:
+    """Cross-entropy loss and accuracy of ``model`` on each of ``datasets``.
+
+    The datasets are evaluated as one concatenation, in batches of ``batch_size``, and the
+    per-sample losses and hits summed per dataset: many small client test sets cost one
+    pass, not one per client. ``predict(embeddings, classifier) -> labels`` overrides
+    argmax-of-logits for losses that change the decision rule (HarmonicLoss predicts the
+    nearest class centre). An empty dataset gets NaN loss and accuracy.
+    """
+    model.eval()
+    sizes = [len(d.y) for d in datasets]
+    x = datasets[0].x if len(datasets) == 1 else np.concatenate([d.x for d in datasets])
+    y = datasets[0].y if len(datasets) == 1 else np.concatenate([d.y for d in datasets])
+    owner = torch.repeat_interleave(torch.arange(len(datasets)), torch.tensor(sizes)).to(device)
+    loss_sums = torch.zeros(len(datasets), dtype=torch.float64, device=device)
+    hits = torch.zeros(len(datasets), dtype=torch.float64, device=device)
+    for start in range(0, len(y), batch_size):
+        xb = torch.from_numpy(x[start : start + batch_size]).to(device)
+        yb = torch.from_numpy(y[start : start + batch_size]).to(device)
+        embeddings = model.features(xb)
+        logits = model.head(embeddings)
+        labels = predict(embeddings, model.head.weight) if predict else logits.argmax(1)
+        rows = owner[start : start + batch_size]
+        loss_sums.index_add_(0, rows, F.cross_entropy(logits, yb, reduction="none").double())
+        hits.index_add_(0, rows, (labels == yb).double())
+    return [EvalResult(n, float(loss) / n, float(hit) / n) if n else EvalResult(0, float("nan"), float("nan"))
+            for n, loss, hit in zip(sizes, loss_sums.tolist(), hits.tolist(), strict=True)]
+
+
 def evaluate(
     model: nn.Module,
     data: ArrayDataset,
@@ -100,23 +148,5 @@ def evaluate(
     batch_size: int = 512,
     predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> EvalResult:
-    """Cross-entropy loss and accuracy of ``model`` on ``data``.
-
-    ``predict(embeddings, classifier) -> labels`` overrides argmax-of-logits for losses
-    that change the decision rule (HarmonicLoss predicts the nearest class centre).
-    """
-    model.eval()
-    n = len(data.y)
-    if n == 0:
-        return EvalResult(0, float("nan"), float("nan"))
-    loss_sum, correct = 0.0, 0
-    for start in range(0, n, batch_size):
-        x = torch.from_numpy(data.x[start : start + batch_size]).to(device)
-        y = torch.from_numpy(data.y[start : start + batch_size]).to(device)
-        embeddings = model.features(x)
-        logits = model.head(embeddings)
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        labels = predict(embeddings, model.head.weight) if predict else logits.argmax(1)
-        correct += int((labels == y).sum())
-    return EvalResult(num_examples=n, loss=loss_sum / n, accuracy=correct / n)
-
+    """Cross-entropy loss and accuracy of ``model`` on ``data`` (see :func:`evaluate_many`)."""
+    return evaluate_many(model, [data], device, batch_size, predict)[0]

@@ -14,7 +14,6 @@ import numpy as np
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
-    NaturalIdPartitioner,
     Partitioner,
     ShardPartitioner,
     SizePartitioner,
@@ -104,7 +103,7 @@ def partition_indices(
                 f"natural: the groups hold {num_groups} natural clients "
                 f"but num_partitions is {num_partitions}"
             )
-        columns["group"] = groups
+        return natural_partitions(groups)
     table = datasets.Dataset.from_dict(columns)
     if scheme in ("iid", "quantity"):
         table = table.shuffle(seed=seed)
@@ -135,6 +134,18 @@ def partition_indices(
     if empty:
         raise ValueError(f"{scheme}: partitions {empty} came out empty; use fewer partitions")
     return [part.astype(np.int64) for part in parts]
+
+
+def natural_partitions(groups: np.ndarray) -> list[np.ndarray]:
+    """One partition per distinct group id, partition ``i`` holding the ``i``-th smallest.
+
+    The split of flwr-datasets' ``NaturalIdPartitioner`` (tested equal), computed with one
+    stable sort: the partitioner materialises each partition as a Hugging Face dataset
+    (about 20 ms each), minutes for a 10,000-client federation.
+    """
+    order = np.argsort(groups, kind="stable")
+    _, starts = np.unique(groups[order], return_index=True)
+    return [part.astype(np.int64) for part in np.split(order, starts[1:])]
 
 
 def _make_partitioner(
@@ -175,13 +186,9 @@ def _make_partitioner(
             num_shards_per_partition=int(shards_per_client),
             seed=seed,
         )
-    if scheme == "quantity":
-        return SizePartitioner(
-            partition_sizes=_quantity_skewed_sizes(
-                num_samples, num_partitions, quantity_alpha, min_size, seed
-            )
-        )
-    return NaturalIdPartitioner(partition_by="group")
+    return SizePartitioner(
+        partition_sizes=_quantity_skewed_sizes(num_samples, num_partitions, quantity_alpha, min_size, seed)
+    )
 
 
 def _quantity_skewed_sizes(

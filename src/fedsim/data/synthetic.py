@@ -64,28 +64,31 @@ def generate_synthetic(
     model_means = rng.normal(0.0, alpha, num_devices)
     input_mean_centres = rng.normal(0.0, beta, num_devices)
     input_std = np.arange(1, dim + 1, dtype=np.float64) ** -0.6  # sqrt of j^-1.2
-    xs, ys = [], []
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    splits = [split_client(np.arange(start, start + size), test_fraction, seed + device)
+              for device, (start, size) in enumerate(zip(starts, sizes, strict=True))]
+    # Each device's rows go straight to their place in the train or test arrays (float32),
+    # so memory holds the data once, not a float64 copy of every device besides.
+    parts = {}
+    for side in (0, 1):
+        rows = np.concatenate([split[side] for split in splits])
+        devices = np.repeat(np.arange(num_devices, dtype=np.int64), [len(split[side]) for split in splits])
+        parts[side] = (np.empty((len(rows), dim), dtype=np.float32), np.empty(len(rows), dtype=np.int64),
+                       np.zeros(num_devices + 1, dtype=np.int64), devices)
+        parts[side][2][1:] = np.cumsum([len(split[side]) for split in splits])
     for device in range(num_devices):
         weights = rng.normal(model_means[device], 1.0, (dim, num_classes))
         bias = rng.normal(model_means[device], 1.0, num_classes)
         input_mean = rng.normal(input_mean_centres[device], 1.0, dim)
         # A diagonal Gaussian needs no multivariate_normal factorisation.
         x = input_mean + rng.standard_normal((sizes[device], dim)) * input_std
-        xs.append(x)
         # softmax is monotonic, so the argmax of the logits is the argmax of softmax.
-        ys.append(np.argmax(x @ weights + bias, axis=1))
-    full = ArrayDataset(
-        x=np.concatenate(xs).astype(np.float32),
-        y=np.concatenate(ys).astype(np.int64),
-        num_classes=num_classes,
-        name="synthetic",
-        groups=np.repeat(np.arange(num_devices, dtype=np.int64), sizes),
-    )
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    splits = [
-        split_client(np.arange(start, start + size), test_fraction, seed + device)
-        for device, (start, size) in enumerate(zip(starts, sizes, strict=True))
-    ]
-    train_idx = np.concatenate([train for train, _ in splits])
-    test_idx = np.concatenate([test for _, test in splits])
-    return full.subset(train_idx), full.subset(test_idx)
+        y = np.argmax(x @ weights + bias, axis=1)
+        for side in (0, 1):
+            xs, ys, offsets, _ = parts[side]
+            local = splits[device][side] - starts[device]
+            xs[offsets[device] : offsets[device + 1]] = x[local]
+            ys[offsets[device] : offsets[device + 1]] = y[local]
+    train, test = (ArrayDataset(x=xs, y=ys, num_classes=num_classes, name="synthetic", groups=devices)
+                   for xs, ys, _, devices in (parts[0], parts[1]))
+    return train, test

@@ -10,6 +10,10 @@ class attributes the training loop relies on:
   client calls ``loss(**{k: available[k] for k in loss.inputs})``.
 - ``task``: ``"classification"``, ``"embedding"`` or ``"binary"``.
 
+A loss whose ``reduction="none"`` gives one term per sample, and that runs under
+``torch.func.vmap``, says so with ``per_sample = True``: the batched trainer
+(:mod:`fedsim.clients.batched`) averages such terms over the real rows of padded batches.
+
 Stateful losses (:class:`ALDRKLLoss`, :class:`SogCLRLoss`, :class:`ISogCLRLoss`) take
 ``num_samples`` and keep per-sample state in buffers, saved by ``state_dict()``.
 """

@@ -76,8 +76,12 @@ def check_indices(indices: Tensor, batch_size: int, num_samples: int, where: str
 
 
 def one_hot_like(logits: Tensor, targets: Tensor) -> Tensor:
-    """One-hot matrix of ``targets`` with the shape, dtype and device of ``logits``."""
-    return torch.zeros_like(logits).scatter_(1, targets.unsqueeze(1), 1.0)
+    """One-hot matrix of ``targets`` with the shape, dtype and device of ``logits``.
+
+    A comparison rather than ``scatter_``: the same values, and ``torch.func.vmap`` (the
+    batched trainer) has a batching rule for it."""
+    classes = torch.arange(logits.shape[1], device=logits.device)
+    return (targets.unsqueeze(1) == classes).to(logits.dtype)
 
 
 def reduce(loss: Tensor, reduction: str) -> Tensor:

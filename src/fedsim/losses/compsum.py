@@ -44,6 +44,7 @@ class CompSumLoss(nn.Module):
     """
 
     inputs = ("logits", "targets")
+    per_sample = True
     task = "classification"
 
     def __init__(self, tau: float = 1.0, reduction: str = "mean") -> None:

@@ -48,6 +48,7 @@ class CrossEntropyLoss(nn.Module):
     """
 
     inputs = ("logits", "targets")
+    per_sample = True
     task = "classification"
 
     def __init__(self, label_smoothing: float = 0.0, reduction: str = "mean") -> None:
@@ -83,6 +84,7 @@ class PaLMZLoss(nn.Module):
     """
 
     inputs = ("logits",)
+    per_sample = True
     task = "classification"
 
     def __init__(self, weight: float = 1e-4, reduction: str = "mean") -> None:

@@ -64,6 +64,7 @@ class HarmonicLoss(nn.Module):
     """
 
     inputs = ("embeddings", "classifier", "targets")
+    per_sample = True
     task = "classification"
 
     def __init__(self, exponent: float | None = None, reduction: str = "mean") -> None:

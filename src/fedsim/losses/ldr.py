@@ -102,6 +102,7 @@ class LDRKLLoss(nn.Module):
     """
 
     inputs = ("logits", "targets")
+    per_sample = True
     task = "classification"
 
     def __init__(self, lam: float = 1.0, margin: float = 2.0, reduction: str = "mean") -> None:

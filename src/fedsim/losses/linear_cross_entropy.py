@@ -260,6 +260,8 @@ class LinearCrossEntropy(nn.Module):
     """
 
     inputs = ("embeddings", "classifier", "targets")
+    # not per_sample: its chunk loop branches on tensor values, which torch.func.vmap cannot batch
+    per_sample = False
     task = "classification"
 
     def __init__(

@@ -47,6 +47,7 @@ class ZLoss(nn.Module):
     """
 
     inputs = ("logits", "targets")
+    per_sample = True
     task = "classification"
 
     def __init__(self, a: float = 1.0, b: float = 1.0, reduction: str = "mean") -> None:

@@ -30,26 +30,24 @@ import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedsim.clients.train import local_steps as client_steps
 from fedsim.config import ExperimentConfig
 from fedsim.quant.codecs import Codec
 from fedsim.seeding import derive_seed
 from fedsim.sim.clock import EventQueue, VirtualClock, WallClock
 from fedsim.sim.components import FederatedData, device_speeds
+from fedsim.sim.messaging import reply_allowance
 from fedsim.sim.speeds import client_duration
-from fedsim.strategies.replies import ClientUpdate, Failure, screen_train_reply
+from fedsim.strategies.replies import TIMEOUT, ClientUpdate, Failure, screen_train_reply
 
 POLL_S = 0.01
 LOST = "update lost (simulated dropout)"
-TIMEOUT = "no reply before the timeout"
 UNSENT = "the grid did not accept the message"
 
 
 def local_steps(cfg: ExperimentConfig, data: FederatedData) -> np.ndarray:
     """Each client's local steps per update, as ``train_local`` counts them."""
-    sizes = np.array([len(idx) for idx in data.client_train])
-    if cfg.client.local_steps is not None:
-        return np.full(len(sizes), cfg.client.local_steps)
-    return cfg.client.local_epochs * -(-sizes // cfg.client.batch_size)
+    return np.array([client_steps(len(idx), cfg.client) for idx in data.client_train])
 
 
 class SimulatedDevices:
@@ -156,9 +154,17 @@ class Arrival:
         return self.time - self.job.start
 
 
-def _push(grid: Grid, job: Job, message: Message, timeout_s: float) -> None:
-    job.message_id = next(iter(grid.push_messages([message])), None)
-    job.deadline = time.monotonic() + timeout_s
+def _push(grid: Grid, batch: list[tuple[Job, Message]], timeout_s: float) -> None:
+    """Push the jobs' messages at once (a simulated node trains them together); a job whose
+    message the grid did not accept keeps no message id (Flower's grids stamp each message
+    they take with its id, and return the ids they took)."""
+    if not batch:
+        return
+    accepted = set(grid.push_messages([message for _, message in batch]))
+    deadline = time.monotonic() + reply_allowance(grid, timeout_s)
+    for job, message in batch:
+        job.message_id = message.metadata.message_id if message.metadata.message_id in accepted else None
+        job.deadline = deadline
 
 
 class VirtualArrivals:
@@ -192,17 +198,20 @@ class VirtualArrivals:
         self.clock = VirtualClock()
         self.queue = EventQueue(seed)
 
-    def dispatch(self, job: Job, message: Message) -> None:
-        """Send the job's message (unless its update will be lost) and queue its arrival."""
-        duration, job.lost = self.devices.job(job.partition_id, job.count)
-        if not job.lost:
-            _push(self.grid, job, message, self.timeout_s)
-        self.queue.push(job.start + duration, job.partition_id, job)
+    def dispatch(self, batch: list[tuple[Job, Message]]) -> None:
+        """Send the jobs' messages together (but those whose update will be lost) and queue
+        their arrivals."""
+        sent = []
+        for job, message in batch:
+            duration, job.lost = self.devices.job(job.partition_id, job.count)
+            if not job.lost:
+                sent.append((job, message))
+            self.queue.push(job.start + duration, job.partition_id, job)
+        _push(self.grid, sent, self.timeout_s)
 
-    def resend(self, job: Job, message: Message) -> None:
-        """Send a restored job's message again (resume); its arrival is already queued."""
-        if not job.lost:
-            _push(self.grid, job, message, self.timeout_s)
+    def resend(self, batch: list[tuple[Job, Message]]) -> None:
+        """Send restored jobs' messages again (resume); their arrivals are already queued."""
+        _push(self.grid, [(job, message) for job, message in batch if not job.lost], self.timeout_s)
 
     def next_until(self, t: float) -> Arrival | None:
         """The earliest arrival at or before ``t`` (the clock moves to it), else None."""
@@ -272,13 +281,14 @@ class WallArrivals:
         self._jobs: dict[str, Job] = {}
         self._done: list[tuple[float, Job, ClientUpdate | Failure]] = []
 
-    def dispatch(self, job: Job, message: Message) -> None:
-        """Send the job's message."""
-        _push(self.grid, job, message, self.timeout_s)
-        if job.message_id is None:
-            self._done.append((self.clock.now(), job, Failure(job.partition_id, UNSENT)))
-        else:
-            self._jobs[job.message_id] = job
+    def dispatch(self, batch: list[tuple[Job, Message]]) -> None:
+        """Send the jobs' messages."""
+        _push(self.grid, batch, self.timeout_s)
+        for job, _ in batch:
+            if job.message_id is None:
+                self._done.append((self.clock.now(), job, Failure(job.partition_id, UNSENT)))
+            else:
+                self._jobs[job.message_id] = job
 
     def next_until(self, t: float) -> Arrival | None:
         """The next reply (or timeout) received by wall time ``t``, else None once ``t`` passes."""

@@ -56,11 +56,11 @@ from fedsim.seeding import derive_seed
 from fedsim.sim.arrivals import LOST, Arrival, Job, SimulatedDevices, VirtualArrivals, WallArrivals
 from fedsim.sim.clock import Clock, WallClock
 from fedsim.sim.components import FederatedData, federated_data, make_model, resolve_device
-from fedsim.sim.messaging import send_and_collect
+from fedsim.sim.messaging import client_nodes, send_and_collect
 from fedsim.sim.plots import plot_run
 from fedsim.sim.progress import RoundProgress
 from fedsim.sim.results import Checkpoint, RunDir, bytes_so_far, summarise
-from fedsim.sim.sync import discover_clients, predict_fn
+from fedsim.sim.sync import predict_fn
 from fedsim.strategies.fedasync import FedAsync
 from fedsim.strategies.fedbuff import FedBuff
 from fedsim.strategies.fedfix import FedFix, FedFixArrival
@@ -278,12 +278,15 @@ class AsyncServer:
         return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=self.node_of[job.partition_id])
 
     def dispatch_free(self) -> None:
-        """Start idle clients from the current model until the pool is full."""
+        """Start idle clients from the current model until the pool is full (their messages
+        go out together)."""
+        batch = []
         for client, count in self.pool.take():
             job = Job(client, count, self.model, self.rule.version, self.source.clock.now())
             self.pool.start(job)
-            self.source.dispatch(job, self.message(job))
-            self.stats.sent += 1
+            batch.append((job, self.message(job)))
+        self.source.dispatch(batch)
+        self.stats.sent += len(batch)
 
     def handle(self, arrival: Arrival) -> None:
         """Apply one arrival (an update or a failure) and free its client."""
@@ -331,9 +334,8 @@ class AsyncServer:
         self.model, self.rule, self.pool = state["model"], state["rule"], state["pool"]
         self.updates_per_client = state["updates_per_client"]
         self.source.load_state_dict(state["source"])
-        for client in sorted(self.pool.in_flight):
-            job = self.pool.in_flight[client]
-            self.source.resend(job, self.message(job))
+        jobs = [self.pool.in_flight[client] for client in sorted(self.pool.in_flight)]
+        self.source.resend([(job, self.message(job)) for job in jobs])
 
 
 # -------------------------------------------------------------------------- evaluation
@@ -443,7 +445,7 @@ def run_async(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show
     net = make_model(cfg.model, data.train, cfg.seed)
     spec = ParamSpec.of(net)
     template = {k: v.clone() for k, v in net.state_dict().items()}
-    node_of = discover_clients(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
+    node_of = client_nodes(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
     if clock is None and cfg.sim.clock == "wall":
         clock = WallClock()  # time 0 is when the nodes are ready, not when the ServerApp started
     source = arrival_source(grid, cfg, data, spec.dim, clock)

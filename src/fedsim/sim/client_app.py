@@ -1,13 +1,25 @@
-"""The Flower ClientApp of a fedsim run.
+"""The client side of a fedsim run: what a client does with each message, and the
+Flower ClientApp around it.
 
-One ClientApp serves every simulated client: Flower tells it which partition it plays
-(``node_config["partition-id"]``), it loads that client's data from the per-process
-cache, rebuilds the model from the global arrays, trains with ``train_local`` and
-replies with the flat update ``w_local - w_global``. Deterministic: the client's random
-generator is seeded from (run seed, round, partition id), never from the host.
+:class:`ClientRuntime` serves every simulated client. It receives *members*, each one
+client's share of a delivery (its partition id, its message content and its slice of the
+node's Context state), and answers each with a reply content or an error:
 
-Gossip nodes (``train.gossip`` and ``train.mix`` messages) train and mix the model they
-keep in their Context instead (``fedsim.clients.gossip_node``).
+- ``train``: rebuild the model from the message's arrays, train on the partition
+  (:func:`fedsim.clients.train.train_local`, or all members at once with
+  :func:`fedsim.clients.batched.train_stacked`), reply with the flat update
+  ``w_local - w_start`` through the uplink codec;
+- ``train.gossip`` / ``train.mix``: a gossip node trains or mixes the model it keeps in its
+  state (:mod:`fedsim.clients.gossip_node`);
+- ``evaluate``: loss and accuracy on the partition's test split (all members sharing a
+  model in one pass);
+- ``query``: the partition id (deployment: the server learns who plays which partition).
+
+Deterministic: a client's generators are seeded from (run seed, round, partition id),
+never from the host. The runtime is used three ways: the in-process grids call it directly
+(:mod:`fedsim.sim.inprocess`); under Ray the ClientApp's ``group`` actions unpack a group
+message (:mod:`fedsim.sim.groups`) into members; in deployment each SuperNode's plain
+messages are one member each, for the partition its node config names.
 """
 
 from __future__ import annotations
@@ -15,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Iterator, MutableMapping, Sequence
 
 import numpy as np
 import torch
@@ -24,60 +36,94 @@ from flwr.clientapp import ClientApp
 
 from fedsim.attacks import build_attack, choose_byzantine
 from fedsim.clients import gossip_node
+from fedsim.clients.batched import train_stacked, vectorisable_reason
 from fedsim.clients.fedld import FedLDRegulariser
 from fedsim.clients.fedlex import GuidanceMask
-from fedsim.clients.hooks import ClientHook, ProximalTerm
+from fedsim.clients.hooks import ClientHook, ProximalTerm, vectorises
 from fedsim.clients.objective import ClientObjective
 from fedsim.clients.quantization import Uplink, prepare_training_model
-from fedsim.clients.train import evaluate, train_local
+from fedsim.clients.train import TrainResult, build_optimizer, evaluate_many, local_steps, train_local
 from fedsim.config import ExperimentConfig
 from fedsim.data import ArrayDataset
-from fedsim.params import ParamSpec, get_flat
+from fedsim.params import ParamSpec
 from fedsim.seeding import derive_seed
-from fedsim.sim.components import (
-    FederatedData,
-    build_objective,
-    device_speeds,
-    federated_data,
-    make_model,
-    resolve_device,
-)
-from fedsim.sim.faults import inject_fault
+from fedsim.sim import groups
+from fedsim.sim.components import FederatedData, build_objective, device_speeds, federated_data, make_model, resolve_device
+from fedsim.sim.faults import inject_fault, stall_seconds
 from fedsim.sim.sync import predict_fn
-
+from fedsim.strategies.replies import TIMEOUT_CODE
 
 LOSS_STATE_KEY = "loss-state"
+# Flower's error code for an exception raised inside a ClientApp
+CLIENT_APP_RAISED_EXCEPTION = 0
 
 
-def partition_of(context: Context, message: Message) -> int:
-    """The partition this node plays: from the node config, else from the message."""
-    if "partition-id" in context.node_config:
-        return int(context.node_config["partition-id"])
-    return int(message.content["config"]["partition-id"])
+class PartitionState(MutableMapping):
+    """One partition's slice of a node's ``Context.state``: its keys carry the partition id,
+    so a node serving several partitions keeps each one's state apart."""
+
+    def __init__(self, state: RecordDict, partition_id: int) -> None:
+        self._state = state
+        self._prefix = f"partition-{partition_id}/"
+
+    def __getitem__(self, key: str):
+        return self._state[self._prefix + key]
+
+    def __setitem__(self, key: str, value) -> None:
+        self._state[self._prefix + key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._state[self._prefix + key]
+
+    def __iter__(self) -> Iterator[str]:
+        return (k.removeprefix(self._prefix) for k in list(self._state) if k.startswith(self._prefix))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One client's share of a delivery."""
+
+    partition_id: int
+    content: RecordDict
+    state: MutableMapping
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What a member got: its reply content or the exception it raised, and the seconds the
+    node spent on it (its own work plus its share of work done for a group at once)."""
+
+    reply: RecordDict | None
+    error: BaseException | None
+    seconds: float
+
+    def member_reply(self, partition_id: int, timeout_s: float) -> groups.MemberReply:
+        """The reply a simulated node sends for this member: a client slower than
+        ``client.timeout_s`` counts as timed out, whatever else happened."""
+        if self.seconds > timeout_s:
+            return groups.MemberReply(partition_id, None, TIMEOUT_CODE, f"took {self.seconds:.1f} s")
+        if self.error is not None:
+            return groups.MemberReply(partition_id, None, CLIENT_APP_RAISED_EXCEPTION,
+                                      f"{type(self.error).__name__}: {self.error}")
+        return groups.MemberReply(partition_id, self.reply)
 
 
 @dataclasses.dataclass(frozen=True)
 class Worker:
     """What a worker process builds once and every client call it serves reuses: the
-    partitioned data, the device speeds, the loss's decision rule, and one model whose whole
-    state each call overwrites with the global arrays (building and seeding a model per call
-    is waste)."""
+    partitioned data, the device speeds, the loss's decision rule, one model whose whole
+    state each call overwrites (building and seeding a model per call is waste), its flat
+    layout, and why its clients cannot train vectorised (None when they can)."""
 
     data: FederatedData
     speeds: np.ndarray
     model: torch.nn.Module
-    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainReply:
-    """A training call's reply, and what a gossip node needs to keep its model: the flat
-    model it started from and the update as the server decodes it."""
-
-    message: Message
     spec: ParamSpec
-    start: torch.Tensor
-    sent_update: torch.Tensor
+    predict: object
+    not_vectorised: str | None
 
 
 @functools.lru_cache(maxsize=2)
@@ -85,36 +131,40 @@ def worker(cfg_json: str) -> Worker:
     """The worker state of the config serialised as ``cfg_json`` (cached per process)."""
     cfg = ExperimentConfig.model_validate_json(cfg_json)
     data = federated_data(cfg)
-    return Worker(data, device_speeds(cfg), make_model(cfg.model, data.train, cfg.seed), predict_fn(cfg))
+    model = make_model(cfg.model, data.train, cfg.seed)
+    # torch's first optimizer imports torch._dynamo (seconds): a start-up cost of the worker,
+    # not time of the first client it serves
+    build_optimizer(model.parameters(), cfg.client)
+    return Worker(data, device_speeds(cfg), model, ParamSpec.of(model), predict_fn(cfg),
+                  vectorisable_reason(cfg, model))
 
 
-def _load(w: Worker, state_dict: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
-    w.model.load_state_dict(state_dict)
-    return w.model.to(device)
+@dataclasses.dataclass
+class TrainJob:
+    """A training member, prepared: where it starts and what it trains on."""
+
+    index: int
+    member: Member
+    server_round: int
+    start: dict[str, torch.Tensor]
+    start_flat: torch.Tensor
+    train_set: ArrayDataset
+    generator: torch.Generator
+    seconds: float = 0.0
+
+    @property
+    def config(self):
+        return self.member.content["config"]
 
 
-def _hooks(message: Message, model: torch.nn.Module) -> tuple[ClientHook, ...]:
-    """The client hooks the strategy switched on through the message."""
-    config = message.content["config"]
-    hooks: list[ClientHook] = []
-    mu = float(config.get("proximal-mu", 0.0))
-    if mu > 0:
-        hooks.append(ProximalTerm(mu, [p.detach().clone() for p in model.parameters()]))
-    if "fedld-beta" in config:
-        hooks.append(FedLDRegulariser(float(config["fedld-beta"])))
-    if "guidance" in message.content.array_records:
-        hooks.append(GuidanceMask(message.content["guidance"].to_torch_state_dict()))
-    return tuple(hooks)
-
-
-def restore_loss_state(objective: ClientObjective, state: RecordDict) -> None:
+def restore_loss_state(objective: ClientObjective, state: MutableMapping) -> None:
     """Load the per-sample state of stateful losses (ALDR-KL, SogCLR, iSogCLR) kept in the
     node's Context between rounds."""
     if LOSS_STATE_KEY in state:
         objective.main.load_state_dict(state[LOSS_STATE_KEY].to_torch_state_dict())
 
 
-def save_loss_state(objective: ClientObjective, state: RecordDict) -> None:
+def save_loss_state(objective: ClientObjective, state: MutableMapping) -> None:
     """Keep the main loss's buffers (if it has any) in the node's Context."""
     buffers = objective.main.state_dict()
     if buffers:
@@ -131,82 +181,266 @@ def _poisoned(cfg: ExperimentConfig, train_set: ArrayDataset, pid: int) -> Array
     return dataclasses.replace(train_set, y=labels)
 
 
-def build_client_app(cfg: ExperimentConfig) -> ClientApp:
-    """A ClientApp that trains and evaluates the config's model on its partition."""
-    app = ClientApp()
-    cfg_json = cfg.model_dump_json()  # once: the key of the per-process worker state
-    uplink = Uplink(cfg.quant.uplink)
+def _hooks(job: TrainJob, global_params: dict[str, torch.Tensor]) -> tuple[ClientHook, ...]:
+    """The client hooks the strategy switched on through the message; ``global_params``
+    are the parameters the proximal term pulls towards (stacked for a group)."""
+    config, content = job.config, job.member.content
+    hooks: list[ClientHook] = []
+    mu = float(config.get("proximal-mu", 0.0))
+    if mu > 0:
+        hooks.append(ProximalTerm(mu, global_params))
+    if "fedld-beta" in config:
+        hooks.append(FedLDRegulariser(float(config["fedld-beta"])))
+    if "guidance" in content.array_records:
+        hooks.append(GuidanceMask(content["guidance"].to_torch_state_dict()))
+    return tuple(hooks)
 
-    def train_from(message: Message, context: Context, start_state: dict[str, torch.Tensor]) -> TrainReply:
-        start = time.perf_counter()
-        pid = partition_of(context, message)
-        server_round = int(message.content["config"]["server-round"])
-        torch.set_num_threads(max(1, int(cfg.sim.num_cpus_per_client)))
-        device = resolve_device(cfg)
-        w = worker(cfg_json)
-        model = _load(w, start_state, device)
-        train_set = _poisoned(cfg, w.data.client(pid)[0], pid)
-        spec = ParamSpec.of(model)
-        global_flat = get_flat(model, spec)
-        hooks = _hooks(message, model)
-        model = prepare_training_model(model, cfg.quant, server_round, cfg.rounds)
-        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "train", server_round, pid))
-        objective = build_objective(cfg, len(train_set.y), hooks)
-        restore_loss_state(objective, context.state)
-        result = train_local(model, train_set, cfg.client, objective, generator, device)
-        save_loss_state(objective, context.state)
-        update = spec.flatten(model.cpu().state_dict()) - global_flat
-        update = torch.from_numpy(inject_fault(cfg.faults, pid, server_round, update.numpy()))
-        codec_rng = torch.Generator().manual_seed(derive_seed(cfg.seed, "uplink", server_round, pid))
-        payload = uplink.encode(update, context.state, codec_rng)
+
+def _hook_key(job: TrainJob) -> tuple:
+    """Members with equal keys get the same hooks and may train stacked together."""
+    config, records = job.config, job.member.content.array_records
+    return (float(config.get("proximal-mu", 0.0)), config.get("fedld-beta"), id(records.get("guidance")))
+
+
+class ClientRuntime:
+    """Answers the members of deliveries for the experiment ``cfg``.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment.
+    vectorise : bool, default False
+        Train the members of one delivery together (:mod:`fedsim.clients.batched`) where the
+        experiment allows it; otherwise one after another.
+    sleep_stalls : bool, default False
+        A stalled client (``faults.slow``) sleeps (deployment, where the server's clock
+        judges it); otherwise the stall is added to the client's time, which a simulated
+        node reports (a stall then costs no wall time and blocks no other client).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, vectorise: bool = False, sleep_stalls: bool = False) -> None:
+        self.cfg = cfg
+        self.cfg_json = cfg.model_dump_json()  # once: the key of the per-process worker state
+        self.uplink = Uplink(cfg.quant.uplink)
+        self.vectorise = vectorise
+        self.sleep_stalls = sleep_stalls
+
+    def run(self, message_type: str, members: Sequence[Member]) -> list[Outcome]:
+        """Each member's outcome, in order."""
+        handler = {"train": self._train, "train.gossip": self._train, "train.mix": self._mix,
+                   "evaluate": self._evaluate, "query": self._query}.get(message_type)
+        if handler is None:
+            error = ValueError(f"fedsim clients do not handle {message_type!r} messages")
+            return [Outcome(None, error, 0.0) for _ in members]
+        torch.set_num_threads(max(1, int(self.cfg.sim.num_cpus_per_client)))
+        return handler(message_type, members)
+
+    # ------------------------------------------------------------------ train
+    def _train(self, message_type: str, members: Sequence[Member]) -> list[Outcome]:
+        w = worker(self.cfg_json)
+        device = resolve_device(self.cfg)
+        outcomes: list[Outcome | None] = [None] * len(members)
+        jobs = []
+        for i, member in enumerate(members):
+            started = time.perf_counter()
+            try:
+                jobs.append(self._prepare(i, member, message_type, w))
+            except Exception as exc:  # one client's failure is its own
+                outcomes[i] = Outcome(None, exc, time.perf_counter() - started)
+            else:
+                jobs[-1].seconds = time.perf_counter() - started
+        for job, trained in self._trained(jobs, w, device):
+            started = time.perf_counter()
+            try:
+                if isinstance(trained, BaseException):
+                    raise trained
+                reply = self._finish(job, *trained, w, message_type)
+            except Exception as exc:
+                reply = exc
+            job.seconds += time.perf_counter() - started
+            outcomes[job.index] = (Outcome(None, reply, job.seconds) if isinstance(reply, BaseException)
+                                   else Outcome(reply, None, job.seconds))
+        return outcomes
+
+    def _prepare(self, index: int, member: Member, message_type: str, w: Worker) -> TrainJob:
+        pid = member.partition_id
+        server_round = int(member.content["config"]["server-round"])
+        if message_type == "train.gossip":
+            start = gossip_node.held_model(member.content, member.state)
+        else:
+            start = member.content["arrays"].to_torch_state_dict()
+        train_set = _poisoned(self.cfg, w.data.client(pid)[0], pid)
+        if len(train_set.y) == 0:
+            raise ValueError("client has no training examples")
+        generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "train", server_round, pid))
+        return TrainJob(index, member, server_round, start, w.spec.flatten(start), train_set, generator)
+
+    def _trained(self, jobs: list[TrainJob], w: Worker, device: torch.device):
+        """(job, (final flat model, TrainResult) or the exception) for every job."""
+        batches: dict[tuple, list[TrainJob]] = {}
+        if self.vectorise and w.not_vectorised is None:
+            for job in jobs:
+                batches.setdefault(_hook_key(job), []).append(job)
+        for batch in batches.values():
+            if len(batch) > 1:
+                yield from self._train_batch(batch, w, device)
+        for job in jobs:
+            if len(batches.get(_hook_key(job), ())) <= 1:
+                started = time.perf_counter()
+                try:
+                    trained = self._train_one(job, w, device)
+                except Exception as exc:
+                    trained = exc
+                job.seconds += time.perf_counter() - started
+                yield job, trained
+
+    def _train_one(self, job: TrainJob, w: Worker, device: torch.device) -> tuple[torch.Tensor, TrainResult]:
+        model = w.model
+        model.load_state_dict(job.start)
+        model = model.to(device)
+        hooks = _hooks(job, {n: p.detach().clone() for n, p in model.named_parameters()})
+        model = prepare_training_model(model, self.cfg.quant, job.server_round, self.cfg.rounds)
+        objective = build_objective(self.cfg, len(job.train_set.y), hooks)
+        restore_loss_state(objective, job.member.state)
+        result = train_local(model, job.train_set, self.cfg.client, objective, job.generator, device)
+        save_loss_state(objective, job.member.state)
+        return w.spec.flatten(model.cpu().state_dict()), result
+
+    def _train_batch(self, jobs: list[TrainJob], w: Worker, device: torch.device):
+        """Train ``jobs`` stacked (same hooks), rows in decreasing order of local steps."""
+        started = time.perf_counter()
+        jobs = sorted(jobs, key=lambda j: -local_steps(len(j.train_set.y), self.cfg.client))
+        names = [name for name, _ in w.model.named_parameters()]
+        start = {name: torch.stack([job.start[name] for job in jobs]) for name in names}
+        hooks = _hooks(jobs[0], start)
+        try:
+            if not all(vectorises(hook) for hook in hooks):
+                raise TypeError("a hook has no stacked form")
+            final, results = train_stacked(w.model, start, [j.train_set for j in jobs], [j.generator for j in jobs],
+                                           self.cfg.client, build_objective(self.cfg, 1, hooks, per_sample=True),
+                                           device)
+        except Exception as exc:
+            trained = [exc] * len(jobs)
+        else:
+            trained = [(w.spec.flatten({n: final[n][row] for n in names}), results[row]) for row in range(len(jobs))]
+        share = (time.perf_counter() - started) / len(jobs)
+        for job, outcome in zip(jobs, trained, strict=True):
+            job.seconds += share
+            yield job, outcome
+
+    def _finish(self, job: TrainJob, final_flat: torch.Tensor, result: TrainResult, w: Worker,
+                message_type: str) -> RecordDict:
+        """The update through faults and the uplink codec, as a reply; a gossip node keeps
+        what the server will see."""
+        pid, cfg = job.member.partition_id, self.cfg
+        update = final_flat - job.start_flat
+        update = torch.from_numpy(inject_fault(cfg.faults, pid, job.server_round, update.numpy()))
+        stall = stall_seconds(cfg.faults, pid, job.server_round)
+        if self.sleep_stalls:
+            time.sleep(stall)
+        else:
+            job.seconds += stall
+        codec_rng = torch.Generator().manual_seed(derive_seed(cfg.seed, "uplink", job.server_round, pid))
+        payload = self.uplink.encode(update, job.member.state, codec_rng)
+        if message_type == "train.gossip":
+            held = w.spec.unflatten(job.start_flat + self.uplink.codec.decode(payload))
+            gossip_node.keep_model(job.member.state, {**job.start, **held},
+                                   gossip_node.version(job.server_round, "train"))
         metrics = MetricRecord({
             "num-examples": result.num_examples,
             "train_loss": result.loss,
             "train_accuracy": result.accuracy,
             "steps": result.steps,
-            "duration_s": time.perf_counter() - start,
+            "duration_s": job.seconds,
             "virtual_duration": result.steps / float(w.speeds[pid]),
             "bytes_up": payload.nbytes,
         })
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.to_arrays().items()})
-        reply = Message(content=RecordDict({"update": arrays, "metrics": metrics}), reply_to=message)
-        return TrainReply(reply, spec, global_flat, uplink.codec.decode(payload))
+        return RecordDict({"update": arrays, "metrics": metrics})
 
-    @app.train()
-    def train(message: Message, context: Context) -> Message:
-        return train_from(message, context, message.content["arrays"].to_torch_state_dict()).message
+    # --------------------------------------------------------- other messages
+    def _mix(self, message_type: str, members: Sequence[Member]) -> list[Outcome]:
+        spec = worker(self.cfg_json).spec
+        strategy = self.cfg.strategy
+        return [_timed(lambda m=m: gossip_node.mix_reply(m.content, m.state, spec, strategy.variance_correction,
+                                                          strategy.eps))
+                for m in members]
 
-    @app.train("gossip")
-    def train_gossip(message: Message, context: Context) -> Message:
-        """A gossip node trains the model it holds and keeps what the server will see."""
-        start_state = gossip_node.held_model(message, context)
-        result = train_from(message, context, start_state)
-        held = result.spec.unflatten(result.start + result.sent_update)
-        server_round = int(message.content["config"]["server-round"])
-        gossip_node.keep_model(context, {**start_state, **held}, gossip_node.version(server_round, "train"))
-        return result.message
+    def _evaluate(self, message_type: str, members: Sequence[Member]) -> list[Outcome]:
+        """Members that share a model are evaluated in one pass over their test splits."""
+        w = worker(self.cfg_json)
+        device = resolve_device(self.cfg)
+        outcomes: list[Outcome | None] = [None] * len(members)
+        by_model: dict[int, list[int]] = {}
+        for i, member in enumerate(members):
+            by_model.setdefault(id(member.content["arrays"]), []).append(i)
+        for indices in by_model.values():
+            started = time.perf_counter()
+            try:
+                model = w.model
+                model.load_state_dict(members[indices[0]].content["arrays"].to_torch_state_dict())
+                test_sets = [w.data.client(members[i].partition_id)[1] for i in indices]
+                results = evaluate_many(model.to(device), test_sets, device, self.cfg.eval.batch_size, w.predict)
+                model.cpu()
+            except Exception as exc:
+                share = (time.perf_counter() - started) / len(indices)
+                for i in indices:
+                    outcomes[i] = Outcome(None, exc, share)
+                continue
+            share = (time.perf_counter() - started) / len(indices)
+            for i, res in zip(indices, results, strict=True):
+                metrics = MetricRecord({"num-examples": res.num_examples,
+                                        "eval_loss": res.loss if res.num_examples else 0.0,
+                                        "eval_accuracy": res.accuracy if res.num_examples else 0.0})
+                outcomes[i] = Outcome(RecordDict({"metrics": metrics}), None, share)
+        return outcomes
 
-    @app.train("mix")
-    def mix(message: Message, context: Context) -> Message:
-        spec = ParamSpec.of(worker(cfg_json).model)
-        return gossip_node.mix_reply(message, context, spec, cfg.strategy.variance_correction, cfg.strategy.eps)
+    def _query(self, message_type: str, members: Sequence[Member]) -> list[Outcome]:
+        return [Outcome(RecordDict({"metrics": MetricRecord({"partition-id": m.partition_id})}), None, 0.0)
+                for m in members]
 
-    @app.evaluate()
-    def evaluate_client(message: Message, context: Context) -> Message:
+
+def _timed(work) -> Outcome:
+    started = time.perf_counter()
+    try:
+        return Outcome(work(), None, time.perf_counter() - started)
+    except Exception as exc:
+        return Outcome(None, exc, time.perf_counter() - started)
+
+
+def partition_of(context: Context, message: Message) -> int:
+    """The partition a deployed node plays: its node config's ``partition-id``, else the
+    one the message names."""
+    if "partition-id" in context.node_config:
+        return int(context.node_config["partition-id"])
+    return int(message.content["config"]["partition-id"])
+
+
+def build_client_app(cfg: ExperimentConfig, vectorise: bool = False, sleep_stalls: bool = False) -> ClientApp:
+    """A ClientApp that answers fedsim's messages for the experiment ``cfg``: plain
+    messages (deployment: one client per SuperNode) and group messages (simulation under
+    Ray: the clients a node serves, trained together when ``vectorise``). See
+    :class:`ClientRuntime` for ``sleep_stalls``."""
+    app = ClientApp()
+    runtime = ClientRuntime(cfg, vectorise, sleep_stalls)
+
+    def plain(message: Message, context: Context) -> Message:
         pid = partition_of(context, message)
-        device = resolve_device(cfg)
-        w = worker(cfg_json)
-        model = _load(w, message.content["arrays"].to_torch_state_dict(), device)
-        _, test_set = w.data.client(pid)
-        result = evaluate(model, test_set, device, cfg.eval.batch_size, w.predict)
-        metrics = MetricRecord({"num-examples": result.num_examples,
-                                "eval_loss": result.loss if result.num_examples else 0.0,
-                                "eval_accuracy": result.accuracy if result.num_examples else 0.0})
-        return Message(content=RecordDict({"metrics": metrics}), reply_to=message)
+        member = Member(pid, message.content, PartitionState(context.state, pid))
+        outcome = runtime.run(message.metadata.message_type, [member])[0]
+        if outcome.error is not None:
+            raise outcome.error
+        return Message(content=outcome.reply, reply_to=message)
 
-    @app.query()
-    def query(message: Message, context: Context) -> Message:
-        metrics = MetricRecord({"partition-id": partition_of(context, message)})
-        return Message(content=RecordDict({"metrics": metrics}), reply_to=message)
+    def group(message: Message, context: Context) -> Message:
+        message_type, contents = groups.unpack_members(message.content)
+        members = [Member(pid, content, PartitionState(context.state, pid)) for pid, content in contents]
+        outcomes = runtime.run(message_type, members)
+        replies = [o.member_reply(m.partition_id, cfg.client.timeout_s) for m, o in zip(members, outcomes, strict=True)]
+        return Message(content=groups.pack_replies(replies), reply_to=message)
 
+    for register in (app.train(), app.train("gossip"), app.train("mix"), app.evaluate(), app.query()):
+        register(plain)
+    for register in (app.train(groups.GROUP_ACTION), app.evaluate(groups.GROUP_ACTION)):
+        register(group)
     return app

@@ -79,14 +79,17 @@ def make_model(model: ModelConfig, data: ArrayDataset, seed: int) -> nn.Module:
     return build_model(model.name, data.input_shape, data.num_classes, **kwargs)
 
 
-def build_loss(cfg: ExperimentConfig, num_samples: int) -> tuple[nn.Module, nn.Module | None]:
-    """The main loss and the optional auxiliary loss of the config."""
-    main = losses.build(cfg.loss.name, **_with_samples(cfg.loss.name, cfg.loss.kwargs, num_samples))
+def build_loss(cfg: ExperimentConfig, num_samples: int, per_sample: bool = False
+               ) -> tuple[nn.Module, nn.Module | None]:
+    """The main loss and the optional auxiliary loss of the config; ``per_sample`` builds
+    them with ``reduction="none"`` (the batched trainer masks and averages them itself)."""
+    reduction = {"reduction": "none"} if per_sample else {}
+    main = losses.build(cfg.loss.name, **_with_samples(cfg.loss.name, {**cfg.loss.kwargs, **reduction}, num_samples))
     aux = None
     if cfg.loss.aux is not None:
         # loss.aux.weight is the only weight of the auxiliary term: a loss's own weight is 1
         own = {"weight": 1.0} if "weight" in loss_parameters(cfg.loss.aux.name) else {}
-        aux = losses.build(cfg.loss.aux.name, **_with_samples(cfg.loss.aux.name, own, num_samples))
+        aux = losses.build(cfg.loss.aux.name, **_with_samples(cfg.loss.aux.name, {**own, **reduction}, num_samples))
     return main, aux
 
 
@@ -101,9 +104,11 @@ def _with_samples(name: str, kwargs: dict, num_samples: int) -> dict:
     return {**kwargs, "num_samples": num_samples} if "num_samples" in loss_parameters(name) else kwargs
 
 
-def build_objective(cfg: ExperimentConfig, num_samples: int, hooks: tuple[ClientHook, ...] = ()) -> ClientObjective:
-    """The client objective: main loss, weighted auxiliary term and strategy hooks."""
-    main, aux = build_loss(cfg, num_samples)
+def build_objective(cfg: ExperimentConfig, num_samples: int, hooks: tuple[ClientHook, ...] = (),
+                    per_sample: bool = False) -> ClientObjective:
+    """The client objective: main loss, weighted auxiliary term and strategy hooks (losses
+    per sample for the batched trainer)."""
+    main, aux = build_loss(cfg, num_samples, per_sample)
     weight = cfg.loss.aux.weight if cfg.loss.aux else 0.0
     return ClientObjective(main, aux, weight, hooks)
 

@@ -53,11 +53,11 @@ from fedsim.params import ParamSpec, set_flat
 from fedsim.seeding import derive_seed
 from fedsim.sim.async_loop import check_supported, mean_train_loss
 from fedsim.sim.components import federated_data, make_model, resolve_device
-from fedsim.sim.messaging import send_and_collect
+from fedsim.sim.messaging import client_nodes, send_and_collect
 from fedsim.sim.plots import plot_comparison, plot_run
 from fedsim.sim.progress import RoundProgress
 from fedsim.sim.results import Checkpoint, RunDir, bytes_so_far, summarise
-from fedsim.sim.sync import discover_clients, predict_fn
+from fedsim.sim.sync import predict_fn
 from fedsim.sim.topology import Topology, make_topology, mixing_matrix, neighbours
 from fedsim.strategies.gossip import consensus_distance, neighbour_average_matrix
 from fedsim.strategies.replies import (
@@ -254,7 +254,7 @@ def run_gossip(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, sho
     net = make_model(cfg.model, data.train, cfg.seed)
     spec = ParamSpec.of(net)
     template = {k: v.clone() for k, v in net.state_dict().items()}
-    node_of = discover_clients(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
+    node_of = client_nodes(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
     models = initial_models(cfg, data.train, spec)
     initial_variance = layer_variances(spec, models)
     evaluate_nodes = NodeEvaluator(cfg, net, spec, data.test)

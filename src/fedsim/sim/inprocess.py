@@ -1,55 +1,70 @@
-"""An in-process backend: a Flower ``Grid`` whose nodes are direct ClientApp calls.
+"""In-process backends: a Flower ``Grid`` whose nodes are served by fedsim's client runtime
+in the driver process, without Ray.
 
 Flower's simulation engine starts Ray and a pool of actors (seconds) and adds tens of
 milliseconds per client call; for a benchmark grid of hundreds of small runs that
-overhead dominates. ``InProcessGrid`` implements Flower's ``Grid`` interface by calling
-the *same* ClientApp in the driver process, one message after another, each node with
-its own persistent ``Context`` (so client state behaves as under the Ray backend). Every
-fedsim loop runs unchanged on it. No library offers this: Flower's only simulation
-backend is Ray.
+overhead dominates. :class:`InProcessGrid` implements Flower's ``Grid`` interface by
+handing the messages to the *same* client runtime the ClientApp runs
+(:class:`fedsim.sim.client_app.ClientRuntime`), each partition with its own persistent
+Context state (so client state behaves as under Ray). Every fedsim loop runs unchanged on
+it. No library offers this: Flower's only simulation backend is Ray.
 
-Differences from the Ray backend: clients run sequentially, and a reply cannot be late
-(``client.timeout_s`` is not enforced, a stalled client stalls the run).
+Messages are delivered when their replies are first pulled: everything pushed since the
+last delivery goes to the runtime together, one delivery per message type (a client's
+messages keep their order). ``sim.backend: inprocess`` has the runtime handle the clients
+of a delivery one after another; ``sim.backend: batched`` has it train them together,
+stacked (:mod:`fedsim.clients.batched`).
+
+Timeouts: a client whose handling took longer than ``client.timeout_s`` counts as timed
+out, but it runs to the end first (nothing can interrupt it in this process).
 """
 
 from __future__ import annotations
 
-import logging
-import traceback
 from collections.abc import Iterable
-from uuid import uuid4
 
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid
+from flwr.app import Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-log = logging.getLogger(__name__)
-
-# Flower's error code for an exception raised inside a ClientApp
-CLIENT_APP_RAISED_EXCEPTION = 0
-FIRST_NODE_ID = 1000
+from fedsim.sim.client_app import ClientRuntime, Member, PartitionState
+from fedsim.sim.messaging import PartitionGrid
 
 
-class InProcessGrid(Grid):
-    """``num_nodes`` nodes playing partitions ``0..num_nodes-1``, served by ``client_app``."""
+def deliveries(messages: list[Message], partition_of) -> list[list[Message]]:
+    """Split ``messages`` into deliveries: each one message type, each partition at most
+    once, and no message of a partition before an earlier one of the same partition."""
+    batches = []
+    while messages:
+        kind = messages[0].metadata.message_type
+        batch, rest, taken, blocked = [], [], set(), set()
+        for msg in messages:
+            pid = partition_of(msg)
+            if msg.metadata.message_type == kind and pid not in taken and pid not in blocked:
+                batch.append(msg)
+                taken.add(pid)
+            else:
+                rest.append(msg)
+                blocked.add(pid)
+        batches.append(batch)
+        messages = rest
+    return batches
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
-        self._client_app = client_app
+
+class InProcessGrid(PartitionGrid):
+    """``num_partitions`` clients served in this process by ``runtime``."""
+
+    def __init__(self, runtime: ClientRuntime, num_partitions: int, run_id: int = 1) -> None:
+        super().__init__(num_partitions)
+        self._runtime = runtime
         self._run = Run.create_empty(run_id)
         # Messages take their sender from the process's task identity, as in Flower's runtimes
         TaskIdentity.task_id = 1
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = SUPERLINK_NODE_ID
-        self._contexts = {
-            node_id: Context(run_id=run_id, node_id=node_id,
-                             node_config={"partition-id": pid, "num-partitions": num_nodes},
-                             state=RecordDict(), run_config={})
-            for pid, node_id in enumerate(range(FIRST_NODE_ID, FIRST_NODE_ID + num_nodes))
-        }
-        self._replies: dict[str, Message] = {}
+        self._states: dict[int, RecordDict] = {}
+        self._pending: list[Message] = []
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -58,37 +73,32 @@ class InProcessGrid(Grid):
     def run(self) -> Run:
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl,
-                       group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self._contexts)
+    def client_state(self, partition_id: int) -> PartitionState:
+        """The Context state partition ``partition_id`` keeps between its messages."""
+        return PartitionState(self._states.setdefault(partition_id, RecordDict()), partition_id)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Deliver each message to its node's ClientApp now; keep the reply for pulling."""
+        """Queue each message for the next delivery."""
         ids = []
         for msg in messages:
-            if msg.metadata.dst_node_id not in self._contexts:
-                raise ValueError(f"no node {msg.metadata.dst_node_id} in this grid")
-            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            self.partition_of(msg)  # an unknown node is the caller's error, raised now
             msg.metadata.__dict__["_run_id"] = self._run.run_id
-            self._replies[msg.metadata.message_id] = self._deliver(msg)
-            ids.append(msg.metadata.message_id)
+            ids.append(self.stamp(msg))
+            self._pending.append(msg)
         return ids
 
-    def _deliver(self, msg: Message) -> Message:
-        try:
-            return self._client_app(msg, self._contexts[msg.metadata.dst_node_id])
-        except Exception as exc:  # a client's failure is a reply, as under Ray
-            log.debug("client app raised: %s", traceback.format_exc())
-            error = Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}")
-            return Message(error=error, reply_to=msg)
-
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+        """The replies among ``message_ids``, delivering what is queued first."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            for batch in deliveries(pending, self.partition_of):
+                self._deliver(batch)
+        return super().pull_messages(message_ids)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Deliver and collect at once: every reply is ready when ``push_messages`` returns."""
-        return self.pull_messages(self.push_messages(messages))
+    def _deliver(self, batch: list[Message]) -> None:
+        members = [Member(pid, msg.content, self.client_state(pid))
+                   for msg in batch for pid in [self.partition_of(msg)]]
+        outcomes = self._runtime.run(batch[0].metadata.message_type, members)
+        timeout = self._runtime.cfg.client.timeout_s
+        for msg, member, outcome in zip(batch, members, outcomes, strict=True):
+            self.answer(msg, outcome.member_reply(member.partition_id, timeout))

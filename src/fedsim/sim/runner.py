@@ -1,6 +1,7 @@
 """Launching a run: a ServerApp and a ClientApp built from the config, on Flower's
-simulation engine with the Ray backend (local Ray, or an existing cluster), or on the
-in-process grid (``sim.backend: inprocess``)."""
+simulation engine with the Ray backend (local Ray, or an existing cluster; one engine node
+per ``sim.clients_per_node`` clients), or on an in-process grid (``sim.backend:
+inprocess``, clients one after another; ``batched``, clients trained together)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from flwr.simulation import run_simulation
 
 from fedsim.config import ExperimentConfig
 from fedsim.sim.async_loop import run_async
-from fedsim.sim.client_app import build_client_app
+from fedsim.clients.batched import vectorisable_reason
+from fedsim.sim.client_app import ClientRuntime, build_client_app, worker
+from fedsim.sim.grouped import GroupedGrid, engine_nodes
 from fedsim.sim.gossip_loop import run_gossip
 from fedsim.seeding import seed_everything
 from fedsim.sim.inprocess import InProcessGrid
@@ -42,7 +45,8 @@ def build_server_app(cfg: ExperimentConfig, run: RunDir, resume: bool, show_prog
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         seed_everything(cfg.seed)
-        outcome.update(serve(grid, cfg, run, resume, show_progress))
+        grouped = GroupedGrid(grid, cfg.partition.num_clients, cfg.sim.clients_per_node)
+        outcome.update(serve(grouped, cfg, run, resume, show_progress))
 
     return app
 
@@ -65,14 +69,17 @@ def run_experiment(cfg: ExperimentConfig, *, resume: str | Path | None = None, r
     logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.WARNING)
     seed_everything(cfg.seed)
     outcome: dict[str, Any] = {}
-    if cfg.sim.backend == "inprocess":
-        grid = InProcessGrid(build_client_app(cfg), cfg.partition.num_clients)
+    vectorise = cfg.sim.backend == "batched" or cfg.sim.clients_per_node > 1
+    if vectorise and (reason := vectorisable_reason(cfg, worker(cfg.model_dump_json()).model)) is not None:
+        log.warning("clients train one after another, not stacked: %s", reason)
+    if cfg.sim.backend in ("inprocess", "batched"):
+        grid = InProcessGrid(ClientRuntime(cfg, vectorise), cfg.partition.num_clients)
         outcome.update(serve(grid, cfg, run, resume is not None, show_progress))
         return run.path, outcome
     run_simulation(
         server_app=build_server_app(cfg, run, resume is not None, show_progress, outcome),
-        client_app=build_client_app(cfg),
-        num_supernodes=cfg.partition.num_clients,
+        client_app=build_client_app(cfg, vectorise),
+        num_supernodes=engine_nodes(cfg.partition.num_clients, cfg.sim.clients_per_node),
         backend_config=backend_config(cfg, ray_address),
         verbose_logging=verbose,
     )

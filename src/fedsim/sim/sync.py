@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from fedsim.clients.train import evaluate
@@ -23,42 +23,13 @@ from fedsim.config import ExperimentConfig
 from fedsim.params import ParamSpec
 from fedsim.quant.ptq import quantize_weights_awq, quantize_weights_rtn
 from fedsim.sim.components import FederatedData, build_loss, federated_data, make_model, resolve_device
-from fedsim.sim.messaging import send_and_collect
+from fedsim.sim.messaging import client_nodes, send_and_collect
 from fedsim.sim.plots import plot_run
 from fedsim.sim.progress import RoundProgress
 from fedsim.sim.results import Checkpoint, RunDir, bytes_so_far, summarise
 from fedsim.strategies import build_strategy
 
 log = logging.getLogger(__name__)
-
-
-def discover_clients(grid: Grid, num_clients: int, wait_s: float) -> dict[int, int]:
-    """Wait until ``num_clients`` nodes are registered, then map partition id -> node id.
-
-    Round 1 must not start with part of the federation: Flower would sample from the nodes
-    registered so far. Each node is asked which partition it plays (a QUERY message).
-    """
-    deadline = time.monotonic() + wait_s
-    while len(nodes := sorted(grid.get_node_ids())) < num_clients:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(nodes)} of {num_clients} client nodes registered "
-                               f"after {wait_s:.0f} s (sim.wait_for_nodes_s)")
-        time.sleep(0.2)
-    queries = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-    replies = send_and_collect(grid, queries, wait_s)
-    node_of: dict[int, int] = {}
-    for msg in replies:
-        if msg.has_error():
-            raise RuntimeError(f"node {msg.metadata.src_node_id} failed to report its partition: "
-                               f"{msg.error.reason}")
-        pid = int(next(iter(msg.content.metric_records.values()))["partition-id"])
-        if pid in node_of:
-            raise RuntimeError(f"two nodes claim partition {pid}")
-        node_of[pid] = msg.metadata.src_node_id
-    missing = sorted(set(range(num_clients)) - set(node_of))
-    if missing:
-        raise RuntimeError(f"no node plays partition(s) {missing}; check each node's partition-id")
-    return node_of
 
 
 def label_mix(data: FederatedData) -> np.ndarray:
@@ -79,7 +50,7 @@ def run_sync(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_
     device = resolve_device(cfg)
     model = make_model(cfg.model, data.train, cfg.seed)
     spec = ParamSpec.of(model)
-    node_of = discover_clients(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
+    node_of = client_nodes(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
     strategy = build_strategy(cfg, spec, node_of, label_mix(data))
     predict = predict_fn(cfg)
 
@@ -182,4 +153,4 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-__all__ = ["discover_clients", "run_sync"]
+__all__ = ["run_sync"]

@@ -18,6 +18,10 @@ from flwr.app import Message
 from fedsim.quant.codecs import Codec, Identity
 
 IDENTITY = Identity()
+TIMEOUT = "no reply before the timeout"
+# The error code of a reply that fedsim's simulated nodes mark as late (a client that took
+# longer than ``client.timeout_s``); outside Flower's own error codes.
+TIMEOUT_CODE = 408
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,8 @@ def _decode(msg: Message, partition_id: int, record: str, dim: int, codec: Codec
     """The flat vector (and its size on the wire) that ``record`` of the reply encodes with
     ``codec``, or why it cannot be used."""
     if msg.has_error():
+        if msg.error.code == TIMEOUT_CODE:
+            return Failure(partition_id, TIMEOUT)
         return Failure(partition_id, f"client error: {msg.error.reason}")
     arrays = msg.content.array_records.get(record)
     if arrays is None:
@@ -118,7 +124,7 @@ def screen_replies(
         answered.add(node)
         result = screen(msg, sent[node])
         (failures if isinstance(result, Failure) else accepted).append(result)
-    failures += [Failure(pid, "no reply before the timeout") for node, pid in sent.items() if node not in answered]
+    failures += [Failure(pid, TIMEOUT) for node, pid in sent.items() if node not in answered]
     for f in failures:
         log.warning("client %d rejected: %s", f.partition_id, f.reason)
     accepted.sort(key=lambda u: u.partition_id)

@@ -1,0 +1,181 @@
+"""Local training of many clients at once: K models stacked, one vectorised step for all.
+
+The ``batched`` backend and grouped Ray nodes (``sim.clients_per_node``) train a group of
+clients with this module instead of K calls of :func:`fedsim.clients.train.train_local`.
+Every parameter is stacked to shape ``(K, *shape)`` and the model's forward runs once per
+step for all K clients (``torch.func.functional_call`` under ``torch.func.vmap``), so the
+per-client cost of small models (a Python loop, a model and an optimizer per client)
+becomes one batched matrix product per layer.
+
+It computes what K runs of ``train_local`` compute:
+
+- each client draws its batches from its own generator with the same
+  :func:`~fedsim.clients.train.batch_schedule`; clients of unequal sizes or step counts are
+  padded to a common ``(K, steps, batch_size)`` index grid, and a mask marks the real rows;
+- each client's loss is the mean over its real rows of per-sample terms (the losses are
+  built with ``reduction="none"``), so padding adds nothing;
+- the optimizer is torch's own SGD or Adam over the stacked tensors: both update each
+  element from its own gradient and state only, so row k gets exactly client k's update.
+  Rows are ordered by decreasing step count, so the clients still training are always the
+  first rows: a step runs on that prefix, a client whose run ended is copied out after its
+  last step, and Adam's shared step count equals each active client's own;
+- hooks contribute through their stacked forms (:mod:`fedsim.clients.hooks`).
+
+Not vectorised, and trained one client at a time by the caller (:func:`vectorisable_reason`
+says why): quantized training (QAT, low-bit), losses that are not a mean of per-sample terms
+or keep per-sample state, and models with buffers (BatchNorm statistics of a padded batch
+would count the padding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from fedsim.clients.objective import ClientObjective
+from fedsim.clients.train import TrainResult, batch_schedule, build_optimizer
+from fedsim.config import ClientConfig, ExperimentConfig
+from fedsim.data import ArrayDataset
+from fedsim.losses import REGISTRY
+
+
+def per_sample_loss(name: str) -> bool:
+    """Whether loss ``name`` is a mean of per-sample terms (its ``per_sample`` attribute)."""
+    return getattr(REGISTRY[name], "per_sample", False)
+
+
+def vectorisable_reason(cfg: ExperimentConfig, model: nn.Module) -> str | None:
+    """Why the clients of ``cfg`` must train one at a time, or None when they vectorise."""
+    if cfg.quant.qat is not None:
+        return "quant.qat: fake-quantized layers train one client at a time"
+    if cfg.quant.lowbit is not None:
+        return "quant.lowbit: low-bit layers train one client at a time"
+    for key, name in (("loss.name", cfg.loss.name), ("loss.aux.name", cfg.loss.aux.name if cfg.loss.aux else None)):
+        if name is not None and not per_sample_loss(name):
+            return f"{key}: {name!r} is not a mean of per-sample terms"
+    if any(True for _ in model.buffers()):
+        return f"model.name: {cfg.model.name!r} has buffers (BatchNorm statistics would count the padding)"
+    return None
+
+
+class _FeaturesAndLogits(nn.Module):
+    """The model's embedding and logits from one call (``functional_call`` calls forward)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embeddings = self.model.features(x)
+        return embeddings, self.model.head(embeddings)
+
+
+def _index_grid(schedules: list[list[torch.Tensor]], offsets: list[int], batch_size: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the concatenated data each client uses at each step, ``(K, steps, B)``, and
+    the mask of real rows (padding points at row 0 with mask 0)."""
+    steps = max(len(s) for s in schedules)
+    index = torch.zeros(len(schedules), steps, batch_size, dtype=torch.long)
+    mask = torch.zeros(len(schedules), steps, batch_size)
+    for k, (schedule, offset) in enumerate(zip(schedules, offsets, strict=True)):
+        for s, batch in enumerate(schedule):
+            index[k, s, : len(batch)] = batch + offset
+            mask[k, s, : len(batch)] = 1.0
+    return index, mask
+
+
+def train_stacked(
+    model: nn.Module,
+    start: dict[str, torch.Tensor],
+    datasets: Sequence[ArrayDataset],
+    generators: Sequence[torch.Generator],
+    cfg: ClientConfig,
+    objective: ClientObjective,
+    device: torch.device,
+) -> tuple[dict[str, torch.Tensor], list[TrainResult]]:
+    """Train K clients from their stacked start parameters; return their final parameters
+    (stacked, on the CPU) and each one's :class:`~fedsim.clients.train.TrainResult`.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model of the architecture (its own parameters are not used or changed).
+    start : dict[str, torch.Tensor]
+        Every parameter of ``model`` by name, stacked ``(K, *shape)``: row k is client k's start.
+    datasets : sequence of ArrayDataset
+        Client k's training data, none empty, in decreasing order of local steps
+        (:func:`~fedsim.clients.train.local_steps`).
+    generators : sequence of torch.Generator
+        Client k's generator, drawn from as ``train_local`` would.
+    cfg : ClientConfig
+        Epochs or steps, batch size, optimizer.
+    objective : ClientObjective
+        Losses built per sample (``reduction="none"``); hooks with stacked forms, their
+        stacked tensors in the same row order.
+    device : torch.device
+        Where to train.
+    """
+    schedules = [list(batch_schedule(len(d.y), cfg, g)) for d, g in zip(datasets, generators, strict=True)]
+    steps = [len(s) for s in schedules]
+    if steps != sorted(steps, reverse=True):
+        raise ValueError("train_stacked: clients must come in decreasing order of local steps")
+    sizes = [len(d.y) for d in datasets]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+    x_all = torch.from_numpy(np.concatenate([d.x for d in datasets])).to(device)
+    y_all = torch.from_numpy(np.concatenate([d.y for d in datasets])).to(device)
+    index, mask = (t.to(device) for t in _index_grid(schedules, offsets, cfg.batch_size))
+
+    net = _FeaturesAndLogits(model).to(device)
+    params = {name: start[name].to(device).clone().requires_grad_(True) for name, _ in model.named_parameters()}
+    optimizer = build_optimizer(params.values(), cfg)
+
+    def client_loss(client_params, x, y, m):
+        embeddings, logits = functional_call(net, {f"model.{n}": p for n, p in client_params.items()}, (x,))
+        per_sample = objective.loss_terms(embeddings, logits, y, client_params["head.weight"],
+                                          client_params.get("head.bias"))
+        return (per_sample * m).sum() / m.sum().clamp_min(1.0), logits
+
+    losses_of = vmap(client_loss)
+    num_clients = len(datasets)
+    loss_sum = torch.zeros(num_clients, dtype=torch.float64, device=device)
+    correct = torch.zeros(num_clients, dtype=torch.float64, device=device)
+    final: dict[str, torch.Tensor] = {name: torch.empty_like(p, device="cpu") for name, p in params.items()}
+    active = num_clients
+    net.train()
+    for s in range(max(steps)):
+        still = sum(1 for n in steps if n > s)
+        if still < active:  # rows still..active-1 took their last step before this one
+            _copy_rows(params, final, still, active)
+            active = still
+        rows = {name: p[:active] for name, p in params.items()}
+        m = mask[:active, s]
+        y = y_all[index[:active, s]]
+        losses, logits = losses_of(rows, x_all[index[:active, s]], y, m)
+        for hook in objective.hooks:
+            term = hook.stacked_extra_loss(rows, logits, m)
+            if term is not None:
+                losses = losses + term
+        optimizer.zero_grad(set_to_none=False)
+        losses.sum().backward()
+        for hook in objective.hooks:
+            hook.stacked_before_step(params)
+        optimizer.step()
+        with torch.no_grad():
+            count = m.sum(1).double()
+            loss_sum[:active] += losses.detach().double() * count
+            correct[:active] += ((logits.argmax(-1) == y).double() * m).sum(1)
+    _copy_rows(params, final, 0, active)
+    seen = [sum(len(b) for b in s) for s in schedules]
+    results = [TrainResult(num_examples=n, steps=k, loss=float(ls) / c, accuracy=float(hit) / c)
+               for n, k, ls, hit, c in zip(sizes, steps, loss_sum.tolist(), correct.tolist(), seen, strict=True)]
+    return final, results
+
+
+@torch.no_grad()
+def _copy_rows(params: dict[str, torch.Tensor], final: dict[str, torch.Tensor], lo: int, hi: int) -> None:
+    for name, p in params.items():
+        final[name][lo:hi] = p[lo:hi].detach().cpu()

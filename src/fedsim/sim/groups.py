@@ -1,0 +1,94 @@
+"""Many clients' messages as one Flower message, and their replies as one reply.
+
+Under Ray a Flower message costs a round trip through the simulation engine and a Ray
+actor call; with ``sim.clients_per_node: K`` one Flower node serves K partitions, and the
+messages the server loop addresses to that node's clients travel together as one *group
+message* (:class:`fedsim.sim.grouped.GroupedGrid` packs them; the ClientApp's ``group``
+action unpacks them and answers for every client in one reply).
+
+A group message's content holds each distinct record once, however many clients share it
+(the global model of a synchronous round is sent once per node, not once per client), and
+an index that says, per client, its partition id and which records make up its message.
+A group reply holds each client's reply records, or its error, the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, RecordDict
+
+GROUP_ACTION = "group"
+INDEX_KEY = "group-index"
+
+
+@dataclass(frozen=True)
+class MemberReply:
+    """What one client of a group answered: its reply content, or why it has none.
+
+    ``code`` is a Flower error code (or fedsim's timeout code) when ``content`` is None.
+    """
+
+    partition_id: int
+    content: RecordDict | None
+    code: int = 0
+    reason: str = ""
+
+
+def _pack(contents: Sequence[RecordDict]) -> tuple[RecordDict, list[str]]:
+    """Each distinct record once under a short key; per content, ``name=key;name=key``."""
+    packed = RecordDict()
+    keys: dict[int, str] = {}
+    layouts = []
+    for content in contents:
+        entries = []
+        for name, record in content.items():
+            key = keys.get(id(record))
+            if key is None:
+                key = keys[id(record)] = f"r{len(keys)}"
+                packed[key] = record
+            entries.append(f"{name}={key}")
+        layouts.append(";".join(entries))
+    return packed, layouts
+
+
+def _unpack(packed: RecordDict, layout: str) -> RecordDict:
+    content = RecordDict()
+    for entry in filter(None, layout.split(";")):
+        name, key = entry.split("=", 1)
+        content[name] = packed[key]
+    return content
+
+
+def pack_members(message_type: str, members: Sequence[tuple[int, RecordDict]]) -> RecordDict:
+    """One group message's content from (partition id, message content) pairs of the
+    original ``message_type``."""
+    packed, layouts = _pack([content for _, content in members])
+    packed[INDEX_KEY] = ConfigRecord({"type": message_type, "partitions": [pid for pid, _ in members],
+                                      "layouts": layouts})
+    return packed
+
+
+def unpack_members(content: RecordDict) -> tuple[str, list[tuple[int, RecordDict]]]:
+    """The original message type and the (partition id, content) pairs of a group message."""
+    index = content[INDEX_KEY]
+    members = [(int(pid), _unpack(content, layout))
+               for pid, layout in zip(index["partitions"], index["layouts"], strict=True)]
+    return str(index["type"]), members
+
+
+def pack_replies(replies: Sequence[MemberReply]) -> RecordDict:
+    """One group reply's content from the clients' replies."""
+    packed, layouts = _pack([r.content if r.content is not None else RecordDict() for r in replies])
+    packed[INDEX_KEY] = ConfigRecord({"partitions": [r.partition_id for r in replies], "layouts": layouts,
+                                      "codes": [r.code for r in replies], "reasons": [r.reason for r in replies]})
+    return packed
+
+
+def unpack_replies(content: RecordDict) -> list[MemberReply]:
+    """The clients' replies of a group reply."""
+    index = content[INDEX_KEY]
+    return [MemberReply(int(pid), None if reason else _unpack(content, layout), int(code), str(reason))
+            for pid, layout, code, reason in zip(index["partitions"], index["layouts"], index["codes"],
+                                                  index["reasons"], strict=True)]

@@ -1,0 +1,219 @@
+"""The scale engine: clients trained together (stacked models), the batched backend, group
+messages, and federations of 10,000 clients.
+
+The stacked trainer must compute what ``train_local`` computes client by client; the
+batched backend must give the in-process backend's numbers; grouped delivery must keep
+failures per client.
+"""
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from fedsim.clients.batched import per_sample_loss, train_stacked, vectorisable_reason
+from fedsim.clients.fedld import FedLDRegulariser
+from fedsim.clients.fedlex import GuidanceMask
+from fedsim.clients.hooks import ClientHook, ProximalTerm, vectorises
+from fedsim.clients.train import local_steps, train_local
+from fedsim.config import ConfigError, validate_config
+from fedsim.losses import REGISTRY
+from fedsim.sim import groups
+from fedsim.sim.components import build_objective, federated_data, make_model
+from fedsim.sim.results import RunDir
+from fedsim.sim.runner import run_experiment
+
+CPU = torch.device("cpu")
+
+
+def _clients(cfg, count):
+    """``count`` clients of ``cfg``'s partition, in decreasing order of local steps."""
+    data = federated_data(cfg)
+    train_sets = [data.client(pid)[0] for pid in range(count)]
+    return sorted(train_sets, key=lambda d: -local_steps(len(d.y), cfg.client))
+
+
+def _hooks(kind, params, shape_of):
+    if kind == "prox":
+        return (ProximalTerm(0.1, params),)
+    if kind == "fedld":
+        return (FedLDRegulariser(0.03),)
+    if kind == "guidance":
+        gen = torch.Generator().manual_seed(5)
+        return (GuidanceMask({name: torch.rand(shape, generator=gen) for name, shape in shape_of.items()}),)
+    return ()
+
+
+CASES = {
+    "mlp-sgd-momentum-wd": ({"client": {"local_epochs": 2, "momentum": 0.9, "weight_decay": 1e-3}}, "prox", 1e-6),
+    "mlp-adam": ({"client": {"local_epochs": 2, "optimizer": "adam", "lr": 0.01}}, "fedld", 1e-5),
+    "mlp-steps-guidance": ({"client": {"local_steps": 6, "batch_size": 8}}, "guidance", 1e-6),
+    "cnn-sgd": ({"model": {"name": "cnn"}, "client": {"local_steps": 3, "batch_size": 16, "momentum": 0.5}},
+                "prox", 1e-4),
+    "mlp-harmonic": ({"loss": {"name": "harmonic"}, "client": {"local_epochs": 1}}, None, 1e-6),
+}
+
+
+@pytest.mark.parametrize("overrides, hook, atol", CASES.values(), ids=CASES.keys())
+def test_stacked_training_equals_training_each_client_alone(overrides, hook, atol):
+    cfg = validate_config({"partition": {"num_clients": 6}, **overrides})
+    model = make_model(cfg.model, federated_data(cfg).train, cfg.seed)
+    start_state = {k: v.clone() for k, v in model.state_dict().items()}
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    clients = _clients(cfg, 6)
+    assert len({len(d.y) for d in clients}) > 1  # unequal sizes: padded, masked batches
+    alone = []
+    for k, train_set in enumerate(clients):
+        model.load_state_dict(start_state)
+        hooks = _hooks(hook, {n: p.detach().clone() for n, p in model.named_parameters()}, shapes)
+        result = train_local(model, train_set, cfg.client, build_objective(cfg, len(train_set.y), hooks),
+                             torch.Generator().manual_seed(k), CPU)
+        alone.append(({n: p.detach().clone() for n, p in model.named_parameters()}, result))
+
+    start = {n: torch.stack([start_state[n]] * len(clients)) for n in shapes}
+    final, results = train_stacked(model, start, clients, [torch.Generator().manual_seed(k) for k in range(6)],
+                                   cfg.client, build_objective(cfg, 1, _hooks(hook, start, shapes), per_sample=True),
+                                   CPU)
+    for k, (params, result) in enumerate(alone):
+        for name, value in params.items():
+            torch.testing.assert_close(final[name][k], value, rtol=0, atol=atol)
+        assert (results[k].steps, results[k].num_examples, results[k].accuracy) == \
+            (result.steps, result.num_examples, result.accuracy)
+        assert math.isclose(results[k].loss, result.loss, rel_tol=1e-5)
+
+
+def test_stacked_training_needs_clients_in_decreasing_order_of_steps():
+    cfg = validate_config({"partition": {"num_clients": 6}})
+    model = make_model(cfg.model, federated_data(cfg).train, cfg.seed)
+    clients = _clients(cfg, 6)[::-1]
+    start = {n: torch.stack([p.detach()] * 6) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="decreasing order of local steps"):
+        train_stacked(model, start, clients, [torch.Generator() for _ in clients], cfg.client,
+                      build_objective(cfg, 1, per_sample=True), CPU)
+
+
+def test_every_per_sample_loss_gives_per_sample_terms_under_vmap():
+    logits, targets = torch.randn(3, 5, 4), torch.randint(0, 4, (3, 5))
+    embeddings, classifier = torch.randn(3, 5, 6), torch.randn(3, 4, 6)
+    for name in filter(per_sample_loss, REGISTRY):
+        loss = REGISTRY[name](reduction="none")
+        available = {"logits": logits, "targets": targets, "embeddings": embeddings, "classifier": classifier}
+        inputs = {k: available[k] for k in loss.inputs}
+        batched = torch.func.vmap(lambda kw: loss(**kw))(inputs)
+        for k in range(3):
+            one = loss(**{key: value[k] for key, value in inputs.items()})
+            assert one.shape == (5,), name
+            torch.testing.assert_close(batched[k], one, msg=name)
+
+
+def test_what_cannot_vectorise_says_why():
+    def reason(**raw):
+        cfg = validate_config(raw)
+        return vectorisable_reason(cfg, make_model(cfg.model, federated_data(cfg).train, cfg.seed))
+
+    assert reason() is None
+    assert "quant.qat" in reason(quant={"qat": {"weight_bits": 8}})
+    assert "quant.lowbit" in reason(quant={"lowbit": {"bits": 8}})
+    assert "loss.name: 'dice'" in reason(loss={"name": "dice"})
+    assert "loss.name: 'aldr_kl'" in reason(loss={"name": "aldr_kl"})  # per-sample state
+    assert "loss.name: 'linear_cross_entropy'" in reason(loss={"name": "linear_cross_entropy"})
+    assert "BatchNorm" in reason(model={"name": "resnet8"})
+
+    class OneSided(ClientHook):
+        def extra_loss(self, model, logits):
+            return logits.sum()
+
+    assert not vectorises(OneSided())
+    assert all(vectorises(h) for h in (ProximalTerm(0.1, {}), FedLDRegulariser(0.1), GuidanceMask({})))
+
+
+def test_a_group_message_carries_each_shared_record_once():
+    shared = ArrayRecord({"w": torch.ones(3)})
+    members = [(pid, RecordDict({"arrays": shared, "config": ConfigRecord({"partition-id": pid})}))
+               for pid in (4, 9)]
+    packed = groups.pack_members("train", members)
+    assert sum(1 for record in packed.array_records.values() if record is shared) == 1
+    message_type, unpacked = groups.unpack_members(packed)
+    assert message_type == "train" and [pid for pid, _ in unpacked] == [4, 9]
+    assert all(content["arrays"] is shared for _, content in unpacked)
+    assert [int(content["config"]["partition-id"]) for _, content in unpacked] == [4, 9]
+    replies = groups.unpack_replies(groups.pack_replies(
+        [groups.MemberReply(4, RecordDict({"arrays": shared})), groups.MemberReply(9, None, 0, "ValueError: bad")]))
+    assert replies[0].content["arrays"] is shared and replies[1].content is None
+    assert (replies[1].code, replies[1].reason) == (0, "ValueError: bad")
+
+
+def _rows(cfg):
+    path, summary = run_experiment(cfg)
+    return RunDir.open(path).rows(), summary
+
+
+BACKEND_CASES = {
+    "mlp-fedavg": ("model.name=mlp", "strategy.name=fedavg"),
+    "mlp-fedprox": ("model.name=mlp", "strategy.name=fedprox", "strategy.mu=0.1"),
+    "mlp-median": ("model.name=mlp", "strategy.name=median"),
+    "cnn-fedavg": ("model.name=cnn", "strategy.name=fedavg", "client.local_epochs=1"),
+    "cnn-fedprox": ("model.name=cnn", "strategy.name=fedprox", "strategy.mu=0.1", "client.local_epochs=1"),
+    "cnn-median": ("model.name=cnn", "strategy.name=median", "client.local_epochs=1"),
+}
+
+
+@pytest.mark.parametrize("sets", BACKEND_CASES.values(), ids=BACKEND_CASES.keys())
+def test_the_batched_backend_gives_the_numbers_of_the_inprocess_backend(small_config, sets):
+    common = ("rounds=3", "output.plots=false", "eval.federated=false", *sets)
+    batched, _ = _rows(small_config("sim.backend=batched", *common))
+    alone, _ = _rows(small_config("sim.backend=inprocess", *common))
+    assert len(batched) == len(alone) == 3
+    for b, a in zip(batched, alone, strict=True):
+        assert abs(b["centralised_accuracy"] - a["centralised_accuracy"]) <= 0.01
+        assert math.isclose(b["centralised_loss"], a["centralised_loss"], rel_tol=0.01)
+        assert math.isclose(b["train_loss"], a["train_loss"], rel_tol=0.01)
+        assert (b["num_success"], b["bytes_up"], b["bytes_down"]) == (a["num_success"], a["bytes_up"], a["bytes_down"])
+
+
+def test_the_batched_backend_trains_one_client_at_a_time_where_it_must(small_config, caplog):
+    common = ("rounds=2", "output.plots=false", "eval.federated=false", "loss.name=dice")
+    with caplog.at_level(logging.WARNING, logger="fedsim.sim.runner"):
+        batched, _ = _rows(small_config("sim.backend=batched", *common))
+    assert "loss.name: 'dice' is not a mean of per-sample terms" in caplog.text
+    alone, _ = _rows(small_config("sim.backend=inprocess", *common))
+    assert [r["centralised_loss"] for r in batched] == [r["centralised_loss"] for r in alone]
+
+
+def test_batched_failures_stay_per_client(small_config):
+    rows, summary = _rows(small_config(
+        "sim.backend=batched", "rounds=2", "partition.num_clients=6", "faults.crash=[1]", "faults.nan=[2]",
+        "faults.wrong_shape=[3]", "faults.slow=[4]", "faults.slow_s=60", "client.timeout_s=10",
+        "eval.federated=false", "output.plots=false"))
+    reasons = {f["client"]: f["reason"] for f in rows[0]["failures"]}
+    assert "crashed" in reasons[1] and "NaN" in reasons[2] and "shape" in reasons[3]
+    assert reasons[4] == "no reply before the timeout"
+    assert rows[0]["num_success"] == 2 and rows[0]["num_failed"] == 4
+    assert summary["status"] == "completed"
+
+
+def test_ten_thousand_clients_run_one_round(small_config):
+    cfg = small_config("sim.backend=batched", "rounds=1", "data.name=synthetic", "data.synthetic.dim=10",
+                       "partition.scheme=natural", "partition.num_clients=10000", "strategy.fraction_train=0.002",
+                       "eval.federated=false", "output.plots=false", "client.local_epochs=1")
+    assert cfg.data.synthetic.num_devices == 10000
+    rows, summary = _rows(cfg)
+    assert summary["status"] == "completed"
+    assert rows[0]["num_sampled"] == 20 and rows[0]["num_success"] == 20
+    assert np.isfinite(rows[0]["centralised_loss"])
+
+
+def test_configs_that_cannot_hold_are_refused_at_validation():
+    with pytest.raises(ConfigError, match="clients_per_node: groups clients on Flower nodes under backend 'ray'"):
+        validate_config({"sim": {"backend": "batched", "clients_per_node": 4}})
+    with pytest.raises(ConfigError, match="a natural partition has one per group and data.synthetic.num_devices is 30"):
+        validate_config({"data": {"name": "synthetic", "synthetic": {"num_devices": 30}},
+                         "partition": {"scheme": "natural", "num_clients": 50}})
+    with pytest.raises(ConfigError, match="data.name 'digits' has none"):
+        validate_config({"partition": {"scheme": "natural"}})
+    natural = validate_config({"data": {"name": "synthetic"}, "partition": {"scheme": "natural", "num_clients": 77}})
+    assert natural.data.synthetic.num_devices == 77
+    assert validate_config({"data": {"name": "synthetic"}}).data.synthetic.num_devices == 30
