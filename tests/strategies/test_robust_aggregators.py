@@ -70,3 +70,16 @@ def test_shared_helpers():
     torch.testing.assert_close(weighted_mean(x, [1, 0, 1]), torch.tensor([3.0, 4.0]))
     with pytest.raises(ValueError, match="weights"):
         weighted_mean(x, [0, 0, 0])
+
+
+@pytest.mark.parametrize("n", [7, 50])
+def test_median_and_trimmed_mean_equal_a_full_torch_sort_exactly(n):
+    """The chunked, numpy-sorted rules give bit for bit what sorting each column with torch
+    gives (several chunks of columns, odd and even N)."""
+    updates = torch.randn(n, 40_000, generator=torch.Generator().manual_seed(n))
+    ordered = updates.sort(dim=0).values
+    median = ordered[n // 2] if n % 2 else ordered[n // 2 - 1] * 0.5 + ordered[n // 2] * 0.5
+    torch.testing.assert_close(coordinate_median(updates), median, rtol=0, atol=0)
+    k = int(0.2 * n)
+    torch.testing.assert_close(trimmed_mean(updates, beta=0.2), ordered[k : n - k].T.contiguous().mean(dim=1),
+                               rtol=0, atol=0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from fedsim.strategies.aggregate import check_updates, column_chunks, pairwise_sq_distances, weighted_mean
@@ -40,11 +41,17 @@ _SORT_CHUNK_COLUMNS = 1 << 14
 def _sorted_column_chunks(updates: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(cols, values)``: each column chunk transposed to ``(chunk, N)`` and sorted per row.
 
-    Sorting contiguous rows of length ``N`` is about twice as fast as sorting strided columns,
-    and the chunking bounds the extra memory to one chunk (values plus int64 indices).
+    Sorting contiguous rows of length ``N`` is faster than sorting strided columns, and the
+    chunking bounds the extra memory to one chunk. On the CPU the rows are sorted by numpy:
+    torch sorts each short row with a scalar sort, numpy (2.x) with SIMD sorting networks
+    (x86-simd-sort), about 10x faster for N = 50; the sorted values are the same.
     """
     for cols in column_chunks(updates.shape[1], _SORT_CHUNK_COLUMNS):
-        yield cols, updates[:, cols].T.contiguous().sort(dim=1).values
+        rows = updates[:, cols].T.contiguous()
+        if rows.device.type == "cpu":
+            yield cols, torch.from_numpy(np.sort(rows.numpy(), axis=1))
+        else:
+            yield cols, rows.sort(dim=1).values
 
 
 def coordinate_median(updates: torch.Tensor) -> torch.Tensor:
