@@ -14,8 +14,8 @@ with whether each claim held, computed from the numbers, never written by hand.
 from __future__ import annotations
 
 import itertools
-import math
 import json
+import math
 import multiprocessing
 import platform
 import statistics

@@ -17,9 +17,9 @@ from fedsim.seeding import seed_everything
 from fedsim.sim.client_app import ClientRuntime
 from fedsim.sim.components import federated_data, make_model
 from fedsim.sim.inprocess import InProcessGrid
+from fedsim.sim.messaging import client_nodes
 from fedsim.sim.results import RunDir
 from fedsim.sim.runner import run_experiment
-from fedsim.sim.messaging import client_nodes
 from fedsim.sim.sync import label_mix, run_sync
 from fedsim.strategies import build_sampler, build_strategy
 from fedsim.strategies.fedau import fedau_aggregate

@@ -7,13 +7,13 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedsim.clients import gossip_node
 from fedsim.config import load_config
 from fedsim.params import ParamSpec
 from fedsim.quant.codecs import build as build_codec
-from fedsim.sim.components import federated_data, make_model
-from fedsim.clients import gossip_node
-from fedsim.sim.gossip_loop import build_topology, initial_models, mixing_weights, run_gossip
 from fedsim.sim.client_app import ClientRuntime, Outcome, PartitionState
+from fedsim.sim.components import federated_data, make_model
+from fedsim.sim.gossip_loop import build_topology, initial_models, mixing_weights, run_gossip
 from fedsim.sim.inprocess import InProcessGrid
 from fedsim.sim.results import RunDir
 from fedsim.sim.runner import run_experiment

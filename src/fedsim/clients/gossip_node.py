@@ -26,10 +26,11 @@ from collections.abc import MutableMapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsim.params import ParamSpec
 from fedsim.quant import codecs
+from fedsim.records import to_numpy, to_record, to_state_dict
 from fedsim.strategies.gossip import mix_node
 
 MODEL_KEY = "gossip-model"
@@ -55,14 +56,14 @@ def held_model(content: RecordDict, state: MutableMapping) -> dict[str, torch.Te
     resends it), else the one in its Context ``state``, which must be the version the
     message names."""
     want = str(content["config"]["gossip-version"])
-    if "arrays" in content.array_records:
-        return content["arrays"].to_torch_state_dict()
+    if "arrays" in content:
+        return to_state_dict(content["arrays"])
     if MODEL_KEY not in state:
         raise RuntimeError(f"gossip node holds no model; the server expects version {want}")
     have = str(state[VERSION_KEY]["version"])
     if have != want:
         raise RuntimeError(f"gossip node holds model version {have}; the server expects {want}")
-    return state[MODEL_KEY].to_torch_state_dict()
+    return to_state_dict(state[MODEL_KEY])
 
 
 def keep_model(state: MutableMapping, state_dict: dict[str, torch.Tensor], model_version: str) -> None:
@@ -72,7 +73,7 @@ def keep_model(state: MutableMapping, state_dict: dict[str, torch.Tensor], model
 
 
 def _peer_models(content: RecordDict, num_peers: int, dim: int) -> torch.Tensor:
-    peers = torch.from_numpy(content["peers"]["models"].numpy()).to(torch.float32)
+    peers = torch.from_numpy(to_numpy(content["peers"]["models"]).astype(np.float32))
     if peers.shape != (num_peers, dim):
         raise ValueError(f"mix message holds peer models of shape {tuple(peers.shape)}, "
                          f"expected ({num_peers}, {dim})")
@@ -97,5 +98,4 @@ def mix_reply(content: RecordDict, state: MutableMapping, spec: ParamSpec, varia
     flat = spec.join_layers(mix_node(spec.split_layers(stacked), weights, correct, eps))
     keep_model(state, {**own, **spec.unflatten(flat)}, version(int(config["server-round"]), "mix"))
     payload = codecs.build("identity").encode(flat)
-    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.to_arrays().items()})
-    return RecordDict({MIXED_RECORD: arrays, "metrics": MetricRecord({"bytes_up": payload.nbytes})})
+    return RecordDict({MIXED_RECORD: to_record(payload.to_arrays()), "metrics": MetricRecord({"bytes_up": payload.nbytes})})

@@ -19,6 +19,7 @@ from torch import nn
 from fedsim.config import LinkSettings, QuantConfig
 from fedsim.quant import codecs, error_feedback
 from fedsim.quant.codecs import Codec, Payload
+from fedsim.records import to_state_dict
 
 EF_STATE_KEY = "uplink-error-feedback"
 
@@ -70,7 +71,7 @@ class Uplink:
         """Encode ``update``, reading and writing the error-feedback memory in ``state``."""
         wrapper = self._wrapper()
         if EF_STATE_KEY in state:
-            wrapper.load_state_dict(state[EF_STATE_KEY].to_torch_state_dict())
+            wrapper.load_state_dict(to_state_dict(state[EF_STATE_KEY]))
         payload = wrapper.compress(update, generator=generator)
         memory = wrapper.state_dict()
         if memory:

@@ -52,6 +52,7 @@ from fedsim.clients.train import evaluate
 from fedsim.config import AsyncStrategyBase, ExperimentConfig, FedAsyncConfig, FedBuffConfig, FedFixConfig
 from fedsim.data import ArrayDataset
 from fedsim.params import ParamSpec
+from fedsim.records import to_state_dict
 from fedsim.seeding import derive_seed
 from fedsim.sim.arrivals import LOST, Arrival, Job, SimulatedDevices, VirtualArrivals, WallArrivals
 from fedsim.sim.clock import Clock, WallClock
@@ -366,7 +367,7 @@ class GlobalEvaluator:
     def __call__(self, arrays: ArrayRecord, tick: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self.cfg.eval.centralised:
-            self.net.load_state_dict(arrays.to_torch_state_dict())
+            self.net.load_state_dict(to_state_dict(arrays))
             res = evaluate(self.net.to(self.device), self.test, self.device, self.cfg.eval.batch_size, self.predict)
             self.net.cpu()
             metrics.update(centralised_accuracy=res.accuracy, centralised_loss=res.loss)

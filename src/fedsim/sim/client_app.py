@@ -31,7 +31,7 @@ from collections.abc import Iterator, MutableMapping, Sequence
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsim.attacks import build_attack, choose_byzantine
@@ -46,9 +46,17 @@ from fedsim.clients.train import TrainResult, build_optimizer, evaluate_many, lo
 from fedsim.config import ExperimentConfig
 from fedsim.data import ArrayDataset
 from fedsim.params import ParamSpec
+from fedsim.records import to_record, to_state_dict
 from fedsim.seeding import derive_seed
 from fedsim.sim import groups
-from fedsim.sim.components import FederatedData, build_objective, device_speeds, federated_data, make_model, resolve_device
+from fedsim.sim.components import (
+    FederatedData,
+    build_objective,
+    device_speeds,
+    federated_data,
+    make_model,
+    resolve_device,
+)
 from fedsim.sim.faults import inject_fault, stall_seconds
 from fedsim.sim.sync import predict_fn
 from fedsim.strategies.replies import TIMEOUT_CODE
@@ -161,7 +169,7 @@ def restore_loss_state(objective: ClientObjective, state: MutableMapping) -> Non
     """Load the per-sample state of stateful losses (ALDR-KL, SogCLR, iSogCLR) kept in the
     node's Context between rounds."""
     if LOSS_STATE_KEY in state:
-        objective.main.load_state_dict(state[LOSS_STATE_KEY].to_torch_state_dict())
+        objective.main.load_state_dict(to_state_dict(state[LOSS_STATE_KEY]))
 
 
 def save_loss_state(objective: ClientObjective, state: MutableMapping) -> None:
@@ -191,15 +199,15 @@ def _hooks(job: TrainJob, global_params: dict[str, torch.Tensor]) -> tuple[Clien
         hooks.append(ProximalTerm(mu, global_params))
     if "fedld-beta" in config:
         hooks.append(FedLDRegulariser(float(config["fedld-beta"])))
-    if "guidance" in content.array_records:
-        hooks.append(GuidanceMask(content["guidance"].to_torch_state_dict()))
+    if "guidance" in content:
+        hooks.append(GuidanceMask(to_state_dict(content["guidance"])))
     return tuple(hooks)
 
 
 def _hook_key(job: TrainJob) -> tuple:
     """Members with equal keys get the same hooks and may train stacked together."""
-    config, records = job.config, job.member.content.array_records
-    return (float(config.get("proximal-mu", 0.0)), config.get("fedld-beta"), id(records.get("guidance")))
+    config, content = job.config, job.member.content
+    return (float(config.get("proximal-mu", 0.0)), config.get("fedld-beta"), id(content.get("guidance")))
 
 
 class ClientRuntime:
@@ -241,10 +249,11 @@ class ClientRuntime:
         device = resolve_device(self.cfg)
         outcomes: list[Outcome | None] = [None] * len(members)
         jobs = []
+        starts: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}  # a shared model is read once
         for i, member in enumerate(members):
             started = time.perf_counter()
             try:
-                jobs.append(self._prepare(i, member, message_type, w))
+                jobs.append(self._prepare(i, member, message_type, w, starts))
             except Exception as exc:  # one client's failure is its own
                 outcomes[i] = Outcome(None, exc, time.perf_counter() - started)
             else:
@@ -262,18 +271,24 @@ class ClientRuntime:
                                    else Outcome(reply, None, job.seconds))
         return outcomes
 
-    def _prepare(self, index: int, member: Member, message_type: str, w: Worker) -> TrainJob:
+    def _prepare(self, index: int, member: Member, message_type: str, w: Worker,
+                 starts: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor]]) -> TrainJob:
         pid = member.partition_id
         server_round = int(member.content["config"]["server-round"])
         if message_type == "train.gossip":
             start = gossip_node.held_model(member.content, member.state)
+            start_flat = w.spec.flatten(start)
         else:
-            start = member.content["arrays"].to_torch_state_dict()
+            record = member.content["arrays"]
+            if id(record) not in starts:
+                state = to_state_dict(record)
+                starts[id(record)] = (state, w.spec.flatten(state))
+            start, start_flat = starts[id(record)]
         train_set = _poisoned(self.cfg, w.data.client(pid)[0], pid)
         if len(train_set.y) == 0:
             raise ValueError("client has no training examples")
         generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "train", server_round, pid))
-        return TrainJob(index, member, server_round, start, w.spec.flatten(start), train_set, generator)
+        return TrainJob(index, member, server_round, start, start_flat, train_set, generator)
 
     def _trained(self, jobs: list[TrainJob], w: Worker, device: torch.device):
         """(job, (final flat model, TrainResult) or the exception) for every job."""
@@ -355,8 +370,7 @@ class ClientRuntime:
             "virtual_duration": result.steps / float(w.speeds[pid]),
             "bytes_up": payload.nbytes,
         })
-        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.to_arrays().items()})
-        return RecordDict({"update": arrays, "metrics": metrics})
+        return RecordDict({"update": to_record(payload.to_arrays()), "metrics": metrics})
 
     # --------------------------------------------------------- other messages
     def _mix(self, message_type: str, members: Sequence[Member]) -> list[Outcome]:
@@ -378,7 +392,7 @@ class ClientRuntime:
             started = time.perf_counter()
             try:
                 model = w.model
-                model.load_state_dict(members[indices[0]].content["arrays"].to_torch_state_dict())
+                model.load_state_dict(to_state_dict(members[indices[0]].content["arrays"]))
                 test_sets = [w.data.client(members[i].partition_id)[1] for i in indices]
                 results = evaluate_many(model.to(device), test_sets, device, self.cfg.eval.batch_size, w.predict)
                 model.cpu()

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from torch import Tensor, nn
 
@@ -50,6 +50,7 @@ from fedsim.clients.train import evaluate
 from fedsim.config import ExperimentConfig, GossipConfig
 from fedsim.data import ArrayDataset
 from fedsim.params import ParamSpec, set_flat
+from fedsim.records import to_record
 from fedsim.seeding import derive_seed
 from fedsim.sim.async_loop import check_supported, mean_train_loss
 from fedsim.sim.components import federated_data, make_model, resolve_device
@@ -210,7 +211,7 @@ class GossipNodes:
         for i in range(len(self.node_of)):
             peers = [j for j in range(W.shape[1]) if j != i and W[i, j] != 0]
             message = self._message(rnd, i, "mix")
-            message.content["peers"] = ArrayRecord({"models": Array(self.models[peers].numpy())})
+            message.content["peers"] = to_record({"models": self.models[peers].numpy()})
             message.content["config"]["self-weight"] = float(W[i, i])
             message.content["config"]["peer-weights"] = [float(W[i, j]) for j in peers]
             messages.append(message)

@@ -14,13 +14,13 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from fedsim.config import ExperimentConfig
-from fedsim.sim.async_loop import run_async
 from fedsim.clients.batched import vectorisable_reason
-from fedsim.sim.client_app import ClientRuntime, build_client_app, worker
-from fedsim.sim.grouped import GroupedGrid, engine_nodes
-from fedsim.sim.gossip_loop import run_gossip
+from fedsim.config import ExperimentConfig
 from fedsim.seeding import seed_everything
+from fedsim.sim.async_loop import run_async
+from fedsim.sim.client_app import ClientRuntime, build_client_app, worker
+from fedsim.sim.gossip_loop import run_gossip
+from fedsim.sim.grouped import GroupedGrid, engine_nodes
 from fedsim.sim.inprocess import InProcessGrid
 from fedsim.sim.results import RunDir
 from fedsim.sim.sync import run_sync

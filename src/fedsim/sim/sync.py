@@ -22,6 +22,7 @@ from fedsim.clients.train import evaluate
 from fedsim.config import ExperimentConfig
 from fedsim.params import ParamSpec
 from fedsim.quant.ptq import quantize_weights_awq, quantize_weights_rtn
+from fedsim.records import to_state_dict
 from fedsim.sim.components import FederatedData, build_loss, federated_data, make_model, resolve_device
 from fedsim.sim.messaging import client_nodes, send_and_collect
 from fedsim.sim.plots import plot_run
@@ -94,7 +95,7 @@ def run_sync(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_
                     "bytes_down_total": bytes_down_total,
                 }
                 if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
-                    model.load_state_dict(arrays.to_torch_state_dict())
+                    model.load_state_dict(to_state_dict(arrays))
                     row.update(evaluate_round(cfg, grid, strategy, rnd, arrays, model, data, device, predict))
                 row["wall_time_s"] = time.perf_counter() - t0
                 run.append(row)
@@ -103,7 +104,7 @@ def run_sync(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_
                          row["num_success"], row["num_failed"], "  SKIPPED" if row["skipped"] else "")
                 progress.advance_to(rnd, row.get("centralised_accuracy"), row.get("centralised_loss"))
                 if rnd % cfg.output.checkpoint_every == 0 or rnd == cfg.rounds:
-                    model.load_state_dict(arrays.to_torch_state_dict())
+                    model.load_state_dict(to_state_dict(arrays))
                     run.save_checkpoint(Checkpoint(rnd, {k: v.clone() for k, v in model.state_dict().items()},
                                                    strategy.state_dict(), row["wall_time_s"]))
         status = "completed"
@@ -111,7 +112,7 @@ def run_sync(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_
         rows = run.rows()
         summary = summarise(rows, cfg.output.target_accuracy, status)
         if status == "completed" and cfg.quant.ptq is not None:
-            model.load_state_dict(arrays.to_torch_state_dict())
+            model.load_state_dict(to_state_dict(arrays))
             summary.update(post_training_quantization(cfg, model, data, device, predict))
         run.write_summary(summary)
         if cfg.output.plots and rows:

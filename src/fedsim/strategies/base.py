@@ -23,12 +23,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.clients.quantization import build_codec
 from fedsim.attacks import ATTACKS, build_attack, choose_byzantine
+from fedsim.clients.quantization import build_codec
 from fedsim.config import ExperimentConfig, SyncStrategyBase
-from fedsim.seeding import derive_seed
 from fedsim.params import ParamSpec
 from fedsim.quant.error_feedback import ServerEstimate
+from fedsim.records import to_state_dict
+from fedsim.seeding import derive_seed
 from fedsim.strategies.aggregate import weighted_mean
 from fedsim.strategies.replies import ClientUpdate, Failure, screen_train_replies
 from fedsim.strategies.server_opt import ServerOptimizer
@@ -129,7 +130,7 @@ class FedsimStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._template = arrays.to_torch_state_dict()
+        self._template = to_state_dict(arrays)
         self._global = self.spec.flatten(self._template)
         pids = self.participants(server_round)
         self._sent = {self.node_of[p]: p for p in pids}

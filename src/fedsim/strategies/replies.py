@@ -13,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 
 from fedsim.quant.codecs import Codec, Identity
+from fedsim.records import to_numpy
 
 IDENTITY = Identity()
 TIMEOUT = "no reply before the timeout"
@@ -58,11 +59,11 @@ def _decode(msg: Message, partition_id: int, record: str, dim: int, codec: Codec
         if msg.error.code == TIMEOUT_CODE:
             return Failure(partition_id, TIMEOUT)
         return Failure(partition_id, f"client error: {msg.error.reason}")
-    arrays = msg.content.array_records.get(record)
-    if arrays is None:
+    arrays = msg.content.get(record)
+    if not isinstance(arrays, ArrayRecord):
         return Failure(partition_id, f"reply has no '{record}' record")
     try:
-        payload = codec.from_arrays({k: v.numpy() for k, v in arrays.items()})
+        payload = codec.from_arrays({k: to_numpy(v) for k, v in arrays.items()})
         vector = codec.decode(payload)
     except (KeyError, TypeError, ValueError) as exc:
         return Failure(partition_id, f"{record} cannot be decoded: {exc}")
