@@ -1,20 +1,28 @@
-"""Engine overhead: the same federated work done three ways in one process.
+"""Engine overhead: the same federated work done six ways, at 20, 100 and 1,000 clients.
 
-1. a plain PyTorch loop over clients (no framework): the floor;
-2. fedsim (Flower simulation engine, Ray backend, fedsim's ServerApp/ClientApp);
-3. a minimal Flower app written the way Flower's own quickstart examples do
-   (ClientApp with @app.train, message-based FedAvg, ``strategy.start``).
+1. a plain PyTorch loop over clients (no framework, one torch thread): the floor;
+2. fedsim, ``sim.backend: inprocess`` (clients one after another in the driver);
+3. fedsim, ``sim.backend: batched`` (each round's clients trained together, stacked);
+4. fedsim on Flower's simulation engine (Ray), one client per Flower node;
+5. fedsim on Ray with grouped nodes: ``sim.clients_per_node`` = clients / CPUs, so each
+   of the machine's workers serves one node;
+6. a minimal Flower app written the way Flower's quickstart examples do (ClientApp with
+   @app.train, message-based FedAvg, ``strategy.start``), one client per node.
 
-Work: N clients (default 20) x 1 local epoch of the digits MLP, R rounds (default 10),
-Dirichlet(0.5) partition, centralised evaluation after each round, no federated
-evaluation. The per-round time is measured inside each run from the end of round 1 to the
-end of round R (so the first round, which under Flower also waits for nodes to register,
-is excluded from all three alike); the rest of the wall time ("fixed": start-up,
-registration, round 1, teardown) is reported apart. Ratios are to the
-plain loop's per-round time. The driver process uses one torch thread, as each simulated
-client does. Writes JSON to benchmarks/results/engine_overhead.json.
+Work: every client trains 1 local epoch of the MLP each round, FedAvg, centralised
+evaluation after each round, no federated evaluation. 20 and 100 clients: digits,
+Dirichlet(0.5) over the clients, 10 rounds. 1,000 clients: digits has too few samples, so
+Synthetic(1, 1) with one device per client, 3 rounds. The per-round time is measured inside
+each run from the end of round 1 to the end of the last round (so the first round, which
+under Flower also starts Ray's workers, is excluded from all alike); the rest of the wall
+time ("fixed": start-up, round 1, teardown) is reported apart. Ratios are to the plain
+loop's per-round time. The driver uses one torch thread, as each simulated client does.
+Writes JSON to benchmarks/results/engine_overhead.json.
 
-Usage: python benchmarks/engine_overhead.py [--clients 20] [--rounds 10] [--out PATH]
+Targets (the scale-engine issue), at 100 clients: batched <= 1.0x the plain loop per round
+and >= 10x faster than the plain Flower app; Ray with grouped nodes <= 2x the plain loop.
+
+Usage: python benchmarks/engine_overhead.py [--clients 20 100 1000] [--out PATH]
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -40,10 +49,13 @@ from fedsim.sim.results import RunDir
 from fedsim.sim.runner import run_experiment
 
 
-def make_config(clients: int, rounds: int, out_dir: str):
+def make_config(clients: int, out_dir: str):
+    small = clients <= 100
     return validate_config({
-        "name": "engine-overhead", "seed": 0, "rounds": rounds,
-        "partition": {"num_clients": clients, "scheme": "dirichlet", "alpha": 0.5},
+        "name": "engine-overhead", "seed": 0, "rounds": 10 if small else 3,
+        "data": {"name": "digits" if small else "synthetic"},
+        "partition": {"num_clients": clients, "scheme": "dirichlet", "alpha": 0.5} if small
+        else {"num_clients": clients, "scheme": "natural"},
         "client": {"local_epochs": 1, "lr": 0.1},
         "eval": {"federated": False},
         "strategy": {"name": "fedavg", "fraction_evaluate": 0.0},
@@ -123,7 +135,8 @@ def minimal_flower(cfg) -> dict:
     return _timing(t0, stamps[1:], accuracy[-1])
 
 
-def fedsim_run(cfg) -> dict:
+def fedsim_run(cfg, **sim) -> dict:
+    cfg = cfg.model_copy(update={"sim": cfg.sim.model_copy(update=sim)})
     t0 = time.perf_counter()
     path, summary = run_experiment(cfg)
     t_end = time.perf_counter()
@@ -141,31 +154,55 @@ def _timing(t0: float, round_ends: list[float], accuracy: float) -> dict:
             "final_accuracy": accuracy}
 
 
+def measure(clients: int, out_dir: str) -> dict:
+    cfg = make_config(clients, out_dir)
+    grouped = -(-clients // (os.cpu_count() or 1))
+    runs = {
+        "plain loop": lambda: plain_loop(cfg),
+        "fedsim inprocess": lambda: fedsim_run(cfg, backend="inprocess"),
+        "fedsim batched": lambda: fedsim_run(cfg, backend="batched"),
+        "fedsim ray": lambda: fedsim_run(cfg, backend="ray"),
+        "fedsim ray, grouped nodes": lambda: fedsim_run(cfg, backend="ray", clients_per_node=grouped),
+        "plain Flower app": lambda: minimal_flower(cfg),
+    }
+    results = {name: run() for name, run in runs.items()}
+    base = results["plain loop"]["per_round_s"]
+    for r in results.values():
+        r["ratio_to_plain_loop"] = r["per_round_s"] / base
+    results["fedsim ray, grouped nodes"]["clients_per_node"] = grouped
+    return {"data": cfg.data.name, "rounds": cfg.rounds, "engines": results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--clients", type=int, nargs="+", default=[20, 100, 1000])
     parser.add_argument("--out", default="benchmarks/results/engine_overhead.json")
+    parser.add_argument("--out-dir", default="/tmp/fedsim-engine-overhead")
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.WARNING)
     torch.set_num_threads(1)
-    cfg = make_config(args.clients, args.rounds, "/tmp/fedsim-engine-overhead")
-    results = {"plain loop": plain_loop(cfg), "fedsim": fedsim_run(cfg), "plain Flower app": minimal_flower(cfg)}
-    base = results["plain loop"]["per_round_s"]
-    print(f"\n{args.clients} clients x 1 local epoch, {args.rounds} rounds, digits MLP")
-    print(f"{'engine':<18}{'fixed s':>10}{'per round s':>13}{'x plain loop':>14}{'final acc':>11}")
-    for name, r in results.items():
-        r["ratio_to_plain_loop"] = r["per_round_s"] / base
-        print(f"{name:<18}{r['startup_s']:>10.2f}{r['per_round_s']:>13.3f}{r['ratio_to_plain_loop']:>14.2f}"
-              f"{r['final_accuracy']:>11.4f}")
-    ratio = results["fedsim"]["per_round_s"] / results["plain Flower app"]["per_round_s"]
-    print(f"fedsim / plain Flower app per-round time: {ratio:.2f} (target <= 1.0)")
+    sizes = {n: measure(n, args.out_dir) for n in args.clients}
+    print(f"\n{'clients':>8}  {'engine':<27}{'fixed s':>9}{'per round s':>13}{'x plain loop':>14}{'final acc':>11}")
+    for n, size in sizes.items():
+        for name, r in size["engines"].items():
+            print(f"{n:>8}  {name:<27}{r['startup_s']:>9.2f}{r['per_round_s']:>13.3f}{r['ratio_to_plain_loop']:>14.2f}"
+                  f"{r['final_accuracy']:>11.4f}")
+    targets = {}
+    if 100 in sizes:
+        engines = sizes[100]["engines"]
+        targets = {
+            "batched <= 1.0x plain loop": engines["fedsim batched"]["ratio_to_plain_loop"] <= 1.0,
+            "batched >= 10x faster than plain Flower app":
+                engines["plain Flower app"]["per_round_s"] >= 10 * engines["fedsim batched"]["per_round_s"],
+            "ray grouped nodes <= 2x plain loop": engines["fedsim ray, grouped nodes"]["ratio_to_plain_loop"] <= 2.0,
+        }
+        for claim, held in targets.items():
+            print(f"target at 100 clients: {claim}: {'HOLDS' if held else 'DOES NOT HOLD'}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "command": f"python benchmarks/engine_overhead.py --clients {args.clients} --rounds {args.rounds}",
-        "environment": environment(), "clients": args.clients, "rounds": args.rounds,
-        "results": results, "fedsim_over_flower": ratio,
+        "command": "python benchmarks/engine_overhead.py --clients " + " ".join(map(str, args.clients)),
+        "environment": environment(), "sizes": {str(n): s for n, s in sizes.items()}, "targets_at_100": targets,
     }, indent=2))
     print(f"wrote {out}")
 

@@ -217,3 +217,13 @@ def test_configs_that_cannot_hold_are_refused_at_validation():
     natural = validate_config({"data": {"name": "synthetic"}, "partition": {"scheme": "natural", "num_clients": 77}})
     assert natural.data.synthetic.num_devices == 77
     assert validate_config({"data": {"name": "synthetic"}}).data.synthetic.num_devices == 30
+
+
+def test_a_round_too_large_for_one_stack_trains_in_several(small_config, monkeypatch):
+    common = ("sim.backend=batched", "rounds=2", "output.plots=false", "eval.federated=false")
+    whole, _ = _rows(small_config(*common))
+    monkeypatch.setattr("fedsim.clients.batched.MAX_STACKED_VALUES", 3 * 9610)  # 3 digits MLPs a stack
+    split, _ = _rows(small_config(*common))
+    for a, b in zip(whole, split, strict=True):
+        assert math.isclose(a["centralised_loss"], b["centralised_loss"], rel_tol=1e-4)
+        assert a["bytes_up"] == b["bytes_up"]

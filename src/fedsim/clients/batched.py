@@ -42,6 +42,16 @@ from fedsim.config import ClientConfig, ExperimentConfig
 from fedsim.data import ArrayDataset
 from fedsim.losses import REGISTRY
 
+# At most this many values in one stacked tensor (the parameters, their gradients, the
+# optimizer's state and the start each hold one): 128 MiB of float32, so a round of
+# thousands of clients trains in several stacks instead of exhausting memory.
+MAX_STACKED_VALUES = 1 << 25
+
+
+def stack_size(dim: int) -> int:
+    """How many clients of a ``dim``-parameter model train in one stack."""
+    return max(1, MAX_STACKED_VALUES // max(dim, 1))
+
 
 def per_sample_loss(name: str) -> bool:
     """Whether loss ``name`` is a mean of per-sample terms (its ``per_sample`` attribute)."""
@@ -129,7 +139,7 @@ def train_stacked(
     y_all = torch.from_numpy(np.concatenate([d.y for d in datasets])).to(device)
     index, mask = (t.to(device) for t in _index_grid(schedules, offsets, cfg.batch_size))
 
-    net = _FeaturesAndLogits(model).to(device)
+    net = _FeaturesAndLogits(model)  # its own parameters are never used: every call passes them
     params = {name: start[name].to(device).clone().requires_grad_(True) for name, _ in model.named_parameters()}
     optimizer = build_optimizer(params.values(), cfg)
 

@@ -36,7 +36,7 @@ from flwr.clientapp import ClientApp
 
 from fedsim.attacks import build_attack, choose_byzantine
 from fedsim.clients import gossip_node
-from fedsim.clients.batched import train_stacked, vectorisable_reason
+from fedsim.clients.batched import stack_size, train_stacked, vectorisable_reason
 from fedsim.clients.fedld import FedLDRegulariser
 from fedsim.clients.fedlex import GuidanceMask
 from fedsim.clients.hooks import ClientHook, ProximalTerm, vectorises
@@ -296,9 +296,11 @@ class ClientRuntime:
         if self.vectorise and w.not_vectorised is None:
             for job in jobs:
                 batches.setdefault(_hook_key(job), []).append(job)
+        size = stack_size(w.spec.dim)
         for batch in batches.values():
             if len(batch) > 1:
-                yield from self._train_batch(batch, w, device)
+                for start in range(0, len(batch), size):
+                    yield from self._train_batch(batch[start : start + size], w, device)
         for job in jobs:
             if len(batches.get(_hook_key(job), ())) <= 1:
                 started = time.perf_counter()
@@ -326,7 +328,7 @@ class ClientRuntime:
         started = time.perf_counter()
         jobs = sorted(jobs, key=lambda j: -local_steps(len(j.train_set.y), self.cfg.client))
         names = [name for name, _ in w.model.named_parameters()]
-        start = {name: torch.stack([job.start[name] for job in jobs]) for name in names}
+        start = {name: torch.stack([job.start[name] for job in jobs]).to(device) for name in names}
         hooks = _hooks(jobs[0], start)
         try:
             if not all(vectorises(hook) for hook in hooks):
