@@ -52,11 +52,13 @@ def build_server_app(cfg: ExperimentConfig, run: RunDir, resume: bool, show_prog
 
 
 def backend_config(cfg: ExperimentConfig, ray_address: str | None) -> dict[str, Any]:
-    """Flower's Ray backend settings: per-client resources, and the cluster to attach to."""
-    init_args: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": True}
-    address = ray_address or cfg.sim.ray_address
-    if address:
-        init_args["address"] = address
+    """Flower's Ray backend settings: per-client resources, and the cluster to attach to.
+
+    Without an address, a local Ray of this run's own: ``address="local"`` keeps Ray from
+    attaching to a cluster that ``RAY_ADDRESS`` or another program's leftover address file
+    names (and from retrying forever when that cluster is gone)."""
+    init_args: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": True,
+                                 "address": ray_address or cfg.sim.ray_address or "local"}
     return {"client_resources": {"num_cpus": cfg.sim.num_cpus_per_client,
                                  "num_gpus": cfg.sim.num_gpus_per_client},
             "init_args": init_args}
