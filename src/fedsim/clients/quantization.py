@@ -29,8 +29,10 @@ def qat_active(quant: QuantConfig, server_round: int, rounds: int) -> bool:
     return quant.qat is not None and server_round > math.floor(quant.qat.start_fraction * rounds)
 
 
-def prepare_training_model(model: nn.Module, quant: QuantConfig, server_round: int, rounds: int) -> nn.Module:
-    """The model the client trains: float, fake-quantized (QAT) or low-bit.
+def prepare_training_model(model: nn.Module, quant: QuantConfig, server_round: int, rounds: int,
+                           generator: torch.Generator | None = None) -> nn.Module:
+    """The model the client trains: float, fake-quantized (QAT) or low-bit (its gradients'
+    stochastic rounding drawn from ``generator``).
 
     Parameter names are unchanged, so the float weights are read back with the same
     ``ParamSpec`` as the plain model.
@@ -47,7 +49,8 @@ def prepare_training_model(model: nn.Module, quant: QuantConfig, server_round: i
     elif quant.lowbit is not None:
         from fedsim.quant.lowbit import LowBitConfig, prepare_lowbit
 
-        model = prepare_lowbit(model, LowBitConfig(bits=quant.lowbit.bits, grad_bits=quant.lowbit.grad_bits))
+        model = prepare_lowbit(model, LowBitConfig(bits=quant.lowbit.bits, grad_bits=quant.lowbit.grad_bits),
+                               generator)
     return model
 
 

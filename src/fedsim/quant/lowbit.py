@@ -23,7 +23,8 @@ scale ``max_n |G_n| / qmax`` so that no entry is clipped and stochastic rounding
 ``E[G_q] = G``: the backward pass is an unbiased estimate of the QAT gradient (Chen et al.).
 Per-sample scales are Chen et al.'s "per-sample quantization", which their variance analysis
 favours over a per-tensor scale at the same bit width. The rounding noise is drawn from
-torch's global generator: seed it with ``torch.manual_seed`` for a reproducible run.
+the generator given to :func:`prepare_lowbit` (fedsim seeds one per client and round), else
+from torch's global generator.
 """
 
 from __future__ import annotations
@@ -88,13 +89,13 @@ class _QuantizeGradient(torch.autograd.Function):
     """Identity forward; :func:`quantize_gradient` on the way back."""
 
     @staticmethod
-    def forward(ctx, y, bits):
-        ctx.bits = bits
+    def forward(ctx, y, bits, generator):
+        ctx.bits, ctx.generator = bits, generator
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad):
-        return quantize_gradient(grad, ctx.bits), None
+        return quantize_gradient(grad, ctx.bits, generator=ctx.generator), None, None
 
 
 class LowBitLinear(nn.Linear):
@@ -102,9 +103,11 @@ class LowBitLinear(nn.Linear):
 
     bits: int
     grad_bits: int
+    generator: torch.Generator | None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: LowBitConfig) -> LowBitLinear:
+    def from_linear(cls, linear: nn.Linear, config: LowBitConfig,
+                    generator: torch.Generator | None = None) -> LowBitLinear:
         """Wrap ``linear``, sharing its parameters."""
         new = cls(
             linear.in_features,
@@ -117,12 +120,13 @@ class LowBitLinear(nn.Linear):
         new.bias = linear.bias
         new.bits = config.bits
         new.grad_bits = config.grad_bits
+        new.generator = generator
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_q = fake_quantize(x, self.bits, symmetric=False)
         w_q = fake_quantize(self.weight, self.bits, axis=0)
-        return _QuantizeGradient.apply(F.linear(x_q, w_q, self.bias), self.grad_bits)
+        return _QuantizeGradient.apply(F.linear(x_q, w_q, self.bias), self.grad_bits, self.generator)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, grad_bits={self.grad_bits}"
@@ -133,25 +137,28 @@ class LowBitConv2d(nn.Conv2d):
 
     bits: int
     grad_bits: int
+    generator: torch.Generator | None
 
     @classmethod
-    def from_conv2d(cls, conv: nn.Conv2d, config: LowBitConfig) -> LowBitConv2d:
+    def from_conv2d(cls, conv: nn.Conv2d, config: LowBitConfig,
+                    generator: torch.Generator | None = None) -> LowBitConv2d:
         """Wrap ``conv``, sharing its parameters."""
         new = conv2d_sharing(cls, conv)
         new.bits = config.bits
         new.grad_bits = config.grad_bits
+        new.generator = generator
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_q = fake_quantize(x, self.bits, symmetric=False)
         w_q = fake_quantize(self.weight, self.bits, axis=0)
-        return _QuantizeGradient.apply(self._conv_forward(x_q, w_q, self.bias), self.grad_bits)
+        return _QuantizeGradient.apply(self._conv_forward(x_q, w_q, self.bias), self.grad_bits, self.generator)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, grad_bits={self.grad_bits}"
 
 
-def prepare_lowbit(model: nn.Module, config: LowBitConfig) -> nn.Module:
+def prepare_lowbit(model: nn.Module, config: LowBitConfig, generator: torch.Generator | None = None) -> nn.Module:
     """Copy ``model`` with every ``nn.Linear`` / ``nn.Conv2d`` trained in low bit width.
 
     Parameters
@@ -160,6 +167,9 @@ def prepare_lowbit(model: nn.Module, config: LowBitConfig) -> nn.Module:
         Float model; it is not modified.
     config : LowBitConfig
         Forward and backward bit widths.
+    generator : torch.Generator, optional
+        Source of the gradients' rounding noise, on the model's device (torch's global
+        generator if None).
 
     Returns
     -------
@@ -173,9 +183,9 @@ def prepare_lowbit(model: nn.Module, config: LowBitConfig) -> nn.Module:
 
     def replace(module: nn.Module) -> nn.Module | None:
         if isinstance(module, nn.Linear):
-            return LowBitLinear.from_linear(module, config)
+            return LowBitLinear.from_linear(module, config, generator)
         if isinstance(module, nn.Conv2d):
-            return LowBitConv2d.from_conv2d(module, config)
+            return LowBitConv2d.from_conv2d(module, config, generator)
         return None
 
     swap_layers(model, replace)

@@ -316,7 +316,9 @@ class ClientRuntime:
         model.load_state_dict(job.start)
         model = model.to(device)
         hooks = _hooks(job, {n: p.detach().clone() for n, p in model.named_parameters()})
-        model = prepare_training_model(model, self.cfg.quant, job.server_round, self.cfg.rounds)
+        pid = job.member.partition_id
+        rounding = torch.Generator(device=device).manual_seed(derive_seed(self.cfg.seed, "lowbit", job.server_round, pid))
+        model = prepare_training_model(model, self.cfg.quant, job.server_round, self.cfg.rounds, rounding)
         objective = build_objective(self.cfg, len(job.train_set.y), hooks)
         restore_loss_state(objective, job.member.state)
         result = train_local(model, job.train_set, self.cfg.client, objective, job.generator, device)
