@@ -118,14 +118,15 @@ class LossConfig(BaseModel):
 
     @model_validator(mode="after")
     def _known_loss_and_kwargs(self) -> LossConfig:
-        from fedsim.losses import REGISTRY  # the registry is the source of truth for names
+        # the registry is the source of truth for names
+        from fedsim.losses.registry import REGISTRY, unknown_loss_message
 
         for where, name, kwargs in (("name", self.name, self.kwargs),
                                     ("aux.name", self.aux.name if self.aux else None, {})):
             if name is None:
                 continue
             if name not in REGISTRY:
-                raise ValueError(f"{where}: {name!r} is not a loss; known: {', '.join(sorted(REGISTRY))}")
+                raise ValueError(f"{where}: {unknown_loss_message(name)}")
             params = inspect.signature(REGISTRY[name]).parameters
             allowed = [p for p in params if p not in ("self", "num_samples")]
             unknown = [k for k in kwargs if k not in allowed]
