@@ -7,7 +7,7 @@ from logging import INFO
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
@@ -58,7 +58,8 @@ class FedLD(ScreenedFedAvg):
         log(INFO, "\t├──> FedLD settings: keep=%s, beta=%s (sent as %r)", self.keep, self.beta, BETA_KEY)
         super().summary()
 
-    def configure_train(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
         config[BETA_KEY] = self.beta
         return super().configure_train(server_round, arrays, config, grid)
 

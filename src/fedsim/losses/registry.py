@@ -76,7 +76,8 @@ def build(name: str, **kwargs: object) -> nn.Module:
     Raises
     ------
     ValueError
-        If ``name`` is not registered (a former name says its new one), or an argument has a value the loss does not allow.
+        If ``name`` is not registered (a former name says its new one), or an argument has
+        a value the loss does not allow.
     TypeError
         If an argument is unknown to the loss, or a required one (``num_samples`` of the
         stateful losses) is missing.
