@@ -77,6 +77,18 @@ def test_unknown_loss_and_bad_loss_argument_are_rejected():
         validate_config({"loss": {"name": "cross_entropy", "smoothing_typo": 0.1}})
 
 
+def test_former_loss_names_in_a_yaml_file_are_refused_naming_the_new_ones(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("loss:\n  name: zloss\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == "loss: name: 'zloss' was renamed 'spherical_z_loss'; use loss name 'spherical_z_loss'"
+    path.write_text("loss:\n  name: cross_entropy\n  aux: {name: z_loss, weight: 1.0e-4}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == "loss: aux.name: 'z_loss' was renamed 'palm_z_loss'; use loss name 'palm_z_loss'"
+
+
 def test_file_loaders_need_a_path():
     with pytest.raises(ConfigError, match="data.path is required"):
         validate_config({"data": {"name": "mnist"}})

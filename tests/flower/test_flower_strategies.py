@@ -186,6 +186,18 @@ def test_bad_replies_are_dropped_with_a_warning_and_the_round_goes_on(make, refe
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
 
 
+def test_a_float64_model_is_aggregated_in_float64():
+    # updates of 1e-9 on weights near 1 vanish in float32 (spacing 1.2e-7 there)
+    global_state = {"w": torch.ones(5, dtype=torch.float64)}
+    updates = {n: torch.full((5,), 1e-9 * (1 + n - FIRST_NODE_ID), dtype=torch.float64) for n in NODES[:3]}
+    strategy = ff.ScreenedFedAvg()
+    list(strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), _grid()))
+    arrays, _ = strategy.aggregate_train(1, [_train_reply(n, {"w": 1.0 + updates[n]}) for n in NODES[:3]])
+    got = arrays.to_torch_state_dict()["w"]
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, 1.0 + torch.full((5,), 2e-9, dtype=torch.float64), rtol=1e-15, atol=1e-15)
+
+
 def test_flowers_fedavg_ends_the_round_on_the_same_bad_replies():
     global_state, updates = _global(), _updates()
     good, bad = _bad_replies(global_state, updates)

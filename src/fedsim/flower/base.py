@@ -8,7 +8,8 @@ constructor arguments, sampling, messages and ``start``, and two changes:
   the run;
 - aggregation works on the clients' *updates*. The global arrays sent in
   ``configure_train`` are remembered; each accepted reply's floating-point arrays minus
-  them, flattened, is one row ``Delta_i`` of an ``(N, D)`` float32 tensor; a subclass's
+  them, flattened, is one row ``Delta_i`` of an ``(N, D)`` tensor (float32, or float64
+  when the model has float64 arrays, so no precision is lost); a subclass's
   :meth:`ScreenedFedAvg.aggregate_updates` turns that into one ``(D,)`` update (a fedsim
   pure function), and :meth:`ScreenedFedAvg.apply_update` adds it to the global model.
   Rules that are not translation-equivariant (the Flag Aggregator normalises each update,
@@ -53,10 +54,18 @@ def check_settings(section: type[BaseModel], owner: str, **values: Any) -> None:
         raise ValueError(f"{owner}: {'; '.join(format_validation_error(exc).splitlines())}") from None
 
 
-def float_layout(arrays: ArrayRecord) -> ParamSpec:
-    """Names and shapes of the floating-point arrays of ``arrays``, in their order."""
+def float_layout(arrays: ArrayRecord) -> tuple[ParamSpec, torch.dtype]:
+    """Names and shapes of the floating-point arrays of ``arrays`` in their order, and the
+    dtype to aggregate them in: float64 if one of them is float64, else float32."""
     floats = [(name, tuple(array.shape)) for name, array in arrays.items() if np.dtype(array.dtype).kind == "f"]
-    return ParamSpec(tuple(name for name, _ in floats), tuple(shape for _, shape in floats))
+    wide = any(np.dtype(arrays[name].dtype) == np.float64 for name, _ in floats)
+    spec = ParamSpec(tuple(name for name, _ in floats), tuple(shape for _, shape in floats))
+    return spec, torch.float64 if wide else torch.float32
+
+
+def _flatten(spec: ParamSpec, arrays: dict[str, np.ndarray], dtype: torch.dtype) -> torch.Tensor:
+    """The floating-point arrays of ``spec`` concatenated into one ``(D,)`` vector of ``dtype``."""
+    return torch.cat([torch.as_tensor(arrays[name]).reshape(-1).to(dtype) for name in spec.names])
 
 
 @dataclass(frozen=True)
@@ -68,11 +77,12 @@ class StackedUpdates:
     node_ids : list of int
         The Flower node of each row, ascending.
     updates : torch.Tensor
-        ``(N, D)`` float32, row ``i`` is ``Delta_i = w_i - w`` (trained minus global).
+        ``(N, D)``, row ``i`` is ``Delta_i = w_i - w`` (trained minus global); float32, or
+        float64 when the model has float64 arrays.
     weights : torch.Tensor
         ``(N,)`` float64, each reply's ``weighted_by_key`` value.
     model : torch.Tensor
-        ``(D,)`` float32, the global model ``w`` the round started from.
+        ``(D,)``, the global model ``w`` the round started from, dtype of ``updates``.
     spec : ParamSpec
         The layout of ``D``: names and shapes of the global model's floating-point arrays.
     """
@@ -132,11 +142,14 @@ class ScreenedFedAvg(FedAvg):
         if not accepted:
             log(WARNING, "round %d: no usable training reply; the global model is unchanged", server_round)
             return None, None
-        spec = float_layout(self._global)
-        model = spec.flatten({name: self._global[name].numpy() for name in spec.names})
+        spec, dtype = float_layout(self._global)
+        if not spec.names:
+            raise ValueError(f"{type(self).__name__}.aggregate_train: the global arrays hold no floating-point "
+                             "array to aggregate")
+        model = _flatten(spec, {name: self._global[name].numpy() for name in spec.names}, dtype)
         stacked = StackedUpdates(
             node_ids=[reply.node_id for reply in accepted],
-            updates=torch.stack([spec.flatten(reply.arrays) for reply in accepted]) - model,
+            updates=torch.stack([_flatten(spec, reply.arrays, dtype) for reply in accepted]) - model,
             weights=torch.tensor([reply.weight for reply in accepted], dtype=torch.float64),
             model=model,
             spec=spec,
