@@ -15,6 +15,8 @@ APP_DIR = Path(__file__).parents[2] / "examples" / "flower-app"
 
 
 def test_example_app_learns_the_digits_in_three_rounds_of_flowers_simulation(tmp_path, monkeypatch, caplog):
+    # The app is imported by name, here and in Flower's Ray workers; Flower's Ray backend hands
+    # sys.path to its workers through PYTHONPATH and leaves it set: setenv restores it afterwards.
     monkeypatch.syspath_prepend(str(APP_DIR))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(APP_DIR), os.environ.get("PYTHONPATH")])))
     monkeypatch.chdir(tmp_path)  # the ServerApp writes final_model.pt into its working directory
