@@ -123,14 +123,15 @@ class LossConfig(BaseModel):
 
     @model_validator(mode="after")
     def _known_loss_and_kwargs(self) -> LossConfig:
-        from fedsim.losses import REGISTRY  # the registry is the source of truth for names
+        # the registry is the source of truth for names
+        from fedsim.losses.registry import REGISTRY, unknown_loss_message
 
         for where, name, kwargs in (("name", self.name, self.kwargs),
                                     ("aux.name", self.aux.name if self.aux else None, {})):
             if name is None:
                 continue
             if name not in REGISTRY:
-                raise ValueError(f"{where}: {name!r} is not a loss; known: {', '.join(sorted(REGISTRY))}")
+                raise ValueError(f"{where}: {unknown_loss_message(name)}")
             params = inspect.signature(REGISTRY[name]).parameters
             allowed = [p for p in params if p not in ("self", "num_samples")]
             unknown = [k for k in kwargs if k not in allowed]
@@ -563,31 +564,52 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
 
 
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    """The fields of the section that ``loc`` points into (for 'unknown key' messages)."""
-    model: Any = ExperimentConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None:
-            continue
-        # a section may be optional (``AuxLossConfig | None``): look through the union
-        candidates = get_args(field.annotation) or (field.annotation,)
+def _locate(loc: tuple[Any, ...]) -> tuple[str, type[BaseModel] | None]:
+    """The key an error location points to, as a user writes it, and the section holding it.
+
+    pydantic puts the tag of a discriminated union into the location (``fedprox`` in
+    ``strategy.fedprox.mu``) and a class name for a plain union; neither is a key the user
+    wrote, so both are left out, and the section is the union member they name (the
+    strategy that ``strategy.name`` chose). The section is ``None`` once ``loc`` leaves the
+    models (a list index, a free-form mapping).
+    """
+    model: type[BaseModel] | None = ExperimentConfig
+    holder: type[BaseModel] | None = None
+    path: list[str] = []
+    parts = list(loc)
+    index = 0
+    while index < len(parts):
+        part = parts[index]
+        index += 1
+        holder = model
+        path.append(str(part))
+        field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
+        candidates = (get_args(field.annotation) or (field.annotation,)) if field is not None else ()
         sections = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-        if not sections:
-            return []
-        model = sections[0]
-    return sorted(model.model_fields)
+        model = sections[0] if sections else None
+        if len(sections) > 1 and index < len(parts):
+            if isinstance(field.discriminator, str):
+                members = {c.model_fields[field.discriminator].default: c for c in sections}
+            else:
+                members = {c.__name__: c for c in sections}
+            if parts[index] in members:
+                model = members[parts[index]]
+                index += 1
+    return ".".join(path) or "config", holder
 
 
 def format_validation_error(exc: ValidationError) -> str:
-    """One line per problem: ``key: what is wrong (got value)``."""
+    """One line per problem: ``key: what is wrong (got value)``.
+
+    An unknown key lists the keys of the section it was found in; under ``strategy`` those
+    are the keys of the strategy that ``strategy.name`` chose.
+    """
     lines = []
     for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.endswith("Config")))
-        key = ".".join(str(p) for p in loc) or "config"
+        key, section = _locate(tuple(err["loc"]))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(loc)
+            allowed = sorted(section.model_fields) if section is not None else []
             lines.append(f"{key}: unknown key; allowed here: {', '.join(allowed)}")
         elif err["type"] == "union_tag_invalid":
             lines.append(f"{key}.name: {err['ctx']['tag']!r} is not known; known: {err['ctx']['expected_tags']}")

@@ -50,11 +50,43 @@ def test_strategy_parameter_of_another_strategy_is_rejected():
         validate_config({"strategy": {"name": "fedavg", "mu": 0.1}})
 
 
+def test_unknown_strategy_key_lists_the_chosen_strategys_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, ["strategy.name=fedprox", "strategy.muu=0.1"])
+    assert str(err.value) == ("strategy.muu: unknown key; allowed here: fraction_evaluate, fraction_train, "
+                              "min_successful, mu, name, server_opt")
+    with pytest.raises(ConfigError) as err:
+        validate_config({"strategy": {"name": "flag", "rank": 4}})
+    assert str(err.value) == ("strategy.rank: unknown key; allowed here: fraction_evaluate, fraction_train, lam, "
+                              "max_iter, min_successful, name, r, server_opt, tol")
+    with pytest.raises(ConfigError) as err:  # the chosen strategy's nested sections too
+        validate_config({"strategy": {"name": "fedlex", "server_opt": {"nme": "adam"}}})
+    assert str(err.value) == "strategy.server_opt.nme: unknown key; allowed here: beta1, beta2, eps, lr, momentum, name"
+
+
+def test_errors_under_strategy_name_the_key_without_the_union_tag():
+    with pytest.raises(ConfigError) as err:
+        validate_config({"strategy": {"name": "fedprox", "mu": -1}})
+    assert str(err.value) == "strategy.mu: Input should be greater than or equal to 0 (got -1)"
+
+
 def test_unknown_loss_and_bad_loss_argument_are_rejected():
     with pytest.raises(ConfigError, match="'crossentropy' is not a loss"):
         validate_config({"loss": {"name": "crossentropy"}})
     with pytest.raises(ConfigError, match="unknown argument"):
         validate_config({"loss": {"name": "cross_entropy", "smoothing_typo": 0.1}})
+
+
+def test_former_loss_names_in_a_yaml_file_are_refused_naming_the_new_ones(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("loss:\n  name: zloss\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == "loss: name: 'zloss' was renamed 'spherical_z_loss'; use loss name 'spherical_z_loss'"
+    path.write_text("loss:\n  name: cross_entropy\n  aux: {name: z_loss, weight: 1.0e-4}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == "loss: aux.name: 'z_loss' was renamed 'palm_z_loss'; use loss name 'palm_z_loss'"
 
 
 def test_file_loaders_need_a_path():

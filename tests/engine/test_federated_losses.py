@@ -21,13 +21,14 @@ SHORT_RUN = ("sim.backend=inprocess", "partition.num_clients=5", "rounds=4", "ev
              "output.plots=false")
 
 LOSSES = {
-    "zloss": ["loss.name=zloss"],
+    "spherical_z_loss": ["loss.name=spherical_z_loss"],
     "compsum_tau_0.5": ["loss.name=compsum", "loss.tau=0.5"],
     "ldr_kl": ["loss.name=ldr_kl"],
     "harmonic": ["loss.name=harmonic"],
     "aldr_kl": ["loss.name=aldr_kl"],
     "linear_cross_entropy": ["loss.name=linear_cross_entropy"],
-    "cross_entropy+aux_z_loss": ["loss.name=cross_entropy", "loss.aux.name=z_loss", "loss.aux.weight=1e-4"],
+    "cross_entropy+aux_palm_z_loss": ["loss.name=cross_entropy", "loss.aux.name=palm_z_loss",
+                                      "loss.aux.weight=1e-4"],
 }
 
 
@@ -76,7 +77,7 @@ def test_stateful_loss_state_survives_between_rounds_in_the_node_context(small_c
 
 
 def test_aux_loss_is_weighted_by_its_config_weight_only(small_config):
-    cfg = small_config("loss.name=cross_entropy", "loss.aux.name=z_loss", "loss.aux.weight=0.01")
+    cfg = small_config("loss.name=cross_entropy", "loss.aux.name=palm_z_loss", "loss.aux.weight=0.01")
     data = federated_data(cfg)
     model = make_model(cfg.model, data.train, cfg.seed)
     x, y = torch.from_numpy(data.train.x[:16]), torch.from_numpy(data.train.y[:16])
@@ -97,9 +98,11 @@ def test_linear_cross_entropy_trains_the_logits_the_model_is_evaluated_on(small_
 
 
 @pytest.mark.parametrize("sets, named", [
-    (["loss.name=zloss", "loss.tau=0.5"], "tau"),
+    (["loss.name=spherical_z_loss", "loss.tau=0.5"], "tau"),
     (["loss.name=aldr_kl", "loss.lamda0=1.0"], "lamda0"),
-    (["loss.name=cross_entropy", "loss.aux.name=z_loss", "loss.aux.weigth=1"], "weigth"),
+    (["loss.name=cross_entropy", "loss.aux.name=palm_z_loss", "loss.aux.weigth=1"], "weigth"),
+    (["loss.name=zloss"], "loss: name: 'zloss' was renamed 'spherical_z_loss'"),
+    (["loss.name=cross_entropy", "loss.aux.name=z_loss"], "aux.name: 'z_loss' was renamed 'palm_z_loss'"),
     (["loss.name=cross_entopy"], "cross_entopy"),
 ])
 def test_bad_loss_argument_fails_validation_naming_it(small_config, sets, named):

@@ -23,13 +23,13 @@ from fedsim.losses import (
     MultiSimilarityLoss,
     OrthogonalProjectionLoss,
     PaLMZLoss,
-    ZLoss,
+    SphericalZLoss,
     aldr_kl_loss,
     isogclr_loss,
     ldr_kl_loss,
+    palm_z_loss,
     random_calibrated_derivative,
     sogclr_loss,
-    z_loss,
 )
 
 
@@ -50,10 +50,10 @@ def test_cross_entropy_wrapper_matches_torch_with_label_smoothing():
     torch.testing.assert_close(CrossEntropyLoss(label_smoothing=0.1)(logits, targets), expected)
 
 
-def test_z_loss_hand_value():
+def test_palm_z_loss_hand_value():
     logits = torch.tensor([[0.0, math.log(3.0)], [math.log(2.0), math.log(2.0)]], dtype=torch.float64)
     # logsumexp: log(1 + 3) = log 4 for both rows
-    torch.testing.assert_close(z_loss(logits, weight=0.5), torch.tensor(0.5 * math.log(4.0) ** 2, dtype=torch.float64))
+    torch.testing.assert_close(palm_z_loss(logits, weight=0.5), torch.tensor(0.5 * math.log(4.0) ** 2, dtype=torch.float64))
 
 
 def test_palm_z_loss_module_is_the_weighted_squared_log_normaliser():
@@ -65,19 +65,19 @@ def test_palm_z_loss_module_is_the_weighted_squared_log_normaliser():
 # --- Z-loss (de Brebisson & Vincent) -----------------------------------------------------------
 
 
-def test_zloss_is_unchanged_by_per_sample_shift_and_positive_scale():
+def test_spherical_z_loss_is_unchanged_by_per_sample_shift_and_positive_scale():
     logits, targets = _logits_and_targets()
     generator = torch.Generator().manual_seed(1)
     shift = torch.randn(16, 1, generator=generator, dtype=torch.float64) * 10
     scale = torch.rand(16, 1, generator=generator, dtype=torch.float64) * 5 + 0.1
-    loss = ZLoss(a=1.5, b=2.0, reduction="none")
+    loss = SphericalZLoss(a=1.5, b=2.0, reduction="none")
     torch.testing.assert_close(loss(logits * scale + shift, targets), loss(logits, targets))
 
 
-def test_zloss_hand_value():
+def test_spherical_z_loss_hand_value():
     logits = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)  # z = (-sqrt(1.5), 0, sqrt(1.5))
     expected = F.softplus(torch.tensor(2.0 * (1.0 - math.sqrt(1.5)), dtype=torch.float64)) / 2.0
-    torch.testing.assert_close(ZLoss(a=1.0, b=2.0)(logits, torch.tensor([2])), expected)
+    torch.testing.assert_close(SphericalZLoss(a=1.0, b=2.0)(logits, torch.tensor([2])), expected)
 
 
 # --- CompSum (Mao, Mohri, Zhong) ---------------------------------------------------------------

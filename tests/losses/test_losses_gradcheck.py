@@ -21,7 +21,7 @@ from fedsim.losses import (
     MultiSimilarityLoss,
     OrthogonalProjectionLoss,
     PaLMZLoss,
-    ZLoss,
+    SphericalZLoss,
     isogclr_loss,
     ldr_kl_loss,
     sogclr_loss,
@@ -40,7 +40,7 @@ BINARY_TARGETS = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
 
 LOGIT_LOSSES = {
     "cross_entropy": CrossEntropyLoss(label_smoothing=0.1),
-    "zloss": ZLoss(a=1.0, b=2.0),
+    "spherical_z_loss": SphericalZLoss(a=1.0, b=2.0),
     "compsum_tau0": CompSumLoss(tau=0.0),
     "compsum_tau0.5": CompSumLoss(tau=0.5),
     "compsum_tau2": CompSumLoss(tau=2.0),

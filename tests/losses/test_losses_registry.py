@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import fedsim.losses as losses
-from fedsim.losses import INPUTS, REGISTRY, TASKS, available, build
+from fedsim.losses import INPUTS, REGISTRY, RENAMED, TASKS, available, build
 
 EXPECTED_NAMES = [
-    "cross_entropy", "z_loss", "zloss", "compsum", "ldr_kl", "aldr_kl", "multi_similarity", "infonce", "sogclr",
+    "cross_entropy", "palm_z_loss", "spherical_z_loss", "compsum", "ldr_kl", "aldr_kl", "multi_similarity", "infonce", "sogclr",
     "isogclr", "orthogonal_projection", "harmonic", "centroid_triplet", "auc_mw", "dice", "anyloss", "ensloss",
     "linear_cross_entropy",
 ]  # fmt: skip
@@ -46,6 +46,13 @@ def test_build_passes_keyword_arguments():
 def test_build_rejects_an_unknown_name_listing_the_known_ones():
     with pytest.raises(ValueError, match=r"loss.name: 'focal' is not a loss; known: aldr_kl, anyloss, auc_mw"):
         build("focal")
+
+
+@pytest.mark.parametrize("old, new", [("z_loss", "palm_z_loss"), ("zloss", "spherical_z_loss")])
+def test_build_refuses_a_former_name_naming_its_new_one(old, new):
+    with pytest.raises(ValueError, match=rf"loss.name: '{old}' was renamed '{new}'; use loss name '{new}'"):
+        build(old)
+    assert RENAMED[old] == new and old not in REGISTRY
 
 
 def test_build_rejects_an_unknown_argument_naming_it():

@@ -79,7 +79,7 @@ def _assert_loss_went_down(name, history):
 
 CLASSIFICATION = [
     ("cross_entropy", {}),
-    ("zloss", {}),
+    ("spherical_z_loss", {}),
     ("compsum", {"tau": 0.5}),
     ("compsum", {"tau": 2.0}),
     ("ldr_kl", {}),
@@ -108,11 +108,11 @@ def test_classification_loss_trains_digits(digits, name, kwargs):
     _assert_loss_went_down(name, history)
 
 
-def test_z_loss_auxiliary_keeps_the_log_normaliser_small_beside_cross_entropy(digits):
+def test_palm_z_loss_auxiliary_keeps_the_log_normaliser_small_beside_cross_entropy(digits):
     log_normalizers = {}
     for weight in (0.0, 0.1):
         torch.manual_seed(0)
-        cross_entropy, auxiliary = build("cross_entropy"), build("z_loss", weight=weight)
+        cross_entropy, auxiliary = build("cross_entropy"), build("palm_z_loss", weight=weight)
         net = TinyNet(10)
         optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
         generator = torch.Generator().manual_seed(1)

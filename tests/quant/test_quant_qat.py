@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizer
 
-from fedsim.quant import QATConfig, QATController, convert, fake_quantize, prepare_qat, set_qat_enabled
+from fedsim.quant import QATRecipe, QATController, convert, fake_quantize, prepare_qat, set_qat_enabled
 from fedsim.quant.qat import FakeQuantizer, LSQQuantizer, QATConv2d
 
 
@@ -21,7 +21,7 @@ def small_cnn() -> nn.Module:
 
 def test_prepare_qat_swaps_linear_and_conv2d_and_leaves_the_input_model_alone():
     model = small_cnn()
-    prepared = prepare_qat(model, QATConfig())
+    prepared = prepare_qat(model, QATRecipe())
     assert isinstance(prepared[0], QATConv2d)
     assert isinstance(prepared[3], FakeQuantizedLinear) and isinstance(prepared[5], FakeQuantizedLinear)
     assert type(model[0]) is nn.Conv2d and type(model[3]) is nn.Linear
@@ -32,14 +32,14 @@ def test_prepare_qat_swaps_linear_and_conv2d_and_leaves_the_input_model_alone():
 
 
 def test_torchao_quantizes_symmetric_per_channel_linear_and_fedsim_the_rest():
-    assert isinstance(prepare_qat(small_cnn(), QATConfig())[3].weight_fake_quantizer, IntxFakeQuantizer)
-    per_tensor = prepare_qat(small_cnn(), QATConfig(granularity="per_tensor"))
+    assert isinstance(prepare_qat(small_cnn(), QATRecipe())[3].weight_fake_quantizer, IntxFakeQuantizer)
+    per_tensor = prepare_qat(small_cnn(), QATRecipe(granularity="per_tensor"))
     assert isinstance(per_tensor[3].weight_fake_quantizer, FakeQuantizer)
-    assert isinstance(prepare_qat(small_cnn(), QATConfig(lsq=True))[3].weight_fake_quantizer, LSQQuantizer)
+    assert isinstance(prepare_qat(small_cnn(), QATRecipe(lsq=True))[3].weight_fake_quantizer, LSQQuantizer)
 
 
 def test_prepared_layers_compute_with_fake_quantized_weights_and_inputs():
-    prepared = prepare_qat(small_cnn(), QATConfig(weight_bits=4, activation_bits=8))
+    prepared = prepare_qat(small_cnn(), QATRecipe(weight_bits=4, activation_bits=8))
     x = torch.rand(2, 1, 8, 8)
     conv = prepared[0]
     x_q = fake_quantize(x, 8, symmetric=False, axis=(0, 2, 3))
@@ -55,10 +55,10 @@ def test_prepared_layers_compute_with_fake_quantized_weights_and_inputs():
 @pytest.mark.parametrize(
     "config",
     [
-        QATConfig(weight_bits=8),
-        QATConfig(weight_bits=4, lsq=True),
-        QATConfig(weight_bits=2),
-        QATConfig(weight_bits=4, symmetric=False),
+        QATRecipe(weight_bits=8),
+        QATRecipe(weight_bits=4, lsq=True),
+        QATRecipe(weight_bits=2),
+        QATRecipe(weight_bits=4, symmetric=False),
     ],
     ids=["int8", "int4-lsq", "int2", "int4-asym"],
 )
@@ -90,7 +90,7 @@ def test_lsq_step_size_gradient_follows_the_paper_on_a_hand_made_weight():
 
 
 def test_lsq_step_sizes_get_gradients_in_a_model():
-    prepared = prepare_qat(small_cnn(), QATConfig(weight_bits=4, lsq=True))
+    prepared = prepare_qat(small_cnn(), QATRecipe(weight_bits=4, lsq=True))
     prepared(torch.rand(4, 1, 8, 8)).square().mean().backward()
     scales = [m.weight_fake_quantizer.scale for m in (prepared[0], prepared[3], prepared[5])]
     assert [tuple(s.shape) for s in scales] == [(4, 1, 1, 1), (16, 1), (10, 1)]
@@ -99,7 +99,7 @@ def test_lsq_step_sizes_get_gradients_in_a_model():
 
 
 def test_start_fraction_switches_fake_quantization_on_at_the_right_step():
-    config = QATConfig(weight_bits=2, lsq=True, start_fraction=0.3)
+    config = QATRecipe(weight_bits=2, lsq=True, start_fraction=0.3)
     prepared = prepare_qat(small_cnn(), config)
     float_model = small_cnn()
     controller = QATController(prepared, config, total_steps=10)
@@ -118,7 +118,7 @@ def test_start_fraction_switches_fake_quantization_on_at_the_right_step():
 
 
 def test_set_qat_enabled_turns_every_quantizer_off_and_on():
-    prepared = prepare_qat(small_cnn(), QATConfig(activation_bits=8))
+    prepared = prepare_qat(small_cnn(), QATRecipe(activation_bits=8))
     x = torch.rand(2, 1, 8, 8)
     set_qat_enabled(prepared, False)
     with torch.no_grad():
@@ -129,20 +129,20 @@ def test_set_qat_enabled_turns_every_quantizer_off_and_on():
 
 
 def test_config_errors_name_the_value_and_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"QATConfig.weight_bits: 3 is not supported; allowed: 2, 4, 8"):
-        QATConfig(weight_bits=3)
-    with pytest.raises(ValueError, match=r"QATConfig.granularity: 'per_row' is not supported"):
-        QATConfig(granularity="per_row")
+    with pytest.raises(ValueError, match=r"QATRecipe.weight_bits: 3 is not supported; allowed: 2, 4, 8"):
+        QATRecipe(weight_bits=3)
+    with pytest.raises(ValueError, match=r"QATRecipe.granularity: 'per_row' is not supported"):
+        QATRecipe(granularity="per_row")
     with pytest.raises(ValueError, match=r"lsq"):
-        QATConfig(lsq=True, symmetric=False)
+        QATRecipe(lsq=True, symmetric=False)
     with pytest.raises(ValueError, match=r"start_fraction: 1.0 is not in \[0, 1\)"):
-        QATConfig(start_fraction=1.0)
+        QATRecipe(start_fraction=1.0)
     with pytest.raises(ValueError, match=r"already has quantized layers: 0 \(QATConv2d\)"):
-        prepare_qat(prepare_qat(small_cnn(), QATConfig()), QATConfig())
+        prepare_qat(prepare_qat(small_cnn(), QATRecipe()), QATRecipe())
 
 
 def test_qat_int8_on_digits_is_within_2_points_of_float(train_digits, make_mlp, float_accuracy):
-    prepared = prepare_qat(make_mlp(), QATConfig(weight_bits=8))
+    prepared = prepare_qat(make_mlp(), QATRecipe(weight_bits=8))
     qat_accuracy = train_digits(prepared)
     assert float_accuracy > 0.93
     assert qat_accuracy >= float_accuracy - 0.02

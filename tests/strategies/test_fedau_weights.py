@@ -61,6 +61,18 @@ def test_fedau_state_dict_round_trip_continues_identically():
         assert resumed.observe(t, ids) == full.observe(t, ids)
 
 
+def test_fedau_clients_added_later_start_without_history_and_the_others_keep_theirs():
+    fedau = FedAUWeights(num_clients=2, K=50)
+    fedau.observe(1, [0])
+    fedau.observe(2, [1])  # 0's gap stays open; 1 closes a gap of 2
+    fedau.add_clients(1)  # client 2 joins before round 3
+    assert fedau.num_clients == 3
+    assert fedau.observe(3, [0, 1, 2]) == {0: 1.0, 1: 2.0, 2: 1.0}  # 2: first participation
+    assert fedau.observe(5, [0, 2]) == {0: 1.5, 2: 1.0}  # 0: gaps 1, 2; 2: gap 1 from round 3
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        fedau.add_clients(-1)
+
+
 def test_fedau_observe_rejects_bad_input():
     fedau = FedAUWeights(num_clients=3)
     fedau.observe(5, [0])

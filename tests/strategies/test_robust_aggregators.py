@@ -6,7 +6,14 @@ import torch
 from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, aggregate_trimmed_avg
 
 from fedsim.strategies.aggregate import pairwise_sq_distances, weighted_mean
-from fedsim.strategies.robust import coordinate_median, krum, krum_scores, multi_krum, trimmed_mean
+from fedsim.strategies.robust import (
+    coordinate_median,
+    krum,
+    krum_max_byzantine,
+    krum_scores,
+    multi_krum,
+    trimmed_mean,
+)
 
 
 def test_coordinate_median_hand_values():
@@ -34,6 +41,13 @@ def test_krum_and_multi_krum_hand_values():
     torch.testing.assert_close(multi_krum(x, 1), torch.tensor([4.0 / 3.0]))  # m = n - f = 3
     with pytest.raises(ValueError, match="num_byzantine"):
         krum(x, 4)
+
+
+def test_krum_max_byzantine_is_the_largest_f_with_n_above_2f_plus_2():
+    assert [krum_max_byzantine(n) for n in range(1, 11)] == [0, 0, 0, 0, 1, 1, 2, 2, 3, 3]
+    for n in range(3, 40):
+        f = krum_max_byzantine(n)
+        assert n > 2 * f + 2 and not n > 2 * (f + 1) + 2
 
 
 def test_krum_picks_a_benign_update_under_attack():

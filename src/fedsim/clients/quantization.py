@@ -39,10 +39,10 @@ def prepare_training_model(model: nn.Module, quant: QuantConfig, server_round: i
     """
     if quant.qat is not None:
         # imported here: torchao takes seconds to load and a float run never needs it
-        from fedsim.quant.qat import QATConfig, prepare_qat, set_qat_enabled
+        from fedsim.quant.qat import QATRecipe, prepare_qat, set_qat_enabled
 
         q = quant.qat
-        model = prepare_qat(model, QATConfig(weight_bits=q.weight_bits, granularity=q.granularity,
+        model = prepare_qat(model, QATRecipe(weight_bits=q.weight_bits, granularity=q.granularity,
                                              symmetric=q.symmetric, activation_bits=q.activation_bits,
                                              lsq=q.lsq, start_fraction=0.0))
         set_qat_enabled(model, qat_active(quant, server_round, rounds))

@@ -23,7 +23,7 @@ from .auc import AUCMWLoss, auc_mw_loss
 from .centroid_triplet import CentroidTripletLoss, centroid_triplet_loss
 from .compsum import CompSumLoss, compsum_loss
 from .contrastive import InfoNCELoss, ISogCLRLoss, SogCLRLoss, info_nce_loss, isogclr_loss, sogclr_loss
-from .cross_entropy import CrossEntropyLoss, PaLMZLoss, z_loss
+from .cross_entropy import CrossEntropyLoss, PaLMZLoss, palm_z_loss
 from .dice import DiceLoss, dice_loss
 from .ensloss import EnsLoss, ens_loss, random_calibrated_derivative
 from .harmonic import HarmonicLoss, harmonic_loss
@@ -31,12 +31,13 @@ from .ldr import ALDRKLLoss, LDRKLLoss, aldr_kl_loss, ldr_kl_loss
 from .linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
 from .multi_similarity import MultiSimilarityLoss, multi_similarity_loss, multi_similarity_mine
 from .orthogonal_projection import OrthogonalProjectionLoss, orthogonal_projection_loss
-from .registry import INPUTS, REGISTRY, TASKS, available, build
-from .zloss import ZLoss, spherical_z_loss
+from .registry import INPUTS, REGISTRY, RENAMED, TASKS, available, build
+from .spherical_z_loss import SphericalZLoss, spherical_z_loss
 
 __all__ = [
     "INPUTS",
     "REGISTRY",
+    "RENAMED",
     "TASKS",
     "ALDRKLLoss",
     "AUCMWLoss",
@@ -55,7 +56,7 @@ __all__ = [
     "OrthogonalProjectionLoss",
     "PaLMZLoss",
     "SogCLRLoss",
-    "ZLoss",
+    "SphericalZLoss",
     "aldr_kl_loss",
     "any_loss",
     "auc_mw_loss",
@@ -73,8 +74,8 @@ __all__ = [
     "multi_similarity_loss",
     "multi_similarity_mine",
     "orthogonal_projection_loss",
+    "palm_z_loss",
     "random_calibrated_derivative",
     "sogclr_loss",
     "spherical_z_loss",
-    "z_loss",
 ]

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from ._common import check_logits, check_non_negative, check_reduction, reduce
 
 
-def z_loss(logits: Tensor, weight: float = 1e-4, reduction: str = "mean") -> Tensor:
+def palm_z_loss(logits: Tensor, weight: float = 1e-4, reduction: str = "mean") -> Tensor:
     """PaLM's auxiliary z-loss, ``weight * logsumexp(logits)^2`` per sample.
 
     It pulls the softmax normaliser log Z towards 0 and so keeps the logits from drifting,
@@ -67,14 +67,14 @@ class CrossEntropyLoss(nn.Module):
 
 
 class PaLMZLoss(nn.Module):
-    """PaLM's z-loss auxiliary, ``weight * logsumexp(logits)^2`` (registry name ``"z_loss"``).
+    """PaLM's z-loss auxiliary, ``weight * logsumexp(logits)^2`` (registry name ``"palm_z_loss"``).
 
     Chowdhery et al., 2022, "PaLM: Scaling Language Modeling with Pathways",
     arXiv:2204.02311, Sec. 5: an auxiliary loss ``1e-4 * log^2 Z``, with Z the softmax
     normaliser, that keeps log Z close to 0 and so stops the logits from drifting, which
     stabilises training. It is an auxiliary term, not a classification loss: use it beside one
     (in fedsim's config as ``loss.aux``, whose ``weight`` multiplies this module's ``weight``).
-    The functional twin is :func:`z_loss`.
+    The functional twin is :func:`palm_z_loss`.
 
     Parameters
     ----------
@@ -97,7 +97,7 @@ class PaLMZLoss(nn.Module):
             raise ValueError(
                 f"PaLMZLoss: logits must be a floating (B, C) tensor, got {logits.dtype} {tuple(logits.shape)}"
             )
-        return z_loss(logits, self.weight, self.reduction)
+        return palm_z_loss(logits, self.weight, self.reduction)
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, reduction={self.reduction!r}"

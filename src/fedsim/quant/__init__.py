@@ -5,7 +5,7 @@ Modules
 fake
     ``fake_quantize``: straight-through fake quantization in torchao's convention.
 qat
-    ``QATConfig``, ``prepare_qat``, ``convert``, ``set_qat_enabled``, ``QATController``.
+    ``QATRecipe``, ``prepare_qat``, ``convert``, ``set_qat_enabled``, ``QATController``.
 lowbit
     ``LowBitConfig``, ``prepare_lowbit``: quantized forward and backward passes.
 ptq
@@ -25,7 +25,7 @@ import importlib
 
 _EXPORTS = {
     "fake_quantize": "fedsim.quant.fake",
-    "QATConfig": "fedsim.quant.qat",
+    "QATRecipe": "fedsim.quant.qat",
     "prepare_qat": "fedsim.quant.qat",
     "convert": "fedsim.quant.qat",
     "set_qat_enabled": "fedsim.quant.qat",

@@ -1,6 +1,6 @@
 """Quantization-aware training (QAT) of Linear and Conv2d layers.
 
-``prepare_qat(model, QATConfig(...))`` returns a copy of ``model`` whose ``nn.Linear`` and
+``prepare_qat(model, QATRecipe(...))`` returns a copy of ``model`` whose ``nn.Linear`` and
 ``nn.Conv2d`` layers fake-quantize their weights (and, when asked, their inputs) in the
 forward pass and train through the straight-through estimator (Jacob et al. 2018,
 "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
@@ -41,8 +41,11 @@ _TORCH_INT = {2: torch.int2, 4: torch.int4, 8: torch.int8}
 
 
 @dataclass(frozen=True)
-class QATConfig:
+class QATRecipe:
     """What quantization-aware training simulates.
+
+    (Named so as not to shadow torchao's own ``torchao.quantization.qat.QATConfig``, which
+    takes different arguments and covers Linear and Embedding only.)
 
     Parameters
     ----------
@@ -73,13 +76,13 @@ class QATConfig:
     start_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        check_choice("QATConfig.weight_bits", self.weight_bits, WEIGHT_BITS)
-        check_choice("QATConfig.granularity", self.granularity, GRANULARITIES)
-        check_choice("QATConfig.activation_bits", self.activation_bits, ACTIVATION_BITS)
+        check_choice("QATRecipe.weight_bits", self.weight_bits, WEIGHT_BITS)
+        check_choice("QATRecipe.granularity", self.granularity, GRANULARITIES)
+        check_choice("QATRecipe.activation_bits", self.activation_bits, ACTIVATION_BITS)
         if self.lsq and not self.symmetric:
-            raise ValueError("QATConfig.lsq: True needs symmetric=True (LSQ learns a step size, not a zero point)")
+            raise ValueError("QATRecipe.lsq: True needs symmetric=True (LSQ learns a step size, not a zero point)")
         if isinstance(self.start_fraction, bool) or not 0.0 <= self.start_fraction < 1.0:
-            raise ValueError(f"QATConfig.start_fraction: {self.start_fraction!r} is not in [0, 1)")
+            raise ValueError(f"QATRecipe.start_fraction: {self.start_fraction!r} is not in [0, 1)")
 
     @property
     def weight_axis(self) -> int | None:
@@ -223,18 +226,18 @@ _PREPARED = (FakeQuantizedLinear, QATConv2d)
 _QUANTIZERS = (FakeQuantizerBase, FakeQuantizer, LSQQuantizer)
 
 
-def _weight_quantizer(layer: nn.Module, config: QATConfig) -> nn.Module:
+def _weight_quantizer(layer: nn.Module, config: QATRecipe) -> nn.Module:
     if config.lsq:
         return LSQQuantizer(layer.weight, config.weight_bits, axis=config.weight_axis)
     return FakeQuantizer(config.weight_bits, symmetric=config.symmetric, axis=config.weight_axis)
 
 
-def _torchao_weight_fits(linear: nn.Linear, config: QATConfig) -> bool:
+def _torchao_weight_fits(linear: nn.Linear, config: QATRecipe) -> bool:
     """Whether torchao's per-channel IntxFakeQuantizer covers this layer's weights."""
     return config.granularity == "per_channel" and config.symmetric and not config.lsq and linear.in_features > 1
 
 
-def _qat_linear(linear: nn.Linear, config: QATConfig) -> FakeQuantizedLinear:
+def _qat_linear(linear: nn.Linear, config: QATRecipe) -> FakeQuantizedLinear:
     activation_config = None
     if config.activation_bits is not None:
         activation_config = IntxFakeQuantizeConfig(_TORCH_INT[config.activation_bits], "per_token", is_symmetric=False)
@@ -246,21 +249,21 @@ def _qat_linear(linear: nn.Linear, config: QATConfig) -> FakeQuantizedLinear:
     return new
 
 
-def _qat_conv2d(conv: nn.Conv2d, config: QATConfig) -> QATConv2d:
+def _qat_conv2d(conv: nn.Conv2d, config: QATRecipe) -> QATConv2d:
     activation_quantizer = None
     if config.activation_bits is not None:
         activation_quantizer = FakeQuantizer(config.activation_bits, symmetric=False, axis=(0, 2, 3))
     return QATConv2d.from_conv2d(conv, _weight_quantizer(conv, config), activation_quantizer)
 
 
-def prepare_qat(model: nn.Module, config: QATConfig) -> nn.Module:
+def prepare_qat(model: nn.Module, config: QATRecipe) -> nn.Module:
     """Copy ``model`` with every ``nn.Linear`` and ``nn.Conv2d`` fake-quantized per ``config``.
 
     Parameters
     ----------
     model : nn.Module
         Float model; it is not modified.
-    config : QATConfig
+    config : QATRecipe
         Bit widths, granularity, symmetry, LSQ and the float warm-up fraction.
 
     Returns
@@ -374,13 +377,13 @@ class QATController:
     ----------
     model : nn.Module
         Model from :func:`prepare_qat`.
-    config : QATConfig
+    config : QATRecipe
         Its ``start_fraction`` sets the switch.
     total_steps : int
         Number of optimizer steps of the whole training run.
     """
 
-    def __init__(self, model: nn.Module, config: QATConfig, total_steps: int) -> None:
+    def __init__(self, model: nn.Module, config: QATRecipe, total_steps: int) -> None:
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"QATController.total_steps: {total_steps!r} is not a positive integer")
         self.model = model

@@ -82,6 +82,17 @@ class FedAUWeights:
         self.gap_count = np.zeros(self.num_clients, dtype=np.int64)
         self.last_round: int | None = None
 
+    def add_clients(self, count: int) -> None:
+        """Track ``count`` more clients, ids ``num_clients .. num_clients + count - 1``, with no
+        history yet: their first participation gets weight 1 and their open gaps start now."""
+        if count < 0:
+            raise ValueError(f"FedAUWeights.add_clients: count must be >= 0, got {count}")
+        fresh = np.zeros(count, dtype=np.int64)
+        self.open_gap = np.concatenate([self.open_gap, fresh])
+        self.gap_sum = np.concatenate([self.gap_sum, fresh])
+        self.gap_count = np.concatenate([self.gap_count, fresh])
+        self.num_clients += count
+
     def omega(self) -> np.ndarray:
         """Current weights of all clients from the closed gaps (1 where none is closed yet)."""
         has_gaps = self.gap_count > 0

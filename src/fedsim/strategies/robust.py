@@ -29,6 +29,7 @@ from fedsim.strategies.replies import ClientUpdate
 __all__ = [
     "coordinate_median",
     "krum",
+    "krum_max_byzantine",
     "krum_scores",
     "multi_krum",
     "multi_krum_select",
@@ -110,6 +111,12 @@ def trimmed_mean(updates: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
     for cols, ordered in _sorted_column_chunks(updates):
         out[cols] = ordered[:, k : n - k].mean(dim=1)
     return out
+
+
+def krum_max_byzantine(n: int) -> int:
+    """The largest number ``f`` of Byzantine updates Krum's guarantee allows among ``n``:
+    the largest ``f >= 0`` with ``n > 2f + 2`` (Blanchard et al. 2017), 0 when ``n < 3``."""
+    return max(0, (n - 3) // 2)
 
 
 def _check_num_byzantine(num_byzantine: int, n: int, where: str) -> None:

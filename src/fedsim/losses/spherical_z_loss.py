@@ -1,4 +1,8 @@
-"""Z-loss of de Brebisson & Vincent: a shift- and scale-invariant classification loss."""
+"""The spherical Z-loss of de Brebisson & Vincent: a shift- and scale-invariant classification loss.
+
+Registry name ``spherical_z_loss`` (formerly ``zloss``, renamed so that it cannot be taken
+for PaLM's auxiliary ``palm_z_loss``).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ def spherical_z_loss(
 ) -> Tensor:
     """Z-loss, ``softplus(b * (a - z_y)) / b`` with ``z = (o - mean(o)) / std(o)`` per sample.
 
-    See :class:`ZLoss`. ``std`` is the population standard deviation over the C logits;
+    See :class:`SphericalZLoss`. ``std`` is the population standard deviation over the C logits;
     ``eps`` is added to the variance so that constant logits do not divide by zero.
     """
     check_reduction(reduction)
@@ -23,8 +27,8 @@ def spherical_z_loss(
     return reduce(F.softplus(b * (a - z_target)) / b, reduction)
 
 
-class ZLoss(nn.Module):
-    """Z-loss (de Brebisson & Vincent, 2016).
+class SphericalZLoss(nn.Module):
+    """Spherical Z-loss (de Brebisson & Vincent, 2016), registry name ``spherical_z_loss``.
 
     "The Z-loss: a shift and scale invariant classification loss belonging to the Spherical
     Family", arXiv:1604.08859. The logits of each sample are standardised,
@@ -57,9 +61,9 @@ class ZLoss(nn.Module):
         self.reduction = check_reduction(reduction)
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        check_logits(logits, targets, "ZLoss")
+        check_logits(logits, targets, "SphericalZLoss")
         if logits.shape[1] < 2:
-            raise ValueError(f"ZLoss: needs at least 2 classes, got logits of shape {tuple(logits.shape)}")
+            raise ValueError(f"SphericalZLoss: needs at least 2 classes, got logits of shape {tuple(logits.shape)}")
         return spherical_z_loss(logits, targets, self.a, self.b, self.reduction)
 
     def extra_repr(self) -> str:
