@@ -12,7 +12,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Metadata, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
@@ -28,7 +28,8 @@ from fedsim.config import (
     MultiKrumConfig,
     TrimmedMeanConfig,
 )
-from fedsim.sim.inprocess import FIRST_NODE_ID, InProcessGrid
+from fedsim.sim.inprocess import InProcessGrid
+from fedsim.sim.messaging import FIRST_NODE_ID
 from fedsim.strategies.aggregate import weighted_mean
 from fedsim.strategies.fedau import fedau_aggregate
 from fedsim.strategies.fedld import fedld_aggregate
@@ -41,9 +42,31 @@ NODES = list(range(FIRST_NODE_ID, FIRST_NODE_ID + NUM_NODES))
 SHAPES = {"layer.weight": (4, 3), "layer.bias": (4,)}
 
 
-def _grid(num_nodes: int = NUM_NODES) -> InProcessGrid:
+class AppGrid(InProcessGrid):
+    """Flower's ClientApp ``app`` served in this process for ``num_nodes`` nodes, each with its
+    own Context, as Flower's simulation engine serves it."""
+
+    def __init__(self, app: ClientApp, num_nodes: int) -> None:
+        super().__init__(runtime=None, num_partitions=num_nodes)
+        self.app = app
+        self.contexts: dict[int, Context] = {}
+
+    def _deliver(self, batch):
+        for msg in batch:
+            pid = self.partition_of(msg)
+            context = self.contexts.setdefault(pid, Context(
+                run_id=1, node_id=msg.metadata.dst_node_id, state=RecordDict(), run_config={},
+                node_config={"partition-id": pid, "num-partitions": self.num_partitions}))
+            try:
+                reply = self.app(msg, context)
+            except Exception as exc:  # a failing ClientApp is an error reply, as under Ray
+                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            self._replies[msg.metadata.message_id] = reply
+
+
+def _grid(num_nodes: int = NUM_NODES) -> AppGrid:
     """A grid whose nodes are never called here (the replies are built by hand)."""
-    return InProcessGrid(ClientApp(), num_nodes)
+    return AppGrid(ClientApp(), num_nodes)
 
 
 def _global(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -367,7 +390,7 @@ def _faulty_client_app(short: bool = True) -> ClientApp:
     lambda: ff.FedAU(), lambda: ff.FedLD(), lambda: ff.FedLEx(explore_rounds=1, scouts=4),
 ], ids=["median", "trimmed_mean", "krum", "multikrum", "flag", "fedau", "fedld", "fedlex"])
 def test_strategy_start_runs_to_the_end_with_faulty_nodes(make):
-    grid = InProcessGrid(_faulty_client_app(), 6)
+    grid = AppGrid(_faulty_client_app(), 6)
     result = make().start(grid, ArrayRecord(_global()), num_rounds=3)
     final = result.arrays.to_torch_state_dict()
     assert all(bool(torch.isfinite(v.float()).all()) for v in final.values())
@@ -378,6 +401,6 @@ def test_strategy_start_runs_to_the_end_with_faulty_nodes(make):
 
 def test_flowers_fedavg_does_not_survive_the_same_faulty_nodes():
     with pytest.raises(ValueError, match="could not be broadcast"):  # the short array ends the run
-        FedAvg().start(InProcessGrid(_faulty_client_app(), 6), ArrayRecord(_global()), num_rounds=1)
-    result = FedAvg().start(InProcessGrid(_faulty_client_app(short=False), 6), ArrayRecord(_global()), num_rounds=1)
+        FedAvg().start(AppGrid(_faulty_client_app(), 6), ArrayRecord(_global()), num_rounds=1)
+    result = FedAvg().start(AppGrid(_faulty_client_app(short=False), 6), ArrayRecord(_global()), num_rounds=1)
     assert torch.isnan(result.arrays.to_torch_state_dict()["layer.bias"]).all()  # NaN poisons the model
