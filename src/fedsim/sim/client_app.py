@@ -292,17 +292,12 @@ class ClientRuntime:
 
     def _trained(self, jobs: list[TrainJob], w: Worker, device: torch.device):
         """(job, (final flat model, TrainResult) or the exception) for every job."""
-        batches: dict[tuple, list[TrainJob]] = {}
-        if self.vectorise and w.not_vectorised is None:
-            for job in jobs:
-                batches.setdefault(_hook_key(job), []).append(job)
-        size = stack_size(w.spec.dim)
-        for batch in batches.values():
-            if len(batch) > 1:
-                for start in range(0, len(batch), size):
-                    yield from self._train_batch(batch[start : start + size], w, device)
+        stacks = self._stacks(jobs, w) if self.vectorise and w.not_vectorised is None else []
+        stacked = {id(job) for stack in stacks for job in stack}
+        for stack in stacks:
+            yield from self._train_batch(stack, w, device)
         for job in jobs:
-            if len(batches.get(_hook_key(job), ())) <= 1:
+            if id(job) not in stacked:
                 started = time.perf_counter()
                 try:
                     trained = self._train_one(job, w, device)
@@ -310,6 +305,19 @@ class ClientRuntime:
                     trained = exc
                 job.seconds += time.perf_counter() - started
                 yield job, trained
+
+    @staticmethod
+    def _stacks(jobs: list[TrainJob], w: Worker) -> list[list[TrainJob]]:
+        """The jobs that train together: those with the same hooks, all of which have a
+        stacked form, at most :func:`~fedsim.clients.batched.stack_size` at a time. A job
+        alone in its group trains alone."""
+        groups: dict[tuple, list[TrainJob]] = {}
+        for job in jobs:
+            groups.setdefault(_hook_key(job), []).append(job)
+        size = stack_size(w.spec.dim)
+        return [group[i : i + size] for group in groups.values()
+                if len(group) > 1 and all(vectorises(hook) for hook in _hooks(group[0], {}))
+                for i in range(0, len(group), size)]
 
     def _train_one(self, job: TrainJob, w: Worker, device: torch.device) -> tuple[torch.Tensor, TrainResult]:
         model = w.model
@@ -333,8 +341,6 @@ class ClientRuntime:
         start = {name: torch.stack([job.start[name] for job in jobs]).to(device) for name in names}
         hooks = _hooks(jobs[0], start)
         try:
-            if not all(vectorises(hook) for hook in hooks):
-                raise TypeError("a hook has no stacked form")
             final, results = train_stacked(w.model, start, [j.train_set for j in jobs], [j.generator for j in jobs],
                                            self.cfg.client, build_objective(self.cfg, 1, hooks, per_sample=True),
                                            device)
