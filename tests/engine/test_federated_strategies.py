@@ -277,7 +277,7 @@ def test_participation_model_drives_the_sampled_clients(small_config, settings, 
     cfg = small_config(*FAST, "rounds=6", "client.local_epochs=1", *settings)
     grid, rows = recorded_run(cfg)
     # with federated evaluation off, one training exchange per round
-    trained = [sorted(int(m.content["config"]["partition-id"]) for m in msgs) for msgs, _ in grid.exchanges]
+    trained = [sorted(int(m.content["config"]["partition-id"]) for m in msgs) for msgs, _ in train_exchanges(grid)]
     sampler = build_sampler(cfg, label_mix(federated_data(cfg)))
     expected = [sampler.sample(t) for t in range(1, 7)]
     assert trained == expected

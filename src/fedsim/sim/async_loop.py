@@ -38,7 +38,6 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,12 +55,10 @@ from fedsim.records import to_state_dict
 from fedsim.seeding import derive_seed
 from fedsim.sim.arrivals import LOST, Arrival, Job, SimulatedDevices, VirtualArrivals, WallArrivals
 from fedsim.sim.clock import Clock, WallClock
-from fedsim.sim.components import FederatedData, federated_data, make_model, resolve_device
+from fedsim.sim.components import FederatedData, federated_data, make_model, predict_fn, resolve_device
+from fedsim.sim.loop import Steps, fmt_metric, run_steps
 from fedsim.sim.messaging import client_nodes, send_and_collect
-from fedsim.sim.plots import plot_run
-from fedsim.sim.progress import RoundProgress
-from fedsim.sim.results import Checkpoint, RunDir, bytes_so_far, summarise
-from fedsim.sim.sync import predict_fn
+from fedsim.sim.results import RunDir
 from fedsim.strategies.fedasync import FedAsync
 from fedsim.strategies.fedbuff import FedBuff
 from fedsim.strategies.fedfix import FedFix, FedFixArrival
@@ -434,6 +431,64 @@ def arrival_source(grid: Grid, cfg: ExperimentConfig, data: FederatedData, dim: 
                            derive_seed(cfg.seed, "event-ties"))
 
 
+class AsyncSteps(Steps):
+    """The asynchronous family's step: the arrivals and window ends up to the next
+    evaluation time (``strategy.eval_every``), then an evaluation of the global model."""
+
+    x_key = "virtual_time"
+
+    def __init__(self, grid: Grid, cfg: ExperimentConfig, clock: Clock | None) -> None:
+        check_supported(cfg, "asynchronous")
+        self.cfg = cfg
+        self.data = federated_data(cfg)
+        self.net = make_model(cfg.model, self.data.train, cfg.seed)
+        self.spec = ParamSpec.of(self.net)
+        self.template = {k: v.clone() for k, v in self.net.state_dict().items()}
+        node_of = client_nodes(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
+        if clock is None and cfg.sim.clock == "wall":
+            clock = WallClock()  # time 0 is when the nodes are ready, not when the ServerApp started
+        source = arrival_source(grid, cfg, self.data, self.spec.dim, clock)
+        self.resumable = source.resumable
+        self.server = AsyncServer(build_rule(cfg.strategy, data_shares(self.data)),
+                                  ClientPool(cfg.partition.num_clients, cfg.sim.concurrency, cfg.seed),
+                                  source, self.spec, self.template, node_of)
+        self.evaluate_global = GlobalEvaluator(cfg, self.net, self.data.test, grid, node_of)
+        self.times = eval_times(cfg.strategy)
+        self.total = len(self.times)
+
+    def begin(self, resumed: bool) -> None:
+        if not resumed:
+            self.server.dispatch_free()
+
+    def step(self, tick: int) -> dict[str, Any]:
+        server = self.server
+        server.advance_to(self.times[tick - 1])
+        row: dict[str, Any] = {"virtual_time": self.times[tick - 1], "model_version": server.rule.version,
+                               **server.take_stats().row(4 * self.spec.dim)}
+        row.update(self.evaluate_global(server.arrays(server.model, server.rule.version), tick))
+        return row
+
+    def model_state(self) -> dict[str, Tensor]:
+        return {**self.template, **self.spec.unflatten(self.server.model.clone())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.server.state_dict()
+
+    def load_state_dict(self, model: dict[str, Tensor], state: dict[str, Any]) -> None:
+        self.server.load_state_dict(state)
+        log.info("resuming at t=%.3f", self.server.source.clock.now())
+
+    def summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"virtual_time": rows[-1]["virtual_time"] if rows else 0.0,
+                "virtual_time_to_target": time_to_target(rows, self.cfg.output.target_accuracy),
+                "model_updates": self.server.rule.version,
+                "updates_per_client": self.server.updates_per_client.tolist()}
+
+    def log_row(self, row: dict[str, Any]) -> None:
+        log.info("t %.2f/%.2f  acc %s  version %d  updates %d  failed %d", row["virtual_time"], self.times[-1],
+                 fmt_metric(row.get("centralised_accuracy")), row["model_version"], row["num_success"], row["num_failed"])
+
+
 def run_async(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_progress: bool,
               clock: Clock | None = None) -> dict[str, Any]:
     """Run (or continue) the configured asynchronous experiment; return its summary.
@@ -441,81 +496,9 @@ def run_async(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show
     ``clock``: None takes ``sim.clock``; a ``VirtualClock`` simulates devices on virtual
     time; a ``WallClock`` runs on real time (deployment; times in seconds, no checkpoints).
     """
-    check_supported(cfg, "asynchronous")
-    data = federated_data(cfg)
-    net = make_model(cfg.model, data.train, cfg.seed)
-    spec = ParamSpec.of(net)
-    template = {k: v.clone() for k, v in net.state_dict().items()}
-    node_of = client_nodes(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
-    if clock is None and cfg.sim.clock == "wall":
-        clock = WallClock()  # time 0 is when the nodes are ready, not when the ServerApp started
-    source = arrival_source(grid, cfg, data, spec.dim, clock)
-    server = AsyncServer(build_rule(cfg.strategy, data_shares(data)),
-                         ClientPool(cfg.partition.num_clients, cfg.sim.concurrency, cfg.seed),
-                         source, spec, template, node_of)
-    evaluate_global = GlobalEvaluator(cfg, net, data.test, grid, node_of)
-    times = eval_times(cfg.strategy)
-    start, elapsed_before = _restore(server, run, resume)
-    bytes_up, bytes_down = bytes_so_far(run.rows())
-    t0 = time.perf_counter() - elapsed_before
-    status = "interrupted"
-    try:
-        with RoundProgress(len(times), enabled=show_progress) as progress:
-            progress.advance_to(start, None, None)
-            for tick in range(start + 1, len(times) + 1):
-                server.advance_to(times[tick - 1])
-                row: dict[str, Any] = {"round": tick, "virtual_time": times[tick - 1],
-                                       "model_version": server.rule.version,
-                                       **server.take_stats().row(4 * spec.dim)}
-                bytes_up, bytes_down = bytes_up + row.pop("bytes_up"), bytes_down + row.pop("bytes_down")
-                row.update(bytes_up_total=bytes_up, bytes_down_total=bytes_down)
-                row.update(evaluate_global(server.arrays(server.model, server.rule.version), tick))
-                row["wall_time_s"] = time.perf_counter() - t0
-                run.append(row)
-                _log_row(row, times[-1])
-                progress.advance_to(tick, row.get("centralised_accuracy"), row.get("centralised_loss"))
-                if source.resumable and (tick % cfg.output.checkpoint_every == 0 or tick == len(times)):
-                    model = {**template, **spec.unflatten(server.model.clone())}
-                    run.save_checkpoint(Checkpoint(tick, model, server.state_dict(), row["wall_time_s"]))
-        status = "completed"
-    finally:
-        summary = _summary(run.rows(), cfg, server, status)
-        run.write_summary(summary)
-        if cfg.output.plots and run.rows():
-            plot_run(run.rows(), run.plot_dir, x_key="virtual_time")
-    return summary
+    steps = AsyncSteps(grid, cfg, clock)
+    return run_steps(steps, grid, cfg, run, resume, show_progress, steps.net, steps.data.test,
+                     predict_fn(cfg))
 
 
-def _restore(server: AsyncServer, run: RunDir, resume: bool) -> tuple[int, float]:
-    """Continue from the last checkpoint (returns its tick and wall time), or start fresh."""
-    if resume and (ckpt := run.latest_checkpoint()) is not None:
-        if not server.source.resumable:
-            raise ValueError("an asynchronous run on the wall clock cannot be resumed; start it again")
-        server.load_state_dict(ckpt.strategy)
-        run.truncate_after(ckpt.round)
-        log.info("resuming %s after t=%.3f", run.path, server.source.clock.now())
-        return ckpt.round, ckpt.elapsed_s
-    if resume:
-        run.truncate_after(0)
-    server.dispatch_free()
-    return 0, 0.0
-
-
-def _summary(rows: list[dict[str, Any]], cfg: ExperimentConfig, server: AsyncServer, status: str) -> dict[str, Any]:
-    summary = summarise(rows, cfg.output.target_accuracy, status)
-    summary.update(
-        virtual_time=rows[-1]["virtual_time"] if rows else 0.0,
-        virtual_time_to_target=time_to_target(rows, cfg.output.target_accuracy),
-        model_updates=server.rule.version,
-        updates_per_client=server.updates_per_client.tolist(),
-    )
-    return summary
-
-
-def _log_row(row: dict[str, Any], horizon: float) -> None:
-    acc = row.get("centralised_accuracy")
-    log.info("t %.2f/%.2f  acc %s  version %d  updates %d  failed %d", row["virtual_time"], horizon,
-             "-" if acc is None else f"{acc:.4f}", row["model_version"], row["num_success"], row["num_failed"])
-
-
-__all__ = ["AsyncServer", "ClientPool", "build_rule", "run_async"]
+__all__ = ["AsyncServer", "AsyncSteps", "ClientPool", "build_rule", "run_async"]

@@ -13,7 +13,9 @@ node's Context state), and answers each with a reply content or an error:
   state (:mod:`fedsim.clients.gossip_node`);
 - ``evaluate``: loss and accuracy on the partition's test split (all members sharing a
   model in one pass);
-- ``query``: the partition id (deployment: the server learns who plays which partition).
+- ``query``: the partition id (deployment: the server learns who plays which partition);
+- ``query.state`` / ``query.restore``: the client's whole Context state, for the server's
+  checkpoints, and back on resume (simulation).
 
 Deterministic: a client's generators are seeded from (run seed, round, partition id),
 never from the host. The runtime is used three ways: the in-process grids call it directly
@@ -55,10 +57,10 @@ from fedsim.sim.components import (
     device_speeds,
     federated_data,
     make_model,
+    predict_fn,
     resolve_device,
 )
 from fedsim.sim.faults import inject_fault, stall_seconds
-from fedsim.sim.sync import predict_fn
 from fedsim.strategies.replies import TIMEOUT_CODE
 
 LOSS_STATE_KEY = "loss-state"
@@ -236,7 +238,8 @@ class ClientRuntime:
     def run(self, message_type: str, members: Sequence[Member]) -> list[Outcome]:
         """Each member's outcome, in order."""
         handler = {"train": self._train, "train.gossip": self._train, "train.mix": self._mix,
-                   "evaluate": self._evaluate, "query": self._query}.get(message_type)
+                   "evaluate": self._evaluate, "query": self._query, "query.state": self._state,
+                   "query.restore": self._restore}.get(message_type)
         if handler is None:
             error = ValueError(f"fedsim clients do not handle {message_type!r} messages")
             return [Outcome(None, error, 0.0) for _ in members]
@@ -423,6 +426,19 @@ class ClientRuntime:
         return [Outcome(RecordDict({"metrics": MetricRecord({"partition-id": m.partition_id})}), None, 0.0)
                 for m in members]
 
+    @staticmethod
+    def _state(message_type: str, members: Sequence[Member]) -> list[Outcome]:
+        """Each client's whole Context state (for the server's checkpoint)."""
+        return [Outcome(RecordDict(dict(m.state)), None, 0.0) for m in members]
+
+    @staticmethod
+    def _restore(message_type: str, members: Sequence[Member]) -> list[Outcome]:
+        """Replace each client's Context state with the records the message carries (resume)."""
+        for m in members:
+            m.state.clear()
+            m.state.update(m.content)
+        return [Outcome(RecordDict(), None, 0.0) for _ in members]
+
 
 def _timed(work) -> Outcome:
     started = time.perf_counter()
@@ -465,6 +481,6 @@ def build_client_app(cfg: ExperimentConfig, vectorise: bool = False, sleep_stall
 
     for register in (app.train(), app.train("gossip"), app.train("mix"), app.evaluate(), app.query()):
         register(plain)
-    for register in (app.train(groups.GROUP_ACTION), app.evaluate(groups.GROUP_ACTION)):
+    for register in (app.train(groups.GROUP_ACTION), app.evaluate(groups.GROUP_ACTION), app.query(groups.GROUP_ACTION)):
         register(group)
     return app

@@ -104,6 +104,11 @@ def _with_samples(name: str, kwargs: dict, num_samples: int) -> dict:
     return {**kwargs, "num_samples": num_samples} if "num_samples" in loss_parameters(name) else kwargs
 
 
+def predict_fn(cfg: ExperimentConfig):
+    """The loss's own decision rule when it has one (HarmonicLoss), else None (argmax)."""
+    return getattr(build_loss(cfg, num_samples=1)[0], "predict", None)
+
+
 def build_objective(cfg: ExperimentConfig, num_samples: int, hooks: tuple[ClientHook, ...] = (),
                     per_sample: bool = False) -> ClientObjective:
     """The client objective: main loss, weighted auxiliary term and strategy hooks (losses

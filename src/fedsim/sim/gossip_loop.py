@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -53,12 +52,11 @@ from fedsim.params import ParamSpec, set_flat
 from fedsim.records import to_record
 from fedsim.seeding import derive_seed
 from fedsim.sim.async_loop import check_supported, mean_train_loss
-from fedsim.sim.components import federated_data, make_model, resolve_device
+from fedsim.sim.components import federated_data, make_model, predict_fn, resolve_device
+from fedsim.sim.loop import Steps, run_steps
 from fedsim.sim.messaging import client_nodes, send_and_collect
-from fedsim.sim.plots import plot_comparison, plot_run
-from fedsim.sim.progress import RoundProgress
-from fedsim.sim.results import Checkpoint, RunDir, bytes_so_far, summarise
-from fedsim.sim.sync import predict_fn
+from fedsim.sim.plots import plot_comparison
+from fedsim.sim.results import RunDir
 from fedsim.sim.topology import Topology, make_topology, mixing_matrix, neighbours
 from fedsim.strategies.gossip import consensus_distance, neighbour_average_matrix
 from fedsim.strategies.replies import (
@@ -184,6 +182,7 @@ class GossipNodes:
         self.topology = build_topology(self.strategy, len(node_of), cfg.seed)
         self.codec = build_codec(cfg.quant.uplink)
         self.models = models
+        self.completed = completed
         n = len(node_of)
         self.versions = [gossip_node.version(completed, "mix")] * n
         self.resend = set(range(n))
@@ -248,70 +247,71 @@ class GossipNodes:
         self.resend.update(f.partition_id for f in failures)
 
 
+class GossipSteps(Steps):
+    """The gossip family's step: every node trains, then mixes with its neighbours; the
+    rows carry the consensus distance and each layer's variance, and every ``eval.every``
+    rounds the nodes' accuracies. The run's model (checkpoints, ``quant.ptq``) is the
+    average of the nodes' models."""
+
+    def __init__(self, grid: Grid, cfg: ExperimentConfig) -> None:
+        check_supported(cfg, "gossip")
+        self.cfg = cfg
+        self.total = cfg.rounds
+        self.data = federated_data(cfg)
+        self.net = make_model(cfg.model, self.data.train, cfg.seed)
+        self.spec = ParamSpec.of(self.net)
+        self.template = {k: v.clone() for k, v in self.net.state_dict().items()}
+        node_of = client_nodes(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
+        models = initial_models(cfg, self.data.train, self.spec)
+        self.initial_variance = layer_variances(self.spec, models)
+        self.evaluate_nodes = NodeEvaluator(cfg, self.net, self.spec, self.data.test)
+        self.nodes = GossipNodes(grid, cfg, self.spec, self.template, node_of, models)
+
+    def step(self, rnd: int) -> dict[str, Any]:
+        nodes = self.nodes
+        trained, mixed = nodes.train(rnd), nodes.mix(rnd)
+        row: dict[str, Any] = {**trained, **mixed,
+                               "bytes_up": trained["bytes_up"] + mixed["bytes_up"],
+                               "bytes_down": trained["bytes_down"] + mixed["bytes_down"],
+                               "consensus_distance": consensus_distance(nodes.models),
+                               "layer_variance": layer_variances(self.spec, nodes.models)}
+        if rnd % self.cfg.eval.every == 0 or rnd == self.cfg.rounds:
+            row.update(self.evaluate_nodes(nodes.models))
+        self.nodes.completed = rnd
+        return row
+
+    def model_state(self) -> dict[str, Tensor]:
+        return {**self.template, **self.spec.unflatten(self.nodes.models.mean(dim=0))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"node_models": self.nodes.models.clone(), "completed": self.nodes.completed}
+
+    def load_state_dict(self, model: dict[str, Tensor], state: dict[str, Any]) -> None:
+        self.nodes = GossipNodes(self.nodes.grid, self.cfg, self.spec, self.template, self.nodes.node_of,
+                                 state["node_models"], completed=state["completed"])
+
+    def summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        if not rows:
+            return {}
+        weights = [n for n, weight in zip(self.spec.names, weight_layers(self.spec), strict=True) if weight]
+        return {**variance_drift(self.initial_variance, rows[-1]["layer_variance"], weights),
+                "final_consensus_distance": rows[-1]["consensus_distance"]}
+
+    def plots(self, rows: list[dict[str, Any]], run: RunDir) -> None:
+        plot_comparison(layer_variance_series(rows), run.plot_dir / "layer_variance.png", key="layer_variance")
+
+    def log_row(self, row: dict[str, Any]) -> None:
+        acc = row.get("centralised_accuracy")
+        log.info("round %d/%d  node acc %s  consensus %.4g  ok %d  failed %d", row["round"], self.total,
+                 "-" if acc is None else f"{acc:.4f} ± {row['node_accuracy_std']:.4f}",
+                 row["consensus_distance"], row["num_success"], row["num_failed"])
+
+
 def run_gossip(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_progress: bool) -> dict[str, Any]:
     """Run (or continue) the configured gossip experiment for ``cfg.rounds`` rounds."""
-    check_supported(cfg, "gossip")
-    data = federated_data(cfg)
-    net = make_model(cfg.model, data.train, cfg.seed)
-    spec = ParamSpec.of(net)
-    template = {k: v.clone() for k, v in net.state_dict().items()}
-    node_of = client_nodes(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
-    models = initial_models(cfg, data.train, spec)
-    initial_variance = layer_variances(spec, models)
-    evaluate_nodes = NodeEvaluator(cfg, net, spec, data.test)
-    start, elapsed_before = 1, 0.0
-    if resume and (ckpt := run.latest_checkpoint()) is not None:
-        models = ckpt.strategy["node_models"]
-        start, elapsed_before = ckpt.round + 1, ckpt.elapsed_s
-        run.truncate_after(ckpt.round)
-        log.info("resuming %s after round %d", run.path, ckpt.round)
-    elif resume:
-        run.truncate_after(0)
-    nodes = GossipNodes(grid, cfg, spec, template, node_of, models, completed=start - 1)
-    bytes_up, bytes_down = bytes_so_far(run.rows())
-    t0 = time.perf_counter() - elapsed_before
-    status = "interrupted"
-    try:
-        with RoundProgress(cfg.rounds, enabled=show_progress) as progress:
-            progress.advance_to(start - 1, None, None)
-            for rnd in range(start, cfg.rounds + 1):
-                trained, mixed = nodes.train(rnd), nodes.mix(rnd)
-                bytes_up += trained.pop("bytes_up") + mixed.pop("bytes_up")
-                bytes_down += trained.pop("bytes_down") + mixed.pop("bytes_down")
-                row: dict[str, Any] = {"round": rnd, **trained, **mixed}
-                row.update(bytes_up_total=bytes_up, bytes_down_total=bytes_down,
-                           consensus_distance=consensus_distance(nodes.models),
-                           layer_variance=layer_variances(spec, nodes.models))
-                if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
-                    row.update(evaluate_nodes(nodes.models))
-                row["wall_time_s"] = time.perf_counter() - t0
-                run.append(row)
-                _log_row(row, cfg.rounds)
-                progress.advance_to(rnd, row.get("centralised_accuracy"), row.get("centralised_loss"))
-                if rnd % cfg.output.checkpoint_every == 0 or rnd == cfg.rounds:
-                    set_flat(net, spec, nodes.models.mean(dim=0))
-                    run.save_checkpoint(Checkpoint(rnd, {k: v.clone() for k, v in net.state_dict().items()},
-                                                   {"node_models": nodes.models.clone()}, row["wall_time_s"]))
-        status = "completed"
-    finally:
-        rows = run.rows()
-        summary = summarise(rows, cfg.output.target_accuracy, status)
-        if rows:
-            weights = [n for n, weight in zip(spec.names, weight_layers(spec), strict=True) if weight]
-            summary.update(variance_drift(initial_variance, rows[-1]["layer_variance"], weights),
-                           final_consensus_distance=rows[-1]["consensus_distance"])
-        run.write_summary(summary)
-        if cfg.output.plots and rows:
-            plot_run(rows, run.plot_dir)
-            plot_comparison(layer_variance_series(rows), run.plot_dir / "layer_variance.png", key="layer_variance")
-    return summary
+    steps = GossipSteps(grid, cfg)
+    return run_steps(steps, grid, cfg, run, resume, show_progress, steps.net, steps.data.test,
+                     steps.evaluate_nodes.predict)
 
 
-def _log_row(row: dict[str, Any], rounds: int) -> None:
-    acc = row.get("centralised_accuracy")
-    log.info("round %d/%d  node acc %s  consensus %.4g  ok %d  failed %d", row["round"], rounds,
-             "-" if acc is None else f"{acc:.4f} ± {row['node_accuracy_std']:.4f}",
-             row["consensus_distance"], row["num_success"], row["num_failed"])
-
-
-__all__ = ["GossipNodes", "build_topology", "layer_variance_series", "layer_variances", "run_gossip"]
+__all__ = ["GossipNodes", "GossipSteps", "build_topology", "layer_variance_series", "layer_variances", "run_gossip"]

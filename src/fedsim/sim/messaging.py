@@ -15,6 +15,7 @@ themselves and poll every 10 ms; replies, timeouts and order are otherwise uncha
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from uuid import uuid4
@@ -26,6 +27,9 @@ from fedsim.sim.groups import MemberReply
 
 POLL_S = 0.01
 FIRST_NODE_ID = 1000
+STATE_QUERY, STATE_RESTORE = "query.state", "query.restore"
+
+log = logging.getLogger(__name__)
 
 
 class PartitionGrid(Grid):
@@ -72,6 +76,29 @@ class PartitionGrid(Grid):
         replies = poll_replies(self, ids, self.allowance(timeout))
         order = {message_id: i for i, message_id in enumerate(ids)}
         return sorted(replies, key=lambda msg: order[msg.metadata.reply_to_message_id])
+
+    def client_states(self, timeout: float) -> dict[int, RecordDict]:
+        """Every client's Context state (those that hold any), for a checkpoint. A client
+        that cannot report it is left out with a warning (a resume then starts it afresh)."""
+        messages = [Message(RecordDict(), dst_node_id=FIRST_NODE_ID + pid, message_type=STATE_QUERY)
+                    for pid in range(self.num_partitions)]
+        states = {}
+        for reply in self.collect(messages, timeout):
+            pid = reply.metadata.src_node_id - FIRST_NODE_ID
+            if reply.has_error():
+                log.warning("client %d did not report its state for the checkpoint: %s", pid, reply.error.reason)
+            elif len(reply.content):
+                states[pid] = reply.content
+        return states
+
+    def restore_client_states(self, states: dict[int, RecordDict], timeout: float) -> None:
+        """Give each client back the state of a checkpoint (and every other client none)."""
+        messages = [Message(RecordDict(dict(states.get(pid, {}))), dst_node_id=FIRST_NODE_ID + pid,
+                            message_type=STATE_RESTORE) for pid in range(self.num_partitions)]
+        for reply in self.collect(messages, timeout):
+            if reply.has_error():
+                log.warning("client %d did not take back its state: %s", reply.metadata.src_node_id - FIRST_NODE_ID,
+                            reply.error.reason)
 
     def get_node_ids(self) -> Iterable[int]:
         return [FIRST_NODE_ID + pid for pid in range(self.num_partitions)]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,19 @@ from fedsim.config import ExperimentConfig, validate_config
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """The state saved after a round: enough to continue as if never stopped."""
+    """The state saved after a round: enough to continue as if never stopped.
+
+    ``strategy`` is the server's side (strategy, optimizer, participation, async queue,
+    gossip mirrors); ``clients`` each client's Context state by partition id, where the
+    grid could collect it (fedsim's simulation grids; empty in a deployment, whose
+    SuperNodes keep their own).
+    """
 
     round: int
     model: dict[str, torch.Tensor]
     strategy: dict[str, Any]
     elapsed_s: float
+    clients: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 class RunDir:
@@ -104,7 +111,7 @@ class RunDir:
         path = self.checkpoint_dir / f"round-{ckpt.round:05d}.pt"
         tmp = path.with_suffix(".tmp")
         torch.save({"round": ckpt.round, "model": ckpt.model, "strategy": ckpt.strategy,
-                    "elapsed_s": ckpt.elapsed_s}, tmp)
+                    "elapsed_s": ckpt.elapsed_s, "clients": ckpt.clients}, tmp)
         tmp.replace(path)
         return path
 
@@ -114,7 +121,7 @@ class RunDir:
             return None
         # our own file, holding optimizer and sampler state beside tensors
         raw = torch.load(files[-1], weights_only=False)
-        return Checkpoint(raw["round"], raw["model"], raw["strategy"], raw["elapsed_s"])
+        return Checkpoint(raw["round"], raw["model"], raw["strategy"], raw["elapsed_s"], raw.get("clients", {}))
 
 
 def rounds_to_target(rows: list[dict[str, Any]], target: float, key: str = "centralised_accuracy") -> int | None:

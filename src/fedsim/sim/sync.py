@@ -2,15 +2,14 @@
 
 It drives a Flower ``Strategy`` exactly as ``Strategy.start`` does (configure_train ->
 send -> collect replies -> aggregate_train -> configure_evaluate -> aggregate_evaluate ->
-centralised evaluation), and adds what ``start`` lacks: starting from a checkpointed
-round, a metrics row per round written as it completes, checkpoints, a progress bar,
-and failure accounting.
+centralised evaluation), and adds what ``start`` lacks through the shared skeleton
+(:mod:`fedsim.sim.loop`): starting from a checkpointed round, a metrics row per round
+written as it completes, checkpoints, a progress bar, the summary; and failure accounting.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import numpy as np
@@ -21,13 +20,11 @@ from flwr.serverapp import Grid
 from fedsim.clients.train import evaluate
 from fedsim.config import ExperimentConfig
 from fedsim.params import ParamSpec
-from fedsim.quant.ptq import quantize_weights_awq, quantize_weights_rtn
 from fedsim.records import to_state_dict
-from fedsim.sim.components import FederatedData, build_loss, federated_data, make_model, resolve_device
+from fedsim.sim.components import FederatedData, federated_data, make_model, predict_fn, resolve_device
+from fedsim.sim.loop import Steps, fmt_metric, run_steps
 from fedsim.sim.messaging import client_nodes, send_and_collect
-from fedsim.sim.plots import plot_run
-from fedsim.sim.progress import RoundProgress
-from fedsim.sim.results import Checkpoint, RunDir, bytes_so_far, summarise
+from fedsim.sim.results import RunDir
 from fedsim.strategies import build_strategy
 
 log = logging.getLogger(__name__)
@@ -40,84 +37,65 @@ def label_mix(data: FederatedData) -> np.ndarray:
     return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
 
 
-def predict_fn(cfg: ExperimentConfig):
-    """The loss's own decision rule when it has one (HarmonicLoss), else None (argmax)."""
-    return getattr(build_loss(cfg, num_samples=1)[0], "predict", None)
+class SyncSteps(Steps):
+    """The synchronous family's step: one round of the configured Flower strategy (see the
+    module docstring), evaluated every ``eval.every`` rounds and after the last."""
+
+    def __init__(self, grid: Grid, cfg: ExperimentConfig) -> None:
+        self.grid, self.cfg = grid, cfg
+        self.total = cfg.rounds
+        self.data = federated_data(cfg)
+        self.device = resolve_device(cfg)
+        self.net = make_model(cfg.model, self.data.train, cfg.seed)
+        node_of = client_nodes(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
+        self.strategy = build_strategy(cfg, ParamSpec.of(self.net), node_of, label_mix(self.data))
+        self.predict = predict_fn(cfg)
+        self.arrays = ArrayRecord(self.net.state_dict())
+
+    def step(self, rnd: int) -> dict[str, Any]:
+        cfg, strategy = self.cfg, self.strategy
+        messages = list(strategy.configure_train(rnd, self.arrays, ConfigRecord(), self.grid))
+        replies = send_and_collect(self.grid, messages, cfg.client.timeout_s)
+        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        if new_arrays is not None:
+            self.arrays = new_arrays
+        report = strategy.report
+        row: dict[str, Any] = {
+            "num_sampled": len(report.sampled),
+            "num_success": len(report.accepted),
+            "num_failed": len(report.failures),
+            "failures": [{"client": f.partition_id, "reason": f.reason} for f in report.failures],
+            "skipped": report.skipped,
+            "train_loss": (train_metrics or {}).get("train_loss"),
+            "bytes_up": report.bytes_up,
+            "bytes_down": report.bytes_down,
+        }
+        if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
+            self.net.load_state_dict(to_state_dict(self.arrays))
+            row.update(evaluate_round(cfg, self.grid, strategy, rnd, self.arrays, self.net, self.data, self.device,
+                                      self.predict))
+        return row
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return to_state_dict(self.arrays)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.strategy.state_dict()
+
+    def load_state_dict(self, model: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        self.arrays = ArrayRecord(model)
+        self.strategy.load_state_dict(state)
+
+    def log_row(self, row: dict[str, Any]) -> None:
+        log.info("round %d/%d  acc %s  loss %s  ok %d  failed %d%s", row["round"], self.total,
+                 fmt_metric(row.get("centralised_accuracy")), fmt_metric(row.get("centralised_loss")),
+                 row["num_success"], row["num_failed"], "  SKIPPED" if row["skipped"] else "")
 
 
 def run_sync(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_progress: bool) -> dict[str, Any]:
     """Run (or continue) the configured synchronous experiment; return its summary."""
-    data = federated_data(cfg)
-    device = resolve_device(cfg)
-    model = make_model(cfg.model, data.train, cfg.seed)
-    spec = ParamSpec.of(model)
-    node_of = client_nodes(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
-    strategy = build_strategy(cfg, spec, node_of, label_mix(data))
-    predict = predict_fn(cfg)
-
-    start_round, elapsed_before = 1, 0.0
-    if resume and (ckpt := run.latest_checkpoint()) is not None:
-        model.load_state_dict(ckpt.model)
-        strategy.load_state_dict(ckpt.strategy)
-        start_round, elapsed_before = ckpt.round + 1, ckpt.elapsed_s
-        run.truncate_after(ckpt.round)
-        log.info("resuming %s after round %d", run.path, ckpt.round)
-    elif resume:
-        run.truncate_after(0)
-    bytes_up_total, bytes_down_total = bytes_so_far(run.rows())
-
-    arrays = ArrayRecord(model.state_dict())
-    t0 = time.perf_counter() - elapsed_before
-    status = "interrupted"
-    try:
-        with RoundProgress(cfg.rounds, enabled=show_progress) as progress:
-            progress.advance_to(start_round - 1, None, None)
-            for rnd in range(start_round, cfg.rounds + 1):
-                messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
-                replies = send_and_collect(grid, messages, cfg.client.timeout_s)
-                new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
-                if new_arrays is not None:
-                    arrays = new_arrays
-                report = strategy.report
-                bytes_down_total += report.bytes_down
-                bytes_up_total += report.bytes_up
-                row: dict[str, Any] = {
-                    "round": rnd,
-                    "num_sampled": len(report.sampled),
-                    "num_success": len(report.accepted),
-                    "num_failed": len(report.failures),
-                    "failures": [{"client": f.partition_id, "reason": f.reason} for f in report.failures],
-                    "skipped": report.skipped,
-                    "train_loss": (train_metrics or {}).get("train_loss"),
-                    "bytes_up": report.bytes_up,
-                    "bytes_down": report.bytes_down,
-                    "bytes_up_total": bytes_up_total,
-                    "bytes_down_total": bytes_down_total,
-                }
-                if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
-                    model.load_state_dict(to_state_dict(arrays))
-                    row.update(evaluate_round(cfg, grid, strategy, rnd, arrays, model, data, device, predict))
-                row["wall_time_s"] = time.perf_counter() - t0
-                run.append(row)
-                log.info("round %d/%d  acc %s  loss %s  ok %d  failed %d%s", rnd, cfg.rounds,
-                         _fmt(row.get("centralised_accuracy")), _fmt(row.get("centralised_loss")),
-                         row["num_success"], row["num_failed"], "  SKIPPED" if row["skipped"] else "")
-                progress.advance_to(rnd, row.get("centralised_accuracy"), row.get("centralised_loss"))
-                if rnd % cfg.output.checkpoint_every == 0 or rnd == cfg.rounds:
-                    model.load_state_dict(to_state_dict(arrays))
-                    run.save_checkpoint(Checkpoint(rnd, {k: v.clone() for k, v in model.state_dict().items()},
-                                                   strategy.state_dict(), row["wall_time_s"]))
-        status = "completed"
-    finally:
-        rows = run.rows()
-        summary = summarise(rows, cfg.output.target_accuracy, status)
-        if status == "completed" and cfg.quant.ptq is not None:
-            model.load_state_dict(to_state_dict(arrays))
-            summary.update(post_training_quantization(cfg, model, data, device, predict))
-        run.write_summary(summary)
-        if cfg.output.plots and rows:
-            plot_run(rows, run.plot_dir)
-    return summary
+    steps = SyncSteps(grid, cfg)
+    return run_steps(steps, grid, cfg, run, resume, show_progress, steps.net, steps.data.test, steps.predict)
 
 
 def evaluate_round(cfg: ExperimentConfig, grid: Grid, strategy, rnd: int, arrays: ArrayRecord, model,
@@ -137,21 +115,7 @@ def evaluate_round(cfg: ExperimentConfig, grid: Grid, strategy, rnd: int, arrays
     return metrics
 
 
-def post_training_quantization(cfg: ExperimentConfig, model, data, device, predict) -> dict[str, Any]:
-    """Quantize the final global model's weights (``quant.ptq``) and evaluate it beside float."""
-    ptq = cfg.quant.ptq
-    if ptq.method == "awq":
-        calibration = torch.from_numpy(data.train.x[: ptq.calibration_samples])
-        quantized = quantize_weights_awq(model, calibration, ptq.bits)
-    else:
-        quantized = quantize_weights_rtn(model, ptq.bits)
-    res = evaluate(quantized.to(device), data.test, device, cfg.eval.batch_size, predict)
-    log.info("post-training %s int%d: accuracy %.4f", ptq.method, ptq.bits, res.accuracy)
-    return {"ptq_method": ptq.method, "ptq_bits": ptq.bits, "ptq_accuracy": res.accuracy}
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
-
-__all__ = ["run_sync"]
+__all__ = ["SyncSteps", "run_sync"]

@@ -1,0 +1,192 @@
+"""One server-loop skeleton for the synchronous, asynchronous and gossip loops.
+
+The three loops differ in what one step is (a round of a Flower strategy; the events up to
+the next evaluation time of the virtual clock; a gossip round of training and mixing). All
+the rest is written once, here, in :func:`run_steps`:
+
+- start or resume: the last checkpoint restores the server's state (:meth:`Steps.load_state_dict`)
+  and, under fedsim's simulation grids, every client's state (error-feedback memories,
+  per-sample loss state, LSQ step sizes, SCAFFOLD control variates, gossip models), so a
+  resumed run ends exactly where an uninterrupted one would; rows after the checkpoint are
+  dropped and redone;
+- one metrics row per step, appended and fsynced as it completes, with byte totals and the
+  wall time; the progress bar and one log line per row;
+- checkpoints every ``output.checkpoint_every`` steps and after the last;
+- the summary: :func:`fedsim.sim.results.summarise` of the rows, the family's own entries,
+  and post-training quantization of the final model (``quant.ptq``), written even when the
+  run is interrupted; the plots.
+
+A global model that turns non-finite ends the run with a one-line error naming the step
+(rows written so far stay).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from flwr.serverapp import Grid
+from torch import nn
+
+from fedsim.clients.train import evaluate
+from fedsim.config import ExperimentConfig
+from fedsim.data import ArrayDataset
+from fedsim.quant.ptq import quantize_weights_awq, quantize_weights_rtn
+from fedsim.sim.components import federated_data, resolve_device
+from fedsim.sim.messaging import PartitionGrid
+from fedsim.sim.plots import plot_run
+from fedsim.sim.progress import RoundProgress
+from fedsim.sim.results import Checkpoint, RunDir, bytes_so_far, summarise
+
+log = logging.getLogger(__name__)
+
+
+class DivergedError(RuntimeError):
+    """The global model holds NaN or Inf: training diverged."""
+
+
+class Steps(ABC):
+    """One loop family's steps and state; :func:`run_steps` drives them.
+
+    Attributes
+    ----------
+    total : int
+        Steps (metrics rows) of the whole run.
+    x_key : str
+        The row key the plots put on their x axis.
+    resumable : bool
+        Whether checkpoints are written and a run can continue from them (a wall-clock
+        run cannot: its arrivals are not reproducible).
+    """
+
+    total: int
+    x_key = "round"
+    resumable = True
+
+    @abstractmethod
+    def step(self, index: int) -> dict[str, Any]:
+        """Run step ``index`` (1-based) and return its row: at least ``bytes_up`` and
+        ``bytes_down`` of this step, and the evaluation when the step evaluates."""
+
+    @abstractmethod
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The model of the run as it stands (a state dict): checkpointed, and quantized by
+        ``quant.ptq`` at the end."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything of the server's side a resumed run needs."""
+
+    @abstractmethod
+    def load_state_dict(self, model: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Continue from a checkpoint: its ``model`` (:meth:`model_state`) and its ``state``
+        (:meth:`state_dict`)."""
+
+    def begin(self, resumed: bool) -> None:
+        """Called once before the first step of this process (``resumed``: after a checkpoint)."""
+
+    def summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The family's own entries of summary.json."""
+        return {}
+
+    def plots(self, rows: list[dict[str, Any]], run: RunDir) -> None:
+        """Figures beyond accuracy.png and loss.png."""
+
+    def log_row(self, row: dict[str, Any]) -> None:
+        """The step's INFO log line."""
+        log.info("step %d/%d  acc %s  loss %s", row["round"], self.total, fmt_metric(row.get("centralised_accuracy")),
+                 fmt_metric(row.get("centralised_loss")))
+
+
+def run_steps(steps: Steps, grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_progress: bool,
+              net: nn.Module, test: ArrayDataset, predict) -> dict[str, Any]:
+    """Run (or continue) ``steps`` to the end; write rows, checkpoints, summary and plots.
+
+    ``net`` is a model of the run's architecture (loaded with :meth:`Steps.model_state` for
+    post-training quantization), ``test`` the server's test set, ``predict`` the loss's
+    decision rule (None: argmax).
+    """
+    start, elapsed_before = _restore(steps, grid, cfg, run, resume)
+    steps.begin(resumed=start > 0)
+    bytes_up, bytes_down = bytes_so_far(run.rows())
+    t0 = time.perf_counter() - elapsed_before
+    status = "interrupted"
+    try:
+        with RoundProgress(steps.total, enabled=show_progress) as progress:
+            progress.advance_to(start, None, None)
+            for index in range(start + 1, steps.total + 1):
+                row: dict[str, Any] = {"round": index, **steps.step(index)}
+                bytes_up, bytes_down = bytes_up + row["bytes_up"], bytes_down + row["bytes_down"]
+                row.update(bytes_up_total=bytes_up, bytes_down_total=bytes_down,
+                           wall_time_s=time.perf_counter() - t0)
+                run.append(row)
+                steps.log_row(row)
+                progress.advance_to(index, row.get("centralised_accuracy"), row.get("centralised_loss"))
+                _check_finite(steps.model_state(), index)
+                if steps.resumable and (index % cfg.output.checkpoint_every == 0 or index == steps.total):
+                    run.save_checkpoint(Checkpoint(index, {k: v.clone() for k, v in steps.model_state().items()},
+                                                   steps.state_dict(), row["wall_time_s"], _client_states(grid, cfg)))
+        status = "completed"
+    finally:
+        rows = run.rows()
+        summary = summarise(rows, cfg.output.target_accuracy, status)
+        summary.update(steps.summary(rows))
+        if status == "completed" and cfg.quant.ptq is not None:
+            net.load_state_dict(steps.model_state())
+            summary.update(post_training_quantization(cfg, net, test, predict))
+        run.write_summary(summary)
+        if cfg.output.plots and rows:
+            plot_run(rows, run.plot_dir, x_key=steps.x_key)
+            steps.plots(rows, run)
+    return summary
+
+
+def _restore(steps: Steps, grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool) -> tuple[int, float]:
+    """Continue from the last checkpoint (its step and wall time), or start at step 0."""
+    if resume and (ckpt := run.latest_checkpoint()) is not None:
+        if not steps.resumable:
+            raise ValueError("a run on the wall clock cannot be resumed; start it again")
+        if isinstance(grid, PartitionGrid):  # first: restoring the server may message clients
+            grid.restore_client_states(ckpt.clients, cfg.client.timeout_s)
+        steps.load_state_dict(ckpt.model, ckpt.strategy)
+        run.truncate_after(ckpt.round)
+        log.info("resuming %s after step %d", run.path, ckpt.round)
+        return ckpt.round, ckpt.elapsed_s
+    if resume:
+        run.truncate_after(0)
+    return 0, 0.0
+
+
+def _client_states(grid: Grid, cfg: ExperimentConfig) -> dict[int, dict[str, Any]]:
+    """Every client's state, where the grid can collect it (fedsim's simulation grids)."""
+    return grid.client_states(cfg.client.timeout_s) if isinstance(grid, PartitionGrid) else {}
+
+
+def _check_finite(state: dict[str, torch.Tensor], index: int) -> None:
+    bad = sorted(name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all())
+    if bad:
+        raise DivergedError(f"step {index}: the model holds NaN or Inf in {', '.join(bad)}; training diverged "
+                            f"(lower client.lr or strategy.server_opt.lr)")
+
+
+def post_training_quantization(cfg: ExperimentConfig, model: nn.Module, test: ArrayDataset, predict
+                               ) -> dict[str, Any]:
+    """Quantize the final model's weights (``quant.ptq``) and evaluate it beside float."""
+    ptq = cfg.quant.ptq
+    device = resolve_device(cfg)
+    if ptq.method == "awq":
+        calibration = torch.from_numpy(federated_data(cfg).train.x[: ptq.calibration_samples])
+        quantized = quantize_weights_awq(model, calibration, ptq.bits)
+    else:
+        quantized = quantize_weights_rtn(model, ptq.bits)
+    res = evaluate(quantized.to(device), test, device, cfg.eval.batch_size, predict)
+    log.info("post-training %s int%d: accuracy %.4f", ptq.method, ptq.bits, res.accuracy)
+    return {"ptq_method": ptq.method, "ptq_bits": ptq.bits, "ptq_accuracy": res.accuracy}
+
+
+def fmt_metric(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
