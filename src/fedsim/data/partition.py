@@ -8,19 +8,12 @@ samples themselves stay in numpy.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    NaturalIdPartitioner,
-    Partitioner,
-    ShardPartitioner,
-    SizePartitioner,
-)
-from matplotlib import colormaps
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "natural")
 
@@ -89,6 +82,8 @@ def partition_indices(
             f"{scheme}: {num_partitions} partitions need at least as many samples; "
             f"got {len(labels)}"
         )
+    import datasets  # Hugging Face datasets takes seconds to import; only partitioning needs it
+
     columns = {"label": labels, "idx": np.arange(len(labels))}
     if scheme == "natural":
         if groups is None:
@@ -149,6 +144,14 @@ def _make_partitioner(
     min_size: int,
 ) -> Partitioner:
     """Build the flwr-datasets partitioner that implements ``scheme``."""
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        NaturalIdPartitioner,
+        ShardPartitioner,
+        SizePartitioner,
+    )
+
     if scheme == "iid":
         return IidPartitioner(num_partitions=num_partitions)
     if scheme == "dirichlet":
@@ -270,6 +273,9 @@ def plot_label_histograms(hist: np.ndarray, path: str | Path) -> None:
     path : str or Path
         Where to write the PNG.
     """
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
     hist = np.asarray(hist)
     if hist.ndim != 2:
         raise ValueError(f"hist must be 2-D (partitions, classes); got shape {hist.shape}")
