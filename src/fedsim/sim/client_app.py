@@ -43,6 +43,7 @@ from fedsim.sim.components import (
     resolve_device,
 )
 from fedsim.sim.faults import inject_fault
+from fedsim.sim.ray_node import ray_node_metric
 from fedsim.sim.sync import predict_fn
 
 
@@ -167,6 +168,7 @@ def build_client_app(cfg: ExperimentConfig) -> ClientApp:
             "duration_s": time.perf_counter() - start,
             "virtual_duration": result.steps / float(w.speeds[pid]),
             "bytes_up": payload.nbytes,
+            **ray_node_metric(),
         })
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.to_arrays().items()})
         reply = Message(content=RecordDict({"update": arrays, "metrics": metrics}), reply_to=message)

@@ -26,6 +26,7 @@ from fedsim.sim.components import FederatedData, build_loss, federated_data, mak
 from fedsim.sim.messaging import send_and_collect
 from fedsim.sim.plots import plot_run
 from fedsim.sim.progress import RoundProgress
+from fedsim.sim.rejoin import NodeWatch
 from fedsim.sim.results import Checkpoint, RunDir, bytes_so_far, summarise
 from fedsim.strategies import build_strategy
 
@@ -81,6 +82,7 @@ def run_sync(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_
     spec = ParamSpec.of(model)
     node_of = discover_clients(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
     strategy = build_strategy(cfg, spec, node_of, label_mix(data))
+    joins = NodeWatch(node_of)
     predict = predict_fn(cfg)
 
     start_round, elapsed_before = 1, 0.0
@@ -101,6 +103,7 @@ def run_sync(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_
         with RoundProgress(cfg.rounds, enabled=show_progress) as progress:
             progress.advance_to(start_round - 1, None, None)
             for rnd in range(start_round, cfg.rounds + 1):
+                strategy.rejoin(joins.joined(grid, cfg.client.timeout_s))
                 messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
                 replies = send_and_collect(grid, messages, cfg.client.timeout_s)
                 new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
