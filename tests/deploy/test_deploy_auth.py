@@ -1,6 +1,6 @@
 """SuperNode authentication on loopback: a SuperLink with ``--enable-supernode-auth`` over
-TLS, SuperNode keys written and registered with ``fedsim auth``; ``pytest tests/deploy -k auth``
-selects these tests."""
+TLS (Flower requires TLS for it), SuperNode keys and certificates written and registered
+with ``fedsim auth``; ``pytest tests/deploy -k auth`` selects these tests."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def fedsim(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "fedsim"), *args], capture_output=True, text=True, timeout=300)
 
 
-def test_auth_registered_nodes_run_the_experiment_and_an_unregistered_key_is_refused(tmp_path_factory, tmp_path):
+def test_auth_registered_nodes_run_the_experiment_over_tls_and_an_unregistered_key_is_refused(tmp_path_factory,
+                                                                                              tmp_path):
     home = tmp_path_factory.mktemp("flwr-auth")
     creds = home / "credentials"
     made = fedsim("auth", "keys", str(creds), "--nodes", str(NUM_NODES), "--tls-host", "127.0.0.1")
@@ -49,7 +50,9 @@ def test_auth_registered_nodes_run_the_experiment_and_an_unregistered_key_is_ref
         assert "No SuperNode found with the given public key" in dep.log("superlink")
 
         config = ROOT / "configs" / "quickstart.yaml"
-        overrides = [f"partition.num_clients={NUM_NODES}", "rounds=2", "eval.federated=false", "output.plots=false"]
+        overrides = [f"partition.num_clients={NUM_NODES}", "rounds=1", "eval.federated=false", "output.plots=false"]
+        insecure = dep.deploy(config, overrides, tmp_path / "insecure", secure=False)
+        assert insecure.returncode != 0 and "unavailable" in insecure.stdout + insecure.stderr
         result = dep.deploy(config, overrides, tmp_path / "deployed")
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         [path] = list((tmp_path / "deployed").iterdir())

@@ -11,7 +11,7 @@ from fedsim.loopback import LoopbackDeployment
 from fedsim.sim.results import RunDir
 
 ROOT = Path(__file__).parents[2]
-NUM_NODES, ROUNDS, VICTIM = 3, 7, 2
+NUM_NODES, ROUNDS, VICTIM = 3, 6, 2
 
 
 def _rows(out: Path) -> list[dict]:
@@ -34,10 +34,12 @@ def test_a_killed_supernode_fails_its_rounds_and_serves_its_partition_again_when
     overrides = [f"partition.num_clients={NUM_NODES}", f"rounds={ROUNDS}", "eval.federated=false",
                  "output.plots=false", "client.timeout_s=30"]
     with LoopbackDeployment(tmp_path_factory.mktemp("flwr-faults"), NUM_NODES) as dep:
+        # so that round 1 does not spend the timeout building each node's partition
+        dep.cache_partitions(ROOT / "configs" / "quickstart.yaml", overrides)
         run = subprocess.Popen(dep.deploy_command(ROOT / "configs" / "quickstart.yaml", overrides, out),
                                cwd=dep.home, env=dep.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            _wait_for(lambda rows: len(rows) >= 2, out, run, "round 2")
+            _wait_for(lambda rows: len(rows) >= 1, out, run, "round 1")
             dep.kill_node(VICTIM)
             _wait_for(lambda rows: any(r["num_failed"] for r in rows), out, run, "failed round")
             dep.start_node(VICTIM)
@@ -48,7 +50,7 @@ def test_a_killed_supernode_fails_its_rounds_and_serves_its_partition_again_when
     [path] = list(out.iterdir())
     rows, summary = RunDir.open(path).rows(), RunDir.open(path).summary()
     assert summary["status"] == "completed" and len(rows) == ROUNDS
-    assert rows[0]["num_failed"] == rows[1]["num_failed"] == 0
+    assert rows[0]["num_failed"] == 0
     failed = [r for r in rows if r["num_failed"]]
     # while it was down the rounds went on with the other two, and its failures were counted
     assert failed and all(r["failures"] == [{"client": VICTIM, "reason": "no reply before the timeout"}]
