@@ -1,21 +1,25 @@
 """Deployed-round overhead: fedsim's quickstart on a SuperLink + 3 SuperNodes on loopback,
 beside a minimal Flower app deployed the same way (the anchor).
 
-Both apps run on one loopback deployment (``fedsim.loopback``: ``flower-superlink`` and
-three ``flower-supernode`` processes on 127.0.0.1, Flower's SuperExec polling every 0.1 s)
-and do the same work per round: every node trains the quickstart's MLP for 5 local epochs
-on its Dirichlet(0.5) partition of digits, every node evaluates the new global model on its
-test split, and the server evaluates it on the held-out test set. The anchor
-(``benchmarks/deploy_anchor``) is written as Flower's examples are and reads fedsim's
-partitions from .npz files, so the difference is fedsim's own cost per message. Flower
-starts a ``flwr-clientapp`` process for every message in both.
+Both apps run on the same loopback deployment (``fedsim.loopback``: ``flower-superlink`` and
+three ``flower-supernode`` processes on 127.0.0.1) and do the same work per round: every
+node trains the quickstart's MLP for 5 local epochs on its Dirichlet(0.5) partition of
+digits, every node evaluates the new global model on its test split, and the server
+evaluates it on the held-out test set. The anchor (``benchmarks/deploy_anchor``) is written
+as Flower's examples are (``FedAvg.start``) and reads fedsim's partitions from .npz files,
+so the difference is fedsim's own cost. Two deployments are measured:
+
+- ``subprocess``: Flower's default SuperNode, a new ``flwr-clientapp`` process per message
+  (its SuperExec polling every 0.1 s instead of 1 s);
+- ``process``: each SuperNode with ``--isolation process`` beside a long-lived
+  ``fedsim clientapp`` process that runs all its messages (the anchor's too).
 
 Seconds per round are measured from the end of round 1 to the end of round R (round 1
-also waits for the nodes and, for fedsim, builds the partition cache). The apps alternate,
-``--repeats`` times each; the median is reported. Beside the rounds, the costs a message
-pays are measured in fresh processes: Flower's ClientApp process start, importing each
-app, and fedsim's worker state (data + model) with and without the partition cache.
-Writes JSON to benchmarks/results/deploy_overhead.json.
+also waits for the nodes and builds fedsim's partition cache). The apps alternate,
+``--repeats`` times each; the median is reported. Beside the rounds, what a message costs
+in a fresh process (as under ``subprocess``) is measured: Flower's ClientApp process start,
+importing each app, and fedsim's worker state (data + model) with and without the
+partition cache. Writes JSON to benchmarks/results/deploy_overhead.json.
 
 Usage: python benchmarks/deploy_overhead.py [--rounds 6] [--repeats 2] [--out PATH]
 """
@@ -160,30 +164,37 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/deploy_overhead.json")
     args = parser.parse_args()
     cfg = quickstart(args.rounds)
-    runs: dict[str, list[dict]] = {"plain Flower app": [], "fedsim": []}
+    modes = ("subprocess", "process")
+    runs: dict[tuple[str, str], list[dict]] = {(m, a): [] for m in modes for a in ("plain Flower app", "fedsim")}
     with tempfile.TemporaryDirectory(prefix="fedsim-deploy-bench-") as tmp:
-        work, home = Path(tmp, "work"), Path(tmp, "home")
+        work = Path(tmp, "work")
         work.mkdir()
-        home.mkdir()
         write_anchor_data(cfg, work)
         costs = {**import_profile(), **message_costs(cfg, Path(tmp, "cache"))}
-        with LoopbackDeployment(home, NUM_NODES) as dep:
-            for _ in range(args.repeats):
-                runs["plain Flower app"].append(run_anchor(dep, cfg, work))
-                runs["fedsim"].append(run_fedsim(dep, cfg, work))
-    results = {name: {"per_round_s": statistics.median(r["per_round_s"] for r in rs),
-                      "per_round_s_runs": [r["per_round_s"] for r in rs],
-                      "total_s_runs": [r["total_s"] for r in rs],
-                      "final_accuracy": rs[-1]["final_accuracy"]} for name, rs in runs.items()}
-    ratio = results["fedsim"]["per_round_s"] / results["plain Flower app"]["per_round_s"]
+        for mode in modes:
+            home = Path(tmp, mode)
+            home.mkdir()
+            with LoopbackDeployment(home, NUM_NODES, isolation=mode) as dep:
+                for _ in range(args.repeats):
+                    runs[mode, "plain Flower app"].append(run_anchor(dep, cfg, work))
+                    runs[mode, "fedsim"].append(run_fedsim(dep, cfg, work))
+    results = {mode: {app: {"per_round_s": statistics.median(r["per_round_s"] for r in runs[mode, app]),
+                            "per_round_s_runs": [r["per_round_s"] for r in runs[mode, app]],
+                            "total_s_runs": [r["total_s"] for r in runs[mode, app]],
+                            "final_accuracy": runs[mode, app][-1]["final_accuracy"]}
+                      for app in ("plain Flower app", "fedsim")} for mode in modes}
+    ratios = {mode: results[mode]["fedsim"]["per_round_s"] / results[mode]["plain Flower app"]["per_round_s"]
+              for mode in modes}
     print(f"\nquickstart on {NUM_NODES} SuperNodes (loopback), {args.rounds} rounds, {args.repeats} runs each")
-    print(f"{'app':<18}{'s per round':>13}{'runs':>22}{'final acc':>11}")
-    for name, r in results.items():
-        per_runs = ", ".join(f"{s:.2f}" for s in r["per_round_s_runs"])
-        print(f"{name:<18}{r['per_round_s']:>13.2f}{per_runs:>22}{r['final_accuracy']:>11.4f}")
-    print(f"fedsim / plain Flower app per-round time: {ratio:.2f} (target <= {TARGET_RATIO}); "
-          f"fedsim {results['fedsim']['per_round_s']:.2f} s per round (target <= {TARGET_SECONDS:.0f} s)")
-    print("what one message costs a node, each in a fresh process (s):")
+    print(f"{'SuperNodes':<12}{'app':<18}{'s per round':>13}{'runs':>22}{'final acc':>11}")
+    for mode in modes:
+        for name, r in results[mode].items():
+            per_runs = ", ".join(f"{s:.2f}" for s in r["per_round_s_runs"])
+            print(f"{mode:<12}{name:<18}{r['per_round_s']:>13.2f}{per_runs:>22}{r['final_accuracy']:>11.4f}")
+    for mode in modes:
+        print(f"{mode}: fedsim / plain Flower app per-round time {ratios[mode]:.2f} (target <= {TARGET_RATIO}); "
+              f"fedsim {results[mode]['fedsim']['per_round_s']:.2f} s per round (target <= {TARGET_SECONDS:.0f} s)")
+    print("what one message costs a node in a fresh process (s):")
     for name, value in costs.items():
         print(f"  {name:<32}{value:>8.2f}")
     out = Path(args.out)
@@ -191,8 +202,9 @@ def main() -> None:
     out.write_text(json.dumps({
         "command": f"python benchmarks/deploy_overhead.py --rounds {args.rounds} --repeats {args.repeats}",
         "environment": environment(), "nodes": NUM_NODES, "rounds": args.rounds, "results": results,
-        "fedsim_over_flower": ratio, "targets": {"ratio": TARGET_RATIO, "seconds_per_round": TARGET_SECONDS},
-        "met": {"ratio": ratio <= TARGET_RATIO, "seconds": results["fedsim"]["per_round_s"] <= TARGET_SECONDS},
+        "fedsim_over_flower": ratios, "targets": {"ratio": TARGET_RATIO, "seconds_per_round": TARGET_SECONDS},
+        "met": {mode: {"ratio": ratios[mode] <= TARGET_RATIO,
+                       "seconds": results[mode]["fedsim"]["per_round_s"] <= TARGET_SECONDS} for mode in modes},
         "message_costs": costs}, indent=2))
     print(f"wrote {out}")
 

@@ -102,11 +102,17 @@ class LoopbackDeployment:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
     def start(self) -> LoopbackDeployment:
-        """Start the SuperLink, wait until it listens, then start every SuperNode."""
+        """Start the SuperLink, wait until it listens, then start every SuperNode (and the
+        ClientApp processes, each once its SuperNode listens)."""
         self.start_superlink()
-        for node in self.nodes:
-            self.start_node(node.partition_id)
+        self.start_nodes()
         return self
+
+    def start_nodes(self) -> None:
+        """Start every SuperNode, then each one's ClientApp process once the node listens."""
+        ports = [self._start_supernode(node.partition_id) for node in self.nodes]
+        for node, port in zip(self.nodes, ports, strict=True):
+            self._start_clientapp(node.partition_id, port)
 
     def start_superlink(self) -> None:
         security = ["--insecure"] if self.tls is None else [
@@ -129,13 +135,21 @@ class LoopbackDeployment:
 
     def start_node(self, partition_id: int) -> None:
         """Start (or restart) the SuperNode of ``partition_id`` (and its ClientApp process)."""
+        self._start_clientapp(partition_id, self._start_supernode(partition_id))
+
+    def _start_supernode(self, partition_id: int) -> int:
+        """Start the SuperNode of ``partition_id``; return the port of its Runtime API."""
         node, port = self.nodes[partition_id], free_port()
         node.process = self._popen(f"supernode-{partition_id}",
                                    *self.node_command(partition_id, node.num_partitions, node.private_key, port))
+        return port
+
+    def _start_clientapp(self, partition_id: int, port: int) -> None:
+        """Start the long-lived ClientApp process of a SuperNode, once the node listens."""
         if self.isolation == "process":
             wait_for_port(port)
-            node.clientapp = self._popen(f"clientapp-{partition_id}", "fedsim", "clientapp",
-                                         "--runtime-api-address", f"127.0.0.1:{port}")
+            self.nodes[partition_id].clientapp = self._popen(f"clientapp-{partition_id}", "fedsim", "clientapp",
+                                                             "--runtime-api-address", f"127.0.0.1:{port}")
 
     def start_extra_node(self, name: str, partition_id: int, private_key: Path | None) -> subprocess.Popen:
         """Start a SuperNode that is not one of the deployment's own (logs to ``<name>.log``)."""

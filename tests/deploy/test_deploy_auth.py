@@ -16,7 +16,7 @@ from fedsim.sim.runner import run_experiment
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
-NUM_NODES = 3
+NUM_NODES = 2
 
 
 def fedsim(*args: str) -> subprocess.CompletedProcess:
@@ -43,8 +43,7 @@ def test_auth_registered_nodes_run_the_experiment_over_tls_and_an_unregistered_k
         intruder_key = home / "intruder" / "key"
         make_node_key(intruder_key)
         intruder = dep.start_extra_node("intruder", 0, intruder_key)
-        for node in dep.nodes:
-            dep.start_node(node.partition_id)
+        dep.start_nodes()
         assert intruder.wait(timeout=300) != 0
         assert "Failed to activate SuperNode" in dep.log("intruder")
         assert "No SuperNode found with the given public key" in dep.log("superlink")

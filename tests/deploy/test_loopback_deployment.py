@@ -4,14 +4,16 @@ talking over 127.0.0.1, and experiments submitted with ``fedsim deploy``.
 This is what ``docker/compose.yaml`` runs, without Docker: the same commands, the same app
 (``fedsim.loopback``). The SuperNodes run with ``--isolation process`` beside a long-lived
 ``fedsim clientapp`` process each, except in one test of Flower's default (a
-``flwr-clientapp`` process per message). TLS is tested with SuperNode authentication
-(test_deploy_auth.py).
+``flwr-clientapp`` process per message). The last test kills a SuperNode of the shared
+deployment and restarts it. TLS is tested with SuperNode authentication (test_deploy_auth.py).
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from fedsim.sim.runner import run_experiment
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
 NUM_NODES = 3
+ROUNDS, VICTIM = 6, 2  # of the killed-node test
 
 
 def run_deployed(dep: LoopbackDeployment, config: Path, overrides: list[str], out: Path) -> RunDir:
@@ -72,11 +75,11 @@ def test_gossip_nodes_keep_their_models_on_real_supernodes(deployment, tmp_path)
 
 def test_asynchronous_fedbuff_runs_on_the_wall_clock(deployment, tmp_path):
     overrides = [f"partition.num_clients={NUM_NODES}", "sim.clock=wall", "output.plots=false",
-                 "strategy={name: fedbuff, buffer_size: 1, horizon: 40, eval_every: 20}"]
+                 "strategy={name: fedbuff, buffer_size: 1, horizon: 20, eval_every: 10}"]
     run = run_deployed(deployment, ROOT / "configs" / "fedfix.yaml", overrides, tmp_path / "deployed")
     rows, summary = run.rows(), run.summary()
     assert summary["status"] == "completed"
-    assert [r["virtual_time"] for r in rows] == [20, 40]  # seconds, on this clock
+    assert [r["virtual_time"] for r in rows] == [10, 20]  # seconds, on this clock
     # the loop waited for real time: no row is written before its time has come
     assert all(r["wall_time_s"] >= r["virtual_time"] - 1 for r in rows)
     assert summary["model_updates"] == rows[-1]["model_version"] >= 1
@@ -149,3 +152,50 @@ def test_flowers_default_supernode_runs_the_app_in_a_process_per_message(tmp_pat
     assert run.summary()["status"] == "completed"
     assert _without(run.rows(), "wall_time_s") == _without(_simulated(config, overrides, tmp_path / "sim"),
                                                             "wall_time_s")
+
+
+# ------------------------------------------------------- a node that fails
+def _rows(out: Path) -> list[dict]:
+    metrics = list(out.glob("*/metrics.jsonl"))
+    return [json.loads(line) for line in metrics[0].read_text().splitlines()] if metrics else []
+
+
+def _wait_for(condition, out: Path, run: subprocess.Popen, what: str, timeout: float = 600) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while not condition(rows := _rows(out)):
+        assert run.poll() is None, f"the run ended before {what}: {run.stdout.read()[-2000:]}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s"
+        time.sleep(0.5)
+    return rows
+
+
+def test_a_killed_supernode_fails_its_rounds_and_serves_its_partition_again_when_restarted(deployment, tmp_path):
+    """Last in this module: it kills and restarts a node of the shared deployment."""
+    out, config = tmp_path / "runs", ROOT / "configs" / "quickstart.yaml"
+    overrides = [f"partition.num_clients={NUM_NODES}", f"rounds={ROUNDS}", "eval.federated=false",
+                 "output.plots=false", "client.timeout_s=30"]
+    # so that round 1 does not spend the timeout building each node's partition
+    deployment.cache_partitions(config, overrides)
+    run = subprocess.Popen(deployment.deploy_command(config, overrides, out), cwd=deployment.home,
+                           env=deployment.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda rows: len(rows) >= 1, out, run, "round 1")
+        deployment.kill_node(VICTIM)
+        _wait_for(lambda rows: any(r["num_failed"] for r in rows), out, run, "failed round")
+        deployment.start_node(VICTIM)
+        assert run.wait(timeout=900) == 0, run.stdout.read()[-2000:]
+    finally:
+        if run.poll() is None:
+            run.kill()
+    [path] = list(out.iterdir())
+    rows, summary = RunDir.open(path).rows(), RunDir.open(path).summary()
+    assert summary["status"] == "completed" and len(rows) == ROUNDS
+    assert rows[0]["num_failed"] == 0
+    failed = [r for r in rows if r["num_failed"]]
+    # while it was down the rounds went on with the other two, and its failures were counted
+    assert failed and all(r["failures"] == [{"client": VICTIM, "reason": "no reply before the timeout"}]
+                          and r["num_success"] == NUM_NODES - 1 and not r["skipped"] for r in failed)
+    assert summary["failed_client_calls"] == len(failed)
+    # restarted, it rejoined under a new node id and trained its partition in the last rounds
+    assert rows[-1]["num_success"] == NUM_NODES and rows[-1]["num_failed"] == 0
+    assert rows.index(failed[-1]) < ROUNDS - 1
