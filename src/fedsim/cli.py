@@ -241,7 +241,7 @@ def clientapp(
     from fedsim.clientapp_process import serve
 
     _setup_logging(verbose)
-    serve(runtime_api_address, root_certificates)
+    serve(runtime_api_address, root_certificates, verbose)
 
 
 if __name__ == "__main__":

@@ -202,9 +202,11 @@ def _task_heartbeat(client: RuntimeHttpClient):
     return send
 
 
-def serve(runtime_api_address: str, root_certificates: Path | None = None) -> None:
-    """Serve the SuperNode's ClientApp tasks at ``runtime_api_address`` until stopped."""
+def serve(runtime_api_address: str, root_certificates: Path | None = None, verbose: bool = False) -> None:
+    """Serve the SuperNode's ClientApp tasks at ``runtime_api_address`` until stopped;
+    Flower's own logs (connection retries, ...) only when ``verbose``."""
     certificates = None if root_certificates is None else Path(root_certificates).read_bytes()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+    logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.WARNING)
     log.info("running the ClientApp tasks of the SuperNode at %s in this process", runtime_api_address)
     ClientAppProcess(runtime_api_address, certificates).serve()
