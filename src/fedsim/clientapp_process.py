@@ -1,4 +1,4 @@
-"""A long-lived ClientApp process for a SuperNode: every message it receives, one process.
+"""A long-lived ClientApp process that runs every message a SuperNode receives.
 
 Flower 1.41 runs each message a SuperNode receives in a new process: the SuperNode's
 SuperExec (``flower-superexec``, started by the SuperNode in its default ``--isolation
@@ -20,6 +20,11 @@ the reply and the Context; heartbeats meanwhile), but in this one process. The
 ClientApp's Context still travels through the SuperNode with every message, as in
 Flower's own processes; what persists between messages is only what the app keeps in
 memory (fedsim's per-process worker state: data, model, loss).
+
+It waits for its SuperNode (Flower's HTTP client retries the connection). Like
+``flwr-clientapp``, it stops (SIGINT, from Flower's HTTP client) when the SuperNode
+refuses a task's token, e.g. after the SuperNode restarted: restart it with its SuperNode
+(compose does, ``restart: on-failure``).
 """
 
 from __future__ import annotations
@@ -45,19 +50,19 @@ from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
     PullTaskInputRequest,
     SendTaskHeartbeatRequest,
 )
+from flwr.supercore.constant import TaskType
 from flwr.supercore.fab import Fab
+from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.inflatable.inflatable_protobuf_utils import (
     make_confirm_message_received_fn_protobuf,
     make_pull_object_fn_protobuf,
 )
 from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
-from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.utils import get_flwr_home
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
