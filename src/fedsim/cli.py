@@ -157,9 +157,6 @@ def bench(
     console.print(f"wrote {md}")
 
 
-if __name__ == "__main__":
-    app()
-
 
 @app.command()
 def deploy(
@@ -180,3 +177,72 @@ def deploy(
     except ConfigError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
+
+
+auth_app = typer.Typer(no_args_is_help=True, help="SuperNode authentication: keys, and their registration "
+                                                      "with a SuperLink started with --enable-supernode-auth.")
+app.add_typer(auth_app, name="auth")
+
+
+@auth_app.command("keys")
+def auth_keys(
+    folder: Annotated[Path, typer.Argument(help="where the keys (and certificates) are written")],
+    nodes: Annotated[int, typer.Option(help="number of SuperNodes: one key pair each")],
+    tls_host: Annotated[list[str] | None, typer.Option(
+        help="also a CA and a SuperLink certificate for this host name or address (repeatable)")] = None,
+) -> None:
+    """Write a key pair per SuperNode (supernode-<i>, supernode-<i>.pub) and, with
+    --tls-host, a CA (ca.pem) and the SuperLink's certificate (server.pem, server.key)."""
+    from fedsim.credentials import make_node_keys, make_tls
+
+    if nodes < 1:
+        console.print(f"[red]error:[/red] --nodes: {nodes} is not a number of SuperNodes (>= 1)", highlight=False)
+        raise typer.Exit(2)
+    for key in make_node_keys(folder, nodes):
+        console.print(f"wrote {key} and {key.name}.pub", highlight=False)
+    if tls_host:
+        tls = make_tls(folder, tls_host)
+        console.print(f"wrote {tls.ca}, {tls.cert} and {tls.key} (for {', '.join(tls_host)})", highlight=False)
+
+
+@auth_app.command("register")
+def auth_register(
+    folder: Annotated[Path, typer.Argument(help="the folder `fedsim auth keys` wrote")],
+    superlink: Annotated[str, typer.Option(help="the SuperLink's address, HOST:PORT")],
+    root_certificates: Annotated[Path, typer.Option(help="CA certificates of the SuperLink's TLS")],
+) -> None:
+    """Register every SuperNode public key in FOLDER (supernode-*.pub) with the SuperLink."""
+    from fedsim.credentials import register_nodes
+
+    keys = sorted(folder.glob("supernode-*.pub"), key=lambda k: int(k.name.removesuffix(".pub").split("-")[-1]))
+    if not keys:
+        console.print(f"[red]error:[/red] {folder}: no supernode-*.pub keys (write them with `fedsim auth keys`)",
+                      highlight=False)
+        raise typer.Exit(2)
+    try:
+        node_ids = register_nodes(keys, superlink, root_certificates)
+    except RuntimeError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    for key, node_id in zip(keys, node_ids, strict=True):
+        console.print(f"registered {key.name} as node {node_id}", highlight=False)
+
+
+@app.command()
+def clientapp(
+    runtime_api_address: Annotated[str, typer.Option(
+        help="the SuperNode's Runtime API, HOST:PORT (flower-supernode --port)")] = "127.0.0.1:9094",
+    root_certificates: Annotated[Path | None, typer.Option(
+        help="CA certificates of a Runtime API served over TLS (without: plain HTTP)")] = None,
+    verbose: Annotated[bool, typer.Option(help="debug logs, Flower's included")] = False,
+) -> None:
+    """Run every message of a SuperNode started with --isolation process in this one
+    long-lived process (Flower starts a process per message otherwise)."""
+    from fedsim.clientapp_process import serve
+
+    _setup_logging(verbose)
+    serve(runtime_api_address, root_certificates, verbose)
+
+
+if __name__ == "__main__":
+    app()

@@ -516,7 +516,9 @@ class ExperimentConfig(Section):
     model: ModelConfig = ModelConfig()
     strategy: StrategyConfig = FedAvgConfig()
     client: ClientConfig = ClientConfig()
-    loss: LossConfig = LossConfig()
+    # a factory: validating a loss imports the loss library (and torch), which importing
+    # this module must not
+    loss: LossConfig = Field(default_factory=LossConfig)
     quant: QuantConfig = QuantConfig()
     participation: ParticipationConfig = ParticipationConfig()
     attack: AttackConfig = AttackConfig()

@@ -8,18 +8,12 @@ samples themselves stay in numpy.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    Partitioner,
-    ShardPartitioner,
-    SizePartitioner,
-)
-from matplotlib import colormaps
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "natural")
 
@@ -104,6 +98,8 @@ def partition_indices(
                 f"but num_partitions is {num_partitions}"
             )
         return natural_partitions(groups)
+    import datasets  # Hugging Face datasets takes seconds to import; only the partitioners need it
+
     table = datasets.Dataset.from_dict(columns)
     if scheme in ("iid", "quantity"):
         table = table.shuffle(seed=seed)
@@ -160,6 +156,13 @@ def _make_partitioner(
     min_size: int,
 ) -> Partitioner:
     """Build the flwr-datasets partitioner that implements ``scheme``."""
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        ShardPartitioner,
+        SizePartitioner,
+    )
+
     if scheme == "iid":
         return IidPartitioner(num_partitions=num_partitions)
     if scheme == "dirichlet":
@@ -277,6 +280,9 @@ def plot_label_histograms(hist: np.ndarray, path: str | Path) -> None:
     path : str or Path
         Where to write the PNG.
     """
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
     hist = np.asarray(hist)
     if hist.ndim != 2:
         raise ValueError(f"hist must be 2-D (partitions, classes); got shape {hist.shape}")

@@ -61,6 +61,7 @@ from fedsim.sim.components import (
     resolve_device,
 )
 from fedsim.sim.faults import inject_fault, stall_seconds
+from fedsim.sim.ray_node import ray_node_metric
 from fedsim.strategies.replies import TIMEOUT_CODE
 
 LOSS_STATE_KEY = "loss-state"
@@ -382,6 +383,7 @@ class ClientRuntime:
             "duration_s": job.seconds,
             "virtual_duration": result.steps / float(w.speeds[pid]),
             "bytes_up": payload.nbytes,
+            **ray_node_metric(),
         })
         return RecordDict({"update": to_record(payload.to_arrays()), "metrics": metrics})
 

@@ -21,6 +21,7 @@ from fedsim.clients.hooks import ClientHook
 from fedsim.clients.objective import ClientObjective
 from fedsim.config import DataConfig, ExperimentConfig, ModelConfig, PartitionConfig, SpeedConfig
 from fedsim.data import ArrayDataset, load_dataset
+from fedsim.data import cache as partition_cache
 from fedsim.data.partition import partition_indices, split_client
 from fedsim.models import build_model
 from fedsim.seeding import derive_seed
@@ -53,6 +54,7 @@ def load_source(data: DataConfig, seed: int) -> tuple[ArrayDataset, ArrayDataset
 
 
 @functools.lru_cache(maxsize=4)
+@partition_cache.cached(FederatedData)  # on disk too, where a deployed node turned it on
 def _federated_data(data_json: str, partition_json: str, seed: int) -> FederatedData:
     data = DataConfig.model_validate_json(data_json)
     part = PartitionConfig.model_validate_json(partition_json)

@@ -97,6 +97,12 @@ class FedsimStrategy(Strategy):
     def num_clients(self) -> int:
         return len(self.node_of)
 
+    def rejoin(self, node_of: dict[int, int]) -> None:
+        """Partitions whose node (re)joined under a new node id: their messages go there from
+        now on (replies from the old id are still attributed to the partition)."""
+        self.node_of.update(node_of)
+        self.pid_of.update({n: p for p, n in node_of.items()})
+
     # ---------------------------------------------------------------- hooks
     def participants(self, server_round: int) -> list[int]:
         """Partition ids asked to train this round (the participation model by default)."""
@@ -156,6 +162,10 @@ class FedsimStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted, failures = screen_train_replies(list(replies), self._sent, self.spec.dim, self.uplink)
+        for u in accepted:
+            if "ray-node" in u.metrics:
+                log.debug("round %d: client %d trained on Ray node %012x", server_round, u.partition_id,
+                          int(u.metrics["ray-node"]))
         self.report.accepted = [u.partition_id for u in accepted]
         self.report.failures = failures
         self.report.bytes_up = sum(u.nbytes for u in accepted)
