@@ -184,6 +184,24 @@ def _run_one(cfg) -> tuple[str, dict[str, Any]]:
     return str(path), summary
 
 
+def check_partitions(configs: list[tuple[str, int, Any]]) -> None:
+    """Draw every distinct partition of the grid, so one the data cannot satisfy stops the
+    grid before any run, naming the setting."""
+    from fedsim.data.partition import PartitionError
+    from fedsim.sim.components import federated_data
+
+    seen = set()
+    for label, seed, cfg in configs:
+        key = (cfg.data.model_dump_json(), cfg.partition.model_dump_json(), cfg.seed)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            federated_data(cfg)
+        except PartitionError as exc:
+            raise ConfigError(f"{label} (seed {seed}): {exc}") from None
+
+
 def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1) -> Path:
     """Run the grid of ``spec_path`` (``jobs`` runs at a time); return the markdown table's path.
 
@@ -198,6 +216,7 @@ def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1)
             if runs_dir:
                 overrides.append(f"output.dir={runs_dir}")
             configs.append((label, seed, load_config(path, overrides)))  # all validated before any run
+    check_partitions(configs)
     if jobs > 1 and any(cfg.sim.backend != "inprocess" for _, _, cfg in configs):
         raise ConfigError("--jobs > 1 needs sim.backend=inprocess in every run of the grid")
     if jobs > 1:

@@ -110,3 +110,16 @@ def test_figure_series_averages_seeds_per_axis_cell_and_per_layer(tmp_path):
                        "plain: b": [{"round": 1, "v": 2.0}, {"round": 2, "v": 2.0}]}
     with pytest.raises(ValueError, match="relative_to needs layers"):
         Figure(file="v.png", key="v", relative_to="start")
+
+
+def test_a_partition_the_data_cannot_satisfy_stops_the_grid_before_any_run(tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "refused", "configs": [str(QUICKSTART)], "seeds": [0],
+        "common": ["sim.backend=inprocess", "rounds=1"],
+        "variants": [{"label": "ok", "set": ["partition.num_clients=2"]},
+                     {"label": "too many", "set": ["partition.num_clients=5000"]}],
+        "out": str(tmp_path / "results")}))
+    with pytest.raises(ConfigError, match=r"too many \(seed 0\): dirichlet: 5000 partitions need at least"):
+        run_bench(spec_path, runs_dir=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()

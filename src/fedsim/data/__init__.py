@@ -10,8 +10,11 @@ from fedsim.data.digits import load_digits
 from fedsim.data.huggingface import load_hf
 from fedsim.data.mnist import load_mnist, read_idx
 from fedsim.data.npz import load_npz
+from fedsim.data.heterogeneity import heterogeneity, label_tv_distances, partition_report, plot_partition
 from fedsim.data.partition import (
     PARTITIONS,
+    PartitionError,
+    feature_noise,
     label_histograms,
     partition_indices,
     plot_label_histograms,
@@ -24,8 +27,12 @@ __all__ = [
     "DATASETS",
     "PARTITIONS",
     "ArrayDataset",
+    "PartitionError",
+    "feature_noise",
     "generate_synthetic",
+    "heterogeneity",
     "label_histograms",
+    "label_tv_distances",
     "load_cifar10",
     "load_dataset",
     "load_digits",
@@ -33,7 +40,9 @@ __all__ = [
     "load_mnist",
     "load_npz",
     "partition_indices",
+    "partition_report",
     "plot_label_histograms",
+    "plot_partition",
     "read_idx",
     "split_client",
     "split_train_test",
