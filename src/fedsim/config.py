@@ -556,6 +556,10 @@ class ExperimentConfig(Section):
             raise ValueError(f"strategy.name: {self.strategy.name} assumes SGD client steps "
                              f"({SGD_STEP_STRATEGIES[self.strategy.name]}); client.optimizer: "
                              f"{self.client.optimizer} cannot combine with it; use sgd")
+        if self.strategy.name == "fednova" and self.quant.uplink.error_feedback in ("ef21", "econtrol"):
+            raise ValueError(f"strategy.name: fednova normalises each reply by its own local steps; "
+                             f"quant.uplink.error_feedback: {self.quant.uplink.error_feedback} aggregates "
+                             "every client's stale estimate instead; use none or ef")
         return self
 
     def to_yaml(self) -> str:

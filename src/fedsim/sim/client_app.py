@@ -29,6 +29,7 @@ from fedsim.clients.fedlex import GuidanceMask
 from fedsim.clients.hooks import ClientHook, ProximalTerm
 from fedsim.clients.objective import ClientObjective
 from fedsim.clients.quantization import Uplink, prepare_training_model
+from fedsim.clients.scaffold import DELTA_RECORD, ScaffoldControl
 from fedsim.clients.train import evaluate, train_local
 from fedsim.config import ExperimentConfig
 from fedsim.data import ArrayDataset
@@ -149,6 +150,9 @@ def build_client_app(cfg: ExperimentConfig) -> ClientApp:
         spec = ParamSpec.of(model)
         global_flat = get_flat(model, spec)
         hooks = _hooks(message, model)
+        control = ScaffoldControl.from_message(message, context.state, spec, pid)  # SCAFFOLD only
+        if control is not None:
+            hooks += (control.hook(model),)
         model = prepare_training_model(model, cfg.quant, server_round, cfg.rounds)
         generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "train", server_round, pid))
         objective = build_objective(cfg, len(train_set.y), hooks)
@@ -156,6 +160,7 @@ def build_client_app(cfg: ExperimentConfig) -> ClientApp:
         result = train_local(model, train_set, cfg.client, objective, generator, device)
         save_loss_state(objective, context.state)
         update = spec.flatten(model.cpu().state_dict()) - global_flat
+        delta = None if control is None else control.finish(model, update, result.steps, cfg.client, context.state)
         update = torch.from_numpy(inject_fault(cfg.faults, pid, server_round, update.numpy()))
         codec_rng = torch.Generator().manual_seed(derive_seed(cfg.seed, "uplink", server_round, pid))
         payload = uplink.encode(update, context.state, codec_rng)
@@ -169,7 +174,10 @@ def build_client_app(cfg: ExperimentConfig) -> ClientApp:
             "bytes_up": payload.nbytes,
         })
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.to_arrays().items()})
-        reply = Message(content=RecordDict({"update": arrays, "metrics": metrics}), reply_to=message)
+        content = RecordDict({"update": arrays, "metrics": metrics})
+        if delta is not None:
+            content[DELTA_RECORD] = delta
+        reply = Message(content=content, reply_to=message)
         return TrainReply(reply, spec, global_flat, uplink.codec.decode(payload))
 
     @app.train()

@@ -108,6 +108,10 @@ class FedsimStrategy(Strategy):
     def observe(self, server_round: int, accepted: list[ClientUpdate]) -> None:
         """Called every round with the accepted updates, before a possible skip."""
 
+    def screen(self, replies: list[Message]) -> tuple[list[ClientUpdate], list[Failure]]:
+        """Decode and check the round's training replies (the update through the uplink codec)."""
+        return screen_train_replies(replies, self._sent, self.spec.dim, self.uplink)
+
     def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
         """Combine the accepted updates into one (D,) update. FedAvg by default."""
         stacked = torch.stack([u.update for u in updates])
@@ -154,7 +158,7 @@ class FedsimStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted, failures = screen_train_replies(list(replies), self._sent, self.spec.dim, self.uplink)
+        accepted, failures = self.screen(list(replies))
         self.report.accepted = [u.partition_id for u in accepted]
         self.report.failures = failures
         self.report.bytes_up = sum(u.nbytes for u in accepted)
