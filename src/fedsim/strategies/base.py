@@ -30,6 +30,7 @@ from fedsim.seeding import derive_seed
 from fedsim.params import ParamSpec
 from fedsim.quant.error_feedback import ServerEstimate
 from fedsim.strategies.aggregate import weighted_mean
+from fedsim.strategies.evaluation import client_accuracy_percentiles
 from fedsim.strategies.replies import ClientUpdate, Failure, screen_train_replies
 from fedsim.strategies.server_opt import ServerOptimizer
 
@@ -217,7 +218,7 @@ class FedsimStrategy(Strategy):
         return self._messages(pids, arrays, config, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        total, loss, correct = 0, 0.0, 0.0
+        total, loss, correct, accuracies = 0, 0.0, 0.0, []
         for msg in replies:
             if msg.has_error():
                 log.warning("evaluation failed on client %s: %s",
@@ -228,9 +229,12 @@ class FedsimStrategy(Strategy):
             total += n
             loss += float(rec["eval_loss"]) * n
             correct += float(rec["eval_accuracy"]) * n
+            if n > 0:
+                accuracies.append(float(rec["eval_accuracy"]))
         if total == 0:
             return None
-        return MetricRecord({"federated_loss": loss / total, "federated_accuracy": correct / total})
+        return MetricRecord({"federated_loss": loss / total, "federated_accuracy": correct / total,
+                             **client_accuracy_percentiles(accuracies)})
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict:
