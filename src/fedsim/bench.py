@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedsim.config import ConfigError, load_config
+from fedsim.config import ConfigError, apply_override, load_config
 from fedsim.sim.grid_figures import plot_heatmaps, plot_panels
 from fedsim.sim.results import RunDir
 
@@ -184,9 +184,14 @@ class BenchSpec(BaseModel):
         return self
 
     @classmethod
-    def load(cls, path: str | Path) -> BenchSpec:
+    def load(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> BenchSpec:
+        """Read a spec; ``overrides`` (``key=value``, the value parsed as YAML) replace its
+        fields, e.g. ``name=niid_cifar10`` or ``axes.data={cifar10: [data.name=hf, ...]}``."""
         try:
-            return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+            raw = yaml.safe_load(Path(path).read_text())
+            for assignment in overrides:
+                apply_override(raw, assignment)
+            return cls.model_validate(raw)
         except (OSError, yaml.YAMLError, ValueError) as exc:
             raise ConfigError(f"{path}: {exc}") from None
 
@@ -295,12 +300,14 @@ def check_partitions(configs: list[tuple[str, int, Any]]) -> None:
             raise ConfigError(f"{label} (seed {seed}): {exc}") from None
 
 
-def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1) -> Path:
-    """Run the grid of ``spec_path`` (``jobs`` runs at a time); return the markdown table's path.
+def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1,
+              overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """Run the grid of ``spec_path`` (``jobs`` runs at a time; ``overrides`` replace fields of
+    the spec, see :meth:`BenchSpec.load`); return the markdown table's path.
 
     Parallel jobs need ``sim.backend: inprocess`` (each Ray run would start its own cluster).
     """
-    spec = BenchSpec.load(spec_path)
+    spec = BenchSpec.load(spec_path, overrides)
     base_dir = Path(spec_path).parent
     configs = []
     for cell in cells(spec, base_dir):
@@ -324,14 +331,14 @@ def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1)
     return write_bench(spec, results, base_dir, command=f"fedsim bench {' '.join(sys.argv[2:]) or spec_path}")
 
 
-def rerender_bench(spec_path: str | Path) -> Path:
+def rerender_bench(spec_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
     """Rewrite a grid's table, verdicts and plot from its stored JSON, without running it.
 
     For new or changed ``checks:`` or ``figures:`` on results already measured; curves come
     from the run directories named in the JSON, and are drawn only where every seed's run
     directory still exists (heatmaps need only the JSON).
     """
-    spec = BenchSpec.load(spec_path)
+    spec = BenchSpec.load(spec_path, overrides)
     stored_path = Path(spec.out) / f"{spec.name}.json"
     if not stored_path.is_file():
         raise ConfigError(f"{stored_path}: no stored results to re-render; run the grid first")

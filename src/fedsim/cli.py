@@ -175,13 +175,15 @@ def bench(
     runs_dir: Annotated[str | None, typer.Option(help="where the grid's run directories go")] = None,
     jobs: Annotated[int, typer.Option(help="runs at a time (needs sim.backend=inprocess)")] = 1,
     rerender: Annotated[bool, typer.Option(help="rewrite table and verdicts from stored results")] = False,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="override a field of the spec, KEY=VALUE (repeatable), e.g. an axis")] = None,
 ) -> None:
-    """Run a benchmark grid and write its table, JSON and plot."""
+    """Run a benchmark grid and write its table, JSON and figures."""
     from fedsim.bench import rerender_bench, run_bench
 
     _setup_logging(False)
     try:
-        md = rerender_bench(spec) if rerender else run_bench(spec, runs_dir, jobs)
+        md = rerender_bench(spec, set_ or []) if rerender else run_bench(spec, runs_dir, jobs, set_ or [])
     except ConfigError as exc:
         console.print(f"[red]bench spec error:[/red] {exc}")
         raise typer.Exit(2) from None

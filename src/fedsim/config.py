@@ -94,6 +94,8 @@ class ModelConfig(Section):
 
     name: Literal["mlp", "cnn", "lenet5", "resnet8"] = "mlp"
     hidden: list[int] = Field(default_factory=lambda: [128], description="MLP hidden sizes")
+    init: Literal["default", "xavier"] = Field(
+        "default", description="default: PyTorch's per-layer init; xavier: Glorot uniform weights, zero biases")
 
 
 # ----------------------------------------------------------------- client training
@@ -108,6 +110,13 @@ class ClientConfig(Section):
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     timeout_s: float = Field(120.0, gt=0, description="a reply later than this is a failure")
+
+    @model_validator(mode="after")
+    def _momentum_for_sgd(self) -> ClientConfig:
+        if self.optimizer == "adam" and self.momentum > 0:
+            raise ValueError(f"momentum {self.momentum} is SGD's heavy-ball momentum, which optimizer adam does "
+                             "not use; set client.momentum: 0")
+        return self
 
 
 class AuxLossConfig(Section):

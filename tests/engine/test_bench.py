@@ -201,3 +201,13 @@ def test_winner_checks_name_the_best_method_of_every_axis_value():
     varies, a_wins = verdicts(spec, results, grid)
     assert varies.startswith("- DOES NOT HOLD") and "k1 A/B 0.4" in varies
     assert a_wins.startswith("- HOLDS")
+
+
+def test_set_replaces_a_field_of_the_spec_such_as_an_axis(tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({"name": "x", "configs": ["a.yaml"],
+                                         "axes": {"data": {"digits": ["data.name=digits"]}}}))
+    spec = BenchSpec.load(spec_path, ["name=x_synthetic", "axes.data={synthetic: [data.name=synthetic]}"])
+    assert spec.name == "x_synthetic" and spec.axes == {"data": {"synthetic": ["data.name=synthetic"]}}
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        BenchSpec.load(spec_path, ["name"])

@@ -118,3 +118,9 @@ def test_niid_partition_settings_validate():
     cfg = validate_config({"data": {"name": "hf", "path": "x", "hf_partition_by": "writer_id"},
                            "partition": {"scheme": "natural", "num_clients": 3597}})
     assert cfg.data.hf_partition_by == "writer_id"
+
+
+def test_sgd_momentum_with_adam_clients_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match="client: momentum 0.9 is SGD's heavy-ball momentum"):
+        validate_config({"client": {"optimizer": "adam", "momentum": 0.9}})
+    assert validate_config({"client": {"optimizer": "adam", "lr": 0.003}}).client.momentum == 0.0

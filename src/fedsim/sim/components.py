@@ -23,6 +23,7 @@ from fedsim.config import DataConfig, ExperimentConfig, ModelConfig, PartitionCo
 from fedsim.data import ArrayDataset, load_dataset
 from fedsim.data.partition import feature_noise, partition_indices, split_client
 from fedsim.models import build_model
+from fedsim.models.init import xavier_init
 from fedsim.seeding import derive_seed
 from fedsim.sim.speeds import client_speeds
 
@@ -79,7 +80,8 @@ def make_model(model: ModelConfig, data: ArrayDataset, seed: int) -> nn.Module:
     """The configured model, initialised from ``seed``."""
     torch.manual_seed(seed)
     kwargs = {"hidden": tuple(model.hidden)} if model.name == "mlp" else {}
-    return build_model(model.name, data.input_shape, data.num_classes, **kwargs)
+    net = build_model(model.name, data.input_shape, data.num_classes, **kwargs)
+    return xavier_init(net) if model.init == "xavier" else net
 
 
 def build_loss(cfg: ExperimentConfig, num_samples: int) -> tuple[nn.Module, nn.Module | None]:
