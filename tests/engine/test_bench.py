@@ -211,3 +211,15 @@ def test_set_replaces_a_field_of_the_spec_such_as_an_axis(tmp_path):
     assert spec.name == "x_synthetic" and spec.axes == {"data": {"synthetic": ["data.name=synthetic"]}}
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         BenchSpec.load(spec_path, ["name"])
+
+
+def test_grid_figures_write_small_multiples_and_heatmaps_with_missing_cells(tmp_path):
+    from fedsim.sim.grid_figures import plot_heatmaps, plot_panels
+
+    rows = [{"round": r, "centralised_accuracy": r / 10} for r in range(1, 6)]
+    panels = {f"attack {i}": {f"rule {j}": rows for j in range(6)} for i in range(16)}
+    plot_panels(panels, tmp_path / "p.png")
+    matrix = np.array([[0.9, np.nan], [0.3, np.inf]])
+    plot_heatmaps({"digits": (["A", "B"], ["iid", "#C=1"], matrix)}, tmp_path / "h.png", label="final accuracy")
+    for name in ("p.png", "h.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -58,8 +58,10 @@ def plot_panels(panels: dict[str, Series], path: Path, key: str = "centralised_a
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    for ax in axes[-1]:
-        ax.set_xlabel(x_key.replace("_", " "))
+    for column in range(columns):  # the lowest panel of every column carries the x axis
+        lowest = axes[max(r for r in range(rows) if r * columns + column < count), column]
+        lowest.xaxis.set_tick_params(labelbottom=True)
+        lowest.set_xlabel(x_key.replace("_", " "))
     for ax in axes[:, 0]:
         ax.set_ylabel(ylabel or key.replace("_", " "))
     handles = [plt.Line2D([], [], color=colour[name], linewidth=2) for name in names]
