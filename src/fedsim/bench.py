@@ -86,7 +86,11 @@ class Check(BaseModel):
         return [self.baseline] if isinstance(self.baseline, str) else list(self.baseline)
 
     def held(self, setting: float, baseline: float) -> bool:
-        """Whether the claim holds for these means of the setting and the baseline."""
+        """Whether the claim holds for these means of the setting and the baseline. A setting
+        that never reached a target (an infinite ``*_to_target``) beats nothing, not even a
+        baseline that never reached it either."""
+        if self.lower_is_better and math.isinf(setting):
+            return False
         if self.ratio is not None:
             return setting * self.ratio <= baseline if self.lower_is_better else setting >= baseline * self.ratio
         return setting <= baseline - self.by if self.lower_is_better else setting >= baseline + self.by

@@ -96,6 +96,8 @@ def test_a_seed_that_never_reached_the_target_counts_as_never():
     lines = verdicts(spec, results)
     assert lines[0].startswith("- DOES NOT HOLD") and "inf" in lines[0]
     assert lines[1].startswith("- HOLDS") and "vs bar 10" in lines[1]
+    never_both = {"A": [{"rounds_to_target": None}], "B": [{"rounds_to_target": None}]}
+    assert verdicts(spec, {**results, **never_both})[0].startswith("- DOES NOT HOLD")  # never is not fewer
 
 
 def _run_with_rows(tmp_path, rows) -> str:
