@@ -52,6 +52,8 @@ class DataConfig(Section):
     hf_label_key: str = "label"
     hf_partition_by: str | None = Field(
         None, description="hf: column of natural client ids (e.g. a writer id), for partition.scheme natural")
+    hf_test_split: str | None = Field(
+        "test", description="hf: the split held out for testing; null holds out test_fraction of train (FEMNIST)")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out server test set")
     synthetic: SyntheticConfig = SyntheticConfig()
 

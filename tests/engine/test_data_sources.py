@@ -82,3 +82,17 @@ def test_feature_noise_reaches_the_clients_and_spares_the_server_test_set(tmp_pa
         rows = np.concatenate([noisy.client_train[client], noisy.client_test[client]])
         diff = noisy.train.x[rows] - clean.train.x[rows]
         np.testing.assert_allclose(diff.std(), 0.1 * client, rtol=0.05, atol=1e-7)
+
+
+def test_a_single_split_hf_dataset_holds_out_its_test_set_when_told(tmp_path):
+    digits = load_digits()
+    features = datasets.Features({"pixels": datasets.Sequence(datasets.Value("float32")),
+                                  "label": datasets.ClassLabel(num_classes=10)})
+    only_train = datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"pixels": (digits.data[:200] / 16).tolist(), "label": digits.target[:200].tolist()}, features=features)})
+    only_train.save_to_disk(str(tmp_path / "hf"))
+    source = {"name": "hf", "path": str(tmp_path / "hf"), "hf_image_key": "pixels"}
+    with pytest.raises(ValueError, match="'test' is not a split; known: train"):
+        federated_data(_cfg(tmp_path, source))
+    data = federated_data(_cfg(tmp_path, {**source, "hf_test_split": None, "test_fraction": 0.25}))
+    assert (len(data.train.y), len(data.test.y)) == (150, 50)

@@ -48,7 +48,7 @@ def load_source(data: DataConfig, seed: int) -> tuple[ArrayDataset, ArrayDataset
     """Load the configured dataset as (train pool, server test set)."""
     options = data.synthetic.model_dump() if data.name == "synthetic" else {}
     if data.name == "hf":
-        options = {"image_key": data.hf_image_key, "label_key": data.hf_label_key,
+        options = {"image_key": data.hf_image_key, "label_key": data.hf_label_key, "test_split": data.hf_test_split,
                    **({"group_key": data.hf_partition_by} if data.hf_partition_by else {})}
     return load_dataset(data.name, path=data.path, hf_id=data.hf_id, seed=seed,
                         test_fraction=data.test_fraction, **options)
