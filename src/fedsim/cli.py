@@ -35,6 +35,19 @@ def _config(path: Path, overrides: list[str] | None) -> ExperimentConfig:
         raise typer.Exit(2) from None
 
 
+def _federated_data(cfg: ExperimentConfig):
+    """The config's partitioned data, or exit with the one line saying why the data cannot
+    satisfy the partition (more clients than samples, more labels per client than classes)."""
+    from fedsim.data.partition import PartitionError
+    from fedsim.sim.components import federated_data
+
+    try:
+        return federated_data(cfg)
+    except PartitionError as exc:
+        console.print(f"[red]partition error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def run(
     config: Annotated[Path | None, typer.Argument(help="experiment YAML (optional with --resume)")] = None,
@@ -61,6 +74,7 @@ def run(
         raise typer.Exit(2)
     else:
         cfg = _config(config, set_)
+    _federated_data(cfg)  # refuse a partition the data cannot satisfy before anything starts
     path, summary = run_experiment(cfg, resume=resume, ray_address=ray_address,
                                    show_progress=progress, verbose=verbose)
     acc = summary.get("final_accuracy")
@@ -70,8 +84,10 @@ def run(
 
 @app.command()
 def validate(config: Path, set_: SetOption = None) -> None:
-    """Check a config file (and overrides) without running anything."""
+    """Check a config file (and overrides) without running anything; the data is loaded
+    and partitioned, so a partition it cannot satisfy is refused here."""
     cfg = _config(config, set_)
+    _federated_data(cfg)
     console.print(f"[green]ok[/green]: {config} ({cfg.strategy.name}, {cfg.partition.num_clients} clients, "
                   f"{cfg.rounds} rounds)")
 
@@ -80,27 +96,43 @@ def validate(config: Path, set_: SetOption = None) -> None:
 def partition(
     config: Path,
     set_: SetOption = None,
-    out: Annotated[Path, typer.Option(help="PNG of the per-client label histograms")] = Path("partition.png"),
+    out: Annotated[Path, typer.Option(help="directory for partition.png and partition.json")] = Path("."),
+    table_max_clients: Annotated[int, typer.Option(help="print the per-client table up to this many clients")] = 50,
 ) -> None:
-    """Show each client's label histogram as a table, and write it as a PNG."""
-    from fedsim.data.partition import label_histograms, plot_label_histograms
-    from fedsim.sim.components import federated_data
+    """Measure the partition's heterogeneity: print each client's label histogram and the
+    measures, write partition.json (sizes, label counts, measures) and partition.png (a
+    clients x labels heatmap under the client sizes)."""
+    import json
+
+    from fedsim.data.partition import label_histograms
+    from fedsim.data.skew import partition_report, plot_partition
 
     cfg = _config(config, set_)
-    data = federated_data(cfg)
-    parts = [list(a) + list(b) for a, b in zip(data.client_train, data.client_test, strict=True)]
-    hist = label_histograms(data.train.y, [np.asarray(p, dtype=int) for p in parts],
-                            data.train.num_classes)
-    table = Table(title=f"{cfg.data.name}: {cfg.partition.scheme} over {cfg.partition.num_clients} clients")
-    table.add_column("client", justify="right")
-    for c in range(data.train.num_classes):
-        table.add_column(str(c), justify="right")
-    table.add_column("total", justify="right")
-    for i, row in enumerate(hist):
-        table.add_row(str(i), *(str(int(v)) for v in row), str(int(row.sum())))
-    console.print(table)
-    plot_label_histograms(hist, out)
-    console.print(f"wrote {out}")
+    data = _federated_data(cfg)
+    parts = [np.concatenate([a, b]).astype(np.int64) for a, b in zip(data.client_train, data.client_test, strict=True)]
+    hist = label_histograms(data.train.y, parts, data.train.num_classes)
+    num_clients = cfg.partition.num_clients
+    noise = ([cfg.partition.noise_std * i / num_clients for i in range(num_clients)]
+             if cfg.partition.scheme == "feature_noise" else None)
+    report = {"dataset": cfg.data.name, "scheme": cfg.partition.scheme, "num_clients": num_clients,
+              "num_classes": data.train.num_classes, "seed": cfg.seed, "partition": cfg.partition.model_dump(),
+              **partition_report(hist, [len(a) for a in data.client_train], noise)}
+    title = f"{cfg.data.name}: {cfg.partition.scheme} over {num_clients} clients"
+    if num_clients <= table_max_clients:
+        table = Table(title=title)
+        table.add_column("client", justify="right")
+        for c in range(data.train.num_classes):
+            table.add_column(str(c), justify="right")
+        table.add_column("total", justify="right")
+        for i, row in enumerate(hist):
+            table.add_row(str(i), *(str(int(v)) for v in row), str(int(row.sum())))
+        console.print(table)
+    console.print(title + ": " + ", ".join(f"{k} {v:.4g}" for k, v in report["heterogeneity"].items()),
+                  highlight=False)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "partition.json").write_text(json.dumps(report, indent=2))
+    plot_partition(hist, out / "partition.png", title=f"{cfg.data.name} {cfg.partition.scheme}")
+    console.print(f"wrote {out / 'partition.json'} and {out / 'partition.png'}")
 
 
 @app.command()
@@ -143,13 +175,15 @@ def bench(
     runs_dir: Annotated[str | None, typer.Option(help="where the grid's run directories go")] = None,
     jobs: Annotated[int, typer.Option(help="runs at a time (needs sim.backend=inprocess)")] = 1,
     rerender: Annotated[bool, typer.Option(help="rewrite table and verdicts from stored results")] = False,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="override a field of the spec, KEY=VALUE (repeatable), e.g. an axis")] = None,
 ) -> None:
-    """Run a benchmark grid and write its table, JSON and plot."""
+    """Run a benchmark grid and write its table, JSON and figures."""
     from fedsim.bench import rerender_bench, run_bench
 
     _setup_logging(False)
     try:
-        md = rerender_bench(spec) if rerender else run_bench(spec, runs_dir, jobs)
+        md = rerender_bench(spec, set_ or []) if rerender else run_bench(spec, runs_dir, jobs, set_ or [])
     except ConfigError as exc:
         console.print(f"[red]bench spec error:[/red] {exc}")
         raise typer.Exit(2) from None

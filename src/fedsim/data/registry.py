@@ -16,7 +16,7 @@ _OPTIONS = {
     "mnist": (),
     "cifar10": (),
     "npz": (),
-    "hf": ("image_key", "label_key", "train_split", "test_split"),
+    "hf": ("image_key", "label_key", "train_split", "test_split", "group_key"),
 }
 _NEEDS_PATH = ("mnist", "cifar10", "npz")
 # Each loader's module, imported when its dataset is loaded: scikit-learn (digits) and
@@ -66,7 +66,7 @@ def load_dataset(
     **options
         Dataset-specific: ``synthetic`` takes alpha, beta, num_devices, dim,
         num_classes (see ``generate_synthetic``); ``hf`` takes image_key,
-        label_key, train_split, test_split (see ``load_hf``).
+        label_key, train_split, test_split, group_key (see ``load_hf``).
 
     Returns
     -------
