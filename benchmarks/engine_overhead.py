@@ -17,7 +17,7 @@ each run from the end of round 1 to the end of the last round (so the first roun
 under Flower also starts Ray's workers, is excluded from all alike); the rest of the wall
 time ("fixed": start-up, round 1, teardown) is reported apart. Ratios are to the plain
 loop's per-round time. The driver uses one torch thread, as each simulated client does.
-Writes JSON to benchmarks/results/engine_overhead.json.
+Writes JSON to benchmarks/results/engine_overhead.json and a bar chart beside it (.png).
 
 Targets (the scale-engine issue), at 100 clients: batched <= 1.0x the plain loop per round
 and >= 10x faster than the plain Flower app; Ray with grouped nodes <= 2x the plain loop.
@@ -173,6 +173,25 @@ def measure(clients: int, out_dir: str) -> dict:
     return {"data": cfg.data.name, "rounds": cfg.rounds, "engines": results}
 
 
+def plot(sizes: dict[int, dict], path: Path) -> None:
+    """Seconds per round of every engine (log scale), one group of bars per client count."""
+    from matplotlib.figure import Figure
+
+    names = list(next(iter(sizes.values()))["engines"])
+    fig = Figure(figsize=(8, 3.8), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(sizes))]
+        ax.bar(xs, [size["engines"][name]["per_round_s"] for size in sizes.values()], width, label=name)
+    ax.set_xticks(range(len(sizes)), [f"{n} clients" for n in sizes])
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds per round")
+    ax.set_title("Engine overhead: the same FedAvg round six ways")
+    ax.legend(fontsize=8, ncols=2)
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[20, 100, 1000])
@@ -200,6 +219,7 @@ def main() -> None:
             print(f"target at 100 clients: {claim}: {'HOLDS' if held else 'DOES NOT HOLD'}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    plot(sizes, out.with_suffix(".png"))
     out.write_text(json.dumps({
         "command": "python benchmarks/engine_overhead.py --clients " + " ".join(map(str, args.clients)),
         "environment": environment(), "sizes": {str(n): s for n, s in sizes.items()}, "targets_at_100": targets,

@@ -1,5 +1,6 @@
 """The gossip loop: consensus without training, variance correction, end-to-end training."""
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from fedsim.params import ParamSpec
 from fedsim.quant.codecs import build as build_codec
 from fedsim.sim.client_app import ClientRuntime, Outcome, PartitionState
 from fedsim.sim.components import federated_data, make_model
-from fedsim.sim.gossip_loop import build_topology, initial_models, mixing_weights, run_gossip
+from fedsim.sim.gossip_loop import build_topology, initial_models, mixing_weights, run_gossip, variance_drift
 from fedsim.sim.inprocess import InProcessGrid
 from fedsim.sim.results import RunDir
 from fedsim.sim.runner import run_experiment
@@ -251,3 +252,14 @@ def test_gossip_nodes_keep_their_state_on_flowers_ray_engine(config):
     _, local = run_experiment(cfg.model_copy(update={"sim": cfg.sim.model_copy(update={"backend": "inprocess"})}))
     assert summary["final_accuracy"] == local["final_accuracy"]
     assert summary["final_consensus_distance"] == local["final_consensus_distance"]
+
+
+def test_variance_drift_skips_layers_that_start_or_end_constant():
+    # BatchNorm statistics and zero biases start at variance 0 (ResNet-8 has both): no ratio,
+    # no division by zero; a weight layer that collapses to a constant has no finite log
+    initial = {"conv.weight": 0.04, "bn.running_var": 0.0, "fc.weight": 0.01, "fc.bias": 0.0}
+    final = {"conv.weight": 0.01, "bn.running_var": 0.002, "fc.weight": 0.0, "fc.bias": 0.003}
+    drift = variance_drift(initial, final, ["conv.weight", "fc.weight"])
+    assert drift["layer_variance_ratio"] == {"conv.weight": 0.25, "fc.weight": 0.0}
+    assert drift["layer_variance_log_drift"] == pytest.approx(math.log(4))
+    assert variance_drift({"w": 0.0}, {"w": 1.0}, ["w"])["layer_variance_log_drift"] is None

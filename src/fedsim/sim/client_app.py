@@ -53,6 +53,7 @@ from fedsim.clients.scaffold import DELTA_RECORD, ScaffoldControl
 from fedsim.clients.train import TrainResult, build_optimizer, evaluate_many, local_steps, train_local
 from fedsim.config import ExperimentConfig
 from fedsim.data import ArrayDataset
+from fedsim.data import cache as partition_cache
 from fedsim.params import ParamSpec
 from fedsim.records import to_record, to_state_dict
 from fedsim.seeding import derive_seed
@@ -234,14 +235,20 @@ class ClientRuntime:
         A stalled client (``faults.slow``) sleeps (deployment, where the server's clock
         judges it); otherwise the stall is added to the client's time, which a simulated
         node reports (a stall then costs no wall time and blocks no other client).
+    cache_dir : str, optional
+        Read the partitioned data through a disk cache there (:mod:`fedsim.data.cache`):
+        Ray's worker processes map the partitions the driver wrote instead of each loading
+        and partitioning the data again.
     """
 
-    def __init__(self, cfg: ExperimentConfig, vectorise: bool = False, sleep_stalls: bool = False) -> None:
+    def __init__(self, cfg: ExperimentConfig, vectorise: bool = False, sleep_stalls: bool = False,
+                 cache_dir: str | None = None) -> None:
         self.cfg = cfg
         self.cfg_json = cfg.model_dump_json()  # once: the key of the per-process worker state
         self.uplink = Uplink(cfg.quant.uplink)
         self.vectorise = vectorise
         self.sleep_stalls = sleep_stalls
+        self.cache_dir = cache_dir
 
     def run(self, message_type: str, members: Sequence[Member]) -> list[Outcome]:
         """Each member's outcome, in order."""
@@ -252,6 +259,8 @@ class ClientRuntime:
             error = ValueError(f"fedsim clients do not handle {message_type!r} messages")
             return [Outcome(None, error, 0.0) for _ in members]
         torch.set_num_threads(max(1, int(self.cfg.sim.num_cpus_per_client)))
+        if self.cache_dir is not None and partition_cache.active() is None:
+            partition_cache.enable(self.cache_dir)  # before this process first builds the data
         return handler(message_type, members)
 
     # ------------------------------------------------------------------ train
@@ -475,13 +484,14 @@ def partition_of(context: Context, message: Message) -> int:
     return int(message.content["config"]["partition-id"])
 
 
-def build_client_app(cfg: ExperimentConfig, vectorise: bool = False, sleep_stalls: bool = False) -> ClientApp:
+def build_client_app(cfg: ExperimentConfig, vectorise: bool = False, sleep_stalls: bool = False,
+                     cache_dir: str | None = None) -> ClientApp:
     """A ClientApp that answers fedsim's messages for the experiment ``cfg``: plain
     messages (deployment: one client per SuperNode) and group messages (simulation under
     Ray: the clients a node serves, trained together when ``vectorise``). See
-    :class:`ClientRuntime` for ``sleep_stalls``."""
+    :class:`ClientRuntime` for ``sleep_stalls`` and ``cache_dir``."""
     app = ClientApp()
-    runtime = ClientRuntime(cfg, vectorise, sleep_stalls)
+    runtime = ClientRuntime(cfg, vectorise, sleep_stalls, cache_dir)
 
     def plain(message: Message, context: Context) -> Message:
         pid = partition_of(context, message)

@@ -101,9 +101,10 @@ def variance_drift(initial: dict[str, float], final: dict[str, float], weights: 
     """How far each layer's variance moved from its initial value: the ratios final /
     initial (of the layers that do not start constant, as zero biases do), and over the weight
     layers ``weights`` their mean absolute log (0 when every weight layer kept its initial
-    variance)."""
+    variance; None when no weight layer has a ratio)."""
     ratios = {name: final[name] / initial[name] for name in initial if initial[name] > 0}
-    drift = sum(abs(math.log(ratios[name])) for name in weights) / len(weights)
+    logs = [abs(math.log(ratios[name])) for name in weights if ratios.get(name, 0.0) > 0]
+    drift = sum(logs) / len(logs) if logs else None
     return {"initial_layer_variance": initial, "final_layer_variance": final, "layer_variance_ratio": ratios,
             "layer_variance_log_drift": drift}
 

@@ -5,7 +5,9 @@ inprocess``, clients one after another; ``batched``, clients trained together)."
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsim.clients.batched import vectorisable_reason
 from fedsim.config import ExperimentConfig
+from fedsim.data import cache as partition_cache
 from fedsim.seeding import seed_everything
 from fedsim.sim.async_loop import run_async
 from fedsim.sim.client_app import ClientRuntime, build_client_app, worker
@@ -72,20 +75,42 @@ def run_experiment(cfg: ExperimentConfig, *, resume: str | Path | None = None, r
     seed_everything(cfg.seed)
     outcome: dict[str, Any] = {}
     vectorise = cfg.sim.backend == "batched" or cfg.sim.clients_per_node > 1
-    if vectorise and (reason := vectorisable_reason(cfg, worker(cfg.model_dump_json()).model)) is not None:
-        log.warning("clients train one after another, not stacked: %s", reason)
     if cfg.sim.backend in ("inprocess", "batched"):
+        _warn_if_not_stacked(cfg, vectorise)
         grid = InProcessGrid(ClientRuntime(cfg, vectorise), cfg.partition.num_clients)
         outcome.update(serve(grid, cfg, run, resume is not None, show_progress))
         return run.path, outcome
     from flwr.simulation import run_simulation  # imports Ray: not for a deployed ServerApp, which needs serve()
 
-    with quiet_run_simulation_notice():  # deprecated, and still the right call: see sim.flower_notices
-        run_simulation(
-            server_app=build_server_app(cfg, run, resume is not None, show_progress, outcome),
-            client_app=build_client_app(cfg, vectorise),
-            num_supernodes=engine_nodes(cfg.partition.num_clients, cfg.sim.clients_per_node),
-            backend_config=backend_config(cfg, ray_address),
-            verbose_logging=verbose,
-        )
+    # The driver writes the partitioned data to a disk cache of this run; Ray's workers map
+    # it instead of each loading and partitioning the data again (seconds and a copy each).
+    with tempfile.TemporaryDirectory(prefix="fedsim-partitions-") as cache_dir, _disk_cache(cache_dir):
+        _warn_if_not_stacked(cfg, vectorise)
+        with quiet_run_simulation_notice():  # deprecated, and still the right call: see sim.flower_notices
+            run_simulation(
+                server_app=build_server_app(cfg, run, resume is not None, show_progress, outcome),
+                client_app=build_client_app(cfg, vectorise, cache_dir=cache_dir),
+                num_supernodes=engine_nodes(cfg.partition.num_clients, cfg.sim.clients_per_node),
+                backend_config=backend_config(cfg, ray_address),
+                verbose_logging=verbose,
+            )
     return run.path, outcome
+
+
+def _warn_if_not_stacked(cfg: ExperimentConfig, vectorise: bool) -> None:
+    if vectorise and (reason := vectorisable_reason(cfg, worker(cfg.model_dump_json()).model)) is not None:
+        log.warning("clients train one after another, not stacked: %s", reason)
+
+
+@contextlib.contextmanager
+def _disk_cache(root: str):
+    """This process reads and writes partitioned data through a disk cache in ``root``
+    (unless one is on already)."""
+    if partition_cache.active() is not None:
+        yield
+        return
+    partition_cache.enable(root)
+    try:
+        yield
+    finally:
+        partition_cache.disable()
