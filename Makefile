@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedsim-installed
 
-.PHONY: run test bench-overhead clean
+.PHONY: run test bench-overhead bench-deploy docker-test clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,17 @@ test: $(STAMP)
 
 bench-overhead: $(STAMP)
 	$(PY) benchmarks/engine_overhead.py
+
+bench-deploy: $(STAMP)
+	$(PY) benchmarks/deploy_overhead.py
+
+# Opt-in, not part of `make test`: needs a Docker engine (and root with debootstrap unless
+# BASE_IMAGE names a base image with python3.11 and venv). Builds the image offline from a
+# Debian base and local wheels, deploys the quickstart on docker/compose.host.yaml, checks
+# the numbers against the simulation, tears the containers down, writes
+# benchmarks/results/docker.json.
+docker-test: $(STAMP)
+	$(PY) docker/docker_test.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -5,8 +5,10 @@ A spec names the experiment, the base config(s), the variants to compare (each a
 seeds. Each cell is run once per seed; the table shows mean ± std of the final
 centralised accuracy, rounds to the target accuracy and wall time. Results go to
 ``<out>/<name>.md`` (with the command, versions and machine that produced them),
-``<out>/<name>.json`` and ``<out>/<name>.png`` (the curve of each setting's first seed),
-plus the ``figures:`` the spec asks for (seed means, per axis cell or per layer).
+``<out>/<name>.json`` and ``<out>/<name>.png`` (the seed-mean accuracy curves as small
+multiples: one panel per cell of the grid, one colour per compared method), plus the
+``figures:`` the spec asks for (curves per axis cell or per layer, or annotated heatmaps of
+a summary value, methods x an axis).
 ``checks:`` state the claims of the papers as comparisons of two settings; each table ends
 with whether each claim held, computed from the numbers, never written by hand.
 """
@@ -22,14 +24,16 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedsim.config import ConfigError, load_config
-from fedsim.sim.plots import plot_comparison
+from fedsim.config import ConfigError, apply_override, load_config
+from fedsim.sim.grid_figures import plot_heatmaps, plot_panels
 from fedsim.sim.results import RunDir
 
 
@@ -49,7 +53,9 @@ class Check(BaseModel):
     "setting >= baseline - 0.005"); ``ratio`` instead asks for a factor: "setting >= ratio x
     baseline", or with ``lower_is_better`` "setting <= baseline / ratio" (``ratio: 4`` on
     bytes is "4x fewer bytes"). Without a ``baseline``, ``value`` is the bar: "setting >= value
-    + by" (or <= with ``lower_is_better``). The verdict is computed from the means over all
+    + by" (or <= with ``lower_is_better``). A list of baselines asks the same against every
+    one of them ("#C=1 is the hardest partition": lower than each other partition, i.e. than
+    the lowest of them). The verdict is computed from the means over all
     seeds, so the table says whether the claim held; a seed that never reached a target
     counts as never (a ``*_to_target`` mean is infinite then), not as a missing value.
     """
@@ -57,7 +63,7 @@ class Check(BaseModel):
     model_config = ConfigDict(extra="forbid")
     claim: str
     setting: str
-    baseline: str | None = None
+    baseline: str | list[str] | None = None
     value: float | None = Field(None, description="an absolute bar instead of a baseline setting")
     metric: str = "final_accuracy"
     by: float = 0.0
@@ -72,36 +78,74 @@ class Check(BaseModel):
             raise ValueError(f"check {self.claim!r}: give a baseline setting or an absolute value, one of them")
         return self
 
+    @property
+    def baselines(self) -> list[str]:
+        """The baseline settings, as a list."""
+        if self.baseline is None:
+            return []
+        return [self.baseline] if isinstance(self.baseline, str) else list(self.baseline)
+
     def held(self, setting: float, baseline: float) -> bool:
-        """Whether the claim holds for these means of the setting and the baseline."""
+        """Whether the claim holds for these means of the setting and the baseline. A setting
+        that never reached a target (an infinite ``*_to_target``) beats nothing, not even a
+        baseline that never reached it either."""
+        if self.lower_is_better and math.isinf(setting):
+            return False
         if self.ratio is not None:
             return setting * self.ratio <= baseline if self.lower_is_better else setting >= baseline * self.ratio
         return setting <= baseline - self.by if self.lower_is_better else setting >= baseline + self.by
 
 
-class Figure(BaseModel):
-    """A further plot of a grid: ``key`` against ``x_key``, the mean over seeds per setting.
+class WinnerCheck(BaseModel):
+    """A claim about the best method in every value of the axis ``across``: ``best`` is best
+    (or tied best) in each, or, without ``best``, no single method is best in all of them
+    ("no algorithm wins every setting"). Methods and values come from the grid's cells (see
+    :func:`cells`); ``settings`` keeps the settings whose label contains it, and the claim is
+    judged separately in every remaining cell of the grid (each must hold).
+    """
 
-    ``settings`` keeps the settings whose label contains it (one axis cell, e.g.
-    ``"name=digits num_clients=20"``) and drops it from the legend. Where ``key`` holds a
-    dict per metrics row (``layer_variance``), ``layers`` picks the entries to draw, one
-    curve per setting and entry, each divided by the run summary's ``relative_to`` dict
-    (``initial_layer_variance``) when given.
+    model_config = ConfigDict(extra="forbid")
+    claim: str
+    across: str
+    settings: str | None = None
+    best: str | None = None
+    metric: str = "final_accuracy"
+    lower_is_better: bool = False
+
+
+class Figure(BaseModel):
+    """A further plot of a grid.
+
+    ``kind: curves`` (default) draws ``key`` against ``x_key``, the mean over seeds per
+    setting, as small multiples: one panel per cell of the grid (see :func:`cells`), one
+    curve per compared method. ``settings`` keeps the settings whose label contains it (one
+    axis cell, e.g. ``"name=digits num_clients=20"``). Where ``key`` holds a dict per metrics
+    row (``layer_variance``), ``layers`` picks the entries to draw, one panel per entry, each
+    divided by the run summary's ``relative_to`` dict (``initial_layer_variance``) when given.
+
+    ``kind: heatmap`` draws the seed mean of the summary's ``metric`` as methods (rows) x
+    the values of the axis ``columns`` (its name as in ``axes``, or ``panel`` for the part
+    of the labels after ``panel_by``), one annotated heatmap per remaining cell of the grid.
     """
 
     model_config = ConfigDict(extra="forbid")
     file: str = Field(pattern=r"^[\w.-]+\.png$")
+    kind: Literal["curves", "heatmap"] = "curves"
     key: str = "centralised_accuracy"
     x_key: str = "round"
     ylabel: str | None = None
     settings: str | None = None
     layers: list[str] | None = None
     relative_to: str | None = None
+    columns: str | None = Field(None, description="heatmap: the axis across the columns")
+    metric: str = Field("final_accuracy", description="heatmap: the summary value shown")
 
     @model_validator(mode="after")
-    def _layers_for_relative(self) -> Figure:
+    def _consistent(self) -> Figure:
         if self.relative_to is not None and self.layers is None:
             raise ValueError(f"figure {self.file}: relative_to needs layers")
+        if (self.kind == "heatmap") != (self.columns is not None):
+            raise ValueError(f"figure {self.file}: columns is for kind heatmap, and a heatmap needs it")
         return self
 
 
@@ -112,7 +156,10 @@ class BenchSpec(BaseModel):
     name: str
     configs: list[str]
     variants: list[Variant] = Field(default_factory=lambda: [Variant(label="base")])
-    axes: dict[str, list[Any]] = Field(default_factory=dict)
+    axes: dict[str, list[Any] | dict[str, list[str]]] = Field(
+        default_factory=dict, description="config key -> values, or axis name -> {value label: overrides}")
+    panel_by: str | None = Field(
+        None, description="separator in variant labels 'method<sep>panel': the figures' panel is the part after it")
     seeds: list[int] = Field(default_factory=lambda: [0])
     common: list[str] = Field(default_factory=list, description="overrides applied to every run")
     target_accuracy: float = 0.9
@@ -122,30 +169,85 @@ class BenchSpec(BaseModel):
     x_key: str = Field("round", description="x axis of the plot: round, virtual_time, wall_time_s")
     notes: str | None = Field(None, description="interpretation printed under the verdicts")
     checks: list[Check] = Field(default_factory=list)
+    winners: list[WinnerCheck] = Field(default_factory=list, description="claims about the best method per cell")
     figures: list[Figure] = Field(default_factory=list)
+    curves_file: str | None = Field(None, pattern=r"^[\w.-]+\.png$",
+                                    description="file of the small multiples of curves; default <name>.png")
+
+    @model_validator(mode="after")
+    def _figures_fit(self) -> BenchSpec:
+        known = [*self.axes, *(["panel"] if self.panel_by else [])]
+        for figure in self.figures:
+            if figure.columns is not None and figure.columns not in known:
+                raise ValueError(f"figure {figure.file}: columns {figure.columns!r} is not an axis; "
+                                 f"known: {', '.join(known) or '(none)'}")
+        for winner in self.winners:
+            if winner.across not in known:
+                raise ValueError(f"winner check {winner.claim!r}: across {winner.across!r} is not an axis; "
+                                 f"known: {', '.join(known) or '(none)'}")
+        return self
 
     @classmethod
-    def load(cls, path: str | Path) -> BenchSpec:
+    def load(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> BenchSpec:
+        """Read a spec; ``overrides`` (``key=value``, the value parsed as YAML) replace its
+        fields, e.g. ``name=niid_cifar10`` or ``axes.data={cifar10: [data.name=hf, ...]}``."""
         try:
-            return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+            raw = yaml.safe_load(Path(path).read_text())
+            for assignment in overrides:
+                apply_override(raw, assignment)
+            return cls.model_validate(raw)
         except (OSError, yaml.YAMLError, ValueError) as exc:
             raise ConfigError(f"{path}: {exc}") from None
 
 
-def cells(spec: BenchSpec, base_dir: Path) -> list[tuple[str, Path, list[str]]]:
-    """Every (label, config path, overrides) of the grid, without seeds."""
+@dataclass(frozen=True)
+class Cell:
+    """One setting of the grid (without seeds): its label, config and overrides, and where
+    the figures put it: ``method`` names its curve or heatmap row, ``place`` maps each
+    grouping (``config``, ``panel``, every axis name) to this setting's value of it."""
+
+    label: str
+    path: Path
+    sets: list[str]
+    method: str
+    place: dict[str, str]
+
+
+def cells(spec: BenchSpec, base_dir: Path) -> list[Cell]:
+    """Every setting of the grid, without seeds.
+
+    An axis is a config key with its values (``partition.alpha: [0.1, 1.0]``) or a name with
+    labelled groups of overrides (``partition: {dirichlet 0.1: [partition.scheme=dirichlet,
+    partition.alpha=0.1], ...}``); labels read ``<variant> <last part of the key>=<value>``.
+    """
     names = list(spec.axes)
     out = []
     for config in spec.configs:
         path = Path(config) if Path(config).is_file() else base_dir / config
         for variant in spec.variants:
             for values in itertools.product(*(spec.axes[n] for n in names)):
-                axis_sets = [f"{n}={v}" for n, v in zip(names, values, strict=True)]
+                axis_sets = [s for n, v in zip(names, values, strict=True) for s in _axis_sets(spec.axes[n], n, v)]
                 label = " ".join([variant.label, *(f"{n.split('.')[-1]}={v}" for n, v in zip(names, values, strict=True))])
+                place = {"config": path.stem} if len(spec.configs) > 1 else {}
+                method = variant.label
+                if spec.panel_by and spec.panel_by in variant.label:
+                    method, place["panel"] = (part.strip() for part in variant.label.split(spec.panel_by, 1))
+                place.update({n: str(v) for n, v in zip(names, values, strict=True)})
                 if len(spec.configs) > 1:
                     label = f"{path.stem}: {label}"
-                out.append((label, path, [*spec.common, *variant.set, *axis_sets]))
+                out.append(Cell(label, path, [*spec.common, *variant.set, *axis_sets], method, place))
     return out
+
+
+def _axis_sets(axis: list[Any] | dict[str, list[str]], name: str, value: Any) -> list[str]:
+    """The overrides of one axis value: ``name=value``, or the group labelled ``value``."""
+    return list(axis[value]) if isinstance(axis, dict) else [f"{name}={value}"]
+
+
+def _panel_title(place: dict[str, str], leave_out: str | None = None) -> str:
+    """A panel's title: the setting's place in the grid, but for ``leave_out``."""
+    return " ".join(f"{k.split('.')[-1]}={v}" if k not in ("config", "panel") else v
+                    for k, v in place.items() if k != leave_out) or "all settings"
 
 
 def _extra_cell(key: str, value: float | None, baseline: float | None) -> str:
@@ -184,20 +286,42 @@ def _run_one(cfg) -> tuple[str, dict[str, Any]]:
     return str(path), summary
 
 
-def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1) -> Path:
-    """Run the grid of ``spec_path`` (``jobs`` runs at a time); return the markdown table's path.
+def check_partitions(configs: list[tuple[str, int, Any]]) -> None:
+    """Draw every distinct partition of the grid, so one the data cannot satisfy stops the
+    grid before any run, naming the setting."""
+    from fedsim.data.partition import PartitionError
+    from fedsim.sim.components import federated_data
+
+    seen = set()
+    for label, seed, cfg in configs:
+        key = (cfg.data.model_dump_json(), cfg.partition.model_dump_json(), cfg.seed)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            federated_data(cfg)
+        except PartitionError as exc:
+            raise ConfigError(f"{label} (seed {seed}): {exc}") from None
+
+
+def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1,
+              overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """Run the grid of ``spec_path`` (``jobs`` runs at a time; ``overrides`` replace fields of
+    the spec, see :meth:`BenchSpec.load`); return the markdown table's path.
 
     Parallel jobs need ``sim.backend: inprocess`` (each Ray run would start its own cluster).
     """
-    spec = BenchSpec.load(spec_path)
+    spec = BenchSpec.load(spec_path, overrides)
     base_dir = Path(spec_path).parent
     configs = []
-    for label, path, sets in cells(spec, base_dir):
+    for cell in cells(spec, base_dir):
         for seed in spec.seeds:
-            overrides = [*sets, f"seed={seed}", f"output.target_accuracy={spec.target_accuracy}", "output.plots=false"]
+            overrides = [*cell.sets, f"seed={seed}", f"output.target_accuracy={spec.target_accuracy}",
+                         "output.plots=false"]
             if runs_dir:
                 overrides.append(f"output.dir={runs_dir}")
-            configs.append((label, seed, load_config(path, overrides)))  # all validated before any run
+            configs.append((cell.label, seed, load_config(cell.path, overrides)))  # all validated before any run
+    check_partitions(configs)
     if jobs > 1 and any(cfg.sim.backend != "inprocess" for _, _, cfg in configs):
         raise ConfigError("--jobs > 1 needs sim.backend=inprocess in every run of the grid")
     if jobs > 1:
@@ -206,28 +330,26 @@ def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1)
     else:
         outcomes = [_run_one(cfg) for _, _, cfg in configs]
     results: dict[str, list[dict[str, Any]]] = {}
-    curves: dict[str, list[dict[str, Any]]] = {}
     for (label, seed, _), (run_path, summary) in zip(configs, outcomes, strict=True):
         results.setdefault(label, []).append({"seed": seed, "run": run_path, **summary})
-        curves.setdefault(label, RunDir.open(run_path).rows())
-    return write_bench(spec, results, curves, command=f"fedsim bench {' '.join(sys.argv[2:]) or spec_path}")
+    return write_bench(spec, results, base_dir, command=f"fedsim bench {' '.join(sys.argv[2:]) or spec_path}")
 
 
-def rerender_bench(spec_path: str | Path) -> Path:
+def rerender_bench(spec_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
     """Rewrite a grid's table, verdicts and plot from its stored JSON, without running it.
 
-    For new or changed ``checks:`` on results already measured; the curves come from the run
-    directories named in the JSON, where they still exist.
+    For new or changed ``checks:`` or ``figures:`` on results already measured; curves come
+    from the run directories named in the JSON, and are drawn only where every seed's run
+    directory still exists (heatmaps need only the JSON).
     """
-    spec = BenchSpec.load(spec_path)
+    spec = BenchSpec.load(spec_path, overrides)
     stored_path = Path(spec.out) / f"{spec.name}.json"
     if not stored_path.is_file():
         raise ConfigError(f"{stored_path}: no stored results to re-render; run the grid first")
     stored = json.loads(stored_path.read_text())
     results = {row["setting"]: row["runs"] for row in stored["table"]}
-    curves = {label: RunDir.open(runs[0]["run"]).rows() for label, runs in results.items()
-              if (Path(runs[0]["run"]) / "config.yaml").is_file()}
-    return write_bench(spec, results, curves, command=stored.get("command", f"fedsim bench {spec_path}"))
+    return write_bench(spec, results, Path(spec_path).parent,
+                       command=stored.get("command", f"fedsim bench {spec_path}"))
 
 
 def _mean_of(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -243,15 +365,27 @@ def _check_mean(runs: list[dict[str, Any]], metric: str) -> float | None:
     return _mean_of(runs, metric)
 
 
-def verdicts(spec: BenchSpec, results: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """One line per check: whether the claim held on the means, with the numbers."""
+def verdicts(spec: BenchSpec, results: dict[str, list[dict[str, Any]]],
+             grid: dict[str, Cell] | None = None) -> list[str]:
+    """One line per check: whether the claim held on the means, with the numbers. The
+    ``winners`` checks need the grid's cells (``grid``: label -> :class:`Cell`)."""
     lines = []
     for check in spec.checks:
-        for name in (check.setting, check.baseline):
-            if name is not None and name not in results:
+        for name in (check.setting, *check.baselines):
+            if name not in results:
                 raise ConfigError(f"check {check.claim!r}: no setting named {name!r}")
         a = _check_mean(results[check.setting], check.metric)
-        b = check.value if check.baseline is None else _check_mean(results[check.baseline], check.metric)
+        if check.baseline is None:
+            b, against = check.value, "bar"
+        else:
+            means = {name: _check_mean(results[name], check.metric) for name in check.baselines}
+            if any(m is None for m in means.values()):
+                b, against = None, ", ".join(check.baselines)
+            else:  # the baseline hardest to beat decides
+                against = (min if check.lower_is_better else max)(means, key=means.__getitem__)
+                b = means[against]
+                if len(means) > 1:
+                    against = f"the {'lowest' if check.lower_is_better else 'highest'} of {len(means)}, {against}"
         held = a is not None and b is not None and check.held(a, b)
         fa = "-" if a is None else f"{a:.4g}"
         fb = "-" if b is None else f"{b:.4g}"
@@ -260,34 +394,102 @@ def verdicts(spec: BenchSpec, results: dict[str, list[dict[str, Any]]]) -> list[
             measured = b / a if check.lower_is_better else a / b
             factor = f", {measured:.3g}x{' fewer' if check.lower_is_better else ''}, needs {check.ratio:g}x"
         lines.append(f"- {'HOLDS' if held else 'DOES NOT HOLD'}: {check.claim} "
-                     f"({check.metric}: {check.setting} {fa} vs {check.baseline or 'bar'} {fb}{factor})")
+                     f"({check.metric}: {check.setting} {fa} vs {against} {fb}{factor})")
+    for winner in spec.winners:
+        if grid is None:
+            raise ConfigError(f"winner check {winner.claim!r} needs the grid's cells")
+        lines.append(_winner_verdict(winner, results, grid))
     return lines
 
 
-def figure_series(figure: Figure, results: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
-    """The curves of ``figure``: per kept setting (and layer), the mean over seeds at every
-    x that all its seeds' metrics rows share, read from the run directories."""
-    series: dict[str, list[dict[str, Any]]] = {}
+def _winner_verdict(check: WinnerCheck, results: dict[str, list[dict[str, Any]]], grid: dict[str, Cell]) -> str:
+    """The verdict line of a :class:`WinnerCheck`, naming the best method(s) of every value."""
+    groups: dict[str, dict[str, dict[str, float]]] = {}
+    for label, runs in results.items():
+        cell = grid.get(label)
+        if cell is None or check.across not in cell.place or (check.settings and check.settings not in label):
+            continue
+        mean = _check_mean(runs, check.metric)
+        if mean is not None:
+            group = groups.setdefault(_panel_title(cell.place, leave_out=check.across), {})
+            group.setdefault(cell.place[check.across], {})[cell.method] = mean
+    if not groups:
+        raise ConfigError(f"winner check {check.claim!r}: no setting matches")
+    held, parts = True, []
+    for title, values in groups.items():
+        winners = {}
+        for value, methods in values.items():
+            best = (min if check.lower_is_better else max)(methods.values())
+            winners[value] = ([m for m, v in methods.items() if v == best], best)
+        always = set.intersection(*(set(w) for w, _ in winners.values()))
+        held &= (check.best in always) if check.best is not None else not always
+        named = ", ".join(f"{value} {'/'.join(w)} {best:.4g}" for value, (w, best) in winners.items())
+        parts.append(named if len(groups) == 1 else f"{title}: {named}")
+    return (f"- {'HOLDS' if held else 'DOES NOT HOLD'}: {check.claim} "
+            f"(best {check.metric} per {check.across}: {'; '.join(parts)})")
+
+
+def seed_mean(runs: list[dict[str, Any]], key: str, x_key: str, layer: str | None = None,
+              relative_to: str | None = None) -> list[dict[str, Any]]:
+    """The mean over seeds of ``key`` (its ``layer`` entry, divided by the summary's
+    ``relative_to`` entry) at every ``x_key`` that all the seeds' metrics rows share."""
+    per_seed = []
+    for run in runs:
+        scale = run[relative_to][layer] if relative_to else 1.0
+        per_seed.append({r[x_key]: (r[key] if layer is None else r[key][layer]) / scale
+                         for r in RunDir.open(run["run"]).rows() if r.get(key) is not None})
+    xs = sorted(set.intersection(*(set(points) for points in per_seed)))
+    return [{x_key: x, key: statistics.mean(points[x] for points in per_seed)} for x in xs]
+
+
+def figure_panels(figure: Figure, results: dict[str, list[dict[str, Any]]],
+                  grid: dict[str, Cell]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """The small multiples of a curves figure: panel title -> method -> seed-mean rows.
+
+    A setting's panel is its place in the grid (config, the part of its label after
+    ``panel_by``, its axis values), and with ``layers`` one panel per layer of it. Settings
+    whose run directories are gone (a re-render elsewhere) are left out.
+    """
+    panels: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for label, runs in results.items():
         if figure.settings is not None and figure.settings not in label:
             continue
-        name = label.replace(figure.settings, "").strip() if figure.settings else label
-        rows = [RunDir.open(run["run"]).rows() for run in runs]
+        if not all((Path(run["run"]) / "config.yaml").is_file() for run in runs):
+            continue
+        cell = grid.get(label)
+        method, title = (cell.method, _panel_title(cell.place)) if cell else (label, _panel_title({}))
         for layer in figure.layers or [None]:
-            per_seed = []
-            for run, run_rows in zip(runs, rows, strict=True):
-                scale = run[figure.relative_to][layer] if figure.relative_to else 1.0
-                per_seed.append({r[figure.x_key]: (r[figure.key] if layer is None else r[figure.key][layer]) / scale
-                                 for r in run_rows if r.get(figure.key) is not None})
-            xs = sorted(set.intersection(*(set(points) for points in per_seed)))
-            series[name if layer is None else f"{name}: {layer}"] = [
-                {figure.x_key: x, figure.key: statistics.mean(points[x] for points in per_seed)} for x in xs]
-    return series
+            panel = title if layer is None else (layer if not cell or not cell.place else f"{title} | {layer}")
+            panels.setdefault(panel, {})[method] = seed_mean(runs, figure.key, figure.x_key, layer, figure.relative_to)
+    return panels
 
 
-def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]],
-                curves: dict[str, list[dict[str, Any]]], command: str) -> Path:
-    """Write the markdown table, JSON and plot of a finished grid."""
+def heatmap_tables(figure: Figure, results: dict[str, list[dict[str, Any]]], grid: dict[str, Cell]
+                   ) -> dict[str, tuple[list[str], list[str], np.ndarray]]:
+    """The heatmaps of a heatmap figure: per remaining cell of the grid, methods (rows) x the
+    values of ``figure.columns``, each the seed mean of the summaries' ``figure.metric``
+    (NaN where missing, infinite for a target never reached)."""
+    values: dict[str, dict[tuple[str, str], float]] = {}
+    for label, runs in results.items():
+        cell = grid.get(label)
+        if cell is None or figure.columns not in cell.place or (figure.settings and figure.settings not in label):
+            continue
+        mean = _check_mean(runs, figure.metric)
+        title = _panel_title(cell.place, leave_out=figure.columns)
+        values.setdefault(title, {})[cell.method, cell.place[figure.columns]] = math.nan if mean is None else mean
+    tables = {}
+    for title, entries in values.items():
+        rows = list(dict.fromkeys(method for method, _ in entries))
+        columns = list(dict.fromkeys(column for _, column in entries))
+        matrix = np.array([[entries.get((r, c), math.nan) for c in columns] for r in rows], dtype=np.float64)
+        tables[title] = (rows, columns, matrix)
+    return tables
+
+
+def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]], base_dir: Path, command: str) -> Path:
+    """Write the markdown table, JSON and figures of a finished grid: ``<name>.png``, the
+    seed-mean accuracy curves as small multiples (one panel per cell of the grid), and the
+    spec's ``figures:``."""
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment()
@@ -307,13 +509,15 @@ def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]],
         rtt = f"{statistics.mean(reached):.1f} ({len(reached)}/{len(runs)} reached)" if reached else f"never (0/{len(runs)})"
         walls = [r["wall_time_s"] for r in runs]
         extras = {k: _mean_of(runs, k) for k in spec.extra}
-        cells = "".join(f" {_extra_cell(k, v, _mean_of(first, k))} |" for k, v in extras.items())
-        lines.append(f"| {label} | {_mean_std(finals)} | {rtt} | {statistics.mean(walls):.1f} |{cells} {len(runs)} |")
+        extra_cells = "".join(f" {_extra_cell(k, v, _mean_of(first, k))} |" for k, v in extras.items())
+        lines.append(f"| {label} | {_mean_std(finals)} | {rtt} | {statistics.mean(walls):.1f} |{extra_cells} "
+                     f"{len(runs)} |")
         table.append({"setting": label, "final_accuracy_mean": statistics.mean(finals) if finals else None,
                       "final_accuracy_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                       "rounds_to_target_mean": statistics.mean(reached) if reached else None,
                       "reached": len(reached), **{f"{k}_mean": v for k, v in extras.items()}, "runs": runs})
-    checks = verdicts(spec, results)
+    grid = {cell.label: cell for cell in cells(spec, base_dir)}
+    checks = verdicts(spec, results, grid)
     if checks:
         lines += ["", "Claim checks (computed from the means above):", *checks]
     if spec.notes:
@@ -323,9 +527,11 @@ def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]],
     (out / f"{spec.name}.json").write_text(json.dumps(
         {"command": command, "spec": spec.model_dump(), "environment": env, "table": table, "checks": checks},
         indent=2))
-    if curves:
-        plot_comparison(curves, out / f"{spec.name}.png", x_key=spec.x_key)
-    for figure in spec.figures:
-        plot_comparison(figure_series(figure, results), out / figure.file, key=figure.key, x_key=figure.x_key,
-                        ylabel=figure.ylabel)
+    for figure in [Figure(file=spec.curves_file or f"{spec.name}.png", x_key=spec.x_key), *spec.figures]:
+        if figure.kind == "heatmap":
+            tables = heatmap_tables(figure, results, grid)
+            if tables:
+                plot_heatmaps(tables, out / figure.file, label=figure.ylabel or figure.metric.replace("_", " "))
+        elif panels := figure_panels(figure, results, grid):
+            plot_panels(panels, out / figure.file, key=figure.key, x_key=figure.x_key, ylabel=figure.ylabel)
     return md

@@ -65,6 +65,18 @@ def _checked(cfg: ExperimentConfig, ray_address: str | None = None) -> Experimen
     return cfg
 
 
+def _federated_data(cfg: ExperimentConfig):
+    """The config's partitioned data, or exit with the one line saying why the data cannot
+    satisfy the partition (more clients than samples, more labels per client than classes)."""
+    from fedsim.data.partition import PartitionError
+    from fedsim.sim.components import federated_data
+
+    try:
+        return federated_data(cfg)
+    except PartitionError as exc:
+        raise fail("partition error", exc) from None
+
+
 @app.command()
 def run(
     config: Annotated[Path | None, typer.Argument(help="experiment YAML (optional with --resume)")] = None,
@@ -122,27 +134,43 @@ def validate(config: Path, set_: SetOption = None) -> None:
 def partition(
     config: Path,
     set_: SetOption = None,
-    out: Annotated[Path, typer.Option(help="PNG of the per-client label histograms")] = Path("partition.png"),
+    out: Annotated[Path, typer.Option(help="directory for partition.png and partition.json")] = Path("."),
+    table_max_clients: Annotated[int, typer.Option(help="print the per-client table up to this many clients")] = 50,
 ) -> None:
-    """Show each client's label histogram as a table, and write it as a PNG."""
-    from fedsim.data.partition import label_histograms, plot_label_histograms
-    from fedsim.sim.components import federated_data
+    """Measure the partition's heterogeneity: print each client's label histogram and the
+    measures, write partition.json (sizes, label counts, measures) and partition.png (a
+    clients x labels heatmap under the client sizes)."""
+    import json
+
+    from fedsim.data.partition import label_histograms
+    from fedsim.data.skew import partition_report, plot_partition
 
     cfg = _config(config, set_)
-    data = federated_data(cfg)
-    parts = [list(a) + list(b) for a, b in zip(data.client_train, data.client_test, strict=True)]
-    hist = label_histograms(data.train.y, [np.asarray(p, dtype=int) for p in parts],
-                            data.train.num_classes)
-    table = Table(title=f"{cfg.data.name}: {cfg.partition.scheme} over {cfg.partition.num_clients} clients")
-    table.add_column("client", justify="right")
-    for c in range(data.train.num_classes):
-        table.add_column(str(c), justify="right")
-    table.add_column("total", justify="right")
-    for i, row in enumerate(hist):
-        table.add_row(str(i), *(str(int(v)) for v in row), str(int(row.sum())))
-    console.print(table)
-    plot_label_histograms(hist, out)
-    console.print(f"wrote {out}")
+    data = _federated_data(cfg)
+    parts = [np.concatenate([a, b]).astype(np.int64) for a, b in zip(data.client_train, data.client_test, strict=True)]
+    hist = label_histograms(data.train.y, parts, data.train.num_classes)
+    num_clients = cfg.partition.num_clients
+    noise = ([cfg.partition.noise_std * i / num_clients for i in range(num_clients)]
+             if cfg.partition.scheme == "feature_noise" else None)
+    report = {"dataset": cfg.data.name, "scheme": cfg.partition.scheme, "num_clients": num_clients,
+              "num_classes": data.train.num_classes, "seed": cfg.seed, "partition": cfg.partition.model_dump(),
+              **partition_report(hist, [len(a) for a in data.client_train], noise)}
+    title = f"{cfg.data.name}: {cfg.partition.scheme} over {num_clients} clients"
+    if num_clients <= table_max_clients:
+        table = Table(title=title)
+        table.add_column("client", justify="right")
+        for c in range(data.train.num_classes):
+            table.add_column(str(c), justify="right")
+        table.add_column("total", justify="right")
+        for i, row in enumerate(hist):
+            table.add_row(str(i), *(str(int(v)) for v in row), str(int(row.sum())))
+        console.print(table)
+    console.print(title + ": " + ", ".join(f"{k} {v:.4g}" for k, v in report["heterogeneity"].items()),
+                  highlight=False)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "partition.json").write_text(json.dumps(report, indent=2))
+    plot_partition(hist, out / "partition.png", title=f"{cfg.data.name} {cfg.partition.scheme}")
+    console.print(f"wrote {out / 'partition.json'} and {out / 'partition.png'}")
 
 
 @app.command()
@@ -184,21 +212,20 @@ def bench(
     runs_dir: Annotated[str | None, typer.Option(help="where the grid's run directories go")] = None,
     jobs: Annotated[int, typer.Option(help="runs at a time (needs sim.backend=inprocess)")] = 1,
     rerender: Annotated[bool, typer.Option(help="rewrite table and verdicts from stored results")] = False,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="override a field of the spec, KEY=VALUE (repeatable), e.g. an axis")] = None,
 ) -> None:
-    """Run a benchmark grid and write its table, JSON and plot."""
+    """Run a benchmark grid and write its table, JSON and figures."""
     from fedsim.bench import rerender_bench, run_bench
 
     _setup_logging(False)
     try:
-        md = rerender_bench(spec) if rerender else run_bench(spec, runs_dir, jobs)
+        md = rerender_bench(spec, set_ or []) if rerender else run_bench(spec, runs_dir, jobs, set_ or [])
     except ConfigError as exc:
         raise fail("bench spec error", exc) from None
     console.print(md.read_text())
     console.print(f"wrote {md}")
 
-
-if __name__ == "__main__":
-    app()
 
 
 @app.command()
@@ -219,3 +246,72 @@ def deploy(
         raise typer.Exit(submit(cfg, superlink, root_certificates, stream))
     except ConfigError as exc:
         raise fail("error", exc) from None
+
+
+auth_app = typer.Typer(no_args_is_help=True, help="SuperNode authentication: keys, and their registration "
+                                                      "with a SuperLink started with --enable-supernode-auth.")
+app.add_typer(auth_app, name="auth")
+
+
+@auth_app.command("keys")
+def auth_keys(
+    folder: Annotated[Path, typer.Argument(help="where the keys (and certificates) are written")],
+    nodes: Annotated[int, typer.Option(help="number of SuperNodes: one key pair each")],
+    tls_host: Annotated[list[str] | None, typer.Option(
+        help="also a CA and a SuperLink certificate for this host name or address (repeatable)")] = None,
+) -> None:
+    """Write a key pair per SuperNode (supernode-<i>, supernode-<i>.pub) and, with
+    --tls-host, a CA (ca.pem) and the SuperLink's certificate (server.pem, server.key)."""
+    from fedsim.credentials import make_node_keys, make_tls
+
+    if nodes < 1:
+        console.print(f"[red]error:[/red] --nodes: {nodes} is not a number of SuperNodes (>= 1)", highlight=False)
+        raise typer.Exit(2)
+    for key in make_node_keys(folder, nodes):
+        console.print(f"wrote {key} and {key.name}.pub", highlight=False)
+    if tls_host:
+        tls = make_tls(folder, tls_host)
+        console.print(f"wrote {tls.ca}, {tls.cert} and {tls.key} (for {', '.join(tls_host)})", highlight=False)
+
+
+@auth_app.command("register")
+def auth_register(
+    folder: Annotated[Path, typer.Argument(help="the folder `fedsim auth keys` wrote")],
+    superlink: Annotated[str, typer.Option(help="the SuperLink's address, HOST:PORT")],
+    root_certificates: Annotated[Path, typer.Option(help="CA certificates of the SuperLink's TLS")],
+) -> None:
+    """Register every SuperNode public key in FOLDER (supernode-*.pub) with the SuperLink."""
+    from fedsim.credentials import register_nodes
+
+    keys = sorted(folder.glob("supernode-*.pub"), key=lambda k: int(k.name.removesuffix(".pub").split("-")[-1]))
+    if not keys:
+        console.print(f"[red]error:[/red] {folder}: no supernode-*.pub keys (write them with `fedsim auth keys`)",
+                      highlight=False)
+        raise typer.Exit(2)
+    try:
+        node_ids = register_nodes(keys, superlink, root_certificates)
+    except RuntimeError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    for key, node_id in zip(keys, node_ids, strict=True):
+        console.print(f"registered {key.name} as node {node_id}", highlight=False)
+
+
+@app.command()
+def clientapp(
+    runtime_api_address: Annotated[str, typer.Option(
+        help="the SuperNode's Runtime API, HOST:PORT (flower-supernode --port)")] = "127.0.0.1:9094",
+    root_certificates: Annotated[Path | None, typer.Option(
+        help="CA certificates of a Runtime API served over TLS (without: plain HTTP)")] = None,
+    verbose: Annotated[bool, typer.Option(help="debug logs, Flower's included")] = False,
+) -> None:
+    """Run every message of a SuperNode started with --isolation process in this one
+    long-lived process (Flower starts a process per message otherwise)."""
+    from fedsim.clientapp_process import serve
+
+    _setup_logging(verbose)
+    serve(runtime_api_address, root_certificates, verbose)
+
+
+if __name__ == "__main__":
+    app()

@@ -55,6 +55,10 @@ class DataConfig(Section):
     hf_id: str | None = None
     hf_image_key: str = "image"
     hf_label_key: str = "label"
+    hf_partition_by: str | None = Field(
+        None, description="hf: column of natural client ids (e.g. a writer id), for partition.scheme natural")
+    hf_test_split: str | None = Field(
+        "test", description="hf: the split held out for testing; null holds out test_fraction of train (FEMNIST)")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out server test set")
     synthetic: SyntheticConfig = SyntheticConfig()
 
@@ -69,14 +73,25 @@ class DataConfig(Section):
 
 
 class PartitionConfig(Section):
-    """How the training data is split over clients (flwr-datasets partitioners)."""
+    """How the training data is split over clients (flwr-datasets partitioners).
 
-    scheme: Literal["iid", "dirichlet", "shards", "quantity", "natural"] = "dirichlet"
+    NIID-Bench's kinds of skew (Li et al., ICDE 2022): label distribution skew
+    (``dirichlet``), label quantity skew #C=k (``pathological``, ``classes_per_client``
+    labels per client; ``shards`` is McMahan et al.'s variant), noise-based feature skew
+    (``feature_noise``: IID labels, client i's inputs get Gaussian noise of std
+    ``noise_std * i / num_clients``), quantity skew (``quantity``), real-world groups
+    (``natural``) and ``iid``.
+    """
+
+    scheme: Literal["iid", "dirichlet", "shards", "quantity", "natural", "pathological",
+                    "feature_noise"] = "dirichlet"
     num_clients: int = Field(10, ge=1)
     alpha: float = Field(0.5, gt=0, description="Dirichlet label-skew concentration")
     shards_per_client: int = Field(2, ge=1)
     quantity_alpha: float = Field(0.5, gt=0, description="Dirichlet concentration of sizes")
     min_size: int = Field(2, ge=1)
+    classes_per_client: int = Field(2, ge=1, description="pathological: labels per client (#C=k)")
+    noise_std: float = Field(0.1, gt=0, description="feature_noise: client i gets noise_std * i / num_clients")
     client_test_fraction: float = Field(0.2, ge=0, lt=1)
 
 
@@ -87,6 +102,8 @@ class ModelConfig(Section):
     name: Literal["mlp", "cnn", "lenet5", "resnet8"] = "mlp"
     hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [128], min_length=1,
                                                       description="MLP hidden sizes")
+    init: Literal["default", "xavier"] = Field(
+        "default", description="default: PyTorch's per-layer init; xavier: Glorot uniform weights, zero biases")
 
 
 # ----------------------------------------------------------------- client training
@@ -101,6 +118,13 @@ class ClientConfig(Section):
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     timeout_s: float = Field(120.0, gt=0, description="a reply later than this is a failure")
+
+    @model_validator(mode="after")
+    def _momentum_for_sgd(self) -> ClientConfig:
+        if self.optimizer == "adam" and self.momentum > 0:
+            raise ValueError(f"momentum {self.momentum} is SGD's heavy-ball momentum, which optimizer adam does "
+                             "not use; set client.momentum: 0")
+        return self
 
 
 class AuxLossConfig(Section):
@@ -278,6 +302,20 @@ class FedProxConfig(SyncStrategyBase):
     mu: float = Field(0.01, ge=0)
 
 
+class ScaffoldConfig(SyncStrategyBase):
+    """SCAFFOLD (Karimireddy et al., arXiv 1910.06378), option II control variates: clients
+    step with g - c_i + c; the server's learning rate eta_g is ``server_opt.lr``."""
+
+    name: Literal["scaffold"] = "scaffold"
+
+
+class FedNovaConfig(SyncStrategyBase):
+    """FedNova (Wang et al., arXiv 2007.07481): each client's update divided by its number of
+    (momentum-weighted) local steps a_i, the average rescaled by tau_eff = sum p_i a_i."""
+
+    name: Literal["fednova"] = "fednova"
+
+
 class MedianConfig(SyncStrategyBase):
     """Coordinate-wise median (Yin et al. 2018)."""
 
@@ -399,7 +437,7 @@ class GossipConfig(Section):
 
 
 StrategyConfig = Annotated[
-    FedAvgConfig | FedProxConfig | MedianConfig | TrimmedMeanConfig | KrumConfig | MultiKrumConfig
+    FedAvgConfig | FedProxConfig | ScaffoldConfig | FedNovaConfig | MedianConfig | TrimmedMeanConfig | KrumConfig | MultiKrumConfig
     | FlagConfig | FedAUConfig | FedLDConfig | FedLExConfig
     | FedFixConfig | FedAsyncConfig | FedBuffConfig | GossipConfig,
     Field(discriminator="name"),
@@ -525,8 +563,14 @@ class OutputConfig(Section):
     target_accuracy: float = Field(0.9, gt=0, le=1, description="for rounds-to-target")
 
 
-# datasets without a natural client id per sample
-NO_NATURAL_GROUPS = ("digits", "mnist", "cifar10")
+# Classes of the datasets whose class count is fixed (synthetic: data.synthetic.num_classes)
+KNOWN_NUM_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10}
+
+# Strategies whose math reads plain SGD steps, and what of it
+SGD_STEP_STRATEGIES = {
+    "scaffold": "option II control variate (x - y_i) / (K lr)",
+    "fednova": "normalising by the number of (momentum) SGD steps",
+}
 
 
 class ExperimentConfig(Section):
@@ -540,7 +584,9 @@ class ExperimentConfig(Section):
     model: ModelConfig = ModelConfig()
     strategy: StrategyConfig = FedAvgConfig()
     client: ClientConfig = ClientConfig()
-    loss: LossConfig = LossConfig()
+    # a factory: validating a loss imports the loss library (and torch), which importing
+    # this module must not
+    loss: LossConfig = Field(default_factory=LossConfig)
     quant: QuantConfig = QuantConfig()
     participation: ParticipationConfig = ParticipationConfig()
     attack: AttackConfig = AttackConfig()
@@ -550,19 +596,34 @@ class ExperimentConfig(Section):
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
-    def _natural_groups(self) -> ExperimentConfig:
-        """Resolve ``data.synthetic.num_devices``; a natural partition has one client per group."""
-        synthetic, partition = self.data.synthetic, self.partition
-        if synthetic.num_devices is None:
-            natural = self.data.name == "synthetic" and partition.scheme == "natural"
-            synthetic.num_devices = partition.num_clients if natural else 30
-        if partition.scheme == "natural":
-            if self.data.name in NO_NATURAL_GROUPS:
-                raise ValueError(f"partition.scheme: 'natural' needs data with natural groups; "
-                                 f"data.name {self.data.name!r} has none (synthetic has one per device)")
-            if self.data.name == "synthetic" and synthetic.num_devices != partition.num_clients:
-                raise ValueError(f"partition.num_clients: {partition.num_clients} clients, but a natural partition "
-                                 f"has one per group and data.synthetic.num_devices is {synthetic.num_devices}")
+    def _sections_combine(self) -> ExperimentConfig:
+        """Resolve ``data.synthetic.num_devices``; refuse settings of two sections that cannot
+        work together, in one line naming both keys."""
+        part, data = self.partition, self.data
+        if data.synthetic.num_devices is None:
+            natural = data.name == "synthetic" and part.scheme == "natural"
+            data.synthetic.num_devices = part.num_clients if natural else 30
+        classes = KNOWN_NUM_CLASSES.get(data.name) or (data.synthetic.num_classes if data.name == "synthetic" else None)
+        if part.scheme == "pathological" and classes is not None and part.classes_per_client > classes:
+            raise ValueError(f"partition.classes_per_client: {part.classes_per_client} labels per client but "
+                             f"data.name {data.name} has {classes} classes; allowed 1..{classes}")
+        if part.scheme == "natural" and not (data.name == "synthetic" or data.hf_partition_by):
+            raise ValueError(f"partition.scheme: natural needs natural client ids, which data.name {data.name} "
+                             "does not have; use synthetic, or hf with data.hf_partition_by")
+        if part.scheme == "natural" and data.name == "synthetic" and data.synthetic.num_devices != part.num_clients:
+            raise ValueError(f"partition.num_clients: {part.num_clients} clients, but a natural partition has one "
+                             f"per group and data.synthetic.num_devices is {data.synthetic.num_devices}")
+        if data.hf_partition_by is not None and (data.name != "hf" or part.scheme != "natural"):
+            raise ValueError("data.hf_partition_by: only data.name hf with partition.scheme natural uses it; "
+                             f"got {data.name} with {part.scheme}")
+        if self.strategy.name in SGD_STEP_STRATEGIES and self.client.optimizer != "sgd":
+            raise ValueError(f"strategy.name: {self.strategy.name} assumes SGD client steps "
+                             f"({SGD_STEP_STRATEGIES[self.strategy.name]}); client.optimizer: "
+                             f"{self.client.optimizer} cannot combine with it; use sgd")
+        if self.strategy.name == "fednova" and self.quant.uplink.error_feedback in ("ef21", "econtrol"):
+            raise ValueError(f"strategy.name: fednova normalises each reply by its own local steps; "
+                             f"quant.uplink.error_feedback: {self.quant.uplink.error_feedback} aggregates "
+                             "every client's stale estimate instead; use none or ef")
         return self
 
     @model_validator(mode="after")
@@ -646,8 +707,8 @@ def format_validation_error(exc: ValidationError) -> str:
     for err in exc.errors():
         key, section = _locate(tuple(err["loc"]))
         msg = err["msg"].removeprefix("Value error, ")
-        if not err["loc"]:  # a rule across sections: its message names its keys
-            lines.extend(msg.splitlines())
+        if not err["loc"] and err["type"] == "value_error":
+            lines.extend(msg.splitlines())  # a check across sections: its message names the keys
         elif err["type"] == "extra_forbidden":
             allowed = sorted(section.model_fields) if section is not None else []
             lines.append(f"{key}: unknown key; allowed here: {', '.join(allowed)}")

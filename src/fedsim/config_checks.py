@@ -26,10 +26,6 @@ UPDATE_ATTACKS = ("sign_flip", "scaled", "gaussian", "alie", "ipm")
 """Attacks that replace Byzantine rows of a round's updates on the server (the synchronous
 strategies' aggregation step); label_flip acts in the client's training and applies anywhere."""
 
-DATASET_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10}
-"""Class counts of the datasets whose count is known without loading them."""
-
-
 def combination_problems(cfg: ExperimentConfig) -> list[str]:
     """Every rule's complaint about ``cfg``, one line each (empty: the config can run)."""
     return [problem for rule in RULES for problem in rule(cfg) if problem]
@@ -194,7 +190,9 @@ def _loss(cfg: ExperimentConfig) -> Iterator[str | None]:
         yield (f"loss.reduction: {reduction!r}; the client objective is the batch mean (a sum would scale "
                f"client.lr by the batch size); allowed: mean")
         return
-    classes = cfg.data.synthetic.num_classes if cfg.data.name == "synthetic" else DATASET_CLASSES.get(cfg.data.name)
+    from fedsim.config import KNOWN_NUM_CLASSES
+
+    classes = cfg.data.synthetic.num_classes if cfg.data.name == "synthetic" else KNOWN_NUM_CLASSES.get(cfg.data.name)
     if classes is not None:
         yield loss_class_problem(cfg, classes)
 

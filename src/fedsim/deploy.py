@@ -16,6 +16,7 @@ run directory is written where the ServerApp runs (the SuperLink's working direc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -23,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +36,7 @@ from pydantic import ValidationError
 
 from fedsim import __version__
 from fedsim.config import ConfigError, ExperimentConfig
-from fedsim.seeding import seed_everything
-from fedsim.sim.client_app import build_client_app
-from fedsim.sim.results import RunDir
-from fedsim.sim.runner import serve
+from fedsim.data import cache as partition_cache
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +80,8 @@ def experiment_config(run_config: dict[str, Any]) -> ExperimentConfig:
 
 @functools.lru_cache(maxsize=4)
 def _client_app(cfg_json: str) -> ClientApp:
+    from fedsim.sim.client_app import build_client_app
+
     return build_client_app(ExperimentConfig.model_validate_json(cfg_json), sleep_stalls=True)
 
 
@@ -89,10 +90,14 @@ class DeployedClientApp(ClientApp):
 
     A Flower app names one ClientApp object, but fedsim builds its ClientApp from the
     experiment, which a deployed node only learns from the run config of each call.
+    Flower runs each message in a new process, so the node's partition is cached on disk
+    (:mod:`fedsim.data.cache`): built by the first message, read back by the others.
     """
 
     def __call__(self, message: Message, context: Context) -> Message:
         cfg = experiment_config(dict(context.run_config))
+        if partition_cache.active() is None:
+            partition_cache.enable()
         return _client_app(cfg.model_dump_json())(message, context)
 
 
@@ -103,6 +108,12 @@ server_app = ServerApp()
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the experiment on the deployment's SuperNodes."""
+    # imported here: a SuperNode's ClientApp process imports this module too, and needs
+    # none of the server loop (Flower starts that process anew for every message)
+    from fedsim.seeding import seed_everything
+    from fedsim.sim.results import RunDir
+    from fedsim.sim.runner import serve
+
     cfg = experiment_config(dict(context.run_config))
     seed_everything(cfg.seed)
     run = RunDir.create(cfg)
@@ -119,6 +130,23 @@ def _flwr() -> str:
     return found
 
 
+@contextlib.contextmanager
+def flwr_connection(superlink: str, root_certificates: Path | None = None) -> Iterator[tuple[str, dict[str, str], str]]:
+    """A temporary Flower configuration that names the SuperLink at ``superlink``: yields
+    the ``flwr`` command, the environment to run it in, and the connection's name.
+
+    Without ``root_certificates`` the connection is insecure (plain HTTP, for loopback and
+    private networks); with them, TLS verified against those certificates.
+    """
+    connection: dict[str, Any] = {"address": superlink, "insecure": root_certificates is None}
+    if root_certificates is not None:
+        connection["root-certificates"] = str(Path(root_certificates).resolve())
+    with tempfile.TemporaryDirectory(prefix="fedsim-flwr-") as home:
+        Path(home, "config.toml").write_text(
+            tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
+        yield _flwr(), {**os.environ, "FLWR_HOME": home}, CONNECTION
+
+
 def submit(cfg: ExperimentConfig, superlink: str, root_certificates: Path | None = None, stream: bool = True) -> int:
     """Submit ``cfg`` to the SuperLink at ``superlink`` (HOST:PORT) with ``flwr run``.
 
@@ -127,17 +155,12 @@ def submit(cfg: ExperimentConfig, superlink: str, root_certificates: Path | None
     follows the run's logs until it ends. Returns ``flwr run``'s exit status.
     """
     check_deployable(cfg)
-    connection: dict[str, Any] = {"address": superlink, "insecure": root_certificates is None}
-    if root_certificates is not None:
-        connection["root-certificates"] = str(Path(root_certificates).resolve())
-    with tempfile.TemporaryDirectory(prefix="fedsim-deploy-") as tmp:
-        app, home = Path(tmp, "app"), Path(tmp, "flwr")
+    with tempfile.TemporaryDirectory(prefix="fedsim-deploy-") as tmp, \
+            flwr_connection(superlink, root_certificates) as (flwr, env, connection):
+        app = Path(tmp, "app")
         app.mkdir()
-        home.mkdir()
         (app / "pyproject.toml").write_text(tomli_w.dumps(APP_PYPROJECT))
-        (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
         run_config = Path(tmp, "run-config.toml")
         run_config.write_text(tomli_w.dumps({RUN_CONFIG_KEY: cfg.model_dump_json()}))
-        command = [_flwr(), "run", str(app), CONNECTION, "--run-config", str(run_config)]
-        return subprocess.run([*command, "--stream"] if stream else command,
-                               env={**os.environ, "FLWR_HOME": str(home)}, check=False).returncode
+        command = [flwr, "run", str(app), connection, "--run-config", str(run_config)]
+        return subprocess.run([*command, "--stream"] if stream else command, env=env, check=False).returncode

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from fedsim.config import ConfigError, ExperimentConfig
-from fedsim.config_checks import DATASET_CLASSES, loss_class_problem
+from fedsim.config import KNOWN_NUM_CLASSES, ConfigError, ExperimentConfig
+from fedsim.config_checks import loss_class_problem
 
 LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, EOFError)
 """What fedsim's loaders and partitioners raise for a missing, empty or corrupt dataset, or
@@ -48,7 +48,7 @@ def data_problems(cfg: ExperimentConfig) -> list[str]:
     if empty:
         problems.append(f"partition: client {empty[0]} gets no training sample ({len(empty)} of "
                         f"{cfg.partition.num_clients} clients); use fewer clients (partition.num_clients)")
-    if cfg.data.name not in DATASET_CLASSES and cfg.data.name != "synthetic":
+    if cfg.data.name not in KNOWN_NUM_CLASSES and cfg.data.name != "synthetic":
         problems.append(loss_class_problem(cfg, data.train.num_classes))
     if cfg.sim.speeds.kind == "csv":
         try:

@@ -2,9 +2,9 @@
 with a one-line ConfigError, or runs 2 steps in-process with finite metrics and no client
 failing for a reason other than an injected fault.
 
-The configurations cover every pair of values of strategy (all 14) x quantization x loss
+The configurations cover every pair of values of strategy (all 16) x quantization x loss
 family x participation x attack x model x server optimizer x faults x backend, as
-``allpairspy`` generates them (deterministically: the same 140 configurations each run).
+``allpairspy`` generates them (deterministically: the same 160 configurations each run).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from allpairspy import AllPairs
 from fedsim.config import ConfigError, validate_config
 from fedsim.sim.runner import run_experiment
 
-STRATEGIES = ["fedavg", "fedprox", "median", "trimmed_mean", "krum", "multikrum", "flag", "fedau", "fedld", "fedlex",
+STRATEGIES = ["fedavg", "fedprox", "scaffold", "fednova", "median", "trimmed_mean", "krum", "multikrum", "flag", "fedau", "fedld", "fedlex",
               "fedfix", "fedasync", "fedbuff", "gossip"]
 QUANT = {
     "none": {},

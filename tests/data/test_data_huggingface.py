@@ -72,3 +72,14 @@ def test_hub_id_offline_says_what_to_do_instead(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(OSError, match=r"'ylecun/mnist' could not be loaded.*'npz'"):
         load_dataset("hf", hf_id="ylecun/mnist")
+
+
+def test_a_group_column_becomes_natural_client_ids():
+    vectors = np.arange(24, dtype=np.float32).reshape(6, 4)
+    writers = ["w7", "w2", "w7", "w9", "w2", "w7"]
+    table = datasets.Dataset.from_dict({"image": vectors, "label": [0, 1, 0, 1, 0, 1], "writer": writers})
+    train, test = load_hf(datasets.DatasetDict({"train": table, "test": table}), group_key="writer")
+    np.testing.assert_array_equal(train.groups, [1, 0, 1, 2, 0, 1])  # sorted: w2, w7, w9
+    assert test.groups is None
+    with pytest.raises(ValueError, match="'author' is not a column"):
+        load_hf(table, group_key="author")

@@ -1,17 +1,16 @@
 """Deployment on loopback: a real Flower SuperLink and three SuperNodes, each its own process,
 talking over 127.0.0.1, and experiments submitted with ``fedsim deploy``.
 
-This is what ``docker/compose.yaml`` runs, without Docker: the same commands, the same app.
-Flower starts a ``flwr-clientapp`` process per message, so each run takes tens of seconds.
+This is what ``docker/compose.yaml`` runs, without Docker: the same commands, the same app
+(``fedsim.loopback``). The SuperNodes run with ``--isolation process`` beside a long-lived
+``fedsim clientapp`` process each, except in one test of Flower's default (a
+``flwr-clientapp`` process per message). The last test kills a SuperNode of the shared
+deployment and restarts it. TLS is tested with SuperNode authentication (test_deploy_auth.py).
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-import os
-import signal
-import socket
+import json
 import subprocess
 import sys
 import time
@@ -22,117 +21,28 @@ import yaml
 
 from fedsim.config import ConfigError, load_config
 from fedsim.deploy import experiment_config
+from fedsim.loopback import LoopbackDeployment
 from fedsim.sim.results import RunDir
 from fedsim.sim.runner import run_experiment
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
 NUM_NODES = 3
+ROUNDS, VICTIM = 6, 2  # of the killed-node test
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
-
-
-def _certificates(folder: Path) -> dict[str, Path]:
-    """A throwaway CA and a certificate for 127.0.0.1 signed by it (PEM files in ``folder``)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def certificate(subject: str, key, issuer: str, signer, extension) -> x509.Certificate:
-        return (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-                .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now).not_valid_after(now + datetime.timedelta(hours=1))
-                .add_extension(extension, critical=False).sign(signer, hashes.SHA256()))
-
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = certificate("fedsim test CA", ca_key, "fedsim test CA", ca_key, x509.BasicConstraints(ca=True, path_length=None))
-    server = certificate("127.0.0.1", key, "fedsim test CA", ca_key,
-                         x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]))
-    files = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
-    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files["cert"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    files["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-    return files
-
-
-class Deployment:
-    """A SuperLink and ``num_nodes`` SuperNodes (partitions 0..n-1) on loopback; over TLS
-    when ``tls`` (a CA and the SuperLink's certificate, made for the test)."""
-
-    def __init__(self, home: Path, num_nodes: int = NUM_NODES, tls: bool = False) -> None:
-        self.home, self.num_nodes = home, num_nodes
-        self.certificates = _certificates(home) if tls else None
-        self.port = _free_port()
-        self.env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-        self.procs: list[subprocess.Popen] = []
-
-    def _start(self, name: str, *args: str) -> None:
-        log = (self.home / f"{name}.log").open("w")
-        self.procs.append(subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=self.home, env=self.env,
-                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-
-    def start(self) -> None:
-        tls = self.certificates
-        link_security = ["--insecure"] if tls is None else [
-            "--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["cert"]), "--ssl-keyfile", str(tls["key"])]
-        node_security = ["--insecure"] if tls is None else ["--root-certificates", str(tls["ca"])]
-        self._start("superlink", "flower-superlink", *link_security, "--port", str(self.port),
-                    "--disable-runtime-dependency-installation", "--database", str(self.home / "state.db"))
-        _wait_for_port(self.port)
-        n = self.num_nodes
-        for i in range(n):
-            self._start(f"supernode-{i}", "flower-supernode", *node_security, "--superlink", f"127.0.0.1:{self.port}",
-                        "--port", str(_free_port()), "--node-config", f"partition-id={i} num-partitions={n}")
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-
-    def deploy(self, config: Path, overrides: list[str], out: Path, *options: str) -> subprocess.CompletedProcess:
-        """``fedsim deploy`` this experiment and wait for it to end."""
-        sets = [arg for o in [*overrides, f"output.dir={out}"] for arg in ("--set", o)]
-        return subprocess.run(
-            [str(BIN / "fedsim"), "deploy", str(config), "--superlink", f"127.0.0.1:{self.port}", *sets, *options],
-            cwd=self.home, env=self.env, capture_output=True, text=True, timeout=400)
-
-    def run(self, config: Path, overrides: list[str], out: Path, *options: str) -> RunDir:
-        """``fedsim deploy`` this experiment, wait for it to end, return its run."""
-        result = self.deploy(config, overrides, out, *options)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-        [path] = list(out.iterdir())
-        return RunDir.open(path)
+def run_deployed(dep: LoopbackDeployment, config: Path, overrides: list[str], out: Path) -> RunDir:
+    """``fedsim deploy`` an experiment on ``dep``, wait for it to end, return its run."""
+    result = dep.deploy(config, overrides, out)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    [path] = list(out.iterdir())
+    return RunDir.open(path)
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    dep = Deployment(tmp_path_factory.mktemp("flwr-home"))
-    dep.start()
-    yield dep
-    dep.stop()
+    with LoopbackDeployment(tmp_path_factory.mktemp("flwr-home"), NUM_NODES) as dep:
+        yield dep
 
 
 def _simulated(config: Path, overrides: list[str], out: Path) -> list[dict]:
@@ -147,7 +57,7 @@ def _without(rows: list[dict], *keys: str) -> list[dict]:
 def test_fedavg_on_real_supernodes_equals_the_simulation(deployment, tmp_path):
     config = ROOT / "configs" / "quickstart.yaml"
     overrides = [f"partition.num_clients={NUM_NODES}", "rounds=2", "eval.federated=false", "output.plots=false"]
-    run = deployment.run(config, overrides, tmp_path / "deployed")
+    run = run_deployed(deployment, config, overrides, tmp_path / "deployed")
     assert run.summary()["status"] == "completed"
     assert _without(run.rows(), "wall_time_s") == _without(_simulated(config, overrides, tmp_path / "sim"),
                                                             "wall_time_s")
@@ -157,7 +67,7 @@ def test_gossip_nodes_keep_their_models_on_real_supernodes(deployment, tmp_path)
     config = ROOT / "configs" / "gossip.yaml"
     overrides = [f"partition.num_clients={NUM_NODES}", "strategy.degree=2", "model.name=mlp", "rounds=2",
                  "client.local_steps=2", "output.plots=false"]
-    rows = deployment.run(config, overrides, tmp_path / "deployed").rows()
+    rows = run_deployed(deployment, config, overrides, tmp_path / "deployed").rows()
     # a node that had lost its model would have been refused (num_failed) and resent it
     assert all(r["num_failed"] == 0 and r["num_mix_failed"] == 0 for r in rows)
     assert _without(rows, "wall_time_s") == _without(_simulated(config, overrides, tmp_path / "sim"), "wall_time_s")
@@ -165,13 +75,13 @@ def test_gossip_nodes_keep_their_models_on_real_supernodes(deployment, tmp_path)
 
 def test_asynchronous_fedbuff_runs_on_the_wall_clock(deployment, tmp_path):
     overrides = [f"partition.num_clients={NUM_NODES}", "sim.clock=wall", "output.plots=false",
-                 "strategy={name: fedbuff, buffer_size: 1, horizon: 40, eval_every: 20}"]
-    run = deployment.run(ROOT / "configs" / "fedfix.yaml", overrides, tmp_path / "deployed")
+                 "strategy={name: fedbuff, buffer_size: 1, horizon: 20, eval_every: 10}"]
+    run = run_deployed(deployment, ROOT / "configs" / "fedfix.yaml", overrides, tmp_path / "deployed")
     rows, summary = run.rows(), run.summary()
     assert summary["status"] == "completed"
-    assert [r["virtual_time"] for r in rows] == [20, 40]  # seconds, on this clock
-    # the loop waited for real time: each row is written when its time has come
-    assert [r["wall_time_s"] for r in rows] == pytest.approx([20, 40], abs=2)
+    assert [r["virtual_time"] for r in rows] == [10, 20]  # seconds, on this clock
+    # the loop waited for real time: no row is written before its time has come
+    assert all(r["wall_time_s"] >= r["virtual_time"] - 1 for r in rows)
     assert summary["model_updates"] == rows[-1]["model_version"] >= 1
     assert sum(r["num_success"] for r in rows) >= 1 and all(r["num_failed"] == 0 for r in rows)
 
@@ -195,26 +105,97 @@ def test_deploy_refuses_a_virtual_clock_async_run_before_submitting_it():
     assert "deployed asynchronous runs need sim.clock=wall" in result.stdout
 
 
-def test_compose_file_runs_the_tested_commands_one_partition_per_supernode():
-    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]
-    superlink = compose.pop("superlink")["command"]
+def _flag(command: list[str], flag: str) -> str:
+    return command[command.index(flag) + 1]
+
+
+@pytest.mark.parametrize("variant", ["compose.yaml", "compose.host.yaml", "compose.secure.yaml"])
+def test_compose_files_run_the_tested_commands_one_partition_per_supernode(variant):
+    services = yaml.safe_load((ROOT / "docker" / variant).read_text())["services"]
+    superlink = services.pop("superlink")["command"]
     assert superlink[0] == "flower-superlink" and "--disable-runtime-dependency-installation" in superlink
-    node_configs = [dict(kv.split("=") for kv in s["command"][s["command"].index("--node-config") + 1].split())
-                    for s in compose.values()]
-    assert sorted(int(c["partition-id"]) for c in node_configs) == list(range(len(compose)))
-    assert {int(c["num-partitions"]) for c in node_configs} == {len(compose)}
-    assert "pip install --no-cache-dir ." in (ROOT / "docker" / "Dockerfile").read_text()
+    nodes = {int(k.split("-")[1]): v["command"] for k, v in services.items() if k.startswith("supernode-")}
+    apps = {int(k.split("-")[1]): v for k, v in services.items() if k.startswith("clientapp-")}
+    assert len(nodes) + len(apps) == len(services) and sorted(nodes) == sorted(apps) == list(range(len(nodes)))
+    for i, command in nodes.items():
+        config = dict(kv.split("=") for kv in _flag(command, "--node-config").split())
+        assert (int(config["partition-id"]), int(config["num-partitions"])) == (i, len(nodes))
+        # every message of the node runs in its long-lived ClientApp process, which finds the
+        # node's Runtime API on its own loopback (shared network, or the host's)
+        assert command[0] == "flower-supernode" and _flag(command, "--isolation") == "process"
+        assert apps[i]["command"][:2] == ["fedsim", "clientapp"]
+        address = _flag(apps[i]["command"], "--runtime-api-address")
+        if apps[i].get("network_mode") == "host":
+            assert address == f"127.0.0.1:{_flag(command, '--port')}"
+        else:
+            assert apps[i]["network_mode"] == f"service:supernode-{i}" and address == "127.0.0.1:9094"
+        if variant == "compose.secure.yaml":
+            assert _flag(command, "--auth-supernode-private-key") == f"/credentials/supernode-{i}"
+    assert ("--enable-supernode-auth" in superlink) == (variant == "compose.secure.yaml")
 
 
-def test_a_run_over_tls_completes_and_an_insecure_client_is_refused(tmp_path_factory, tmp_path):
-    dep = Deployment(tmp_path_factory.mktemp("flwr-tls"), num_nodes=1, tls=True)
-    dep.start()
+def test_the_dockerfile_takes_a_base_image_and_installs_offline_from_a_wheel_folder():
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert "ARG BASE_IMAGE=python:3.11-slim" in dockerfile and "FROM ${BASE_IMAGE}" in dockerfile
+    assert "pip install --no-cache-dir --no-index --find-links /tmp/wheels torch==2.13.0 ." in dockerfile
+
+
+def test_flowers_default_supernode_runs_the_app_in_a_process_per_message(tmp_path_factory, tmp_path):
+    """Without ``fedsim clientapp``: Flower starts a flwr-clientapp process for every message,
+    and each reads the node's partition from the disk cache."""
+    config, overrides = ROOT / "configs" / "quickstart.yaml", ["partition.num_clients=1", "rounds=1",
+                                                              "eval.federated=false", "output.plots=false"]
+    with LoopbackDeployment(tmp_path_factory.mktemp("flwr-subprocess"), num_nodes=1, isolation="subprocess") as dep:
+        dep.cache_partitions(config, overrides)
+        run = run_deployed(dep, config, overrides, tmp_path / "deployed")
+        assert "Start `flwr-clientapp` process" in dep.log("supernode-0")
+    assert run.summary()["status"] == "completed"
+    assert _without(run.rows(), "wall_time_s") == _without(_simulated(config, overrides, tmp_path / "sim"),
+                                                            "wall_time_s")
+
+
+# ------------------------------------------------------- a node that fails
+def _rows(out: Path) -> list[dict]:
+    metrics = list(out.glob("*/metrics.jsonl"))
+    return [json.loads(line) for line in metrics[0].read_text().splitlines()] if metrics else []
+
+
+def _wait_for(condition, out: Path, run: subprocess.Popen, what: str, timeout: float = 600) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while not condition(rows := _rows(out)):
+        assert run.poll() is None, f"the run ended before {what}: {run.stdout.read()[-2000:]}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s"
+        time.sleep(0.5)
+    return rows
+
+
+def test_a_killed_supernode_fails_its_rounds_and_serves_its_partition_again_when_restarted(deployment, tmp_path):
+    """Last in this module: it kills and restarts a node of the shared deployment."""
+    out, config = tmp_path / "runs", ROOT / "configs" / "quickstart.yaml"
+    overrides = [f"partition.num_clients={NUM_NODES}", f"rounds={ROUNDS}", "eval.federated=false",
+                 "output.plots=false", "client.timeout_s=30"]
+    # so that round 1 does not spend the timeout building each node's partition
+    deployment.cache_partitions(config, overrides)
+    run = subprocess.Popen(deployment.deploy_command(config, overrides, out), cwd=deployment.home,
+                           env=deployment.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        config, overrides = ROOT / "configs" / "quickstart.yaml", ["partition.num_clients=1", "rounds=1",
-                                                                  "eval.federated=false", "output.plots=false"]
-        insecure = dep.deploy(config, overrides, tmp_path / "insecure")
-        assert insecure.returncode != 0 and "unavailable" in insecure.stdout + insecure.stderr
-        run = dep.run(config, overrides, tmp_path / "tls", "--root-certificates", str(dep.certificates["ca"]))
-        assert run.summary()["status"] == "completed" and run.summary()["final_accuracy"] > 0.5
+        _wait_for(lambda rows: len(rows) >= 1, out, run, "round 1")
+        deployment.kill_node(VICTIM)
+        _wait_for(lambda rows: any(r["num_failed"] for r in rows), out, run, "failed round")
+        deployment.start_node(VICTIM)
+        assert run.wait(timeout=900) == 0, run.stdout.read()[-2000:]
     finally:
-        dep.stop()
+        if run.poll() is None:
+            run.kill()
+    [path] = list(out.iterdir())
+    rows, summary = RunDir.open(path).rows(), RunDir.open(path).summary()
+    assert summary["status"] == "completed" and len(rows) == ROUNDS
+    assert rows[0]["num_failed"] == 0
+    failed = [r for r in rows if r["num_failed"]]
+    # while it was down the rounds went on with the other two, and its failures were counted
+    assert failed and all(r["failures"] == [{"client": VICTIM, "reason": "no reply before the timeout"}]
+                          and r["num_success"] == NUM_NODES - 1 and not r["skipped"] for r in failed)
+    assert summary["failed_client_calls"] == len(failed)
+    # restarted, it rejoined under a new node id and trained its partition in the last rounds
+    assert rows[-1]["num_success"] == NUM_NODES and rows[-1]["num_failed"] == 0
+    assert rows.index(failed[-1]) < ROUNDS - 1

@@ -3,10 +3,22 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from fedsim.bench import BenchSpec, Check, Figure, figure_series, run_bench, verdicts
+from fedsim.bench import (
+    BenchSpec,
+    Cell,
+    Check,
+    Figure,
+    WinnerCheck,
+    cells,
+    figure_panels,
+    heatmap_tables,
+    run_bench,
+    verdicts,
+)
 from fedsim.config import ConfigError, load_config
 from fedsim.sim.results import RunDir
 
@@ -70,7 +82,7 @@ def test_small_grid_runs_every_cell_and_writes_table_and_checks(tmp_path):
     assert "- HOLDS: int8 sends 3x fewer bytes" in text
     table = json.loads((tmp_path / "results" / "tiny.json").read_text())
     assert [row["setting"] for row in table["table"]] == ["float32", "qsgd int8"]
-    assert (tmp_path / "results" / "tiny.png").stat().st_size > 0
+    assert (tmp_path / "results" / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_seed_that_never_reached_the_target_counts_as_never():
@@ -84,6 +96,8 @@ def test_a_seed_that_never_reached_the_target_counts_as_never():
     lines = verdicts(spec, results)
     assert lines[0].startswith("- DOES NOT HOLD") and "inf" in lines[0]
     assert lines[1].startswith("- HOLDS") and "vs bar 10" in lines[1]
+    never_both = {"A": [{"rounds_to_target": None}], "B": [{"rounds_to_target": None}]}
+    assert verdicts(spec, {**results, **never_both})[0].startswith("- DOES NOT HOLD")  # never is not fewer
 
 
 def _run_with_rows(tmp_path, rows) -> str:
@@ -93,20 +107,121 @@ def _run_with_rows(tmp_path, rows) -> str:
     return str(run.path)
 
 
-def test_figure_series_averages_seeds_per_axis_cell_and_per_layer(tmp_path):
+def test_figure_panels_average_seeds_per_axis_cell_and_per_layer(tmp_path):
+    grid = {"A n=20": Cell("A n=20", QUICKSTART, [], "A", {"n": "20"}),
+            "B n=20": Cell("B n=20", QUICKSTART, [], "B", {"n": "20"}),
+            "A n=50": Cell("A n=50", QUICKSTART, [], "A", {"n": "50"})}
     results = {
         "A n=20": [{"run": _run_with_rows(tmp_path, [{"t": 1, "acc": 0.2}, {"t": 2, "acc": 0.4}, {"t": 3, "acc": 0.9}])},
                    {"run": _run_with_rows(tmp_path, [{"t": 1, "acc": 0.4}, {"t": 2, "acc": 0.6}])}],
+        "B n=20": [{"run": _run_with_rows(tmp_path, [{"t": 1, "acc": 0.5}])}],
         "A n=50": [{"run": _run_with_rows(tmp_path, [{"t": 1, "acc": 0.0}])}],
     }
-    series = figure_series(Figure(file="f.png", key="acc", x_key="t", settings="n=20"), results)
-    # one setting kept, named without its axis cell; x=3 is missing from one seed, so dropped
-    assert series == {"A": [{"t": 1, "acc": pytest.approx(0.3)}, {"t": 2, "acc": pytest.approx(0.5)}]}
+    panels = figure_panels(Figure(file="f.png", key="acc", x_key="t"), results, grid)
+    # one panel per axis cell, one curve per method; x=3 is missing from one seed, so dropped
+    assert panels == {"n=20": {"A": [{"t": 1, "acc": pytest.approx(0.3)}, {"t": 2, "acc": pytest.approx(0.5)}],
+                               "B": [{"t": 1, "acc": 0.5}]},
+                      "n=50": {"A": [{"t": 1, "acc": 0.0}]}}
+    kept = figure_panels(Figure(file="f.png", key="acc", x_key="t", settings="n=50"), results, grid)
+    assert list(kept) == ["n=50"]
 
     variance = [{"round": 1, "v": {"w": 2.0, "b": 1.0}}, {"round": 2, "v": {"w": 4.0, "b": 1.0}}]
     runs = {"plain": [{"run": _run_with_rows(tmp_path, variance), "start": {"w": 2.0, "b": 0.5}}]}
-    layered = figure_series(Figure(file="v.png", key="v", layers=["w", "b"], relative_to="start"), runs)
-    assert layered == {"plain: w": [{"round": 1, "v": 1.0}, {"round": 2, "v": 2.0}],
-                       "plain: b": [{"round": 1, "v": 2.0}, {"round": 2, "v": 2.0}]}
+    layered = figure_panels(Figure(file="v.png", key="v", layers=["w", "b"], relative_to="start"), runs,
+                            {"plain": Cell("plain", QUICKSTART, [], "plain", {})})
+    assert layered == {"w": {"plain": [{"round": 1, "v": 1.0}, {"round": 2, "v": 2.0}]},
+                       "b": {"plain": [{"round": 1, "v": 2.0}, {"round": 2, "v": 2.0}]}}
     with pytest.raises(ValueError, match="relative_to needs layers"):
         Figure(file="v.png", key="v", relative_to="start")
+
+
+def test_cells_split_labels_into_method_and_panel_and_take_labelled_axis_groups(tmp_path):
+    spec = BenchSpec(name="x", configs=[str(QUICKSTART)], panel_by=" / ",
+                     variants=[{"label": "fedavg / ipm 0.1", "set": ["strategy.name=fedavg"]}],
+                     axes={"partition": {"k=1": ["partition.scheme=pathological", "partition.classes_per_client=1"],
+                                         "iid": ["partition.scheme=iid"]}, "rounds": [3]})
+    first, second = cells(spec, tmp_path)
+    assert first.label == "fedavg / ipm 0.1 partition=k=1 rounds=3"
+    assert first.sets == ["strategy.name=fedavg", "partition.scheme=pathological", "partition.classes_per_client=1",
+                          "rounds=3"]
+    assert (first.method, first.place) == ("fedavg", {"panel": "ipm 0.1", "partition": "k=1", "rounds": "3"})
+    assert second.place["partition"] == "iid"
+
+
+def test_heatmap_tables_are_methods_by_an_axis_one_per_remaining_cell():
+    grid = {f"{m} p={p} d={d}": Cell(f"{m} p={p} d={d}", QUICKSTART, [], m, {"p": p, "d": d})
+            for m in ("A", "B") for p in ("iid", "k1") for d in ("digits", "synth")}
+    results = {label: [{"final_accuracy": 0.5 + 0.1 * i}, {"final_accuracy": 0.7 + 0.1 * i}]
+               for i, label in enumerate(grid)}
+    del results["B p=k1 d=synth"]
+    tables = heatmap_tables(Figure(file="h.png", kind="heatmap", columns="p"), results, grid)
+    assert list(tables) == ["d=digits", "d=synth"]
+    rows, columns, matrix = tables["d=digits"]
+    assert (rows, columns) == (["A", "B"], ["iid", "k1"])
+    np.testing.assert_allclose(matrix, [[0.6, 0.8], [1.0, 1.2]])  # A iid is setting 0, A k1 setting 2, ...
+    assert np.isnan(tables["d=synth"][2][1, 1])
+    with pytest.raises(ValueError, match="columns 'q' is not an axis"):
+        BenchSpec(name="x", configs=["a.yaml"], axes={"p": [1]},
+                  figures=[{"file": "h.png", "kind": "heatmap", "columns": "q"}])
+
+
+def test_a_partition_the_data_cannot_satisfy_stops_the_grid_before_any_run(tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "refused", "configs": [str(QUICKSTART)], "seeds": [0],
+        "common": ["sim.backend=inprocess", "rounds=1"],
+        "variants": [{"label": "ok", "set": ["partition.num_clients=2"]},
+                     {"label": "too many", "set": ["partition.num_clients=5000"]}],
+        "out": str(tmp_path / "results")}))
+    with pytest.raises(ConfigError, match=r"too many \(seed 0\): dirichlet: 5000 partitions need at least"):
+        run_bench(spec_path, runs_dir=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_check_against_several_baselines_must_beat_each_of_them():
+    spec = BenchSpec(name="x", configs=["a.yaml"], checks=[
+        _check(claim="#C=1 is the hardest", setting="k1", baseline=["iid", "dir", "k2"], lower_is_better=True)])
+    results = {"k1": [{"final_accuracy": 0.30}], "iid": [{"final_accuracy": 0.90}],
+               "dir": [{"final_accuracy": 0.85}], "k2": [{"final_accuracy": 0.35}]}
+    [line] = verdicts(spec, results)
+    assert line == ("- HOLDS: #C=1 is the hardest (final_accuracy: k1 0.3 vs the lowest of 3, k2 0.35)")
+    results["k2"] = [{"final_accuracy": 0.25}]
+    assert verdicts(spec, results)[0].startswith("- DOES NOT HOLD")
+
+
+def test_winner_checks_name_the_best_method_of_every_axis_value():
+    grid = {f"{m} p={p}": Cell(f"{m} p={p}", QUICKSTART, [], m, {"p": p}) for m in ("A", "B") for p in ("iid", "k1")}
+    spec = BenchSpec(name="x", configs=["a.yaml"], axes={"p": ["iid", "k1"]}, winners=[
+        WinnerCheck(claim="no method wins everywhere", across="p"),
+        WinnerCheck(claim="A wins everywhere", across="p", best="A")])
+    results = {"A p=iid": [{"final_accuracy": 0.9}], "B p=iid": [{"final_accuracy": 0.8}],
+               "A p=k1": [{"final_accuracy": 0.3}], "B p=k1": [{"final_accuracy": 0.4}]}
+    varies, a_wins = verdicts(spec, results, grid)
+    assert varies == ("- HOLDS: no method wins everywhere (best final_accuracy per p: iid A 0.9, k1 B 0.4)")
+    assert a_wins.startswith("- DOES NOT HOLD: A wins everywhere")
+    results["A p=k1"] = [{"final_accuracy": 0.4}]  # a tie counts as a win for both
+    varies, a_wins = verdicts(spec, results, grid)
+    assert varies.startswith("- DOES NOT HOLD") and "k1 A/B 0.4" in varies
+    assert a_wins.startswith("- HOLDS")
+
+
+def test_set_replaces_a_field_of_the_spec_such_as_an_axis(tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({"name": "x", "configs": ["a.yaml"],
+                                         "axes": {"data": {"digits": ["data.name=digits"]}}}))
+    spec = BenchSpec.load(spec_path, ["name=x_synthetic", "axes.data={synthetic: [data.name=synthetic]}"])
+    assert spec.name == "x_synthetic" and spec.axes == {"data": {"synthetic": ["data.name=synthetic"]}}
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        BenchSpec.load(spec_path, ["name"])
+
+
+def test_grid_figures_write_small_multiples_and_heatmaps_with_missing_cells(tmp_path):
+    from fedsim.sim.grid_figures import plot_heatmaps, plot_panels
+
+    rows = [{"round": r, "centralised_accuracy": r / 10} for r in range(1, 6)]
+    panels = {f"attack {i}": {f"rule {j}": rows for j in range(6)} for i in range(16)}
+    plot_panels(panels, tmp_path / "p.png")
+    matrix = np.array([[0.9, np.nan], [0.3, np.inf]])
+    plot_heatmaps({"digits": (["A", "B"], ["iid", "#C=1"], matrix)}, tmp_path / "h.png", label="final accuracy")
+    for name in ("p.png", "h.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -116,3 +116,43 @@ def test_missing_or_malformed_file(tmp_path):
     bad.write_text("rounds: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"partition": {"scheme": "pathological", "classes_per_client": 11}},
+     "partition.classes_per_client: 11 labels per client but data.name digits has 10 classes; allowed 1..10"),
+    ({"data": {"name": "synthetic", "synthetic": {"num_classes": 4}},
+      "partition": {"scheme": "pathological", "classes_per_client": 5}},
+     "partition.classes_per_client: 5 labels per client but data.name synthetic has 4 classes; allowed 1..4"),
+    ({"partition": {"scheme": "natural"}},
+     "partition.scheme: natural needs natural client ids, which data.name digits does not have; "
+     "use synthetic, or hf with data.hf_partition_by"),
+    ({"data": {"name": "hf", "path": "x", "hf_partition_by": "writer_id"}},
+     "data.hf_partition_by: only data.name hf with partition.scheme natural uses it; got hf with dirichlet"),
+    ({"strategy": {"name": "scaffold"}, "client": {"optimizer": "adam"}},
+     "strategy.name: scaffold assumes SGD client steps (option II control variate (x - y_i) / (K lr)); "
+     "client.optimizer: adam cannot combine with it; use sgd"),
+    ({"strategy": {"name": "fednova"}, "client": {"optimizer": "adam"}},
+     "strategy.name: fednova assumes SGD client steps (normalising by the number of (momentum) SGD steps); "
+     "client.optimizer: adam cannot combine with it; use sgd"),
+])
+def test_sections_that_cannot_combine_are_refused_in_one_line_naming_both(raw, message):
+    with pytest.raises(ConfigError) as err:
+        validate_config(raw)
+    assert str(err.value) == message
+
+
+def test_niid_partition_settings_validate():
+    cfg = validate_config({"partition": {"scheme": "pathological", "classes_per_client": 10}})
+    assert cfg.partition.classes_per_client == 10
+    cfg = validate_config({"partition": {"scheme": "feature_noise", "noise_std": 0.3}})
+    assert cfg.partition.noise_std == 0.3
+    cfg = validate_config({"data": {"name": "hf", "path": "x", "hf_partition_by": "writer_id"},
+                           "partition": {"scheme": "natural", "num_clients": 3597}})
+    assert cfg.data.hf_partition_by == "writer_id"
+
+
+def test_sgd_momentum_with_adam_clients_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match="client: momentum 0.9 is SGD's heavy-ball momentum"):
+        validate_config({"client": {"optimizer": "adam", "momentum": 0.9}})
+    assert validate_config({"client": {"optimizer": "adam", "lr": 0.003}}).client.momentum == 0.0

@@ -53,3 +53,46 @@ def test_synthetic_uses_its_natural_partition(tmp_path):
     for pid in range(30):
         train, _ = data.client(pid)
         assert set(np.unique(train.groups)) == {pid}
+
+
+def test_hugging_face_writer_column_gives_natural_clients(tmp_path):
+    digits = load_digits()
+    features = datasets.Features({"pixels": datasets.Sequence(datasets.Value("float32")),
+                                  "label": datasets.ClassLabel(num_classes=10),
+                                  "writer_id": datasets.Value("string")})
+    writers = [f"f{i % 5:04d}" for i in range(200)]
+    ds = datasets.DatasetDict({split: datasets.Dataset.from_dict(
+        {"pixels": (digits.data[:200] / 16).tolist(), "label": digits.target[:200].tolist(), "writer_id": writers},
+        features=features) for split in ("train", "test")})
+    ds.save_to_disk(str(tmp_path / "hf"))
+    cfg = _cfg(tmp_path, {"name": "hf", "path": str(tmp_path / "hf"), "hf_image_key": "pixels",
+                          "hf_partition_by": "writer_id"}, scheme="natural", num_clients=5)
+    data = federated_data(cfg)
+    for i, (train, test) in enumerate(zip(data.client_train, data.client_test, strict=True)):
+        rows = np.concatenate([train, test])
+        assert len(rows) == 40 and set(rows % 5) == {i}  # writer f000i wrote rows i, i + 5, ...
+
+
+def test_feature_noise_reaches_the_clients_and_spares_the_server_test_set(tmp_path):
+    clean = federated_data(_cfg(tmp_path, {"name": "digits"}, scheme="iid"))
+    noisy = federated_data(_cfg(tmp_path, {"name": "digits"}, scheme="feature_noise", noise_std=0.4))
+    np.testing.assert_array_equal(noisy.test.x, clean.test.x)
+    for client in range(4):  # the same IID indices; client i's noise std is 0.4 * i / 4
+        np.testing.assert_array_equal(noisy.client_train[client], clean.client_train[client])
+        rows = np.concatenate([noisy.client_train[client], noisy.client_test[client]])
+        diff = noisy.train.x[rows] - clean.train.x[rows]
+        np.testing.assert_allclose(diff.std(), 0.1 * client, rtol=0.05, atol=1e-7)
+
+
+def test_a_single_split_hf_dataset_holds_out_its_test_set_when_told(tmp_path):
+    digits = load_digits()
+    features = datasets.Features({"pixels": datasets.Sequence(datasets.Value("float32")),
+                                  "label": datasets.ClassLabel(num_classes=10)})
+    only_train = datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"pixels": (digits.data[:200] / 16).tolist(), "label": digits.target[:200].tolist()}, features=features)})
+    only_train.save_to_disk(str(tmp_path / "hf"))
+    source = {"name": "hf", "path": str(tmp_path / "hf"), "hf_image_key": "pixels"}
+    with pytest.raises(ValueError, match="'test' is not a split; known: train"):
+        federated_data(_cfg(tmp_path, source))
+    data = federated_data(_cfg(tmp_path, {**source, "hf_test_split": None, "test_fraction": 0.25}))
+    assert (len(data.train.y), len(data.test.y)) == (150, 50)

@@ -212,7 +212,7 @@ def test_configs_that_cannot_hold_are_refused_at_validation():
     with pytest.raises(ConfigError, match="a natural partition has one per group and data.synthetic.num_devices is 30"):
         validate_config({"data": {"name": "synthetic", "synthetic": {"num_devices": 30}},
                          "partition": {"scheme": "natural", "num_clients": 50}})
-    with pytest.raises(ConfigError, match="data.name 'digits' has none"):
+    with pytest.raises(ConfigError, match="natural client ids, which data.name digits does not have"):
         validate_config({"partition": {"scheme": "natural"}})
     natural = validate_config({"data": {"name": "synthetic"}, "partition": {"scheme": "natural", "num_clients": 77}})
     assert natural.data.synthetic.num_devices == 77

@@ -70,13 +70,14 @@ def test_plain_gossip_without_training_reaches_consensus_at_the_mean(config):
     final = run.latest_checkpoint().strategy["node_models"]
     assert summary["final_consensus_distance"] < 1e-6 * float(((start - start.mean(0)) ** 2).sum())
     torch.testing.assert_close(final, start.mean(0).expand_as(final), atol=1e-4, rtol=0)
-    assert run.rows()[-1]["node_accuracy_std"] == 0.0  # every node now predicts alike
+    assert run.rows()[-1]["node_accuracy_std"] == pytest.approx(0.0, abs=1e-6)  # every node now predicts alike
 
 
 def test_variance_correction_keeps_layer_variance_that_plain_gossip_loses(config):
-    plain = _run_idle(config("rounds=5", "strategy.variance_correction=false"))[1]
-    corrected = _run_idle(config("rounds=5", "strategy.variance_correction=true"))[1]
-    exact = _run_idle(config("rounds=5", "strategy.variance_correction=true", "strategy.eps=1e-12"))[1]
+    default_init = "model.init=default"  # biases start random, so their plain mixing shows too
+    plain = _run_idle(config("rounds=5", "strategy.variance_correction=false", default_init))[1]
+    corrected = _run_idle(config("rounds=5", "strategy.variance_correction=true", default_init))[1]
+    exact = _run_idle(config("rounds=5", "strategy.variance_correction=true", "strategy.eps=1e-12", default_init))[1]
     weights = ["body.1.weight", "head.weight"]  # the MLP's weight matrices; biases mix plainly
     assert max(plain["layer_variance_ratio"].values()) < 0.5
     # the eps guard still shrinks the variance by var / (var + eps) per step; without it, exact
@@ -137,6 +138,9 @@ def test_gossip_trains_every_node_and_reports_spread_consensus_and_layer_varianc
     assert rows[-1]["node_accuracy_min"] <= rows[-1]["centralised_accuracy"] <= rows[-1]["node_accuracy_max"]
     assert rows[-1]["consensus_distance"] < rows[0]["consensus_distance"]
     assert set(rows[-1]["layer_variance"]) == set(summary["initial_layer_variance"])
+    # Xavier init (the config's): biases start at 0, so only layers that start spread have a ratio
+    assert summary["initial_layer_variance"]["head.bias"] == 0.0
+    assert set(summary["layer_variance_ratio"]) == {"body.1.weight", "head.weight"}
 
 
 def test_resumed_gossip_run_continues_exactly(config):

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from fedsim.models import MODELS, build_model
+from fedsim.models.init import xavier_init
 
 IMAGE_SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (1, 32, 32), (3, 28, 28)]
 
@@ -65,3 +66,15 @@ def test_image_models_refuse_unusable_shapes():
         build_model("cnn", (60,), 10)
     with pytest.raises(ValueError, match="lenet5: images must be at most 32x32; got 64x64"):
         build_model("lenet5", (3, 64, 64), 10)
+
+
+def test_xavier_init_gives_glorot_variance_and_zero_biases():
+    torch.manual_seed(0)
+    model = xavier_init(build_model("lenet5", (1, 32, 32), 10))
+    for name, param in model.named_parameters():
+        if param.dim() >= 2:
+            fan_out, fan_in = param.shape[0] * param[0, 0].numel(), param.shape[1] * param[0, 0].numel()
+            assert param.var().item() == pytest.approx(2 / (fan_in + fan_out), rel=0.25), name
+            assert param.abs().max() <= (6 / (fan_in + fan_out)) ** 0.5
+        else:
+            assert torch.count_nonzero(param) == 0, name

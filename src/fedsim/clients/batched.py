@@ -67,6 +67,8 @@ def vectorisable_reason(cfg: ExperimentConfig, model: nn.Module) -> str | None:
     for key, name in (("loss.name", cfg.loss.name), ("loss.aux.name", cfg.loss.aux.name if cfg.loss.aux else None)):
         if name is not None and not per_sample_loss(name):
             return f"{key}: {name!r} is not a mean of per-sample terms"
+    if cfg.strategy.name == "scaffold":
+        return "strategy.name: scaffold's per-client control variates correct gradients one client at a time"
     if any(True for _ in model.buffers()):
         return f"model.name: {cfg.model.name!r} has buffers (BatchNorm statistics would count the padding)"
     return None

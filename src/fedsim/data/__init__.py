@@ -2,39 +2,46 @@
 
 Knows nothing of federation or configuration: loaders return ``ArrayDataset``
 pairs, partitioners return index arrays.
+
+The names below are importable from ``fedsim.data`` directly; each loads its module on
+first use, so that a client importing ``ArrayDataset`` does not pay for scikit-learn,
+Hugging Face ``datasets`` or matplotlib (seconds per process, and a deployed ClientApp
+is a new process per message).
 """
 
-from fedsim.data.array_dataset import ArrayDataset, split_train_test
-from fedsim.data.cifar10 import load_cifar10
-from fedsim.data.digits import load_digits
-from fedsim.data.huggingface import load_hf
-from fedsim.data.mnist import load_mnist, read_idx
-from fedsim.data.npz import load_npz
-from fedsim.data.partition import (
-    PARTITIONS,
-    label_histograms,
-    partition_indices,
-    plot_label_histograms,
-    split_client,
-)
-from fedsim.data.registry import DATASETS, load_dataset
-from fedsim.data.synthetic import generate_synthetic
+from __future__ import annotations
 
-__all__ = [
-    "DATASETS",
-    "PARTITIONS",
-    "ArrayDataset",
-    "generate_synthetic",
-    "label_histograms",
-    "load_cifar10",
-    "load_dataset",
-    "load_digits",
-    "load_hf",
-    "load_mnist",
-    "load_npz",
-    "partition_indices",
-    "plot_label_histograms",
-    "read_idx",
-    "split_client",
-    "split_train_test",
-]
+import importlib
+
+_EXPORTS = {
+    "ArrayDataset": "fedsim.data.array_dataset",
+    "split_train_test": "fedsim.data.array_dataset",
+    "load_cifar10": "fedsim.data.cifar10",
+    "load_digits": "fedsim.data.digits",
+    "load_hf": "fedsim.data.huggingface",
+    "load_mnist": "fedsim.data.mnist",
+    "read_idx": "fedsim.data.mnist",
+    "load_npz": "fedsim.data.npz",
+    "heterogeneity": "fedsim.data.skew",
+    "label_tv_distances": "fedsim.data.skew",
+    "partition_report": "fedsim.data.skew",
+    "plot_partition": "fedsim.data.skew",
+    "PARTITIONS": "fedsim.data.partition",
+    "PartitionError": "fedsim.data.partition",
+    "feature_noise": "fedsim.data.partition",
+    "label_histograms": "fedsim.data.partition",
+    "partition_indices": "fedsim.data.partition",
+    "plot_label_histograms": "fedsim.data.partition",
+    "split_client": "fedsim.data.partition",
+    "DATASETS": "fedsim.data.registry",
+    "load_dataset": "fedsim.data.registry",
+    "generate_synthetic": "fedsim.data.synthetic",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'fedsim.data' has no attribute {name!r}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,6 +95,8 @@ def split_train_test(
     tuple[ArrayDataset, ArrayDataset]
         ``(train, test)``.
     """
+    from sklearn.model_selection import train_test_split  # scikit-learn takes seconds to import
+
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction: {test_fraction} is not in (0, 1)")
     if len(dataset) < 2:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import datasets
 import numpy as np
 from flwr_datasets import FederatedDataset
@@ -16,6 +18,7 @@ def load_hf(
     label_key: str = "label",
     train_split: str = "train",
     test_split: str | None = "test",
+    group_key: str | None = None,
     seed: int = 0,
     test_fraction: float = 0.2,
 ) -> tuple[ArrayDataset, ArrayDataset]:
@@ -37,6 +40,10 @@ def load_hf(
         Split used for testing when ``source`` has splits; None to hold out
         ``test_fraction`` of the train split instead. A single ``Dataset`` is always
         split that way.
+    group_key : str or None, default None
+        Column of the natural client id of every training sample (e.g. FEMNIST's
+        ``writer_id``), for natural partitions; its distinct values, sorted, become the
+        ``groups`` 0, 1, ... of the train set.
     seed : int, default 0
         Seed of the hub shuffle and of the held-out split.
     test_fraction : float, default 0.2
@@ -74,6 +81,8 @@ def load_hf(
     train_set, *test_set = (
         ArrayDataset(x=x, y=y, num_classes=num_classes, name=name) for x, y in splits
     )
+    if group_key is not None:
+        train_set = dataclasses.replace(train_set, groups=_group_ids(train, group_key))
     if not test_set:
         return split_train_test(train_set, test_fraction, seed)
     return train_set, test_set[0]
@@ -92,6 +101,15 @@ def _load_hub(
             "with datasets' save_to_disk and pass its path, or use the 'npz' dataset"
         ) from err
     return train, None if test_split is None else federated.load_split(test_split)
+
+
+def _group_ids(table: datasets.Dataset, group_key: str) -> np.ndarray:
+    """The natural client id of every row: the index of its ``group_key`` value among the
+    sorted distinct values."""
+    if group_key not in table.column_names:
+        raise ValueError(f"hf: '{group_key}' is not a column; known: {', '.join(table.column_names)}")
+    _, ids = np.unique(np.asarray(table[group_key]), return_inverse=True)
+    return ids.astype(np.int64).reshape(-1)
 
 
 def _check_split(source: datasets.DatasetDict, split: str) -> None:

@@ -8,20 +8,19 @@ samples themselves stay in numpy.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    Partitioner,
-    ShardPartitioner,
-    SizePartitioner,
-)
-from matplotlib import colormaps
-from matplotlib.figure import Figure
 
-PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "natural")
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
+
+PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "natural", "pathological", "feature_noise")
+
+
+class PartitionError(ValueError):
+    """A partition the data cannot satisfy (more clients than samples, more labels per
+    client than classes, ...); the message is one line naming the setting."""
 
 
 def partition_indices(
@@ -34,6 +33,7 @@ def partition_indices(
     shards_per_client: int = 2,
     quantity_alpha: float = 0.5,
     min_size: int = 2,
+    classes_per_client: int = 2,
     groups: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Split sample indices among clients.
@@ -56,6 +56,14 @@ def partition_indices(
           from Dirichlet(``quantity_alpha``), labels IID.
         - ``"natural"``: one client per distinct value of ``groups``; partition ``i``
           holds the ``i``-th smallest group id.
+        - ``"pathological"``: label quantity skew #C=k of NIID-Bench (Li et al.,
+          arXiv:2102.02079): each client holds exactly ``classes_per_client`` labels,
+          the first ``i mod K`` (so every label is used once there are K clients), the
+          others drawn at random; each label's samples are split equally among the
+          clients that hold it (flwr-datasets' ``PathologicalPartitioner``,
+          ``first-deterministic``).
+        - ``"feature_noise"``: IID labels, as ``"iid"``; the noise of NIID-Bench's
+          noise-based feature skew is added to the inputs by :func:`feature_noise`.
     num_partitions : int
         Number of clients; for ``"natural"`` it must equal the number of groups.
     seed : int
@@ -68,6 +76,8 @@ def partition_indices(
         Dirichlet concentration of the client sizes of ``"quantity"``.
     min_size : int, default 2
         Smallest client of ``"dirichlet"`` and ``"quantity"``.
+    classes_per_client : int, default 2
+        Labels per client of ``"pathological"``.
     groups : np.ndarray or None, default None
         Natural client id of every sample, needed by ``"natural"``.
 
@@ -75,37 +85,46 @@ def partition_indices(
     -------
     list[np.ndarray]
         ``num_partitions`` sorted int64 index arrays, none empty.
+
+    Raises
+    ------
+    PartitionError
+        When the data cannot satisfy the setting; one line naming it.
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be a 1-D integer array; got {labels.ndim}-D {labels.dtype}")
     if scheme not in PARTITIONS:
-        raise ValueError(f"'{scheme}' is not a partition scheme; known: {', '.join(PARTITIONS)}")
+        raise PartitionError(f"'{scheme}' is not a partition scheme; known: {', '.join(PARTITIONS)}")
     if num_partitions < 1:
-        raise ValueError(f"{scheme}: num_partitions must be >= 1; got {num_partitions}")
+        raise PartitionError(f"{scheme}: num_partitions must be >= 1; got {num_partitions}")
     if scheme != "natural" and num_partitions > len(labels):
-        raise ValueError(
+        raise PartitionError(
             f"{scheme}: {num_partitions} partitions need at least as many samples; "
             f"got {len(labels)}"
         )
+    if scheme == "pathological":
+        _check_pathological(labels, num_partitions, classes_per_client)
     columns = {"label": labels, "idx": np.arange(len(labels))}
     if scheme == "natural":
         if groups is None:
-            raise ValueError("natural: needs groups (the natural client id of every sample)")
+            raise PartitionError("natural: needs groups (the natural client id of every sample)")
         groups = np.asarray(groups)
         if groups.shape != labels.shape:
-            raise ValueError(
+            raise PartitionError(
                 f"natural: groups has shape {groups.shape} but labels has {labels.shape}"
             )
         num_groups = len(np.unique(groups))
         if num_groups != num_partitions:
-            raise ValueError(
+            raise PartitionError(
                 f"natural: the groups hold {num_groups} natural clients "
                 f"but num_partitions is {num_partitions}"
             )
         return natural_partitions(groups)
+    import datasets  # Hugging Face datasets takes seconds to import; only the partitioners need it
+
     table = datasets.Dataset.from_dict(columns)
-    if scheme in ("iid", "quantity"):
+    if scheme in ("iid", "quantity", "feature_noise"):
         table = table.shuffle(seed=seed)
     partitioner = _make_partitioner(
         scheme,
@@ -116,6 +135,7 @@ def partition_indices(
         shards_per_client=shards_per_client,
         quantity_alpha=quantity_alpha,
         min_size=min_size,
+        classes_per_client=classes_per_client,
     )
     partitioner.dataset = table
     try:
@@ -125,14 +145,19 @@ def partition_indices(
         ]
     except ValueError as err:
         if scheme == "dirichlet":  # DirichletPartitioner gives up after 10 draws
-            raise ValueError(
+            raise PartitionError(
                 f"dirichlet: no draw at alpha {alpha} gave every one of {num_partitions} "
                 f"partitions >= {min_size} samples; raise alpha or lower min_size"
+            ) from err
+        if scheme == "pathological":  # a random extra label drew more holders than samples
+            raise PartitionError(
+                f"pathological: at {num_partitions} clients x {classes_per_client} labels some "
+                f"label has fewer samples than clients holding it; use fewer clients or labels"
             ) from err
         raise
     empty = [pid for pid, part in enumerate(parts) if len(part) == 0]
     if empty:
-        raise ValueError(f"{scheme}: partitions {empty} came out empty; use fewer partitions")
+        raise PartitionError(f"{scheme}: partitions {empty} came out empty; use fewer partitions")
     return [part.astype(np.int64) for part in parts]
 
 
@@ -158,13 +183,30 @@ def _make_partitioner(
     shards_per_client: int,
     quantity_alpha: float,
     min_size: int,
+    classes_per_client: int,
 ) -> Partitioner:
     """Build the flwr-datasets partitioner that implements ``scheme``."""
-    if scheme == "iid":
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+        ShardPartitioner,
+        SizePartitioner,
+    )
+
+    if scheme in ("iid", "feature_noise"):  # feature skew: IID labels, noisy inputs
         return IidPartitioner(num_partitions=num_partitions)
+    if scheme == "pathological":
+        return PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_classes_per_partition=int(classes_per_client),
+            class_assignment_mode="first-deterministic",
+            seed=seed,
+        )
     if scheme == "dirichlet":
         if alpha <= 0:
-            raise ValueError(f"dirichlet: alpha must be > 0; got {alpha}")
+            raise PartitionError(f"dirichlet: alpha must be > 0; got {alpha}")
         return DirichletPartitioner(
             num_partitions=num_partitions,
             partition_by="label",
@@ -174,9 +216,9 @@ def _make_partitioner(
         )
     if scheme == "shards":
         if shards_per_client < 1:
-            raise ValueError(f"shards: shards_per_client must be >= 1; got {shards_per_client}")
+            raise PartitionError(f"shards: shards_per_client must be >= 1; got {shards_per_client}")
         if num_partitions * shards_per_client > num_samples:
-            raise ValueError(
+            raise PartitionError(
                 f"shards: {num_partitions} partitions x {shards_per_client} shards "
                 f"need at least {num_partitions * shards_per_client} samples; got {num_samples}"
             )
@@ -196,9 +238,9 @@ def _quantity_skewed_sizes(
 ) -> list[int]:
     """Client sizes: ``min_size`` each, the rest shared by Dirichlet(quantity_alpha)."""
     if quantity_alpha <= 0:
-        raise ValueError(f"quantity: quantity_alpha must be > 0; got {quantity_alpha}")
+        raise PartitionError(f"quantity: quantity_alpha must be > 0; got {quantity_alpha}")
     if min_size < 1 or num_partitions * min_size > num_samples:
-        raise ValueError(
+        raise PartitionError(
             f"quantity: min_size {min_size} x {num_partitions} partitions must be >= 1 "
             f"and at most the {num_samples} samples"
         )
@@ -206,6 +248,68 @@ def _quantity_skewed_sizes(
     shares = rng.dirichlet(np.full(num_partitions, quantity_alpha))
     extra = rng.multinomial(num_samples - num_partitions * min_size, shares)
     return [int(min_size + e) for e in extra]
+
+
+def _check_pathological(labels: np.ndarray, num_partitions: int, classes_per_client: int) -> None:
+    """Refuse a #C=k setting the labels cannot satisfy, before the partitioner draws it.
+
+    Every label is shared equally by the clients holding it, so each label needs at least
+    one sample per holder; with ``first-deterministic`` assignment label ``c`` has at least
+    ``ceil((num_partitions - c) / K)`` holders.
+    """
+    classes, counts = np.unique(labels, return_counts=True)
+    if not 1 <= classes_per_client <= len(classes):
+        raise PartitionError(
+            f"pathological: classes_per_client {classes_per_client} is not possible with the "
+            f"{len(classes)} classes in the data; allowed 1..{len(classes)}"
+        )
+    first_holders = [len(range(c, num_partitions, len(classes))) for c in range(len(classes))]
+    short = [(int(c), int(n), h) for c, n, h in zip(classes, counts, first_holders, strict=True) if h > n]
+    if short:
+        label, count, holders = short[0]
+        raise PartitionError(
+            f"pathological: label {label} has {count} samples but {num_partitions} clients "
+            f"give it {holders} holders at least; use fewer clients"
+        )
+
+
+def feature_noise(
+    x: np.ndarray, partitions: list[np.ndarray], noise_std: float, seed: int
+) -> np.ndarray:
+    """NIID-Bench's noise-based feature skew: client ``i`` of ``n`` sees its inputs plus
+    Gaussian noise of standard deviation ``noise_std * i / n``.
+
+    From "Federated Learning on Non-IID Data Silos: An Experimental Study" (Li et al.,
+    ICDE 2022, arXiv:2102.02079), ``x_hat = x + N(0, sigma_i^2)``; there
+    ``sigma_i = noise * i / (n - 1)``, here ``noise_std * i / n`` as fedsim's issue
+    defines it, so client 0 keeps clean inputs and the last one gets ``(n - 1) / n`` of
+    ``noise_std``. The noise is drawn once, seeded per client, so a client sees the same
+    noisy samples every round (a property of its device, not an augmentation).
+
+    Parameters
+    ----------
+    x : np.ndarray
+        Inputs of every sample, shape ``(N, ...)``.
+    partitions : list[np.ndarray]
+        Index arrays, one per client, disjoint.
+    noise_std : float
+        The largest client's noise scale; must be >= 0.
+    seed : int
+        Seed of the noise.
+
+    Returns
+    -------
+    np.ndarray
+        A noisy copy of ``x`` (same dtype); samples outside every partition are unchanged.
+    """
+    if noise_std < 0:
+        raise PartitionError(f"feature_noise: noise_std must be >= 0; got {noise_std}")
+    noisy = np.array(x, copy=True)
+    for client, part in enumerate(partitions):
+        std = noise_std * client / len(partitions)
+        rng = np.random.default_rng([seed, client])
+        noisy[part] = x[part] + rng.normal(0.0, std, size=x[part].shape).astype(x.dtype)
+    return noisy
 
 
 def split_client(
@@ -277,6 +381,9 @@ def plot_label_histograms(hist: np.ndarray, path: str | Path) -> None:
     path : str or Path
         Where to write the PNG.
     """
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
     hist = np.asarray(hist)
     if hist.ndim != 2:
         raise ValueError(f"hist must be 2-D (partitions, classes); got shape {hist.shape}")

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
-import datasets
-
 from fedsim.data.array_dataset import ArrayDataset
-from fedsim.data.cifar10 import load_cifar10
-from fedsim.data.digits import load_digits
-from fedsim.data.huggingface import load_hf
-from fedsim.data.mnist import load_mnist
-from fedsim.data.npz import load_npz
-from fedsim.data.synthetic import generate_synthetic
 
 DATASETS = ("digits", "synthetic", "mnist", "cifar10", "npz", "hf")
 
@@ -23,9 +16,24 @@ _OPTIONS = {
     "mnist": (),
     "cifar10": (),
     "npz": (),
-    "hf": ("image_key", "label_key", "train_split", "test_split"),
+    "hf": ("image_key", "label_key", "train_split", "test_split", "group_key"),
 }
 _NEEDS_PATH = ("mnist", "cifar10", "npz")
+# Each loader's module, imported when its dataset is loaded: scikit-learn (digits) and
+# Hugging Face datasets (hf) take seconds to import, and a process needs one loader at most.
+_LOADERS = {
+    "digits": ("fedsim.data.digits", "load_digits"),
+    "synthetic": ("fedsim.data.synthetic", "generate_synthetic"),
+    "mnist": ("fedsim.data.mnist", "load_mnist"),
+    "cifar10": ("fedsim.data.cifar10", "load_cifar10"),
+    "npz": ("fedsim.data.npz", "load_npz"),
+    "hf": ("fedsim.data.huggingface", "load_hf"),
+}
+
+
+def _loader(name: str):
+    module, function = _LOADERS[name]
+    return getattr(importlib.import_module(module), function)
 
 
 def load_dataset(
@@ -58,7 +66,7 @@ def load_dataset(
     **options
         Dataset-specific: ``synthetic`` takes alpha, beta, num_devices, dim,
         num_classes (see ``generate_synthetic``); ``hf`` takes image_key,
-        label_key, train_split, test_split (see ``load_hf``).
+        label_key, train_split, test_split, group_key (see ``load_hf``).
 
     Returns
     -------
@@ -77,17 +85,18 @@ def load_dataset(
         raise ValueError(f"dataset {name} takes no path; got {path}")
     if name in _NEEDS_PATH and path is None:
         raise ValueError(f"dataset {name} needs a path")
-    if name == "digits":
-        return load_digits(seed=seed, test_fraction=test_fraction)
-    if name == "synthetic":
-        return generate_synthetic(seed=seed, test_fraction=test_fraction, **options)
-    if name == "mnist":
-        return load_mnist(path)
-    if name == "cifar10":
-        return load_cifar10(path)
+    if name in ("digits", "synthetic"):
+        return _loader(name)(seed=seed, test_fraction=test_fraction, **options)
+    if name in ("mnist", "cifar10"):
+        return _loader(name)(path)
     if name == "npz":
-        return load_npz(path, seed=seed, test_fraction=test_fraction)
+        return _loader(name)(path, seed=seed, test_fraction=test_fraction)
     if (hf_id is None) == (path is None):
         raise ValueError("dataset hf needs exactly one of hf_id (hub id) or path (save_to_disk)")
-    source = hf_id if hf_id is not None else datasets.load_from_disk(str(path))
-    return load_hf(source, seed=seed, test_fraction=test_fraction, **options)
+    if hf_id is None:
+        import datasets
+
+        source = datasets.load_from_disk(str(path))
+    else:
+        source = hf_id
+    return _loader(name)(source, seed=seed, test_fraction=test_fraction, **options)

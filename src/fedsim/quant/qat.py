@@ -29,10 +29,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchao.quantization.qat import FakeQuantizedLinear, FakeQuantizerBase, IntxFakeQuantizeConfig
 
 from fedsim.quant.fake import check_choice, choose_qparams, fake_quantize, quant_range
 from fedsim.quant.layers import conv2d_sharing, reject_prepared, swap_layers
+from fedsim.quant.torchao_import import quiet_torchao_import
+
+with quiet_torchao_import():
+    from torchao.quantization.qat import FakeQuantizedLinear, FakeQuantizerBase, IntxFakeQuantizeConfig
 
 WEIGHT_BITS = (2, 4, 8)
 ACTIVATION_BITS = (None, 2, 4, 8)

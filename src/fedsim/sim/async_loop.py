@@ -59,6 +59,7 @@ from fedsim.sim.components import FederatedData, federated_data, make_model, pre
 from fedsim.sim.loop import Steps, fmt_metric, run_steps
 from fedsim.sim.messaging import client_nodes, send_and_collect
 from fedsim.sim.results import RunDir
+from fedsim.strategies.evaluation import client_accuracy_percentiles
 from fedsim.strategies.fedasync import FedAsync
 from fedsim.strategies.fedbuff import FedBuff
 from fedsim.strategies.fedfix import FedFix, FedFixArrival
@@ -378,7 +379,7 @@ class GlobalEvaluator:
             config = ConfigRecord({"server-round": tick, "partition-id": pid})
             messages.append(Message(content=RecordDict({"arrays": arrays, "config": config}),
                                     message_type=MessageType.EVALUATE, dst_node_id=node))
-        total, loss, correct = 0, 0.0, 0.0
+        total, loss, correct, accuracies = 0, 0.0, 0.0, []
         for reply in send_and_collect(self.grid, messages, self.cfg.client.timeout_s):
             if reply.has_error():
                 log.warning("evaluation failed on node %s: %s", reply.metadata.src_node_id, reply.error.reason)
@@ -386,7 +387,11 @@ class GlobalEvaluator:
             metrics = next(iter(reply.content.metric_records.values()))
             n = int(metrics["num-examples"])
             total, loss, correct = total + n, loss + metrics["eval_loss"] * n, correct + metrics["eval_accuracy"] * n
-        return {"federated_loss": loss / total, "federated_accuracy": correct / total} if total else {}
+            accuracies += [float(metrics["eval_accuracy"])] if n else []
+        if not total:
+            return {}
+        return {"federated_loss": loss / total, "federated_accuracy": correct / total,
+                **client_accuracy_percentiles(accuracies)}
 
 
 def eval_times(strategy: AsyncStrategyBase) -> list[float]:

@@ -44,6 +44,7 @@ from fedsim.clients.fedlex import GuidanceMask
 from fedsim.clients.hooks import ClientHook, ProximalTerm, vectorises
 from fedsim.clients.objective import ClientObjective
 from fedsim.clients.quantization import Uplink, prepare_training_model
+from fedsim.clients.scaffold import DELTA_RECORD, ScaffoldControl
 from fedsim.clients.train import TrainResult, build_optimizer, evaluate_many, local_steps, train_local
 from fedsim.config import ExperimentConfig
 from fedsim.data import ArrayDataset
@@ -61,6 +62,7 @@ from fedsim.sim.components import (
     resolve_device,
 )
 from fedsim.sim.faults import inject_fault, stall_seconds
+from fedsim.sim.ray_node import ray_node_metric
 from fedsim.strategies.replies import TIMEOUT_CODE
 
 LOSS_STATE_KEY = "loss-state"
@@ -161,6 +163,7 @@ class TrainJob:
     train_set: ArrayDataset
     generator: torch.Generator
     seconds: float = 0.0
+    control: ScaffoldControl | None = None  # SCAFFOLD's control variates, set when it trains
 
     @property
     def config(self):
@@ -328,6 +331,9 @@ class ClientRuntime:
         model = model.to(device)
         hooks = _hooks(job, {n: p.detach().clone() for n, p in model.named_parameters()})
         pid = job.member.partition_id
+        job.control = ScaffoldControl.from_content(job.member.content, job.member.state, w.spec, pid)
+        if job.control is not None:
+            hooks += (job.control.hook(model),)
         rounding = torch.Generator(device=device).manual_seed(derive_seed(self.cfg.seed, "lowbit", job.server_round, pid))
         model = prepare_training_model(model, self.cfg.quant, job.server_round, self.cfg.rounds, rounding)
         objective = build_objective(self.cfg, len(job.train_set.y), hooks)
@@ -362,6 +368,8 @@ class ClientRuntime:
         what the server will see."""
         pid, cfg = job.member.partition_id, self.cfg
         update = final_flat - job.start_flat
+        control_delta = None if job.control is None else job.control.finish(w.model, update, result.steps, cfg.client,
+                                                                            job.member.state)
         update = torch.from_numpy(inject_fault(cfg.faults, pid, job.server_round, update.numpy()))
         stall = stall_seconds(cfg.faults, pid, job.server_round)
         if self.sleep_stalls:
@@ -382,8 +390,12 @@ class ClientRuntime:
             "duration_s": job.seconds,
             "virtual_duration": result.steps / float(w.speeds[pid]),
             "bytes_up": payload.nbytes,
+            **ray_node_metric(),
         })
-        return RecordDict({"update": to_record(payload.to_arrays()), "metrics": metrics})
+        content = RecordDict({"update": to_record(payload.to_arrays()), "metrics": metrics})
+        if control_delta is not None:
+            content[DELTA_RECORD] = control_delta
+        return content
 
     # --------------------------------------------------------- other messages
     def _mix(self, message_type: str, members: Sequence[Member]) -> list[Outcome]:

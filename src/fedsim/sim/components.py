@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -21,8 +21,10 @@ from fedsim.clients.hooks import ClientHook
 from fedsim.clients.objective import ClientObjective
 from fedsim.config import DataConfig, ExperimentConfig, ModelConfig, PartitionConfig, SpeedConfig
 from fedsim.data import ArrayDataset, load_dataset
-from fedsim.data.partition import partition_indices, split_client
+from fedsim.data import cache as partition_cache
+from fedsim.data.partition import feature_noise, partition_indices, split_client
 from fedsim.models import build_model
+from fedsim.models.init import xavier_init
 from fedsim.seeding import derive_seed
 from fedsim.sim.speeds import client_speeds
 
@@ -47,12 +49,14 @@ def load_source(data: DataConfig, seed: int) -> tuple[ArrayDataset, ArrayDataset
     """Load the configured dataset as (train pool, server test set)."""
     options = data.synthetic.model_dump() if data.name == "synthetic" else {}
     if data.name == "hf":
-        options = {"image_key": data.hf_image_key, "label_key": data.hf_label_key}
+        options = {"image_key": data.hf_image_key, "label_key": data.hf_label_key, "test_split": data.hf_test_split,
+                   **({"group_key": data.hf_partition_by} if data.hf_partition_by else {})}
     return load_dataset(data.name, path=data.path, hf_id=data.hf_id, seed=seed,
                         test_fraction=data.test_fraction, **options)
 
 
 @functools.lru_cache(maxsize=4)
+@partition_cache.cached(FederatedData)  # on disk too, where a deployed node turned it on
 def _federated_data(data_json: str, partition_json: str, seed: int) -> FederatedData:
     data = DataConfig.model_validate_json(data_json)
     part = PartitionConfig.model_validate_json(partition_json)
@@ -60,8 +64,10 @@ def _federated_data(data_json: str, partition_json: str, seed: int) -> Federated
     parts = partition_indices(
         train.y, part.scheme, part.num_clients, seed, alpha=part.alpha,
         shards_per_client=part.shards_per_client, quantity_alpha=part.quantity_alpha,
-        min_size=part.min_size, groups=train.groups,
+        min_size=part.min_size, classes_per_client=part.classes_per_client, groups=train.groups,
     )
+    if part.scheme == "feature_noise":
+        train = replace(train, x=feature_noise(train.x, parts, part.noise_std, derive_seed(seed, "feature-noise")))
     splits = [split_client(idx, part.client_test_fraction, derive_seed(seed, "client-split", i))
               for i, idx in enumerate(parts)]
     return FederatedData(train, test, tuple(s[0] for s in splits), tuple(s[1] for s in splits))
@@ -76,7 +82,8 @@ def make_model(model: ModelConfig, data: ArrayDataset, seed: int) -> nn.Module:
     """The configured model, initialised from ``seed``."""
     torch.manual_seed(seed)
     kwargs = {"hidden": tuple(model.hidden)} if model.name == "mlp" else {}
-    return build_model(model.name, data.input_shape, data.num_classes, **kwargs)
+    net = build_model(model.name, data.input_shape, data.num_classes, **kwargs)
+    return xavier_init(net) if model.init == "xavier" else net
 
 
 def build_loss(cfg: ExperimentConfig, num_samples: int, per_sample: bool = False

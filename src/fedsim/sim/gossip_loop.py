@@ -99,10 +99,10 @@ def layer_variances(spec: ParamSpec, models: Tensor) -> dict[str, float]:
 
 def variance_drift(initial: dict[str, float], final: dict[str, float], weights: list[str]) -> dict[str, Any]:
     """How far each layer's variance moved from its initial value: the ratios final /
-    initial (None for a layer that starts constant, a BatchNorm scale or bias), and over the
-    weight layers ``weights`` their mean absolute log (0 when every weight layer kept its
-    initial variance)."""
-    ratios = {name: final[name] / initial[name] if initial[name] else None for name in initial}
+    initial (of the layers that do not start constant, as zero biases do), and over the weight
+    layers ``weights`` their mean absolute log (0 when every weight layer kept its initial
+    variance)."""
+    ratios = {name: final[name] / initial[name] for name in initial if initial[name] > 0}
     drift = sum(abs(math.log(ratios[name])) for name in weights) / len(weights)
     return {"initial_layer_variance": initial, "final_layer_variance": final, "layer_variance_ratio": ratios,
             "layer_variance_log_drift": drift}

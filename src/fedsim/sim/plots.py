@@ -5,17 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-
 CURVES = (("accuracy", ("centralised_accuracy", "federated_accuracy")),
           ("loss", ("centralised_loss", "federated_loss", "train_loss")))
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported when a plot is drawn (it
+    takes a second to import, and client processes never draw)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_run(rows: list[dict[str, Any]], out_dir: Path, x_key: str = "round") -> list[Path]:
     """Write accuracy.png and loss.png for one run's metrics rows."""
+    plt = _pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, keys in CURVES:
@@ -40,6 +47,7 @@ def plot_comparison(series: dict[str, list[dict[str, Any]]], path: Path,
                     key: str = "centralised_accuracy", x_key: str = "round", ylabel: str | None = None) -> Path:
     """One curve of ``key`` per labelled run, in one figure (y axis named ``ylabel``, else
     after ``key``)."""
+    plt = _pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, rows in series.items():

@@ -152,6 +152,8 @@ def summarise(rows: list[dict[str, Any]], target: float, status: str) -> dict[st
         "best_accuracy": max((r["centralised_accuracy"] for r in evaluated), default=None),
         "final_federated_accuracy": next((r["federated_accuracy"] for r in reversed(rows)
                                           if r.get("federated_accuracy") is not None), None),
+        **{f"final_{key}": next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
+           for key in ("client_accuracy_p10", "client_accuracy_p50", "client_accuracy_p90")},
         "target_accuracy": target,
         "rounds_to_target": rounds_to_target(rows, target),
         "wall_time_s": rows[-1]["wall_time_s"] if rows else 0.0,

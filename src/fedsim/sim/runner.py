@@ -12,13 +12,13 @@ from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation
 
 from fedsim.clients.batched import vectorisable_reason
 from fedsim.config import ExperimentConfig
 from fedsim.seeding import seed_everything
 from fedsim.sim.async_loop import run_async
 from fedsim.sim.client_app import ClientRuntime, build_client_app, worker
+from fedsim.sim.flower_notices import quiet_run_simulation_notice
 from fedsim.sim.gossip_loop import run_gossip
 from fedsim.sim.grouped import GroupedGrid, engine_nodes
 from fedsim.sim.inprocess import InProcessGrid
@@ -78,11 +78,14 @@ def run_experiment(cfg: ExperimentConfig, *, resume: str | Path | None = None, r
         grid = InProcessGrid(ClientRuntime(cfg, vectorise), cfg.partition.num_clients)
         outcome.update(serve(grid, cfg, run, resume is not None, show_progress))
         return run.path, outcome
-    run_simulation(
-        server_app=build_server_app(cfg, run, resume is not None, show_progress, outcome),
-        client_app=build_client_app(cfg, vectorise),
-        num_supernodes=engine_nodes(cfg.partition.num_clients, cfg.sim.clients_per_node),
-        backend_config=backend_config(cfg, ray_address),
-        verbose_logging=verbose,
-    )
+    from flwr.simulation import run_simulation  # imports Ray: not for a deployed ServerApp, which needs serve()
+
+    with quiet_run_simulation_notice():  # deprecated, and still the right call: see sim.flower_notices
+        run_simulation(
+            server_app=build_server_app(cfg, run, resume is not None, show_progress, outcome),
+            client_app=build_client_app(cfg, vectorise),
+            num_supernodes=engine_nodes(cfg.partition.num_clients, cfg.sim.clients_per_node),
+            backend_config=backend_config(cfg, ray_address),
+            verbose_logging=verbose,
+        )
     return run.path, outcome

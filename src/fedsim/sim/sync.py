@@ -24,6 +24,7 @@ from fedsim.records import to_state_dict
 from fedsim.sim.components import FederatedData, federated_data, make_model, predict_fn, resolve_device
 from fedsim.sim.loop import Steps, fmt_metric, run_steps
 from fedsim.sim.messaging import client_nodes, send_and_collect
+from fedsim.sim.rejoin import NodeWatch
 from fedsim.sim.results import RunDir
 from fedsim.strategies import build_strategy
 
@@ -49,11 +50,13 @@ class SyncSteps(Steps):
         self.net = make_model(cfg.model, self.data.train, cfg.seed)
         node_of = client_nodes(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
         self.strategy = build_strategy(cfg, ParamSpec.of(self.net), node_of, label_mix(self.data))
+        self.joins = NodeWatch(node_of)
         self.predict = predict_fn(cfg)
         self.arrays = ArrayRecord(self.net.state_dict())
 
     def step(self, rnd: int) -> dict[str, Any]:
         cfg, strategy = self.cfg, self.strategy
+        strategy.rejoin(self.joins.joined(self.grid, cfg.client.timeout_s))
         messages = list(strategy.configure_train(rnd, self.arrays, ConfigRecord(), self.grid))
         replies = send_and_collect(self.grid, messages, cfg.client.timeout_s)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)

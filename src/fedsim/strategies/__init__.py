@@ -16,6 +16,7 @@ from fedsim.strategies.fedau import FedAU
 from fedsim.strategies.fedavg import FedAvg, FedProx
 from fedsim.strategies.fedld import FedLD
 from fedsim.strategies.fedlex import FedLEx
+from fedsim.strategies.fednova import FedNova
 from fedsim.strategies.flag import FlagStrategy
 from fedsim.strategies.participation import (
     BernoulliParticipation,
@@ -24,9 +25,10 @@ from fedsim.strategies.participation import (
     UniformSampler,
 )
 from fedsim.strategies.robust import Krum, Median, MultiKrum, TrimmedMean
+from fedsim.strategies.scaffold import Scaffold
 
 STRATEGIES: dict[str, type[FedsimStrategy]] = {
-    "fedavg": FedAvg, "fedprox": FedProx, "median": Median, "trimmed_mean": TrimmedMean, "krum": Krum,
+    "fedavg": FedAvg, "fedprox": FedProx, "scaffold": Scaffold, "fednova": FedNova, "median": Median, "trimmed_mean": TrimmedMean, "krum": Krum,
     "multikrum": MultiKrum, "flag": FlagStrategy, "fedau": FedAU, "fedld": FedLD, "fedlex": FedLEx,
 }
 

@@ -31,6 +31,7 @@ from fedsim.quant.error_feedback import ServerEstimate
 from fedsim.records import to_state_dict
 from fedsim.seeding import derive_seed
 from fedsim.strategies.aggregate import weighted_mean
+from fedsim.strategies.evaluation import client_accuracy_percentiles
 from fedsim.strategies.replies import ClientUpdate, Failure, screen_train_replies
 from fedsim.strategies.server_opt import ServerOptimizer
 
@@ -97,6 +98,12 @@ class FedsimStrategy(Strategy):
     def num_clients(self) -> int:
         return len(self.node_of)
 
+    def rejoin(self, node_of: dict[int, int]) -> None:
+        """Partitions whose node (re)joined under a new node id: their messages go there from
+        now on (replies from the old id are still attributed to the partition)."""
+        self.node_of.update(node_of)
+        self.pid_of.update({n: p for p, n in node_of.items()})
+
     # ---------------------------------------------------------------- hooks
     def participants(self, server_round: int) -> list[int]:
         """Partition ids asked to train this round (the participation model by default)."""
@@ -108,6 +115,10 @@ class FedsimStrategy(Strategy):
 
     def observe(self, server_round: int, accepted: list[ClientUpdate]) -> None:
         """Called every round with the accepted updates, before a possible skip."""
+
+    def screen(self, replies: list[Message]) -> tuple[list[ClientUpdate], list[Failure]]:
+        """Decode and check the round's training replies (the update through the uplink codec)."""
+        return screen_train_replies(replies, self._sent, self.spec.dim, self.uplink)
 
     def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
         """Combine the accepted updates into one (D,) update. FedAvg by default."""
@@ -155,7 +166,11 @@ class FedsimStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted, failures = screen_train_replies(list(replies), self._sent, self.spec.dim, self.uplink)
+        accepted, failures = self.screen(list(replies))
+        for u in accepted:
+            if "ray-node" in u.metrics:
+                log.debug("round %d: client %d trained on Ray node %012x", server_round, u.partition_id,
+                          int(u.metrics["ray-node"]))
         self.report.accepted = [u.partition_id for u in accepted]
         self.report.failures = failures
         self.report.bytes_up = sum(u.nbytes for u in accepted)
@@ -214,7 +229,7 @@ class FedsimStrategy(Strategy):
         return self._messages(pids, arrays, config, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        total, loss, correct = 0, 0.0, 0.0
+        total, loss, correct, accuracies = 0, 0.0, 0.0, []
         for msg in replies:
             if msg.has_error():
                 log.warning("evaluation failed on client %s: %s",
@@ -225,9 +240,12 @@ class FedsimStrategy(Strategy):
             total += n
             loss += float(rec["eval_loss"]) * n
             correct += float(rec["eval_accuracy"]) * n
+            if n > 0:
+                accuracies.append(float(rec["eval_accuracy"]))
         if total == 0:
             return None
-        return MetricRecord({"federated_loss": loss / total, "federated_accuracy": correct / total})
+        return MetricRecord({"federated_loss": loss / total, "federated_accuracy": correct / total,
+                             **client_accuracy_percentiles(accuracies)})
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict:

@@ -51,7 +51,7 @@ def _metrics(msg: Message) -> dict[str, float]:
     return {k: float(v) for rec in records.values() for k, v in rec.items() if isinstance(v, int | float)}
 
 
-def _decode(msg: Message, partition_id: int, record: str, dim: int, codec: Codec
+def decode_record(msg: Message, partition_id: int, record: str, dim: int, codec: Codec
             ) -> tuple[torch.Tensor, int] | Failure:
     """The flat vector (and its size on the wire) that ``record`` of the reply encodes with
     ``codec``, or why it cannot be used."""
@@ -77,7 +77,7 @@ def _decode(msg: Message, partition_id: int, record: str, dim: int, codec: Codec
 def screen_train_reply(msg: Message, partition_id: int, dim: int, codec: Codec) -> ClientUpdate | Failure:
     """Decode a training reply with the uplink ``codec`` into a :class:`ClientUpdate`, or
     explain why it is rejected."""
-    decoded = _decode(msg, partition_id, "update", dim, codec)
+    decoded = decode_record(msg, partition_id, "update", dim, codec)
     if isinstance(decoded, Failure):
         return decoded
     metrics = _metrics(msg)
@@ -90,7 +90,7 @@ def screen_train_reply(msg: Message, partition_id: int, dim: int, codec: Codec) 
 def screen_model_reply(msg: Message, partition_id: int, dim: int) -> ClientUpdate | Failure:
     """A reply that carries a whole flat model in its ``model`` record, float32 (a gossip
     node's mixed model): a :class:`ClientUpdate` whose ``update`` is that model."""
-    decoded = _decode(msg, partition_id, "model", dim, IDENTITY)
+    decoded = decode_record(msg, partition_id, "model", dim, IDENTITY)
     return decoded if isinstance(decoded, Failure) else ClientUpdate(partition_id, 0, *decoded, _metrics(msg))
 
 
