@@ -126,8 +126,8 @@ def validate(config: Path, set_: SetOption = None) -> None:
     and combinations, then what the run needs from the data and the host (the dataset
     is loaded and partitioned, the device and GPU share looked up)."""
     cfg = _checked(_config(config, set_))
-    console.print(f"[green]ok[/green]: {config} ({cfg.strategy.name}, {cfg.partition.num_clients} clients, "
-                  f"{cfg.rounds} rounds)")
+    length = f"horizon {cfg.strategy.horizon:g}" if cfg.strategy.family == "async" else f"{cfg.rounds} rounds"
+    console.print(f"[green]ok[/green]: {config} ({cfg.strategy.name}, {cfg.partition.num_clients} clients, {length})")
 
 
 @app.command()
