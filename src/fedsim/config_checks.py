@@ -13,6 +13,7 @@ from its default, so a resolved ``config.yaml`` (every key written out) validate
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -207,7 +208,7 @@ def loss_class_problem(cfg: ExperimentConfig, num_classes: int) -> str | None:
 
     cls = REGISTRY[cfg.loss.name]
     kwargs = dict(cfg.loss.kwargs)
-    if "num_samples" in cls.__init__.__code__.co_varnames:
+    if "num_samples" in inspect.signature(cls).parameters:
         kwargs["num_samples"] = 2 * num_classes
     loss = cls(**kwargs)
     batch, width = 2 * num_classes, 8

@@ -14,6 +14,9 @@ prints. Flower's ``run_simulation`` deprecation notice is dropped where fedsim c
 - torch (logger ``torch.utils._pytree``, at torchao's import): "<enum ...> is an Enum
   subclass and is now natively supported by torch.compile ..." about torchao registering an
   enum as a pytree constant.
+- alembic (logger ``alembic.runtime.plugins``, INFO, when Flower's simulation sets up its
+  state database): "setup plugin alembic.autogenerate.schemas" and six more, at the INFO
+  level fedsim's command line logs at.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import warnings
 RAY_ACCELERATOR_TIP = r"Tip: In future versions of Ray, Ray will no longer override accelerator visible devices"
 TORCHAO_EXTENSION = "Failed to load "
 PYTREE_ENUM = "%s is an Enum subclass and is now natively supported by torch.compile"
+ALEMBIC_PLUGIN = "setup plugin %s"
 
 
 class _TorchaoExtensionLoad(logging.Filter):
@@ -37,7 +41,13 @@ class _PytreeEnumConstant(logging.Filter):
         return not (isinstance(record.msg, str) and record.msg.startswith(PYTREE_ENUM))
 
 
-_FILTERS = {"torchao": _TorchaoExtensionLoad(), "torch.utils._pytree": _PytreeEnumConstant()}
+class _AlembicPluginSetup(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != ALEMBIC_PLUGIN
+
+
+_FILTERS = {"torchao": _TorchaoExtensionLoad(), "torch.utils._pytree": _PytreeEnumConstant(),
+            "alembic.runtime.plugins": _AlembicPluginSetup()}
 
 
 def quiet_known_notices() -> None:
