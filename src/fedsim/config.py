@@ -572,6 +572,14 @@ SGD_STEP_STRATEGIES = {
     "fednova": "normalising by the number of (momentum) SGD steps",
 }
 
+# Strategies whose aggregation reads this round's replies themselves, and how: EF21 and
+# EControl replace them by every client's running estimate (EF21-PP)
+ROUND_REPLY_STRATEGIES = {
+    "fednova": "normalises each reply by its own local steps",
+    "fedau": "weights each of the round's participants by its participation gaps",
+    "scaffold": "pairs each reply with the control-variate delta of the same round",
+}
+
 
 class ExperimentConfig(Section):
     """A whole experiment: everything a run needs, and nothing else."""
@@ -620,10 +628,11 @@ class ExperimentConfig(Section):
             raise ValueError(f"strategy.name: {self.strategy.name} assumes SGD client steps "
                              f"({SGD_STEP_STRATEGIES[self.strategy.name]}); client.optimizer: "
                              f"{self.client.optimizer} cannot combine with it; use sgd")
-        if self.strategy.name == "fednova" and self.quant.uplink.error_feedback in ("ef21", "econtrol"):
-            raise ValueError(f"strategy.name: fednova normalises each reply by its own local steps; "
-                             f"quant.uplink.error_feedback: {self.quant.uplink.error_feedback} aggregates "
-                             "every client's stale estimate instead; use none or ef")
+        feedback = self.quant.uplink.error_feedback
+        if self.strategy.name in ROUND_REPLY_STRATEGIES and feedback in ("ef21", "econtrol"):
+            raise ValueError(f"strategy.name: {self.strategy.name} {ROUND_REPLY_STRATEGIES[self.strategy.name]}; "
+                             f"quant.uplink.error_feedback: {feedback} aggregates every client's stale estimate "
+                             "(EF21-PP) instead; use none or ef")
         return self
 
     @model_validator(mode="after")

@@ -22,12 +22,19 @@ class ParamSpec:
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
+    buffers: frozenset[str] = frozenset()  # the names that are buffers (BatchNorm statistics), not parameters
 
     @classmethod
     def of(cls, model: nn.Module) -> ParamSpec:
         state = model.state_dict()
         names = tuple(k for k, v in state.items() if v.is_floating_point())
-        return cls(names, tuple(tuple(state[k].shape) for k in names))
+        parameters = {name for name, _ in model.named_parameters()}
+        return cls(names, tuple(tuple(state[k].shape) for k in names), frozenset(set(names) - parameters))
+
+    def parameter_mask(self) -> torch.Tensor:
+        """A bool ``(dim,)`` vector: True on the entries of parameters, False on buffers."""
+        return torch.cat([torch.full((size,), name not in self.buffers) for name, size in
+                          zip(self.names, self.sizes, strict=True)])
 
     @property
     def sizes(self) -> tuple[int, ...]:

@@ -111,6 +111,28 @@ def test_client_and_server_estimates_stay_equal_when_clients_skip_rounds(small_c
         torch.testing.assert_close(client["estimate"], server[str(pid)], rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("feedback", [["quant.uplink.error_feedback=ef21"],
+                                      ["quant.uplink.error_feedback=econtrol", "quant.uplink.eta=0.1"]],
+                         ids=["ef21", "econtrol"])
+def test_a_dropped_reply_resets_both_copies_of_the_estimate(small_config, feedback):
+    # client 1 sends NaN in round 2: the server drops it, though the client has moved its h_1
+    cfg = small_config(*SHORT_RUN, "partition.num_clients=3", "quant.uplink.codec=topk",
+                       "quant.uplink.fraction=0.05", "faults.nan=[1]", "faults.rounds=[2]", *feedback)
+    app = _RecordingRuntime(cfg)
+    grid = InProcessGrid(app, cfg.partition.num_clients)
+    run = RunDir.create(cfg)
+    serve(grid, cfg, run, resume=False, show_progress=False)
+    assert [r["num_failed"] for r in run.rows()] == [0, 1, 0, 0]
+    assert not torch.isfinite(app.memory[1, 2, "after"]["estimate"]).all()  # the client's copy went bad
+    assert app.trained[1] == [1, 2, 3, 4]
+    server = run.latest_checkpoint().strategy["uplink_estimates"]
+    for pid in range(3):  # after the reset (round 3), both copies agree again and are finite
+        client = grid.client_state(pid)[EF_STATE_KEY].to_torch_state_dict()["estimate"]
+        assert torch.isfinite(client).all()
+        torch.testing.assert_close(client, server[str(pid)], rtol=0, atol=1e-7)
+    assert math.isfinite(run.rows()[-1]["centralised_loss"])
+
+
 def test_error_feedback_memory_is_kept_per_client_across_rounds(small_config):
     cfg = small_config(*SHORT_RUN, "partition.num_clients=3", "rounds=3", "quant.uplink.codec=topk",
                        "quant.uplink.fraction=0.01", "quant.uplink.error_feedback=ef")

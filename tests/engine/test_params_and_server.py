@@ -26,6 +26,26 @@ def test_flatten_round_trip_skips_integer_buffers():
     assert torch.equal(spec.join_layers([t[0] for t in layers]), vec)
 
 
+def test_buffers_take_the_aggregate_as_it_is_and_only_parameters_the_server_optimizer():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    spec = ParamSpec.of(model)
+    assert spec.buffers == {"1.running_mean", "1.running_var"}
+    mask = spec.parameter_mask()
+    assert mask.dtype == torch.bool and int(mask.sum()) == spec.dim - 4
+    x = get_flat(model, spec)  # running_var starts at 1
+    delta = torch.full((spec.dim,), -0.01)
+    opt = ServerOptimizer(ServerOptConfig(name="adam", lr=1.0))
+    stepped = opt.step(x, delta, mask)
+    # Adam's first step: m = 0.1 d, v = 0.01 d^2, x + lr m / (sqrt(v) + eps) = x - 0.5 here; a
+    # running variance of 1 would lose half; the buffers take x + delta, the clients' mean
+    step = 0.1 * -0.01 / ((0.01 * 0.01**2) ** 0.5 + 1e-3)
+    torch.testing.assert_close(stepped[mask], x[mask] + step)
+    torch.testing.assert_close(stepped[~mask], x[~mask] - 0.01)
+    assert torch.count_nonzero(opt.m[~mask]) == 0 and torch.count_nonzero(opt.v[~mask]) == 0
+    no_mask = ServerOptimizer(ServerOptConfig(name="adam", lr=1.0)).step(x, delta)
+    torch.testing.assert_close(no_mask, x + step)  # every entry steps
+
+
 def test_flatten_rejects_wrong_shapes():
     spec = ParamSpec(("w",), ((2, 2),))
     with pytest.raises(ValueError, match="shape"):

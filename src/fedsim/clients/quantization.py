@@ -6,6 +6,9 @@
 - ``Uplink``: the client's codec and error feedback. The error-feedback memory lives in the
   node's Flower ``Context.state`` (persistent per node across rounds in both backends), so it
   survives rounds in which the client is not sampled.
+- ``restore_local_parameters`` / ``keep_local_parameters``: parameters the quantized model
+  adds to the federated ones (LSQ's learned step sizes) are the client's own; they live in
+  its Context state too, so a client continues from the step sizes it learned.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from fedsim.quant.codecs import Codec, Payload
 from fedsim.records import to_state_dict
 
 EF_STATE_KEY = "uplink-error-feedback"
+LOCAL_PARAMETERS_KEY = "local-parameters"
 
 
 def qat_active(quant: QuantConfig, server_round: int, rounds: int) -> bool:
@@ -54,6 +58,30 @@ def prepare_training_model(model: nn.Module, quant: QuantConfig, server_round: i
     return model
 
 
+def _local_parameters(model: nn.Module, federated: tuple[str, ...]) -> dict[str, nn.Parameter]:
+    names = set(federated)
+    return {n: p for n, p in model.named_parameters() if n not in names}
+
+
+def restore_local_parameters(model: nn.Module, federated: tuple[str, ...], state: RecordDict) -> None:
+    """Load the client's own parameters (those of ``model`` not named in ``federated``, e.g.
+    LSQ step sizes) from its ``state``, where :func:`keep_local_parameters` left them."""
+    if LOCAL_PARAMETERS_KEY not in state:
+        return
+    saved = to_state_dict(state[LOCAL_PARAMETERS_KEY])
+    with torch.no_grad():
+        for name, param in _local_parameters(model, federated).items():
+            if name in saved and saved[name].shape == param.shape:
+                param.copy_(saved[name])
+
+
+def keep_local_parameters(model: nn.Module, federated: tuple[str, ...], state: RecordDict) -> None:
+    """Store the client's own parameters of ``model`` in its ``state`` (none: nothing)."""
+    local = _local_parameters(model, federated)
+    if local:
+        state[LOCAL_PARAMETERS_KEY] = ArrayRecord({n: p.detach().cpu().contiguous() for n, p in local.items()})
+
+
 def build_codec(link: LinkSettings) -> Codec:
     """The codec of one link direction."""
     return codecs.build(link.codec, **link.codec_kwargs())
@@ -70,10 +98,13 @@ class Uplink:
         kwargs = {"eta": self.link.eta} if self.link.error_feedback == "econtrol" else {}
         return error_feedback.build(self.link.error_feedback, self.codec, **kwargs)
 
-    def encode(self, update: torch.Tensor, state: RecordDict, generator: torch.Generator) -> Payload:
-        """Encode ``update``, reading and writing the error-feedback memory in ``state``."""
+    def encode(self, update: torch.Tensor, state: RecordDict, generator: torch.Generator,
+               reset: bool = False) -> Payload:
+        """Encode ``update``, reading and writing the error-feedback memory in ``state``;
+        ``reset`` starts from an empty memory (the server dropped this client's last reply
+        and reset its copy of the EF21/EControl estimate)."""
         wrapper = self._wrapper()
-        if EF_STATE_KEY in state:
+        if EF_STATE_KEY in state and not reset:
             wrapper.load_state_dict(to_state_dict(state[EF_STATE_KEY]))
         payload = wrapper.compress(update, generator=generator)
         memory = wrapper.state_dict()

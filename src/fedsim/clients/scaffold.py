@@ -191,14 +191,12 @@ class ScaffoldControl:
         local, glob = self.spec.unflatten(self.c_local), self.spec.unflatten(self.c_global)
         return ScaffoldCorrection({n: local[n] for n in names}, {n: glob[n] for n in names})
 
-    def finish(self, model: nn.Module, update: torch.Tensor, steps: int, client: ClientConfig,
-               state: MutableMapping) -> ArrayRecord:
-        """Keep ``c_i+`` in ``state`` and return the reply record of ``dc_i``.
+    def finish(self, update: torch.Tensor, steps: int, client: ClientConfig, state: MutableMapping) -> ArrayRecord:
+        """Keep ``c_i+`` in ``state`` (0 on buffers, which have no gradient) and return the
+        reply record of ``dc_i``.
 
         Parameters
         ----------
-        model : nn.Module
-            The trained model (its parameter names tell parameters from buffers).
         update : torch.Tensor
             The local model update ``y_i - x``, flat.
         steps : int
@@ -209,13 +207,6 @@ class ScaffoldControl:
             The client's Context state (its slice, on a node serving several clients).
         """
         c_new = control_variate_update(self.c_local, self.c_global, update, steps, client.lr, client.momentum)
-        c_new = c_new * parameter_mask(self.spec, model)
+        c_new = c_new * self.spec.parameter_mask()
         state[state_key(self.partition_id)] = encode_vector(c_new)[0]
         return encode_vector(c_new - self.c_local)[0]
-
-
-def parameter_mask(spec: ParamSpec, model: nn.Module) -> torch.Tensor:
-    """1 on the entries of ``spec`` that are trainable parameters of ``model``, 0 on buffers."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return torch.cat([torch.full((size,), float(name in names)) for name, size in zip(spec.names, spec.sizes,
-                                                                                       strict=True)])

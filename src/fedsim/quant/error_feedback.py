@@ -23,7 +23,9 @@ Protocol, per wrapper (``C`` the codec, ``D = codec.decode``)
 
 ``wrapper.server_keeps_estimate`` says which case applies. For ``ef21``/``econtrol`` client and
 server must start from the same ``h_i = 0`` and apply the same increments: a reply the server
-drops after the client updated its memory leaves the two copies apart (reset both then).
+drops after the client updated its memory leaves the two copies apart, so both are reset then
+(:meth:`ServerEstimate.reset` on the server; the client's next training message tells it to
+clear its memory, :class:`fedsim.clients.quantization.Uplink`).
 """
 
 from __future__ import annotations
@@ -241,6 +243,11 @@ class ServerEstimate:
             )
         self._estimates[key] = increment.clone() if current is None else current + increment
         return self._estimates[key]
+
+    def reset(self, client_id: int | str) -> None:
+        """Forget client ``client_id``'s estimate (``h_i <- 0``; it re-enters with its next
+        increment): the server's half of resynchronising after a dropped reply."""
+        self._estimates.pop(str(client_id), None)
 
     def mean(self, weights: Mapping[int | str, float] | None = None) -> torch.Tensor:
         """Weighted mean of the estimates of all clients seen (uniform when ``weights`` is None).

@@ -43,7 +43,12 @@ from fedsim.clients.fedld import FedLDRegulariser
 from fedsim.clients.fedlex import GuidanceMask
 from fedsim.clients.hooks import ClientHook, ProximalTerm, vectorises
 from fedsim.clients.objective import ClientObjective
-from fedsim.clients.quantization import Uplink, prepare_training_model
+from fedsim.clients.quantization import (
+    Uplink,
+    keep_local_parameters,
+    prepare_training_model,
+    restore_local_parameters,
+)
 from fedsim.clients.scaffold import DELTA_RECORD, ScaffoldControl
 from fedsim.clients.train import TrainResult, build_optimizer, evaluate_many, local_steps, train_local
 from fedsim.config import ExperimentConfig
@@ -63,7 +68,7 @@ from fedsim.sim.components import (
 )
 from fedsim.sim.faults import inject_fault, stall_seconds
 from fedsim.sim.ray_node import ray_node_metric
-from fedsim.strategies.replies import TIMEOUT_CODE
+from fedsim.strategies.replies import EF_RESET, TIMEOUT_CODE
 
 LOSS_STATE_KEY = "loss-state"
 # Flower's error code for an exception raised inside a ClientApp
@@ -336,10 +341,12 @@ class ClientRuntime:
             hooks += (job.control.hook(model),)
         rounding = torch.Generator(device=device).manual_seed(derive_seed(self.cfg.seed, "lowbit", job.server_round, pid))
         model = prepare_training_model(model, self.cfg.quant, job.server_round, self.cfg.rounds, rounding)
+        restore_local_parameters(model, w.spec.names, job.member.state)
         objective = build_objective(self.cfg, len(job.train_set.y), hooks)
         restore_loss_state(objective, job.member.state)
         result = train_local(model, job.train_set, self.cfg.client, objective, job.generator, device)
         save_loss_state(objective, job.member.state)
+        keep_local_parameters(model, w.spec.names, job.member.state)
         return w.spec.flatten(model.cpu().state_dict()), result
 
     def _train_batch(self, jobs: list[TrainJob], w: Worker, device: torch.device):
@@ -368,7 +375,7 @@ class ClientRuntime:
         what the server will see."""
         pid, cfg = job.member.partition_id, self.cfg
         update = final_flat - job.start_flat
-        control_delta = None if job.control is None else job.control.finish(w.model, update, result.steps, cfg.client,
+        control_delta = None if job.control is None else job.control.finish(update, result.steps, cfg.client,
                                                                             job.member.state)
         update = torch.from_numpy(inject_fault(cfg.faults, pid, job.server_round, update.numpy()))
         stall = stall_seconds(cfg.faults, pid, job.server_round)
@@ -377,7 +384,7 @@ class ClientRuntime:
         else:
             job.seconds += stall
         codec_rng = torch.Generator().manual_seed(derive_seed(cfg.seed, "uplink", job.server_round, pid))
-        payload = self.uplink.encode(update, job.member.state, codec_rng)
+        payload = self.uplink.encode(update, job.member.state, codec_rng, reset=bool(job.config.get(EF_RESET, False)))
         if message_type == "train.gossip":
             held = w.spec.unflatten(job.start_flat + self.uplink.codec.decode(payload))
             gossip_node.keep_model(job.member.state, {**job.start, **held},

@@ -23,7 +23,7 @@ from fedsim.params import ParamSpec
 from fedsim.records import to_state_dict
 from fedsim.sim.components import FederatedData, federated_data, make_model, predict_fn, resolve_device
 from fedsim.sim.loop import Steps, fmt_metric, run_steps
-from fedsim.sim.messaging import client_nodes, send_and_collect
+from fedsim.sim.messaging import PartitionGrid, client_nodes, send_and_collect
 from fedsim.sim.rejoin import NodeWatch
 from fedsim.sim.results import RunDir
 from fedsim.strategies import build_strategy
@@ -88,6 +88,8 @@ class SyncSteps(Steps):
     def load_state_dict(self, model: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         self.arrays = ArrayRecord(model)
         self.strategy.load_state_dict(state)
+        if not isinstance(self.grid, PartitionGrid):  # the clients' states were not restored
+            self.strategy.clients_lost_state()
 
     def log_row(self, row: dict[str, Any]) -> None:
         log.info("round %d/%d  acc %s  loss %s  ok %d  failed %d%s", row["round"], self.total,

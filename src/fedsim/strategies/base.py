@@ -32,7 +32,7 @@ from fedsim.records import to_state_dict
 from fedsim.seeding import derive_seed
 from fedsim.strategies.aggregate import weighted_mean
 from fedsim.strategies.evaluation import client_accuracy_percentiles
-from fedsim.strategies.replies import ClientUpdate, Failure, screen_train_replies
+from fedsim.strategies.replies import EF_RESET, ClientUpdate, Failure, screen_train_replies
 from fedsim.strategies.server_opt import ServerOptimizer
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ class FedsimStrategy(Strategy):
         self.pid_of = {n: p for p, n in self.node_of.items()}
         self.client_config = dict(client_config or {})
         self.server_opt = ServerOptimizer(self.cfg.server_opt)
+        self._parameters = spec.parameter_mask()  # buffers skip the server optimizer
         # update attacks act here; data attacks (label flip) act on the Byzantine clients
         acts_on_updates = ATTACKS[exp.attack.name].acts_on == "updates"
         self.attack = build_attack(exp.attack.name, **exp.attack.kwargs()) if acts_on_updates else None
@@ -89,6 +90,7 @@ class FedsimStrategy(Strategy):
         # EF21 / EControl: the server keeps each client's running estimate h_i
         self.estimates = ServerEstimate() if quant.uplink.error_feedback in ("ef21", "econtrol") else None
         self._examples: dict[int, int] = {}
+        self._resync: set[int] = set()  # clients whose dropped reply reset both copies of h_i
         self.report = RoundReport()
         self._sent: dict[int, int] = {}
         self._template: dict[str, torch.Tensor] = {}
@@ -148,7 +150,12 @@ class FedsimStrategy(Strategy):
         sent_arrays, model_bytes = self._downlink_arrays(arrays)
         self.report = RoundReport(sampled=list(pids), bytes_down=model_bytes * len(pids))
         config = ConfigRecord({**config, **self.client_config, "server-round": server_round})
-        return self._messages(pids, sent_arrays, config, MessageType.TRAIN, self.extra_content(server_round))
+        messages = self._messages(pids, sent_arrays, config, MessageType.TRAIN, self.extra_content(server_round))
+        for pid, message in zip(pids, messages, strict=True):
+            if pid in self._resync:
+                message.content["config"][EF_RESET] = True
+        self._resync -= set(pids)
+        return messages
 
     def _downlink_arrays(self, arrays: ArrayRecord) -> tuple[ArrayRecord, int]:
         """The model as the clients receive it, and its size on the wire.
@@ -179,6 +186,11 @@ class FedsimStrategy(Strategy):
             for u in accepted:  # the payload is an increment of the client's estimate h_i
                 self.estimates.update(u.partition_id, u.update)
                 self._examples[u.partition_id] = u.num_examples
+            dropped = set(self.report.sampled) - set(self.report.accepted)
+            for pid in dropped:  # the client may have moved its h_i: reset both copies
+                self.estimates.reset(pid)
+                self._examples.pop(pid, None)
+            self._resync |= dropped
         self.observe(server_round, accepted)
         metrics = MetricRecord({"num-accepted": len(accepted), "num-failed": len(failures)})
         if accepted:
@@ -193,7 +205,7 @@ class FedsimStrategy(Strategy):
                         server_round, len(accepted), self.cfg.min_successful)
             return None, metrics
         delta = self.aggregate_updates(server_round, self._ef21_pp() if self.estimates else accepted)
-        new_global = self.server_opt.step(self._global, delta)
+        new_global = self.server_opt.step(self._global, delta, self._parameters)
         self._global = new_global
         state = dict(self._template)
         state.update(self.spec.unflatten(new_global))
@@ -254,14 +266,25 @@ class FedsimStrategy(Strategy):
         if self.estimates is not None:
             state["uplink_estimates"] = self.estimates.state_dict()
             state["uplink_examples"] = dict(self._examples)
+            state["uplink_resync"] = sorted(self._resync)
         if hasattr(self.sampler, "state_dict"):
             state["sampler"] = self.sampler.state_dict()
         return state
+
+    def clients_lost_state(self) -> None:
+        """Resuming without the clients' states of the checkpoint (deployment: a SuperNode
+        keeps its own, possibly from a later round): state the server shares with a client
+        is reset or resent. EF21/EControl: both copies of every estimate start again from 0."""
+        if self.estimates is not None:
+            self._resync |= set(self.node_of)
+            self.estimates.load_state_dict({})
+            self._examples.clear()
 
     def load_state_dict(self, state: dict) -> None:
         self.server_opt.load_state_dict(state.get("server_opt", {}))
         if self.estimates is not None and "uplink_estimates" in state:
             self.estimates.load_state_dict(state["uplink_estimates"])
             self._examples = dict(state["uplink_examples"])
+            self._resync = set(state.get("uplink_resync", ()))
         if "sampler" in state:
             self.sampler.load_state_dict(state["sampler"])

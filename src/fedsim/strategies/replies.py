@@ -23,6 +23,9 @@ TIMEOUT = "no reply before the timeout"
 # The error code of a reply that fedsim's simulated nodes mark as late (a client that took
 # longer than ``client.timeout_s``); outside Flower's own error codes.
 TIMEOUT_CODE = 408
+# Training-config flag: the server dropped this client's last reply and reset its copy of the
+# client's EF21/EControl estimate; the client clears its memory too
+EF_RESET = "ef-reset"
 
 log = logging.getLogger(__name__)
 

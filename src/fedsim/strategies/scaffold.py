@@ -156,9 +156,17 @@ class Scaffold(FedsimStrategy):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "scaffold_control": self.control,
-                "scaffold_local_controls": dict(self.local_controls)}
+                "scaffold_local_controls": dict(self.local_controls), "scaffold_in_sync": sorted(self._in_sync),
+                "scaffold_contacted": sorted(self._contacted)}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.control = state["scaffold_control"]
         self.local_controls = dict(state["scaffold_local_controls"])
+        self._in_sync = set(state.get("scaffold_in_sync", ()))
+        self._contacted = set(state.get("scaffold_contacted", ()))
+
+    def clients_lost_state(self) -> None:
+        """Every client is sent its ``c_i`` again with its next training message."""
+        super().clients_lost_state()
+        self._in_sync.clear()

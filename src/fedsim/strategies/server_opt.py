@@ -7,6 +7,11 @@ update ``delta`` as a pseudo-gradient step:
 - momentum:  m <- beta * m + delta;  x <- x + lr * m               (FedAvgM, Hsu et al. 2019)
 - adam:      m <- b1 m + (1 - b1) delta;  v <- b2 v + (1 - b2) delta^2;
              x <- x + lr * m / (sqrt(v) + eps)                      (FedAdam)
+
+Only parameters take the optimizer's step. Buffers (BatchNorm running statistics) are not
+gradients' integrals: they take the clients' aggregate as it is, ``x <- x + delta`` (the
+mean of the clients' statistics under FedAvg); through Adam's normalised step a running
+variance can turn negative and the model NaN.
 """
 
 from __future__ import annotations
@@ -24,8 +29,15 @@ class ServerOptimizer:
         self.m: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
-    def step(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Return the new global vector (``x`` is not modified)."""
+    def step(self, x: torch.Tensor, delta: torch.Tensor, parameters: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the new global vector (``x`` is not modified); ``parameters`` (a bool mask,
+        :meth:`fedsim.params.ParamSpec.parameter_mask`) marks the entries the optimizer
+        steps, the others (buffers) take ``x + delta``. All entries are parameters when None."""
+        if parameters is None or bool(parameters.all()):
+            return self._step(x, delta)
+        return torch.where(parameters, self._step(x, delta * parameters), x + delta)
+
+    def _step(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         if cfg.name == "sgd":
             return x + cfg.lr * delta
