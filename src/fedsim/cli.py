@@ -8,17 +8,38 @@ from typing import Annotated
 
 import numpy as np
 import typer
+from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
 from fedsim.config import ConfigError, ExperimentConfig, load_config
 from fedsim.sim.progress import CONSOLE
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Federated-learning simulation on Flower + Ray.")
 console = CONSOLE
+errors = Console(stderr=True, soft_wrap=True)
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="override KEY=VALUE (repeatable)")]
+
+# ``--debug``: a user error shows its traceback instead of one line
+DEBUG = {"on": False}
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option(help="show the traceback of an error, not one line")] = False) -> None:
+    """Federated-learning simulation on Flower + Ray."""
+    DEBUG["on"] = debug
+
+
+def fail(label: str, exc: BaseException, code: int = 2) -> typer.Exit:
+    """Print ``exc`` as one line on stderr (its traceback too under ``--debug``) and return
+    the ``typer.Exit`` to raise: ``raise fail("config error", exc) from None``."""
+    if DEBUG["on"] and exc.__traceback__ is not None:
+        errors.print_exception(show_locals=False)
+    line = "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    errors.print(f"[red]{label}:[/red] {line}", highlight=False, markup=True)
+    return typer.Exit(code)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -30,9 +51,18 @@ def _config(path: Path, overrides: list[str] | None) -> ExperimentConfig:
     try:
         return load_config(path, overrides or [])
     except ConfigError as exc:
-        for line in str(exc).splitlines():
-            console.print(f"[red]config error:[/red] {line}", highlight=False)
-        raise typer.Exit(2) from None
+        raise fail("config error", exc) from None
+
+
+def _checked(cfg: ExperimentConfig, ray_address: str | None = None) -> ExperimentConfig:
+    """``cfg``, once the data and the host can run it (:func:`fedsim.preflight.preflight`)."""
+    from fedsim.preflight import preflight
+
+    try:
+        preflight(cfg, ray_address)
+    except ConfigError as exc:
+        raise fail("config error", exc) from None
+    return cfg
 
 
 def _federated_data(cfg: ExperimentConfig):
@@ -44,8 +74,7 @@ def _federated_data(cfg: ExperimentConfig):
     try:
         return federated_data(cfg)
     except PartitionError as exc:
-        console.print(f"[red]partition error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        raise fail("partition error", exc) from None
 
 
 @app.command()
@@ -57,7 +86,11 @@ def run(
     progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
     verbose: Annotated[bool, typer.Option(help="debug logs, Flower's included")] = False,
 ) -> None:
-    """Run an experiment and write its run directory."""
+    """Run an experiment and write its run directory.
+
+    Exit codes: 0 done; 1 the run stopped (training diverged), or every round was skipped;
+    2 a user error (config, data, host), reported in one line before anything starts."""
+    from fedsim.sim.loop import DivergedError
     from fedsim.sim.results import RunDir
     from fedsim.sim.runner import run_experiment
 
@@ -66,30 +99,35 @@ def run(
         try:
             run_dir = RunDir.open(resume)
         except FileNotFoundError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2) from None
+            raise fail("error", exc) from None
         cfg = _config(run_dir.config_path, set_)
     elif config is None:
-        console.print("[red]error:[/red] give a CONFIG file, or --resume RUN_DIR")
-        raise typer.Exit(2)
+        raise fail("error", ValueError("give a CONFIG file, or --resume RUN_DIR"))
     else:
         cfg = _config(config, set_)
-    _federated_data(cfg)  # refuse a partition the data cannot satisfy before anything starts
-    path, summary = run_experiment(cfg, resume=resume, ray_address=ray_address,
-                                   show_progress=progress, verbose=verbose)
+    _checked(cfg, ray_address)
+    try:
+        path, summary = run_experiment(cfg, resume=resume, ray_address=ray_address,
+                                       show_progress=progress, verbose=verbose)
+    except DivergedError as exc:
+        raise fail("diverged", exc, code=1) from None
     acc = summary.get("final_accuracy")
     console.print(f"[green]done[/green]: {path}  final accuracy "
                   f"{'-' if acc is None else f'{acc:.4f}'}  ({summary.get('status')})")
+    if summary.get("rounds_completed") and summary.get("skipped_rounds") == summary["rounds_completed"]:
+        raise fail("no round aggregated", ValueError(
+            f"every one of the {summary['rounds_completed']} rounds was skipped (fewer than "
+            f"strategy.min_successful valid replies); see the failures in {path / 'metrics.jsonl'}"), code=1)
 
 
 @app.command()
 def validate(config: Path, set_: SetOption = None) -> None:
-    """Check a config file (and overrides) without running anything; the data is loaded
-    and partitioned, so a partition it cannot satisfy is refused here."""
-    cfg = _config(config, set_)
-    _federated_data(cfg)
-    console.print(f"[green]ok[/green]: {config} ({cfg.strategy.name}, {cfg.partition.num_clients} clients, "
-                  f"{cfg.rounds} rounds)")
+    """Check a config file (and overrides) without running anything: the config's keys
+    and combinations, then what the run needs from the data and the host (the dataset
+    is loaded and partitioned, the device and GPU share looked up)."""
+    cfg = _checked(_config(config, set_))
+    length = f"horizon {cfg.strategy.horizon:g}" if cfg.strategy.family == "async" else f"{cfg.rounds} rounds"
+    console.print(f"[green]ok[/green]: {config} ({cfg.strategy.name}, {cfg.partition.num_clients} clients, {length})")
 
 
 @app.command()
@@ -152,8 +190,7 @@ def report(
         try:
             run_dir = RunDir.open(path)
         except FileNotFoundError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2) from None
+            raise fail("error", exc) from None
         cfg, summary = run_dir.config(), run_dir.summary()
         curves[path.name] = run_dir.rows()
 
@@ -185,8 +222,7 @@ def bench(
     try:
         md = rerender_bench(spec, set_ or []) if rerender else run_bench(spec, runs_dir, jobs, set_ or [])
     except ConfigError as exc:
-        console.print(f"[red]bench spec error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise fail("bench spec error", exc) from None
     console.print(md.read_text())
     console.print(f"wrote {md}")
 
@@ -209,8 +245,7 @@ def deploy(
     try:
         raise typer.Exit(submit(cfg, superlink, root_certificates, stream))
     except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        raise fail("error", exc) from None
 
 
 auth_app = typer.Typer(no_args_is_help=True, help="SuperNode authentication: keys, and their registration "

@@ -100,7 +100,8 @@ class ModelConfig(Section):
     """A model of the zoo, chosen by name."""
 
     name: Literal["mlp", "cnn", "lenet5", "resnet8"] = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [128], description="MLP hidden sizes")
+    hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [128], min_length=1,
+                                                      description="MLP hidden sizes")
     init: Literal["default", "xavier"] = Field(
         "default", description="default: PyTorch's per-layer init; xavier: Glorot uniform weights, zero biases")
 
@@ -251,14 +252,31 @@ class QuantConfig(Section):
 
 # ---------------------------------------------------------------------- strategies
 class ServerOptConfig(Section):
-    """Server optimizer applied to the aggregated update (FedAvgM / FedAdam, Reddi et al. 2021)."""
+    """Server optimizer applied to the aggregated update (FedAvgM / FedAdam, Reddi et al. 2021).
+
+    ``lr`` unset takes the optimizer's own default (:data:`SERVER_LR`): 1.0 for sgd (FedAvg)
+    and momentum (FedAvgM), 0.01 for adam. FedAdam divides by sqrt(v): its step is about
+    lr per coordinate whatever the update's scale, so FedAvg's 1.0 makes it diverge; Reddi
+    et al. ("Adaptive Federated Optimization", arXiv 2003.00295, Fig. 2 and App. D) find
+    its best server learning rates between 10^-2.5 and 10^-1.
+    """
+
+    SERVER_LR: ClassVar[dict[str, float]] = {"sgd": 1.0, "momentum": 1.0, "adam": 0.01}
 
     name: Literal["sgd", "momentum", "adam"] = "sgd"
-    lr: float = Field(1.0, gt=0)
+    lr: float = Field(1.0, gt=0, description="unset: 1.0 for sgd and momentum, 0.01 for adam")
     momentum: float = Field(0.9, ge=0, lt=1)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     eps: float = Field(1e-3, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_lr(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("lr") is None:
+            name = data.get("name", "sgd")
+            data = {**data, "lr": cls.SERVER_LR.get(name, 1.0)} if isinstance(name, str) else data
+        return data
 
 
 class SyncStrategyBase(Section):
@@ -479,6 +497,12 @@ class SpeedConfig(Section):
     network_delay: float = Field(0.0, ge=0)
     dropout: float = Field(0.0, ge=0, lt=1, description="probability a client's update is lost")
 
+    @model_validator(mode="after")
+    def _csv_needs_path(self) -> SpeedConfig:
+        if self.kind == "csv" and not self.path:
+            raise ValueError("path: required for kind 'csv' (a file with a 'speed' column)")
+        return self
+
 
 class SimConfig(Section):
     """Where and how clients run.
@@ -611,6 +635,16 @@ class ExperimentConfig(Section):
                              "(EF21-PP) instead; use none or ef")
         return self
 
+    @model_validator(mode="after")
+    def _combinations(self) -> ExperimentConfig:
+        """What cannot combine, or does not apply to the strategy family (fedsim.config_checks)."""
+        from fedsim.config_checks import combination_problems
+
+        problems = combination_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
     def to_yaml(self) -> str:
         """The resolved config as YAML (what ``config.yaml`` in a run directory holds)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -631,7 +665,11 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {key}: {part!r} holds a value, not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        problem = " ".join(str(exc).split())
+        raise ConfigError(f"--set {key}: the value is not valid YAML ({problem})") from None
 
 
 def _locate(loc: tuple[Any, ...]) -> tuple[str, type[BaseModel] | None]:
@@ -679,7 +717,7 @@ def format_validation_error(exc: ValidationError) -> str:
         key, section = _locate(tuple(err["loc"]))
         msg = err["msg"].removeprefix("Value error, ")
         if not err["loc"] and err["type"] == "value_error":
-            lines.append(msg)  # a check across sections: its message names the keys
+            lines.extend(msg.splitlines())  # a check across sections: its message names the keys
         elif err["type"] == "extra_forbidden":
             allowed = sorted(section.model_fields) if section is not None else []
             lines.append(f"{key}: unknown key; allowed here: {', '.join(allowed)}")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.config import load_config
+from fedsim.config import ConfigError, load_config
 from fedsim.quant.codecs import build as build_codec
 from fedsim.sim.arrivals import LOST, TIMEOUT, Job, SimulatedDevices, VirtualArrivals
 from fedsim.sim.async_loop import ClientPool, run_async
@@ -185,9 +185,10 @@ def test_sim_clock_wall_selects_real_time_from_the_config(config):
     assert not any(RunDir.open(path).checkpoint_dir.iterdir())
 
 
-def test_options_only_sync_strategies_have_are_refused(config):
-    with pytest.raises(ValueError, match="downlink.codec: 'float16'"):
-        run_experiment(config("strategy={name: fedasync, horizon: 1}", "quant.downlink.codec=float16"))
+def test_options_only_sync_strategies_have_are_refused_at_validation(config):
+    with pytest.raises(ConfigError, match="^quant.downlink.codec: a compressed downlink applies to the synchronous "
+                                          "strategies; strategy.name is 'fedasync'$"):
+        config("strategy={name: fedasync, horizon: 1}", "quant.downlink.codec=float16")
 
 
 def test_fedasync_runs_on_the_ray_backend(config):

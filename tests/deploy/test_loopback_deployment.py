@@ -102,7 +102,7 @@ def test_deploy_refuses_a_virtual_clock_async_run_before_submitting_it():
     result = subprocess.run([str(BIN / "fedsim"), "deploy", str(ROOT / "configs" / "fedfix.yaml"),
                              "--superlink", "127.0.0.1:9"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert "deployed asynchronous runs need sim.clock=wall" in result.stdout
+    assert "deployed asynchronous runs need sim.clock=wall" in result.stderr and result.stdout == ""
 
 
 def _flag(command: list[str], flag: str) -> str:

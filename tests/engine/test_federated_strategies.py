@@ -25,7 +25,7 @@ from fedsim.strategies import build_sampler, build_strategy
 from fedsim.strategies.fedau import fedau_aggregate
 from fedsim.strategies.participation import BernoulliParticipation
 from fedsim.strategies.replies import ClientUpdate, screen_train_replies
-from fedsim.strategies.robust import krum
+from fedsim.strategies.robust import krum, multi_krum
 
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
 FAST = ("sim.backend=inprocess", "eval.federated=false", "output.plots=false")
@@ -100,13 +100,26 @@ def test_each_strategy_learns_digits_in_a_short_run(small_config, name, floor):
 def test_krum_assumes_the_attack_fraction_of_the_replies(small_config):
     strategy, spec = offline_strategy(small_config("strategy.name=krum", "attack.name=alie",
                                                    "attack.fraction=0.3"))
-    assert [strategy.num_byzantine(n) for n in (10, 7, 3)] == [3, 2, 0]
+    assert [strategy.num_byzantine(n, 1) for n in (10, 7, 3)] == [3, 2, 0]
     updates = fake_updates(range(10), spec.dim)
     stacked = torch.stack([u.update for u in updates])
     assert torch.equal(strategy.aggregate_updates(1, updates), krum(stacked, 3))
     fixed, _ = offline_strategy(small_config("strategy.name=krum", "strategy.num_byzantine=1",
-                                             "attack.fraction=0.3"))
-    assert fixed.num_byzantine(10) == 1
+                                             "attack.name=alie", "attack.fraction=0.3"))
+    assert fixed.num_byzantine(10, 1) == 1
+
+
+def test_krum_and_multikrum_clamp_to_the_replies_failures_leave(small_config, caplog):
+    """Validation keeps f and m within the clients a round asks; fewer valid replies clamp them."""
+    krum_strategy, spec = offline_strategy(small_config("strategy.name=krum", "strategy.num_byzantine=4"))
+    updates = fake_updates([0, 2, 5], spec.dim)
+    stacked = torch.stack([u.update for u in updates])
+    assert torch.equal(krum_strategy.aggregate_updates(3, updates), krum(stacked, 2))
+    assert "round 3: strategy.num_byzantine 4 with only 3 valid updates; assuming 2" in caplog.text
+    multi, _ = offline_strategy(small_config("strategy.name=multikrum", "strategy.num_byzantine=1",
+                                             "strategy.m=5"))
+    torch.testing.assert_close(multi.aggregate_updates(4, updates), multi_krum(stacked, 1, 3))
+    assert "round 4: strategy.m 5 with only 3 valid updates; averaging all 3" in caplog.text
 
 
 def test_fedau_known_weights_are_inverse_probabilities_over_all_clients(small_config):

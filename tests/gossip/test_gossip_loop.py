@@ -108,7 +108,7 @@ def test_each_nodes_half_rule_step_with_correction_is_the_variance_corrected_ave
 
 @pytest.mark.parametrize(("topology", "rule"), [("torus", "metropolis"), ("exponential", "uniform")])
 def test_each_nodes_plain_step_is_its_row_of_the_mixing_matrix(config, topology, rule):
-    graph = build_topology(config(f"strategy.topology={topology}").strategy, 16, seed=0)
+    graph = build_topology(config("partition.num_clients=16", f"strategy.topology={topology}").strategy, 16, seed=0)
     W = mixing_weights(graph, 3, rule)
     layers = [torch.randn(16, 4, 2), torch.randn(16, 3)]
     for a, b in zip(_node_steps(layers, W, correct=[False, False]), gossip_mix(layers, W), strict=True):
@@ -117,7 +117,8 @@ def test_each_nodes_plain_step_is_its_row_of_the_mixing_matrix(config, topology,
 
 @pytest.mark.parametrize("topology", ["ring", "torus", "regular", "erdos_renyi", "full", "exponential"])
 def test_every_configured_topology_builds_with_its_mixing_rule(config, topology):
-    strategy = config("partition.num_clients=16", f"strategy.topology={topology}", "strategy.degree=4").strategy
+    p = ["strategy.p=0.5"] if topology == "erdos_renyi" else []  # required there, refused elsewhere
+    strategy = config("partition.num_clients=16", f"strategy.topology={topology}", "strategy.degree=4", *p).strategy
     graph = build_topology(strategy, 16, seed=0)
     W = mixing_weights(graph, 1, "uniform")
     torch.testing.assert_close(W.sum(dim=1), torch.ones(16, dtype=W.dtype))

@@ -51,16 +51,20 @@ def apply_guidance(
 
 
 class GuidanceMask(ClientHook):
-    """FedLEx's client side as a hook: gradients times the guidance matrix before each step."""
+    """FedLEx's client side as a hook: gradients times the guidance matrix before each step.
+
+    The guidance covers the global model's parameters; the parameters a training wrapper
+    adds to the client's model (QAT's learned step sizes) are the client's own and train
+    unmasked."""
 
     def __init__(self, guidance: Mapping[str, torch.Tensor]) -> None:
         self.guidance = guidance
 
     def before_step(self, model: torch.nn.Module) -> None:
-        apply_guidance(model, self.guidance)
+        apply_guidance(((n, p) for n, p in model.named_parameters() if n in self.guidance), self.guidance)
 
     def stacked_before_step(self, params: dict[str, torch.Tensor]) -> None:
         """The same mask on K clients' stacked gradients ``(K, *shape)``."""
         for name, param in params.items():
-            if param.grad is not None:
+            if param.grad is not None and name in self.guidance:
                 param.grad.mul_(self.guidance[name].to(device=param.grad.device, dtype=param.grad.dtype))

@@ -86,6 +86,7 @@ class PaLMZLoss(nn.Module):
     inputs = ("logits",)
     per_sample = True
     task = "classification"
+    auxiliary_only = True  # it does not depend on the targets: refused as a run's main loss
 
     def __init__(self, weight: float = 1e-4, reduction: str = "mean") -> None:
         super().__init__()

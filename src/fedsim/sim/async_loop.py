@@ -412,20 +412,6 @@ def data_shares(data: FederatedData) -> np.ndarray:
 
 
 # -------------------------------------------------------------------------------- loop
-def check_supported(cfg: ExperimentConfig, loop: str) -> None:
-    """Raise for the options that only the synchronous strategies implement."""
-    problems = []
-    if cfg.quant.uplink.error_feedback in ("ef21", "econtrol"):
-        problems.append(f"quant.uplink.error_feedback: {cfg.quant.uplink.error_feedback!r} needs the "
-                        f"server estimates of the synchronous strategies; use none or ef")
-    if cfg.quant.downlink.codec != "identity":
-        problems.append(f"quant.downlink.codec: {cfg.quant.downlink.codec!r}; only identity")
-    if cfg.attack.name not in ("none", "label_flip"):
-        problems.append(f"attack.name: {cfg.attack.name!r} is a server-side update attack; only label_flip")
-    if problems:
-        raise ValueError(f"the {loop} loop does not support " + "; ".join(problems))
-
-
 def arrival_source(grid: Grid, cfg: ExperimentConfig, data: FederatedData, dim: int,
                    clock: Clock | None) -> VirtualArrivals | WallArrivals:
     """Simulated devices on a virtual clock, or the wall clock when one is given."""
@@ -443,7 +429,6 @@ class AsyncSteps(Steps):
     x_key = "virtual_time"
 
     def __init__(self, grid: Grid, cfg: ExperimentConfig, clock: Clock | None) -> None:
-        check_supported(cfg, "asynchronous")
         self.cfg = cfg
         self.data = federated_data(cfg)
         self.net = make_model(cfg.model, self.data.train, cfg.seed)

@@ -51,7 +51,7 @@ from fedsim.data import ArrayDataset
 from fedsim.params import ParamSpec, set_flat
 from fedsim.records import to_record
 from fedsim.seeding import derive_seed
-from fedsim.sim.async_loop import check_supported, mean_train_loss
+from fedsim.sim.async_loop import mean_train_loss
 from fedsim.sim.components import federated_data, make_model, predict_fn, resolve_device
 from fedsim.sim.loop import Steps, run_steps
 from fedsim.sim.messaging import client_nodes, send_and_collect
@@ -256,7 +256,6 @@ class GossipSteps(Steps):
     average of the nodes' models."""
 
     def __init__(self, grid: Grid, cfg: ExperimentConfig) -> None:
-        check_supported(cfg, "gossip")
         self.cfg = cfg
         self.total = cfg.rounds
         self.data = federated_data(cfg)

@@ -17,6 +17,7 @@ to one chunk instead of a full sorted copy plus its int64 index tensor.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -25,6 +26,8 @@ import torch
 from fedsim.strategies.aggregate import check_updates, column_chunks, pairwise_sq_distances, weighted_mean
 from fedsim.strategies.base import FedsimStrategy
 from fedsim.strategies.replies import ClientUpdate
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "coordinate_median",
@@ -211,12 +214,19 @@ def multi_krum(updates: torch.Tensor, num_byzantine: int, m: int | None = None) 
 class _RobustStrategy(FedsimStrategy):
     """Shared adapter of the robust baselines: equal weight per update, f from the config."""
 
-    def num_byzantine(self, num_updates: int) -> int:
-        """``strategy.num_byzantine``, else the attack's fraction of this round's updates."""
+    def num_byzantine(self, num_updates: int, server_round: int) -> int:
+        """``strategy.num_byzantine``, else the attack's fraction of this round's updates.
+
+        Validation keeps ``strategy.num_byzantine`` below the replies a round asks for;
+        when failures leave fewer, it is clamped to ``num_updates - 1`` with a warning."""
         configured = getattr(self.cfg, "num_byzantine", None)
-        if configured is not None:
-            return configured
-        return int(self.exp.attack.fraction * num_updates + 1e-9)
+        if configured is None:
+            return int(self.exp.attack.fraction * num_updates + 1e-9)
+        if configured >= num_updates:
+            log.warning("round %d: strategy.num_byzantine %d with only %d valid updates; assuming %d",
+                        server_round, configured, num_updates, num_updates - 1)
+            return num_updates - 1
+        return configured
 
 
 class Median(_RobustStrategy):
@@ -237,11 +247,15 @@ class Krum(_RobustStrategy):
     """Krum (:func:`krum`): the update closest to its n - f - 2 nearest neighbours."""
 
     def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
-        return krum(torch.stack([u.update for u in updates]), self.num_byzantine(len(updates)))
+        return krum(torch.stack([u.update for u in updates]), self.num_byzantine(len(updates), server_round))
 
 
 class MultiKrum(_RobustStrategy):
     """Multi-Krum (:func:`multi_krum`): mean of the ``m`` best-scored updates."""
 
     def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
-        return multi_krum(torch.stack([u.update for u in updates]), self.num_byzantine(len(updates)), self.cfg.m)
+        n, m = len(updates), self.cfg.m
+        if m is not None and m > n:
+            log.warning("round %d: strategy.m %d with only %d valid updates; averaging all %d", server_round, m, n, n)
+            m = n
+        return multi_krum(torch.stack([u.update for u in updates]), self.num_byzantine(n, server_round), m)

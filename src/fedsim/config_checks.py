@@ -1,0 +1,233 @@
+"""The combination contract of an experiment: what cannot combine, and what does not apply.
+
+Each section of :mod:`fedsim.config` checks its own keys. The rules here look across
+sections, and :class:`fedsim.config.ExperimentConfig` applies them when it validates: a
+configuration they pass runs, so ``fedsim validate`` refuses what ``fedsim run`` would
+otherwise stop on, or silently ignore. Each rule returns ``None`` or one line that names
+both keys and why they do not go together, e.g. ``quant.uplink.error_feedback: 'ef21'
+needs the server estimates of the synchronous strategies; strategy.name is 'fedbuff'``.
+
+An option that does not apply to the chosen strategy family is refused when it differs
+from its default, so a resolved ``config.yaml`` (every key written out) validates again.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from fedsim.config import ExperimentConfig
+
+UPDATE_ATTACKS = ("sign_flip", "scaled", "gaussian", "alie", "ipm")
+"""Attacks that replace Byzantine rows of a round's updates on the server (the synchronous
+strategies' aggregation step); label_flip acts in the client's training and applies anywhere."""
+
+def combination_problems(cfg: ExperimentConfig) -> list[str]:
+    """Every rule's complaint about ``cfg``, one line each (empty: the config can run)."""
+    return [problem for rule in RULES for problem in rule(cfg) if problem]
+
+
+def _family(cfg: ExperimentConfig) -> str:
+    return cfg.strategy.family
+
+
+def _strategy(cfg: ExperimentConfig) -> str:
+    return f"strategy.name is {cfg.strategy.name!r}"
+
+
+def clients_per_round(cfg: ExperimentConfig) -> int:
+    """The most replies a synchronous round can have: the uniform sampler's ``k``, a
+    cyclic group's size, else every client (Bernoulli and Markov participation)."""
+    n, part = cfg.partition.num_clients, cfg.participation
+    if part.model == "uniform":
+        return max(1, int(cfg.strategy.fraction_train * n))
+    if part.model == "cyclic":
+        return math.ceil(n / part.num_groups)
+    return n
+
+
+# ---------------------------------------------------------------- family restrictions
+def _sync_only(cfg: ExperimentConfig) -> Iterator[str | None]:
+    """Options the asynchronous and gossip loops do not implement, or that mean nothing there."""
+    from fedsim.config import ParticipationConfig
+
+    if _family(cfg) == "sync":
+        return
+    why = f"applies to the synchronous strategies; {_strategy(cfg)}"
+    uplink, downlink = cfg.quant.uplink, cfg.quant.downlink
+    if uplink.error_feedback in ("ef21", "econtrol"):
+        yield (f"quant.uplink.error_feedback: {uplink.error_feedback!r} needs the server estimates of the "
+               f"synchronous strategies; {_strategy(cfg)} (use none or ef)")
+    if downlink.codec != "identity":
+        yield f"quant.downlink.codec: a compressed downlink {why}"
+    if cfg.attack.name in UPDATE_ATTACKS:
+        yield (f"attack.name: {cfg.attack.name!r} replaces updates in the synchronous aggregation step; "
+               f"{_strategy(cfg)} (label_flip works here)")
+    if cfg.participation != ParticipationConfig():
+        yield f"participation: the participation model {why}; leave the section out"
+
+
+def _async_options(cfg: ExperimentConfig) -> Iterator[str | None]:
+    """The asynchronous loops run on virtual time: ``strategy.horizon`` and ``strategy.eval_every``."""
+    from fedsim.config import EvalConfig, ExperimentConfig
+
+    if _family(cfg) != "async":
+        return
+    if cfg.rounds != ExperimentConfig.model_fields["rounds"].default:
+        yield (f"rounds: the asynchronous strategies run for strategy.horizon of virtual time, not rounds; "
+               f"{_strategy(cfg)}")
+    if cfg.eval.every != EvalConfig.model_fields["every"].default:
+        yield (f"eval.every: the asynchronous strategies evaluate every strategy.eval_every of virtual time; "
+               f"{_strategy(cfg)}")
+    if cfg.quant.qat is not None and cfg.quant.qat.start_fraction > 0:
+        yield (f"quant.qat.start_fraction: a fraction of the rounds; {_strategy(cfg)} has no rounds "
+               f"(QAT is on from the start)")
+    if cfg.faults.rounds is not None:
+        yield f"faults.rounds: {_strategy(cfg)} has no rounds; leave it out to apply the faults throughout"
+
+
+def _gossip_topology(cfg: ExperimentConfig) -> Iterator[str | None]:
+    """The communication graph must exist on ``partition.num_clients`` nodes."""
+    if cfg.strategy.name != "gossip":
+        return
+    from fedsim.sim.topology import erdos_renyi
+
+    strategy, n = cfg.strategy, cfg.partition.num_clients
+    where = f"partition.num_clients is {n}"
+    minimum = {"ring": 3, "torus": 9}.get(strategy.topology, 2)
+    if n < minimum:
+        yield f"strategy.topology: {strategy.topology!r} needs at least {minimum} nodes; {where}"
+        return
+    if strategy.topology == "torus" and not any(n % r == 0 and n // r >= 3 for r in range(3, math.isqrt(n) + 1)):
+        yield f"strategy.topology: a torus needs rows x cols nodes with rows, cols >= 3 (9, 12, 15, 16, ...); {where}"
+    if strategy.topology == "regular" and not (strategy.degree < n and (n * strategy.degree) % 2 == 0):
+        yield (f"strategy.degree: a {strategy.degree}-regular graph needs degree < nodes and degree x nodes even; "
+               f"{where}")
+    if strategy.topology == "erdos_renyi":
+        if strategy.p is None:
+            yield (f"strategy.p: the edge probability is required for topology 'erdos_renyi' (connected "
+                   f"graphs need p above ln(n)/n = {math.log(n) / n:.3f})")
+        else:
+            try:
+                erdos_renyi(n, strategy.p, seed=cfg.seed)
+            except ValueError as exc:
+                yield f"strategy.p: {exc}"
+    elif strategy.p is not None:
+        yield f"strategy.p: the edge probability applies to topology 'erdos_renyi'; strategy.topology is {strategy.topology!r}"
+
+
+# ------------------------------------------------------------- synchronous strategies
+def _participation(cfg: ExperimentConfig) -> Iterator[str | None]:
+    if _family(cfg) != "sync":
+        return
+    part, n = cfg.participation, cfg.partition.num_clients
+    if part.model != "uniform" and cfg.strategy.fraction_train != 1.0:
+        yield (f"strategy.fraction_train: samples clients under uniform participation; participation.model is "
+               f"{part.model!r}, which chooses them itself")
+    if part.model == "cyclic" and part.num_groups > n:
+        yield f"participation.num_groups: {part.num_groups} groups of {n} clients (partition.num_clients); at most {n}"
+    if cfg.strategy.min_successful > (k := clients_per_round(cfg)):
+        yield (f"strategy.min_successful: {cfg.strategy.min_successful} replies needed, but a round asks at most {k} "
+               f"clients (partition.num_clients, participation); every round would be skipped")
+
+
+def _robust(cfg: ExperimentConfig) -> Iterator[str | None]:
+    """Krum's ``f`` and Multi-Krum's ``m`` must fit the replies a round can have."""
+    if cfg.strategy.name not in ("krum", "multikrum"):
+        return
+    k = clients_per_round(cfg)
+    f = cfg.strategy.num_byzantine
+    if f is not None and f >= k:
+        yield (f"strategy.num_byzantine: {f} Byzantine updates among at most {k} replies a round "
+               f"(partition.num_clients, participation); it must be below the replies")
+    m = getattr(cfg.strategy, "m", None)
+    if m is not None and m > k:
+        yield f"strategy.m: averages {m} updates, but a round has at most {k} replies (partition.num_clients, participation)"
+
+
+# ------------------------------------------------------------------------- the rest
+def _model(cfg: ExperimentConfig) -> Iterator[str | None]:
+    from fedsim.config import ModelConfig
+
+    if cfg.model.name != "mlp" and cfg.model.hidden != ModelConfig().hidden:
+        yield f"model.hidden: the hidden widths of the MLP; model.name is {cfg.model.name!r}"
+
+
+def _faults(cfg: ExperimentConfig) -> Iterator[str | None]:
+    n = cfg.partition.num_clients
+    for key in ("crash", "slow", "nan", "wrong_shape"):
+        bad = [i for i in getattr(cfg.faults, key) if not 0 <= i < n]
+        if bad:
+            yield f"faults.{key}: no client {bad[0]}; partition ids are 0..{n - 1} (partition.num_clients is {n})"
+    if cfg.faults.rounds is not None and _family(cfg) != "async":
+        bad = [r for r in cfg.faults.rounds if not 1 <= r <= cfg.rounds]
+        if bad:
+            yield f"faults.rounds: no round {bad[0]}; rounds are 1..{cfg.rounds} (rounds)"
+
+
+def _attack(cfg: ExperimentConfig) -> Iterator[str | None]:
+    attack = cfg.attack
+    if attack.name != "none" and attack.fraction == 0:
+        yield f"attack.fraction: 0 leaves attack.name {attack.name!r} without a Byzantine client; set a fraction"
+    if attack.name == "none" and attack.fraction > 0:
+        yield f"attack.fraction: {attack.fraction} Byzantine clients with attack.name 'none'; name an attack"
+
+
+def _loss(cfg: ExperimentConfig) -> Iterator[str | None]:
+    from fedsim.losses.registry import REGISTRY
+
+    loss = cfg.loss
+    if getattr(REGISTRY[loss.name], "auxiliary_only", False):
+        yield (f"loss.name: {loss.name!r} is an auxiliary term, not a training objective; use it as "
+               f"loss.aux.name beside a main loss such as cross_entropy")
+        return
+    reduction = loss.kwargs.get("reduction", "mean")
+    if reduction != "mean":
+        yield (f"loss.reduction: {reduction!r}; the client objective is the batch mean (a sum would scale "
+               f"client.lr by the batch size); allowed: mean")
+        return
+    from fedsim.config import KNOWN_NUM_CLASSES
+
+    classes = cfg.data.synthetic.num_classes if cfg.data.name == "synthetic" else KNOWN_NUM_CLASSES.get(cfg.data.name)
+    if classes is not None:
+        yield loss_class_problem(cfg, classes)
+
+
+def loss_class_problem(cfg: ExperimentConfig, num_classes: int) -> str | None:
+    """Why the main loss cannot train on ``num_classes`` classes (a binary loss on 10), or None.
+
+    The loss is built and called once on a small batch that holds every class, with the
+    inputs its ``inputs`` names: what it refuses there, it would refuse in every client.
+    """
+    from fedsim.losses.registry import REGISTRY
+
+    cls = REGISTRY[cfg.loss.name]
+    kwargs = dict(cfg.loss.kwargs)
+    if "num_samples" in inspect.signature(cls).parameters:
+        kwargs["num_samples"] = 2 * num_classes
+    loss = cls(**kwargs)
+    batch, width = 2 * num_classes, 8
+    generator = torch.Generator().manual_seed(0)
+    inputs = {"logits": torch.randn(batch, num_classes, generator=generator),
+              "targets": torch.arange(batch) % num_classes,
+              "embeddings": torch.randn(batch, width, generator=generator),
+              "embeddings2": torch.randn(batch, width, generator=generator),
+              "indices": torch.arange(batch),
+              "classifier": torch.randn(num_classes, width, generator=generator)}
+    try:
+        value = loss(**{k: inputs[k] for k in loss.inputs})
+    except (ValueError, RuntimeError, IndexError) as exc:
+        return f"loss.name: {cfg.loss.name!r} cannot train on {num_classes} classes (data.name {cfg.data.name!r}): {exc}"
+    if value.dim() != 0:
+        return f"loss.name: {cfg.loss.name!r} returns {tuple(value.shape)} per batch, not a scalar"
+    return None
+
+
+RULES: tuple[Callable[[ExperimentConfig], Iterator[str | None]], ...] = (
+    _sync_only, _async_options, _gossip_topology, _participation, _robust, _model, _faults, _attack, _loss,
+)
