@@ -13,7 +13,10 @@ import yaml
 
 from fedsim.clients.quantization import EF_STATE_KEY
 from fedsim.config import load_config
+from fedsim.params import ParamSpec
+from fedsim.quant import codecs
 from fedsim.sim.client_app import ClientRuntime
+from fedsim.sim.components import federated_data, make_model
 from fedsim.sim.inprocess import InProcessGrid
 from fedsim.sim.results import RunDir
 from fedsim.sim.runner import run_experiment, serve
@@ -23,6 +26,7 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 QAT_INT8 = ROOT / "configs" / "qat_int8.yaml"
 SHORT_RUN = ("sim.backend=inprocess", "partition.num_clients=5", "rounds=4", "eval.federated=false",
              "output.plots=false")
+IDENTITY = codecs.build("identity")
 MLP_DIM = 64 * 128 + 128 + 128 * 10 + 10  # digits MLP, hidden [128]: the values of one update
 
 
@@ -40,6 +44,50 @@ def test_int8_qat_clients_with_qsgd_int8_uplink_reach_float_accuracy(tmp_path):
     assert float_run["final_accuracy"] >= 0.85
     assert int8_run["final_accuracy"] >= float_run["final_accuracy"] - 0.02
     assert int8_run["bytes_up_total"] < float_run["bytes_up_total"] / 3.9
+
+
+class _SentWeights(ClientRuntime):
+    """The client runtime, recording the weights each client sends: start + its update."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.sent: list[dict[str, torch.Tensor]] = []
+
+    def run(self, message_type, members):
+        outcomes = super().run(message_type, members)
+        if message_type == "train":
+            spec = ParamSpec.of(make_model(self.cfg.model, federated_data(self.cfg).train, self.cfg.seed))
+            for m, outcome in zip(members, outcomes, strict=True):
+                start = spec.flatten(m.content["arrays"].to_torch_state_dict())
+                update = IDENTITY.decode(IDENTITY.from_arrays(
+                    {k: v.numpy() for k, v in outcome.reply["update"].items()}))
+                self.sent.append(spec.unflatten(start + update))
+        return outcomes
+
+
+def _on_grid(weight: torch.Tensor, bits: int) -> bool:
+    """Whether every row (output channel) of ``weight`` is k * s with integers k in
+    [-2^(b-1), 2^(b-1) - 1]: the row's largest magnitude is one end of the grid (the
+    negative one, -2^(b-1) s, when the most negative latent weight rounded down to it)."""
+    largest = weight.abs().amax(dim=1, keepdim=True)
+
+    def integral(top: int) -> torch.Tensor:
+        levels = weight * top / largest
+        return (levels - levels.round()).abs().amax(dim=1) < 1e-3
+
+    return bool((integral(2 ** (bits - 1) - 1) | integral(2 ** (bits - 1))).all())
+
+
+@pytest.mark.parametrize("qat", [True, False], ids=["qat", "float"])
+def test_under_qat_the_server_receives_weights_on_the_quantization_grid(small_config, qat):
+    quant = ["quant.qat.weight_bits=4", "quant.qat.granularity=per_channel"] if qat else []
+    cfg = small_config(*SHORT_RUN, "partition.num_clients=2", "rounds=1", *quant)
+    app = _SentWeights(cfg)
+    serve(InProcessGrid(app, 2), cfg, RunDir.create(cfg), resume=False, show_progress=False)
+    assert len(app.sent) == 2
+    for weights in app.sent:
+        matrices = [w for name, w in weights.items() if name.endswith("weight") and w.ndim == 2]
+        assert len(matrices) == 2 and all(_on_grid(w, 4) == qat for w in matrices)
 
 
 def test_metrics_count_the_codec_payload_bytes_per_round_and_in_total(small_config):

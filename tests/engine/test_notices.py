@@ -30,14 +30,6 @@ def test_only_rays_accelerator_tip_is_dropped():
     assert len(_ray_warning("Some other future change of Ray")) == 1
 
 
-def test_only_torchaos_extension_load_failures_are_dropped(caplog):
-    logger = logging.getLogger("torchao")
-    with caplog.at_level(logging.WARNING, logger="torchao"):
-        logger.warning("Failed to load /venv/site-packages/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: nope")
-        logger.warning("Failed to quantize layer 3")
-    assert [r.getMessage() for r in caplog.records] == ["Failed to quantize layer 3"]
-
-
 def test_only_alembics_plugin_setup_lines_are_dropped(caplog):
     logger = logging.getLogger("alembic.runtime.plugins")
     with caplog.at_level(logging.INFO, logger="alembic.runtime.plugins"):

@@ -3,6 +3,8 @@
 - ``prepare_training_model``: QAT (fake-quantized Linear/Conv2d, torchao where it fits) or
   low-bit training (quantized forward and backward). QAT switches on after
   ``start_fraction`` of the run's rounds: train in float first, quantized at the end.
+- ``trained_state``: what the client sends of its model; under active QAT, the fake-quantized
+  weights (the model it trained for), so the server aggregates models on the grid.
 - ``Uplink``: the client's codec and error feedback. The error-feedback memory lives in the
   node's Flower ``Context.state`` (persistent per node across rounds in both backends), so it
   survives rounds in which the client is not sampled.
@@ -56,6 +58,17 @@ def prepare_training_model(model: nn.Module, quant: QuantConfig, server_round: i
         model = prepare_lowbit(model, LowBitConfig(bits=quant.lowbit.bits, grad_bits=quant.lowbit.grad_bits),
                                generator)
     return model
+
+
+def trained_state(model: nn.Module, quant: QuantConfig, server_round: int, rounds: int) -> dict[str, torch.Tensor]:
+    """What a client sends back of its trained ``model``: under active QAT the weights the
+    quantized model computes with (on the quantization grid), else the float state."""
+    state = model.state_dict()
+    if qat_active(quant, server_round, rounds):
+        from fedsim.quant.qat import quantized_weights
+
+        state.update(quantized_weights(model))
+    return state
 
 
 def _local_parameters(model: nn.Module, federated: tuple[str, ...]) -> dict[str, nn.Parameter]:

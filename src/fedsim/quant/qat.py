@@ -306,6 +306,13 @@ def _quantized_weight(layer: FakeQuantizedLinear | QATConv2d) -> torch.Tensor:
     return weight
 
 
+def quantized_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The fake-quantized (dequantized float) weight of every prepared layer of ``model``,
+    by state-dict name: the values the quantized model computes with, on its grid."""
+    return {f"{name}.weight": _quantized_weight(module) for name, module in model.named_modules()
+            if isinstance(module, _PREPARED)}
+
+
 def convert(model: nn.Module) -> nn.Module:
     """Copy a prepared ``model`` with quantized weights baked into plain layers.
 

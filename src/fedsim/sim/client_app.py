@@ -48,6 +48,7 @@ from fedsim.clients.quantization import (
     keep_local_parameters,
     prepare_training_model,
     restore_local_parameters,
+    trained_state,
 )
 from fedsim.clients.scaffold import DELTA_RECORD, ScaffoldControl
 from fedsim.clients.train import TrainResult, build_optimizer, evaluate_many, local_steps, train_local
@@ -356,7 +357,7 @@ class ClientRuntime:
         result = train_local(model, job.train_set, self.cfg.client, objective, job.generator, device)
         save_loss_state(objective, job.member.state)
         keep_local_parameters(model, w.spec.names, job.member.state)
-        return w.spec.flatten(model.cpu().state_dict()), result
+        return w.spec.flatten(trained_state(model.cpu(), self.cfg.quant, job.server_round, self.cfg.rounds)), result
 
     def _train_batch(self, jobs: list[TrainJob], w: Worker, device: torch.device):
         """Train ``jobs`` stacked (same hooks), rows in decreasing order of local steps."""
