@@ -91,6 +91,16 @@ def _async_options(cfg: ExperimentConfig) -> Iterator[str | None]:
         yield f"faults.rounds: {_strategy(cfg)} has no rounds; leave it out to apply the faults throughout"
 
 
+def _async_only(cfg: ExperimentConfig) -> Iterator[str | None]:
+    """The clock and the concurrency of the asynchronous loops."""
+    if _family(cfg) == "async":
+        return
+    if cfg.sim.clock != "virtual":
+        yield f"sim.clock: the asynchronous strategies' clock; {_strategy(cfg)} runs in rounds"
+    if cfg.sim.concurrency is not None:
+        yield f"sim.concurrency: clients training at once in the asynchronous strategies; {_strategy(cfg)}"
+
+
 def _gossip_topology(cfg: ExperimentConfig) -> Iterator[str | None]:
     """The communication graph must exist on ``partition.num_clients`` nodes."""
     if cfg.strategy.name != "gossip":
@@ -229,5 +239,5 @@ def loss_class_problem(cfg: ExperimentConfig, num_classes: int) -> str | None:
 
 
 RULES: tuple[Callable[[ExperimentConfig], Iterator[str | None]], ...] = (
-    _sync_only, _async_options, _gossip_topology, _participation, _robust, _model, _faults, _attack, _loss,
+    _sync_only, _async_options, _async_only, _gossip_topology, _participation, _robust, _model, _faults, _attack, _loss,
 )

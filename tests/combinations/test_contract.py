@@ -55,6 +55,8 @@ REFUSED = [
     (("attack.fraction=0.2",), ("attack.fraction", "attack.name")),
     (("model.hidden=[-4]",), ("model.hidden",)),
     (("sim.speeds.kind=csv",), ("sim.speeds", "path")),
+    (("sim.clock=wall",), ("sim.clock", "strategy.name")),
+    (("sim.concurrency=4",), ("sim.concurrency", "strategy.name")),
 ]
 
 

@@ -115,6 +115,7 @@ def run_steps(steps: Steps, grid: Grid, cfg: ExperimentConfig, run: RunDir, resu
     bytes_up, bytes_down = bytes_so_far(run.rows())
     t0 = time.perf_counter() - elapsed_before
     status = "interrupted"
+    divergence = DivergenceWatch(run.rows())
     try:
         with RoundProgress(steps.total, enabled=show_progress) as progress:
             progress.advance_to(start, None, None)
@@ -127,6 +128,7 @@ def run_steps(steps: Steps, grid: Grid, cfg: ExperimentConfig, run: RunDir, resu
                 steps.log_row(row)
                 progress.advance_to(index, row.get("centralised_accuracy"), row.get("centralised_loss"))
                 _check_finite(steps.model_state(), index)
+                divergence.check(row)
                 if steps.resumable and (index % cfg.output.checkpoint_every == 0 or index == steps.total):
                     run.save_checkpoint(Checkpoint(index, {k: v.clone() for k, v in steps.model_state().items()},
                                                    steps.state_dict(), row["wall_time_s"], _client_states(grid, cfg)))
@@ -159,6 +161,37 @@ def _restore(steps: Steps, grid: Grid, cfg: ExperimentConfig, run: RunDir, resum
     if resume:
         run.truncate_after(0)
     return 0, 0.0
+
+
+class DivergenceWatch:
+    """Warns once when the server's test loss grows to ``FACTOR`` times the first one the run
+    recorded: a learning rate so large that training diverges; stops the run
+    (:class:`DivergedError`) when that loss is NaN or infinite (weights so large that the
+    model computes NaN, though each is still finite)."""
+
+    FACTOR = 100.0
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.first = next((r["centralised_loss"] for r in rows if _finite(r.get("centralised_loss"))), None)
+        self.warned = False
+
+    def check(self, row: dict[str, Any]) -> None:
+        loss = row.get("centralised_loss")
+        if loss is not None and not _finite(loss):
+            raise DivergedError(f"step {row['round']}: the test loss is {loss}; training diverged "
+                                "(lower client.lr or strategy.server_opt.lr)")
+        if self.warned or loss is None:
+            return
+        if self.first is None:
+            self.first = loss
+        elif loss > self.FACTOR * max(self.first, 1e-12):
+            self.warned = True
+            log.warning("step %d: the test loss grew from %.3g to %.3g; training is diverging "
+                        "(lower client.lr or strategy.server_opt.lr)", row["round"], self.first, loss)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 def _client_states(grid: Grid, cfg: ExperimentConfig) -> dict[int, dict[str, Any]]:
