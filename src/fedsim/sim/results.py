@@ -14,6 +14,7 @@ Rows already written are never lost: each is appended with one ``write`` and an 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,18 @@ class Checkpoint:
     strategy: dict[str, Any]
     elapsed_s: float
     clients: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None: JSON has no NaN (Python's
+    ``json`` would write a bare ``NaN`` that other readers reject)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
 
 
 class RunDir:
@@ -80,7 +93,7 @@ class RunDir:
 
     # ---------------------------------------------------------------- metrics
     def append(self, row: dict[str, Any]) -> None:
-        line = json.dumps(row, sort_keys=False) + "\n"
+        line = json.dumps(strict_json(row), allow_nan=False) + "\n"
         with self.metrics_path.open("a") as f:
             f.write(line)
             f.flush()
@@ -100,7 +113,7 @@ class RunDir:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         tmp = self.summary_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
         tmp.replace(self.summary_path)
 
     def summary(self) -> dict[str, Any]:
