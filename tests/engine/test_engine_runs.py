@@ -25,10 +25,9 @@ def _accuracies(path):
     return [r["centralised_accuracy"] for r in RunDir.open(path).rows()]
 
 
-def test_fedavg_learns_digits_and_runs_are_identical_with_the_same_seed(small_config):
+def test_fedavg_learns_digits_on_ray_with_the_in_process_numbers(small_config):
     cfg = small_config("rounds=8")
     path_a, summary = run_experiment(cfg)
-    path_b, _ = run_experiment(cfg)
     run = RunDir.open(path_a)
     rows = run.rows()
     assert [r["round"] for r in rows] == list(range(1, 9))
@@ -40,9 +39,9 @@ def test_fedavg_learns_digits_and_runs_are_identical_with_the_same_seed(small_co
     assert (run.plot_dir / "accuracy.png").stat().st_size > 0 and (run.plot_dir / "loss.png").exists()
     assert sorted(p.name for p in run.checkpoint_dir.iterdir()) == ["round-00005.pt", "round-00008.pt"]
     assert json.loads(run.summary_path.read_text())["rounds_completed"] == 8
-    assert _accuracies(path_a) == _accuracies(path_b)
+    # the in-process backend computes the same run (two Ray runs of one config: test_resume_client_state)
     path_c, _ = run_experiment(cfg.model_copy(update={"sim": cfg.sim.model_copy(update={"backend": "inprocess"})}))
-    assert _accuracies(path_c) == _accuracies(path_a)  # the in-process backend computes the same run
+    assert _accuracies(path_c) == _accuracies(path_a)
 
 
 def test_fedprox_trains_with_the_proximal_term(small_config):
@@ -89,7 +88,8 @@ def test_round_is_skipped_below_the_minimum_of_successful_clients(small_config, 
 
 def test_killed_run_resumes_to_the_same_final_accuracy(small_config, tmp_path):
     cfg = small_config("rounds=6", "output.checkpoint_every=2", "eval.federated=false")
-    reference, summary = run_experiment(cfg)
+    # the uninterrupted reference in-process (the same numbers as on Ray); the killed run on Ray
+    reference, summary = run_experiment(cfg.model_copy(update={"sim": cfg.sim.model_copy(update={"backend": "inprocess"})}))
     config_file = tmp_path / "resume.yaml"
     config_file.write_text(cfg.model_copy(update={"name": "killed"}).to_yaml())
     fedsim = [sys.executable, "-m", "fedsim.cli"]

@@ -163,6 +163,8 @@ def train_stacked(
         if still < active:  # rows still..active-1 took their last step before this one
             _copy_rows(params, final, still, active)
             active = still
+            if 2 * active <= len(next(iter(params.values()))):  # half the leaves idle: drop them
+                params, optimizer = _shrunk(params, optimizer, active, cfg)
         rows = {name: p[:active] for name, p in params.items()}
         m = mask[:active, s]
         y = y_all[index[:active, s]]
@@ -185,6 +187,21 @@ def train_stacked(
     results = [TrainResult(num_examples=n, steps=k, loss=float(ls) / c, accuracy=float(hit) / c)
                for n, k, ls, hit, c in zip(sizes, steps, loss_sum.tolist(), correct.tolist(), seen, strict=True)]
     return final, results
+
+
+def _shrunk(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, rows: int, cfg: ClientConfig
+            ) -> tuple[dict[str, torch.Tensor], torch.optim.Optimizer]:
+    """The first ``rows`` rows of the stacked leaves and of the optimizer's state (momentum,
+    Adam's moments), as new leaves and optimizer: the optimizer's step then costs what the
+    clients still training need, not what the whole stack did (heavy-tailed client sizes
+    leave a few long clients training alone)."""
+    new = {name: p[:rows].detach().clone().requires_grad_(True) for name, p in params.items()}
+    smaller = build_optimizer(new.values(), cfg)
+    for old_p, new_p in zip(params.values(), new.values(), strict=True):
+        if old_p in optimizer.state:
+            smaller.state[new_p] = {k: v[:rows].clone() if torch.is_tensor(v) and v.dim() and v.shape[0] == len(old_p)
+                                    else v for k, v in optimizer.state[old_p].items()}
+    return new, smaller
 
 
 @torch.no_grad()
