@@ -156,7 +156,8 @@ def import_profile() -> dict:
         result = subprocess.run([sys.executable, "-X", "importtime", "-c",
                                  f"{code}; import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
                                 capture_output=True, text=True, check=True)
-        top = [li.split("|") for li in result.stderr.splitlines() if li.startswith("import time:")]
+        top = [t for t in (li.split("|") for li in result.stderr.splitlines() if li.startswith("import time:"))
+               if t[1].strip().isdigit()]  # the first line is the header
         profile[name] = {"import_s": sum(int(t[1]) for t in top if not t[2].startswith("  ")) / 1e6,
                          "peak_rss_mb": int(result.stdout.split()[-1]) / 1024}
     return profile
