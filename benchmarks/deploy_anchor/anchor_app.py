@@ -38,18 +38,20 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, flo
         return loss, (logits.argmax(1) == labels).float().mean().item()
 
 
-def load_partition(context: Context) -> dict[str, np.ndarray]:
+def received(msg: Message, context: Context) -> tuple[dict[str, np.ndarray], nn.Module]:
+    """The node's partition, and the model the message carries."""
+    torch.set_num_threads(1)
     pid = int(context.node_config["partition-id"])
     with np.load(Path(str(context.run_config["data-dir"])) / f"client-{pid}.npz") as arrays:
-        return dict(arrays)
+        data = dict(arrays)
+    model = make_model()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return data, model
 
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    torch.set_num_threads(1)
-    data = load_partition(context)
-    model = make_model()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    data, model = received(msg, context)
     optimizer = torch.optim.SGD(model.parameters(), lr=float(context.run_config["lr"]),
                                 momentum=float(context.run_config["momentum"]))
     x, y = torch.from_numpy(data["train_x"]), torch.from_numpy(data["train_y"])
@@ -69,10 +71,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @client_app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
-    torch.set_num_threads(1)
-    data = load_partition(context)
-    model = make_model()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    data, model = received(msg, context)
     loss, accuracy = evaluate(model, data["test_x"], data["test_y"])
     metrics = MetricRecord({"num-examples": len(data["test_y"]), "eval_loss": loss, "eval_accuracy": accuracy})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

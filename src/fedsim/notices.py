@@ -1,10 +1,10 @@
 """Known notices of fedsim's dependencies that a user cannot act on, dropped precisely.
 
 Each filter matches one message of one module; everything else those libraries say still
-prints. Two notices are dropped only while the call that causes them runs: Flower's
-``run_simulation`` deprecation notice (``fedsim.sim.flower_notices``) and torchao's
-extension-load failures and torch's pytree-enum line at torchao's import
-(``fedsim.quant.torchao_import``).
+prints. Two notices are dropped only while the call that causes them runs
+(:func:`dropped_while`): Flower's ``run_simulation`` deprecation notice
+(``fedsim.sim.flower_notices``) and torchao's extension-load failures and torch's
+pytree-enum line at torchao's import (``fedsim.quant.torchao_import``).
 
 - Ray (``ray._private.worker``, ``FutureWarning`` at ``ray.init``): "Tip: In future versions
   of Ray, Ray will no longer override accelerator visible devices env var if num_gpus=0 ...".
@@ -17,19 +17,40 @@ extension-load failures and torch's pytree-enum line at torchao's import
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import warnings
+from collections.abc import Iterator
 
 RAY_ACCELERATOR_TIP = r"Tip: In future versions of Ray, Ray will no longer override accelerator visible devices"
-ALEMBIC_PLUGIN = "setup plugin %s"
 
 
-class _AlembicPluginSetup(logging.Filter):
+class DropMatching(logging.Filter):
+    """Drops the records whose formatted message contains a match of ``pattern``."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.msg != ALEMBIC_PLUGIN
+        return self.pattern.search(record.getMessage()) is None
 
 
-_FILTERS = {"alembic.runtime.plugins": _AlembicPluginSetup()}
+@contextlib.contextmanager
+def dropped_while(records: tuple[tuple[str, str], ...]) -> Iterator[None]:
+    """Drop the records of each ``(logger name, message pattern)`` while the block runs."""
+    filters = [(logging.getLogger(name), DropMatching(pattern)) for name, pattern in records]
+    for logger, drop in filters:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger, drop in filters:
+            logger.removeFilter(drop)
+
+
+_FILTERS = {"alembic.runtime.plugins": DropMatching(r"^setup plugin \S+$")}
 
 
 def quiet_known_notices() -> None:

@@ -15,31 +15,17 @@ codecs
 error_feedback
     ``error_feedback.build(name, codec, **kw)``, ``ServerEstimate``: EF, EF21, EControl.
 
-The names above are importable from ``fedsim.quant`` directly; they load on first use, so
+The names above are importable from ``fedsim.quant`` directly; they load on first use (``lazy_loader``, PEP 562), so
 that ``import fedsim.quant.codecs`` (clients and server) does not pay for importing torchao.
 """
 
 from __future__ import annotations
 
-import importlib
+import lazy_loader
 
-_EXPORTS = {
-    "fake_quantize": "fedsim.quant.fake",
-    "QATRecipe": "fedsim.quant.qat",
-    "prepare_qat": "fedsim.quant.qat",
-    "convert": "fedsim.quant.qat",
-    "set_qat_enabled": "fedsim.quant.qat",
-    "QATController": "fedsim.quant.qat",
-    "LowBitConfig": "fedsim.quant.lowbit",
-    "prepare_lowbit": "fedsim.quant.lowbit",
-    "quantize_weights_rtn": "fedsim.quant.ptq",
-    "quantize_weights_awq": "fedsim.quant.ptq",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'fedsim.quant' has no attribute {name!r}")
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
+    "fake": ["fake_quantize"],
+    "qat": ["QATRecipe", "prepare_qat", "convert", "set_qat_enabled", "QATController"],
+    "lowbit": ["LowBitConfig", "prepare_lowbit"],
+    "ptq": ["quantize_weights_rtn", "quantize_weights_awq"],
+})

@@ -98,64 +98,59 @@ class _QuantizeGradient(torch.autograd.Function):
         return quantize_gradient(grad, ctx.bits, generator=ctx.generator), None, None
 
 
-class LowBitLinear(nn.Linear):
-    """``nn.Linear`` trained with quantized forward and backward passes (see module docstring)."""
+class _LowBitLayer:
+    """What :class:`LowBitLinear` and :class:`LowBitConv2d` share: the bit widths, the
+    rounding generator, ``Q_f`` of the input and the weight, and ``Q_b`` on the way back."""
 
     bits: int
     grad_bits: int
     generator: torch.Generator | None
+    weight: torch.Tensor
+
+    def _take(self, config: LowBitConfig, generator: torch.Generator | None):
+        self.bits, self.grad_bits, self.generator = config.bits, config.grad_bits, generator
+        return self
+
+    def _quantized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return fake_quantize(x, self.bits, symmetric=False), fake_quantize(self.weight, self.bits, axis=0)
+
+    def _gradient_quantized(self, y: torch.Tensor) -> torch.Tensor:
+        return _QuantizeGradient.apply(y, self.grad_bits, self.generator)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.bits}, grad_bits={self.grad_bits}"
+
+
+class LowBitLinear(_LowBitLayer, nn.Linear):
+    """``nn.Linear`` trained with quantized forward and backward passes (see module docstring)."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: LowBitConfig,
                     generator: torch.Generator | None = None) -> LowBitLinear:
         """Wrap ``linear``, sharing its parameters."""
-        new = cls(
-            linear.in_features,
-            linear.out_features,
-            linear.bias is not None,
-            device=linear.weight.device,
-            dtype=linear.weight.dtype,
-        )
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                  device=linear.weight.device, dtype=linear.weight.dtype)
         new.weight = linear.weight
         new.bias = linear.bias
-        new.bits = config.bits
-        new.grad_bits = config.grad_bits
-        new.generator = generator
-        return new
+        return new._take(config, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_q = fake_quantize(x, self.bits, symmetric=False)
-        w_q = fake_quantize(self.weight, self.bits, axis=0)
-        return _QuantizeGradient.apply(F.linear(x_q, w_q, self.bias), self.grad_bits, self.generator)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bits={self.bits}, grad_bits={self.grad_bits}"
+        x_q, w_q = self._quantized(x)
+        return self._gradient_quantized(F.linear(x_q, w_q, self.bias))
 
 
-class LowBitConv2d(nn.Conv2d):
+class LowBitConv2d(_LowBitLayer, nn.Conv2d):
     """``nn.Conv2d`` trained with quantized forward and backward passes (see module docstring)."""
-
-    bits: int
-    grad_bits: int
-    generator: torch.Generator | None
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d, config: LowBitConfig,
                     generator: torch.Generator | None = None) -> LowBitConv2d:
         """Wrap ``conv``, sharing its parameters."""
-        new = conv2d_sharing(cls, conv)
-        new.bits = config.bits
-        new.grad_bits = config.grad_bits
-        new.generator = generator
-        return new
+        return conv2d_sharing(cls, conv)._take(config, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_q = fake_quantize(x, self.bits, symmetric=False)
-        w_q = fake_quantize(self.weight, self.bits, axis=0)
-        return _QuantizeGradient.apply(self._conv_forward(x_q, w_q, self.bias), self.grad_bits, self.generator)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bits={self.bits}, grad_bits={self.grad_bits}"
+        x_q, w_q = self._quantized(x)
+        return self._gradient_quantized(self._conv_forward(x_q, w_q, self.bias))
 
 
 def prepare_lowbit(model: nn.Module, config: LowBitConfig, generator: torch.Generator | None = None) -> nn.Module:

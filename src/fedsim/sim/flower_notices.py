@@ -25,23 +25,13 @@ during the call; every other Flower record still prints.
 from __future__ import annotations
 
 import contextlib
-import logging
-from collections.abc import Iterator
+import re
+
+from fedsim.notices import dropped_while
 
 NOTICE = "The `run_simulation` function is deprecated"
 
 
-class _DropNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.args and isinstance(record.args, tuple) and str(record.args[0]).startswith(NOTICE))
-
-
-@contextlib.contextmanager
-def quiet_run_simulation_notice() -> Iterator[None]:
+def quiet_run_simulation_notice() -> contextlib.AbstractContextManager[None]:
     """Drop Flower's deprecation notice of ``run_simulation`` while the block runs."""
-    logger, drop = logging.getLogger("flwr"), _DropNotice()
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
+    return dropped_while((("flwr", re.escape(NOTICE)),))
