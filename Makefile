@@ -19,7 +19,7 @@ run: $(STAMP)
 	$(VENV)/bin/fedsim run configs/quickstart.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 bench-overhead: $(STAMP)
 	$(PY) benchmarks/engine_overhead.py

@@ -1,0 +1,22 @@
+"""Test-suite layout under pytest-xdist (``make test`` runs ``pytest -n 2 --dist loadgroup``).
+
+The loopback deployments (tests/deploy) and the two-node Ray cluster (tests/cluster) spend
+most of their time waiting: a Flower SuperNode polls for messages every 3 s. They run one
+after the other on one worker (so the module's shared deployment is started once and no two
+deployments compete for the CPU), while the other tests share both workers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SERIAL = {"deploy", "cluster"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tests = Path(__file__).parent
+    for item in items:
+        if Path(item.path).relative_to(tests).parts[0] in SERIAL:
+            item.add_marker(pytest.mark.xdist_group("deployment"))
