@@ -14,6 +14,13 @@ so the difference is fedsim's own cost. Two deployments are measured:
 - ``process``: each SuperNode with ``--isolation process`` beside a long-lived
   ``fedsim clientapp`` process that runs all its messages (the anchor's too).
 
+A round of either app is two messages per node (train, then evaluate). A Flower 1.41
+SuperNode that finds no message waits 3 s before it asks again
+(``flwr/supernode/start_client_internal.py``), and it asks right after pushing a reply,
+before the server can have sent the next message: every message waits about 3 s at the
+node, whatever the app. Under ``process``, fedsim also runs the quickstart with
+``eval.federated=false`` (one message per round), which shows that wait per message.
+
 Seconds per round are measured from the end of round 1 to the end of round R (round 1
 also waits for the nodes and builds fedsim's partition cache). The apps alternate,
 ``--repeats`` times each; the median is reported. Beside the rounds, what a message costs
@@ -49,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ANCHOR = ROOT / "benchmarks" / "deploy_anchor"
 NUM_NODES = 3
 TARGET_RATIO, TARGET_SECONDS = 1.2, 10.0
+TRAIN_ONLY = "fedsim, train only"  # the quickstart with eval.federated=false: one message per round
 
 
 def quickstart(rounds: int):
@@ -87,12 +95,12 @@ def run_anchor(dep: LoopbackDeployment, cfg, work: Path) -> dict:
     return {"per_round_s": per_round(ends), "total_s": time.time() - t0, "final_accuracy": float(lines[-1][2])}
 
 
-def run_fedsim(dep: LoopbackDeployment, cfg, work: Path) -> dict:
+def run_fedsim(dep: LoopbackDeployment, cfg, work: Path, extra: tuple[str, ...] = ()) -> dict:
     out = work / f"fedsim-{time.monotonic_ns()}"
     t0 = time.time()
     result = dep.deploy(ROOT / "configs" / "quickstart.yaml",
-                        [f"partition.num_clients={NUM_NODES}", f"rounds={cfg.rounds}", "output.plots=false"], out,
-                        timeout=1200)
+                        [f"partition.num_clients={NUM_NODES}", f"rounds={cfg.rounds}", "output.plots=false", *extra],
+                        out, timeout=1200)
     if result.returncode != 0:
         raise RuntimeError(f"the fedsim run failed: {result.stdout[-2000:]}{result.stderr[-2000:]}")
     [path] = list(out.iterdir())
@@ -170,8 +178,11 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/deploy_overhead.json")
     args = parser.parse_args()
     cfg = quickstart(args.rounds)
-    modes = ("subprocess", "process")
-    runs: dict[tuple[str, str], list[dict]] = {(m, a): [] for m in modes for a in ("plain Flower app", "fedsim")}
+    modes = ("process", "subprocess")
+    apps = {"plain Flower app": run_anchor, "fedsim": run_fedsim,
+            TRAIN_ONLY: lambda dep, cfg, work: run_fedsim(dep, cfg, work, ("eval.federated=false",))}
+    measured = {mode: [app for app in apps if mode == "process" or app != TRAIN_ONLY] for mode in modes}
+    runs: dict[tuple[str, str], list[dict]] = {(m, a): [] for m in modes for a in measured[m]}
     with tempfile.TemporaryDirectory(prefix="fedsim-deploy-bench-") as tmp:
         work = Path(tmp, "work")
         work.mkdir()
@@ -181,22 +192,24 @@ def main() -> None:
             home = Path(tmp, mode)
             home.mkdir()
             with LoopbackDeployment(home, NUM_NODES, isolation=mode) as dep:
-                for _ in range(args.repeats):
-                    runs[mode, "plain Flower app"].append(run_anchor(dep, cfg, work))
-                    runs[mode, "fedsim"].append(run_fedsim(dep, cfg, work))
+                for repeat in range(args.repeats):
+                    for app in measured[mode]:
+                        runs[mode, app].append(apps[app](dep, cfg, work))
+                        print(f"{mode} {app} run {repeat + 1}: {runs[mode, app][-1]['per_round_s']:.2f} s per round",
+                              flush=True)
     results = {mode: {app: {"per_round_s": statistics.median(r["per_round_s"] for r in runs[mode, app]),
                             "per_round_s_runs": [r["per_round_s"] for r in runs[mode, app]],
                             "total_s_runs": [r["total_s"] for r in runs[mode, app]],
                             "final_accuracy": runs[mode, app][-1]["final_accuracy"]}
-                      for app in ("plain Flower app", "fedsim")} for mode in modes}
+                      for app in measured[mode]} for mode in modes}
     ratios = {mode: results[mode]["fedsim"]["per_round_s"] / results[mode]["plain Flower app"]["per_round_s"]
               for mode in modes}
     print(f"\nquickstart on {NUM_NODES} SuperNodes (loopback), {args.rounds} rounds, {args.repeats} runs each")
-    print(f"{'SuperNodes':<12}{'app':<18}{'s per round':>13}{'runs':>22}{'final acc':>11}")
+    print(f"{'SuperNodes':<12}{'app':<20}{'s per round':>13}{'runs':>22}{'final acc':>11}")
     for mode in modes:
         for name, r in results[mode].items():
             per_runs = ", ".join(f"{s:.2f}" for s in r["per_round_s_runs"])
-            print(f"{mode:<12}{name:<18}{r['per_round_s']:>13.2f}{per_runs:>22}{r['final_accuracy']:>11.4f}")
+            print(f"{mode:<12}{name:<20}{r['per_round_s']:>13.2f}{per_runs:>22}{r['final_accuracy']:>11.4f}")
     for mode in modes:
         print(f"{mode}: fedsim / plain Flower app per-round time {ratios[mode]:.2f} (target <= {TARGET_RATIO}); "
               f"fedsim {results[mode]['fedsim']['per_round_s']:.2f} s per round (target <= {TARGET_SECONDS:.0f} s)")
