@@ -18,5 +18,6 @@ SERIAL = {"deploy", "cluster"}
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     tests = Path(__file__).parent
     for item in items:
-        if Path(item.path).relative_to(tests).parts[0] in SERIAL:
+        path = Path(item.path)
+        if path.is_relative_to(tests) and path.relative_to(tests).parts[0] in SERIAL:
             item.add_marker(pytest.mark.xdist_group("deployment"))
