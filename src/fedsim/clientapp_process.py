@@ -154,9 +154,11 @@ class ClientAppProcess:
                     push_message(client, reply, context)
                 except (httpx.HTTPError, RuntimeError) as exc:
                     log.error("failed to push the reply message", exc_info=exc)
-            push_task_output(client=client, context=context, sub_status=status, details=details)
+            # before the task's output, which revokes its token: a heartbeat sent after that is
+            # refused (401), and Flower's HTTP client answers a 401 with SIGINT to the process
             if heartbeat.is_running:
                 heartbeat.stop()
+            push_task_output(client=client, context=context, sub_status=status, details=details)
             client.close()
             log.debug("%s message %s in %.3f s", message.metadata.message_type if message else "a",
                       status, time.perf_counter() - start)
