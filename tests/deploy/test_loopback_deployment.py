@@ -83,9 +83,9 @@ def test_asynchronous_fedbuff_runs_on_the_wall_clock(deployment, tmp_path):
     rows, summary = run.rows(), run.summary()
     assert summary["status"] == "completed"
     assert [r["virtual_time"] for r in rows] == [20, 40]  # seconds, on this clock
-    # the loop waited for real time: the row of t=40 came about 20 s after the row of t=20
-    # (wall_time_s counts from the loop's start, a little after the clock's zero)
-    assert rows[1]["wall_time_s"] - rows[0]["wall_time_s"] >= 20 - 1
+    # the loop waited for real time (a virtual clock would end in a few seconds); wall_time_s
+    # counts from the loop's start, a few seconds after the clock's zero on a busy machine
+    assert all(r["wall_time_s"] >= r["virtual_time"] - 10 for r in rows)
     assert summary["model_updates"] == rows[-1]["model_version"] >= 1
     assert sum(r["num_success"] for r in rows) >= 1 and all(r["num_failed"] == 0 for r in rows)
 
