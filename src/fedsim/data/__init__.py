@@ -4,9 +4,9 @@ Knows nothing of federation or configuration: loaders return ``ArrayDataset``
 pairs, partitioners return index arrays.
 
 The names below are importable from ``fedsim.data`` directly; each loads its module on
-first use (``lazy_loader``, PEP 562), so that a client importing ``ArrayDataset`` does not pay for scikit-learn,
-Hugging Face ``datasets`` or matplotlib (seconds per process, and a deployed ClientApp
-is a new process per message).
+first use (``lazy_loader``, PEP 562), so that a client importing ``ArrayDataset`` does not
+pay for scikit-learn, Hugging Face ``datasets`` or matplotlib (seconds per process, and a
+deployed ClientApp is a new process per message).
 """
 
 from __future__ import annotations

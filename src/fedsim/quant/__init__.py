@@ -15,8 +15,9 @@ codecs
 error_feedback
     ``error_feedback.build(name, codec, **kw)``, ``ServerEstimate``: EF, EF21, EControl.
 
-The names above are importable from ``fedsim.quant`` directly; they load on first use (``lazy_loader``, PEP 562), so
-that ``import fedsim.quant.codecs`` (clients and server) does not pay for importing torchao.
+The names above are importable from ``fedsim.quant`` directly; they load on first use
+(``lazy_loader``, PEP 562), so that ``import fedsim.quant.codecs`` (clients and server) does
+not pay for importing torchao.
 """
 
 from __future__ import annotations
