@@ -1,30 +1,30 @@
 """Deployed-round overhead: fedsim's quickstart on a SuperLink + 3 SuperNodes on loopback,
 beside a minimal Flower app deployed the same way (the anchor).
 
-Both apps run on the same loopback deployment (``fedsim.loopback``: ``flower-superlink`` and
-three ``flower-supernode`` processes on 127.0.0.1) and do the same work per round: every
-node trains the quickstart's MLP for 5 local epochs on its Dirichlet(0.5) partition of
-digits, every node evaluates the new global model on its test split, and the server
+Both apps run on the same loopback deployment (``fedsim.loopback``: ``flower-superlink``,
+its state in memory, and three SuperNodes on 127.0.0.1) and do the same work per round:
+every node trains the quickstart's MLP for 5 local epochs on its Dirichlet(0.5) partition
+of digits, every node evaluates the new global model on its test split, and the server
 evaluates it on the held-out test set. The anchor (``benchmarks/deploy_anchor``) is written
 as Flower's examples are (``FedAvg.start``) and reads fedsim's partitions from .npz files,
-so the difference is fedsim's own cost. Two deployments are measured:
+so the difference is fedsim's own cost. Three deployments are measured (``DEPLOYMENTS``):
 
-- ``subprocess``: Flower's default SuperNode, a new ``flwr-clientapp`` process per message
-  (its SuperExec polling every 0.1 s instead of 1 s);
-- ``process``: each SuperNode with ``--isolation process`` beside a long-lived
-  ``fedsim clientapp`` process that runs all its messages (the anchor's too).
+- ``fedsim supernode`` (Flower's SuperNode asking for a message every 0.5 s,
+  :mod:`fedsim.supernode`) with ``--isolation process`` beside a long-lived
+  ``fedsim clientapp`` process that runs all its messages (the anchor's too);
+- ``flower-supernode`` (asking every 3 s) beside ``fedsim clientapp``;
+- ``flower-supernode`` as Flower ships it: a new ``flwr-clientapp`` process per message
+  (its SuperExec polling every 0.1 s instead of 1 s).
 
-A round of either app is two messages per node (train, then evaluate). A Flower 1.41
-SuperNode that finds no message waits 3 s before it asks again
-(``flwr/supernode/start_client_internal.py``), and it asks right after pushing a reply,
-before the server can have sent the next message: every message waits about 3 s at the
-node, whatever the app. Under ``process``, fedsim also runs the quickstart with
-``eval.federated=false`` (one message per round), which shows that wait per message.
+A round of either app is two messages per node (train, then evaluate). A SuperNode asks
+for the next message right after pushing a reply, before the server can have sent it, and
+then waits its poll interval. With a long-lived ClientApp process, fedsim also runs the
+quickstart with ``eval.federated=false`` (one message per round).
 
 Seconds per round are measured from the end of round 1 to the end of round R (round 1
 also waits for the nodes and builds fedsim's partition cache). The apps alternate,
 ``--repeats`` times each; the median is reported. Beside the rounds, what a message costs
-in a fresh process (as under ``subprocess``) is measured: Flower's ClientApp process start,
+in a fresh process (as with a process per message) is measured: Flower's ClientApp process start,
 importing each app, and fedsim's worker state (data + model) with and without the
 partition cache. Writes JSON to benchmarks/results/deploy_overhead.json.
 
@@ -57,6 +57,13 @@ ANCHOR = ROOT / "benchmarks" / "deploy_anchor"
 NUM_NODES = 3
 TARGET_RATIO, TARGET_SECONDS = 1.2, 10.0
 TRAIN_ONLY = "fedsim, train only"  # the quickstart with eval.federated=false: one message per round
+# how the SuperNodes run (LoopbackDeployment's arguments): fedsim's deployment first, then
+# Flower's SuperNode beside fedsim's ClientApp process, then Flower's SuperNode as shipped
+DEPLOYMENTS = {
+    "fedsim supernode + fedsim clientapp": {"supernode": "fedsim", "isolation": "process"},
+    "flower-supernode + fedsim clientapp": {"supernode": "flower", "isolation": "process"},
+    "flower-supernode, a process per message": {"supernode": "flower", "isolation": "subprocess"},
+}
 
 
 def quickstart(rounds: int):
@@ -178,41 +185,41 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/deploy_overhead.json")
     args = parser.parse_args()
     cfg = quickstart(args.rounds)
-    modes = ("process", "subprocess")
     apps = {"plain Flower app": run_anchor, "fedsim": run_fedsim,
             TRAIN_ONLY: lambda dep, cfg, work: run_fedsim(dep, cfg, work, ("eval.federated=false",))}
-    measured = {mode: [app for app in apps if mode == "process" or app != TRAIN_ONLY] for mode in modes}
-    runs: dict[tuple[str, str], list[dict]] = {(m, a): [] for m in modes for a in measured[m]}
+    measured = {name: [app for app in apps if kw["isolation"] == "process" or app != TRAIN_ONLY]
+                for name, kw in DEPLOYMENTS.items()}
+    runs: dict[tuple[str, str], list[dict]] = {(d, a): [] for d in DEPLOYMENTS for a in measured[d]}
     with tempfile.TemporaryDirectory(prefix="fedsim-deploy-bench-") as tmp:
         work = Path(tmp, "work")
         work.mkdir()
         write_anchor_data(cfg, work)
         imports, costs = import_profile(), message_costs(cfg, Path(tmp, "cache"))
-        for mode in modes:
-            home = Path(tmp, mode)
+        for i, (name, kw) in enumerate(DEPLOYMENTS.items()):
+            home = Path(tmp, f"deployment-{i}")
             home.mkdir()
-            with LoopbackDeployment(home, NUM_NODES, isolation=mode) as dep:
+            with LoopbackDeployment(home, NUM_NODES, **kw) as dep:
                 for repeat in range(args.repeats):
-                    for app in measured[mode]:
-                        runs[mode, app].append(apps[app](dep, cfg, work))
-                        print(f"{mode} {app} run {repeat + 1}: {runs[mode, app][-1]['per_round_s']:.2f} s per round",
+                    for app in measured[name]:
+                        runs[name, app].append(apps[app](dep, cfg, work))
+                        print(f"{name}: {app} run {repeat + 1}: {runs[name, app][-1]['per_round_s']:.2f} s per round",
                               flush=True)
-    results = {mode: {app: {"per_round_s": statistics.median(r["per_round_s"] for r in runs[mode, app]),
-                            "per_round_s_runs": [r["per_round_s"] for r in runs[mode, app]],
-                            "total_s_runs": [r["total_s"] for r in runs[mode, app]],
-                            "final_accuracy": runs[mode, app][-1]["final_accuracy"]}
-                      for app in measured[mode]} for mode in modes}
-    ratios = {mode: results[mode]["fedsim"]["per_round_s"] / results[mode]["plain Flower app"]["per_round_s"]
-              for mode in modes}
+    results = {name: {app: {"per_round_s": statistics.median(r["per_round_s"] for r in runs[name, app]),
+                            "per_round_s_runs": [r["per_round_s"] for r in runs[name, app]],
+                            "total_s_runs": [r["total_s"] for r in runs[name, app]],
+                            "final_accuracy": runs[name, app][-1]["final_accuracy"]}
+                      for app in measured[name]} for name in DEPLOYMENTS}
+    ratios = {name: results[name]["fedsim"]["per_round_s"] / results[name]["plain Flower app"]["per_round_s"]
+              for name in DEPLOYMENTS}
     print(f"\nquickstart on {NUM_NODES} SuperNodes (loopback), {args.rounds} rounds, {args.repeats} runs each")
-    print(f"{'SuperNodes':<12}{'app':<20}{'s per round':>13}{'runs':>22}{'final acc':>11}")
-    for mode in modes:
-        for name, r in results[mode].items():
+    print(f"{'deployment':<44}{'app':<20}{'s per round':>13}{'runs':>16}{'final acc':>11}")
+    for name in DEPLOYMENTS:
+        for app, r in results[name].items():
             per_runs = ", ".join(f"{s:.2f}" for s in r["per_round_s_runs"])
-            print(f"{mode:<12}{name:<20}{r['per_round_s']:>13.2f}{per_runs:>22}{r['final_accuracy']:>11.4f}")
-    for mode in modes:
-        print(f"{mode}: fedsim / plain Flower app per-round time {ratios[mode]:.2f} (target <= {TARGET_RATIO}); "
-              f"fedsim {results[mode]['fedsim']['per_round_s']:.2f} s per round (target <= {TARGET_SECONDS:.0f} s)")
+            print(f"{name:<44}{app:<20}{r['per_round_s']:>13.2f}{per_runs:>16}{r['final_accuracy']:>11.4f}")
+    for name in DEPLOYMENTS:
+        print(f"{name}: fedsim / plain Flower app per-round time {ratios[name]:.2f} (target <= {TARGET_RATIO}); "
+              f"fedsim {results[name]['fedsim']['per_round_s']:.2f} s per round (target <= {TARGET_SECONDS:.0f} s)")
     for name, profile in imports.items():
         print(f"import {name}: {profile['import_s']:.2f} s, peak {profile['peak_rss_mb']:.0f} MB")
     print("what one message costs a node in a fresh process (s):")
@@ -222,10 +229,11 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": f"python benchmarks/deploy_overhead.py --rounds {args.rounds} --repeats {args.repeats}",
-        "environment": environment(), "nodes": NUM_NODES, "rounds": args.rounds, "results": results,
+        "environment": environment(), "nodes": NUM_NODES, "rounds": args.rounds, "deployments": DEPLOYMENTS,
+        "results": results,
         "fedsim_over_flower": ratios, "targets": {"ratio": TARGET_RATIO, "seconds_per_round": TARGET_SECONDS},
-        "met": {mode: {"ratio": ratios[mode] <= TARGET_RATIO,
-                       "seconds": results[mode]["fedsim"]["per_round_s"] <= TARGET_SECONDS} for mode in modes},
+        "met": {name: {"ratio": ratios[name] <= TARGET_RATIO,
+                       "seconds": results[name]["fedsim"]["per_round_s"] <= TARGET_SECONDS} for name in DEPLOYMENTS},
         "imports": imports, "message_costs": costs}, indent=2))
     print(f"wrote {out}")
 

@@ -1,4 +1,5 @@
-"""The ``fedsim`` command line: run, validate, partition, report, bench, deploy."""
+"""The ``fedsim`` command line: run, validate, partition, report, bench, deploy, auth, clientapp,
+supernode."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from rich.table import Table
 
 from fedsim.config import ConfigError, ExperimentConfig, load_config
 from fedsim.sim.progress import CONSOLE
+from fedsim.supernode import POLL_INTERVAL_S
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Federated-learning simulation on Flower + Ray.")
@@ -311,6 +313,19 @@ def clientapp(
 
     _setup_logging(verbose)
     serve(runtime_api_address, root_certificates, verbose)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def supernode(
+    ctx: typer.Context,
+    poll_interval: Annotated[float, typer.Option(
+        min=0.01, help="seconds between a node's requests for a message (flower-supernode: 3)")] = POLL_INTERVAL_S,
+) -> None:
+    """Flower's SuperNode (every other option is flower-supernode's, see flower-supernode
+    --help) asking the SuperLink for a message every POLL_INTERVAL seconds, not every 3."""
+    from fedsim.supernode import run_supernode
+
+    run_supernode(ctx.args, poll_interval)
 
 
 if __name__ == "__main__":

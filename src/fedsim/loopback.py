@@ -1,9 +1,10 @@
 """A Flower deployment on this machine: a SuperLink and SuperNodes as local processes.
 
 The README's commands for a deployment without Docker, run from Python: one
-``flower-superlink`` and one ``flower-supernode`` per partition, talking over 127.0.0.1,
-insecure or over TLS, with or without SuperNode authentication. ``tests/deploy``,
-``benchmarks/deploy_overhead.py`` and ``make docker-test`` drive deployments with it.
+``flower-superlink`` and one SuperNode per partition (``fedsim supernode``), talking over
+127.0.0.1, insecure or over TLS, with or without SuperNode authentication.
+``tests/deploy``, ``benchmarks/deploy_overhead.py`` and ``make docker-test`` drive
+deployments with it.
 
 Every process runs in its own session (so a SuperNode can be killed with the ClientApp
 processes it started) and logs to ``<home>/<name>.log``; Flower keeps its state in
@@ -27,6 +28,7 @@ BIN = Path(sys.executable).parent
 # Flower's SuperExec looks for a new task to run every FLWR_SUPEREXEC_TASK_POLL_INTERVAL
 # seconds (1 s by default): each message would wait half a second on average for it
 SUPEREXEC_POLL_S = 0.1
+SUPERNODE_COMMANDS = {"fedsim": ("fedsim", "supernode"), "flower": ("flower-supernode",)}
 
 
 def free_port() -> int:
@@ -77,15 +79,26 @@ class LoopbackDeployment:
         ``process``: each SuperNode runs with ``--isolation process`` beside a long-lived
         ``fedsim clientapp`` process that runs all its messages; ``subprocess``: Flower's
         default, a new ``flwr-clientapp`` process per message.
+    supernode : {"fedsim", "flower"}, default "fedsim"
+        ``fedsim``: the SuperNodes run as ``fedsim supernode`` (Flower's SuperNode asking
+        for messages every 0.5 s, :mod:`fedsim.supernode`); ``flower``: as
+        ``flower-supernode`` (every 3 s).
+
+    The SuperLink keeps its state in memory (Flower's default, as in docker/compose.yaml):
+    with ``--database FILE`` it commits every request to SQLite, which made a deployed
+    round twice as slow on this project's machine.
     """
 
     def __init__(self, home: Path, num_nodes: int = 3, tls: TlsFiles | None = None,
-                 node_keys: list[Path] | None = None, isolation: str = "process") -> None:
+                 node_keys: list[Path] | None = None, isolation: str = "process", supernode: str = "fedsim") -> None:
         if node_keys is not None and (tls is None or len(node_keys) != num_nodes):
             raise ValueError("SuperNode authentication needs TLS and one key per node")
         if isolation not in ("process", "subprocess"):
             raise ValueError(f"isolation: {isolation!r} is not one of process, subprocess")
+        if supernode not in SUPERNODE_COMMANDS:
+            raise ValueError(f"supernode: {supernode!r} is not one of {', '.join(SUPERNODE_COMMANDS)}")
         self.home, self.tls, self.isolation = Path(home), tls, isolation
+        self.supernode = SUPERNODE_COMMANDS[supernode]
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.node_auth = node_keys is not None
@@ -120,16 +133,16 @@ class LoopbackDeployment:
             "--ssl-keyfile", str(self.tls.key)]
         auth = ["--enable-supernode-auth"] if self.node_auth else []
         self.superlink = self._popen("superlink", "flower-superlink", *security, *auth, "--port", str(self.port),
-                                     "--disable-runtime-dependency-installation",
-                                     "--database", str(self.home / "state.db"))
+                                     "--disable-runtime-dependency-installation")
         wait_for_port(self.port)
 
     def node_command(self, partition_id: int, num_partitions: int, private_key: Path | None,
                      runtime_port: int) -> list[str]:
-        """The ``flower-supernode`` command of one SuperNode of this deployment."""
+        """The command of one SuperNode of this deployment (``fedsim supernode`` or
+        ``flower-supernode``, with Flower's options)."""
         security = ["--insecure"] if self.tls is None else ["--root-certificates", str(self.tls.ca)]
         auth = [] if private_key is None else ["--auth-supernode-private-key", str(private_key)]
-        return ["flower-supernode", *security, *auth, "--superlink", self.address, "--isolation", self.isolation,
+        return [*self.supernode, *security, *auth, "--superlink", self.address, "--isolation", self.isolation,
                 "--port", str(runtime_port),
                 "--node-config", f"partition-id={partition_id} num-partitions={num_partitions}"]
 

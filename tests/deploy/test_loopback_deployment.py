@@ -2,10 +2,11 @@
 talking over 127.0.0.1, and experiments submitted with ``fedsim deploy``.
 
 This is what ``docker/compose.yaml`` runs, without Docker: the same commands, the same app
-(``fedsim.loopback``). The SuperNodes run with ``--isolation process`` beside a long-lived
-``fedsim clientapp`` process each, except in one test of Flower's default (a
-``flwr-clientapp`` process per message). The last test kills a SuperNode of the shared
-deployment and restarts it. TLS is tested with SuperNode authentication (test_deploy_auth.py).
+(``fedsim.loopback``). The SuperNodes (``fedsim supernode``) run with ``--isolation
+process`` beside a long-lived ``fedsim clientapp`` process each, except in one test of
+Flower's default (``flower-supernode``, a ``flwr-clientapp`` process per message). The
+last test kills a SuperNode of the shared deployment and restarts it. TLS is tested with
+SuperNode authentication (test_deploy_auth.py).
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def test_compose_files_run_the_tested_commands_one_partition_per_supernode(varia
         assert (int(config["partition-id"]), int(config["num-partitions"])) == (i, len(nodes))
         # every message of the node runs in its long-lived ClientApp process, which finds the
         # node's Runtime API on its own loopback (shared network, or the host's)
-        assert command[0] == "flower-supernode" and _flag(command, "--isolation") == "process"
+        assert command[:2] == ["fedsim", "supernode"] and _flag(command, "--isolation") == "process"
         assert apps[i]["command"][:2] == ["fedsim", "clientapp"]
         address = _flag(apps[i]["command"], "--runtime-api-address")
         if apps[i].get("network_mode") == "host":
@@ -145,11 +146,13 @@ def test_the_dockerfile_takes_a_base_image_and_installs_offline_from_a_wheel_fol
 
 
 def test_flowers_default_supernode_runs_the_app_in_a_process_per_message(tmp_path_factory, tmp_path):
-    """Without ``fedsim clientapp``: Flower starts a flwr-clientapp process for every message,
-    and each reads the node's partition from the disk cache."""
+    """Flower's SuperNode as Flower ships it (``flower-supernode``, no ``fedsim clientapp``):
+    it starts a flwr-clientapp process for every message, and each reads the node's partition
+    from the disk cache."""
     config, overrides = ROOT / "configs" / "quickstart.yaml", ["partition.num_clients=1", "rounds=1",
                                                               "eval.federated=false", "output.plots=false"]
-    with LoopbackDeployment(tmp_path_factory.mktemp("flwr-subprocess"), num_nodes=1, isolation="subprocess") as dep:
+    with LoopbackDeployment(tmp_path_factory.mktemp("flwr-subprocess"), num_nodes=1, isolation="subprocess",
+                            supernode="flower") as dep:
         dep.cache_partitions(config, overrides)
         run = run_deployed(dep, config, overrides, tmp_path / "deployed")
         assert "Start `flwr-clientapp` process" in dep.log("supernode-0")
