@@ -252,19 +252,23 @@ class QuantConfig(Section):
 
 # ---------------------------------------------------------------------- strategies
 class ServerOptConfig(Section):
-    """Server optimizer applied to the aggregated update (FedAvgM / FedAdam, Reddi et al. 2021).
+    """Server optimizer applied to the aggregated update (FedAvgM; FedAdam, FedAdagrad and
+    FedYogi, Reddi et al. 2021).
 
     ``lr`` unset takes the optimizer's own default (:data:`SERVER_LR`): 1.0 for sgd (FedAvg)
-    and momentum (FedAvgM), 0.01 for adam. FedAdam divides by sqrt(v): its step is about
-    lr per coordinate whatever the update's scale, so FedAvg's 1.0 makes it diverge; Reddi
+    and momentum (FedAvgM), 0.01 for adam and yogi, 0.1 for adagrad (Flower's defaults for
+    FedAdam, FedYogi, FedAdagrad). The adaptive ones divide by sqrt(v): their step is about
+    lr per coordinate whatever the update's scale, so FedAvg's 1.0 makes them diverge; Reddi
     et al. ("Adaptive Federated Optimization", arXiv 2003.00295, Fig. 2 and App. D) find
-    its best server learning rates between 10^-2.5 and 10^-1.
+    their best server learning rates between 10^-2.5 and 10^-1 (Adagrad's a little higher).
     """
 
-    SERVER_LR: ClassVar[dict[str, float]] = {"sgd": 1.0, "momentum": 1.0, "adam": 0.01}
+    SERVER_LR: ClassVar[dict[str, float]] = {"sgd": 1.0, "momentum": 1.0, "adam": 0.01, "yogi": 0.01,
+                                             "adagrad": 0.1}
 
-    name: Literal["sgd", "momentum", "adam"] = "sgd"
-    lr: float = Field(1.0, gt=0, description="unset: 1.0 for sgd and momentum, 0.01 for adam")
+    name: Literal["sgd", "momentum", "adam", "adagrad", "yogi"] = "sgd"
+    lr: float = Field(1.0, gt=0, description="unset: 1.0 for sgd and momentum, 0.01 for adam and yogi, "
+                                             "0.1 for adagrad")
     momentum: float = Field(0.9, ge=0, lt=1)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)

@@ -99,8 +99,8 @@ def test_a_resolved_config_validates_again_for_every_family(tmp_path):
 
 def test_the_server_learning_rate_defaults_per_optimizer():
     lr = {name: load_config(QUICKSTART, [f"strategy.server_opt.name={name}"]).strategy.server_opt.lr
-          for name in ("sgd", "momentum", "adam")}
-    assert lr == {"sgd": 1.0, "momentum": 1.0, "adam": 0.01}
+          for name in ("sgd", "momentum", "adam", "adagrad", "yogi")}
+    assert lr == {"sgd": 1.0, "momentum": 1.0, "adam": 0.01, "adagrad": 0.1, "yogi": 0.01}
     assert load_config(QUICKSTART, ["strategy.server_opt.name=adam", "strategy.server_opt.lr=0.1"]
                        ).strategy.server_opt.lr == 0.1
 

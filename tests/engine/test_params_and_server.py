@@ -122,3 +122,29 @@ def test_server_momentum_and_adam_match_hand_computation():
     other = ServerOptimizer(ServerOptConfig(name="adam", lr=0.1, beta1=0.9, beta2=0.99, eps=1e-3))
     other.load_state_dict(state)
     assert torch.equal(other.step(y, d), adam.step(y, d))
+
+
+def test_server_adagrad_and_yogi_match_hand_computation_over_two_rounds():
+    """Reddi et al. (arXiv 2003.00295), Algorithm 2: v <- v + d^2 (FedAdagrad), v <- v -
+    (1 - b2) d^2 sign(v - d^2) (FedYogi); m and the step as FedAdam's."""
+    x, d1, d2 = torch.zeros(2), torch.tensor([1.0, -2.0]), torch.tensor([0.5, 4.0])
+    lr, b1, b2, eps = 0.1, 0.9, 0.99, 1e-3
+    m1, m2 = (1 - b1) * d1, b1 * (1 - b1) * d1 + (1 - b1) * d2
+    for name, v1, v2 in (
+            ("adagrad", d1**2, d1**2 + d2**2),
+            # round 1: v = 0 < d^2, so v grows by (1 - b2) d^2; round 2: the first entry's v
+            # (0.01) is below d2^2 (0.25) and grows, the second's (0.04) is below 16 and grows
+            ("yogi", (1 - b2) * d1**2, (1 - b2) * d1**2 + (1 - b2) * d2**2)):
+        opt = ServerOptimizer(ServerOptConfig(name=name, lr=lr, beta1=b1, beta2=b2, eps=eps))
+        y1 = opt.step(x, d1)
+        assert torch.allclose(y1, lr * m1 / (v1.sqrt() + eps)), name
+        assert torch.allclose(opt.step(y1, d2), y1 + lr * m2 / (v2.sqrt() + eps)), name
+    # Yogi's v shrinks towards a smaller d^2 by at most (1 - b2) d^2, where Adam's decays by b2
+    yogi, adam = (ServerOptimizer(ServerOptConfig(name=n, beta2=b2)) for n in ("yogi", "adam"))
+    big, small = torch.tensor([20.0]), torch.tensor([1.0])
+    for opt in (yogi, adam):
+        opt.step(x[:1], big)
+        opt.step(x[:1], small)
+    v1 = (1 - b2) * big**2
+    assert torch.allclose(yogi.v, v1 - (1 - b2) * small**2)  # v = 4 > d^2 = 1: it shrinks, to 3.99
+    assert torch.allclose(adam.v, b2 * v1 + (1 - b2) * small**2)

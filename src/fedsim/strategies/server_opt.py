@@ -7,6 +7,14 @@ update ``delta`` as a pseudo-gradient step:
 - momentum:  m <- beta * m + delta;  x <- x + lr * m               (FedAvgM, Hsu et al. 2019)
 - adam:      m <- b1 m + (1 - b1) delta;  v <- b2 v + (1 - b2) delta^2;
              x <- x + lr * m / (sqrt(v) + eps)                      (FedAdam)
+- adagrad:   as adam with v <- v + delta^2                          (FedAdagrad)
+- yogi:      as adam with v <- v - (1 - b2) delta^2 sign(v - delta^2)  (FedYogi)
+
+The adaptive three share m and the step, and differ in v only (Reddi et al., Algorithm 2):
+Adagrad's v only grows, so its steps shrink over the run; Yogi's moves towards delta^2 by at
+most (1 - b2) delta^2 a round, where Adam's forgets geometrically. v starts at 0, as in
+Flower's FedAdam/FedAdagrad/FedYogi. FedAdagrad keeps the momentum ``b1`` here, as in the
+paper (Flower's FedAdagrad sets it to 0; ``beta1: 0`` gives that).
 
 Only parameters take the optimizer's step. Buffers (BatchNorm running statistics) are not
 gradients' integrals: they take the clients' aggregate as it is, ``x <- x + delta`` (the
@@ -49,7 +57,13 @@ class ServerOptimizer:
         if self.v is None:
             self.v = torch.zeros_like(x)
         self.m = cfg.beta1 * self.m + (1 - cfg.beta1) * delta
-        self.v = cfg.beta2 * self.v + (1 - cfg.beta2) * delta**2
+        square = delta**2
+        if cfg.name == "adam":
+            self.v = cfg.beta2 * self.v + (1 - cfg.beta2) * square
+        elif cfg.name == "adagrad":
+            self.v = self.v + square
+        else:
+            self.v = self.v - (1 - cfg.beta2) * square * torch.sign(self.v - square)
         return x + cfg.lr * self.m / (self.v.sqrt() + cfg.eps)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
