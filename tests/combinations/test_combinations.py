@@ -50,7 +50,7 @@ PARTICIPATION = {
 ATTACKS = {"none": {}, "sign_flip": {"name": "sign_flip", "fraction": 0.25},
            "label_flip": {"name": "label_flip", "fraction": 0.25}}
 MODELS = ["mlp", "cnn", "lenet5", "resnet8"]
-SERVER_OPT = ["sgd", "momentum", "adam", "adagrad", "yogi"]
+SERVER_OPT = ["sgd", "momentum", "adam"]
 FAULTS = {"none": {}, "crash": {"crash": [1]}, "nan": {"nan": [2]}}
 BACKENDS = ["inprocess", "batched"]
 
