@@ -265,6 +265,10 @@ class ServerOptConfig(Section):
 
     SERVER_LR: ClassVar[dict[str, float]] = {"sgd": 1.0, "momentum": 1.0, "adam": 0.01, "yogi": 0.01,
                                              "adagrad": 0.1}
+    # the fields besides lr that each optimizer reads; another one set off its default is refused
+    READS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "sgd": (), "momentum": ("momentum",), "adam": ("beta1", "beta2", "eps"), "yogi": ("beta1", "beta2", "eps"),
+        "adagrad": ("beta1", "eps")}
 
     name: Literal["sgd", "momentum", "adam", "adagrad", "yogi"] = "sgd"
     lr: float = Field(1.0, gt=0, description="unset: 1.0 for sgd and momentum, 0.01 for adam and yogi, "
@@ -281,6 +285,17 @@ class ServerOptConfig(Section):
             name = data.get("name", "sgd")
             data = {**data, "lr": cls.SERVER_LR.get(name, 1.0)} if isinstance(name, str) else data
         return data
+
+    @model_validator(mode="after")
+    def _only_what_the_optimizer_reads(self) -> ServerOptConfig:
+        unread = [f"server_opt.{field} {value}" for field in ("momentum", "beta1", "beta2", "eps")
+                  if field not in self.READS[self.name]
+                  and (value := getattr(self, field)) != type(self).model_fields[field].default]
+        if unread:
+            verb, pronoun = ("is", "it") if len(unread) == 1 else ("are", "them")
+            raise ValueError(f"{', '.join(unread)} {verb} not read by server_opt.name {self.name}; "
+                             f"leave {pronoun} unset")
+        return self
 
 
 class SyncStrategyBase(Section):

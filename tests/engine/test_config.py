@@ -64,6 +64,24 @@ def test_unknown_strategy_key_lists_the_chosen_strategys_keys():
     assert str(err.value) == "strategy.server_opt.nme: unknown key; allowed here: beta1, beta2, eps, lr, momentum, name"
 
 
+def test_a_server_optimizer_setting_the_chosen_optimizer_does_not_read_is_refused():
+    with pytest.raises(ConfigError) as err:
+        validate_config({"strategy": {"name": "fedavg", "server_opt": {"name": "adam", "momentum": 0.5}}})
+    assert str(err.value) == ("strategy.server_opt: server_opt.momentum 0.5 is not read by server_opt.name adam; "
+                              "leave it unset")
+    with pytest.raises(ConfigError) as err:
+        validate_config({"strategy": {"name": "fedavg", "server_opt": {"name": "adagrad", "beta2": 0.9,
+                                                                       "eps": 0.01, "beta1": 0.5}}})
+    assert str(err.value) == ("strategy.server_opt: server_opt.beta2 0.9 is not read by server_opt.name adagrad; "
+                              "leave it unset")
+    with pytest.raises(ConfigError, match="server_opt.beta1 0.5, server_opt.eps 0.1 are not read by "
+                                          "server_opt.name sgd; leave them unset"):
+        validate_config({"strategy": {"name": "fedavg", "server_opt": {"beta1": 0.5, "eps": 0.1}}})
+    # what it reads, and defaults (as in a config dumped and loaded again), are accepted
+    cfg = validate_config({"strategy": {"name": "fedlex", "server_opt": {"name": "adam", "beta2": 0.9}}})
+    assert validate_config(cfg.model_dump(mode="json")).strategy.server_opt.beta2 == 0.9
+
+
 def test_errors_under_strategy_name_the_key_without_the_union_tag():
     with pytest.raises(ConfigError) as err:
         validate_config({"strategy": {"name": "fedprox", "mu": -1}})
