@@ -288,8 +288,8 @@ class ServerOptConfig(Section):
 
     @model_validator(mode="after")
     def _only_what_the_optimizer_reads(self) -> ServerOptConfig:
-        unread = [f"server_opt.{field} {value}" for field in ("momentum", "beta1", "beta2", "eps")
-                  if field not in self.READS[self.name]
+        unread = [f"server_opt.{field} {value}" for field in type(self).model_fields
+                  if field not in ("name", "lr", *self.READS[self.name])
                   and (value := getattr(self, field)) != type(self).model_fields[field].default]
         if unread:
             verb, pronoun = ("is", "it") if len(unread) == 1 else ("are", "them")
