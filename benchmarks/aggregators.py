@@ -59,11 +59,13 @@ from pathlib import Path
 
 import torch
 
+from fedsim.algorithms.fedau import FedAUWeights, fedau_aggregate
+from fedsim.algorithms.fedld import fedld_aggregate
+from fedsim.algorithms.flag import flag_aggregate
+from fedsim.algorithms.krum import krum, multi_krum
+from fedsim.algorithms.median import coordinate_median
+from fedsim.algorithms.trimmed_mean import trimmed_mean
 from fedsim.strategies.aggregate import weighted_mean
-from fedsim.strategies.fedau import FedAUWeights, fedau_aggregate
-from fedsim.strategies.fedld import fedld_aggregate
-from fedsim.strategies.flag import flag_aggregate
-from fedsim.strategies.robust import coordinate_median, krum, multi_krum, trimmed_mean
 
 AGGREGATORS = ["mean", "median", "trimmed_mean", "krum", "multi_krum", "flag", "fedld", "fedau"]
 TARGETS = {"median": 20.0, "trimmed_mean": 20.0, "flag": 20.0, "fedld": 20.0, "fedau": 1.5}

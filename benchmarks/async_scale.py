@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
+from fedsim.algorithms.fedbuff import FedBuff
 from fedsim.bench import environment
 from fedsim.sim.clock import EventQueue, VirtualClock
 from fedsim.sim.speeds import client_duration, client_speeds
-from fedsim.strategies.fedbuff import FedBuff
 
 WORK = 10.0  # local steps per update, in speed units
 LOCAL_LR = 0.1

@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+
+from fedsim.algorithms import registry
+from fedsim.algorithms.api import StrategySection
+from fedsim.config_checks import KNOWN_NUM_CLASSES, combination_problems
+from fedsim.sections import ConfigError, Section
+
+__all__ = ["ConfigError", "ExperimentConfig", "Section", "apply_override", "format_validation_error", "load_config",
+           "validate_config"]
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names every bad key."""
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are re-validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+class SectionErrors(ValueError):
+    """Problems already formatted one per line, each naming its full key (a nested section
+    validated on its own, as ``strategy`` is by its algorithm's config model)."""
 
 
 # --------------------------------------------------------------------------- data
@@ -250,219 +253,6 @@ class QuantConfig(Section):
         return self
 
 
-# ---------------------------------------------------------------------- strategies
-class ServerOptConfig(Section):
-    """Server optimizer applied to the aggregated update (FedAvgM; FedAdam, FedAdagrad and
-    FedYogi, Reddi et al. 2021).
-
-    ``lr`` unset takes the optimizer's own default (:data:`SERVER_LR`): 1.0 for sgd (FedAvg)
-    and momentum (FedAvgM), 0.01 for adam and yogi, 0.1 for adagrad (Flower's defaults for
-    FedAdam, FedYogi, FedAdagrad). The adaptive ones divide by sqrt(v): their step is about
-    lr per coordinate whatever the update's scale, so FedAvg's 1.0 makes them diverge; Reddi
-    et al. ("Adaptive Federated Optimization", arXiv 2003.00295, Fig. 2 and App. D) find
-    their best server learning rates between 10^-2.5 and 10^-1 (Adagrad's a little higher).
-    """
-
-    SERVER_LR: ClassVar[dict[str, float]] = {"sgd": 1.0, "momentum": 1.0, "adam": 0.01, "yogi": 0.01,
-                                             "adagrad": 0.1}
-    # the fields besides lr that each optimizer reads; another one set off its default is refused
-    READS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "sgd": (), "momentum": ("momentum",), "adam": ("beta1", "beta2", "eps"), "yogi": ("beta1", "beta2", "eps"),
-        "adagrad": ("beta1", "eps")}
-
-    name: Literal["sgd", "momentum", "adam", "adagrad", "yogi"] = "sgd"
-    lr: float = Field(1.0, gt=0, description="unset: 1.0 for sgd and momentum, 0.01 for adam and yogi, "
-                                             "0.1 for adagrad")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.99, ge=0, lt=1)
-    eps: float = Field(1e-3, gt=0)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_lr(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("lr") is None:
-            name = data.get("name", "sgd")
-            data = {**data, "lr": cls.SERVER_LR.get(name, 1.0)} if isinstance(name, str) else data
-        return data
-
-    @model_validator(mode="after")
-    def _only_what_the_optimizer_reads(self) -> ServerOptConfig:
-        unread = [f"server_opt.{field} {value}" for field in type(self).model_fields
-                  if field not in ("name", "lr", *self.READS[self.name])
-                  and (value := getattr(self, field)) != type(self).model_fields[field].default]
-        if unread:
-            verb, pronoun = ("is", "it") if len(unread) == 1 else ("are", "them")
-            raise ValueError(f"{', '.join(unread)} {verb} not read by server_opt.name {self.name}; "
-                             f"leave {pronoun} unset")
-        return self
-
-
-class SyncStrategyBase(Section):
-    """Fields every synchronous strategy shares."""
-
-    family: ClassVar[str] = "sync"
-    fraction_train: float = Field(1.0, gt=0, le=1)
-    fraction_evaluate: float = Field(1.0, ge=0, le=1, description="0 turns federated eval off")
-    min_successful: int = Field(1, ge=1, description="fewer valid replies skip the round")
-    server_opt: ServerOptConfig = ServerOptConfig()
-
-
-class FedAvgConfig(SyncStrategyBase):
-    """FedAvg (McMahan et al. 2017), example-weighted mean of client updates."""
-
-    name: Literal["fedavg"] = "fedavg"
-
-
-class FedProxConfig(SyncStrategyBase):
-    """FedProx (Li et al. 2020): FedAvg with a proximal term mu/2 ||w - w_global||^2."""
-
-    name: Literal["fedprox"] = "fedprox"
-    mu: float = Field(0.01, ge=0)
-
-
-class ScaffoldConfig(SyncStrategyBase):
-    """SCAFFOLD (Karimireddy et al., arXiv 1910.06378), option II control variates: clients
-    step with g - c_i + c; the server's learning rate eta_g is ``server_opt.lr``."""
-
-    name: Literal["scaffold"] = "scaffold"
-
-
-class FedNovaConfig(SyncStrategyBase):
-    """FedNova (Wang et al., arXiv 2007.07481): each client's update divided by its number of
-    (momentum-weighted) local steps a_i, the average rescaled by tau_eff = sum p_i a_i."""
-
-    name: Literal["fednova"] = "fednova"
-
-
-class MedianConfig(SyncStrategyBase):
-    """Coordinate-wise median (Yin et al. 2018)."""
-
-    name: Literal["median"] = "median"
-
-
-class TrimmedMeanConfig(SyncStrategyBase):
-    """Coordinate-wise trimmed mean: drop the ``beta`` fraction at each end (Yin et al. 2018)."""
-
-    name: Literal["trimmed_mean"] = "trimmed_mean"
-    beta: float = Field(0.1, ge=0, lt=0.5)
-
-
-class KrumConfig(SyncStrategyBase):
-    """Krum (Blanchard et al. 2017); ``num_byzantine`` None assumes attack.fraction of the replies."""
-
-    name: Literal["krum"] = "krum"
-    num_byzantine: int | None = Field(None, ge=0)
-
-
-class MultiKrumConfig(SyncStrategyBase):
-    """Multi-Krum: the mean of the ``m`` best-scored updates (None: n - f)."""
-
-    name: Literal["multikrum"] = "multikrum"
-    num_byzantine: int | None = Field(None, ge=0)
-    m: int | None = Field(None, ge=1)
-
-
-class FlagConfig(SyncStrategyBase):
-    """Flag Aggregator (Almasi et al., ICLR 2023): robust subspace of the updates by IRLS."""
-
-    name: Literal["flag"] = "flag"
-    r: int = Field(8, ge=1)
-    lam: float = Field(0.0, ge=0)
-    max_iter: int = Field(10, ge=1)
-    tol: float = Field(1e-6, gt=0)
-
-
-class FedAUConfig(SyncStrategyBase):
-    """FedAU (Wang & Ji, arXiv 2306.03401): x += eta_g/N * sum omega_i Delta_i.
-
-    ``weights: online`` estimates omega_i from participation gaps (capped at K);
-    ``weights: known`` uses the oracle omega_i = 1/p_i of the participation model.
-    """
-
-    name: Literal["fedau"] = "fedau"
-    K: int = Field(50, ge=1)
-    weights: Literal["online", "known"] = "online"
-
-
-class FedLDConfig(SyncStrategyBase):
-    """FedLD: SVD-filtered, sign-aligned, norm-preserving aggregation; clients add
-    beta * log(1 + ||softmax(logits)||_F^2) to their loss."""
-
-    name: Literal["fedld"] = "fedld"
-    keep: float = Field(0.8, gt=0, le=1)
-    beta: float = Field(0.03, ge=0)
-
-
-class FedLExConfig(SyncStrategyBase):
-    """FedLEx: scouts explore for ``explore_rounds`` rounds; their drift gives a guidance
-    matrix that masks every client's gradients afterwards; server momentum 0.9."""
-
-    name: Literal["fedlex"] = "fedlex"
-    explore_rounds: int = Field(2, ge=1)
-    scouts: int = Field(5, ge=1)
-    server_opt: ServerOptConfig = ServerOptConfig(name="momentum", lr=1.0, momentum=0.9)
-
-
-class AsyncStrategyBase(Section):
-    """Fields of the asynchronous strategies (virtual clock; see fedsim.sim.async_loop).
-
-    Times are in units of the slowest client's time for one local update, so a run with
-    ``horizon: 20`` takes as long as 20 rounds of synchronous FedAvg waiting for the slowest.
-    """
-
-    family: ClassVar[str] = "async"
-    horizon: float = Field(20.0, gt=0, description="virtual time budget")
-    eval_every: float = Field(1.0, gt=0, description="virtual time between evaluations")
-
-
-class FedFixConfig(AsyncStrategyBase):
-    """FedFix (Fraboni et al., arXiv 2206.10189): aggregate every fixed window of time."""
-
-    name: Literal["fedfix"] = "fedfix"
-    window: float = Field(0.5, gt=0, description="aggregation window, x slowest client's time")
-    eta_g: float = Field(1.0, gt=0)
-
-
-class FedAsyncConfig(AsyncStrategyBase):
-    """FedAsync (Xie et al., arXiv 1903.03934): mix each arrival with alpha (1+s)^-a."""
-
-    name: Literal["fedasync"] = "fedasync"
-    alpha: float = Field(0.6, gt=0, le=1)
-    a: float = Field(0.5, ge=0)
-
-
-class FedBuffConfig(AsyncStrategyBase):
-    """FedBuff (Nguyen et al., arXiv 2106.06639): aggregate every K arrivals."""
-
-    name: Literal["fedbuff"] = "fedbuff"
-    buffer_size: int = Field(10, ge=1)
-    eta_g: float = Field(1.0, gt=0)
-
-
-class GossipConfig(Section):
-    """Decentralised gossip (plain or variance-corrected, Tian et al., "Vanishing Variance
-    Problem in Fully Decentralized Neural-Network Systems"); ``rounds`` gossip rounds."""
-
-    family: ClassVar[str] = "gossip"
-    name: Literal["gossip"] = "gossip"
-    topology: Literal["ring", "torus", "regular", "erdos_renyi", "full", "exponential"] = "regular"
-    degree: int = Field(8, ge=1, description="for topology: regular")
-    p: float | None = Field(None, gt=0, le=1, description="edge probability, erdos_renyi")
-    mixing: Literal["half", "metropolis", "uniform"] = Field(
-        "half", description="half: x_i <- (x_i + mean of neighbours) / 2")
-    variance_correction: bool = True
-    eps: float = Field(1e-4, gt=0)
-
-
-StrategyConfig = Annotated[
-    FedAvgConfig | FedProxConfig | ScaffoldConfig | FedNovaConfig | MedianConfig | TrimmedMeanConfig | KrumConfig | MultiKrumConfig
-    | FlagConfig | FedAUConfig | FedLDConfig | FedLExConfig
-    | FedFixConfig | FedAsyncConfig | FedBuffConfig | GossipConfig,
-    Field(discriminator="name"),
-]
-
-
 class ParticipationConfig(Section):
     """Which clients take part each round (fedsim.strategies.participation).
 
@@ -582,22 +372,7 @@ class OutputConfig(Section):
     target_accuracy: float = Field(0.9, gt=0, le=1, description="for rounds-to-target")
 
 
-# Classes of the datasets whose class count is fixed (synthetic: data.synthetic.num_classes)
-KNOWN_NUM_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10}
 
-# Strategies whose math reads plain SGD steps, and what of it
-SGD_STEP_STRATEGIES = {
-    "scaffold": "option II control variate (x - y_i) / (K lr)",
-    "fednova": "normalising by the number of (momentum) SGD steps",
-}
-
-# Strategies whose aggregation reads this round's replies themselves, and how: EF21 and
-# EControl replace them by every client's running estimate (EF21-PP)
-ROUND_REPLY_STRATEGIES = {
-    "fednova": "normalises each reply by its own local steps",
-    "fedau": "weights each of the round's participants by its participation gaps",
-    "scaffold": "pairs each reply with the control-variate delta of the same round",
-}
 
 
 class ExperimentConfig(Section):
@@ -609,7 +384,8 @@ class ExperimentConfig(Section):
     data: DataConfig = DataConfig()
     partition: PartitionConfig = PartitionConfig()
     model: ModelConfig = ModelConfig()
-    strategy: StrategyConfig = FedAvgConfig()
+    # the section of the algorithm that strategy.name registers (fedsim.algorithms.registry)
+    strategy: SerializeAsAny[StrategySection] = Field(default_factory=lambda: _algorithm_section({}))
     client: ClientConfig = ClientConfig()
     # a factory: validating a loss imports the loss library (and torch), which importing
     # this module must not
@@ -621,6 +397,11 @@ class ExperimentConfig(Section):
     eval: EvalConfig = EvalConfig()
     faults: FaultConfig = FaultConfig()
     output: OutputConfig = OutputConfig()
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _strategy_of_its_algorithm(cls, value: Any) -> StrategySection:
+        return _algorithm_section(value)
 
     @model_validator(mode="after")
     def _sections_combine(self) -> ExperimentConfig:
@@ -643,22 +424,11 @@ class ExperimentConfig(Section):
         if data.hf_partition_by is not None and (data.name != "hf" or part.scheme != "natural"):
             raise ValueError("data.hf_partition_by: only data.name hf with partition.scheme natural uses it; "
                              f"got {data.name} with {part.scheme}")
-        if self.strategy.name in SGD_STEP_STRATEGIES and self.client.optimizer != "sgd":
-            raise ValueError(f"strategy.name: {self.strategy.name} assumes SGD client steps "
-                             f"({SGD_STEP_STRATEGIES[self.strategy.name]}); client.optimizer: "
-                             f"{self.client.optimizer} cannot combine with it; use sgd")
-        feedback = self.quant.uplink.error_feedback
-        if self.strategy.name in ROUND_REPLY_STRATEGIES and feedback in ("ef21", "econtrol"):
-            raise ValueError(f"strategy.name: {self.strategy.name} {ROUND_REPLY_STRATEGIES[self.strategy.name]}; "
-                             f"quant.uplink.error_feedback: {feedback} aggregates every client's stale estimate "
-                             "(EF21-PP) instead; use none or ef")
         return self
 
     @model_validator(mode="after")
     def _combinations(self) -> ExperimentConfig:
         """What cannot combine, or does not apply to the strategy family (fedsim.config_checks)."""
-        from fedsim.config_checks import combination_problems
-
         problems = combination_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
@@ -667,6 +437,24 @@ class ExperimentConfig(Section):
     def to_yaml(self) -> str:
         """The resolved config as YAML (what ``config.yaml`` in a run directory holds)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _algorithm_section(value: Any) -> StrategySection:
+    """``strategy:`` validated by the config model of the algorithm its ``name`` registers."""
+    if isinstance(value, StrategySection):
+        return value
+    if not isinstance(value, dict):
+        raise SectionErrors(f"strategy: a mapping with a name (one of {', '.join(registry.names())}); "
+                            f"got {value!r}")
+    name = value.get("name", "fedavg")
+    try:
+        algorithm = registry.get(name)
+    except registry.UnknownAlgorithm as exc:
+        raise SectionErrors(f"strategy.name: {exc}") from None
+    try:
+        return algorithm.Config.model_validate({**value, "name": name})
+    except ValidationError as exc:
+        raise SectionErrors(format_validation_error(exc, prefix="strategy", root=algorithm.Config)) from None
 
 
 # ------------------------------------------------------------------------- loading
@@ -691,16 +479,14 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"--set {key}: the value is not valid YAML ({problem})") from None
 
 
-def _locate(loc: tuple[Any, ...]) -> tuple[str, type[BaseModel] | None]:
+def _locate(loc: tuple[Any, ...], root: type[BaseModel]) -> tuple[str, type[BaseModel] | None]:
     """The key an error location points to, as a user writes it, and the section holding it.
 
-    pydantic puts the tag of a discriminated union into the location (``fedprox`` in
-    ``strategy.fedprox.mu``) and a class name for a plain union; neither is a key the user
-    wrote, so both are left out, and the section is the union member they name (the
-    strategy that ``strategy.name`` chose). The section is ``None`` once ``loc`` leaves the
-    models (a list index, a free-form mapping).
+    pydantic puts the class name of a plain union's member into the location; it is not a
+    key the user wrote, so it is left out, and the section is the member it names. The
+    section is ``None`` once ``loc`` leaves the models (a list index, a free-form mapping).
     """
-    model: type[BaseModel] | None = ExperimentConfig
+    model: type[BaseModel] | None = root
     holder: type[BaseModel] | None = None
     path: list[str] = []
     parts = list(loc)
@@ -715,33 +501,33 @@ def _locate(loc: tuple[Any, ...]) -> tuple[str, type[BaseModel] | None]:
         sections = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
         model = sections[0] if sections else None
         if len(sections) > 1 and index < len(parts):
-            if isinstance(field.discriminator, str):
-                members = {c.model_fields[field.discriminator].default: c for c in sections}
-            else:
-                members = {c.__name__: c for c in sections}
+            members = {c.__name__: c for c in sections}
             if parts[index] in members:
                 model = members[parts[index]]
                 index += 1
     return ".".join(path) or "config", holder
 
 
-def format_validation_error(exc: ValidationError) -> str:
+def format_validation_error(exc: ValidationError, prefix: str = "",
+                            root: type[BaseModel] | None = None) -> str:
     """One line per problem: ``key: what is wrong (got value)``.
 
     An unknown key lists the keys of the section it was found in; under ``strategy`` those
-    are the keys of the strategy that ``strategy.name`` chose.
+    are the keys of the algorithm that ``strategy.name`` chose. ``root`` is the model that
+    was validated (the experiment by default), ``prefix`` the key it sits under.
     """
     lines = []
     for err in exc.errors():
-        key, section = _locate(tuple(err["loc"]))
+        key, section = _locate(tuple(err["loc"]), root or ExperimentConfig)
+        key = ".".join(part for part in (prefix, key if err["loc"] else "") if part) or key
         msg = err["msg"].removeprefix("Value error, ")
-        if not err["loc"] and err["type"] == "value_error":
+        if isinstance(err.get("ctx", {}).get("error"), SectionErrors):
+            lines.extend(str(err["ctx"]["error"]).splitlines())
+        elif not err["loc"] and err["type"] == "value_error" and not prefix:
             lines.extend(msg.splitlines())  # a check across sections: its message names the keys
         elif err["type"] == "extra_forbidden":
             allowed = sorted(section.model_fields) if section is not None else []
             lines.append(f"{key}: unknown key; allowed here: {', '.join(allowed)}")
-        elif err["type"] == "union_tag_invalid":
-            lines.append(f"{key}.name: {err['ctx']['tag']!r} is not known; known: {err['ctx']['expected_tags']}")
         else:
             got = err.get("input")
             suffix = "" if isinstance(got, dict) or got is None else f" (got {got!r})"

@@ -18,10 +18,13 @@ import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-import torch
+from fedsim.algorithms import registry
 
 if TYPE_CHECKING:
     from fedsim.config import ExperimentConfig
+
+# Classes of the datasets whose class count is fixed (synthetic: data.synthetic.num_classes)
+KNOWN_NUM_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10}
 
 UPDATE_ATTACKS = ("sign_flip", "scaled", "gaussian", "alie", "ipm")
 """Attacks that replace Byzantine rows of a round's updates on the server (the synchronous
@@ -54,8 +57,6 @@ def clients_per_round(cfg: ExperimentConfig) -> int:
 # ---------------------------------------------------------------- family restrictions
 def _sync_only(cfg: ExperimentConfig) -> Iterator[str | None]:
     """Options the asynchronous and gossip loops do not implement, or that mean nothing there."""
-    from fedsim.config import ParticipationConfig
-
     if _family(cfg) == "sync":
         return
     why = f"applies to the synchronous strategies; {_strategy(cfg)}"
@@ -68,20 +69,18 @@ def _sync_only(cfg: ExperimentConfig) -> Iterator[str | None]:
     if cfg.attack.name in UPDATE_ATTACKS:
         yield (f"attack.name: {cfg.attack.name!r} replaces updates in the synchronous aggregation step; "
                f"{_strategy(cfg)} (label_flip works here)")
-    if cfg.participation != ParticipationConfig():
+    if cfg.participation != type(cfg.participation)():
         yield f"participation: the participation model {why}; leave the section out"
 
 
 def _async_options(cfg: ExperimentConfig) -> Iterator[str | None]:
     """The asynchronous loops run on virtual time: ``strategy.horizon`` and ``strategy.eval_every``."""
-    from fedsim.config import EvalConfig, ExperimentConfig
-
     if _family(cfg) != "async":
         return
-    if cfg.rounds != ExperimentConfig.model_fields["rounds"].default:
+    if cfg.rounds != type(cfg).model_fields["rounds"].default:
         yield (f"rounds: the asynchronous strategies run for strategy.horizon of virtual time, not rounds; "
                f"{_strategy(cfg)}")
-    if cfg.eval.every != EvalConfig.model_fields["every"].default:
+    if cfg.eval.every != type(cfg.eval).model_fields["every"].default:
         yield (f"eval.every: the asynchronous strategies evaluate every strategy.eval_every of virtual time; "
                f"{_strategy(cfg)}")
     if cfg.quant.qat is not None and cfg.quant.qat.start_fraction > 0:
@@ -101,36 +100,6 @@ def _async_only(cfg: ExperimentConfig) -> Iterator[str | None]:
         yield f"sim.concurrency: clients training at once in the asynchronous strategies; {_strategy(cfg)}"
 
 
-def _gossip_topology(cfg: ExperimentConfig) -> Iterator[str | None]:
-    """The communication graph must exist on ``partition.num_clients`` nodes."""
-    if cfg.strategy.name != "gossip":
-        return
-    from fedsim.sim.topology import erdos_renyi
-
-    strategy, n = cfg.strategy, cfg.partition.num_clients
-    where = f"partition.num_clients is {n}"
-    minimum = {"ring": 3, "torus": 9}.get(strategy.topology, 2)
-    if n < minimum:
-        yield f"strategy.topology: {strategy.topology!r} needs at least {minimum} nodes; {where}"
-        return
-    if strategy.topology == "torus" and not any(n % r == 0 and n // r >= 3 for r in range(3, math.isqrt(n) + 1)):
-        yield f"strategy.topology: a torus needs rows x cols nodes with rows, cols >= 3 (9, 12, 15, 16, ...); {where}"
-    if strategy.topology == "regular" and not (strategy.degree < n and (n * strategy.degree) % 2 == 0):
-        yield (f"strategy.degree: a {strategy.degree}-regular graph needs degree < nodes and degree x nodes even; "
-               f"{where}")
-    if strategy.topology == "erdos_renyi":
-        if strategy.p is None:
-            yield (f"strategy.p: the edge probability is required for topology 'erdos_renyi' (connected "
-                   f"graphs need p above ln(n)/n = {math.log(n) / n:.3f})")
-        else:
-            try:
-                erdos_renyi(n, strategy.p, seed=cfg.seed)
-            except ValueError as exc:
-                yield f"strategy.p: {exc}"
-    elif strategy.p is not None:
-        yield f"strategy.p: the edge probability applies to topology 'erdos_renyi'; strategy.topology is {strategy.topology!r}"
-
-
 # ------------------------------------------------------------- synchronous strategies
 def _participation(cfg: ExperimentConfig) -> Iterator[str | None]:
     if _family(cfg) != "sync":
@@ -146,25 +115,23 @@ def _participation(cfg: ExperimentConfig) -> Iterator[str | None]:
                f"clients (partition.num_clients, participation); every round would be skipped")
 
 
-def _robust(cfg: ExperimentConfig) -> Iterator[str | None]:
-    """Krum's ``f`` and Multi-Krum's ``m`` must fit the replies a round can have."""
-    if cfg.strategy.name not in ("krum", "multikrum"):
-        return
-    k = clients_per_round(cfg)
-    f = cfg.strategy.num_byzantine
-    if f is not None and f >= k:
-        yield (f"strategy.num_byzantine: {f} Byzantine updates among at most {k} replies a round "
-               f"(partition.num_clients, participation); it must be below the replies")
-    m = getattr(cfg.strategy, "m", None)
-    if m is not None and m > k:
-        yield f"strategy.m: averages {m} updates, but a round has at most {k} replies (partition.num_clients, participation)"
+def _algorithm(cfg: ExperimentConfig) -> Iterator[str | None]:
+    """What the chosen algorithm declares: the client steps its math reads, whether it
+    reads the round's own replies, and its own rules."""
+    algorithm = registry.get(cfg.strategy.name)
+    if algorithm.sgd_steps and cfg.client.optimizer != "sgd":
+        yield (f"strategy.name: {algorithm.name} assumes SGD client steps ({algorithm.sgd_steps}); "
+               f"client.optimizer: {cfg.client.optimizer} cannot combine with it; use sgd")
+    feedback = cfg.quant.uplink.error_feedback
+    if algorithm.reads_round_replies and feedback in ("ef21", "econtrol"):
+        yield (f"strategy.name: {algorithm.name} {algorithm.reads_round_replies}; quant.uplink.error_feedback: "
+               f"{feedback} aggregates every client's stale estimate (EF21-PP) instead; use none or ef")
+    yield from algorithm.rules(cfg)
 
 
 # ------------------------------------------------------------------------- the rest
 def _model(cfg: ExperimentConfig) -> Iterator[str | None]:
-    from fedsim.config import ModelConfig
-
-    if cfg.model.name != "mlp" and cfg.model.hidden != ModelConfig().hidden:
+    if cfg.model.name != "mlp" and cfg.model.hidden != type(cfg.model)().hidden:
         yield f"model.hidden: the hidden widths of the MLP; model.name is {cfg.model.name!r}"
 
 
@@ -201,8 +168,6 @@ def _loss(cfg: ExperimentConfig) -> Iterator[str | None]:
         yield (f"loss.reduction: {reduction!r}; the client objective is the batch mean (a sum would scale "
                f"client.lr by the batch size); allowed: mean")
         return
-    from fedsim.config import KNOWN_NUM_CLASSES
-
     classes = cfg.data.synthetic.num_classes if cfg.data.name == "synthetic" else KNOWN_NUM_CLASSES.get(cfg.data.name)
     if classes is not None:
         yield loss_class_problem(cfg, classes)
@@ -214,6 +179,8 @@ def loss_class_problem(cfg: ExperimentConfig, num_classes: int) -> str | None:
     The loss is built and called once on a small batch that holds every class, with the
     inputs its ``inputs`` names: what it refuses there, it would refuse in every client.
     """
+    import torch
+
     from fedsim.losses.registry import REGISTRY
 
     cls = REGISTRY[cfg.loss.name]
@@ -239,5 +206,5 @@ def loss_class_problem(cfg: ExperimentConfig, num_classes: int) -> str | None:
 
 
 RULES: tuple[Callable[[ExperimentConfig], Iterator[str | None]], ...] = (
-    _sync_only, _async_options, _async_only, _gossip_topology, _participation, _robust, _model, _faults, _attack, _loss,
+    _algorithm, _sync_only, _async_options, _async_only, _participation, _model, _faults, _attack, _loss,
 )

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from fedsim.config import KNOWN_NUM_CLASSES, ConfigError, ExperimentConfig
-from fedsim.config_checks import loss_class_problem
+from fedsim.config import ConfigError, ExperimentConfig
+from fedsim.config_checks import KNOWN_NUM_CLASSES, loss_class_problem
 
 LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, EOFError)
 """What fedsim's loaders and partitioners raise for a missing, empty or corrupt dataset, or

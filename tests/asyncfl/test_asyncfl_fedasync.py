@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fedsim.strategies.fedasync import FedAsync, fedasync_mix, polynomial_staleness
+from fedsim.algorithms.fedasync import FedAsync, fedasync_mix, polynomial_staleness
 
 
 def test_polynomial_staleness_hand_values():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fedsim.strategies.fedbuff import FedBuff, fedbuff_aggregate, staleness_scale
+from fedsim.algorithms.fedbuff import FedBuff, fedbuff_aggregate, staleness_scale
 
 
 def test_staleness_scale_hand_values():

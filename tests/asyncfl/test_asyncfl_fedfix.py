@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from fedsim.algorithms.fedfix import FedFix, FedFixArrival, fedfix_aggregate, fedfix_weights
 from fedsim.sim.clock import EventQueue, VirtualClock
 from fedsim.sim.speeds import client_duration, client_speeds
-from fedsim.strategies.fedfix import FedFix, FedFixArrival, fedfix_aggregate, fedfix_weights
 
 
 def _run_windowed(taus, p, window, num_windows, local_delta, aggregate, model):

@@ -119,7 +119,7 @@ def test_killed_run_resumes_to_the_same_final_accuracy(small_config, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["validate", str(QUICKSTART), "--set", "partition.nmu_clients=5"], "partition.nmu_clients: unknown key"),
-    (["run", str(QUICKSTART), "--set", "strategy.name=fedavgg"], "'fedavgg' is not known"),
+    (["run", str(QUICKSTART), "--set", "strategy.name=fedavgg"], "'fedavgg' is not an algorithm; known: fedasync, fedau, fedavg"),
 ])
 def test_cli_stops_on_a_bad_config_with_a_message_naming_it(args, message):
     from typer.testing import CliRunner

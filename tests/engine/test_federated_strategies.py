@@ -9,6 +9,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
+from fedsim.algorithms.fedau import fedau_aggregate
+from fedsim.algorithms.krum import krum, multi_krum
 from fedsim.attacks import choose_byzantine
 from fedsim.clients.quantization import build_codec
 from fedsim.config import LinkSettings, load_config
@@ -20,12 +22,9 @@ from fedsim.sim.inprocess import InProcessGrid
 from fedsim.sim.messaging import client_nodes
 from fedsim.sim.results import RunDir
 from fedsim.sim.runner import run_experiment
-from fedsim.sim.sync import label_mix, run_sync
-from fedsim.strategies import build_sampler, build_strategy
-from fedsim.strategies.fedau import fedau_aggregate
-from fedsim.strategies.participation import BernoulliParticipation
+from fedsim.sim.sync import build_strategy, label_mix, run_sync
+from fedsim.strategies.participation import BernoulliParticipation, build_sampler
 from fedsim.strategies.replies import ClientUpdate, screen_train_replies
-from fedsim.strategies.robust import krum, multi_krum
 
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
 FAST = ("sim.backend=inprocess", "eval.federated=false", "output.plots=false")
@@ -97,36 +96,42 @@ def test_each_strategy_learns_digits_in_a_short_run(small_config, name, floor):
     assert rows[-1]["centralised_accuracy"] > rows[0]["centralised_accuracy"]
 
 
-def test_krum_assumes_the_attack_fraction_of_the_replies(small_config):
+def test_krum_assumes_the_most_byzantine_replies_it_tolerates(small_config):
+    """Unset, f is the largest Krum tolerates among the round's replies, floor((n - 3) / 2),
+    whatever the attack (the rule a Flower app gets, which knows no attack fraction)."""
     strategy, spec = offline_strategy(small_config("strategy.name=krum", "attack.name=alie",
                                                    "attack.fraction=0.3"))
-    assert [strategy.num_byzantine(n, 1) for n in (10, 7, 3)] == [3, 2, 0]
+    assert [strategy.num_byzantine(1, n) for n in (10, 7, 3)] == [3, 2, 0]
     updates = fake_updates(range(10), spec.dim)
     stacked = torch.stack([u.update for u in updates])
     assert torch.equal(strategy.aggregate_updates(1, updates), krum(stacked, 3))
     fixed, _ = offline_strategy(small_config("strategy.name=krum", "strategy.num_byzantine=1",
                                              "attack.name=alie", "attack.fraction=0.3"))
-    assert fixed.num_byzantine(10, 1) == 1
+    assert fixed.num_byzantine(1, 10) == 1
 
 
-def test_krum_and_multikrum_clamp_to_the_replies_failures_leave(small_config, caplog):
-    """Validation keeps f and m within the clients a round asks; fewer valid replies clamp them."""
+def test_krum_and_multikrum_skip_a_round_failures_leave_too_few_replies_for(small_config, caplog):
+    """Validation keeps f and m within the clients a round asks; a round whose valid replies
+    cannot hold them is skipped (the rule's guarantee does not hold there), as in a Flower app."""
     krum_strategy, spec = offline_strategy(small_config("strategy.name=krum", "strategy.num_byzantine=4"))
     updates = fake_updates([0, 2, 5], spec.dim)
-    stacked = torch.stack([u.update for u in updates])
-    assert torch.equal(krum_strategy.aggregate_updates(3, updates), krum(stacked, 2))
-    assert "round 3: strategy.num_byzantine 4 with only 3 valid updates; assuming 2" in caplog.text
+    assert krum_strategy.aggregate_updates(3, updates) is None
+    assert "Krum: 3 usable replies, not more than num_byzantine=4; round 3 skipped" in caplog.text
     multi, _ = offline_strategy(small_config("strategy.name=multikrum", "strategy.num_byzantine=1",
                                              "strategy.m=5"))
-    torch.testing.assert_close(multi.aggregate_updates(4, updates), multi_krum(stacked, 1, 3))
-    assert "round 4: strategy.m 5 with only 3 valid updates; averaging all 3" in caplog.text
+    assert multi.aggregate_updates(4, updates) is None
+    assert "MultiKrum: 3 usable replies, fewer than m=5; round 4 skipped" in caplog.text
+    stacked = torch.stack([u.update for u in updates])
+    within, _ = offline_strategy(small_config("strategy.name=multikrum", "strategy.num_byzantine=1",
+                                              "strategy.m=3"))
+    torch.testing.assert_close(within.aggregate_updates(4, updates), multi_krum(stacked, 1, 3))
 
 
 def test_fedau_known_weights_are_inverse_probabilities_over_all_clients(small_config):
     cfg = small_config("strategy.name=fedau", "strategy.weights=known", "participation.model=bernoulli",
                        "participation.p_low=0.1", "participation.p_high=0.9")
     strategy, spec = offline_strategy(cfg)
-    p = strategy.sampler.probabilities()
+    p = strategy.engine.sampler.probabilities()
     ids = [1, 4, 7]
     updates = fake_updates(ids, spec.dim)
     strategy.observe(1, updates)
@@ -196,13 +201,13 @@ def test_fedld_clients_add_the_margin_regulariser(small_config):
     beta = 0.5
     fedld, grid, arrays = strategy_with_grid(small_config(*common, "strategy.name=fedld",
                                                           f"strategy.beta={beta}"))
-    fedavg, _, _ = strategy_with_grid(small_config(*common, "strategy.name=fedavg"))
+    fedavg, plain_grid, _ = strategy_with_grid(small_config(*common, "strategy.name=fedavg"))
     with_term = list(fedld.configure_train(1, arrays, ConfigRecord(), grid))
-    without = list(fedavg.configure_train(1, arrays, ConfigRecord(), grid))
-    assert all(float(m.content["config"]["fedld-beta"]) == beta for m in with_term)
+    without = list(fedavg.configure_train(1, arrays, ConfigRecord(), plain_grid))
+    assert all(float(m.content["config"]["fedld-beta"]) == beta for m in with_term)  # for a Flower app's clients
     assert all("fedld-beta" not in m.content["config"] for m in without)
     loss_with = [r.content["metrics"]["train_loss"] for r in grid.send_and_receive(with_term)]
-    loss_without = [r.content["metrics"]["train_loss"] for r in grid.send_and_receive(without)]
+    loss_without = [r.content["metrics"]["train_loss"] for r in plain_grid.send_and_receive(without)]
     batch, classes = 32, 10
     for a, b in zip(loss_with, loss_without, strict=True):
         # ||P||_F^2 of a batch of B rows lies in [B/C, B] (a client may hold fewer than B samples)
@@ -216,8 +221,8 @@ def test_byzantine_clients_are_a_fixed_seeded_set(small_config):
     again, _ = offline_strategy(cfg)
     other, _ = offline_strategy(small_config("partition.num_clients=20", "attack.name=sign_flip",
                                              "attack.fraction=0.3", "seed=1"))
-    assert first.byzantine == again.byzantine == set(choose_byzantine(20, 0.3, 0))
-    assert len(first.byzantine) == 6 and other.byzantine != first.byzantine
+    assert first.engine.byzantine == again.engine.byzantine == set(choose_byzantine(20, 0.3, 0))
+    assert len(first.engine.byzantine) == 6 and other.engine.byzantine != first.engine.byzantine
 
 
 def test_update_attack_replaces_exactly_the_byzantine_rows_before_aggregation(small_config):
@@ -230,11 +235,11 @@ def test_update_attack_replaces_exactly_the_byzantine_rows_before_aggregation(sm
     sent = {m.metadata.dst_node_id: int(m.content["config"]["partition-id"]) for m in messages}
     honest, _ = screen_train_replies(replies, sent, spec.dim, build_codec(LinkSettings()))
     new_arrays, _ = strategy.aggregate_train(1, replies)
-    flipped = torch.stack([-2.0 * u.update if u.partition_id in strategy.byzantine else u.update for u in honest])
+    flipped = torch.stack([-2.0 * u.update if u.partition_id in strategy.engine.byzantine else u.update for u in honest])
     weights = torch.tensor([float(u.num_examples) for u in honest])
     expected = global_flat + (weights / weights.sum()) @ flipped
     torch.testing.assert_close(spec.flatten(new_arrays.to_torch_state_dict()), expected)
-    assert len(strategy.byzantine) == 3
+    assert len(strategy.engine.byzantine) == 3
 
 
 def test_sign_flip_at_30_percent_breaks_fedavg_but_not_flag_or_median(small_config):
@@ -268,9 +273,9 @@ def test_label_flip_makes_the_byzantine_clients_train_on_flipped_labels(small_co
     messages = list(strategy.configure_train(1, trained_arrays, ConfigRecord(), grid))
     accuracy = {int(m.content["config"]["partition-id"]): float(r.content["metrics"]["train_accuracy"])
                 for m, r in zip(messages, grid.send_and_receive(messages), strict=True)}
-    assert strategy.attack is None and len(strategy.byzantine) == 3
+    assert strategy.engine.attack is None and len(strategy.engine.byzantine) == 3
     for pid, acc in accuracy.items():
-        if pid in strategy.byzantine:
+        if pid in strategy.engine.byzantine:
             assert acc <= 0.2, (pid, acc)
         else:
             assert acc >= 0.5, (pid, acc)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
-from fedsim.config import ServerOptConfig, load_config
+from fedsim.algorithms.api import ServerOptConfig
+from fedsim.config import load_config
 from fedsim.params import ParamSpec, get_flat, set_flat
 from fedsim.quant import codecs
 from fedsim.sim.results import RunDir

@@ -14,11 +14,12 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from fedsim.algorithms.fedld import FedLDRegulariser
+from fedsim.algorithms.fedlex import GuidanceMask
+from fedsim.algorithms.fedprox import ProximalTerm
 from fedsim.clients import batched
 from fedsim.clients.batched import per_sample_loss, train_stacked, vectorisable_reason
-from fedsim.clients.fedld import FedLDRegulariser
-from fedsim.clients.fedlex import GuidanceMask
-from fedsim.clients.hooks import ClientHook, ProximalTerm, vectorises
+from fedsim.clients.hooks import ClientHook, vectorises
 from fedsim.clients.train import local_steps, train_local
 from fedsim.config import ConfigError, validate_config
 from fedsim.losses import REGISTRY

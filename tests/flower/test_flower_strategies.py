@@ -19,23 +19,16 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 import fedsim.flower as ff
-from fedsim.config import (
-    FedAUConfig,
-    FedLDConfig,
-    FedLExConfig,
-    FlagConfig,
-    KrumConfig,
-    MultiKrumConfig,
-    TrimmedMeanConfig,
-)
+from fedsim.algorithms.fedau import FedAUConfig, fedau_aggregate
+from fedsim.algorithms.fedld import FedLDConfig, fedld_aggregate
+from fedsim.algorithms.fedlex import FedLExConfig, guidance_matrix
+from fedsim.algorithms.flag import FlagConfig, flag_aggregate
+from fedsim.algorithms.krum import KrumConfig, MultiKrumConfig, krum, krum_max_byzantine, multi_krum
+from fedsim.algorithms.median import coordinate_median
+from fedsim.algorithms.trimmed_mean import TrimmedMeanConfig, trimmed_mean
 from fedsim.sim.inprocess import InProcessGrid
 from fedsim.sim.messaging import FIRST_NODE_ID
 from fedsim.strategies.aggregate import weighted_mean
-from fedsim.strategies.fedau import fedau_aggregate
-from fedsim.strategies.fedld import fedld_aggregate
-from fedsim.strategies.fedlex import guidance_matrix
-from fedsim.strategies.flag import flag_aggregate
-from fedsim.strategies.robust import coordinate_median, krum, krum_max_byzantine, multi_krum, trimmed_mean
 
 NUM_NODES = 7
 NODES = list(range(FIRST_NODE_ID, FIRST_NODE_ID + NUM_NODES))
@@ -123,7 +116,7 @@ def _fedld_reference(stacked, weights):
 
 # strategy, and the pure function on (stacked updates (N, D), weights (N,), N nodes)
 CASES = {
-    "fedavg": (lambda: ff.ScreenedFedAvg(), lambda u, w, n: weighted_mean(u, w)),
+    "fedavg": (lambda: ff.FedAvg(), lambda u, w, n: weighted_mean(u, w)),
     "median": (lambda: ff.Median(), lambda u, w, n: coordinate_median(u)),
     "trimmed_mean": (lambda: ff.TrimmedMean(beta=0.2), lambda u, w, n: trimmed_mean(u, 0.2)),
     "krum": (lambda: ff.Krum(num_byzantine=1), lambda u, w, n: krum(u, 1)),
@@ -213,7 +206,7 @@ def test_a_float64_model_is_aggregated_in_float64():
     # updates of 1e-9 on weights near 1 vanish in float32 (spacing 1.2e-7 there)
     global_state = {"w": torch.ones(5, dtype=torch.float64)}
     updates = {n: torch.full((5,), 1e-9 * (1 + n - FIRST_NODE_ID), dtype=torch.float64) for n in NODES[:3]}
-    strategy = ff.ScreenedFedAvg()
+    strategy = ff.FedAvg()
     list(strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), _grid()))
     arrays, _ = strategy.aggregate_train(1, [_train_reply(n, {"w": 1.0 + updates[n]}) for n in NODES[:3]])
     got = arrays.to_torch_state_dict()["w"]
@@ -276,7 +269,7 @@ def test_fedau_weights_follow_the_nodes_across_rounds():
             for name in SHAPES:
                 torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
             global_state = got
-        assert strategy.node_index == {a: 0, b: 1, c: 2}
+        assert strategy.index == {a: 0, b: 1, c: 2}
 
 
 def test_fedld_sends_beta_to_the_clients():
@@ -287,12 +280,12 @@ def test_fedld_sends_beta_to_the_clients():
 
 def test_fedlex_explores_with_scouts_then_sends_their_guidance():
     random.seed(0)
-    strategy, grid = ff.FedLEx(explore_rounds=2, scouts=3, server_momentum=0.5), _grid()
+    strategy, grid = ff.FedLEx(explore_rounds=2, scouts=3, server_opt={"name": "momentum", "momentum": 0.5}), _grid()
     global_state, momentum = _global(), None
     for server_round in (1, 2):
         messages = list(strategy.configure_train(server_round, ArrayRecord(global_state), ConfigRecord(), grid))
         scouts = sorted(m.metadata.dst_node_id for m in messages)
-        assert len(scouts) == 3 and scouts == strategy.scout_ids  # the same scouts in every exploration round
+        assert len(scouts) == 3 and scouts == strategy.scouts  # the same scouts in every exploration round
         assert all("guidance" not in m.content for m in messages)
         updates = _updates(seed=server_round, nodes=scouts)
         trained = {n: _trained(global_state, updates[n]) for n in scouts}
@@ -321,7 +314,7 @@ def test_krum_skips_a_round_with_too_few_replies_for_its_num_byzantine(caplog):
     with caplog.at_level(logging.WARNING, logger="flwr"):
         _, (arrays, metrics) = _round_one(ff.Krum(num_byzantine=2), replies)
     assert arrays is None and metrics is not None
-    assert "Krum: 2 usable replies, not more than num_byzantine=2; round skipped" in caplog.text
+    assert "Krum: 2 usable replies, not more than num_byzantine=2; round 1 skipped" in caplog.text
 
 
 OWN_DEFAULTS = {
@@ -353,7 +346,8 @@ def test_own_arguments_default_to_fedsims_config_and_flowers_are_unchanged(cls):
     (lambda: ff.FedLD(keep=0.0), "FedLD: keep: Input should be greater than 0 (got 0.0)"),
     (lambda: ff.FedAU(K=0), "FedAU: K: Input should be greater than or equal to 1 (got 0)"),
     (lambda: ff.MultiKrum(m=0), "MultiKrum: m: Input should be greater than or equal to 1 (got 0)"),
-    (lambda: ff.FedLEx(server_momentum=1.0), "FedLEx: server_momentum must be in [0, 1), got 1.0"),
+    (lambda: ff.FedLEx(server_opt={"name": "momentum", "momentum": 1.0}),
+     "FedLEx: server_opt.momentum: Input should be less than 1 (got 1.0)"),
 ])
 def test_bad_own_arguments_are_refused_naming_them(make, message):
     with pytest.raises(ValueError) as err:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedsim.algorithms.gossip import gossip_mix, mix_node, variance_corrected_average
 from fedsim.clients import gossip_node
 from fedsim.config import load_config
 from fedsim.params import ParamSpec
@@ -18,8 +19,7 @@ from fedsim.sim.gossip_loop import build_topology, initial_models, mixing_weight
 from fedsim.sim.inprocess import InProcessGrid
 from fedsim.sim.results import RunDir
 from fedsim.sim.runner import run_experiment
-from fedsim.sim.topology import neighbours
-from fedsim.strategies.gossip import gossip_mix, mix_node, variance_corrected_average
+from fedsim.topology import neighbours
 
 ROOT = Path(__file__).parents[2]
 GOSSIP = ROOT / "configs" / "gossip.yaml"
@@ -90,7 +90,7 @@ def test_variance_correction_keeps_layer_variance_that_plain_gossip_loses(config
 
 
 def _node_steps(layers, W, correct):
-    """Every node's own mixing step (fedsim.strategies.gossip.mix_node), stacked."""
+    """Every node's own mixing step (fedsim.algorithms.gossip.mix_node), stacked."""
     rows = []
     for i in range(W.shape[0]):
         mixed = [i, *(j for j in range(W.shape[1]) if j != i and W[i, j] != 0)]

@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from fedsim.sim.topology import make_topology, mixing_matrix, neighbours
-from fedsim.strategies.gossip import (
+from fedsim.algorithms.gossip import (
     consensus_distance,
     gossip_mix,
     neighbour_average,
     variance_correct,
     variance_corrected_average,
 )
+from fedsim.topology import make_topology, mixing_matrix, neighbours
 
 N = 16
 

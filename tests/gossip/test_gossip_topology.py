@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fedsim.sim.topology import (
+from fedsim.topology import (
     is_connected,
     make_topology,
     mixing_matrix,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.strategies.fedau import FedAUWeights, fedau_aggregate
+from fedsim.algorithms.fedau import FedAUWeights, fedau_aggregate
 
 
 def test_fedau_weights_match_hand_computed_sequence():

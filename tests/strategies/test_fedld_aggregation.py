@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from fedsim.clients.fedld import fedld_regulariser
-from fedsim.strategies.fedld import fedld_aggregate, fedld_directions, fedld_rebuild
+from fedsim.algorithms.fedld import fedld_aggregate, fedld_directions, fedld_rebuild, fedld_regulariser
 
 
 def test_fedld_rebuilt_updates_keep_their_norms():

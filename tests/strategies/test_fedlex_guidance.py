@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from fedsim.clients.fedlex import apply_guidance
-from fedsim.strategies.fedlex import guidance_matrix
+from fedsim.algorithms.fedlex import apply_guidance, guidance_matrix
 
 
 def test_guidance_is_min_max_normalised_mean_squared_drift():

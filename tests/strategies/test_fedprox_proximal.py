@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsim.clients.hooks import ProximalTerm
+from fedsim.algorithms.fedprox import ProximalTerm
 from fedsim.clients.objective import ClientObjective
 from fedsim.clients.train import train_local
 from fedsim.config import ClientConfig

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fedsim.strategies.flag import flag_aggregate, flag_objective, flag_subspace
+from fedsim.algorithms.flag import flag_aggregate, flag_objective, flag_subspace
 
 
 def _angle_deg(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -5,15 +5,10 @@ import pytest
 import torch
 from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, aggregate_trimmed_avg
 
+from fedsim.algorithms.krum import krum, krum_max_byzantine, krum_scores, multi_krum
+from fedsim.algorithms.median import coordinate_median
+from fedsim.algorithms.trimmed_mean import trimmed_mean
 from fedsim.strategies.aggregate import pairwise_sq_distances, weighted_mean
-from fedsim.strategies.robust import (
-    coordinate_median,
-    krum,
-    krum_max_byzantine,
-    krum_scores,
-    multi_krum,
-    trimmed_mean,
-)
 
 
 def test_coordinate_median_hand_values():

@@ -4,10 +4,15 @@ import pytest
 import torch
 from torch import nn
 
+from fedsim.algorithms.fednova import fednova_aggregate
+from fedsim.algorithms.scaffold import (
+    ScaffoldCorrection,
+    control_variate_update,
+    corrected_gradients,
+    scaffold_control_step,
+    scaffold_model_update,
+)
 from fedsim.clients.local_steps import momentum_steps
-from fedsim.clients.scaffold import ScaffoldCorrection, control_variate_update, corrected_gradients
-from fedsim.strategies.fednova import fednova_aggregate
-from fedsim.strategies.scaffold import scaffold_control_step, scaffold_model_update
 
 
 def test_momentum_steps_is_the_displacement_of_heavy_ball_under_a_constant_gradient():

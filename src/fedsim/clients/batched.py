@@ -22,9 +22,9 @@ It computes what K runs of ``train_local`` compute:
 - hooks contribute through their stacked forms (:mod:`fedsim.clients.hooks`).
 
 Not vectorised, and trained one client at a time by the caller (:func:`vectorisable_reason`
-says why): quantized training (QAT, low-bit), losses that are not a mean of per-sample terms
-or keep per-sample state, and models with buffers (BatchNorm statistics of a padded batch
-would count the padding).
+says why): what a client feature declares it cannot stack (quantized training, losses that
+are not a mean of per-sample terms, an algorithm's client half without a stacked form), and
+models with buffers (BatchNorm statistics of a padded batch would count the padding).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from fedsim.clients.features import stacked_reason
 from fedsim.clients.objective import ClientObjective
 from fedsim.clients.train import TrainResult, batch_schedule, build_optimizer
 from fedsim.config import ClientConfig, ExperimentConfig
@@ -59,16 +60,10 @@ def per_sample_loss(name: str) -> bool:
 
 
 def vectorisable_reason(cfg: ExperimentConfig, model: nn.Module) -> str | None:
-    """Why the clients of ``cfg`` must train one at a time, or None when they vectorise."""
-    if cfg.quant.qat is not None:
-        return "quant.qat: fake-quantized layers train one client at a time"
-    if cfg.quant.lowbit is not None:
-        return "quant.lowbit: low-bit layers train one client at a time"
-    for key, name in (("loss.name", cfg.loss.name), ("loss.aux.name", cfg.loss.aux.name if cfg.loss.aux else None)):
-        if name is not None and not per_sample_loss(name):
-            return f"{key}: {name!r} is not a mean of per-sample terms"
-    if cfg.strategy.name == "scaffold":
-        return "strategy.name: scaffold's per-client control variates correct gradients one client at a time"
+    """Why the clients of ``cfg`` must train one at a time, or None when they vectorise: what
+    a client feature declares (:func:`fedsim.clients.features.stacked_reason`), or buffers."""
+    if (reason := stacked_reason(cfg)) is not None:
+        return reason
     if any(True for _ in model.buffers()):
         return f"model.name: {cfg.model.name!r} has buffers (BatchNorm statistics would count the padding)"
     return None

@@ -1,5 +1,4 @@
-"""A gossip node's side of decentralised training: its own model, kept in its Flower
-``Context.state``, and the mixing step it runs on it.
+"""A gossip node's model, kept in its Flower ``Context.state`` between messages.
 
 Each gossip round has two messages per node (``fedsim.sim.gossip_loop`` sends them):
 
@@ -7,7 +6,7 @@ Each gossip round has two messages per node (``fedsim.sim.gossip_loop`` sends th
   the uplink codec; the node then holds ``start + decoded update``, exactly what the
   server and the neighbours see, the error-feedback memory keeping the rest);
 - ``train.mix``: the message carries the neighbours' models and the node's row of the
-  mixing matrix; the node mixes (:func:`fedsim.strategies.gossip.mix_node`, plain or
+  mixing matrix; the node mixes (the gossip algorithm's client half, plain or
   variance-corrected), keeps the result and replies with it.
 
 The model a node holds is tagged with a version, ``"<round>/train"`` or ``"<round>/mix"``.
@@ -24,14 +23,11 @@ from __future__ import annotations
 
 from collections.abc import MutableMapping
 
-import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedsim.params import ParamSpec
-from fedsim.quant import codecs
-from fedsim.records import to_numpy, to_record, to_state_dict
-from fedsim.strategies.gossip import mix_node
+from fedsim.records import to_state_dict
 
 MODEL_KEY = "gossip-model"
 VERSION_KEY = "gossip-version"
@@ -70,32 +66,3 @@ def keep_model(state: MutableMapping, state_dict: dict[str, torch.Tensor], model
     """Store the node's model and its version in its Context ``state``."""
     state[MODEL_KEY] = ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
     state[VERSION_KEY] = ConfigRecord({"version": model_version})
-
-
-def _peer_models(content: RecordDict, num_peers: int, dim: int) -> torch.Tensor:
-    peers = torch.from_numpy(to_numpy(content["peers"]["models"]).astype(np.float32))
-    if peers.shape != (num_peers, dim):
-        raise ValueError(f"mix message holds peer models of shape {tuple(peers.shape)}, "
-                         f"expected ({num_peers}, {dim})")
-    if not torch.isfinite(peers).all():
-        raise ValueError("mix message holds NaN or Inf peer models")
-    return peers
-
-
-def mix_reply(content: RecordDict, state: MutableMapping, spec: ParamSpec, variance_correction: bool,
-              eps: float) -> RecordDict:
-    """Run the node's mixing step on a ``train.mix`` message's ``content``; keep the result
-    in the node's ``state`` and return the reply's content.
-
-    The message's config holds ``self-weight`` and ``peer-weights`` (the node's row of W,
-    the peers in the order of the ``peers`` record's rows) and the ``server-round``.
-    """
-    config = content["config"]
-    own = held_model(content, state)
-    weights = torch.tensor([float(config["self-weight"]), *map(float, config["peer-weights"])], dtype=torch.float64)
-    stacked = torch.cat([spec.flatten(own)[None], _peer_models(content, len(weights) - 1, spec.dim)])
-    correct = [variance_correction and weight for weight in weight_layers(spec)]
-    flat = spec.join_layers(mix_node(spec.split_layers(stacked), weights, correct, eps))
-    keep_model(state, {**own, **spec.unflatten(flat)}, version(int(config["server-round"]), "mix"))
-    payload = codecs.build("identity").encode(flat)
-    return RecordDict({MIXED_RECORD: to_record(payload.to_arrays()), "metrics": MetricRecord({"bytes_up": payload.nbytes})})

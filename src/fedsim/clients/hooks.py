@@ -1,7 +1,8 @@
-"""Per-algorithm client hooks: extra loss terms and gradient transforms.
+"""Client hooks: extra loss terms and gradient transforms a client feature adds to training.
 
-A strategy switches hooks on through its config; the local loop calls every hook at
-two points of each step: ``extra_loss`` is added to the objective, ``before_step``
+A client feature (:mod:`fedsim.clients.features`: an algorithm's client half, e.g.
+FedProx's proximal term) provides them; the local loop calls every hook at two points of
+each step: ``extra_loss`` is added to the objective, ``before_step``
 runs after ``backward`` and before ``optimizer.step``.
 
 Each hook also has a *stacked* form for :mod:`fedsim.clients.batched`, which trains K
@@ -41,36 +42,3 @@ def vectorises(hook: ClientHook) -> bool:
     cls = type(hook)
     return all((getattr(cls, one) is getattr(ClientHook, one)) == (getattr(cls, stacked) is getattr(ClientHook, stacked))
                for one, stacked in (("extra_loss", "stacked_extra_loss"), ("before_step", "stacked_before_step")))
-
-
-class ProximalTerm(ClientHook):
-    """FedProx's proximal term (Li et al., "Federated Optimization in Heterogeneous
-    Networks", arXiv 1812.06127): ``mu / 2 * ||w - w_global||^2``.
-
-    Parameters
-    ----------
-    mu : float
-        Strength of the pull towards the global model.
-    global_params : dict[str, torch.Tensor]
-        The global model's parameters by name (detached copies); stacked ``(K, *shape)``
-        for the stacked form, one row per client's own start. Only these are pulled: the
-        parameters a training wrapper adds (QAT's learned step sizes) are not the model's.
-    """
-
-    def __init__(self, mu: float, global_params: dict[str, torch.Tensor]) -> None:
-        self.mu = mu
-        self.global_params = global_params
-
-    def extra_loss(self, model: nn.Module, logits: torch.Tensor) -> torch.Tensor | None:
-        if self.mu == 0:
-            return None
-        params = dict(model.named_parameters())
-        return 0.5 * self.mu * sum(((params[name] - g) ** 2).sum() for name, g in self.global_params.items())
-
-    def stacked_extra_loss(self, params: dict[str, torch.Tensor], logits: torch.Tensor,
-                           mask: torch.Tensor) -> torch.Tensor | None:
-        if self.mu == 0:
-            return None
-        # the stacked trainer passes the rows of the clients still training, the first ones
-        return 0.5 * self.mu * sum(((params[name] - g[: len(params[name])]) ** 2).flatten(1).sum(1)
-                                   for name, g in self.global_params.items())

@@ -1,60 +1,60 @@
-"""fedsim's aggregators as Flower strategies, for any Flower 1.41 ServerApp.
+"""fedsim's synchronous algorithms as Flower strategies, for any Flower 1.41 ServerApp.
 
-Each class is a subclass of Flower's own ``flwr.serverapp.strategy.FedAvg``: it takes all of
-FedAvg's arguments unchanged (``fraction_train``, ``fraction_evaluate``, ``min_train_nodes``,
-``min_evaluate_nodes``, ``min_available_nodes``, ``weighted_by_key``, ``arrayrecord_key``,
-``configrecord_key``, ``train_metrics_aggr_fn``, ``evaluate_metrics_aggr_fn``) plus its own,
-with the defaults of fedsim's config, and runs under ``strategy.start(grid, initial_arrays,
-num_rounds)``. In an existing Flower app two lines change::
+Every synchronous algorithm of the registry (:mod:`fedsim.algorithms.registry`: fedsim's own
+and any installed plug-in's) is here under its class name: ``fedsim.flower.Flag`` is the very
+class fedsim's engine runs (:class:`fedsim.strategies.base.FedsimStrategy`), a subclass of
+Flower's own ``flwr.serverapp.strategy.FedAvg``. It takes all of FedAvg's arguments
+(``fraction_train``, ``fraction_evaluate``, ``min_train_nodes``, ``min_evaluate_nodes``,
+``min_available_nodes``, ``weighted_by_key``, ``arrayrecord_key``, ``configrecord_key``,
+``train_metrics_aggr_fn``, ``evaluate_metrics_aggr_fn``) plus its own, with the defaults of
+fedsim's config, and runs under ``strategy.start(grid, initial_arrays, num_rounds)``. In an
+existing Flower app two lines change::
 
     from fedsim.flower import Flag              # was: from flwr.serverapp.strategy import FedAvg
     strategy = Flag(fraction_train=0.5, r=8)    # was: strategy = FedAvg(fraction_train=0.5)
 
-=================  ==========================================================================
-``FedAU``          FedAvg with weights from each node's participation gaps (``K=50``)
-``FedLD``          SVD-filtered, sign-aligned, norm-preserving mean (``keep=0.8``, ``beta=0.03``)
-``FedLEx``         exploration phase, then a guidance matrix on the clients' gradients
-                   (``explore_rounds=2``, ``scouts=5``, server momentum 0.9)
-``Flag``           Flag Aggregator (``r=8``, ``lam=0.0``, ``max_iter=10``, ``tol=1e-6``)
-``Median``         coordinate-wise median
-``TrimmedMean``    coordinate-wise trimmed mean (``beta=0.1``)
-``Krum``           Krum (``num_byzantine=None``)
-``MultiKrum``      Multi-Krum (``num_byzantine=None``, ``m=None``)
-=================  ==========================================================================
-
-They aggregate the clients' updates (trained minus global arrays) with the same pure
-functions as fedsim's engine (:mod:`fedsim.strategies`), and screen every reply: one with
-an error, NaN/Inf, arrays of the wrong keys or shapes or no usable weight is dropped with a
-warning naming the node and the reason, and the round goes on
-(:mod:`fedsim.flower.screening`). The ClientApp is the usual one (trained arrays in one
-ArrayRecord, a MetricRecord with ``num-examples``); FedLD and FedLEx add a client-side term,
-which the ClientApp applies with the helpers here:
-
-- :func:`fedld_regulariser` ``(logits, beta)``: FedLD's loss term, ``beta`` from the message's
-  config entry ``"fedld-beta"``;
-- :func:`apply_guidance` ``(model, guidance)``: FedLEx's gradient mask, from the message's
-  ArrayRecord ``"guidance"`` once exploration is over.
+``fedsim algorithms`` lists them with their arguments. They aggregate the clients' updates
+(trained minus global arrays) and screen every reply: one with an error, NaN/Inf, arrays of
+the wrong keys or shapes or no usable weight is dropped with a warning naming the node and
+the reason, and the round goes on. The ClientApp is the usual one (trained arrays in one
+ArrayRecord, a MetricRecord with ``num-examples``); an algorithm with a client half names
+what its ClientApp adds in its docstring (FedLD's regulariser, FedLEx's gradient mask), and
+the module of the algorithm exports the helpers (e.g. ``fedld_regulariser``,
+``apply_guidance``), which are reachable here too.
 """
 
-from fedsim.clients.fedld import fedld_regulariser
-from fedsim.clients.fedlex import apply_guidance
-from fedsim.flower.base import ScreenedFedAvg
-from fedsim.flower.fedau import FedAU
-from fedsim.flower.fedld import FedLD
-from fedsim.flower.fedlex import FedLEx
-from fedsim.flower.flag import Flag
-from fedsim.flower.robust import Krum, Median, MultiKrum, TrimmedMean
+from __future__ import annotations
 
-__all__ = [
-    "FedAU",
-    "FedLD",
-    "FedLEx",
-    "Flag",
-    "Krum",
-    "Median",
-    "MultiKrum",
-    "ScreenedFedAvg",
-    "TrimmedMean",
-    "apply_guidance",
-    "fedld_regulariser",
-]
+import functools
+from typing import Any
+
+from fedsim.algorithms import registry
+
+
+@functools.cache
+def _exports() -> dict[str, Any]:
+    """Each synchronous algorithm's class under its class name, and the names its module exports."""
+    import sys
+
+    from fedsim.strategies.base import FedsimStrategy
+
+    exports: dict[str, Any] = {}
+    for algorithm in registry.all_algorithms().values():
+        if isinstance(algorithm, type) and issubclass(algorithm, FedsimStrategy):
+            module = sys.modules[algorithm.__module__]
+            exports.update({name: getattr(module, name) for name in getattr(module, "__all__", ())})
+            exports[algorithm.__name__] = algorithm
+    exports["FedsimStrategy"] = FedsimStrategy
+    return exports
+
+
+def __getattr__(name: str) -> Any:
+    exports = _exports()
+    if name not in exports:
+        raise AttributeError(f"module 'fedsim.flower' has no attribute {name!r}; it exports the synchronous "
+                             f"algorithms' classes: {', '.join(sorted(n for n in exports if n[0].isupper()))}")
+    return exports[name]
+
+
+def __dir__() -> list[str]:
+    return sorted(_exports())

@@ -46,9 +46,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from torch import Tensor, nn
 
+from fedsim.algorithms import registry
+from fedsim.algorithms.api import AsyncStrategyBase
 from fedsim.clients.quantization import build_codec
 from fedsim.clients.train import evaluate
-from fedsim.config import AsyncStrategyBase, ExperimentConfig, FedAsyncConfig, FedBuffConfig, FedFixConfig
+from fedsim.config import ExperimentConfig
 from fedsim.data import ArrayDataset
 from fedsim.params import ParamSpec
 from fedsim.records import to_state_dict
@@ -59,99 +61,16 @@ from fedsim.sim.components import FederatedData, federated_data, make_model, pre
 from fedsim.sim.loop import Steps, fmt_metric, run_steps
 from fedsim.sim.messaging import client_nodes, send_and_collect
 from fedsim.sim.results import RunDir
+from fedsim.strategies.asynchronous import AsyncRule
 from fedsim.strategies.evaluation import client_accuracy_percentiles
-from fedsim.strategies.fedasync import FedAsync
-from fedsim.strategies.fedbuff import FedBuff
-from fedsim.strategies.fedfix import FedFix, FedFixArrival
 from fedsim.strategies.replies import ClientUpdate, Failure
 
 log = logging.getLogger(__name__)
 
 
-# ------------------------------------------------------------------------------ rules
-class AsyncRule:
-    """How a server rule meets the loop: it receives accepted arrivals one at a time and,
-    for windowed rules, closes windows at fixed times. ``version`` counts model updates."""
-
-    restarts_on_arrival = True
-
-    @property
-    def version(self) -> int:
-        return self.server.version
-
-    def receive(self, model: Tensor, update: ClientUpdate, arrival: Arrival) -> Tensor:
-        """Take one accepted update; return the (possibly new) global model."""
-        raise NotImplementedError
-
-    def next_boundary(self) -> float | None:
-        """Time of the next window's end, or None for rules without windows."""
-        return None
-
-
-class FedAsyncRule(AsyncRule):
-    """FedAsync (arXiv 1903.03934): x <- (1 - alpha_t) x + alpha_t x_i on every arrival."""
-
-    def __init__(self, cfg: FedAsyncConfig) -> None:
-        self.server = FedAsync(cfg.alpha, cfg.a)
-
-    def receive(self, model: Tensor, update: ClientUpdate, arrival: Arrival) -> Tensor:
-        return self.server.apply(model, arrival.job.base + update.update, arrival.job.base_version)
-
-
-class FedBuffRule(AsyncRule):
-    """FedBuff (arXiv 2106.06639): buffer arrivals, apply their staleness-scaled mean every K."""
-
-    def __init__(self, cfg: FedBuffConfig) -> None:
-        self.server = FedBuff(cfg.buffer_size, cfg.eta_g)
-
-    def receive(self, model: Tensor, update: ClientUpdate, arrival: Arrival) -> Tensor:
-        self.server.add(update.update, arrival.job.base_version)
-        return self.server.flush(model) if self.server.is_full else model
-
-
-class FedFixRule(AsyncRule):
-    """FedFix (arXiv 2206.10189): aggregate each window's arrivals with weights
-    ceil(tau_i / window) * p_i; the clients of the window restart at its end.
-
-    Parameters
-    ----------
-    cfg : FedFixConfig
-        ``window`` and ``eta_g``.
-    shares : numpy.ndarray
-        Each client's data share p_i (sums to 1).
-    """
-
-    restarts_on_arrival = False
-
-    def __init__(self, cfg: FedFixConfig, shares: np.ndarray) -> None:
-        self.server = FedFix(cfg.window, cfg.eta_g)
-        self.shares = shares
-        self.windows_closed = 0
-        self._pending: list[FedFixArrival] = []
-
-    def receive(self, model: Tensor, update: ClientUpdate, arrival: Arrival) -> Tensor:
-        share = float(self.shares[arrival.job.partition_id])
-        self._pending.append(FedFixArrival(update.update, arrival.duration, share))
-        return model
-
-    def next_boundary(self) -> float:
-        return (self.windows_closed + 1) * self.server.window
-
-    def close_window(self, model: Tensor) -> Tensor:
-        """Aggregate the window's arrivals (an empty window leaves the model as it is)."""
-        model = self.server.aggregate(model, self._pending)
-        self._pending = []
-        self.windows_closed += 1
-        return model
-
-
 def build_rule(strategy: AsyncStrategyBase, shares: np.ndarray) -> AsyncRule:
-    """The loop's rule for ``strategy.name`` (config validation guarantees the name)."""
-    if isinstance(strategy, FedFixConfig):
-        return FedFixRule(strategy, shares)
-    if isinstance(strategy, FedBuffConfig):
-        return FedBuffRule(strategy)
-    return FedAsyncRule(strategy)
+    """The server rule of the algorithm ``strategy.name`` registers."""
+    return registry.get(strategy.name)(strategy, shares)
 
 
 # ------------------------------------------------------------------------ client pool

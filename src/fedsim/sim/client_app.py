@@ -36,12 +36,11 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsim.attacks import build_attack, choose_byzantine
+from fedsim.algorithms import registry
 from fedsim.clients import gossip_node
 from fedsim.clients.batched import stack_size, train_stacked, vectorisable_reason
-from fedsim.clients.fedld import FedLDRegulariser
-from fedsim.clients.fedlex import GuidanceMask
-from fedsim.clients.hooks import ClientHook, ProximalTerm, vectorises
+from fedsim.clients.features import ClientContext, ClientFeature, client_features
+from fedsim.clients.hooks import ClientHook, vectorises
 from fedsim.clients.objective import ClientObjective
 from fedsim.clients.quantization import (
     Uplink,
@@ -50,8 +49,8 @@ from fedsim.clients.quantization import (
     restore_local_parameters,
     trained_state,
 )
-from fedsim.clients.scaffold import DELTA_RECORD, ScaffoldControl
 from fedsim.clients.train import TrainResult, build_optimizer, evaluate_many, local_steps, train_local
+from fedsim.clients.training_features import LOSS_STATE_KEY
 from fedsim.config import ExperimentConfig
 from fedsim.data import ArrayDataset
 from fedsim.data import cache as partition_cache
@@ -72,7 +71,6 @@ from fedsim.sim.faults import inject_fault, stall_seconds
 from fedsim.sim.ray_node import ray_node_metric
 from fedsim.strategies.replies import EF_RESET, TIMEOUT_CODE
 
-LOSS_STATE_KEY = "loss-state"
 # Flower's error code for an exception raised inside a ClientApp
 CLIENT_APP_RAISED_EXCEPTION = 0
 
@@ -143,6 +141,7 @@ class Worker:
     spec: ParamSpec
     predict: object
     not_vectorised: str | None
+    features: tuple[ClientFeature, ...]
 
 
 @functools.lru_cache(maxsize=2)
@@ -155,7 +154,7 @@ def worker(cfg_json: str) -> Worker:
     # not time of the first client it serves
     build_optimizer(model.parameters(), cfg.client)
     return Worker(data, device_speeds(cfg), model, ParamSpec.of(model), predict_fn(cfg),
-                  vectorisable_reason(cfg, model))
+                  vectorisable_reason(cfg, model), client_features(cfg))
 
 
 @dataclasses.dataclass
@@ -164,13 +163,16 @@ class TrainJob:
 
     index: int
     member: Member
-    server_round: int
+    context: ClientContext
     start: dict[str, torch.Tensor]
     start_flat: torch.Tensor
     train_set: ArrayDataset
     generator: torch.Generator
     seconds: float = 0.0
-    control: ScaffoldControl | None = None  # SCAFFOLD's control variates, set when it trains
+
+    @property
+    def server_round(self) -> int:
+        return self.context.server_round
 
     @property
     def config(self):
@@ -191,35 +193,16 @@ def save_loss_state(objective: ClientObjective, state: MutableMapping) -> None:
         state[LOSS_STATE_KEY] = ArrayRecord({k: v.contiguous() for k, v in buffers.items()})
 
 
-def _poisoned(cfg: ExperimentConfig, train_set: ArrayDataset, pid: int) -> ArrayDataset:
-    """A Byzantine client's training data under a data attack (label flip), else as is."""
-    if cfg.attack.name != "label_flip" or pid not in choose_byzantine(
-            cfg.partition.num_clients, cfg.attack.fraction, cfg.seed):
-        return train_set
-    flip = build_attack("label_flip", num_classes=train_set.num_classes)
-    labels = flip(torch.from_numpy(train_set.y)).numpy()
-    return dataclasses.replace(train_set, y=labels)
+def _hooks(features: tuple[ClientFeature, ...], ctx: ClientContext, start: dict[str, torch.Tensor]
+           ) -> tuple[ClientHook, ...]:
+    """Every feature's hooks for one client."""
+    return tuple(hook for feature in features for hook in feature.hooks(ctx, start))
 
 
-def _hooks(job: TrainJob, global_params: dict[str, torch.Tensor]) -> tuple[ClientHook, ...]:
-    """The client hooks the strategy switched on through the message; ``global_params``
-    are the parameters the proximal term pulls towards (stacked for a group)."""
-    config, content = job.config, job.member.content
-    hooks: list[ClientHook] = []
-    mu = float(config.get("proximal-mu", 0.0))
-    if mu > 0:
-        hooks.append(ProximalTerm(mu, global_params))
-    if "fedld-beta" in config:
-        hooks.append(FedLDRegulariser(float(config["fedld-beta"])))
-    if "guidance" in content:
-        hooks.append(GuidanceMask(to_state_dict(content["guidance"])))
-    return tuple(hooks)
-
-
-def _hook_key(job: TrainJob) -> tuple:
-    """Members with equal keys get the same hooks and may train stacked together."""
-    config, content = job.config, job.member.content
-    return (float(config.get("proximal-mu", 0.0)), config.get("fedld-beta"), id(content.get("guidance")))
+def _stacked_hooks(features: tuple[ClientFeature, ...], ctxs: list[ClientContext],
+                   start: dict[str, torch.Tensor]) -> tuple[ClientHook, ...]:
+    """Every feature's hooks for clients trained as one stack."""
+    return tuple(hook for feature in features for hook in feature.stacked_hooks(ctxs, start))
 
 
 class ClientRuntime:
@@ -305,11 +288,14 @@ class ClientRuntime:
                 state = to_state_dict(record)
                 starts[id(record)] = (state, w.spec.flatten(state))
             start, start_flat = starts[id(record)]
-        train_set = _poisoned(self.cfg, w.data.client(pid)[0], pid)
+        context = ClientContext(self.cfg, pid, server_round, member.content, member.state, w.spec)
+        train_set = w.data.client(pid)[0]
+        for feature in w.features:
+            train_set = feature.train_set(context, train_set)
         if len(train_set.y) == 0:
             raise ValueError("client has no training examples")
         generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "train", server_round, pid))
-        return TrainJob(index, member, server_round, start, start_flat, train_set, generator)
+        return TrainJob(index, member, context, start, start_flat, train_set, generator)
 
     def _trained(self, jobs: list[TrainJob], w: Worker, device: torch.device):
         """(job, (final flat model, TrainResult) or the exception) for every job."""
@@ -319,36 +305,36 @@ class ClientRuntime:
             yield from self._train_batch(stack, w, device)
         for job in jobs:
             if id(job) not in stacked:
-                started = time.perf_counter()
-                try:
-                    trained = self._train_one(job, w, device)
-                except Exception as exc:
-                    trained = exc
-                job.seconds += time.perf_counter() - started
-                yield job, trained
+                yield job, self._train_alone(job, w, device)
+
+    def _train_alone(self, job: TrainJob, w: Worker, device: torch.device):
+        """(final flat model, TrainResult) of one job trained by itself, or its exception."""
+        started = time.perf_counter()
+        try:
+            return self._train_one(job, w, device)
+        except Exception as exc:
+            return exc
+        finally:
+            job.seconds += time.perf_counter() - started
 
     @staticmethod
     def _stacks(jobs: list[TrainJob], w: Worker) -> list[list[TrainJob]]:
-        """The jobs that train together: those with the same hooks, all of which have a
-        stacked form, at most :func:`~fedsim.clients.batched.stack_size` at a time. A job
-        alone in its group trains alone."""
+        """The jobs that train together: those whose features give equal keys, at most
+        :func:`~fedsim.clients.batched.stack_size` at a time. A job alone in its group trains
+        alone."""
         groups: dict[tuple, list[TrainJob]] = {}
         for job in jobs:
-            groups.setdefault(_hook_key(job), []).append(job)
+            groups.setdefault(tuple(feature.key(job.context) for feature in w.features), []).append(job)
         size = stack_size(w.spec.dim)
-        return [group[i : i + size] for group in groups.values()
-                if len(group) > 1 and all(vectorises(hook) for hook in _hooks(group[0], {}))
+        return [group[i : i + size] for group in groups.values() if len(group) > 1
                 for i in range(0, len(group), size)]
 
     def _train_one(self, job: TrainJob, w: Worker, device: torch.device) -> tuple[torch.Tensor, TrainResult]:
         model = w.model
         model.load_state_dict(job.start)
         model = model.to(device)
-        hooks = _hooks(job, {n: p.detach().clone() for n, p in model.named_parameters()})
+        hooks = _hooks(w.features, job.context, {n: p.detach().clone() for n, p in model.named_parameters()})
         pid = job.member.partition_id
-        job.control = ScaffoldControl.from_content(job.member.content, job.member.state, w.spec, pid)
-        if job.control is not None:
-            hooks += (job.control.hook(model),)
         rounding = torch.Generator(device=device).manual_seed(derive_seed(self.cfg.seed, "lowbit", job.server_round, pid))
         model = prepare_training_model(model, self.cfg.quant, job.server_round, self.cfg.rounds, rounding)
         restore_local_parameters(model, w.spec.names, job.member.state)
@@ -365,7 +351,11 @@ class ClientRuntime:
         jobs = sorted(jobs, key=lambda j: -local_steps(len(j.train_set.y), self.cfg.client))
         names = [name for name, _ in w.model.named_parameters()]
         start = {name: torch.stack([job.start[name] for job in jobs]).to(device) for name in names}
-        hooks = _hooks(jobs[0], start)
+        hooks = _stacked_hooks(w.features, [job.context for job in jobs], start)
+        if not all(vectorises(hook) for hook in hooks):  # a hook without its stacked form
+            for job in jobs:
+                yield job, self._train_alone(job, w, device)
+            return
         try:
             final, results = train_stacked(w.model, start, [j.train_set for j in jobs], [j.generator for j in jobs],
                                            self.cfg.client, build_objective(self.cfg, 1, hooks, per_sample=True),
@@ -385,8 +375,8 @@ class ClientRuntime:
         what the server will see."""
         pid, cfg = job.member.partition_id, self.cfg
         update = final_flat - job.start_flat
-        control_delta = None if job.control is None else job.control.finish(update, result.steps, cfg.client,
-                                                                            job.member.state)
+        records = {name: record for feature in w.features
+                   for name, record in feature.finish(job.context, update, result.steps).items()}
         update = torch.from_numpy(inject_fault(cfg.faults, pid, job.server_round, update.numpy()))
         stall = stall_seconds(cfg.faults, pid, job.server_round)
         if self.sleep_stalls:
@@ -410,17 +400,15 @@ class ClientRuntime:
             **ray_node_metric(),
         })
         content = RecordDict({"update": to_record(payload.to_arrays()), "metrics": metrics})
-        if control_delta is not None:
-            content[DELTA_RECORD] = control_delta
+        for name, record in records.items():
+            content[name] = record
         return content
 
     # --------------------------------------------------------- other messages
     def _mix(self, message_type: str, members: Sequence[Member]) -> list[Outcome]:
         spec = worker(self.cfg_json).spec
-        strategy = self.cfg.strategy
-        return [_timed(lambda m=m: gossip_node.mix_reply(m.content, m.state, spec, strategy.variance_correction,
-                                                          strategy.eps))
-                for m in members]
+        node = registry.get(self.cfg.strategy.name).client
+        return [_timed(lambda m=m: node.mix(m.content, m.state, spec, self.cfg)) for m in members]
 
     def _evaluate(self, message_type: str, members: Sequence[Member]) -> list[Outcome]:
         """Members that share a model are evaluated in one pass over their test splits."""

@@ -42,11 +42,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from torch import Tensor, nn
 
+from fedsim.algorithms import registry
+from fedsim.algorithms.api import StrategySection
 from fedsim.clients import gossip_node
 from fedsim.clients.gossip_node import weight_layers
 from fedsim.clients.quantization import build_codec
 from fedsim.clients.train import evaluate
-from fedsim.config import ExperimentConfig, GossipConfig
+from fedsim.config import ExperimentConfig
 from fedsim.data import ArrayDataset
 from fedsim.params import ParamSpec, set_flat
 from fedsim.records import to_record
@@ -57,8 +59,6 @@ from fedsim.sim.loop import Steps, run_steps
 from fedsim.sim.messaging import client_nodes, send_and_collect
 from fedsim.sim.plots import plot_comparison
 from fedsim.sim.results import RunDir
-from fedsim.sim.topology import Topology, make_topology, mixing_matrix, neighbours
-from fedsim.strategies.gossip import consensus_distance, neighbour_average_matrix
 from fedsim.strategies.replies import (
     ClientUpdate,
     Failure,
@@ -66,15 +66,16 @@ from fedsim.strategies.replies import (
     screen_replies,
     screen_train_reply,
 )
+from fedsim.topology import Topology, make_topology, mixing_matrix, neighbour_average_matrix, neighbours
 
 log = logging.getLogger(__name__)
 
-# strategy.topology -> fedsim.sim.topology's name
+# strategy.topology -> fedsim.topology's name
 TOPOLOGY_NAMES = {"ring": "ring", "torus": "torus", "regular": "random_regular", "erdos_renyi": "erdos_renyi",
                   "full": "fully_connected", "exponential": "one_peer_exponential"}
 
 
-def build_topology(strategy: GossipConfig, num_nodes: int, seed: int) -> Topology:
+def build_topology(strategy: StrategySection, num_nodes: int, seed: int) -> Topology:
     """The configured communication graph over ``num_nodes`` nodes (random graphs seeded)."""
     options: dict[str, Any] = {}
     if strategy.topology == "regular":
@@ -164,7 +165,7 @@ class GossipNodes:
     grid : Grid
         Where the messages go.
     cfg : ExperimentConfig
-        ``strategy`` is the :class:`GossipConfig`.
+        ``strategy`` is the gossip algorithm's section.
     spec : ParamSpec
         The model's flat layout.
     template : dict
@@ -180,7 +181,8 @@ class GossipNodes:
     def __init__(self, grid: Grid, cfg: ExperimentConfig, spec: ParamSpec, template: dict[str, Tensor],
                  node_of: dict[int, int], models: Tensor, completed: int = 0) -> None:
         self.grid, self.cfg, self.spec, self.template, self.node_of = grid, cfg, spec, template, node_of
-        self.strategy: GossipConfig = cfg.strategy
+        self.strategy = cfg.strategy
+        self.algorithm = registry.get(cfg.strategy.name)
         self.topology = build_topology(self.strategy, len(node_of), cfg.seed)
         self.codec = build_codec(cfg.quant.uplink)
         self.models = models
@@ -274,7 +276,7 @@ class GossipSteps(Steps):
         row: dict[str, Any] = {**trained, **mixed,
                                "bytes_up": trained["bytes_up"] + mixed["bytes_up"],
                                "bytes_down": trained["bytes_down"] + mixed["bytes_down"],
-                               "consensus_distance": consensus_distance(nodes.models),
+                               "consensus_distance": nodes.algorithm.consensus_distance(nodes.models),
                                "layer_variance": layer_variances(self.spec, nodes.models)}
         if rnd % self.cfg.eval.every == 0 or rnd == self.cfg.rounds:
             row.update(self.evaluate_nodes(nodes.models))

@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
+from fedsim.algorithms import registry
 from fedsim.clients.train import evaluate
 from fedsim.config import ExperimentConfig
 from fedsim.params import ParamSpec
@@ -26,7 +27,8 @@ from fedsim.sim.loop import Steps, fmt_metric, run_steps
 from fedsim.sim.messaging import PartitionGrid, client_nodes, send_and_collect
 from fedsim.sim.rejoin import NodeWatch
 from fedsim.sim.results import RunDir
-from fedsim.strategies import build_strategy
+from fedsim.strategies.base import FedsimStrategy
+from fedsim.strategies.participation import build_sampler
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,12 @@ def label_mix(data: FederatedData) -> np.ndarray:
     counts = np.stack([np.bincount(data.train.y[idx], minlength=data.train.num_classes)
                        for idx in data.client_train]).astype(np.float64)
     return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+
+
+def build_strategy(exp: ExperimentConfig, spec: ParamSpec, node_of: dict[int, int],
+                   label_mix: np.ndarray | None = None) -> FedsimStrategy:
+    """The configured synchronous strategy, driven by fedsim's engine."""
+    return registry.get(exp.strategy.name).from_experiment(exp, spec, node_of, build_sampler(exp, label_mix))
 
 
 class SyncSteps(Steps):

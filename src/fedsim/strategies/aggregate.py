@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 __all__ = [
+    "sorted_column_chunks",
     "DEFAULT_CHUNK_COLUMNS",
     "as_weights",
     "check_updates",
@@ -177,3 +179,22 @@ def pairwise_sq_distances(
     dist = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * gram).clamp_min_(0.0)
     dist.fill_diagonal_(0.0)
     return dist
+
+
+_SORT_CHUNK_COLUMNS = 1 << 14
+
+
+def sorted_column_chunks(updates: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield ``(cols, values)``: each column chunk transposed to ``(chunk, N)`` and sorted per row.
+
+    Sorting contiguous rows of length ``N`` is faster than sorting strided columns, and the
+    chunking bounds the extra memory to one chunk. On the CPU the rows are sorted by numpy:
+    torch sorts each short row with a scalar sort, numpy (2.x) with SIMD sorting networks
+    (x86-simd-sort), about 10x faster for N = 50; the sorted values are the same.
+    """
+    for cols in column_chunks(updates.shape[1], _SORT_CHUNK_COLUMNS):
+        rows = updates[:, cols].T.contiguous()
+        if rows.device.type == "cpu":
+            yield cols, torch.from_numpy(np.sort(rows.numpy(), axis=1))
+        else:
+            yield cols, rows.sort(dim=1).values

@@ -1,41 +1,81 @@
-"""The Flower adapter every synchronous fedsim strategy shares.
+"""The one Flower strategy every synchronous fedsim algorithm is: in fedsim's engine and in
+any Flower app.
 
-A fedsim strategy is a Flower ``Strategy`` (configure/aggregate for train and evaluate),
-so Flower's orchestration drives it, with three differences from Flower's built-ins:
+:class:`FedsimStrategy` is a subclass of Flower's own ``flwr.serverapp.strategy.FedAvg``:
+it takes all of FedAvg's arguments (``fraction_train``, ``fraction_evaluate``,
+``min_train_nodes``, ``min_evaluate_nodes``, ``min_available_nodes``, ``weighted_by_key``,
+``arrayrecord_key``, ``configrecord_key``, ``train_metrics_aggr_fn``,
+``evaluate_metrics_aggr_fn``) plus the keys of its algorithm's config section
+(``Config``), checked by that section (one place for their ranges), and runs under
+``strategy.start(grid, initial_arrays, num_rounds)``. An algorithm subclass writes its
+math once, on client updates:
 
-- clients are addressed by *partition id*, sampled by a seeded participation model, so a
-  run is reproducible although Flower's node ids are random;
-- every reply is screened (:mod:`fedsim.strategies.replies`) and a bad one is dropped
-  and logged, never fatal; fewer than ``min_successful`` valid replies skip the round;
-- the math lives in :meth:`FedsimStrategy.aggregate_updates`, which subclasses implement
-  by calling a pure function on an (N, D) tensor of updates. The result is applied by
-  the server optimizer (:mod:`fedsim.strategies.server_opt`).
+- :meth:`FedsimStrategy.aggregate_updates` turns the round's accepted updates (one
+  :class:`~fedsim.strategies.replies.ClientUpdate` per client, ``Delta_i = w_i - w``) into
+  one ``(D,)`` update, with a pure function on tensors; the server optimizer
+  (:mod:`fedsim.strategies.server_opt`, ``server_opt``) applies it;
+- :meth:`participants`, :meth:`extra_content`, :meth:`prepare_messages`, :meth:`screen`
+  and :meth:`observe` are the hooks an algorithm with more state overrides; its client half
+  is its ``client`` declaration (:mod:`fedsim.algorithms.api`).
+
+Two ways to drive the same class:
+
+- **in a Flower app** (``Flag(fraction_train=0.5, r=8)``): clients are Flower node ids,
+  sampled as Flower's FedAvg samples them; replies hold the trained arrays (one
+  ArrayRecord) and a MetricRecord with ``weighted_by_key``; the update is the float arrays
+  minus the global ones (float64 when the model has float64 arrays); integer arrays keep
+  the global value. Evaluation is Flower's.
+- **in fedsim's engine** (:meth:`FedsimStrategy.from_experiment`): clients are partition
+  ids, sampled by a seeded participation model, so runs are reproducible; replies carry
+  the update through the uplink codec; downlink codec, Byzantine update attacks,
+  EF21-PP estimates, byte counts and checkpoints (:meth:`state_dict`) are the engine's.
+
+In both, every reply is screened on its own: one with an error, NaN/Inf, arrays of the
+wrong keys or shapes or no usable weight is dropped with a warning naming the client and the
+reason, and the round goes on; fewer than ``min_successful`` valid replies skip the round
+(the global model stays as it is).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.supercore import log as flower_log
+from pydantic import ValidationError
 
+from fedsim.algorithms.api import Algorithm, SyncStrategyBase
 from fedsim.attacks import ATTACKS, build_attack, choose_byzantine
 from fedsim.clients.quantization import build_codec
-from fedsim.config import ExperimentConfig, SyncStrategyBase
+from fedsim.flower.screening import screen_evaluate_replies
+from fedsim.flower.screening import screen_train_replies as screen_flower_replies
 from fedsim.params import ParamSpec
 from fedsim.quant.error_feedback import ServerEstimate
 from fedsim.records import to_state_dict
 from fedsim.seeding import derive_seed
 from fedsim.strategies.aggregate import weighted_mean
-from fedsim.strategies.evaluation import client_accuracy_percentiles
+from fedsim.strategies.evaluation import client_accuracy_percentiles, mean_train_metrics
 from fedsim.strategies.replies import EF_RESET, ClientUpdate, Failure, screen_train_replies
 from fedsim.strategies.server_opt import ServerOptimizer
 
+if TYPE_CHECKING:
+    from fedsim.config import ExperimentConfig
+
 log = logging.getLogger(__name__)
+
+__all__ = ["FedsimStrategy", "RoundReport", "float_layout"]
+
+# the arguments of Flower's FedAvg that are also keys of every synchronous config section
+_SHARED = ("fraction_train", "fraction_evaluate")
 
 
 @dataclass
@@ -50,202 +90,369 @@ class RoundReport:
     bytes_down: int = 0
 
 
-class FedsimStrategy(Strategy):
-    """Base adapter: sampling, messaging, reply screening, server optimizer, state.
+def float_layout(arrays: ArrayRecord) -> tuple[ParamSpec, torch.dtype]:
+    """Names and shapes of the floating-point arrays of ``arrays`` in their order, and the
+    dtype to aggregate them in: float64 if one of them is float64, else float32."""
+    floats = [(name, tuple(array.shape)) for name, array in arrays.items() if np.dtype(array.dtype).kind == "f"]
+    wide = any(np.dtype(arrays[name].dtype) == np.float64 for name, _ in floats)
+    spec = ParamSpec(tuple(name for name, _ in floats), tuple(shape for _, shape in floats))
+    return spec, torch.float64 if wide else torch.float32
+
+
+@dataclass
+class _Engine:
+    """What fedsim's engine adds to a strategy (see :meth:`FedsimStrategy.from_experiment`)."""
+
+    exp: ExperimentConfig
+    node_of: dict[int, int]
+    sampler: Any
+    uplink: Any
+    downlink: Any
+    attack: Any
+    byzantine: set[int]
+    estimates: ServerEstimate | None
+    examples: dict[int, int] = field(default_factory=dict)
+    resync: set[int] = field(default_factory=set)  # clients whose dropped reply reset both copies of h_i
+
+    @property
+    def pid_of(self) -> dict[int, int]:
+        return {n: p for p, n in self.node_of.items()}
+
+
+class FedsimStrategy(Algorithm, FedAvg):
+    """Base of fedsim's synchronous algorithms: FedAvg's example-weighted mean of updates
+    (:func:`fedsim.strategies.aggregate.weighted_mean`) unless a subclass overrides
+    :meth:`aggregate_updates`. See the module docstring.
 
     Parameters
     ----------
-    exp : ExperimentConfig
-        The experiment: ``exp.strategy`` is this strategy's section; ``exp.quant`` gives the
-        uplink codec and error feedback (decoding replies) and the downlink codec;
-        ``exp.attack`` the Byzantine clients and their update attack.
-    spec : ParamSpec
-        The model's flat-vector layout.
-    node_of : dict[int, int]
-        partition id -> Flower node id.
-    sampler : object with ``sample(round) -> list[int]`` and ``probabilities()``
-        Participation model over partition ids.
-    client_config : dict
-        Extra entries every training message carries (e.g. ``proximal-mu``).
+    *args, **kwargs
+        Flower FedAvg's arguments, and the keys of ``Config`` (the algorithm's section of a
+        fedsim config: ``min_successful``, ``server_opt`` and its own).
     """
 
-    def __init__(self, exp: ExperimentConfig, spec: ParamSpec, node_of: dict[int, int], sampler,
-                 client_config: dict | None = None) -> None:
-        self.exp = exp
-        self.cfg: SyncStrategyBase = exp.strategy
-        quant = exp.quant
-        self.spec = spec
-        self.sampler = sampler
-        self.node_of = dict(node_of)
-        self.pid_of = {n: p for p, n in self.node_of.items()}
-        self.client_config = dict(client_config or {})
-        self.server_opt = ServerOptimizer(self.cfg.server_opt)
-        self._parameters = spec.parameter_mask()  # buffers skip the server optimizer
-        # update attacks act here; data attacks (label flip) act on the Byzantine clients
-        acts_on_updates = ATTACKS[exp.attack.name].acts_on == "updates"
-        self.attack = build_attack(exp.attack.name, **exp.attack.kwargs()) if acts_on_updates else None
-        self.byzantine = set(choose_byzantine(self.num_clients, exp.attack.fraction, exp.seed))
-        self.uplink = build_codec(quant.uplink)
-        self.downlink = build_codec(quant.downlink)
-        # EF21 / EControl: the server keeps each client's running estimate h_i
-        self.estimates = ServerEstimate() if quant.uplink.error_feedback in ("ef21", "econtrol") else None
-        self._examples: dict[int, int] = {}
-        self._resync: set[int] = set()  # clients whose dropped reply reset both copies of h_i
-        self.report = RoundReport()
-        self._sent: dict[int, int] = {}
-        self._template: dict[str, torch.Tensor] = {}
-        self._global: torch.Tensor | None = None
+    Config: ClassVar[type[SyncStrategyBase]]
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give each algorithm the signature it accepts: Flower FedAvg's arguments, then its
+        config section's keys, keyword-only, with their defaults (for ``help`` and IDEs)."""
+        super().__init_subclass__(**kwargs)
+        if "Config" not in cls.__dict__:
+            return
+        flower = list(inspect.signature(FedAvg.__init__).parameters.values())[1:]
+        own = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=field.get_default(call_default_factory=True))
+               for name, field in cls.Config.model_fields.items() if name != "name" and name not in _SHARED]
+        cls.__signature__ = inspect.Signature(flower + own)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        fields = type(self).Config.model_fields
+        own = {key: kwargs.pop(key) for key in list(kwargs) if key in fields and key not in _SHARED}
+        super().__init__(*args, **kwargs)
+        self.cfg = self._settings(own)
+        self.server_opt = ServerOptimizer(self.cfg.server_opt)
+        self.engine: _Engine | None = None
+        self.spec: ParamSpec | None = None
+        self.report = RoundReport()
+        self._parameters: torch.Tensor | None = None  # engine: buffers skip the server optimizer
+        self._dtype = torch.float32
+        self._sent: dict[int, int] = {}  # node id -> client of this round's training messages
+        self._template: ArrayRecord | None = None
+        self._global: torch.Tensor | None = None
+        self._nodes: list[int] = []
+        self._flower_contents: list[RecordDict] = []  # a Flower app's accepted replies, for its metric aggregation
+
+    def _settings(self, own: dict[str, Any]) -> SyncStrategyBase:
+        """The algorithm's config section of these arguments, or one ``ValueError`` naming them."""
+        from fedsim.config import format_validation_error
+
+        values = {"name": self.name, **own, **{key: getattr(self, key) for key in _SHARED}}
+        try:
+            return type(self).Config.model_validate(values)
+        except ValidationError as exc:
+            lines = format_validation_error(exc, root=type(self).Config).splitlines()
+            raise ValueError(f"{type(self).__name__}: {'; '.join(lines)}") from None
+
+    @classmethod
+    def from_experiment(cls, exp: ExperimentConfig, spec: ParamSpec, node_of: dict[int, int],
+                        sampler) -> FedsimStrategy:
+        """The strategy of ``exp.strategy``, driven by fedsim's engine.
+
+        Parameters
+        ----------
+        exp : ExperimentConfig
+            ``exp.strategy`` is this algorithm's section; ``exp.quant`` gives the uplink codec
+            and error feedback (decoding replies) and the downlink codec; ``exp.attack`` the
+            Byzantine clients and their update attack.
+        spec : ParamSpec
+            The model's flat-vector layout.
+        node_of : dict[int, int]
+            partition id -> Flower node id.
+        sampler : object with ``sample(round) -> list[int]`` (and ``probabilities()``)
+            Participation model over partition ids.
+        """
+        section = exp.strategy
+        strategy = cls(**{key: getattr(section, key) for key in type(section).model_fields if key != "name"})
+        acts_on_updates = ATTACKS[exp.attack.name].acts_on == "updates"
+        feedback = exp.quant.uplink.error_feedback in ("ef21", "econtrol")
+        strategy.engine = _Engine(
+            exp=exp, node_of=dict(node_of), sampler=sampler, uplink=build_codec(exp.quant.uplink),
+            downlink=build_codec(exp.quant.downlink),
+            attack=build_attack(exp.attack.name, **exp.attack.kwargs()) if acts_on_updates else None,
+            byzantine=set(choose_byzantine(len(node_of), exp.attack.fraction, exp.seed)),
+            estimates=ServerEstimate() if feedback else None)
+        strategy.spec = spec
+        strategy._parameters = spec.parameter_mask()
+        strategy.bound()
+        return strategy
+
+    def log(self, level: int, message: str, *args: Any) -> None:
+        """Log to fedsim's logger in fedsim's engine, to Flower's beside its own lines in a
+        Flower app."""
+        if self.engine:
+            log.log(level, message, *args)
+        else:
+            flower_log(level, message, *args)
+
+    def bound(self) -> None:
+        """Called once the engine is attached (:meth:`from_experiment`): set up state that
+        needs ``self.engine`` (the clients, the seed)."""
+
+    # ------------------------------------------------------------------ clients
     @property
     def num_clients(self) -> int:
-        return len(self.node_of)
+        """N: every client (engine: every partition; Flower app: the nodes connected this round)."""
+        return len(self.engine.node_of) if self.engine else len(self._nodes)
+
+    def clients(self) -> list[int]:
+        """Every client, sorted: partition ids (engine) or this round's connected node ids."""
+        return sorted(self.engine.node_of) if self.engine else list(self._nodes)
+
+    @property
+    def seed(self) -> int:
+        return self.engine.exp.seed if self.engine else 0
 
     def rejoin(self, node_of: dict[int, int]) -> None:
         """Partitions whose node (re)joined under a new node id: their messages go there from
         now on (replies from the old id are still attributed to the partition)."""
-        self.node_of.update(node_of)
-        self.pid_of.update({n: p for p, n in node_of.items()})
+        self.engine.node_of.update(node_of)
 
-    # ---------------------------------------------------------------- hooks
-    def participants(self, server_round: int) -> list[int]:
-        """Partition ids asked to train this round (the participation model by default)."""
-        return self.sampler.sample(server_round)
+    # -------------------------------------------------------------------- hooks
+    def participants(self, server_round: int, grid: Grid) -> list[int]:
+        """Clients asked to train this round: the participation model (engine) or Flower's
+        FedAvg sampling (``fraction_train``, ``min_train_nodes``, ``min_available_nodes``)."""
+        if self.engine:
+            return self.engine.sampler.sample(server_round)
+        sample_size = max(int(len(self._nodes) * self.fraction_train), self.min_train_nodes)
+        sampled, connected = sample_nodes(grid, self.min_available_nodes, sample_size)
+        self._nodes = sorted(connected)
+        return list(sampled)
 
     def extra_content(self, server_round: int) -> dict[str, ArrayRecord]:
         """Records added to every training message of the round (e.g. FedLEx's guidance)."""
         return {}
 
+    def prepare_messages(self, server_round: int, messages: list[Message], clients: list[int]) -> None:
+        """Change the round's training messages (one per client, in order) before they go."""
+
+    def screen(self, replies: list[Message]) -> tuple[list[ClientUpdate], list[Failure]]:
+        """Decode and check the round's training replies into updates."""
+        if self.engine:
+            return screen_train_replies(replies, self._sent, self.spec.dim, self.engine.uplink)
+        return self._screen_flower(replies)
+
     def observe(self, server_round: int, accepted: list[ClientUpdate]) -> None:
         """Called every round with the accepted updates, before a possible skip."""
 
-    def screen(self, replies: list[Message]) -> tuple[list[ClientUpdate], list[Failure]]:
-        """Decode and check the round's training replies (the update through the uplink codec)."""
-        return screen_train_replies(replies, self._sent, self.spec.dim, self.uplink)
-
-    def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
-        """Combine the accepted updates into one (D,) update. FedAvg by default."""
+    def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor | None:
+        """Combine the accepted updates into one ``(D,)`` update: FedAvg's weighted mean here.
+        A subclass returns ``None`` (after logging why) when it cannot aggregate this round's
+        replies; the global model then stays as it is."""
         stacked = torch.stack([u.update for u in updates])
-        weights = torch.tensor([u.num_examples for u in updates], dtype=torch.float32)
+        weights = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
         return weighted_mean(stacked, weights)
 
-    # -------------------------------------------------------------- Flower API
-    def summary(self) -> None:
-        log.info("%s: %d clients, %s", type(self).__name__, self.num_clients, self.cfg)
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A flat vector of the model's layout as named tensors."""
+        return self.spec.unflatten(vector)
 
-    def _messages(self, pids: Iterable[int], arrays: ArrayRecord, config: ConfigRecord,
-                  message_type: str, extra: dict[str, ArrayRecord] | None = None) -> list[Message]:
-        msgs = []
-        for pid in pids:
-            cfg = ConfigRecord({**config, "partition-id": pid})
-            content = RecordDict({"arrays": arrays, "config": cfg, **(extra or {})})
-            msgs.append(Message(content=content, message_type=message_type, dst_node_id=self.node_of[pid]))
-        return msgs
+    # --------------------------------------------------------------- training
+    def summary(self) -> None:
+        log.info("%s: %s", type(self).__name__, self.cfg)
+        if not self.engine:
+            super().summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._template = to_state_dict(arrays)
-        self._global = self.spec.flatten(self._template)
-        pids = self.participants(server_round)
-        self._sent = {self.node_of[p]: p for p in pids}
-        sent_arrays, model_bytes = self._downlink_arrays(arrays)
-        self.report = RoundReport(sampled=list(pids), bytes_down=model_bytes * len(pids))
-        config = ConfigRecord({**config, **self.client_config, "server-round": server_round})
-        messages = self._messages(pids, sent_arrays, config, MessageType.TRAIN, self.extra_content(server_round))
-        for pid, message in zip(pids, messages, strict=True):
-            if pid in self._resync:
-                message.content["config"][EF_RESET] = True
-        self._resync -= set(pids)
+        self._template = arrays
+        if not self.engine:
+            self.spec, self._dtype = float_layout(arrays)
+            self._nodes = sorted(grid.get_node_ids())
+        self._global = self._flatten({name: arrays[name].numpy() for name in self.spec.names})
+        if self.fraction_train == 0.0 and not self.engine:
+            return []
+        clients = self.participants(server_round, grid)
+        config = ConfigRecord({**config, "server-round": server_round})
+        extra = self.extra_content(server_round)
+        if self.engine:
+            sent, model_bytes = self._downlink_arrays(arrays)
+            self.report = RoundReport(sampled=list(clients), bytes_down=model_bytes * len(clients))
+            nodes = [self.engine.node_of[c] for c in clients]
+            messages = [self._message(sent, ConfigRecord({**config, "partition-id": c}), extra, node, MessageType.TRAIN)
+                        for c, node in zip(clients, nodes, strict=True)]
+            for client, message in zip(clients, messages, strict=True):
+                if client in self.engine.resync:
+                    message.content["config"][EF_RESET] = True
+            self.engine.resync -= set(clients)
+        else:
+            self.report = RoundReport(sampled=list(clients))
+            nodes = clients
+            messages = [self._message(arrays, config, extra, node, MessageType.TRAIN) for node in nodes]
+            self.log(logging.INFO, "configure_train: %d of %d nodes", len(nodes), len(self._nodes))
+        self._sent = dict(zip(nodes, clients, strict=True))
+        self.prepare_messages(server_round, messages, clients)
         return messages
 
+    def _message(self, arrays: ArrayRecord, config: ConfigRecord, extra: dict[str, ArrayRecord], node: int,
+                 message_type: str) -> Message:
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config, **extra})
+        return Message(content=content, message_type=message_type, dst_node_id=node)
+
+    def _flatten(self, arrays: dict[str, np.ndarray]) -> torch.Tensor:
+        return torch.cat([torch.as_tensor(np.asarray(arrays[name])).reshape(-1).to(self._dtype)
+                          for name in self.spec.names])
+
     def _downlink_arrays(self, arrays: ArrayRecord) -> tuple[ArrayRecord, int]:
-        """The model as the clients receive it, and its size on the wire.
+        """The model as the engine's clients receive it, and its size on the wire.
 
         The server keeps the float master copy; clients train from the decoded broadcast.
         In simulation the decoded float arrays travel, and the bytes counted are those of
         the encoded payload.
         """
-        payload = self.downlink.encode(self._global)
-        if self.downlink.name == "identity":
+        payload = self.engine.downlink.encode(self._global)
+        if self.engine.downlink.name == "identity":
             return arrays, payload.nbytes
-        state = dict(self._template)
-        state.update(self.spec.unflatten(self.downlink.decode(payload)))
+        state = to_state_dict(arrays)
+        state.update(self.spec.unflatten(self.engine.downlink.decode(payload)))
         return ArrayRecord(state), payload.nbytes
+
+    def _screen_flower(self, replies: list[Message]) -> tuple[list[ClientUpdate], list[Failure]]:
+        """A Flower app's replies: trained arrays minus the global ones, by node id."""
+        accepted, rejected = screen_flower_replies(replies, self._template, self.weighted_by_key)
+        updates = [ClientUpdate(reply.node_id, reply.weight, self._flatten(reply.arrays) - self._global,
+                                sum(a.nbytes for a in reply.arrays.values()),
+                                {k: float(v) for rec in reply.content.metric_records.values()
+                                 for k, v in rec.items() if isinstance(v, int | float)})
+                   for reply in accepted]
+        self._flower_contents = [reply.content for reply in accepted]
+        return sorted(updates, key=lambda u: u.partition_id), [Failure(r.node_id, r.reason) for r in rejected]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self._global is None:
+            raise RuntimeError(f"{type(self).__name__}.aggregate_train: no global arrays; "
+                               "configure_train sends them, call it first (strategy.start does)")
         accepted, failures = self.screen(list(replies))
-        for u in accepted:
-            if "ray-node" in u.metrics:
-                log.debug("round %d: client %d trained on Ray node %012x", server_round, u.partition_id,
-                          int(u.metrics["ray-node"]))
         self.report.accepted = [u.partition_id for u in accepted]
         self.report.failures = failures
         self.report.bytes_up = sum(u.nbytes for u in accepted)
-        self._apply_attack(server_round, accepted)
-        if self.estimates is not None:
-            for u in accepted:  # the payload is an increment of the client's estimate h_i
-                self.estimates.update(u.partition_id, u.update)
-                self._examples[u.partition_id] = u.num_examples
-            dropped = set(self.report.sampled) - set(self.report.accepted)
-            for pid in dropped:  # the client may have moved its h_i: reset both copies
-                self.estimates.reset(pid)
-                self._examples.pop(pid, None)
-            self._resync |= dropped
+        if self.engine:
+            self._apply_attack(server_round, accepted)
+            self._track_estimates(accepted)
+            metrics = MetricRecord({"num-accepted": len(accepted), "num-failed": len(failures),
+                                    **mean_train_metrics(accepted)})
+        else:
+            self.log(logging.INFO, "aggregate_train: %d replies accepted, %d dropped", len(accepted), len(failures))
+            metrics = (self.train_metrics_aggr_fn(self._flower_contents, self.weighted_by_key)
+                       if accepted else None)
         self.observe(server_round, accepted)
-        metrics = MetricRecord({"num-accepted": len(accepted), "num-failed": len(failures)})
-        if accepted:
-            total = sum(u.num_examples for u in accepted)
-            for key in ("train_loss", "train_accuracy"):
-                values = [u.metrics[key] * u.num_examples for u in accepted if key in u.metrics]
-                if values:
-                    metrics[key] = sum(values) / total
         if len(accepted) < self.cfg.min_successful:
             self.report.skipped = True
-            log.warning("round %d skipped: %d valid replies, %d required",
-                        server_round, len(accepted), self.cfg.min_successful)
+            self.log(logging.WARNING, "round %d skipped: %d valid replies, %d required", server_round,
+                     len(accepted), self.cfg.min_successful)
             return None, metrics
-        delta = self.aggregate_updates(server_round, self._ef21_pp() if self.estimates else accepted)
-        new_global = self.server_opt.step(self._global, delta, self._parameters)
-        self._global = new_global
-        state = dict(self._template)
-        state.update(self.spec.unflatten(new_global))
-        return ArrayRecord(state), metrics
+        delta = self.aggregate_updates(server_round, self._ef21_pp() if self._estimates else accepted)
+        if delta is None:
+            self.report.skipped = True
+            return None, metrics
+        self._global = self.server_opt.step(self._global, delta.to(self._global.dtype), self._parameters)
+        return self._pack(self._global), metrics
+
+    def _pack(self, vector: torch.Tensor) -> ArrayRecord:
+        """The global arrays with their floating-point entries replaced from ``vector``."""
+        values = self.spec.unflatten(vector)
+        packed = {}
+        for name, array in self._template.items():
+            if name in values:
+                packed[name] = Array(np.ascontiguousarray(values[name].numpy().astype(np.dtype(array.dtype))))
+            else:
+                packed[name] = array
+        return ArrayRecord(packed)
+
+    @property
+    def _estimates(self) -> ServerEstimate | None:
+        return self.engine.estimates if self.engine else None
+
+    def _track_estimates(self, accepted: list[ClientUpdate]) -> None:
+        """EF21 / EControl: each accepted payload is an increment of the client's estimate
+        h_i; a client whose reply was dropped may have moved its h_i: both copies reset."""
+        engine = self.engine
+        if engine.estimates is None:
+            return
+        for u in accepted:
+            engine.estimates.update(u.partition_id, u.update)
+            engine.examples[u.partition_id] = u.num_examples
+        dropped = set(self.report.sampled) - set(self.report.accepted)
+        for pid in dropped:
+            engine.estimates.reset(pid)
+            engine.examples.pop(pid, None)
+        engine.resync |= dropped
 
     def _ef21_pp(self) -> list[ClientUpdate]:
         """EF21-PP: every client seen so far enters with its latest estimate h_i, the clients
         skipped this round included (Richtarik et al. 2021, partial participation)."""
-        return [ClientUpdate(pid, self._examples[pid], h, 0) for pid, h in sorted(
-            (int(k), v) for k, v in self.estimates.items())]
+        return [ClientUpdate(pid, self.engine.examples[pid], h, 0) for pid, h in sorted(
+            (int(k), v) for k, v in self.engine.estimates.items())]
 
     def _apply_attack(self, server_round: int, accepted: list[ClientUpdate]) -> None:
         """Replace the Byzantine clients' updates with the configured attack's output.
 
         The attacker is omniscient: it sees the round's honest updates (ALIE and IPM need them).
         """
-        rows = [i for i, u in enumerate(accepted) if u.partition_id in self.byzantine]
-        if self.attack is None or not rows:
+        rows = [i for i, u in enumerate(accepted) if u.partition_id in self.engine.byzantine]
+        if self.engine.attack is None or not rows:
             return
         stacked = torch.stack([u.update for u in accepted])
-        generator = torch.Generator().manual_seed(derive_seed(self.exp.seed, "attack", server_round))
-        attacked = self.attack(stacked, rows, generator=generator)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "attack", server_round))
+        attacked = self.engine.attack(stacked, rows, generator=generator)
         for i in rows:
             accepted[i].update = attacked[i]
 
+    # ------------------------------------------------------------- evaluation
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        if not self.engine:
+            return super().configure_evaluate(server_round, arrays, config, grid)
         if self.cfg.fraction_evaluate == 0:
             return []
         count = max(1, round(self.cfg.fraction_evaluate * self.num_clients))
-        pids = sorted(self.node_of)[:count] if count < self.num_clients else sorted(self.node_of)
+        pids = self.clients()[:count]
         config = ConfigRecord({**config, "server-round": server_round})
-        return self._messages(pids, arrays, config, MessageType.EVALUATE)
+        return [self._message(arrays, ConfigRecord({**config, "partition-id": pid}), {}, self.engine.node_of[pid],
+                              MessageType.EVALUATE) for pid in pids]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        if not self.engine:
+            accepted, rejected = screen_evaluate_replies(list(replies), self.weighted_by_key)
+            self.log(logging.INFO, "aggregate_evaluate: %d replies accepted, %d dropped", len(accepted), len(rejected))
+            if not accepted:
+                return None
+            return self.evaluate_metrics_aggr_fn([reply.content for reply in accepted], self.weighted_by_key)
         total, loss, correct, accuracies = 0, 0.0, 0.0, []
+        pid_of = self.engine.pid_of
         for msg in replies:
             if msg.has_error():
-                log.warning("evaluation failed on client %s: %s",
-                            self.pid_of.get(msg.metadata.src_node_id), msg.error.reason)
+                log.warning("evaluation failed on client %s: %s", pid_of.get(msg.metadata.src_node_id),
+                            msg.error.reason)
                 continue
             rec = next(iter(msg.content.metric_records.values()))
             n = int(rec["num-examples"])
@@ -261,30 +468,33 @@ class FedsimStrategy(Strategy):
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        """Everything needed to resume: server optimizer and participation state."""
+        """Everything needed to resume: server optimizer, participation and EF21 state."""
         state = {"server_opt": self.server_opt.state_dict()}
-        if self.estimates is not None:
-            state["uplink_estimates"] = self.estimates.state_dict()
-            state["uplink_examples"] = dict(self._examples)
-            state["uplink_resync"] = sorted(self._resync)
-        if hasattr(self.sampler, "state_dict"):
-            state["sampler"] = self.sampler.state_dict()
+        engine = self.engine
+        if engine.estimates is not None:
+            state["uplink_estimates"] = engine.estimates.state_dict()
+            state["uplink_examples"] = dict(engine.examples)
+            state["uplink_resync"] = sorted(engine.resync)
+        if hasattr(engine.sampler, "state_dict"):
+            state["sampler"] = engine.sampler.state_dict()
         return state
 
     def clients_lost_state(self) -> None:
         """Resuming without the clients' states of the checkpoint (deployment: a SuperNode
         keeps its own, possibly from a later round): state the server shares with a client
         is reset or resent. EF21/EControl: both copies of every estimate start again from 0."""
-        if self.estimates is not None:
-            self._resync |= set(self.node_of)
-            self.estimates.load_state_dict({})
-            self._examples.clear()
+        engine = self.engine
+        if engine.estimates is not None:
+            engine.resync |= set(engine.node_of)
+            engine.estimates.load_state_dict({})
+            engine.examples.clear()
 
     def load_state_dict(self, state: dict) -> None:
+        engine = self.engine
         self.server_opt.load_state_dict(state.get("server_opt", {}))
-        if self.estimates is not None and "uplink_estimates" in state:
-            self.estimates.load_state_dict(state["uplink_estimates"])
-            self._examples = dict(state["uplink_examples"])
-            self._resync = set(state.get("uplink_resync", ()))
+        if engine.estimates is not None and "uplink_estimates" in state:
+            engine.estimates.load_state_dict(state["uplink_estimates"])
+            engine.examples = dict(state["uplink_examples"])
+            engine.resync = set(state.get("uplink_resync", ()))
         if "sampler" in state:
-            self.sampler.load_state_dict(state["sampler"])
+            engine.sampler.load_state_dict(state["sampler"])

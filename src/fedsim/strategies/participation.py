@@ -23,8 +23,12 @@ arXiv:2306.03401.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fedsim.config import ExperimentConfig
 
 __all__ = [
     "BernoulliParticipation",
@@ -367,3 +371,28 @@ class CyclicParticipation:
     def probabilities(self) -> np.ndarray:
         """``1 / G`` for every client (long-run fraction of rounds)."""
         return np.full(self.num_clients, 1.0 / self.num_groups)
+
+
+def build_sampler(exp: ExperimentConfig, label_mix: np.ndarray | None = None):
+    """The participation model over partition ids (``participation:`` in the config).
+
+    ``label_mix`` (clients x classes label proportions) is needed when the Bernoulli
+    probabilities are tied to each client's labels.
+    """
+    part, n, seed = exp.participation, exp.partition.num_clients, exp.seed
+    if part.model == "uniform":
+        return UniformSampler(n, fraction=exp.strategy.fraction_train, seed=seed)
+    if part.model == "cyclic":
+        return CyclicParticipation(n, part.num_groups, seed=seed)
+    if part.tied_to_labels:
+        if label_mix is None:
+            raise ValueError("participation.tied_to_labels needs the clients' label mix")
+        bernoulli = BernoulliParticipation.from_label_distribution(
+            label_mix, mean_probability=part.p_mean, min_probability=part.p_low,
+            concentration=part.label_concentration, seed=seed)
+    else:
+        bernoulli = BernoulliParticipation.from_uniform(n, low=part.p_low, high=part.p_high, seed=seed)
+    if part.model == "bernoulli":
+        return bernoulli
+    return MarkovParticipation.from_probabilities(bernoulli.probabilities(), p_off_to_on=part.p_off_to_on,
+                                                  seed=seed)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from fedsim.config import ServerOptConfig
+from fedsim.algorithms.api import ServerOptConfig
 
 
 class ServerOptimizer:

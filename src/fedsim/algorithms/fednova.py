@@ -25,15 +25,25 @@ FedAvg. The server optimizer then applies the result (plain, lr 1: the paper's u
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
+from flwr.app import Message
 
+from fedsim.algorithms.api import SyncStrategyBase
 from fedsim.clients.local_steps import momentum_steps
 from fedsim.strategies.aggregate import as_weights, check_updates
 from fedsim.strategies.base import FedsimStrategy
-from fedsim.strategies.replies import ClientUpdate
+from fedsim.strategies.replies import ClientUpdate, Failure
 
-__all__ = ["FedNova", "fednova_aggregate"]
+__all__ = ["FedNova", "FedNovaConfig", "fednova_aggregate"]
+
+
+class FedNovaConfig(SyncStrategyBase):
+    """FedNova (Wang et al., arXiv 2007.07481): each client's update divided by its number of
+    (momentum-weighted) local steps a_i, the average rescaled by tau_eff = sum p_i a_i."""
+
+    name: Literal["fednova"] = "fednova"
 
 
 def fednova_aggregate(updates: torch.Tensor, weights: torch.Tensor | Sequence[float],
@@ -66,10 +76,33 @@ def fednova_aggregate(updates: torch.Tensor, weights: torch.Tensor | Sequence[fl
 
 
 class FedNova(FedsimStrategy):
-    """Flower adapter of FedNova: each reply's ``steps`` metric (``tau_i``) and the clients'
-    ``client.momentum`` give ``a_i``; ``num-examples`` gives ``p_i``."""
+    """FedNova: each reply's ``steps`` metric (``tau_i``) and the clients' momentum give
+    ``a_i``; ``num-examples`` (``weighted_by_key``) gives ``p_i``.
+
+    In a Flower app each training reply's MetricRecord must hold ``steps``, the local SGD
+    steps the client took (a reply without it is dropped), and the clients are taken to use
+    plain SGD (``a_i = tau_i``).
+
+    Parameters
+    ----------
+    *args, **kwargs
+        Flower FedAvg's arguments, ``min_successful`` and ``server_opt``.
+    """
+
+    name = "fednova"
+    Config = FedNovaConfig
+    description = "FedNova (Wang et al. 2020): updates normalised by each client's local steps, rescaled by tau_eff"
+    sgd_steps = "normalising by the number of (momentum) SGD steps"
+    reads_round_replies = "normalises each reply by its own local steps"
+
+    def screen(self, replies: list[Message]) -> tuple[list[ClientUpdate], list[Failure]]:
+        accepted, failures = super().screen(replies)
+        kept = [u for u in accepted if u.metrics.get("steps", 0) > 0]
+        failures += [Failure(u.partition_id, "reply has no positive 'steps' metric")
+                     for u in accepted if not u.metrics.get("steps", 0) > 0]
+        return kept, failures
 
     def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
-        steps = [momentum_steps(int(u.metrics["steps"]), self.exp.client.momentum) for u in updates]
-        return fednova_aggregate(torch.stack([u.update for u in updates]),
-                                 [u.num_examples for u in updates], steps)
+        momentum = self.engine.exp.client.momentum if self.engine else 0.0
+        steps = [momentum_steps(int(u.metrics["steps"]), momentum) for u in updates]
+        return fednova_aggregate(torch.stack([u.update for u in updates]), [u.num_examples for u in updates], steps)

@@ -1,4 +1,4 @@
-"""Gossip averaging steps for decentralised training, plain and variance-corrected.
+"""Decentralised gossip: plain or variance-corrected model averaging between neighbours.
 
 There is no server model: every node keeps its own. The functions here are pure and act on
 the models of all n nodes at once, given either as one stacked tensor of shape (n, ...)
@@ -9,12 +9,52 @@ Variance correction follows "Vanishing Variance Problem in Fully Decentralized
 Neural-Network Systems" (the paper behind fedsim's variance-corrected gossip): averaging
 independent models shrinks each layer's weight variance; rescaling every layer of the mixed
 model around its mean, to the average variance of the models that were mixed, undoes it.
+
+The server loop is fedsim's gossip loop (:mod:`fedsim.sim.gossip_loop`, server-relayed
+gossip); each node keeps its own model in its Context (:mod:`fedsim.clients.gossip_node`)
+and mixes it with :meth:`GossipNode.mix`, this algorithm's client half.
 """
 
-from collections.abc import Sequence
+from __future__ import annotations
 
+import math
+from collections.abc import Iterator, MutableMapping, Sequence
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import numpy as np
 import torch
+from flwr.app import MetricRecord, RecordDict
+from pydantic import Field
 from torch import Tensor
+
+from fedsim.algorithms.api import Algorithm, Family, StrategySection
+from fedsim.clients.features import ClientFeature
+from fedsim.clients.gossip_node import MIXED_RECORD, held_model, keep_model, version, weight_layers
+from fedsim.params import ParamSpec
+from fedsim.quant import codecs
+from fedsim.records import to_numpy, to_record
+from fedsim.topology import erdos_renyi, neighbour_average_matrix
+
+if TYPE_CHECKING:
+    from fedsim.config import ExperimentConfig
+
+__all__ = ["Gossip", "GossipConfig", "consensus_distance", "gossip_mix", "mix_node", "neighbour_average", "variance_correct", "variance_corrected_average"]
+
+
+class GossipConfig(StrategySection):
+    """Decentralised gossip (plain or variance-corrected, Tian et al., "Vanishing Variance
+    Problem in Fully Decentralized Neural-Network Systems"); ``rounds`` gossip rounds."""
+
+    family: ClassVar[Family] = "gossip"
+    name: Literal["gossip"] = "gossip"
+    topology: Literal["ring", "torus", "regular", "erdos_renyi", "full", "exponential"] = "regular"
+    degree: int = Field(8, ge=1, description="for topology: regular")
+    p: float | None = Field(None, gt=0, le=1, description="edge probability, erdos_renyi")
+    mixing: Literal["half", "metropolis", "uniform"] = Field(
+        "half", description="half: x_i <- (x_i + mean of neighbours) / 2")
+    variance_correction: bool = True
+    eps: float = Field(1e-4, gt=0)
+
 
 NodeModels = Tensor | Sequence[Tensor]
 
@@ -43,7 +83,7 @@ def gossip_mix(models: NodeModels, W: Tensor) -> NodeModels:
     models : Tensor (n, ...) or sequence of Tensor (n, ...)
         Stacked node models, or per-layer stacks.
     W : Tensor (n, n)
-        Mixing matrix (e.g. ``fedsim.sim.topology.mixing_matrix``); cast to each layer's
+        Mixing matrix (e.g. ``fedsim.topology.mixing_matrix``); cast to each layer's
         dtype.
     """
     layers = _layers(models)
@@ -53,26 +93,6 @@ def gossip_mix(models: NodeModels, W: Tensor) -> NodeModels:
     mixed = [(W.to(layer.dtype) @ layer.reshape(n, -1)).reshape(layer.shape)
              for layer in layers]
     return _like(models, mixed)
-
-
-def neighbour_average_matrix(neighbours: Sequence[Sequence[int]],
-                             dtype: torch.dtype = torch.float64) -> Tensor:
-    """The matrix of ``x_i <- 0.5 x_i + 0.5 mean_{j in N(i)} x_j`` (a node with no
-    neighbours keeps its model). Row stochastic; doubly stochastic, hence mean-preserving,
-    when the graph is regular."""
-    n = len(neighbours)
-    W = torch.zeros(n, n, dtype=dtype)
-    for i, peers in enumerate(neighbours):
-        peers = list(peers)
-        if any(not 0 <= j < n or j == i for j in peers):
-            raise ValueError(f"neighbour_average: node {i} has neighbours {peers}; they must "
-                             f"be other nodes in 0..{n - 1}")
-        if peers:
-            W[i, i] = 0.5
-            W[i, peers] = 0.5 / len(peers)
-        else:
-            W[i, i] = 1.0
-    return W
 
 
 def neighbour_average(models: NodeModels,
@@ -85,7 +105,7 @@ def neighbour_average(models: NodeModels,
     models : Tensor (n, ...) or sequence of Tensor (n, ...)
         Stacked node models, or per-layer stacks.
     neighbours : sequence of sequence of int
-        ``neighbours[i]`` lists the nodes i mixes in (``fedsim.sim.topology.neighbours``).
+        ``neighbours[i]`` lists the nodes i mixes in (``fedsim.topology.neighbours``).
     """
     return gossip_mix(models, neighbour_average_matrix(neighbours))
 
@@ -181,3 +201,82 @@ def consensus_distance(models: NodeModels) -> float:
     layers = _layers(models)
     return float(sum(((layer - layer.mean(dim=0, keepdim=True)) ** 2).sum()
                      for layer in layers) / layers[0].shape[0])
+
+
+# ------------------------------------------------------------------ client half
+def _peer_models(content: RecordDict, num_peers: int, dim: int) -> torch.Tensor:
+    peers = torch.from_numpy(to_numpy(content["peers"]["models"]).astype(np.float32))
+    if peers.shape != (num_peers, dim):
+        raise ValueError(f"mix message holds peer models of shape {tuple(peers.shape)}, "
+                         f"expected ({num_peers}, {dim})")
+    if not torch.isfinite(peers).all():
+        raise ValueError("mix message holds NaN or Inf peer models")
+    return peers
+
+
+def mix_reply(content: RecordDict, state: MutableMapping, spec: ParamSpec, variance_correction: bool,
+              eps: float) -> RecordDict:
+    """Run the node's mixing step on a ``train.mix`` message's ``content``; keep the result
+    in the node's ``state`` and return the reply's content.
+
+    The message's config holds ``self-weight`` and ``peer-weights`` (the node's row of W,
+    the peers in the order of the ``peers`` record's rows) and the ``server-round``.
+    """
+    config = content["config"]
+    own = held_model(content, state)
+    weights = torch.tensor([float(config["self-weight"]), *map(float, config["peer-weights"])], dtype=torch.float64)
+    stacked = torch.cat([spec.flatten(own)[None], _peer_models(content, len(weights) - 1, spec.dim)])
+    correct = [variance_correction and weight for weight in weight_layers(spec)]
+    flat = spec.join_layers(mix_node(spec.split_layers(stacked), weights, correct, eps))
+    keep_model(state, {**own, **spec.unflatten(flat)}, version(int(config["server-round"]), "mix"))
+    payload = codecs.build("identity").encode(flat)
+    return RecordDict({MIXED_RECORD: to_record(payload.to_arrays()), "metrics": MetricRecord({"bytes_up": payload.nbytes})})
+
+
+class GossipNode(ClientFeature):
+    """Gossip's client half: a node mixes the model it keeps with its neighbours'."""
+
+    @staticmethod
+    def mix(content: RecordDict, state: MutableMapping, spec: ParamSpec, cfg: ExperimentConfig) -> RecordDict:
+        """A ``train.mix`` message's reply (see :func:`mix_reply`)."""
+        return mix_reply(content, state, spec, cfg.strategy.variance_correction, cfg.strategy.eps)
+
+
+def topology_rules(cfg: ExperimentConfig) -> Iterator[str | None]:
+    """The communication graph must exist on ``partition.num_clients`` nodes."""
+    strategy, n = cfg.strategy, cfg.partition.num_clients
+    where = f"partition.num_clients is {n}"
+    minimum = {"ring": 3, "torus": 9}.get(strategy.topology, 2)
+    if n < minimum:
+        yield f"strategy.topology: {strategy.topology!r} needs at least {minimum} nodes; {where}"
+        return
+    if strategy.topology == "torus" and not any(n % r == 0 and n // r >= 3 for r in range(3, math.isqrt(n) + 1)):
+        yield f"strategy.topology: a torus needs rows x cols nodes with rows, cols >= 3 (9, 12, 15, 16, ...); {where}"
+    if strategy.topology == "regular" and not (strategy.degree < n and (n * strategy.degree) % 2 == 0):
+        yield (f"strategy.degree: a {strategy.degree}-regular graph needs degree < nodes and degree x nodes even; "
+               f"{where}")
+    if strategy.topology == "erdos_renyi":
+        if strategy.p is None:
+            yield (f"strategy.p: the edge probability is required for topology 'erdos_renyi' (connected "
+                   f"graphs need p above ln(n)/n = {math.log(n) / n:.3f})")
+        else:
+            try:
+                erdos_renyi(n, strategy.p, seed=cfg.seed)
+            except ValueError as exc:
+                yield f"strategy.p: {exc}"
+    elif strategy.p is not None:
+        yield f"strategy.p: the edge probability applies to topology 'erdos_renyi'; strategy.topology is {strategy.topology!r}"
+
+
+class Gossip(Algorithm):
+    """Variance-corrected (or plain) gossip; the server loop relays models between nodes."""
+
+    name = "gossip"
+    Config = GossipConfig
+    description = "Gossip (Tian et al. 2024): neighbours average, each layer's variance restored (or plain)"
+    client = GossipNode()
+    consensus_distance = staticmethod(consensus_distance)
+
+    @classmethod
+    def rules(cls, cfg: ExperimentConfig) -> Iterator[str | None]:
+        return topology_rules(cfg)

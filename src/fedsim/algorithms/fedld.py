@@ -1,11 +1,13 @@
-"""FedLD server aggregation: per-layer principal directions with majority-aligned signs.
+"""FedLD: per-layer principal directions with majority-aligned signs on the server, a margin
+regulariser on the batch's softmax in the clients.
 
 Reference
 ---------
 S. Zeng, P. Guo, S. Wang, J. Wang, Y. Zhou, L. Qu, "Tackling Data Heterogeneity in Federated
 Learning via Loss Decomposition", MICCAI 2024
 (https://papers.miccai.org/miccai-2024/paper/1348_paper.pdf). The client half (margin
-regulariser) is :func:`fedsim.clients.fedld.fedld_regulariser`.
+regulariser) is :func:`fedld_regulariser`: each client minimises
+``CE(logits, y) + beta * log(1 + ||softmax(logits)||_F^2)``.
 
 Definition implemented (per layer ``l``)
 ----------------------------------------
@@ -44,16 +46,34 @@ eigenvectors are ``U``, its eigenvalues ``S^2``), all the steps above as ``N x N
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Literal, NamedTuple
 
 import torch
+from flwr.app import Message
+from pydantic import Field
 
+from fedsim.algorithms.api import SyncStrategyBase
+from fedsim.clients.features import ClientContext, ClientFeature
+from fedsim.clients.hooks import ClientHook
 from fedsim.strategies.aggregate import as_weights, check_updates, gram_matrix
 from fedsim.strategies.base import FedsimStrategy
 from fedsim.strategies.replies import ClientUpdate
 
-__all__ = ["FedLDDirections", "fedld_aggregate", "fedld_directions", "fedld_rebuild"]
+__all__ = ["BETA_KEY", "FedLD", "FedLDConfig", "FedLDDirections", "fedld_aggregate", "fedld_directions",
+           "fedld_rebuild", "fedld_regulariser", "stacked_fedld_regulariser"]
+
+BETA_KEY = "fedld-beta"
+"""The training message's config entry with ``beta``, for a Flower app's ClientApp."""
+
+
+class FedLDConfig(SyncStrategyBase):
+    """FedLD: SVD-filtered, sign-aligned, norm-preserving aggregation; clients add
+    beta * log(1 + ||softmax(logits)||_F^2) to their loss."""
+
+    name: Literal["fedld"] = "fedld"
+    keep: float = Field(0.8, gt=0, le=1)
+    beta: float = Field(0.03, ge=0)
 
 
 class FedLDDirections(NamedTuple):
@@ -203,14 +223,104 @@ def fedld_aggregate(
     return out
 
 
+# ------------------------------------------------------------------ client half
+def fedld_regulariser(logits: torch.Tensor, beta: float = 0.03) -> torch.Tensor:
+    """FedLD's margin term ``beta * log(1 + ||softmax(logits)||_F^2)``.
+
+    The softmax is taken over the class dimension (dim 1) and the Frobenius norm over the
+    whole batch's probability matrix (every sample and class at once), as in the paper.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        Shape ``(B, C)`` (or ``(B, C, ...)``, the class dimension second).
+    beta : float, default 0.03
+        Weight of the term.
+
+    Returns
+    -------
+    torch.Tensor
+        A scalar, differentiable in ``logits``.
+    """
+    if logits.dim() < 2:
+        raise ValueError(f"fedld_regulariser: logits must have shape (B, C, ...), got {tuple(logits.shape)}")
+    probs = torch.softmax(logits, dim=1)
+    return beta * torch.log1p(probs.square().sum())
+
+
+def stacked_fedld_regulariser(logits: torch.Tensor, mask: torch.Tensor, beta: float = 0.03) -> torch.Tensor:
+    """:func:`fedld_regulariser` of K clients' padded batches at once.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        Shape ``(K, B, C)``: client k's batch, padded to B rows.
+    mask : torch.Tensor
+        Shape ``(K, B)``: 1 on the real rows, 0 on the padding (which adds nothing).
+    beta : float, default 0.03
+        Weight of the term.
+
+    Returns
+    -------
+    torch.Tensor
+        Shape ``(K,)``, client k's term on its real rows.
+    """
+    probs = torch.softmax(logits, dim=-1) * mask.unsqueeze(-1)
+    return beta * torch.log1p(probs.square().sum(dim=(1, 2)))
+
+
+class FedLDRegulariser(ClientHook):
+    """FedLD's client term as a hook: adds :func:`fedld_regulariser` of the batch logits."""
+
+    def __init__(self, beta: float) -> None:
+        self.beta = beta
+
+    def extra_loss(self, model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
+        return fedld_regulariser(logits, self.beta)
+
+    def stacked_extra_loss(self, params: dict[str, torch.Tensor], logits: torch.Tensor,
+                           mask: torch.Tensor) -> torch.Tensor:
+        return stacked_fedld_regulariser(logits, mask, self.beta)
+
+
+class FedLDClient(ClientFeature):
+    """FedLD's client half: the margin regulariser with ``strategy.beta``."""
+
+    def key(self, ctx: ClientContext) -> Hashable:
+        return ctx.cfg.strategy.beta
+
+    def hooks(self, ctx: ClientContext, start: dict[str, torch.Tensor]) -> tuple[ClientHook, ...]:
+        return (FedLDRegulariser(ctx.cfg.strategy.beta),)
+
+
 class FedLD(FedsimStrategy):
-    """Flower adapter of FedLD: :func:`fedld_aggregate` per layer on the server; clients add
-    :func:`fedsim.clients.fedld.fedld_regulariser` (``strategy.beta``) to their loss."""
+    """FedLD: :func:`fedld_aggregate` per layer on the server (example weights); clients add
+    :func:`fedld_regulariser` to their loss.
 
-    def __init__(self, exp, spec, node_of, sampler) -> None:
-        super().__init__(exp, spec, node_of, sampler, client_config={"fedld-beta": exp.strategy.beta})
+    In a Flower app every training message carries ``beta`` as the config entry
+    ``"fedld-beta"`` (:data:`BETA_KEY`), for the ClientApp's loss.
 
-    def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
+    Parameters
+    ----------
+    *args, **kwargs
+        Flower FedAvg's arguments, ``min_successful`` and ``server_opt``.
+    keep : float, default 0.8
+        Fraction of each layer's directions kept, in ``(0, 1]``.
+    beta : float, default 0.03
+        The clients' regulariser strength.
+    """
+
+    name = "fedld"
+    Config = FedLDConfig
+    description = "FedLD (Zeng et al. 2024): per-layer SVD-filtered, norm-preserving mean; clients add a margin term"
+    client = FedLDClient()
+
+    def prepare_messages(self, server_round: int, messages: list[Message], clients: list[int]) -> None:
+        for message in messages:
+            message.content["config"][BETA_KEY] = self.cfg.beta
+
+    def aggregate_updates(self, server_round: int, updates: Iterable[ClientUpdate]) -> torch.Tensor:
+        updates = list(updates)
         layers = self.spec.split_layers(torch.stack([u.update for u in updates]))
         weights = torch.tensor([u.num_examples for u in updates], dtype=torch.float32)
         return self.spec.join_layers(fedld_aggregate(layers, weights, keep=self.cfg.keep))

@@ -1,10 +1,31 @@
 """FedAsync: apply every client result to the global model as soon as it arrives.
 
 Source: C. Xie, S. Koyejo, I. Gupta, "Asynchronous Federated Optimization", 2019,
-arXiv 1903.03934.
+arXiv 1903.03934: x <- (1 - alpha_t) x + alpha_t x_i, alpha_t = alpha (1 + staleness)^-a.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field
 from torch import Tensor
+
+from fedsim.algorithms.api import AsyncStrategyBase
+from fedsim.strategies.asynchronous import ArrivalView, AsyncRule
+
+if TYPE_CHECKING:
+    from fedsim.strategies.replies import ClientUpdate
+
+__all__ = ["FedAsync", "FedAsyncConfig", "FedAsyncRule", "fedasync_mix", "polynomial_staleness"]
+
+
+class FedAsyncConfig(AsyncStrategyBase):
+    """FedAsync (Xie et al., arXiv 1903.03934): mix each arrival with alpha (1+s)^-a."""
+
+    name: Literal["fedasync"] = "fedasync"
+    alpha: float = Field(0.6, gt=0, le=1)
+    a: float = Field(0.5, ge=0)
 
 
 def polynomial_staleness(staleness: int, a: float = 0.5) -> float:
@@ -87,3 +108,18 @@ class FedAsync:
 
     def __repr__(self) -> str:
         return f"FedAsync(alpha={self.alpha}, a={self.a}, version={self.version})"
+
+
+class FedAsyncRule(AsyncRule):
+    """FedAsync in the asynchronous loop: every arrival is mixed in at once."""
+
+    name = "fedasync"
+    Config = FedAsyncConfig
+    description = "FedAsync (Xie et al. 2019): each arrival mixed in with alpha (1 + staleness)^-a"
+
+    def __init__(self, cfg: FedAsyncConfig, shares) -> None:
+        super().__init__(cfg, shares)
+        self.server = FedAsync(cfg.alpha, cfg.a)
+
+    def receive(self, model: Tensor, update: ClientUpdate, arrival: ArrivalView) -> Tensor:
+        return self.server.apply(model, arrival.job.base + update.update, arrival.job.base_version)

@@ -39,15 +39,32 @@ with ``N`` the total number of clients, not the number of participants.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from pydantic import Field
 
+from fedsim.algorithms.api import SyncStrategyBase
 from fedsim.strategies.aggregate import check_updates
 from fedsim.strategies.base import FedsimStrategy
 from fedsim.strategies.replies import ClientUpdate
 
-__all__ = ["FedAUWeights", "fedau_aggregate"]
+__all__ = ["FedAU", "FedAUConfig", "FedAUWeights", "fedau_aggregate"]
+
+
+class FedAUConfig(SyncStrategyBase):
+    """FedAU (Wang & Ji, arXiv 2306.03401): x += eta_g/N * sum omega_i Delta_i.
+
+    ``weights: online`` estimates omega_i from participation gaps (capped at K);
+    ``weights: known`` uses the oracle omega_i = 1/p_i of the participation model.
+    """
+
+    name: Literal["fedau"] = "fedau"
+    K: int = Field(50, ge=1)
+    weights: Literal["online", "known"] = "online"
 
 
 class FedAUWeights:
@@ -202,35 +219,81 @@ def fedau_aggregate(
 
 
 class FedAU(FedsimStrategy):
-    """Flower adapter of FedAU: ``delta = (1/N) sum_{i in S_t} omega_i Delta_i``.
+    """FedAU: ``delta = (1/N) sum_{i in S_t} omega_i Delta_i``.
 
-    ``strategy.weights: online`` uses :class:`FedAUWeights` (estimated from each client's
+    ``weights: online`` uses :class:`FedAUWeights` (estimated from each client's
     participation gaps, capped at ``K``), fed every round with the clients whose updates were
-    accepted; ``known`` uses the oracle ``omega_i = 1 / p_i`` of the participation model
-    (the "FedAvg with known participation probabilities" baseline).
+    accepted; ``known`` uses the oracle ``omega_i = 1 / p_i`` of fedsim's participation model
+    (the "FedAvg with known participation probabilities" baseline; engine only).
+
+    In a Flower app there are no partition ids: participation is tracked per Flower node id,
+    and a node participates in a round when its training reply is accepted. ``N`` is the
+    number of nodes the grid reports in that round (all connected nodes, sampled or not), not
+    the number of replies; a node that connects later is tracked from the round it first
+    appears in, with no history.
+
+    Parameters
+    ----------
+    *args, **kwargs
+        Flower FedAvg's arguments, ``min_successful`` and ``server_opt``; ``weighted_by_key``
+        weighs the metrics only.
+    K : int, default 50
+        Cut-off: an open gap is recorded (as ``K``) once it reaches ``K`` rounds.
+    weights : {"online", "known"}, default "online"
+        Estimated weights, or the participation model's ``1 / p_i``.
     """
 
-    def __init__(self, exp, spec, node_of, sampler) -> None:
-        super().__init__(exp, spec, node_of, sampler)
-        self.weights = FedAUWeights(self.num_clients, K=self.cfg.K)
+    name = "fedau"
+    Config = FedAUConfig
+    description = "FedAU (Wang & Ji 2023): FedAvg weighted by each client's online-estimated 1/p_i, divided by N"
+    reads_round_replies = "weights each of the round's participants by its participation gaps"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.participation: FedAUWeights | None = None
+        self.index: dict[int, int] = {}  # client -> its row in the participation history
         self._omega: dict[int, float] = {}
+
+    def bound(self) -> None:
+        self._track(self.clients())
+
+    def _track(self, clients: Iterable[int]) -> None:
+        """Give every client not seen before the next participation index."""
+        for client in sorted(set(clients) - set(self.index)):
+            self.index[client] = len(self.index)
+        if self.participation is None:
+            self.participation = FedAUWeights(len(self.index), K=self.cfg.K)
+        else:
+            self.participation.add_clients(len(self.index) - self.participation.num_clients)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if self.cfg.weights == "known" and not self.engine:
+            raise ValueError("FedAU: weights='known' needs the participation model's probabilities, which only "
+                             "fedsim's engine has; use weights='online' in a Flower app")
+        messages = super().configure_train(server_round, arrays, config, grid)
+        self._track(self.clients())
+        return messages
 
     def observe(self, server_round: int, accepted: list[ClientUpdate]) -> None:
         ids = [u.partition_id for u in accepted]
         if self.cfg.weights == "online":
-            self._omega = self.weights.observe(server_round, ids)
+            self._track(ids)
+            omega = self.participation.observe(server_round, [self.index[i] for i in ids])
+            self._omega = {i: omega[self.index[i]] for i in ids}
         else:
-            p = self.sampler.probabilities()
+            p = self.engine.sampler.probabilities()
             self._omega = {i: 1.0 / float(p[i]) for i in ids}
 
     def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
         stacked = torch.stack([u.update for u in updates])
-        omega = torch.tensor([self._omega[u.partition_id] for u in updates], dtype=stacked.dtype)
-        return fedau_aggregate(stacked, omega, num_clients=self.num_clients)
+        omega = torch.tensor([self._omega[u.partition_id] for u in updates], dtype=torch.float64)
+        # a node that replied and then left the grid still counts among the N clients
+        return fedau_aggregate(stacked, omega, num_clients=max(self.num_clients, len(updates)))
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "fedau_weights": self.weights.state_dict()}
+        return {**super().state_dict(), "fedau_weights": self.participation.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.weights.load_state_dict(state["fedau_weights"])
+        self.participation.load_state_dict(state["fedau_weights"])

@@ -10,6 +10,7 @@ neighbours node i mixes in. All graphs but the one-peer exponential graph are un
 import inspect
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -317,3 +318,23 @@ def mixing_matrix(adjacency: Tensor, rule: str = "metropolis",
         raise ValueError(f"mixing_matrix: rule '{rule}' is not a mixing rule; known: "
                          f"metropolis, uniform")
     return weights + torch.diag(1.0 - weights.sum(dim=1))
+
+
+def neighbour_average_matrix(neighbours: Sequence[Sequence[int]],
+                             dtype: torch.dtype = torch.float64) -> Tensor:
+    """The matrix of ``x_i <- 0.5 x_i + 0.5 mean_{j in N(i)} x_j`` (a node with no
+    neighbours keeps its model). Row stochastic; doubly stochastic, hence mean-preserving,
+    when the graph is regular."""
+    n = len(neighbours)
+    W = torch.zeros(n, n, dtype=dtype)
+    for i, peers in enumerate(neighbours):
+        peers = list(peers)
+        if any(not 0 <= j < n or j == i for j in peers):
+            raise ValueError(f"neighbour_average: node {i} has neighbours {peers}; they must "
+                             f"be other nodes in 0..{n - 1}")
+        if peers:
+            W[i, i] = 0.5
+            W[i, peers] = 0.5 / len(peers)
+        else:
+            W[i, i] = 1.0
+    return W

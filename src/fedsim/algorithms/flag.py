@@ -66,15 +66,27 @@ drop non-finite replies before aggregation).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
+from pydantic import Field
 
+from fedsim.algorithms.api import SyncStrategyBase
 from fedsim.strategies.aggregate import check_updates, gram_matrix
 from fedsim.strategies.base import FedsimStrategy
 from fedsim.strategies.replies import ClientUpdate
 
-__all__ = ["FlagSubspace", "flag_aggregate", "flag_objective", "flag_subspace"]
+__all__ = ["Flag", "FlagConfig", "FlagSubspace", "flag_aggregate", "flag_objective", "flag_subspace"]
+
+
+class FlagConfig(SyncStrategyBase):
+    """Flag Aggregator (Almasi et al., ICLR 2023): robust subspace of the updates by IRLS."""
+
+    name: Literal["flag"] = "flag"
+    r: int = Field(8, ge=1)
+    lam: float = Field(0.0, ge=0)
+    max_iter: int = Field(10, ge=1)
+    tol: float = Field(1e-6, gt=0)
 
 
 class FlagSubspace(NamedTuple):
@@ -318,9 +330,30 @@ def flag_aggregate(
     return coefficients.to(updates.dtype) @ updates
 
 
-class FlagStrategy(FedsimStrategy):
-    """Flower adapter of :func:`flag_aggregate` (``strategy.r``, ``lam``, ``max_iter``, ``tol``)."""
+class Flag(FedsimStrategy):
+    """Flag Aggregator: :func:`flag_aggregate` of the updates, one vote per update::
+
+        delta = median_i(|Delta_i|) * Y Y^T mean_i(g_i)
+
+    Parameters
+    ----------
+    *args, **kwargs
+        Flower FedAvg's arguments, ``min_successful`` and ``server_opt``.
+    r : int, default 8
+        Subspace dimension (capped at the rank of the round's updates).
+    lam : float, default 0.0
+        Weight of the paper's pairwise-difference term.
+    max_iter : int, default 10
+        Maximum number of IRLS steps.
+    tol : float, default 1e-6
+        IRLS stops when a step lowers the objective by at most ``tol`` times its value.
+    """
+
+    name = "flag"
+    Config = FlagConfig
+    description = "Flag Aggregator (Almasi et al. 2023): robust r-dimensional subspace of the updates by IRLS"
 
     def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
         stacked = torch.stack([u.update for u in updates])
-        return flag_aggregate(stacked, r=self.cfg.r, lam=self.cfg.lam, max_iter=self.cfg.max_iter, tol=self.cfg.tol)
+        cfg = self.cfg
+        return flag_aggregate(stacked, r=cfg.r, lam=cfg.lam, max_iter=cfg.max_iter, tol=cfg.tol)

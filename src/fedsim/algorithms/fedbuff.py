@@ -4,13 +4,32 @@ Source: J. Nguyen, K. Malik, H. Zhan, A. Yousefpour, M. Rabbat, M. Malek, D. Hub
 "Federated Learning with Buffered Asynchronous Aggregation", AISTATS 2022, arXiv 2106.06639.
 """
 
+from __future__ import annotations
+
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
+from fedsim.algorithms.api import AsyncStrategyBase
 from fedsim.strategies.aggregate import apply_weighted_sum
+from fedsim.strategies.asynchronous import ArrivalView, AsyncRule
+
+if TYPE_CHECKING:
+    from fedsim.strategies.replies import ClientUpdate
+
+__all__ = ["FedBuff", "FedBuffConfig", "FedBuffRule", "fedbuff_aggregate", "staleness_scale"]
+
+
+class FedBuffConfig(AsyncStrategyBase):
+    """FedBuff (Nguyen et al., arXiv 2106.06639): aggregate every K arrivals."""
+
+    name: Literal["fedbuff"] = "fedbuff"
+    buffer_size: int = Field(10, ge=1)
+    eta_g: float = Field(1.0, gt=0)
 
 
 def staleness_scale(staleness: int) -> float:
@@ -117,3 +136,20 @@ class FedBuff:
     def __repr__(self) -> str:
         return (f"FedBuff(buffer_size={self.buffer_size}, eta_g={self.eta_g}, "
                 f"version={self.version}, buffered={len(self)})")
+
+
+class FedBuffRule(AsyncRule):
+    """FedBuff in the asynchronous loop: buffer arrivals, apply their staleness-scaled mean
+    every ``buffer_size``."""
+
+    name = "fedbuff"
+    Config = FedBuffConfig
+    description = "FedBuff (Nguyen et al. 2022): staleness-scaled mean of every buffer_size arrivals"
+
+    def __init__(self, cfg: FedBuffConfig, shares) -> None:
+        super().__init__(cfg, shares)
+        self.server = FedBuff(cfg.buffer_size, cfg.eta_g)
+
+    def receive(self, model: Tensor, update: ClientUpdate, arrival: ArrivalView) -> Tensor:
+        self.server.add(update.update, arrival.job.base_version)
+        return self.server.flush(model) if self.server.is_full else model

@@ -1,0 +1,130 @@
+"""Client-side features: what an algorithm or a training feature adds to a client's call.
+
+A :class:`ClientFeature` declares, for the client runtime (:mod:`fedsim.sim.client_app`)
+to compose, with no name of a feature known there:
+
+- ``hooks``: training hooks (:mod:`fedsim.clients.hooks`: loss terms, gradient transforms)
+  for one client, and ``stacked_hooks`` for K clients trained as one stack by the batched
+  backend;
+- ``key``: clients whose every feature gives equal keys may train in one stack;
+- ``stacked_reason``: why this feature's clients cannot train stacked at all (None: they can);
+- ``train_set``: the data the client trains on (a data-poisoning attack flips labels);
+- ``finish``: after training, records added to the reply (SCAFFOLD's ``dc_i``), with the
+  client's own state updated;
+- ``state_keys``: the keys of the per-client state it keeps in the client's Context state,
+  which checkpoints carry.
+
+Algorithms declare theirs as their ``client`` attribute (:mod:`fedsim.algorithms.api`);
+fedsim's own training features are listed in :data:`TRAINING_FEATURES`, and third-party
+ones register in the entry-point group ``fedsim.client_features`` (a class taking the
+experiment config, whose ``applies(cfg)`` says whether the run uses it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Hashable, MutableMapping, Sequence
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from fedsim.clients.hooks import ClientHook
+
+if TYPE_CHECKING:
+    from fedsim.config import ExperimentConfig
+    from fedsim.data import ArrayDataset
+    from fedsim.params import ParamSpec
+
+FEATURE_GROUP = "fedsim.client_features"
+
+
+@dataclasses.dataclass
+class ClientContext:
+    """One client's training call, as features see it.
+
+    Attributes
+    ----------
+    cfg : ExperimentConfig
+        The experiment.
+    partition_id : int
+        The client.
+    server_round : int
+        The round (or, in the asynchronous loops, the client's dispatch count).
+    content : RecordDict
+        The training message's content (arrays, config, the algorithm's own records).
+    state : MutableMapping
+        The client's own Context state (its slice, on a node serving several clients).
+    spec : ParamSpec
+        The federated model's flat layout.
+    scratch : dict
+        Room for a feature to keep what its ``hooks`` computed until its ``finish``.
+    """
+
+    cfg: ExperimentConfig
+    partition_id: int
+    server_round: int
+    content: RecordDict
+    state: MutableMapping
+    spec: ParamSpec
+    scratch: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def config(self) -> ConfigRecord:
+        return self.content["config"]
+
+
+class ClientFeature:
+    """A client-side feature; every method's default adds nothing (see the module docstring)."""
+
+    state_keys: ClassVar[tuple[str, ...]] = ()
+
+    def stacked_reason(self, cfg: ExperimentConfig) -> str | None:
+        """Why clients with this feature train one at a time, or None when they stack."""
+        return None
+
+    def key(self, ctx: ClientContext) -> Hashable:
+        """Clients of equal keys (for every feature) get the same stacked hooks."""
+        return None
+
+    def hooks(self, ctx: ClientContext, start: dict[str, torch.Tensor]) -> tuple[ClientHook, ...]:
+        """Hooks for one client; ``start`` holds detached copies of the parameters it starts from."""
+        return ()
+
+    def stacked_hooks(self, ctxs: Sequence[ClientContext], start: dict[str, torch.Tensor]) -> tuple[ClientHook, ...]:
+        """Hooks for clients trained as one stack (equal keys), rows in ``ctxs``'s order;
+        ``start`` is stacked ``(K, *shape)``. By default the first client's hooks, whose
+        stacked forms compute every row."""
+        return self.hooks(ctxs[0], start)
+
+    def train_set(self, ctx: ClientContext, data: ArrayDataset) -> ArrayDataset:
+        """The data this client trains on."""
+        return data
+
+    def finish(self, ctx: ClientContext, update: torch.Tensor, steps: int) -> dict[str, ArrayRecord]:
+        """Records to add to the reply, given the client's flat update and its local steps."""
+        return {}
+
+
+@functools.cache
+def _registered() -> tuple[type, ...]:
+    return tuple(entry.load() for entry in sorted(entry_points(group=FEATURE_GROUP), key=lambda e: e.name))
+
+
+def client_features(cfg: ExperimentConfig) -> tuple[ClientFeature, ...]:
+    """The features of ``cfg``'s clients: its algorithm's client half, fedsim's training
+    features that apply, then registered third-party ones that apply."""
+    from fedsim.algorithms import registry
+    from fedsim.clients.training_features import TRAINING_FEATURES
+
+    algorithm = registry.get(cfg.strategy.name)
+    features = [algorithm.client] if algorithm.client is not None else []
+    features += [feature(cfg) for feature in (*TRAINING_FEATURES, *_registered()) if feature.applies(cfg)]
+    return tuple(features)
+
+
+def stacked_reason(cfg: ExperimentConfig) -> str | None:
+    """Why ``cfg``'s clients cannot train stacked (the first feature that says so), or None."""
+    return next((reason for feature in client_features(cfg) if (reason := feature.stacked_reason(cfg))), None)
