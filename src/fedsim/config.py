@@ -10,21 +10,73 @@ problem that names the key and what is allowed.
 from __future__ import annotations
 
 import inspect
+import math
+import types
+import typing
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names every bad key."""
 
 
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are re-validated."""
+def admits_bool(annotation: Any) -> bool:
+    """Whether a field of type ``annotation`` takes ``true``/``false`` (bool, a Literal of
+    bools, Any, or a union holding one of them)."""
+    if annotation is bool or annotation is Any:
+        return True
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return any(isinstance(arg, bool) for arg in get_args(annotation))
+    if origin is Annotated:
+        return admits_bool(get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return any(admits_bool(arg) for arg in get_args(annotation))
+    return False
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are re-validated.
+
+    Every float field of every section is finite (``inf`` and ``nan`` are refused: JSON
+    writes them as null, and no field means anything by them); a field where infinity has
+    a meaning opts in with ``Field(..., allow_inf_nan=True)``. A boolean is refused where a
+    number is meant (``rounds: true`` is not 1 round).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for key, value in data.items():
+            field = cls.model_fields.get(key) if isinstance(key, str) else None
+            if field is None:
+                continue
+            annotation = field.annotation
+            if get_origin(annotation) is list and isinstance(value, list):
+                annotation, value = get_args(annotation)[0], next((v for v in value if isinstance(v, bool)), None)
+            if isinstance(value, bool) and not admits_bool(annotation):
+                raise PydanticCustomError("bool_for_number", "{key}: {value} is a boolean; expected {kind}",
+                                          {"key": key, "value": str(value).lower(), "kind": _kind(annotation)})
+        return data
+
+
+def _kind(annotation: Any) -> str:
+    """What a field of type ``annotation`` holds, in words: an integer, a number, text."""
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(str(arg) for arg in get_args(annotation))
+    members = get_args(annotation) or (annotation,)
+    if float in members:
+        return "a number"
+    return "an integer" if int in members else "text"
 
 
 # --------------------------------------------------------------------------- data
@@ -163,6 +215,9 @@ class LossConfig(BaseModel):
             if unknown:
                 raise ValueError(f"unknown argument(s) {', '.join(unknown)} for {name!r}; "
                                  f"allowed: {', '.join(allowed) or '(none)'}")
+            infinite = [k for k, v in kwargs.items() if isinstance(v, float) and not math.isfinite(v)]
+            if infinite:
+                raise ValueError(f"{infinite[0]}: {kwargs[infinite[0]]} is not a finite number")
             # build it once, so a bad value (tau: -1) stops here and not in every client
             try:
                 REGISTRY[name](**kwargs, **({"num_samples": 1} if "num_samples" in params else {}))
@@ -603,8 +658,8 @@ ROUND_REPLY_STRATEGIES = {
 class ExperimentConfig(Section):
     """A whole experiment: everything a run needs, and nothing else."""
 
-    name: str = "experiment"
-    seed: int = 0
+    name: str = Field("experiment", min_length=1, description="the run directory is <output.dir>/<name>-<timestamp>")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy's seeds are 32-bit")
     rounds: int = Field(20, ge=1)
     data: DataConfig = DataConfig()
     partition: PartitionConfig = PartitionConfig()
@@ -621,6 +676,13 @@ class ExperimentConfig(Section):
     eval: EvalConfig = EvalConfig()
     faults: FaultConfig = FaultConfig()
     output: OutputConfig = OutputConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _a_directory_name(cls, name: str) -> str:
+        if name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
+            raise ValueError("the run directory's name, inside output.dir: no '/', '\\' or '..'")
+        return name
 
     @model_validator(mode="after")
     def _sections_combine(self) -> ExperimentConfig:
@@ -670,6 +732,25 @@ class ExperimentConfig(Section):
 
 
 # ------------------------------------------------------------------------- loading
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader refusing a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} at line {key_node.start_mark.line + 1}", None)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse ``text`` as YAML, refusing duplicate keys."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+
+
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML."""
     if "=" not in assignment:
@@ -685,7 +766,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
             raise ConfigError(f"--set {key}: {part!r} holds a value, not a section")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        node[parts[-1]] = read_yaml(text) if text.strip() else None
     except yaml.YAMLError as exc:
         problem = " ".join(str(exc).split())
         raise ConfigError(f"--set {key}: the value is not valid YAML ({problem})") from None
@@ -735,7 +816,11 @@ def format_validation_error(exc: ValidationError) -> str:
     for err in exc.errors():
         key, section = _locate(tuple(err["loc"]))
         msg = err["msg"].removeprefix("Value error, ")
-        if not err["loc"] and err["type"] == "value_error":
+        if err["type"] == "bool_for_number":  # raised by a section for one of its keys
+            lines.append(f"{key}.{err['msg']}" if err["loc"] else err["msg"])
+        elif err["type"] == "finite_number":
+            lines.append(f"{key}: {err['input']!r} is not a finite number; infinity and nan mean nothing here")
+        elif not err["loc"] and err["type"] == "value_error":
             lines.extend(msg.splitlines())  # a check across sections: its message names the keys
         elif err["type"] == "extra_forbidden":
             allowed = sorted(section.model_fields) if section is not None else []
@@ -763,9 +848,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        problem = " ".join(str(exc).split())
+        raise ConfigError(f"{path}: not valid YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for assignment in overrides:
