@@ -84,12 +84,24 @@ def _sync_only(cfg: ExperimentConfig) -> Iterator[str | None]:
         yield f"participation: the participation model {why}; leave the section out"
 
 
+MAX_VIRTUAL_STEPS = 100_000
+"""The most evaluations (``strategy.horizon / strategy.eval_every``) and aggregation windows
+(``horizon / window``) an asynchronous run may have: each is a metrics row or a server step,
+and a tiny interval would otherwise run for days."""
+
+
 def _async_options(cfg: ExperimentConfig) -> Iterator[str | None]:
     """The asynchronous loops run on virtual time: ``strategy.horizon`` and ``strategy.eval_every``."""
     from fedsim.config import EvalConfig, ExperimentConfig
 
     if _family(cfg) != "async":
         return
+    horizon = cfg.strategy.horizon
+    for key in ("eval_every", "window"):
+        interval = getattr(cfg.strategy, key, None)
+        if interval is not None and horizon / interval > MAX_VIRTUAL_STEPS:
+            yield (f"strategy.{key}: {interval:g} makes {horizon / interval:.3g} steps in strategy.horizon {horizon:g}; "
+                   f"at most {MAX_VIRTUAL_STEPS:,} (raise strategy.{key}, or lower strategy.horizon)")
     if cfg.rounds != ExperimentConfig.model_fields["rounds"].default:
         yield (f"rounds: the asynchronous strategies run for strategy.horizon of virtual time, not rounds; "
                f"{_strategy(cfg)}")
