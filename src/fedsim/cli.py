@@ -91,10 +91,11 @@ def run(
     """Run an experiment and write its run directory.
 
     Exit codes: 0 done; 1 the run stopped (training diverged), or every round was skipped;
-    2 a user error (config, data, host), reported in one line before anything starts."""
+    2 a user error (config, data, host, a cluster that does not answer), reported in one line
+    before anything starts."""
     from fedsim.sim.loop import DivergedError
     from fedsim.sim.results import RunDir
-    from fedsim.sim.runner import run_experiment
+    from fedsim.sim.runner import ClusterUnreachable, run_experiment
 
     _setup_logging(verbose)
     if resume is not None:
@@ -113,6 +114,8 @@ def run(
                                        show_progress=progress, verbose=verbose)
     except DivergedError as exc:
         raise fail("diverged", exc, code=1) from None
+    except ClusterUnreachable as exc:
+        raise fail("error", exc) from None
     acc = summary.get("final_accuracy")
     console.print(f"[green]done[/green]: {path}  final accuracy "
                   f"{'-' if acc is None else f'{acc:.4f}'}  ({summary.get('status')})")
