@@ -91,18 +91,23 @@ def run(
     """Run an experiment and write its run directory.
 
     Exit codes: 0 done; 1 the run stopped (training diverged), or every round was skipped;
-    2 a user error (config, data, host), reported in one line before anything starts."""
+    2 a user error (config, data, host, a cluster that does not answer), reported in one line
+    before anything starts."""
     from fedsim.sim.loop import DivergedError
-    from fedsim.sim.results import RunDir
-    from fedsim.sim.runner import run_experiment
+    from fedsim.sim.results import RunDir, RunDirError
+    from fedsim.sim.runner import ClusterUnreachable, run_experiment
 
     _setup_logging(verbose)
+    if resume is not None and config is not None:
+        raise fail("error", ValueError(f"give CONFIG or --resume RUN_DIR, not both: a resumed run continues with "
+                                       f"{resume / 'config.yaml'} (change what may change with --set)"))
     if resume is not None:
         try:
-            run_dir = RunDir.open(resume)
-        except FileNotFoundError as exc:
+            cfg = RunDir.open(resume).resumed_config(set_ or [])
+        except (FileNotFoundError, RunDirError) as exc:
             raise fail("error", exc) from None
-        cfg = _config(run_dir.config_path, set_)
+        except ConfigError as exc:
+            raise fail("config error", exc) from None
     elif config is None:
         raise fail("error", ValueError("give a CONFIG file, or --resume RUN_DIR"))
     else:
@@ -113,6 +118,8 @@ def run(
                                        show_progress=progress, verbose=verbose)
     except DivergedError as exc:
         raise fail("diverged", exc, code=1) from None
+    except (ClusterUnreachable, RunDirError) as exc:
+        raise fail("error", exc) from None
     acc = summary.get("final_accuracy")
     console.print(f"[green]done[/green]: {path}  final accuracy "
                   f"{'-' if acc is None else f'{acc:.4f}'}  ({summary.get('status')})")

@@ -10,6 +10,7 @@ problem that names the key and what is allowed.
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -166,6 +167,9 @@ class LossConfig(BaseModel):
             if unknown:
                 raise ValueError(f"unknown argument(s) {', '.join(unknown)} for {name!r}; "
                                  f"allowed: {', '.join(allowed) or '(none)'}")
+            infinite = [k for k, v in kwargs.items() if isinstance(v, float) and not math.isfinite(v)]
+            if infinite:
+                raise ValueError(f"{infinite[0]}: {kwargs[infinite[0]]} is not a finite number")
             # build it once, so a bad value (tau: -1) stops here and not in every client
             try:
                 REGISTRY[name](**kwargs, **({"num_samples": 1} if "num_samples" in params else {}))
@@ -378,8 +382,8 @@ class OutputConfig(Section):
 class ExperimentConfig(Section):
     """A whole experiment: everything a run needs, and nothing else."""
 
-    name: str = "experiment"
-    seed: int = 0
+    name: str = Field("experiment", min_length=1, description="the run directory is <output.dir>/<name>-<timestamp>")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy's seeds are 32-bit")
     rounds: int = Field(20, ge=1)
     data: DataConfig = DataConfig()
     partition: PartitionConfig = PartitionConfig()
@@ -402,6 +406,13 @@ class ExperimentConfig(Section):
     @classmethod
     def _strategy_of_its_algorithm(cls, value: Any) -> StrategySection:
         return _algorithm_section(value)
+
+    @field_validator("name")
+    @classmethod
+    def _a_directory_name(cls, name: str) -> str:
+        if name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
+            raise ValueError("the run directory's name, inside output.dir: no '/', '\\' or '..'")
+        return name
 
     @model_validator(mode="after")
     def _sections_combine(self) -> ExperimentConfig:
@@ -458,6 +469,25 @@ def _algorithm_section(value: Any) -> StrategySection:
 
 
 # ------------------------------------------------------------------------- loading
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader refusing a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} at line {key_node.start_mark.line + 1}", None)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse ``text`` as YAML, refusing duplicate keys."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+
+
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML."""
     if "=" not in assignment:
@@ -473,7 +503,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
             raise ConfigError(f"--set {key}: {part!r} holds a value, not a section")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        node[parts[-1]] = read_yaml(text) if text.strip() else None
     except yaml.YAMLError as exc:
         problem = " ".join(str(exc).split())
         raise ConfigError(f"--set {key}: the value is not valid YAML ({problem})") from None
@@ -523,6 +553,11 @@ def format_validation_error(exc: ValidationError, prefix: str = "",
         msg = err["msg"].removeprefix("Value error, ")
         if isinstance(err.get("ctx", {}).get("error"), SectionErrors):
             lines.extend(str(err["ctx"]["error"]).splitlines())
+        elif err["type"] == "bool_for_number":  # raised by a section for one of its keys
+            where = key if err["loc"] else prefix
+            lines.append(f"{where}.{err['msg']}" if where else err["msg"])
+        elif err["type"] == "finite_number":
+            lines.append(f"{key}: {err['input']!r} is not a finite number; infinity and nan mean nothing here")
         elif not err["loc"] and err["type"] == "value_error" and not prefix:
             lines.extend(msg.splitlines())  # a check across sections: its message names the keys
         elif err["type"] == "extra_forbidden":
@@ -549,9 +584,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        problem = " ".join(str(exc).split())
+        raise ConfigError(f"{path}: not valid YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for assignment in overrides:

@@ -13,6 +13,7 @@ from its default, so a resolved ``config.yaml`` (every key written out) validate
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Callable, Iterator
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING
 from fedsim.algorithms import registry
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from fedsim.config import ExperimentConfig
 
 # Classes of the datasets whose class count is fixed (synthetic: data.synthetic.num_classes)
@@ -33,6 +36,15 @@ strategies' aggregation step); label_flip acts in the client's training and appl
 def combination_problems(cfg: ExperimentConfig) -> list[str]:
     """Every rule's complaint about ``cfg``, one line each (empty: the config can run)."""
     return [problem for rule in RULES for problem in rule(cfg) if problem]
+
+
+def unread(section: BaseModel, prefix: str, reads: tuple[str, ...], where: str) -> Iterator[str]:
+    """One line per field of ``section`` (written ``prefix.field``) outside ``reads`` and off
+    its default: the option is not read ``where`` (e.g. ``under partition.scheme 'iid'``)."""
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        if name not in reads and value != field.get_default(call_default_factory=True):
+            yield f"{prefix}.{name}: {value!r} is not read {where}; leave it unset"
 
 
 def _family(cfg: ExperimentConfig) -> str:
@@ -73,10 +85,20 @@ def _sync_only(cfg: ExperimentConfig) -> Iterator[str | None]:
         yield f"participation: the participation model {why}; leave the section out"
 
 
+MAX_VIRTUAL_STEPS = 100_000
+"""The most evaluations (``strategy.horizon / strategy.eval_every``) and aggregation windows
+(``horizon / window``) an asynchronous run may have: each is a metrics row or a server step,
+and a tiny interval would otherwise run for days."""
+
+
 def _async_options(cfg: ExperimentConfig) -> Iterator[str | None]:
     """The asynchronous loops run on virtual time: ``strategy.horizon`` and ``strategy.eval_every``."""
     if _family(cfg) != "async":
         return
+    horizon, interval = cfg.strategy.horizon, cfg.strategy.eval_every
+    if horizon / interval > MAX_VIRTUAL_STEPS:
+        yield (f"strategy.eval_every: {interval:g} makes {horizon / interval:.3g} steps in strategy.horizon "
+               f"{horizon:g}; at most {MAX_VIRTUAL_STEPS:,} (raise strategy.eval_every, or lower strategy.horizon)")
     if cfg.rounds != type(cfg).model_fields["rounds"].default:
         yield (f"rounds: the asynchronous strategies run for strategy.horizon of virtual time, not rounds; "
                f"{_strategy(cfg)}")
@@ -98,6 +120,20 @@ def _async_only(cfg: ExperimentConfig) -> Iterator[str | None]:
         yield f"sim.clock: the asynchronous strategies' clock; {_strategy(cfg)} runs in rounds"
     if cfg.sim.concurrency is not None:
         yield f"sim.concurrency: clients training at once in the asynchronous strategies; {_strategy(cfg)}"
+    yield from unread(cfg.sim.speeds, "sim.speeds", (), f"under strategy.name {cfg.strategy.name!r} (device speeds "
+                      "drive the asynchronous strategies' virtual clock)")
+
+
+SPEED_READS = {"linear": ("spread",), "lognormal": ("sigma",), "two_tier": ("slow_fraction", "slow_factor"),
+               "csv": ("path",)}
+"""What each ``sim.speeds.kind`` reads besides kind, network_delay and dropout."""
+
+
+def _speeds(cfg: ExperimentConfig) -> Iterator[str | None]:
+    if _family(cfg) == "async":
+        speeds = cfg.sim.speeds
+        yield from unread(speeds, "sim.speeds", ("kind", "network_delay", "dropout", *SPEED_READS[speeds.kind]),
+                          f"under sim.speeds.kind {speeds.kind!r}")
 
 
 # ------------------------------------------------------------- synchronous strategies
@@ -113,6 +149,32 @@ def _participation(cfg: ExperimentConfig) -> Iterator[str | None]:
     if cfg.strategy.min_successful > (k := clients_per_round(cfg)):
         yield (f"strategy.min_successful: {cfg.strategy.min_successful} replies needed, but a round asks at most {k} "
                f"clients (partition.num_clients, participation); every round would be skipped")
+    elif part.model == "cyclic" and part.num_groups <= n and cfg.strategy.min_successful > (smallest := n // part.num_groups):
+        yield (f"strategy.min_successful: {cfg.strategy.min_successful} replies needed, but participation.num_groups "
+               f"{part.num_groups} splits partition.num_clients {n} into groups as small as {smallest}; their rounds "
+               "would be skipped")
+    if not cfg.eval.federated and cfg.strategy.fraction_evaluate != (
+            default := type(cfg.strategy).model_fields["fraction_evaluate"].default):
+        yield (f"strategy.fraction_evaluate: {cfg.strategy.fraction_evaluate} samples clients for federated "
+               f"evaluation, which eval.federated false turns off; leave it at {default}")
+
+
+def participation_reads(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The fields of ``participation`` its model reads (fedsim.strategies.build_sampler)."""
+    part = cfg.participation
+    if part.model in ("uniform", "cyclic"):
+        return ("model", "num_groups") if part.model == "cyclic" else ("model",)
+    chance = ("p_mean", "p_low", "label_concentration") if part.tied_to_labels else ("p_low", "p_high")
+    return ("model", "tied_to_labels", *chance, *(("p_off_to_on",) if part.model == "markov" else ()))
+
+
+def _participation_options(cfg: ExperimentConfig) -> Iterator[str | None]:
+    if _family(cfg) != "sync":
+        return  # _sync_only refuses the section
+    part = cfg.participation
+    tied = " with participation.tied_to_labels true" if part.tied_to_labels else ""
+    yield from unread(part, "participation", participation_reads(cfg),
+                      f"under participation.model {part.model!r}{tied}")
 
 
 def _algorithm(cfg: ExperimentConfig) -> Iterator[str | None]:
@@ -135,8 +197,59 @@ def _model(cfg: ExperimentConfig) -> Iterator[str | None]:
         yield f"model.hidden: the hidden widths of the MLP; model.name is {cfg.model.name!r}"
 
 
+IMAGE_MODELS = ("cnn", "lenet5", "resnet8")
+VECTOR_DATA = ("synthetic",)
+"""Datasets whose samples are always vectors; a file's (npz, hf) shape is checked when it
+is loaded (fedsim.preflight)."""
+
+
+def _model_and_data(cfg: ExperimentConfig) -> Iterator[str | None]:
+    if cfg.model.name in IMAGE_MODELS and cfg.data.name in VECTOR_DATA:
+        yield (f"model.name: {cfg.model.name!r} takes images (C, H, W); data.name {cfg.data.name!r} gives vectors of "
+               f"{cfg.data.synthetic.dim} features; use mlp")
+
+
+PARTITION_READS = {"iid": (), "dirichlet": ("alpha", "min_size"), "shards": ("shards_per_client",),
+                   "quantity": ("quantity_alpha", "min_size"), "natural": (),
+                   "pathological": ("classes_per_client",), "feature_noise": ("noise_std",)}
+"""What each ``partition.scheme`` reads besides scheme, num_clients, client_test_fraction."""
+
+
+def _partition_and_data(cfg: ExperimentConfig) -> Iterator[str | None]:
+    part, data = cfg.partition, cfg.data
+    yield from unread(part, "partition", ("scheme", "num_clients", "client_test_fraction",
+                                          *PARTITION_READS[part.scheme]), f"under partition.scheme {part.scheme!r}")
+    if data.name != "synthetic":
+        yield from unread(data.synthetic, "data.synthetic", ("num_devices",), f"with data.name {data.name!r}")
+        if data.synthetic.num_devices != 30:  # what validation resolves it to off synthetic data
+            yield (f"data.synthetic.num_devices: {data.synthetic.num_devices} is not read with data.name "
+                   f"{data.name!r}; leave it unset")
+    if data.name != "hf":
+        yield from unread(data, "data", ("name", "path", "test_fraction", "synthetic", "hf_partition_by"),
+                          f"with data.name {data.name!r}")
+    if data.name in ("digits", "synthetic") and data.path is not None:
+        yield f"data.path: {data.path!r} is not read with data.name {data.name!r} (built in); leave it unset"
+
+
+def _quant_options(cfg: ExperimentConfig) -> Iterator[str | None]:
+    for direction in ("uplink", "downlink"):
+        link = getattr(cfg.quant, direction)
+        reads = {"qsgd": ("bits", "block_size"), "topk": ("fraction",), "randk": ("fraction",)}.get(link.codec, ())
+        yield from unread(link, f"quant.{direction}", ("codec", "error_feedback", "eta", *reads),
+                          f"by quant.{direction}.codec {link.codec!r}")
+        if link.error_feedback != "econtrol" and link.eta is not None:
+            yield (f"quant.{direction}.eta: {link.eta} is read by error_feedback 'econtrol' only; "
+                   f"quant.{direction}.error_feedback is {link.error_feedback!r}; leave it unset")
+    ptq = cfg.quant.ptq
+    if ptq is not None:
+        yield from unread(ptq, "quant.ptq", ("method", "bits", *(("calibration_samples",) if ptq.method == "awq" else ())),
+                          f"by quant.ptq.method {ptq.method!r}")
+
+
 def _faults(cfg: ExperimentConfig) -> Iterator[str | None]:
     n = cfg.partition.num_clients
+    if not cfg.faults.slow and cfg.faults.slow_s != 0:
+        yield f"faults.slow_s: {cfg.faults.slow_s} s stalls the clients of faults.slow, which is empty; leave it unset"
     for key in ("crash", "slow", "nan", "wrong_shape"):
         bad = [i for i in getattr(cfg.faults, key) if not 0 <= i < n]
         if bad:
@@ -153,6 +266,12 @@ def _attack(cfg: ExperimentConfig) -> Iterator[str | None]:
         yield f"attack.fraction: 0 leaves attack.name {attack.name!r} without a Byzantine client; set a fraction"
     if attack.name == "none" and attack.fraction > 0:
         yield f"attack.fraction: {attack.fraction} Byzantine clients with attack.name 'none'; name an attack"
+    from fedsim.attacks import ATTACKS
+
+    takes = {f.name for f in dataclasses.fields(ATTACKS[attack.name])} if attack.name != "none" else set()
+    for key, value in attack.kwargs().items():
+        if key not in takes:
+            yield f"attack.{key}: {value} is not a parameter of attack.name {attack.name!r}; leave it unset"
 
 
 def _loss(cfg: ExperimentConfig) -> Iterator[str | None]:
@@ -206,5 +325,6 @@ def loss_class_problem(cfg: ExperimentConfig, num_classes: int) -> str | None:
 
 
 RULES: tuple[Callable[[ExperimentConfig], Iterator[str | None]], ...] = (
-    _algorithm, _sync_only, _async_options, _async_only, _participation, _model, _faults, _attack, _loss,
+    _algorithm, _sync_only, _async_options, _async_only, _speeds, _participation, _participation_options, _model,
+    _model_and_data, _partition_and_data, _quant_options, _faults, _attack, _loss,
 )

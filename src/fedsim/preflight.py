@@ -11,6 +11,7 @@ Ray cannot give would wait out ``sim.wait_for_nodes_s``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 
 from fedsim.config import ConfigError, ExperimentConfig
 from fedsim.config_checks import KNOWN_NUM_CLASSES, loss_class_problem
+from fedsim.data import ArrayDataset
 
 LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, EOFError)
 """What fedsim's loaders and partitioners raise for a missing, empty or corrupt dataset, or
@@ -50,12 +52,27 @@ def data_problems(cfg: ExperimentConfig) -> list[str]:
                         f"{cfg.partition.num_clients} clients); use fewer clients (partition.num_clients)")
     if cfg.data.name not in KNOWN_NUM_CLASSES and cfg.data.name != "synthetic":
         problems.append(loss_class_problem(cfg, data.train.num_classes))
+    problems.append(model_problem(cfg, data.train))
     if cfg.sim.speeds.kind == "csv":
         try:
             device_speeds(cfg)
         except (OSError, ValueError) as exc:
             problems.append(f"sim.speeds.path: {exc}")
     return [p for p in problems if p]
+
+
+def model_problem(cfg: ExperimentConfig, train: ArrayDataset) -> str | None:
+    """Why the configured model cannot take the dataset's samples (an image model on
+    vectors, LeNet-5 on images over 32x32), or None; the model is built once to find out."""
+    from fedsim.sim.components import make_model
+
+    try:
+        with torch.random.fork_rng(devices=[]):  # building seeds torch; leave the caller's generator alone
+            make_model(cfg.model, train, cfg.seed)
+    except ValueError as exc:
+        return (f"model.name: {cfg.model.name!r} cannot take the samples of data.name {cfg.data.name!r}, of shape "
+                f"{tuple(train.input_shape)} ({exc}); use mlp for vectors")
+    return None
 
 
 def _loads(cfg: ExperimentConfig) -> bool:
@@ -78,13 +95,17 @@ def host_problems(cfg: ExperimentConfig, ray_address: str | None = None) -> list
     if cfg.sim.num_gpus_per_client > 0 and not remote and torch.cuda.device_count() == 0:
         problems.append(f"sim.num_gpus_per_client: {cfg.sim.num_gpus_per_client} GPUs per client, but this host "
                         f"has none; set 0, or attach to a cluster with GPUs (sim.ray_address)")
-    if (problem := _unwritable(Path(cfg.output.dir))) is not None:
+    if (problem := _unwritable(Path(cfg.output.dir), cfg.name)) is not None:
         problems.append(f"output.dir: {problem}")
     return problems
 
 
-def _unwritable(directory: Path) -> str | None:
-    """Why run directories cannot be created under ``directory``, or None."""
+def _unwritable(directory: Path, name: str) -> str | None:
+    """Why the run directory ``<directory>/<name>-<timestamp>`` cannot be created, or None.
+
+    The directory is created as the run would create it, then removed with every folder
+    this check made (a permission check alone misses what only the file system refuses:
+    a read-only mount, /proc, a name too long)."""
     existing = directory
     while not existing.exists():
         if existing.parent == existing:
@@ -94,4 +115,14 @@ def _unwritable(directory: Path) -> str | None:
         return f"{existing} is not a directory"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
+    made = [directory / f"{name}-00000000-000000-check-{os.getpid()}"]
+    made.extend(parent for parent in made[0].parents if not parent.exists())
+    try:
+        made[0].mkdir(parents=True)
+    except OSError as exc:
+        return f"cannot create the run directory <name>-<timestamp> under {directory} ({exc.strerror or exc})"
+    finally:
+        for folder in made:
+            with contextlib.suppress(OSError):  # another run may have begun writing there meanwhile
+                folder.rmdir()
     return None

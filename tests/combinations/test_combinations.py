@@ -5,7 +5,11 @@ failing for a reason other than an injected fault.
 The configurations cover every pair of values of strategy (every algorithm the registry
 holds, an installed plug-in's too) x quantization x loss family x participation x attack x
 model x server optimizer x faults x backend, as ``allpairspy`` generates them
-(deterministically: the same configurations each run).
+(deterministically: the same configurations each run). Besides, every fourth case uses
+synthetic vectors instead of digits images, and every fifth gets a hostile extra (an
+infinity, or an option that does not apply); an image model on vectors and every hostile
+extra must be refused. (As pairwise factors, allpairs fills its free slots with them, and
+most cases would be refused.)
 """
 
 from __future__ import annotations
@@ -57,15 +61,27 @@ MODELS = ["mlp", "cnn", "lenet5", "resnet8"]
 SERVER_OPT = ["sgd", "momentum", "adam"]
 FAULTS = {"none": {}, "crash": {"crash": [1]}, "nan": {"nan": [2]}}
 BACKENDS = ["inprocess", "batched"]
+DATA = ["digits", "synthetic"]
+EXTRAS = {"none": {}, "infinity": {"client": {"timeout_s": float("inf")}},
+          "inapplicable": {"faults": {"slow_s": 5.0}}}  # stalls the clients of faults.slow: none
 
 KEY_LINE = re.compile(r"^[a-z][a-z0-9_.]*: \S")
 NUM_CLIENTS = 5
-CASES = [tuple(case) for case in AllPairs([STRATEGIES, list(QUANT), list(LOSSES), list(PARTICIPATION), list(ATTACKS), MODELS, SERVER_OPT,
-                       list(FAULTS), BACKENDS])]
+FACTORS = [STRATEGIES, list(QUANT), list(LOSSES), list(PARTICIPATION), list(ATTACKS), MODELS, SERVER_OPT, list(FAULTS),
+           BACKENDS]
+CASES = [(*case, DATA[i % 4 == 3], "none" if i % 5 != 4 else "infinity" if i % 10 == 4 else "inapplicable")
+         for i, case in enumerate(AllPairs(FACTORS))]
+IMAGE_MODELS = ("cnn", "lenet5", "resnet8")
 
 
-def build(strategy, quant, loss, participation, attack, model, server_opt, faults, backend, out_dir) -> dict:
-    """The raw config of one combination: 5 digits clients, 1 local step, 2 steps.
+def must_be_refused(case) -> bool:
+    """An image model on synthetic vectors, or a hostile extra."""
+    return (case[5] in IMAGE_MODELS and case[9] == "synthetic") or case[10] != "none"
+
+
+def build(strategy, quant, loss, participation, attack, model, server_opt, faults, backend, data, extra,
+          out_dir) -> dict:
+    """The raw config of one combination: 5 clients, 1 local step, 2 steps.
 
     The participation model and the server optimizer are options of the synchronous
     strategies; the asynchronous and gossip families get neither (that they refuse them is
@@ -73,7 +89,7 @@ def build(strategy, quant, loss, participation, attack, model, server_opt, fault
     time, or 2 gossip rounds."""
     raw = {
         "name": "combination", "seed": 0,
-        "data": {"name": "digits"},
+        "data": {"name": data},
         "partition": {"scheme": "dirichlet", "num_clients": NUM_CLIENTS, "alpha": 1.0},
         "model": {"name": model},
         "strategy": {"name": strategy},
@@ -93,13 +109,14 @@ def build(strategy, quant, loss, participation, attack, model, server_opt, fault
         raw["participation"] = PARTICIPATION[participation]
         raw["strategy"]["server_opt"] = {"name": server_opt}
     raw["strategy"].update(SMALL.get(strategy, {}))
+    for section, values in EXTRAS[extra].items():
+        raw[section] = {**raw.get(section, {}), **values}
     return raw
 
 
 def test_the_cases_cover_every_pair_of_values():
-    factors = [STRATEGIES, list(QUANT), list(LOSSES), list(PARTICIPATION), list(ATTACKS), MODELS, SERVER_OPT,
-               list(FAULTS), BACKENDS]
-    covered = {(i, a, j, b) for case in CASES for i, a in enumerate(case) for j, b in enumerate(case) if i < j}
+    factors = FACTORS
+    covered = {(i, a, j, b) for case in CASES for i, a in enumerate(case[:9]) for j, b in enumerate(case[:9]) if i < j}
     wanted = {(i, a, j, b) for i, fa in enumerate(factors) for j, fb in enumerate(factors) if i < j
               for a in fa for b in fb}
     assert covered == wanted
@@ -117,7 +134,10 @@ def outcome(case) -> str:
 def test_most_combinations_run_and_every_strategy_and_quantization_runs_somewhere():
     outcomes = {case: outcome(case) for case in CASES}
     running = [case for case, result in outcomes.items() if result == "runs"]
-    assert len(running) >= len(CASES) // 2, len(running)
+    assert not [case for case in running if must_be_refused(case)]
+    assert {case[10] for case in CASES} == set(EXTRAS) and {(case[5], case[9]) for case in CASES} >= {
+        ("cnn", "synthetic"), ("mlp", "synthetic")}
+    assert len(running) >= len([case for case in CASES if not must_be_refused(case)]) // 2, len(running)
     assert {case[0] for case in running} == set(STRATEGIES)
     assert {case[1] for case in running} == set(QUANT)
     assert {case[5] for case in running} == set(MODELS)
@@ -132,6 +152,7 @@ def test_a_combination_is_refused_in_one_line_or_runs_with_finite_metrics(case, 
         lines = str(exc).splitlines()  # one line per problem, each naming its key first
         assert lines and all(KEY_LINE.match(line) for line in lines), lines
         return
+    assert not must_be_refused(case), case
     cfg_faulty = set(cfg.faults.crash) | set(cfg.faults.nan)
     path, summary = run_experiment(cfg)
     assert summary["status"] == "completed"

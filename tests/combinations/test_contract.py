@@ -153,7 +153,8 @@ def test_validate_checks_the_host(tmp_path):
         f"output.dir: {tmp_path / 'a_file'} is not a directory")
     csv = tmp_path / "speeds.csv"
     csv.write_text("client,rate\n0,1\n")
-    assert _preflight_message(tmp_path, "sim.speeds.kind=csv", f"sim.speeds.path={csv}").startswith("sim.speeds.path:")
+    assert _preflight_message(tmp_path, "strategy.name=fedbuff", "sim.speeds.kind=csv",
+                              f"sim.speeds.path={csv}").startswith("sim.speeds.path:")
     if not torch.cuda.is_available():
         assert _preflight_message(tmp_path, "sim.device=cuda").startswith("sim.device: 'cuda'")
         assert _preflight_message(tmp_path, "sim.num_gpus_per_client=1").startswith("sim.num_gpus_per_client:")

@@ -83,3 +83,16 @@ def test_a_group_column_becomes_natural_client_ids():
     assert test.groups is None
     with pytest.raises(ValueError, match="'author' is not a column"):
         load_hf(table, group_key="author")
+
+
+def test_a_hub_id_with_the_hub_unreachable_is_refused_at_once(monkeypatch):
+    import time
+
+    from fedsim.data import huggingface as hf
+
+    monkeypatch.setattr(hf, "hub_reachable", lambda timeout_s=3.0: False)
+    start = time.monotonic()
+    with pytest.raises(OSError, match=r"'ylecun/mnist' could not be loaded \(https://\S+ cannot be reached"):
+        load_dataset("hf", hf_id="ylecun/mnist")
+    assert time.monotonic() - start < 20
+    assert not datasets.config.HF_HUB_OFFLINE  # offline mode only for that load

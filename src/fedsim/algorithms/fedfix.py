@@ -10,7 +10,7 @@ update arrived in that window, then those clients restart from the new model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -20,10 +20,12 @@ from pydantic import Field
 from torch import Tensor
 
 from fedsim.algorithms.api import AsyncStrategyBase
+from fedsim.config_checks import MAX_VIRTUAL_STEPS
 from fedsim.strategies.aggregate import apply_weighted_sum
 from fedsim.strategies.asynchronous import ArrivalView, AsyncRule
 
 if TYPE_CHECKING:
+    from fedsim.config import ExperimentConfig
     from fedsim.strategies.replies import ClientUpdate
 
 __all__ = ["FedFix", "FedFixArrival", "FedFixConfig", "FedFixRule", "fedfix_aggregate", "fedfix_weights"]
@@ -196,6 +198,14 @@ class FedFixRule(AsyncRule):
     Config = FedFixConfig
     description = "FedFix (Fraboni et al. 2023): every fixed window, arrivals weighted ceil(tau_i / window) p_i"
     restarts_on_arrival = False
+
+    @classmethod
+    def rules(cls, cfg: ExperimentConfig) -> Iterator[str | None]:
+        """A window is a server step: at most MAX_VIRTUAL_STEPS of them in the horizon."""
+        horizon, window = cfg.strategy.horizon, cfg.strategy.window
+        if horizon / window > MAX_VIRTUAL_STEPS:
+            yield (f"strategy.window: {window:g} makes {horizon / window:.3g} steps in strategy.horizon {horizon:g}; "
+                   f"at most {MAX_VIRTUAL_STEPS:,} (raise strategy.window, or lower strategy.horizon)")
 
     def __init__(self, cfg: FedFixConfig, shares: np.ndarray) -> None:
         super().__init__(cfg, shares)

@@ -252,6 +252,10 @@ def topology_rules(cfg: ExperimentConfig) -> Iterator[str | None]:
         return
     if strategy.topology == "torus" and not any(n % r == 0 and n // r >= 3 for r in range(3, math.isqrt(n) + 1)):
         yield f"strategy.topology: a torus needs rows x cols nodes with rows, cols >= 3 (9, 12, 15, 16, ...); {where}"
+    degree_default = type(strategy).model_fields["degree"].default
+    if strategy.topology != "regular" and strategy.degree != degree_default:
+        yield (f"strategy.degree: {strategy.degree} is read by topology 'regular' only; strategy.topology is "
+               f"{strategy.topology!r}; leave it unset")
     if strategy.topology == "regular" and not (strategy.degree < n and (n * strategy.degree) % 2 == 0):
         yield (f"strategy.degree: a {strategy.degree}-regular graph needs degree < nodes and degree x nodes even; "
                f"{where}")

@@ -54,7 +54,7 @@ entries of buffers (BatchNorm statistics, which have no gradient) stay 0.
 from __future__ import annotations
 
 from collections.abc import Iterable, MutableMapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -65,7 +65,6 @@ from fedsim.algorithms.api import SyncStrategyBase
 from fedsim.clients.features import ClientContext, ClientFeature
 from fedsim.clients.hooks import ClientHook
 from fedsim.clients.local_steps import momentum_steps
-from fedsim.config import ClientConfig
 from fedsim.params import ParamSpec
 from fedsim.quant import codecs
 from fedsim.strategies.aggregate import check_updates
@@ -76,6 +75,9 @@ from fedsim.strategies.replies import (
     Failure,
     decode_record,
 )
+
+if TYPE_CHECKING:
+    from fedsim.config import ClientConfig
 
 __all__ = ["Scaffold", "ScaffoldConfig", "ScaffoldControl", "control_variate_update", "corrected_gradients",
            "scaffold_control_step", "scaffold_model_update"]

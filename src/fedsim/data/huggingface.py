@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import socket
+from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import datasets
+import huggingface_hub
 import numpy as np
 from flwr_datasets import FederatedDataset
 
@@ -91,16 +97,47 @@ def load_hf(
 def _load_hub(
     hf_id: str, train_split: str, test_split: str | None, seed: int
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """Load the splits of a hub dataset through ``FederatedDataset``."""
+    """Load the splits of a hub dataset through ``FederatedDataset``; where the hub cannot be
+    reached, from the local cache only (Hugging Face would retry for a minute)."""
+    online = hub_reachable()
     federated = FederatedDataset(dataset=hf_id, partitioners={train_split: 1}, seed=seed)
     try:
-        train = federated.load_split(train_split)
+        with contextlib.nullcontext() if online else _offline():
+            train = federated.load_split(train_split)
+            test = None if test_split is None else federated.load_split(test_split)
     except OSError as err:  # ConnectionError offline, FileNotFoundError for a bad id
+        where = "" if online else f"{huggingface_hub.constants.ENDPOINT} cannot be reached and it is not cached; "
         raise OSError(
-            f"hf: the dataset '{hf_id}' could not be loaded ({err}); offline, save it "
-            "with datasets' save_to_disk and pass its path, or use the 'npz' dataset"
+            f"hf: the dataset '{hf_id}' could not be loaded ({where}{' '.join(str(err).split())}); offline, save "
+            "it with datasets' save_to_disk and pass its path, or use the 'npz' dataset"
         ) from err
-    return train, None if test_split is None else federated.load_split(test_split)
+    return train, test
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at its endpoint's host and port (True where a
+    proxy or offline mode decides it instead)."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE or any(
+            os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return True
+    endpoint = urlsplit(huggingface_hub.constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """Hugging Face datasets and hub in offline mode (the local cache only) for the block."""
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
 def _group_ids(table: datasets.Dataset, group_key: str) -> np.ndarray:

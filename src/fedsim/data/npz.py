@@ -86,6 +86,9 @@ def _checked(
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
         raise ValueError(f"npz: {path} {x_key} has dtype {x.dtype}; expected numbers")
     inputs = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    if not np.isfinite(inputs).all():
+        bad = int(np.size(inputs) - np.count_nonzero(np.isfinite(inputs)))
+        raise ValueError(f"npz: {path} {x_key} holds {bad} NaN or infinite values; inputs must be finite")
     if inputs.ndim == 3:
         inputs = inputs[:, None, :, :]
     return inputs, y.astype(np.int64)

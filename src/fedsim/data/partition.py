@@ -12,10 +12,22 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedsim.notices import warnings_dropped_while
+
 if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner
 
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "natural", "pathological", "feature_noise")
+
+PARTITIONER_NOTICES = (
+    # flwr-datasets' PathologicalPartitioner, when clients x labels per client leave labels
+    # to no client: fedsim's label histograms (fedsim partition) show which
+    (r"Classes: \[.*\] will NOT be used due to the chosen configuration", UserWarning,
+     r"flwr_datasets\.partitioner\.pathological_partitioner"),
+    # pyarrow 25 deprecates an option that Hugging Face datasets' sort (ShardPartitioner) sets
+    (r"Specifying null_placement in SortOptions is deprecated", FutureWarning, r"pyarrow\.compute"),
+)
+"""Warnings of the partitioners that fedsim drops while it partitions (fedsim.notices)."""
 
 
 class PartitionError(ValueError):
@@ -139,10 +151,11 @@ def partition_indices(
     )
     partitioner.dataset = table
     try:
-        parts = [
-            np.sort(partitioner.load_partition(pid).with_format("numpy")[:]["idx"])
-            for pid in range(num_partitions)
-        ]
+        with warnings_dropped_while(PARTITIONER_NOTICES):
+            parts = [
+                np.sort(partitioner.load_partition(pid).with_format("numpy")[:]["idx"])
+                for pid in range(num_partitions)
+            ]
     except ValueError as err:
         if scheme == "dirichlet":  # DirichletPartitioner gives up after 10 draws
             raise PartitionError(

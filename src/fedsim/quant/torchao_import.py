@@ -2,8 +2,9 @@
 
 torchao's ``__init__`` tries to load every CUDA extension it ships (``_C*.so``) and logs
 ``Failed to load .../torchao/_C_....so: ...`` at WARNING for each one a CPU build cannot
-load, and registers its ``KernelPreference`` enum as a pytree constant, which
-``torch.utils._pytree`` reports as deprecated. Neither affects the CPU code fedsim uses.
+load, registers its ``KernelPreference`` enum as a pytree constant, which
+``torch.utils._pytree`` reports as deprecated, and ``torchao.kernel.intmm`` warns "Detected
+no triton" where Triton (GPU kernels) is not installed. None affects the code fedsim uses.
 :func:`quiet_torchao_import` drops exactly these records (by logger and message) while
 torchao is imported; every other record of those loggers still prints.
 """
@@ -19,6 +20,7 @@ EXPECTED_NOISE = (
     ("torchao", r"^Failed to load \S*torchao/_C\w*\.\S*\.so: "),
     ("torch.utils._pytree", r"^<enum 'KernelPreference'> is an Enum subclass and is now natively "
                             r"supported by torch\.compile"),
+    ("torchao.kernel.intmm", r"^Warning: Detected no triton, on systems without Triton certain kernels"),
 )
 
 

@@ -313,10 +313,27 @@ class GlobalEvaluator:
                 **client_accuracy_percentiles(accuracies)}
 
 
-def eval_times(strategy: AsyncStrategyBase) -> list[float]:
-    """The times of the metrics rows: every ``eval_every`` up to ``horizon`` (included)."""
-    count = math.ceil(strategy.horizon / strategy.eval_every - 1e-9)
-    return [min(k * strategy.eval_every, strategy.horizon) for k in range(1, count + 1)]
+class EvalTimes:
+    """The times of the metrics rows: every ``eval_every`` up to ``horizon`` (included),
+    computed when asked (validation bounds their number: fedsim.config_checks)."""
+
+    def __init__(self, horizon: float, eval_every: float) -> None:
+        self.horizon, self.eval_every = horizon, eval_every
+        self.count = evaluation_count(horizon, eval_every)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> float:
+        if not -self.count <= index < self.count:
+            raise IndexError(f"evaluation {index} of {self.count}")
+        k = index % self.count + 1
+        return min(k * self.eval_every, self.horizon)
+
+
+def evaluation_count(horizon: float, eval_every: float) -> int:
+    """How many evaluations a run of ``horizon`` makes, one every ``eval_every``."""
+    return math.ceil(horizon / eval_every - 1e-9)
 
 
 def time_to_target(rows: list[dict[str, Any]], target: float) -> float | None:
@@ -362,7 +379,7 @@ class AsyncSteps(Steps):
                                   ClientPool(cfg.partition.num_clients, cfg.sim.concurrency, cfg.seed),
                                   source, self.spec, self.template, node_of)
         self.evaluate_global = GlobalEvaluator(cfg, self.net, self.data.test, grid, node_of)
-        self.times = eval_times(cfg.strategy)
+        self.times = EvalTimes(cfg.strategy.horizon, cfg.strategy.eval_every)
         self.total = len(self.times)
 
     def begin(self, resumed: bool) -> None:

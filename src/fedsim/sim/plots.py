@@ -34,7 +34,8 @@ def plot_run(rows: list[dict[str, Any]], out_dir: Path, x_key: str = "round") ->
         ax.set_xlabel(x_key.replace("_", " "))
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:  # a run without these metrics (evaluation off) draws empty axes, no legend
+            ax.legend()
         fig.tight_layout()
         path = out_dir / f"{name}.png"
         fig.savefig(path, dpi=100)
@@ -57,7 +58,8 @@ def plot_comparison(series: dict[str, list[dict[str, Any]]], path: Path,
     ax.set_xlabel(x_key.replace("_", " "))
     ax.set_ylabel(ylabel or key.replace("_", " "))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if ax.lines:
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import yaml
 
-from fedsim.config import ExperimentConfig, validate_config
+from fedsim.config import ExperimentConfig, load_config, validate_config
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,32 @@ def strict_json(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [strict_json(v) for v in value]
     return value
+
+
+class RunDirError(ValueError):
+    """A run directory whose files cannot be read (a damaged checkpoint, a garbled metrics
+    row), or a resume that would not continue the same run; the message is one line."""
+
+
+RESUME_MAY_CHANGE = ("rounds", "strategy.horizon", "output.plots", "output.checkpoint_every",
+                     "output.target_accuracy", "sim.ray_address", "sim.wait_for_nodes_s",
+                     "sim.num_cpus_per_client", "sim.num_gpus_per_client")
+"""The keys ``--resume DIR --set`` may change: how long the run goes on, what it writes, and
+where it runs; every other key is the run's identity (its numbers depend on it)."""
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix.removesuffix("."): value}
+
+
+def resume_changes(stored: ExperimentConfig, resumed: ExperimentConfig) -> dict[str, tuple[Any, Any]]:
+    """The dotted keys whose value differs between a run's stored config and the config it
+    would resume with: key -> (stored, resumed)."""
+    before, after = _flat(stored.model_dump(mode="json")), _flat(resumed.model_dump(mode="json"))
+    return {key: (before.get(key), after.get(key)) for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key)}
 
 
 class RunDir:
@@ -91,6 +117,24 @@ class RunDir:
     def config(self) -> ExperimentConfig:
         return validate_config(yaml.safe_load(self.config_path.read_text()))
 
+    def resumed_config(self, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+        """The config to continue this run with: its own, with ``overrides`` that leave the
+        run's identity alone (:data:`RESUME_MAY_CHANGE`), recorded in config.yaml; any other
+        change is refused (:class:`RunDirError`), and so is a damaged checkpoint or row."""
+        stored = load_config(self.config_path)
+        resumed = load_config(self.config_path, overrides)
+        changes = resume_changes(stored, resumed)
+        breaking = {k: v for k, v in changes.items() if not k.startswith(RESUME_MAY_CHANGE)}
+        if breaking:
+            told = ", ".join(f"{k} {new!r} (the run has {old!r})" for k, (old, new) in breaking.items())
+            raise RunDirError(f"--resume {self.path}: {told} would make another run, not this one continued; "
+                              f"a resumed run may change only {', '.join(RESUME_MAY_CHANGE)}")
+        self.latest_checkpoint()
+        self.rows()
+        if changes:
+            self.config_path.write_text(resumed.to_yaml())
+        return resumed
+
     # ---------------------------------------------------------------- metrics
     def append(self, row: dict[str, Any]) -> None:
         line = json.dumps(strict_json(row), allow_nan=False) + "\n"
@@ -100,9 +144,27 @@ class RunDir:
             os.fsync(f.fileno())
 
     def rows(self) -> list[dict[str, Any]]:
+        """The metrics rows; a torn last row (a crash while it was written) is left out, a
+        garbled row before it is a :class:`RunDirError`."""
         if not self.metrics_path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        lines = self.metrics_path.read_text(errors="replace").splitlines()
+        rows = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"a JSON {type(row).__name__}, not an object")
+            except ValueError as exc:
+                if number == len(lines):
+                    break  # torn by a crash: resume redoes that step
+                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+                raise RunDirError(f"{self.metrics_path}: line {number} is not a metrics row ({reason}); only the "
+                                  "last row may be torn by a crash") from None
+            rows.append(row)
+        return rows
 
     def truncate_after(self, last_round: int) -> None:
         """Drop rows of rounds after ``last_round`` (they are redone on resume)."""
@@ -133,8 +195,13 @@ class RunDir:
         if not files:
             return None
         # our own file, holding optimizer and sampler state beside tensors
-        raw = torch.load(files[-1], weights_only=False)
-        return Checkpoint(raw["round"], raw["model"], raw["strategy"], raw["elapsed_s"], raw.get("clients", {}))
+        try:
+            raw = torch.load(files[-1], weights_only=False)
+            return Checkpoint(raw["round"], raw["model"], raw["strategy"], raw["elapsed_s"], raw.get("clients", {}))
+        except Exception as exc:  # noqa: BLE001 - whatever a damaged pickle raises, the answer is one line
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise RunDirError(f"{files[-1]}: not a readable checkpoint ({type(exc).__name__}: {reason}); delete it to "
+                              "resume from the one before, or start the run again") from None
 
 
 def rounds_to_target(rows: list[dict[str, Any]], target: float, key: str = "centralised_accuracy") -> int | None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,9 +69,42 @@ def backend_config(cfg: ExperimentConfig, ray_address: str | None) -> dict[str, 
             "init_args": init_args}
 
 
+class ClusterUnreachable(RuntimeError):
+    """The Ray cluster of ``sim.ray_address`` (or ``--ray-address``) did not answer in time."""
+
+
+def wait_for_cluster(address: str, wait_s: float) -> None:
+    """Return once something listens at the cluster's ``HOST:PORT`` (``ray://HOST:PORT``
+    too); raise :class:`ClusterUnreachable` after ``wait_s`` seconds.
+
+    ``ray.init`` retries an address where no cluster runs without end; this bounds it by
+    ``sim.wait_for_nodes_s``. ``auto`` (an address Ray finds itself) is left to Ray."""
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if address in ("auto", "local") or not host or not port.isdigit():
+        return
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(2.0, wait_s)):
+                return
+        except OSError as exc:
+            if time.monotonic() + 0.5 > deadline:
+                raise ClusterUnreachable(
+                    f"no Ray cluster answers at {address} after {wait_s:g} s (sim.wait_for_nodes_s): "
+                    f"{exc.strerror or exc}; start one (ray start --head) or fix sim.ray_address") from None
+            time.sleep(0.5)
+
+
 def run_experiment(cfg: ExperimentConfig, *, resume: str | Path | None = None, ray_address: str | None = None,
                    show_progress: bool = False, verbose: bool = False) -> tuple[Path, dict[str, Any]]:
-    """Run ``cfg`` (or continue the run in ``resume``); return the run directory and summary."""
+    """Run ``cfg`` (or continue the run in ``resume``); return the run directory and summary.
+
+    Raises :class:`ClusterUnreachable`, before a run directory is made, when the cluster to
+    attach to does not answer within ``sim.wait_for_nodes_s``."""
+    address = ray_address or cfg.sim.ray_address
+    if cfg.sim.backend == "ray" and address:
+        wait_for_cluster(address, cfg.sim.wait_for_nodes_s)
     run = RunDir.open(resume) if resume else RunDir.create(cfg)
     logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.WARNING)
     seed_everything(cfg.seed)
