@@ -164,7 +164,8 @@ def test_niid_partition_settings_validate():
     cfg = validate_config({"partition": {"scheme": "pathological", "classes_per_client": 10}})
     assert cfg.partition.classes_per_client == 10
     cfg = validate_config({"partition": {"scheme": "feature_noise", "noise_std": 0.3}})
-    assert cfg.partition.noise_std == 0.3
+    assert (cfg.partition.noise_std, cfg.partition.noise_draw, cfg.partition.min_size) == (0.3, "round", 10)
+    assert validate_config({"partition": {"scheme": "feature_noise", "noise_draw": "once"}}).partition.noise_draw == "once"
     cfg = validate_config({"data": {"name": "hf", "path": "x", "hf_partition_by": "writer_id"},
                            "partition": {"scheme": "natural", "num_clients": 3597}})
     assert cfg.data.hf_partition_by == "writer_id"

@@ -20,8 +20,9 @@ and row indices.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -84,7 +85,7 @@ def partition_indices(
           ``classes_per_client - 1`` others drawn at random; each label's samples are
           shuffled and split equally among the clients holding it.
         - ``"feature_noise"``: NIID-Bench's noise-based feature skew: the partition of
-          ``"iid"``; :class:`FeatureNoise` adds the noise to the inputs.
+          ``"iid"``; :class:`FeatureNoise` adds each client's noise to its inputs.
     num_partitions : int
         Number of clients; for ``"natural"`` it must equal the number of groups.
     seed : int
@@ -409,43 +410,67 @@ def _check_pathological(labels: np.ndarray, num_partitions: int, classes_per_cli
         )
 
 
-def feature_noise(
-    x: np.ndarray, partitions: list[np.ndarray], noise_std: float, seed: int
-) -> np.ndarray:
-    """NIID-Bench's noise-based feature skew: client ``i`` of ``n`` sees its inputs plus
-    Gaussian noise of standard deviation ``noise_std * i / n``.
+def noise_scales(noise_std: float, num_clients: int) -> list[float]:
+    """NIID-Bench's noise level of every client: ``noise_std / (n - 1) * i`` for client ``i``
+    of ``n`` (``experiments.py``, ``--noise_type level``), so client 0 stays clean and the
+    last one gets ``noise_std``; a single client gets none."""
+    if noise_std < 0:
+        raise PartitionError(f"feature_noise: noise_std must be >= 0; got {noise_std}")
+    if num_clients == 1:
+        return [0.0]
+    return [noise_std / (num_clients - 1) * i for i in range(num_clients)]
 
-    From "Federated Learning on Non-IID Data Silos: An Experimental Study" (Li et al.,
-    ICDE 2022, arXiv:2102.02079), ``x_hat = x + N(0, sigma_i^2)``; there
-    ``sigma_i = noise * i / (n - 1)``, here ``noise_std * i / n`` as fedsim's issue
-    defines it, so client 0 keeps clean inputs and the last one gets ``(n - 1) / n`` of
-    ``noise_std``. The noise is drawn once, seeded per client, so a client sees the same
-    noisy samples every round (a property of its device, not an augmentation).
+
+@dataclass(frozen=True)
+class FeatureNoise:
+    """NIID-Bench's noise-based feature skew: client ``i`` sees its inputs plus Gaussian
+    noise ``N(0, sigma_i^2)`` with ``sigma_i = scales[i]`` (:func:`noise_scales`).
+
+    From "Federated Learning on Non-IID Data Silos: An Experimental Study" (Li et al., ICDE
+    2022, arXiv:2102.02079). NIID-Bench adds the noise in a torchvision transform
+    (``utils.AddGaussianNoise``), so every access to a sample draws it afresh: every local
+    epoch, every evaluation. fedsim's training loops hold a client's inputs as one array for
+    the whole of its local training, so the noise is drawn when a client's data is taken:
+
+    - ``draw="round"`` (the default): a fresh draw per (round, client, split), seeded by
+      ``(seed, round, client, split)``. It differs from NIID-Bench within a round only: a
+      sample keeps its noise over the round's local epochs (NIID-Bench redraws it each
+      epoch), and the round's evaluation of the client's test split uses one draw too.
+    - ``draw="once"``: one draw per (client, split) for the whole run, seeded by
+      ``(seed, client, split)``: the noise is a property of the client's device, not an
+      augmentation.
+
+    The client's test split takes its client's noise (NIID-Bench's local test data is noisy
+    too); the server's test set stays clean, where NIID-Bench's global test set in noise runs
+    is the test set once per client, each copy with that client's noise.
 
     Parameters
     ----------
-    x : np.ndarray
-        Inputs of every sample, shape ``(N, ...)``.
-    partitions : list[np.ndarray]
-        Index arrays, one per client, disjoint.
-    noise_std : float
-        The largest client's noise scale; must be >= 0.
+    scales : tuple[float, ...]
+        Standard deviation of each client's noise.
     seed : int
-        Seed of the noise.
-
-    Returns
-    -------
-    np.ndarray
-        A noisy copy of ``x`` (same dtype); samples outside every partition are unchanged.
+        Seed of the draws.
+    draw : {"round", "once"}, default "round"
+        A fresh draw every round, or one for the whole run.
     """
-    if noise_std < 0:
-        raise PartitionError(f"feature_noise: noise_std must be >= 0; got {noise_std}")
-    noisy = np.array(x, copy=True)
-    for client, part in enumerate(partitions):
-        std = noise_std * client / len(partitions)
-        rng = np.random.default_rng([seed, client])
-        noisy[part] = x[part] + rng.normal(0.0, std, size=x[part].shape).astype(x.dtype)
-    return noisy
+
+    scales: tuple[float, ...]
+    seed: int
+    draw: Literal["round", "once"] = "round"
+
+    def apply(self, x: np.ndarray, client: int, server_round: int | None = None,
+              split: Literal["train", "test"] = "train") -> np.ndarray:
+        """``x`` (client ``client``'s samples of ``split``) plus the client's noise, drawn for
+        ``server_round`` (needed when ``draw`` is ``"round"``); ``x`` is not modified."""
+        scale = self.scales[client]
+        if scale == 0:
+            return x
+        if self.draw == "round" and server_round is None:
+            raise ValueError("feature noise drawn every round (partition.noise_draw round) needs the server round")
+        stream = ["train", "test"].index(split)
+        key = [self.seed, client, stream] if self.draw == "once" else [self.seed, server_round, client, stream]
+        noise = np.random.default_rng(key).standard_normal(x.shape, dtype=np.float32)
+        return x + noise * np.float32(scale)
 
 
 def split_client(

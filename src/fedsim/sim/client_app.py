@@ -305,7 +305,7 @@ class ClientRuntime:
                 state = to_state_dict(record)
                 starts[id(record)] = (state, w.spec.flatten(state))
             start, start_flat = starts[id(record)]
-        train_set = _poisoned(self.cfg, w.data.client(pid)[0], pid)
+        train_set = _poisoned(self.cfg, w.data.client(pid, server_round)[0], pid)
         if len(train_set.y) == 0:
             raise ValueError("client has no training examples")
         generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "train", server_round, pid))
@@ -435,7 +435,8 @@ class ClientRuntime:
             try:
                 model = w.model
                 model.load_state_dict(to_state_dict(members[indices[0]].content["arrays"]))
-                test_sets = [w.data.client(members[i].partition_id)[1] for i in indices]
+                test_sets = [w.data.client(m.partition_id, int(m.content["config"]["server-round"]))[1]
+                             for m in (members[i] for i in indices)]
                 results = evaluate_many(model.to(device), test_sets, device, self.cfg.eval.batch_size, w.predict)
                 model.cpu()
             except Exception as exc:
