@@ -151,7 +151,7 @@ def partition(
     clients x labels heatmap under the client sizes)."""
     import json
 
-    from fedsim.data.partition import label_histograms
+    from fedsim.data.partition import label_histograms, noise_scales
     from fedsim.data.skew import partition_report, plot_partition
 
     cfg = _config(config, set_)
@@ -159,8 +159,7 @@ def partition(
     parts = [np.concatenate([a, b]).astype(np.int64) for a, b in zip(data.client_train, data.client_test, strict=True)]
     hist = label_histograms(data.train.y, parts, data.train.num_classes)
     num_clients = cfg.partition.num_clients
-    noise = ([cfg.partition.noise_std * i / num_clients for i in range(num_clients)]
-             if cfg.partition.scheme == "feature_noise" else None)
+    noise = noise_scales(cfg.partition.noise_std, num_clients) if cfg.partition.scheme == "feature_noise" else None
     report = {"dataset": cfg.data.name, "scheme": cfg.partition.scheme, "num_clients": num_clients,
               "num_classes": data.train.num_classes, "seed": cfg.seed, "partition": cfg.partition.model_dump(),
               **partition_report(hist, [len(a) for a in data.client_train], noise)}

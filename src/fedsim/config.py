@@ -77,14 +77,22 @@ class DataConfig(Section):
 
 
 class PartitionConfig(Section):
-    """How the training data is split over clients (flwr-datasets partitioners).
+    """How the training data is split over clients (:mod:`fedsim.data.partition`).
 
-    NIID-Bench's kinds of skew (Li et al., ICDE 2022): label distribution skew
-    (``dirichlet``), label quantity skew #C=k (``pathological``, ``classes_per_client``
-    labels per client; ``shards`` is McMahan et al.'s variant), noise-based feature skew
-    (``feature_noise``: IID labels, client i's inputs get Gaussian noise of std
-    ``noise_std * i / num_clients``), quantity skew (``quantity``), real-world groups
-    (``natural``) and ``iid``.
+    NIID-Bench's kinds of skew (Li et al., ICDE 2022), drawn as NIID-Bench's
+    ``partition_data`` draws them (the same partition for the same seed and labels):
+    label distribution skew (``dirichlet``: each label shuffled and split by
+    Dirichlet(``alpha``) proportions, clients holding the mean size or more getting no
+    more, drawn again until every client holds ``min_size``), label quantity skew #C=k
+    (``pathological``, ``classes_per_client`` labels per client, each label shuffled and
+    split equally among its holders; ``shards`` is McMahan et al.'s variant), noise-based
+    feature skew (``feature_noise``: IID labels, client i of n gets Gaussian noise of std
+    ``noise_std * i / (n - 1)`` on its inputs, drawn afresh every round, ``noise_draw: round``,
+    or once for the run, ``once``; NIID-Bench draws it at every access to a sample, see
+    :class:`fedsim.data.partition.FeatureNoise`), quantity skew (``quantity``: Dirichlet(``quantity_alpha``)
+    shares, drawn again until every client holds ``min_size``), real-world groups
+    (``natural``) and ``iid``. ``num_clients * min_size`` more than the training samples is
+    refused when the data is loaded (``fedsim validate``), in one line naming both keys.
     """
 
     scheme: Literal["iid", "dirichlet", "shards", "quantity", "natural", "pathological",
@@ -93,9 +101,12 @@ class PartitionConfig(Section):
     alpha: float = Field(0.5, gt=0, description="Dirichlet label-skew concentration")
     shards_per_client: int = Field(2, ge=1)
     quantity_alpha: float = Field(0.5, gt=0, description="Dirichlet concentration of sizes")
-    min_size: int = Field(2, ge=1)
+    min_size: int = Field(10, ge=1, description="dirichlet and quantity: the smallest client (NIID-Bench's 10); "
+                                                "drawn again until every client has it")
     classes_per_client: int = Field(2, ge=1, description="pathological: labels per client (#C=k)")
-    noise_std: float = Field(0.1, gt=0, description="feature_noise: client i gets noise_std * i / num_clients")
+    noise_std: float = Field(0.1, gt=0, description="feature_noise: client i of n gets noise_std * i / (n - 1)")
+    noise_draw: Literal["round", "once"] = Field(
+        "round", description="feature_noise: a fresh draw every round (round) or one for the whole run (once)")
     client_test_fraction: float = Field(0.2, ge=0, lt=1)
 
 

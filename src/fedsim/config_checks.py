@@ -211,7 +211,7 @@ def _model_and_data(cfg: ExperimentConfig) -> Iterator[str | None]:
 
 PARTITION_READS = {"iid": (), "dirichlet": ("alpha", "min_size"), "shards": ("shards_per_client",),
                    "quantity": ("quantity_alpha", "min_size"), "natural": (),
-                   "pathological": ("classes_per_client",), "feature_noise": ("noise_std",)}
+                   "pathological": ("classes_per_client",), "feature_noise": ("noise_std", "noise_draw")}
 """What each ``partition.scheme`` reads besides scheme, num_clients, client_test_fraction."""
 
 

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 
 from fedsim.data import (
+    FeatureNoise,
     PartitionError,
-    feature_noise,
     heterogeneity,
     label_histograms,
     label_tv_distances,
+    noise_scales,
     partition_indices,
     partition_report,
     plot_partition,
@@ -52,15 +53,40 @@ def test_feature_noise_partitions_labels_as_iid():
         np.testing.assert_array_equal(a, b)
 
 
+def test_noise_scales_are_niid_benchs_noise_over_n_minus_one_times_i():
+    # experiments.py: noise_level = args.noise / (args.n_parties - 1) * net_id
+    assert noise_scales(0.3, 4) == [0.3 / 3 * i for i in range(4)]
+    assert noise_scales(0.3, 4)[0] == 0.0 and noise_scales(0.3, 4)[-1] == pytest.approx(0.3)
+    assert noise_scales(0.3, 1) == [0.0]
+
+
 def test_feature_noise_std_grows_linearly_with_the_client_index():
-    x = np.zeros((4000, 1, 8, 8), dtype=np.float32)
-    parts = np.array_split(np.random.default_rng(1).permutation(4000), 4)
-    noisy = feature_noise(x, parts, noise_std=0.8, seed=5)
-    assert noisy.dtype == np.float32 and not np.shares_memory(noisy, x)
-    for client, part in enumerate(parts):  # std 0.8 * i / 4: 0, 0.2, 0.4, 0.6
-        np.testing.assert_allclose(noisy[part].std(), 0.8 * client / 4, rtol=0.02, atol=1e-7)
-    np.testing.assert_array_equal(noisy, feature_noise(x, parts, noise_std=0.8, seed=5))
-    assert not np.array_equal(noisy, feature_noise(x, parts, noise_std=0.8, seed=6))
+    x = np.zeros((1000, 1, 8, 8), dtype=np.float32)
+    noise = FeatureNoise(tuple(noise_scales(0.6, 4)), seed=5)
+    for client in range(4):  # std 0.6 * i / 3: 0, 0.2, 0.4, 0.6
+        noisy = noise.apply(x, client, server_round=1)
+        assert noisy.dtype == np.float32
+        np.testing.assert_allclose(noisy.std(), 0.2 * client, rtol=0.02, atol=1e-7)
+    assert not x.any()  # the clean inputs are left alone
+
+
+def test_feature_noise_is_drawn_afresh_every_round_and_seeded():
+    x = np.ones((500, 4), dtype=np.float32)
+    noise = FeatureNoise((0.0, 0.5), seed=3)
+    first = noise.apply(x, 1, server_round=1)
+    np.testing.assert_array_equal(first, noise.apply(x, 1, server_round=1))  # a resumed run draws the same
+    assert not np.array_equal(first, noise.apply(x, 1, server_round=2))
+    assert not np.array_equal(first, noise.apply(x, 1, server_round=1, split="test"))
+    assert not np.array_equal(first, FeatureNoise((0.0, 0.5), seed=4).apply(x, 1, server_round=1))
+    with pytest.raises(ValueError, match="needs the server round"):
+        noise.apply(x, 1)
+
+
+def test_feature_noise_drawn_once_is_the_same_every_round():
+    x = np.ones((500, 4), dtype=np.float32)
+    once = FeatureNoise((0.0, 0.5), seed=3, draw="once")
+    np.testing.assert_array_equal(once.apply(x, 1, server_round=1), once.apply(x, 1, server_round=7))
+    np.testing.assert_array_equal(once.apply(x, 1), once.apply(x, 1, server_round=2))
 
 
 def test_label_tv_and_size_spread_match_hand_computed_values():

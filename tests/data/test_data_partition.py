@@ -97,7 +97,7 @@ def test_quantity_skew_gives_unequal_sizes_with_iid_labels():
     [
         ("iidd", {}, "'iidd' is not a partition scheme; known: iid, dirichlet"),
         ("shards", {"shards_per_client": 200}, "shards: 10 partitions x 200 shards"),
-        ("quantity", {"min_size": 200}, "quantity: min_size 200"),
+        ("quantity", {"min_size": 200}, "quantity: partition.num_clients 10 x partition.min_size 200 needs 2000"),
         ("natural", {}, "natural: needs groups"),
         ("natural", {"groups": np.arange(1000) % 4}, "4 natural clients but num_partitions is 10"),
         ("dirichlet", {"alpha": 0.0}, "dirichlet: alpha must be > 0"),

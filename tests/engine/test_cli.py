@@ -56,6 +56,9 @@ def test_partition_of_many_clients_skips_the_table_and_measures_one_label_skew(t
 @pytest.mark.parametrize(("overrides", "message"), [
     (["partition.num_clients=2000"],
      "config error: partition: dirichlet: 2000 partitions need at least as many samples; got 1437"),
+    (["partition.num_clients=200"],
+     "config error: partition: dirichlet: partition.num_clients 200 x partition.min_size 10 needs 2000 samples but "
+     "the data has 1437; lower partition.min_size or partition.num_clients"),
     (["partition.scheme=pathological", "partition.classes_per_client=11"],
      "config error: partition.classes_per_client: 11 labels per client but data.name digits has 10 classes; "
      "allowed 1..10"),

@@ -44,6 +44,28 @@ def test_sync_rows_carry_the_percentiles_of_the_final_models_client_accuracies(t
     assert [summary[f"final_{k}"] for k in KEYS] == [last[k] for k in KEYS]
 
 
+def test_clients_train_and_evaluate_on_the_rounds_feature_noise(tmp_path):
+    """Under feature noise the clients' test splits carry the noise drawn for the round that
+    evaluates them: the last row's percentiles are those of round 2's draws."""
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
+        f"output.dir={tmp_path}", "sim.backend=inprocess", "output.plots=false", "rounds=2",
+        "partition.scheme=feature_noise", "partition.noise_std=1.0", "partition.num_clients=5",
+        "client.local_epochs=1", "output.checkpoint_every=1"])
+    path, _ = run_experiment(cfg)
+    last = RunDir.open(path).rows()[-1]
+    data = federated_data(cfg)
+    model = make_model(cfg.model, data.train, cfg.seed)
+    model.load_state_dict(torch.load(Path(path) / "checkpoints" / "round-00002.pt", weights_only=False)["model"])
+
+    def percentiles(server_round):
+        accuracies = [evaluate(model, data.client(i, server_round)[1], torch.device("cpu")).accuracy
+                      for i in range(cfg.partition.num_clients)]
+        return np.percentile(accuracies, [10, 50, 90]).tolist()
+
+    assert [last[k] for k in KEYS] == pytest.approx(percentiles(2))
+    assert percentiles(2) != pytest.approx(percentiles(1))
+
+
 def test_async_rows_carry_the_percentiles_when_clients_evaluate(tmp_path):
     cfg = load_config(ROOT / "configs" / "fedbuff.yaml", [
         f"output.dir={tmp_path}", "output.plots=false", "strategy.horizon=2", "eval.federated=true",

@@ -61,7 +61,8 @@ def test_unknown_strategy_key_lists_the_chosen_strategys_keys():
                               "max_iter, min_successful, name, r, server_opt, tol")
     with pytest.raises(ConfigError) as err:  # the chosen strategy's nested sections too
         validate_config({"strategy": {"name": "fedlex", "server_opt": {"nme": "adam"}}})
-    assert str(err.value) == "strategy.server_opt.nme: unknown key; allowed here: beta1, beta2, eps, lr, momentum, name"
+    assert str(err.value) == ("strategy.server_opt.nme: unknown key; allowed here: beta1, beta2, bias_correction, "
+                              "eps, lr, momentum, name")
 
 
 def test_a_server_optimizer_setting_the_chosen_optimizer_does_not_read_is_refused():
@@ -77,7 +78,11 @@ def test_a_server_optimizer_setting_the_chosen_optimizer_does_not_read_is_refuse
     with pytest.raises(ConfigError, match="server_opt.beta1 0.5, server_opt.eps 0.1 are not read by "
                                           "server_opt.name sgd; leave them unset"):
         validate_config({"strategy": {"name": "fedavg", "server_opt": {"beta1": 0.5, "eps": 0.1}}})
+    with pytest.raises(ConfigError, match="server_opt.bias_correction True is not read by server_opt.name yogi"):
+        validate_config({"strategy": {"name": "fedavg", "server_opt": {"name": "yogi", "bias_correction": True}}})
     # what it reads, and defaults (as in a config dumped and loaded again), are accepted
+    cfg = validate_config({"strategy": {"name": "fedavg", "server_opt": {"name": "adam", "bias_correction": True}}})
+    assert cfg.strategy.server_opt.bias_correction
     cfg = validate_config({"strategy": {"name": "fedlex", "server_opt": {"name": "adam", "beta2": 0.9}}})
     assert validate_config(cfg.model_dump(mode="json")).strategy.server_opt.beta2 == 0.9
 
@@ -164,7 +169,8 @@ def test_niid_partition_settings_validate():
     cfg = validate_config({"partition": {"scheme": "pathological", "classes_per_client": 10}})
     assert cfg.partition.classes_per_client == 10
     cfg = validate_config({"partition": {"scheme": "feature_noise", "noise_std": 0.3}})
-    assert cfg.partition.noise_std == 0.3
+    assert (cfg.partition.noise_std, cfg.partition.noise_draw, cfg.partition.min_size) == (0.3, "round", 10)
+    assert validate_config({"partition": {"scheme": "feature_noise", "noise_draw": "once"}}).partition.noise_draw == "once"
     cfg = validate_config({"data": {"name": "hf", "path": "x", "hf_partition_by": "writer_id"},
                            "partition": {"scheme": "natural", "num_clients": 3597}})
     assert cfg.data.hf_partition_by == "writer_id"

@@ -75,13 +75,15 @@ def test_hugging_face_writer_column_gives_natural_clients(tmp_path):
 
 def test_feature_noise_reaches_the_clients_and_spares_the_server_test_set(tmp_path):
     clean = federated_data(_cfg(tmp_path, {"name": "digits"}, scheme="iid"))
-    noisy = federated_data(_cfg(tmp_path, {"name": "digits"}, scheme="feature_noise", noise_std=0.4))
+    noisy = federated_data(_cfg(tmp_path, {"name": "digits"}, scheme="feature_noise", noise_std=0.3))
     np.testing.assert_array_equal(noisy.test.x, clean.test.x)
-    for client in range(4):  # the same IID indices; client i's noise std is 0.4 * i / 4
+    np.testing.assert_array_equal(noisy.train.x, clean.train.x)
+    for client in range(4):  # the same IID indices; client i's noise std is 0.3 * i / 3
         np.testing.assert_array_equal(noisy.client_train[client], clean.client_train[client])
-        rows = np.concatenate([noisy.client_train[client], noisy.client_test[client]])
-        diff = noisy.train.x[rows] - clean.train.x[rows]
+        seen, reference = noisy.client(client, server_round=1), clean.client(client)
+        diff = np.concatenate([a.x - b.x for a, b in zip(seen, reference, strict=True)])
         np.testing.assert_allclose(diff.std(), 0.1 * client, rtol=0.05, atol=1e-7)
+    assert not np.array_equal(noisy.client(3, server_round=1)[0].x, noisy.client(3, server_round=2)[0].x)
 
 
 def test_a_single_split_hf_dataset_holds_out_its_test_set_when_told(tmp_path):

@@ -134,9 +134,10 @@ def test_scaffold_counts_its_control_variates_on_the_wire(tmp_path):
 
 
 def test_scaffold_and_fednova_train_digits_under_label_skew(tmp_path):
+    # NIID-Bench's dir(0.3) at seed 0 (label TV 0.62): FedAvg itself needs 10 rounds to pass 0.8
     for name in ("scaffold", "fednova"):
         cfg = load_config(QUICKSTART, [f"output.dir={tmp_path / 'runs'}", "sim.backend=inprocess",
-                                       "output.plots=false", f"strategy.name={name}", "rounds=8",
+                                       "output.plots=false", f"strategy.name={name}", "rounds=12",
                                        "partition.alpha=0.3", "client.local_epochs=2", "eval.federated=false"])
         _, summary = run_experiment(cfg)
         assert summary["best_accuracy"] > 0.8, (name, summary["best_accuracy"])  # from 0.1 at round 0

@@ -82,11 +82,12 @@ def fake_updates(ids, dim, seed=0):
 
 # ----------------------------------------------------------------------------- strategies
 @pytest.mark.parametrize("name, floor", [
-    ("fedavg", 0.8), ("fedprox", 0.8), ("median", 0.75), ("trimmed_mean", 0.8), ("krum", 0.45),
-    ("multikrum", 0.8), ("flag", 0.8), ("fedau", 0.8), ("fedld", 0.8), ("fedlex", 0.75),
+    ("fedavg", 0.8), ("fedprox", 0.8), ("median", 0.7), ("trimmed_mean", 0.8), ("krum", 0.45),
+    ("multikrum", 0.8), ("flag", 0.8), ("fedau", 0.8), ("fedld", 0.8), ("fedlex", 0.7),
 ])
 def test_each_strategy_learns_digits_in_a_short_run(small_config, name, floor):
-    # 10 clients, Dirichlet 0.5, 4 rounds of 5 local epochs: FedAvg reaches about 0.88;
+    # 10 clients, NIID-Bench's Dirichlet 0.5, 4 rounds of 5 local epochs: FedAvg reaches about
+    # 0.84, the median and FedLEx about 0.73;
     # Krum follows one client's update per round, so it trails the others on non-IID data.
     path, summary = run_experiment(small_config(*FAST, "rounds=4", f"strategy.name={name}"))
     rows = RunDir.open(path).rows()
@@ -191,7 +192,7 @@ def test_fedlex_scouts_explore_then_everyone_trains_with_the_guidance(small_conf
             for name, mask in guidance.items():
                 assert torch.all(moved[name][mask == 0] == 0), name
                 assert torch.any(moved[name][mask > 0] != 0), name
-    assert rows[-1]["centralised_accuracy"] > 0.5
+    assert rows[-1]["centralised_accuracy"] > 0.35  # from 0.1; 0.39 after 2 rounds of all clients
 
 
 def test_fedld_clients_add_the_margin_regulariser(small_config):
@@ -258,8 +259,8 @@ def test_sign_flip_at_30_percent_breaks_fedavg_but_not_flag_or_median(small_conf
 
 @pytest.fixture(scope="module")
 def trained_arrays(tmp_path_factory):
-    """The global model of a short clean FedAvg run (about 0.88 test accuracy)."""
-    cfg = load_config(QUICKSTART, [*FAST, "rounds=3", f"output.dir={tmp_path_factory.mktemp('runs')}"])
+    """The global model of a short clean FedAvg run (about 0.84 test accuracy)."""
+    cfg = load_config(QUICKSTART, [*FAST, "rounds=4", f"output.dir={tmp_path_factory.mktemp('runs')}"])
     path, summary = run_experiment(cfg)
     assert summary["final_accuracy"] > 0.8
     return ArrayRecord(RunDir.open(path).latest_checkpoint().model)

@@ -45,22 +45,29 @@ BACKENDS: dict[str, tuple[str, ...]] = {
 
 class ServerOptConfig(Section):
     """Server optimizer applied to the aggregated update (FedAvgM; FedAdam, FedAdagrad and
-    FedYogi, Reddi et al. 2021).
+    FedYogi, Reddi et al. 2021; :mod:`fedsim.strategies.server_opt`).
 
     ``lr`` unset takes the optimizer's own default (:data:`SERVER_LR`): 1.0 for sgd (FedAvg)
-    and momentum (FedAvgM), 0.01 for adam and yogi, 0.1 for adagrad (Flower's defaults for
-    FedAdam, FedYogi, FedAdagrad). The adaptive ones divide by sqrt(v): their step is about
-    lr per coordinate whatever the update's scale, so FedAvg's 1.0 makes them diverge; Reddi
-    et al. ("Adaptive Federated Optimization", arXiv 2003.00295, Fig. 2 and App. D) find
-    their best server learning rates between 10^-2.5 and 10^-1 (Adagrad's a little higher).
+    and momentum (FedAvgM); 0.01 for adam (fedsim's choice: Flower's FedAdam defaults to
+    ``eta`` 0.1); 0.01 for yogi and 0.1 for adagrad (Flower's FedYogi and FedAdagrad
+    defaults). ``beta1`` 0.9, ``beta2`` 0.99 and ``eps`` 1e-3 are Flower's ``beta_1``,
+    ``beta_2`` and ``tau`` for FedAdam and FedYogi; Flower's FedAdagrad fixes ``beta_1`` at 0
+    where fedsim's adagrad keeps 0.9, the paper's momentum (``beta1: 0`` gives Flower's).
+    Flower's FedAdam corrects its step for bias, lr * sqrt(1 - b2^(t+1)) / (1 - b1^(t+1)) in
+    round t; fedsim's adam does with ``bias_correction: true`` (off by default). Flower's
+    ``eta_l`` (client learning rate; 0.1, 0.0316 for FedYogi) is ``client.lr`` here. The
+    adaptive ones divide by sqrt(v): their step is about lr per coordinate whatever the
+    update's scale, so FedAvg's 1.0 makes them diverge; Reddi et al. ("Adaptive Federated
+    Optimization", arXiv 2003.00295, Fig. 2 and App. D) find their best server learning rates
+    between 10^-2.5 and 10^-1 (Adagrad's a little higher).
     """
 
     SERVER_LR: ClassVar[dict[str, float]] = {"sgd": 1.0, "momentum": 1.0, "adam": 0.01, "yogi": 0.01,
                                              "adagrad": 0.1}
     # the fields besides lr that each optimizer reads; another one set off its default is refused
     READS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "sgd": (), "momentum": ("momentum",), "adam": ("beta1", "beta2", "eps"), "yogi": ("beta1", "beta2", "eps"),
-        "adagrad": ("beta1", "eps")}
+        "sgd": (), "momentum": ("momentum",), "adam": ("beta1", "beta2", "eps", "bias_correction"),
+        "yogi": ("beta1", "beta2", "eps"), "adagrad": ("beta1", "eps")}
 
     name: Literal["sgd", "momentum", "adam", "adagrad", "yogi"] = "sgd"
     lr: float = Field(1.0, gt=0, description="unset: 1.0 for sgd and momentum, 0.01 for adam and yogi, "
@@ -69,6 +76,8 @@ class ServerOptConfig(Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     eps: float = Field(1e-3, gt=0)
+    bias_correction: bool = Field(False, description="adam: Flower's FedAdam step, "
+                                                     "lr * sqrt(1 - beta2^(t+1)) / (1 - beta1^(t+1)) at step t")
 
     @model_validator(mode="before")
     @classmethod

@@ -21,8 +21,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     "mnist": ["load_mnist", "read_idx"],
     "npz": ["load_npz"],
     "skew": ["heterogeneity", "label_tv_distances", "partition_report", "plot_partition"],
-    "partition": ["PARTITIONS", "PartitionError", "feature_noise", "label_histograms", "partition_indices",
-                  "plot_label_histograms", "split_client"],
+    "partition": ["PARTITIONS", "FeatureNoise", "PartitionError", "label_histograms", "noise_scales",
+                  "partition_indices", "plot_label_histograms", "split_client"],
     "registry": ["DATASETS", "load_dataset"],
     "synthetic": ["generate_synthetic"],
 })

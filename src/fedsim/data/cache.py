@@ -157,7 +157,8 @@ def cached(result_type: Callable[..., T]) -> Callable[[Callable[[str, str, int],
     the disk cache is on, its result is read from disk when present and stored when built.
 
     ``result_type`` is a dataclass whose fields are ArrayDatasets or sequences of index
-    arrays; the data settings' ``path`` (when they name one) is fingerprinted into the key.
+    arrays, or None (not stored; read back as the field's default); the data settings'
+    ``path`` (when they name one) is fingerprinted into the key.
     """
 
     def decorate(build: Callable[[str, str, int], T]) -> Callable[[str, str, int], T]:
@@ -171,7 +172,8 @@ def cached(result_type: Callable[..., T]) -> Callable[[Callable[[str, str, int],
             if (fields := cache.load(key)) is not None:
                 return result_type(**fields)
             result = build(data_json, partition_json, seed)
-            cache.store(key, {f.name: getattr(result, f.name) for f in dataclasses.fields(result)})
+            cache.store(key, {f.name: value for f in dataclasses.fields(result)
+                              if (value := getattr(result, f.name)) is not None})
             return result
 
         return load_or_build

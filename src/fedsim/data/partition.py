@@ -1,14 +1,28 @@
-"""Client partitions of a labelled dataset, drawn with flwr-datasets' partitioners.
+"""Client partitions of a labelled dataset: NIID-Bench's, and McMahan et al.'s shards.
 
-The partitioners work on a Hugging Face ``datasets.Dataset``; fedsim hands them a
-one-column dataset of labels plus the row index, and reads the indices back, so the
-samples themselves stay in numpy.
+``iid``, ``dirichlet``, ``pathological`` (#C=k) and ``quantity`` are NIID-Bench's
+``partition_data`` (Li et al., "Federated Learning on Non-IID Data Silos: An Experimental
+Study", ICDE 2022, arXiv:2102.02079; Xtra-Computing/NIID-Bench ``utils.py``, partitions
+``homo``, ``noniid-labeldir``, ``noniid-#label{k}`` and ``iid-diff-quantity``), transcribed
+call for call: numpy's legacy ``RandomState`` and Python's ``random.Random`` seeded with the
+run's seed make the same draws as NIID-Bench's ``np.random.seed(s)`` and ``random.seed(s)``
+(``experiments.py`` seeds both with ``--init_seed`` just before ``partition_data``), so on
+the same labels in the same order fedsim's seed ``s`` gives NIID-Bench's partition of
+``--init_seed s`` (tested against a transcription of NIID-Bench's code). Hand-written
+because flwr-datasets' partitioners differ: its ``DirichletPartitioner`` splits each label
+in dataset order, balances with ``>`` instead of ``>=`` the mean size and gives up after
+10 draws; its ``PathologicalPartitioner`` splits each label in dataset order too, which on
+digits gives the clients of one label contiguous blocks of writers. ``shards`` is still
+flwr-datasets' ``ShardPartitioner``, through a one-column Hugging Face dataset of labels
+and row indices.
 """
 
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -19,15 +33,15 @@ if TYPE_CHECKING:
 
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "natural", "pathological", "feature_noise")
 
-PARTITIONER_NOTICES = (
-    # flwr-datasets' PathologicalPartitioner, when clients x labels per client leave labels
-    # to no client: fedsim's label histograms (fedsim partition) show which
-    (r"Classes: \[.*\] will NOT be used due to the chosen configuration", UserWarning,
-     r"flwr_datasets\.partitioner\.pathological_partitioner"),
+SHARD_NOTICES = (
     # pyarrow 25 deprecates an option that Hugging Face datasets' sort (ShardPartitioner) sets
     (r"Specifying null_placement in SortOptions is deprecated", FutureWarning, r"pyarrow\.compute"),
 )
-"""Warnings of the partitioners that fedsim drops while it partitions (fedsim.notices)."""
+"""Warnings of flwr-datasets' shard partitioner that fedsim drops while it partitions (fedsim.notices)."""
+
+MAX_DRAWS = 10_000
+"""How many Dirichlet draws ``dirichlet`` and ``quantity`` make before refusing a setting
+whose minimum size does not hold (NIID-Bench draws until it holds, forever if it cannot)."""
 
 
 class PartitionError(ValueError):
@@ -44,7 +58,7 @@ def partition_indices(
     alpha: float = 0.5,
     shards_per_client: int = 2,
     quantity_alpha: float = 0.5,
-    min_size: int = 2,
+    min_size: int = 10,
     classes_per_client: int = 2,
     groups: np.ndarray | None = None,
 ) -> list[np.ndarray]:
@@ -57,25 +71,29 @@ def partition_indices(
     scheme : str
         One of ``PARTITIONS``:
 
-        - ``"iid"``: a seeded shuffle cut into ``num_partitions`` equal parts.
-        - ``"dirichlet"``: label skew, each class split among clients with proportions
-          drawn from Dirichlet(``alpha``) (Yurochkin et al., arXiv:1905.12022).
+        - ``"iid"``: NIID-Bench's ``homo``, a seeded permutation cut into
+          ``num_partitions`` equal parts (``np.array_split``).
+        - ``"dirichlet"``: label distribution skew, NIID-Bench's ``noniid-labeldir``
+          (:func:`dirichlet_partitions`): each label's samples shuffled and split among the
+          clients with proportions drawn from Dirichlet(``alpha``), clients already holding
+          ``N / num_partitions`` samples or more getting none of the later labels; drawn
+          again until every client holds ``min_size`` samples.
         - ``"shards"``: label skew, the label-sorted data cut into
           ``num_partitions * shards_per_client`` equal shards, each client getting
           ``shards_per_client`` random ones (McMahan et al., arXiv:1602.05629); the
           remainder of the division is left out.
-        - ``"quantity"``: quantity skew, client sizes ``min_size`` plus a share drawn
-          from Dirichlet(``quantity_alpha``), labels IID.
+        - ``"quantity"``: quantity skew, NIID-Bench's ``iid-diff-quantity``
+          (:func:`quantity_partitions`): a seeded permutation cut at shares drawn from
+          Dirichlet(``quantity_alpha``), drawn again until every share holds ``min_size``
+          samples; labels IID.
         - ``"natural"``: one client per distinct value of ``groups``; partition ``i``
           holds the ``i``-th smallest group id.
-        - ``"pathological"``: label quantity skew #C=k of NIID-Bench (Li et al.,
-          arXiv:2102.02079): each client holds exactly ``classes_per_client`` labels,
-          the first ``i mod K`` (so every label is used once there are K clients), the
-          others drawn at random; each label's samples are split equally among the
-          clients that hold it (flwr-datasets' ``PathologicalPartitioner``,
-          ``first-deterministic``).
-        - ``"feature_noise"``: IID labels, as ``"iid"``; the noise of NIID-Bench's
-          noise-based feature skew is added to the inputs by :func:`feature_noise`.
+        - ``"pathological"``: label quantity skew #C=k, NIID-Bench's ``noniid-#label{k}``
+          (:func:`label_quantity_partitions`): client ``i`` holds label ``i mod K`` and
+          ``classes_per_client - 1`` others drawn at random; each label's samples are
+          shuffled and split equally among the clients holding it.
+        - ``"feature_noise"``: NIID-Bench's noise-based feature skew: the partition of
+          ``"iid"``; :class:`FeatureNoise` adds each client's noise to its inputs.
     num_partitions : int
         Number of clients; for ``"natural"`` it must equal the number of groups.
     seed : int
@@ -86,8 +104,8 @@ def partition_indices(
         Shards per client of ``"shards"``.
     quantity_alpha : float, default 0.5
         Dirichlet concentration of the client sizes of ``"quantity"``.
-    min_size : int, default 2
-        Smallest client of ``"dirichlet"`` and ``"quantity"``.
+    min_size : int, default 10
+        Smallest client of ``"dirichlet"`` and ``"quantity"`` (NIID-Bench's 10).
     classes_per_client : int, default 2
         Labels per client of ``"pathological"``.
     groups : np.ndarray or None, default None
@@ -115,63 +133,202 @@ def partition_indices(
             f"{scheme}: {num_partitions} partitions need at least as many samples; "
             f"got {len(labels)}"
         )
-    if scheme == "pathological":
-        _check_pathological(labels, num_partitions, classes_per_client)
-    columns = {"label": labels, "idx": np.arange(len(labels))}
     if scheme == "natural":
-        if groups is None:
-            raise PartitionError("natural: needs groups (the natural client id of every sample)")
-        groups = np.asarray(groups)
-        if groups.shape != labels.shape:
-            raise PartitionError(
-                f"natural: groups has shape {groups.shape} but labels has {labels.shape}"
-            )
-        num_groups = len(np.unique(groups))
-        if num_groups != num_partitions:
-            raise PartitionError(
-                f"natural: the groups hold {num_groups} natural clients "
-                f"but num_partitions is {num_partitions}"
-            )
-        return natural_partitions(groups)
-    import datasets  # Hugging Face datasets takes seconds to import; only the partitioners need it
-
-    table = datasets.Dataset.from_dict(columns)
-    if scheme in ("iid", "quantity", "feature_noise"):
-        table = table.shuffle(seed=seed)
-    partitioner = _make_partitioner(
-        scheme,
-        num_partitions,
-        len(labels),
-        seed,
-        alpha=alpha,
-        shards_per_client=shards_per_client,
-        quantity_alpha=quantity_alpha,
-        min_size=min_size,
-        classes_per_client=classes_per_client,
-    )
-    partitioner.dataset = table
-    try:
-        with warnings_dropped_while(PARTITIONER_NOTICES):
-            parts = [
-                np.sort(partitioner.load_partition(pid).with_format("numpy")[:]["idx"])
-                for pid in range(num_partitions)
-            ]
-    except ValueError as err:
-        if scheme == "dirichlet":  # DirichletPartitioner gives up after 10 draws
-            raise PartitionError(
-                f"dirichlet: no draw at alpha {alpha} gave every one of {num_partitions} "
-                f"partitions >= {min_size} samples; raise alpha or lower min_size"
-            ) from err
-        if scheme == "pathological":  # a random extra label drew more holders than samples
-            raise PartitionError(
-                f"pathological: at {num_partitions} clients x {classes_per_client} labels some "
-                f"label has fewer samples than clients holding it; use fewer clients or labels"
-            ) from err
-        raise
+        parts = _natural(labels, num_partitions, groups)
+    elif scheme in ("iid", "feature_noise"):
+        parts = iid_partitions(len(labels), num_partitions, seed)
+    elif scheme == "dirichlet":
+        parts = dirichlet_partitions(labels, num_partitions, alpha, min_size, seed)
+    elif scheme == "quantity":
+        parts = quantity_partitions(len(labels), num_partitions, quantity_alpha, min_size, seed)
+    elif scheme == "pathological":
+        parts = label_quantity_partitions(labels, num_partitions, classes_per_client, seed)
+    else:
+        parts = _shards(labels, num_partitions, shards_per_client, seed)
     empty = [pid for pid, part in enumerate(parts) if len(part) == 0]
     if empty:
         raise PartitionError(f"{scheme}: partitions {empty} came out empty; use fewer partitions")
-    return [part.astype(np.int64) for part in parts]
+    return [np.sort(part).astype(np.int64) for part in parts]
+
+
+def iid_partitions(num_samples: int, num_partitions: int, seed: int) -> list[np.ndarray]:
+    """NIID-Bench's ``homo``: a seeded permutation of the samples cut into
+    ``num_partitions`` parts whose sizes differ by one at most."""
+    return np.array_split(_numpy_rng(seed).permutation(num_samples), num_partitions)
+
+
+def dirichlet_partitions(
+    labels: np.ndarray, num_partitions: int, alpha: float, min_size: int, seed: int
+) -> list[np.ndarray]:
+    """Label distribution skew, NIID-Bench's ``noniid-labeldir`` (``utils.partition_data``).
+
+    One draw: for every label (in increasing order), shuffle its samples, draw proportions
+    ``p ~ Dirichlet(alpha * 1_n)``, zero the proportion of every client that already holds
+    ``N / n`` samples or more (NIID-Bench's balance step), renormalise, and cut the
+    shuffled samples at ``floor(cumsum(p) * N_label)``. The draw is repeated until every
+    client holds at least ``min_size`` samples (NIID-Bench: 10), at most :data:`MAX_DRAWS`
+    times. A draw in which every client still open has a proportion of exactly 0 (only at
+    a tiny ``alpha``; NIID-Bench would divide by 0) counts as failed.
+
+    Parameters
+    ----------
+    labels : np.ndarray
+        Integer label of every sample.
+    num_partitions : int
+        Number of clients ``n``.
+    alpha : float
+        Dirichlet concentration (NIID-Bench's ``--beta``); must be > 0.
+    min_size : int
+        Smallest client; ``n * min_size`` may not exceed the number of samples.
+    seed : int
+        Seed of numpy's ``RandomState`` (NIID-Bench's ``np.random.seed``), taken mod 2^32.
+
+    Returns
+    -------
+    list[np.ndarray]
+        One index array per client (unsorted).
+    """
+    if alpha <= 0:
+        raise PartitionError(f"dirichlet: alpha must be > 0; got {alpha}")
+    labels = np.asarray(labels)
+    num_samples = len(labels)
+    _check_min_size("dirichlet", num_samples, num_partitions, min_size)
+    rng = _numpy_rng(seed)
+    classes = np.unique(labels)
+    for _ in range(MAX_DRAWS):
+        splits: list[tuple[np.ndarray, np.ndarray]] = []  # (shuffled samples, cuts) per label
+        sizes = np.zeros(num_partitions, dtype=np.int64)
+        for label in classes:
+            members = np.where(labels == label)[0]
+            rng.shuffle(members)
+            proportions = rng.dirichlet(np.repeat(alpha, num_partitions))
+            proportions = proportions * (sizes < num_samples / num_partitions)
+            if proportions.sum() == 0:
+                break
+            proportions = proportions / proportions.sum()
+            cuts = (np.cumsum(proportions) * len(members)).astype(int)[:-1]
+            splits.append((members, cuts))
+            sizes += np.diff(cuts, prepend=0, append=len(members))
+        else:
+            if sizes.min() >= min_size:
+                pieces = [np.split(members, cuts) for members, cuts in splits]
+                return [np.concatenate([label_pieces[client] for label_pieces in pieces])
+                        for client in range(num_partitions)]
+    raise PartitionError(
+        f"dirichlet: no draw of {MAX_DRAWS} at alpha {alpha} gave every one of {num_partitions} "
+        f"clients >= {min_size} samples (partition.min_size); raise alpha or lower partition.min_size"
+    )
+
+
+def quantity_partitions(
+    num_samples: int, num_partitions: int, quantity_alpha: float, min_size: int, seed: int
+) -> list[np.ndarray]:
+    """Quantity skew, NIID-Bench's ``iid-diff-quantity`` (``utils.partition_data``).
+
+    A seeded permutation of the samples, cut at ``floor(cumsum(p) * N)`` with client shares
+    ``p ~ Dirichlet(quantity_alpha * 1_n)``, drawn again until ``min(p) * N >= min_size``
+    (NIID-Bench: 10), which makes every client hold ``min_size`` samples or more; at most
+    :data:`MAX_DRAWS` draws. Labels are IID.
+
+    Parameters
+    ----------
+    num_samples : int
+        Number of samples ``N``.
+    num_partitions : int
+        Number of clients ``n``.
+    quantity_alpha : float
+        Dirichlet concentration of the shares (NIID-Bench's ``--beta``); must be > 0.
+    min_size : int
+        Smallest client; ``n * min_size`` may not exceed ``N``.
+    seed : int
+        Seed of numpy's ``RandomState``, taken mod 2^32.
+
+    Returns
+    -------
+    list[np.ndarray]
+        One index array per client (unsorted).
+    """
+    if quantity_alpha <= 0:
+        raise PartitionError(f"quantity: quantity_alpha must be > 0; got {quantity_alpha}")
+    _check_min_size("quantity", num_samples, num_partitions, min_size)
+    rng = _numpy_rng(seed)
+    order = rng.permutation(num_samples)
+    for _ in range(MAX_DRAWS):
+        proportions = rng.dirichlet(np.repeat(quantity_alpha, num_partitions))
+        proportions = proportions / proportions.sum()
+        if np.min(proportions * len(order)) >= min_size:
+            cuts = (np.cumsum(proportions) * len(order)).astype(int)[:-1]
+            return np.split(order, cuts)
+    raise PartitionError(
+        f"quantity: no draw of {MAX_DRAWS} at quantity_alpha {quantity_alpha} gave every one of "
+        f"{num_partitions} clients >= {min_size} samples (partition.min_size); raise "
+        "quantity_alpha or lower partition.min_size"
+    )
+
+
+def label_quantity_partitions(
+    labels: np.ndarray, num_partitions: int, classes_per_client: int, seed: int
+) -> list[np.ndarray]:
+    """Label quantity skew #C=k, NIID-Bench's ``noniid-#label{k}`` (``utils.partition_data``).
+
+    Client ``i`` holds the ``(i mod K)``-th label and ``k - 1`` other labels drawn uniformly
+    at random, one at a time, redrawn while already held (Python's ``random.randint``);
+    with ``k = K`` every client holds every label and nothing is drawn. Then for every
+    label in increasing order: its samples are shuffled (numpy) and cut into as many
+    near-equal parts as clients hold it (``np.array_split``), given to its holders in
+    client order. A label no client holds (fewer clients than labels) is left out, where
+    NIID-Bench fails.
+
+    Parameters
+    ----------
+    labels : np.ndarray
+        Integer label of every sample; its ``K`` distinct values are the labels.
+    num_partitions : int
+        Number of clients.
+    classes_per_client : int
+        Labels per client ``k``, in ``1..K``.
+    seed : int
+        Seed of Python's ``random.Random`` (the labels held; NIID-Bench's ``random.seed``)
+        and of numpy's ``RandomState`` (the shuffles), the latter taken mod 2^32.
+
+    Returns
+    -------
+    list[np.ndarray]
+        One index array per client (unsorted).
+    """
+    labels = np.asarray(labels)
+    _check_pathological(labels, num_partitions, classes_per_client)
+    classes, counts = np.unique(labels, return_counts=True)
+    num_classes = len(classes)
+    if classes_per_client == num_classes:
+        held = [list(range(num_classes))] * num_partitions
+    else:
+        draw = random.Random(seed)
+        held = []
+        for client in range(num_partitions):
+            current = [client % num_classes]
+            while len(current) < classes_per_client:
+                label = draw.randint(0, num_classes - 1)
+                if label not in current:
+                    current.append(label)
+            held.append(current)
+    holders = [[client for client in range(num_partitions) if c in held[client]] for c in range(num_classes)]
+    short = [(int(classes[c]), int(counts[c]), len(h)) for c, h in enumerate(holders) if len(h) > counts[c]]
+    if short:
+        label, count, num_holders = short[0]
+        raise PartitionError(
+            f"pathological: label {label} has {count} samples but {num_holders} of the {num_partitions} "
+            f"clients hold it; use fewer clients or labels"
+        )
+    rng = _numpy_rng(seed)
+    pieces: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
+    for c in range(num_classes):
+        members = np.where(labels == classes[c])[0]
+        rng.shuffle(members)
+        if holders[c]:
+            for client, piece in zip(holders[c], np.array_split(members, len(holders[c])), strict=True):
+                pieces[client].append(piece)
+    return [np.concatenate(p) for p in pieces]
 
 
 def natural_partitions(groups: np.ndarray) -> list[np.ndarray]:
@@ -186,89 +343,65 @@ def natural_partitions(groups: np.ndarray) -> list[np.ndarray]:
     return [part.astype(np.int64) for part in np.split(order, starts[1:])]
 
 
-def _make_partitioner(
-    scheme: str,
-    num_partitions: int,
-    num_samples: int,
-    seed: int,
-    *,
-    alpha: float,
-    shards_per_client: int,
-    quantity_alpha: float,
-    min_size: int,
-    classes_per_client: int,
-) -> Partitioner:
-    """Build the flwr-datasets partitioner that implements ``scheme``."""
-    from flwr_datasets.partitioner import (
-        DirichletPartitioner,
-        IidPartitioner,
-        PathologicalPartitioner,
-        ShardPartitioner,
-        SizePartitioner,
+def _natural(labels: np.ndarray, num_partitions: int, groups: np.ndarray | None) -> list[np.ndarray]:
+    if groups is None:
+        raise PartitionError("natural: needs groups (the natural client id of every sample)")
+    groups = np.asarray(groups)
+    if groups.shape != labels.shape:
+        raise PartitionError(f"natural: groups has shape {groups.shape} but labels has {labels.shape}")
+    num_groups = len(np.unique(groups))
+    if num_groups != num_partitions:
+        raise PartitionError(
+            f"natural: the groups hold {num_groups} natural clients but num_partitions is {num_partitions}"
+        )
+    return natural_partitions(groups)
+
+
+def _shards(labels: np.ndarray, num_partitions: int, shards_per_client: int, seed: int) -> list[np.ndarray]:
+    """McMahan et al.'s shards, drawn by flwr-datasets' ``ShardPartitioner``."""
+    if shards_per_client < 1:
+        raise PartitionError(f"shards: shards_per_client must be >= 1; got {shards_per_client}")
+    if num_partitions * shards_per_client > len(labels):
+        raise PartitionError(
+            f"shards: {num_partitions} partitions x {shards_per_client} shards "
+            f"need at least {num_partitions * shards_per_client} samples; got {len(labels)}"
+        )
+    import datasets  # Hugging Face datasets takes seconds to import; only the partitioner needs it
+    from flwr_datasets.partitioner import ShardPartitioner
+
+    partitioner: Partitioner = ShardPartitioner(
+        num_partitions=num_partitions,
+        partition_by="label",
+        num_shards_per_partition=int(shards_per_client),
+        seed=seed,
     )
-
-    if scheme in ("iid", "feature_noise"):  # feature skew: IID labels, noisy inputs
-        return IidPartitioner(num_partitions=num_partitions)
-    if scheme == "pathological":
-        return PathologicalPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            num_classes_per_partition=int(classes_per_client),
-            class_assignment_mode="first-deterministic",
-            seed=seed,
-        )
-    if scheme == "dirichlet":
-        if alpha <= 0:
-            raise PartitionError(f"dirichlet: alpha must be > 0; got {alpha}")
-        return DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=float(alpha),
-            min_partition_size=min_size,
-            seed=seed,
-        )
-    if scheme == "shards":
-        if shards_per_client < 1:
-            raise PartitionError(f"shards: shards_per_client must be >= 1; got {shards_per_client}")
-        if num_partitions * shards_per_client > num_samples:
-            raise PartitionError(
-                f"shards: {num_partitions} partitions x {shards_per_client} shards "
-                f"need at least {num_partitions * shards_per_client} samples; got {num_samples}"
-            )
-        return ShardPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            num_shards_per_partition=int(shards_per_client),
-            seed=seed,
-        )
-    return SizePartitioner(
-        partition_sizes=_quantity_skewed_sizes(num_samples, num_partitions, quantity_alpha, min_size, seed)
-    )
+    partitioner.dataset = datasets.Dataset.from_dict({"label": labels, "idx": np.arange(len(labels))})
+    with warnings_dropped_while(SHARD_NOTICES):
+        return [partitioner.load_partition(pid).with_format("numpy")[:]["idx"] for pid in range(num_partitions)]
 
 
-def _quantity_skewed_sizes(
-    num_samples: int, num_partitions: int, quantity_alpha: float, min_size: int, seed: int
-) -> list[int]:
-    """Client sizes: ``min_size`` each, the rest shared by Dirichlet(quantity_alpha)."""
-    if quantity_alpha <= 0:
-        raise PartitionError(f"quantity: quantity_alpha must be > 0; got {quantity_alpha}")
+def _numpy_rng(seed: int) -> np.random.RandomState:
+    """NIID-Bench's generator: numpy's legacy ``RandomState`` (its stream is frozen across
+    numpy versions), seeded as ``np.random.seed(seed)``."""
+    return np.random.RandomState(seed % 2**32)
+
+
+def _check_min_size(scheme: str, num_samples: int, num_partitions: int, min_size: int) -> None:
+    """Refuse a minimum size that no draw can give every client."""
     if min_size < 1 or num_partitions * min_size > num_samples:
         raise PartitionError(
-            f"quantity: min_size {min_size} x {num_partitions} partitions must be >= 1 "
-            f"and at most the {num_samples} samples"
+            f"{scheme}: partition.num_clients {num_partitions} x partition.min_size {min_size} "
+            f"needs {num_partitions * min_size} samples but the data has {num_samples}; "
+            "lower partition.min_size or partition.num_clients"
         )
-    rng = np.random.default_rng(seed)
-    shares = rng.dirichlet(np.full(num_partitions, quantity_alpha))
-    extra = rng.multinomial(num_samples - num_partitions * min_size, shares)
-    return [int(min_size + e) for e in extra]
 
 
 def _check_pathological(labels: np.ndarray, num_partitions: int, classes_per_client: int) -> None:
-    """Refuse a #C=k setting the labels cannot satisfy, before the partitioner draws it.
+    """Refuse a #C=k setting the labels cannot satisfy, before drawing it.
 
     Every label is shared equally by the clients holding it, so each label needs at least
-    one sample per holder; with ``first-deterministic`` assignment label ``c`` has at least
-    ``ceil((num_partitions - c) / K)`` holders.
+    one sample per holder; label ``c`` has at least ``ceil((num_partitions - c) / K)``
+    holders (clients ``c, c + K, ...`` hold it first).
     """
     classes, counts = np.unique(labels, return_counts=True)
     if not 1 <= classes_per_client <= len(classes):
@@ -286,43 +419,67 @@ def _check_pathological(labels: np.ndarray, num_partitions: int, classes_per_cli
         )
 
 
-def feature_noise(
-    x: np.ndarray, partitions: list[np.ndarray], noise_std: float, seed: int
-) -> np.ndarray:
-    """NIID-Bench's noise-based feature skew: client ``i`` of ``n`` sees its inputs plus
-    Gaussian noise of standard deviation ``noise_std * i / n``.
+def noise_scales(noise_std: float, num_clients: int) -> list[float]:
+    """NIID-Bench's noise level of every client: ``noise_std / (n - 1) * i`` for client ``i``
+    of ``n`` (``experiments.py``, ``--noise_type level``), so client 0 stays clean and the
+    last one gets ``noise_std``; a single client gets none."""
+    if noise_std < 0:
+        raise PartitionError(f"feature_noise: noise_std must be >= 0; got {noise_std}")
+    if num_clients == 1:
+        return [0.0]
+    return [noise_std / (num_clients - 1) * i for i in range(num_clients)]
 
-    From "Federated Learning on Non-IID Data Silos: An Experimental Study" (Li et al.,
-    ICDE 2022, arXiv:2102.02079), ``x_hat = x + N(0, sigma_i^2)``; there
-    ``sigma_i = noise * i / (n - 1)``, here ``noise_std * i / n`` as fedsim's issue
-    defines it, so client 0 keeps clean inputs and the last one gets ``(n - 1) / n`` of
-    ``noise_std``. The noise is drawn once, seeded per client, so a client sees the same
-    noisy samples every round (a property of its device, not an augmentation).
+
+@dataclass(frozen=True)
+class FeatureNoise:
+    """NIID-Bench's noise-based feature skew: client ``i`` sees its inputs plus Gaussian
+    noise ``N(0, sigma_i^2)`` with ``sigma_i = scales[i]`` (:func:`noise_scales`).
+
+    From "Federated Learning on Non-IID Data Silos: An Experimental Study" (Li et al., ICDE
+    2022, arXiv:2102.02079). NIID-Bench adds the noise in a torchvision transform
+    (``utils.AddGaussianNoise``), so every access to a sample draws it afresh: every local
+    epoch, every evaluation. fedsim's training loops hold a client's inputs as one array for
+    the whole of its local training, so the noise is drawn when a client's data is taken:
+
+    - ``draw="round"`` (the default): a fresh draw per (round, client, split), seeded by
+      ``(seed, round, client, split)``. It differs from NIID-Bench within a round only: a
+      sample keeps its noise over the round's local epochs (NIID-Bench redraws it each
+      epoch), and the round's evaluation of the client's test split uses one draw too.
+    - ``draw="once"``: one draw per (client, split) for the whole run, seeded by
+      ``(seed, client, split)``: the noise is a property of the client's device, not an
+      augmentation.
+
+    The client's test split takes its client's noise (NIID-Bench's local test data is noisy
+    too); the server's test set stays clean, where NIID-Bench's global test set in noise runs
+    is the test set once per client, each copy with that client's noise.
 
     Parameters
     ----------
-    x : np.ndarray
-        Inputs of every sample, shape ``(N, ...)``.
-    partitions : list[np.ndarray]
-        Index arrays, one per client, disjoint.
-    noise_std : float
-        The largest client's noise scale; must be >= 0.
+    scales : tuple[float, ...]
+        Standard deviation of each client's noise.
     seed : int
-        Seed of the noise.
-
-    Returns
-    -------
-    np.ndarray
-        A noisy copy of ``x`` (same dtype); samples outside every partition are unchanged.
+        Seed of the draws.
+    draw : {"round", "once"}, default "round"
+        A fresh draw every round, or one for the whole run.
     """
-    if noise_std < 0:
-        raise PartitionError(f"feature_noise: noise_std must be >= 0; got {noise_std}")
-    noisy = np.array(x, copy=True)
-    for client, part in enumerate(partitions):
-        std = noise_std * client / len(partitions)
-        rng = np.random.default_rng([seed, client])
-        noisy[part] = x[part] + rng.normal(0.0, std, size=x[part].shape).astype(x.dtype)
-    return noisy
+
+    scales: tuple[float, ...]
+    seed: int
+    draw: Literal["round", "once"] = "round"
+
+    def apply(self, x: np.ndarray, client: int, server_round: int | None = None,
+              split: Literal["train", "test"] = "train") -> np.ndarray:
+        """``x`` (client ``client``'s samples of ``split``) plus the client's noise, drawn for
+        ``server_round`` (needed when ``draw`` is ``"round"``); ``x`` is not modified."""
+        scale = self.scales[client]
+        if scale == 0:
+            return x
+        if self.draw == "round" and server_round is None:
+            raise ValueError("feature noise drawn every round (partition.noise_draw round) needs the server round")
+        stream = ["train", "test"].index(split)
+        key = [self.seed, client, stream] if self.draw == "once" else [self.seed, server_round, client, stream]
+        noise = np.random.default_rng(key).standard_normal(x.shape, dtype=np.float32)
+        return x + noise * np.float32(scale)
 
 
 def split_client(

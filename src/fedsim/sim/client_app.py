@@ -289,7 +289,7 @@ class ClientRuntime:
                 starts[id(record)] = (state, w.spec.flatten(state))
             start, start_flat = starts[id(record)]
         context = ClientContext(self.cfg, pid, server_round, member.content, member.state, w.spec)
-        train_set = w.data.client(pid)[0]
+        train_set = w.data.client(pid, server_round)[0]
         for feature in w.features:
             train_set = feature.train_set(context, train_set)
         if len(train_set.y) == 0:
@@ -423,7 +423,8 @@ class ClientRuntime:
             try:
                 model = w.model
                 model.load_state_dict(to_state_dict(members[indices[0]].content["arrays"]))
-                test_sets = [w.data.client(members[i].partition_id)[1] for i in indices]
+                test_sets = [w.data.client(m.partition_id, int(m.content["config"]["server-round"]))[1]
+                             for m in (members[i] for i in indices)]
                 results = evaluate_many(model.to(device), test_sets, device, self.cfg.eval.batch_size, w.predict)
                 model.cpu()
             except Exception as exc:

@@ -22,7 +22,7 @@ from fedsim.clients.objective import ClientObjective
 from fedsim.config import DataConfig, ExperimentConfig, ModelConfig, PartitionConfig, SpeedConfig
 from fedsim.data import ArrayDataset, load_dataset
 from fedsim.data import cache as partition_cache
-from fedsim.data.partition import feature_noise, partition_indices, split_client
+from fedsim.data.partition import FeatureNoise, noise_scales, partition_indices, split_client
 from fedsim.models import build_model
 from fedsim.models.init import xavier_init
 from fedsim.seeding import derive_seed
@@ -31,18 +31,27 @@ from fedsim.sim.speeds import client_speeds
 
 @dataclass(frozen=True)
 class FederatedData:
-    """The server's held-out test set and each client's train/test indices into ``train``."""
+    """The server's held-out test set and each client's train/test indices into ``train``
+    (clean inputs), and the feature noise the clients' inputs take, if any."""
 
     train: ArrayDataset
     test: ArrayDataset
     client_train: tuple[np.ndarray, ...]
     client_test: tuple[np.ndarray, ...]
+    noise: FeatureNoise | None = None
 
-    def client(self, partition_id: int) -> tuple[ArrayDataset, ArrayDataset]:
+    def client(self, partition_id: int, server_round: int | None = None) -> tuple[ArrayDataset, ArrayDataset]:
+        """The client's (train, test) data as it sees it in ``server_round``: with feature
+        noise, its inputs plus that round's draw (``server_round`` needed when the noise is
+        drawn every round)."""
         if not 0 <= partition_id < len(self.client_train):
             raise ValueError(f"partition id {partition_id} out of range 0..{len(self.client_train) - 1}")
-        return (self.train.subset(self.client_train[partition_id]),
-                self.train.subset(self.client_test[partition_id]))
+        train = self.train.subset(self.client_train[partition_id])
+        test = self.train.subset(self.client_test[partition_id])
+        if self.noise is None:
+            return train, test
+        return (replace(train, x=self.noise.apply(train.x, partition_id, server_round, "train")),
+                replace(test, x=self.noise.apply(test.x, partition_id, server_round, "test")))
 
 
 def load_source(data: DataConfig, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
@@ -56,8 +65,17 @@ def load_source(data: DataConfig, seed: int) -> tuple[ArrayDataset, ArrayDataset
 
 
 @functools.lru_cache(maxsize=4)
-@partition_cache.cached(FederatedData)  # on disk too, where a deployed node turned it on
 def _federated_data(data_json: str, partition_json: str, seed: int) -> FederatedData:
+    part = PartitionConfig.model_validate_json(partition_json)
+    data = _partitioned(data_json, partition_json, seed)
+    if part.scheme != "feature_noise":
+        return data
+    scales = tuple(noise_scales(part.noise_std, part.num_clients))
+    return replace(data, noise=FeatureNoise(scales, derive_seed(seed, "feature-noise"), part.noise_draw))
+
+
+@partition_cache.cached(FederatedData)  # on disk too, where a deployed node turned it on
+def _partitioned(data_json: str, partition_json: str, seed: int) -> FederatedData:
     data = DataConfig.model_validate_json(data_json)
     part = PartitionConfig.model_validate_json(partition_json)
     train, test = load_source(data, seed)
@@ -66,8 +84,6 @@ def _federated_data(data_json: str, partition_json: str, seed: int) -> Federated
         shards_per_client=part.shards_per_client, quantity_alpha=part.quantity_alpha,
         min_size=part.min_size, classes_per_client=part.classes_per_client, groups=train.groups,
     )
-    if part.scheme == "feature_noise":
-        train = replace(train, x=feature_noise(train.x, parts, part.noise_std, derive_seed(seed, "feature-noise")))
     splits = [split_client(idx, part.client_test_fraction, derive_seed(seed, "client-split", i))
               for i, idx in enumerate(parts)]
     return FederatedData(train, test, tuple(s[0] for s in splits), tuple(s[1] for s in splits))

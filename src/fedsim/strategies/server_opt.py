@@ -16,6 +16,17 @@ most (1 - b2) delta^2 a round, where Adam's forgets geometrically. v starts at 0
 Flower's FedAdam/FedAdagrad/FedYogi. FedAdagrad keeps the momentum ``b1`` here, as in the
 paper (Flower's FedAdagrad sets it to 0; ``beta1: 0`` gives that).
 
+Bias correction (adam only, ``bias_correction: true``; off by default, as in the paper's
+Algorithm 2): Flower's FedAdam (``flwr/serverapp/strategy/fedadam.py``) scales the step by
+Kingma and Ba's corrected rate, ``lr_t = lr * sqrt(1 - b2^(t + 1)) / (1 - b1^(t + 1))``, with
+``t`` its server round (1 at the first aggregation): its exponent is one ahead of Kingma and
+Ba's, so the first step is ``0.74 lr`` at b1 0.9, b2 0.99, not ``lr``. fedsim follows
+Flower's formula with ``t`` the number of steps this optimizer has taken, this one included;
+it equals Flower's round while every round aggregates (a round that aggregates nothing moves
+Flower's ``t`` on, not fedsim's). Flower's FedYogi and FedAdagrad apply no correction.
+With these choices (``lr`` and ``beta1`` as Flower's, ``bias_correction`` for adam) the steps
+equal Flower's FedAdam, FedYogi and FedAdagrad to float precision (tested).
+
 Only parameters take the optimizer's step. Buffers (BatchNorm running statistics) are not
 gradients' integrals: they take the clients' aggregate as it is, ``x <- x + delta`` (the
 mean of the clients' statistics under FedAvg); through Adam's normalised step a running
@@ -23,6 +34,8 @@ variance can turn negative and the model NaN.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -36,6 +49,7 @@ class ServerOptimizer:
         self.cfg = cfg
         self.m: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.steps = 0
 
     def step(self, x: torch.Tensor, delta: torch.Tensor, parameters: torch.Tensor | None = None) -> torch.Tensor:
         """Return the new global vector (``x`` is not modified); ``parameters`` (a bool mask,
@@ -56,19 +70,25 @@ class ServerOptimizer:
             return x + cfg.lr * self.m
         if self.v is None:
             self.v = torch.zeros_like(x)
+        self.steps += 1
         self.m = cfg.beta1 * self.m + (1 - cfg.beta1) * delta
         square = delta**2
+        lr = cfg.lr
         if cfg.name == "adam":
             self.v = cfg.beta2 * self.v + (1 - cfg.beta2) * square
+            if cfg.bias_correction:  # Flower's FedAdam: the exponent is its round + 1
+                lr = cfg.lr * math.sqrt(1 - cfg.beta2 ** (self.steps + 1.0)) / (1 - cfg.beta1 ** (self.steps + 1.0))
         elif cfg.name == "adagrad":
             self.v = self.v + square
         else:
             self.v = self.v - (1 - cfg.beta2) * square * torch.sign(self.v - square)
-        return x + cfg.lr * self.m / (self.v.sqrt() + cfg.eps)
+        return x + lr * self.m / (self.v.sqrt() + cfg.eps)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in (("m", self.m), ("v", self.v)) if v is not None}
+        state = {k: v for k, v in (("m", self.m), ("v", self.v)) if v is not None}
+        return {**state, "steps": torch.tensor(self.steps)} if self.v is not None else state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.m = state.get("m")
         self.v = state.get("v")
+        self.steps = int(state.get("steps", 0))
