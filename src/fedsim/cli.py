@@ -1,5 +1,5 @@
-"""The ``fedsim`` command line: run, validate, partition, report, bench, deploy, auth, clientapp,
-supernode."""
+"""The ``fedsim`` command line: run, validate, algorithms, partition, report, bench, deploy, auth,
+clientapp, supernode."""
 
 from __future__ import annotations
 
@@ -137,6 +137,43 @@ def validate(config: Path, set_: SetOption = None) -> None:
     cfg = _checked(_config(config, set_))
     length = f"horizon {cfg.strategy.horizon:g}" if cfg.strategy.family == "async" else f"{cfg.rounds} rounds"
     console.print(f"[green]ok[/green]: {config} ({cfg.strategy.name}, {cfg.partition.num_clients} clients, {length})")
+
+
+@app.command()
+def algorithms(name: Annotated[str | None, typer.Argument(help="show this algorithm only")] = None) -> None:
+    """List the registered algorithms (fedsim's and installed plug-ins'): arguments and defaults,
+    backends, and the features each combines with."""
+    from fedsim.algorithms import registry
+    from fedsim.algorithms.catalog import FEATURES, describe
+
+    if name is not None:
+        try:
+            entry = describe(name)
+        except registry.UnknownAlgorithm as exc:
+            raise fail("error", exc) from None
+        console.print(f"[bold]{entry.name}[/bold] ({entry.family}, {entry.module}): {entry.description}",
+                      highlight=False)
+        table = Table("argument", "type", "default", "meaning", title=f"strategy.* of {entry.name}")
+        for argument in entry.arguments:
+            table.add_row(argument.name, argument.type, repr(argument.default), argument.description)
+        console.print(table)
+        console.print("backends: " + "; ".join(entry.backends), highlight=False)
+        console.print("combines with: " + (", ".join(entry.combines) or "none of the probed features"),
+                      highlight=False)
+        for feature, why in entry.refuses.items():
+            console.print(f"refuses {feature}: {why}", highlight=False)
+        return
+    table = Table("algorithm", "family", "arguments (defaults)", "batched", "combines with", "what it is",
+                  title=f"{len(registry.names())} algorithms (fedsim algorithms NAME for one)")
+    for algorithm in registry.names():
+        entry = describe(algorithm)
+        arguments = ", ".join(f"{a.name}={a.default!r}" for a in entry.arguments
+                              if a.name not in ("fraction_train", "fraction_evaluate", "min_successful", "server_opt",
+                                                "horizon", "eval_every"))
+        batched = next(b for b in entry.backends if b.startswith("batched")).removeprefix("batched ").strip("()")
+        table.add_row(entry.name, entry.family, arguments or "-", batched,
+                      f"{len(entry.combines)} of {len(FEATURES)}", entry.description)
+    console.print(table)
 
 
 @app.command()

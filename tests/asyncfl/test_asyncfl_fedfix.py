@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from fedsim.algorithms.fedfix import FedFix, FedFixArrival, fedfix_aggregate, fedfix_weights
+from fedsim.algorithms.fedfix import (
+    FedFix,
+    FedFixArrival,
+    fedfix_aggregate,
+    fedfix_weights,
+)
 from fedsim.sim.clock import EventQueue, VirtualClock
 from fedsim.sim.speeds import client_duration, client_speeds
 

@@ -6,7 +6,16 @@ from statistics import NormalDist
 import pytest
 import torch
 
-from fedsim.attacks import alie, alie_z, byzantine_mask, gaussian_noise, ipm, label_flip, scaled_update, sign_flip
+from fedsim.attacks import (
+    alie,
+    alie_z,
+    byzantine_mask,
+    gaussian_noise,
+    ipm,
+    label_flip,
+    scaled_update,
+    sign_flip,
+)
 
 UPDATES = torch.tensor([[1.0, 2.0], [3.0, 6.0], [5.0, 10.0], [-1.0, 4.0]])
 BYZ = [3]  # the last row is Byzantine; benign rows are the first three

@@ -15,7 +15,12 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from fedsim.data import PartitionError, heterogeneity, label_histograms, partition_indices
+from fedsim.data import (
+    PartitionError,
+    heterogeneity,
+    label_histograms,
+    partition_indices,
+)
 
 DIGITS = load_digits().target.astype(np.int64)  # dataset order: writers in blocks
 UNIFORM = np.random.default_rng(0).integers(0, 10, 3000)

@@ -4,7 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.config import ConfigError, ExperimentConfig, apply_override, load_config, validate_config
+from fedsim.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_override,
+    load_config,
+    validate_config,
+)
 
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
 

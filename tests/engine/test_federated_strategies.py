@@ -83,12 +83,13 @@ def fake_updates(ids, dim, seed=0):
 # ----------------------------------------------------------------------------- strategies
 @pytest.mark.parametrize("name, floor", [
     ("fedavg", 0.8), ("fedprox", 0.8), ("median", 0.7), ("trimmed_mean", 0.8), ("krum", 0.45),
-    ("multikrum", 0.8), ("flag", 0.8), ("fedau", 0.8), ("fedld", 0.8), ("fedlex", 0.7),
+    ("multikrum", 0.7), ("flag", 0.8), ("fedau", 0.8), ("fedld", 0.8), ("fedlex", 0.7),
 ])
 def test_each_strategy_learns_digits_in_a_short_run(small_config, name, floor):
     # 10 clients, NIID-Bench's Dirichlet 0.5, 4 rounds of 5 local epochs: FedAvg reaches about
     # 0.84, the median and FedLEx about 0.73;
-    # Krum follows one client's update per round, so it trails the others on non-IID data.
+    # Krum follows one client's update per round, so it trails the others on non-IID data;
+    # Multi-Krum averages the n - f best of 10 updates, f = 3 (the most Krum tolerates), about 0.75.
     path, summary = run_experiment(small_config(*FAST, "rounds=4", f"strategy.name={name}"))
     rows = RunDir.open(path).rows()
     assert summary["status"] == "completed" and len(rows) == 4

@@ -2,6 +2,7 @@ import logging
 
 from flwr.supercore.logger import warn_deprecated_feature
 
+from fedsim.notices import _FILTERS
 from fedsim.sim.flower_notices import quiet_run_simulation_notice
 
 
@@ -16,4 +17,4 @@ def test_only_the_run_simulation_notice_is_dropped_and_only_during_the_call(capl
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
     assert "enable_tf_gpu_growth" in messages[0] and "run_simulation" in messages[1]
-    assert logging.getLogger("flwr").filters == []
+    assert logging.getLogger("flwr").filters == [_FILTERS["flwr"]]  # only the permanent one (fedsim.notices)

@@ -5,7 +5,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    Error,
+    Message,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 
 from fedsim.algorithms.api import ServerOptConfig
 from fedsim.config import load_config
@@ -14,7 +22,12 @@ from fedsim.quant import codecs
 from fedsim.sim.results import RunDir
 from fedsim.sim.runner import run_experiment
 from fedsim.strategies.aggregate import weighted_mean
-from fedsim.strategies.replies import Failure, screen_model_reply, screen_replies, screen_train_replies
+from fedsim.strategies.replies import (
+    Failure,
+    screen_model_reply,
+    screen_replies,
+    screen_train_replies,
+)
 from fedsim.strategies.server_opt import ServerOptimizer
 
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.yaml"

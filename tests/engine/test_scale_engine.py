@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from fedsim.algorithms.fedld import FedLDRegulariser
 from fedsim.algorithms.fedlex import GuidanceMask
 from fedsim.algorithms.fedprox import ProximalTerm
+from fedsim.algorithms.scaffold import ScaffoldCorrection
 from fedsim.clients import batched
 from fedsim.clients.batched import per_sample_loss, train_stacked, vectorisable_reason
 from fedsim.clients.hooks import ClientHook, vectorises
@@ -89,6 +90,34 @@ def test_stacked_training_equals_training_each_client_alone(overrides, hook, ato
         assert math.isclose(results[k].loss, result.loss, rel_tol=1e-5)
     if "local_epochs" in overrides["client"]:  # unequal step counts: rows finish early
         assert shrinks and shrinks[-1] < 6
+
+
+def test_stacked_scaffold_corrects_each_row_with_its_own_control_variate():
+    """SCAFFOLD's stacked correction, g_k - c_k + c with every client's own c_k, trains each
+    row as that client trains alone (rows finishing early included)."""
+    cfg = validate_config({"partition": {"num_clients": 6}, "strategy": {"name": "scaffold"},
+                           "client": {"local_epochs": 2, "momentum": 0.9}})
+    model = make_model(cfg.model, federated_data(cfg).train, cfg.seed)
+    start_state = {k: v.clone() for k, v in model.state_dict().items()}
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(3)
+    c_global = {n: 0.1 * torch.randn(shape, generator=gen) for n, shape in shapes.items()}
+    c_local = [{n: 0.1 * torch.randn(shape, generator=gen) for n, shape in shapes.items()} for _ in range(6)]
+    clients = _clients(cfg, 6)
+    alone = []
+    for k, train_set in enumerate(clients):
+        model.load_state_dict(start_state)
+        hooks = (ScaffoldCorrection(c_local[k], c_global),)
+        train_local(model, train_set, cfg.client, build_objective(cfg, len(train_set.y), hooks),
+                    torch.Generator().manual_seed(k), CPU)
+        alone.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    start = {n: torch.stack([start_state[n]] * len(clients)) for n in shapes}
+    stacked_hook = ScaffoldCorrection({n: torch.stack([c[n] for c in c_local]) for n in shapes}, c_global)
+    final, _ = train_stacked(model, start, clients, [torch.Generator().manual_seed(k) for k in range(6)], cfg.client,
+                             build_objective(cfg, 1, (stacked_hook,), per_sample=True), CPU)
+    for k, params in enumerate(alone):
+        for name, value in params.items():
+            torch.testing.assert_close(final[name][k], value, rtol=0, atol=1e-6)
 
 
 def test_stacked_training_needs_clients_in_decreasing_order_of_steps():
@@ -164,6 +193,8 @@ BACKEND_CASES = {
     "cnn-fedavg": ("model.name=cnn", "strategy.name=fedavg", "client.local_epochs=1"),
     "cnn-fedprox": ("model.name=cnn", "strategy.name=fedprox", "strategy.mu=0.1", "client.local_epochs=1"),
     "cnn-median": ("model.name=cnn", "strategy.name=median", "client.local_epochs=1"),
+    "mlp-scaffold": ("model.name=mlp", "strategy.name=scaffold"),
+    "mlp-fedlex": ("model.name=mlp", "strategy.name=fedlex", "strategy.explore_rounds=1", "strategy.scouts=3"),
 }
 
 

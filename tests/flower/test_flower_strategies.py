@@ -12,7 +12,16 @@ import random
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
@@ -23,7 +32,13 @@ from fedsim.algorithms.fedau import FedAUConfig, fedau_aggregate
 from fedsim.algorithms.fedld import FedLDConfig, fedld_aggregate
 from fedsim.algorithms.fedlex import FedLExConfig, guidance_matrix
 from fedsim.algorithms.flag import FlagConfig, flag_aggregate
-from fedsim.algorithms.krum import KrumConfig, MultiKrumConfig, krum, krum_max_byzantine, multi_krum
+from fedsim.algorithms.krum import (
+    KrumConfig,
+    MultiKrumConfig,
+    krum,
+    krum_max_byzantine,
+    multi_krum,
+)
 from fedsim.algorithms.median import coordinate_median
 from fedsim.algorithms.trimmed_mean import TrimmedMeanConfig, trimmed_mean
 from fedsim.sim.inprocess import InProcessGrid

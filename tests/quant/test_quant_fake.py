@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torchao.quantization.qat import IntxFakeQuantizeConfig, IntxFakeQuantizer
-from torchao.quantization.quant_primitives import MappingType, _fake_quantize_affine, choose_qparams_affine
+from torchao.quantization.quant_primitives import (
+    MappingType,
+    _fake_quantize_affine,
+    choose_qparams_affine,
+)
 
 from fedsim.quant import fake_quantize
 from fedsim.quant.fake import choose_qparams, quant_range

@@ -8,7 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizer
 
-from fedsim.quant import QATController, QATRecipe, convert, fake_quantize, prepare_qat, set_qat_enabled
+from fedsim.quant import (
+    QATController,
+    QATRecipe,
+    convert,
+    fake_quantize,
+    prepare_qat,
+    set_qat_enabled,
+)
 from fedsim.quant.qat import FakeQuantizer, LSQQuantizer, QATConv2d
 
 

@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from fedsim.algorithms.fedld import fedld_aggregate, fedld_directions, fedld_rebuild, fedld_regulariser
+from fedsim.algorithms.fedld import (
+    fedld_aggregate,
+    fedld_directions,
+    fedld_rebuild,
+    fedld_regulariser,
+)
 
 
 def test_fedld_rebuilt_updates_keep_their_norms():

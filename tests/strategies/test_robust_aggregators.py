@@ -3,7 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, aggregate_trimmed_avg
+from flwr.server.strategy.aggregate import (
+    aggregate_krum,
+    aggregate_median,
+    aggregate_trimmed_avg,
+)
 
 from fedsim.algorithms.krum import krum, krum_max_byzantine, krum_scores, multi_krum
 from fedsim.algorithms.median import coordinate_median

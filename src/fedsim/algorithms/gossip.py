@@ -29,7 +29,13 @@ from torch import Tensor
 
 from fedsim.algorithms.api import Algorithm, Family, StrategySection
 from fedsim.clients.features import ClientFeature
-from fedsim.clients.gossip_node import MIXED_RECORD, held_model, keep_model, version, weight_layers
+from fedsim.clients.gossip_node import (
+    MIXED_RECORD,
+    held_model,
+    keep_model,
+    version,
+    weight_layers,
+)
 from fedsim.params import ParamSpec
 from fedsim.quant import codecs
 from fedsim.records import to_numpy, to_record

@@ -23,7 +23,11 @@ from pydantic import Field
 
 from fedsim.algorithms.api import SyncStrategyBase
 from fedsim.config_checks import clients_per_round
-from fedsim.strategies.aggregate import check_updates, pairwise_sq_distances, weighted_mean
+from fedsim.strategies.aggregate import (
+    check_updates,
+    pairwise_sq_distances,
+    weighted_mean,
+)
 from fedsim.strategies.base import FedsimStrategy
 from fedsim.strategies.replies import ClientUpdate
 

@@ -46,12 +46,16 @@ def unknown_message(name: object) -> str:
     return f"{name!r} is not an algorithm; known: {', '.join(names())}"
 
 
-@functools.cache
 def get(name: str) -> type[Algorithm]:
     """The algorithm registered as ``name``; :class:`UnknownAlgorithm` if there is none."""
-    entry = _entries().get(name) if isinstance(name, str) else None
-    if entry is None:
+    if not isinstance(name, str) or name not in _entries():
         raise UnknownAlgorithm(unknown_message(name))
+    return _load(name)
+
+
+@functools.cache
+def _load(name: str) -> type[Algorithm]:
+    entry = _entries()[name]
     algorithm = entry.load()
     if getattr(algorithm, "name", None) != name:
         raise RuntimeError(f"entry point {name!r} ({entry.value}) loads {algorithm!r}, whose name is "

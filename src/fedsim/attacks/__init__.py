@@ -1,7 +1,15 @@
 """Byzantine attacks: pure functions on stacked updates or labels, plus a name registry."""
 
 from fedsim.attacks.data_poisoning import label_flip
-from fedsim.attacks.model_poisoning import alie, alie_z, byzantine_mask, gaussian_noise, ipm, scaled_update, sign_flip
+from fedsim.attacks.model_poisoning import (
+    alie,
+    alie_z,
+    byzantine_mask,
+    gaussian_noise,
+    ipm,
+    scaled_update,
+    sign_flip,
+)
 from fedsim.attacks.registry import (
     ALIE,
     ATTACKS,

@@ -18,7 +18,14 @@ import numpy as np
 import torch
 
 from fedsim.attacks.data_poisoning import label_flip
-from fedsim.attacks.model_poisoning import ByzantineRows, alie, gaussian_noise, ipm, scaled_update, sign_flip
+from fedsim.attacks.model_poisoning import (
+    ByzantineRows,
+    alie,
+    gaussian_noise,
+    ipm,
+    scaled_update,
+    sign_flip,
+)
 
 __all__ = [
     "ALIE",

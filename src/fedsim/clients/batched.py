@@ -36,9 +36,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from fedsim.clients.features import stacked_reason
 from fedsim.clients.objective import ClientObjective
 from fedsim.clients.train import TrainResult, batch_schedule, build_optimizer
+from fedsim.clients.training_features import stacked_reason
 from fedsim.config import ClientConfig, ExperimentConfig
 from fedsim.data import ArrayDataset
 from fedsim.losses import REGISTRY

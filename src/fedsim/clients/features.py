@@ -15,17 +15,16 @@ to compose, with no name of a feature known there:
   which checkpoints carry.
 
 Algorithms declare theirs as their ``client`` attribute (:mod:`fedsim.algorithms.api`);
-fedsim's own training features are listed in :data:`TRAINING_FEATURES`, and third-party
-ones register in the entry-point group ``fedsim.client_features`` (a class taking the
-experiment config, whose ``applies(cfg)`` says whether the run uses it).
+fedsim's own training features, and the composition of a run's features, are in
+:mod:`fedsim.clients.training_features`; third-party ones register in the entry-point group
+``fedsim.client_features`` (a class taking the experiment config, whose ``applies(cfg)``
+says whether the run uses it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Hashable, MutableMapping, Sequence
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -37,9 +36,6 @@ if TYPE_CHECKING:
     from fedsim.config import ExperimentConfig
     from fedsim.data import ArrayDataset
     from fedsim.params import ParamSpec
-
-FEATURE_GROUP = "fedsim.client_features"
-
 
 @dataclasses.dataclass
 class ClientContext:
@@ -106,25 +102,3 @@ class ClientFeature:
     def finish(self, ctx: ClientContext, update: torch.Tensor, steps: int) -> dict[str, ArrayRecord]:
         """Records to add to the reply, given the client's flat update and its local steps."""
         return {}
-
-
-@functools.cache
-def _registered() -> tuple[type, ...]:
-    return tuple(entry.load() for entry in sorted(entry_points(group=FEATURE_GROUP), key=lambda e: e.name))
-
-
-def client_features(cfg: ExperimentConfig) -> tuple[ClientFeature, ...]:
-    """The features of ``cfg``'s clients: its algorithm's client half, fedsim's training
-    features that apply, then registered third-party ones that apply."""
-    from fedsim.algorithms import registry
-    from fedsim.clients.training_features import TRAINING_FEATURES
-
-    algorithm = registry.get(cfg.strategy.name)
-    features = [algorithm.client] if algorithm.client is not None else []
-    features += [feature(cfg) for feature in (*TRAINING_FEATURES, *_registered()) if feature.applies(cfg)]
-    return tuple(features)
-
-
-def stacked_reason(cfg: ExperimentConfig) -> str | None:
-    """Why ``cfg``'s clients cannot train stacked (the first feature that says so), or None."""
-    return next((reason for feature in client_features(cfg) if (reason := feature.stacked_reason(cfg))), None)

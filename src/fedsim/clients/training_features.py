@@ -1,16 +1,18 @@
-"""fedsim's own client-side training features, declared as :class:`ClientFeature` s.
-
-Each applies when its section of the experiment asks for it; the client runtime composes
-them with the algorithm's client half (:func:`fedsim.clients.features.client_features`).
+"""fedsim's own client-side training features, declared as :class:`ClientFeature` s, and the
+features of a run: :func:`client_features` composes the algorithm's client half, these where
+they apply, and third-party ones registered in the entry-point group ``fedsim.client_features``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from fedsim.algorithms import registry
 from fedsim.attacks import build_attack, choose_byzantine
 from fedsim.clients.features import ClientContext, ClientFeature
 from fedsim.clients.quantization import EF_STATE_KEY, LOCAL_PARAMETERS_KEY
@@ -19,6 +21,8 @@ from fedsim.losses import REGISTRY
 if TYPE_CHECKING:
     from fedsim.config import ExperimentConfig
     from fedsim.data import ArrayDataset
+
+FEATURE_GROUP = "fedsim.client_features"
 
 LOSS_STATE_KEY = "loss-state"
 """Where a client keeps its stateful loss's per-sample buffers (ALDR-KL, SogCLR, iSogCLR)."""
@@ -93,3 +97,22 @@ class LabelFlip(ClientFeature):
 
 
 TRAINING_FEATURES: tuple[type, ...] = (Loss, QuantizedTraining, UplinkErrorFeedback, LabelFlip)
+
+
+@functools.cache
+def _registered() -> tuple[type, ...]:
+    return tuple(entry.load() for entry in sorted(entry_points(group=FEATURE_GROUP), key=lambda e: e.name))
+
+
+def client_features(cfg: ExperimentConfig) -> tuple[ClientFeature, ...]:
+    """The features of ``cfg``'s clients: its algorithm's client half, fedsim's training
+    features that apply, then registered third-party ones that apply."""
+    algorithm = registry.get(cfg.strategy.name)
+    features = [algorithm.client] if algorithm.client is not None else []
+    features += [feature(cfg) for feature in (*TRAINING_FEATURES, *_registered()) if feature.applies(cfg)]
+    return tuple(features)
+
+
+def stacked_reason(cfg: ExperimentConfig) -> str | None:
+    """Why ``cfg``'s clients cannot train stacked (the first feature that says so), or None."""
+    return next((reason for feature in client_features(cfg) if (reason := feature.stacked_reason(cfg))), None)

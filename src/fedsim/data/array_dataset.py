@@ -95,7 +95,9 @@ def split_train_test(
     tuple[ArrayDataset, ArrayDataset]
         ``(train, test)``.
     """
-    from sklearn.model_selection import train_test_split  # scikit-learn takes seconds to import
+    from sklearn.model_selection import (
+        train_test_split,  # scikit-learn takes seconds to import
+    )
 
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction: {test_fraction} is not in (0, 1)")

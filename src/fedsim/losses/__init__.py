@@ -22,14 +22,25 @@ from .anyloss import AnyLoss, any_loss
 from .auc import AUCMWLoss, auc_mw_loss
 from .centroid_triplet import CentroidTripletLoss, centroid_triplet_loss
 from .compsum import CompSumLoss, compsum_loss
-from .contrastive import InfoNCELoss, ISogCLRLoss, SogCLRLoss, info_nce_loss, isogclr_loss, sogclr_loss
+from .contrastive import (
+    InfoNCELoss,
+    ISogCLRLoss,
+    SogCLRLoss,
+    info_nce_loss,
+    isogclr_loss,
+    sogclr_loss,
+)
 from .cross_entropy import CrossEntropyLoss, PaLMZLoss, palm_z_loss
 from .dice import DiceLoss, dice_loss
 from .ensloss import EnsLoss, ens_loss, random_calibrated_derivative
 from .harmonic import HarmonicLoss, harmonic_loss
 from .ldr import ALDRKLLoss, LDRKLLoss, aldr_kl_loss, ldr_kl_loss
 from .linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
-from .multi_similarity import MultiSimilarityLoss, multi_similarity_loss, multi_similarity_mine
+from .multi_similarity import (
+    MultiSimilarityLoss,
+    multi_similarity_loss,
+    multi_similarity_mine,
+)
 from .orthogonal_projection import OrthogonalProjectionLoss, orthogonal_projection_loss
 from .registry import INPUTS, REGISTRY, RENAMED, TASKS, available, build
 from .spherical_z_loss import SphericalZLoss, spherical_z_loss

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._common import check_binary_targets, check_logits, check_non_negative, one_hot_like
+from ._common import (
+    check_binary_targets,
+    check_logits,
+    check_non_negative,
+    one_hot_like,
+)
 
 
 def _soft_dice(probabilities: Tensor, truth: Tensor, smooth: float) -> Tensor:

@@ -36,7 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedsim.quant.fake import SUPPORTED_BITS, check_choice, fake_quantize, quant_range, stochastic_round
+from fedsim.quant.fake import (
+    SUPPORTED_BITS,
+    check_choice,
+    fake_quantize,
+    quant_range,
+    stochastic_round,
+)
 from fedsim.quant.layers import conv2d_sharing, reject_prepared, swap_layers
 
 

@@ -35,7 +35,11 @@ from fedsim.quant.layers import conv2d_sharing, reject_prepared, swap_layers
 from fedsim.quant.torchao_import import quiet_torchao_import
 
 with quiet_torchao_import():
-    from torchao.quantization.qat import FakeQuantizedLinear, FakeQuantizerBase, IntxFakeQuantizeConfig
+    from torchao.quantization.qat import (
+        FakeQuantizedLinear,
+        FakeQuantizerBase,
+        IntxFakeQuantizeConfig,
+    )
 
 WEIGHT_BITS = (2, 4, 8)
 ACTIVATION_BITS = (None, 2, 4, 8)

@@ -55,9 +55,22 @@ from fedsim.data import ArrayDataset
 from fedsim.params import ParamSpec
 from fedsim.records import to_state_dict
 from fedsim.seeding import derive_seed
-from fedsim.sim.arrivals import LOST, Arrival, Job, SimulatedDevices, VirtualArrivals, WallArrivals
+from fedsim.sim.arrivals import (
+    LOST,
+    Arrival,
+    Job,
+    SimulatedDevices,
+    VirtualArrivals,
+    WallArrivals,
+)
 from fedsim.sim.clock import Clock, WallClock
-from fedsim.sim.components import FederatedData, federated_data, make_model, predict_fn, resolve_device
+from fedsim.sim.components import (
+    FederatedData,
+    federated_data,
+    make_model,
+    predict_fn,
+    resolve_device,
+)
 from fedsim.sim.loop import Steps, fmt_metric, run_steps
 from fedsim.sim.messaging import client_nodes, send_and_collect
 from fedsim.sim.results import RunDir

@@ -39,7 +39,7 @@ from flwr.clientapp import ClientApp
 from fedsim.algorithms import registry
 from fedsim.clients import gossip_node
 from fedsim.clients.batched import stack_size, train_stacked, vectorisable_reason
-from fedsim.clients.features import ClientContext, ClientFeature, client_features
+from fedsim.clients.features import ClientContext, ClientFeature
 from fedsim.clients.hooks import ClientHook, vectorises
 from fedsim.clients.objective import ClientObjective
 from fedsim.clients.quantization import (
@@ -49,8 +49,14 @@ from fedsim.clients.quantization import (
     restore_local_parameters,
     trained_state,
 )
-from fedsim.clients.train import TrainResult, build_optimizer, evaluate_many, local_steps, train_local
-from fedsim.clients.training_features import LOSS_STATE_KEY
+from fedsim.clients.train import (
+    TrainResult,
+    build_optimizer,
+    evaluate_many,
+    local_steps,
+    train_local,
+)
+from fedsim.clients.training_features import LOSS_STATE_KEY, client_features
 from fedsim.config import ExperimentConfig
 from fedsim.data import ArrayDataset
 from fedsim.data import cache as partition_cache

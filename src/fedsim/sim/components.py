@@ -19,10 +19,21 @@ from torch import nn
 from fedsim import losses
 from fedsim.clients.hooks import ClientHook
 from fedsim.clients.objective import ClientObjective
-from fedsim.config import DataConfig, ExperimentConfig, ModelConfig, PartitionConfig, SpeedConfig
+from fedsim.config import (
+    DataConfig,
+    ExperimentConfig,
+    ModelConfig,
+    PartitionConfig,
+    SpeedConfig,
+)
 from fedsim.data import ArrayDataset, load_dataset
 from fedsim.data import cache as partition_cache
-from fedsim.data.partition import FeatureNoise, noise_scales, partition_indices, split_client
+from fedsim.data.partition import (
+    FeatureNoise,
+    noise_scales,
+    partition_indices,
+    split_client,
+)
 from fedsim.models import build_model
 from fedsim.models.init import xavier_init
 from fedsim.seeding import derive_seed

@@ -66,7 +66,13 @@ from fedsim.strategies.replies import (
     screen_replies,
     screen_train_reply,
 )
-from fedsim.topology import Topology, make_topology, mixing_matrix, neighbour_average_matrix, neighbours
+from fedsim.topology import (
+    Topology,
+    make_topology,
+    mixing_matrix,
+    neighbour_average_matrix,
+    neighbours,
+)
 
 log = logging.getLogger(__name__)
 

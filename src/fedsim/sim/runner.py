@@ -115,7 +115,9 @@ def run_experiment(cfg: ExperimentConfig, *, resume: str | Path | None = None, r
         grid = InProcessGrid(ClientRuntime(cfg, vectorise), cfg.partition.num_clients)
         outcome.update(serve(grid, cfg, run, resume is not None, show_progress))
         return run.path, outcome
-    from flwr.simulation import run_simulation  # imports Ray: not for a deployed ServerApp, which needs serve()
+    from flwr.simulation import (
+        run_simulation,  # imports Ray: not for a deployed ServerApp, which needs serve()
+    )
 
     # The driver writes the partitioned data to a disk cache of this run; Ray's workers map
     # it instead of each loading and partitioning the data again (seconds and a copy each).

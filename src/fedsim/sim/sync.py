@@ -22,7 +22,13 @@ from fedsim.clients.train import evaluate
 from fedsim.config import ExperimentConfig
 from fedsim.params import ParamSpec
 from fedsim.records import to_state_dict
-from fedsim.sim.components import FederatedData, federated_data, make_model, predict_fn, resolve_device
+from fedsim.sim.components import (
+    FederatedData,
+    federated_data,
+    make_model,
+    predict_fn,
+    resolve_device,
+)
 from fedsim.sim.loop import Steps, fmt_metric, run_steps
 from fedsim.sim.messaging import PartitionGrid, client_nodes, send_and_collect
 from fedsim.sim.rejoin import NodeWatch

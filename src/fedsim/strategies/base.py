@@ -46,7 +46,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
@@ -56,15 +64,20 @@ from pydantic import ValidationError
 from fedsim.algorithms.api import Algorithm, SyncStrategyBase
 from fedsim.attacks import ATTACKS, build_attack, choose_byzantine
 from fedsim.clients.quantization import build_codec
-from fedsim.flower.screening import screen_evaluate_replies
-from fedsim.flower.screening import screen_train_replies as screen_flower_replies
 from fedsim.params import ParamSpec
 from fedsim.quant.error_feedback import ServerEstimate
 from fedsim.records import to_state_dict
 from fedsim.seeding import derive_seed
 from fedsim.strategies.aggregate import weighted_mean
 from fedsim.strategies.evaluation import client_accuracy_percentiles, mean_train_metrics
-from fedsim.strategies.replies import EF_RESET, ClientUpdate, Failure, screen_train_replies
+from fedsim.strategies.replies import (
+    EF_RESET,
+    ClientUpdate,
+    Failure,
+    screen_train_replies,
+)
+from fedsim.strategies.screening import screen_evaluate_replies
+from fedsim.strategies.screening import screen_train_replies as screen_flower_replies
 from fedsim.strategies.server_opt import ServerOptimizer
 
 if TYPE_CHECKING:
