@@ -365,6 +365,10 @@ class FedsimStrategy(Algorithm, FedAvg):
             raise RuntimeError(f"{type(self).__name__}.aggregate_train: no global arrays; "
                                "configure_train sends them, call it first (strategy.start does)")
         accepted, failures = self.screen(list(replies))
+        for u in accepted:
+            if "ray-node" in u.metrics:
+                log.debug("round %d: client %d trained on Ray node %012x", server_round, u.partition_id,
+                          int(u.metrics["ray-node"]))
         self.report.accepted = [u.partition_id for u in accepted]
         self.report.failures = failures
         self.report.bytes_up = sum(u.nbytes for u in accepted)
