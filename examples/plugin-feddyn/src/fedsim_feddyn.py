@@ -37,8 +37,8 @@ stays the mean of all clients' ``h_i`` as long as every reply is accepted.
 Where the state lives
 ---------------------
 ``h`` in the strategy (its ``state_dict``, so in every checkpoint); each ``h_i`` in client
-``i``'s own Context state under :data:`STATE_KEY`, one array per parameter, which fedsim's
-simulation checkpoints carry, so a resumed run ends as an uninterrupted one. Buffers
+``i``'s own Context state under :data:`GRADIENT_STATE_KEY`, one array per parameter, which
+fedsim's simulation checkpoints carry, so a resumed run ends as an uninterrupted one. Buffers
 (BatchNorm statistics) are not parameters: their entries of ``h_i`` and ``h`` stay 0, and
 they take the plain mean. A reply the server drops (a crashed client, NaN) leaves its
 client's ``h_i`` moved and ``h`` not; under a lossy uplink codec the server's ``h`` takes
@@ -52,9 +52,10 @@ the config entry ``"feddyn-alpha"`` (:data:`ALPHA_KEY`); the ClientApp adds the 
 :class:`DynamicRegulariser` and keeps ``h_i`` with :func:`gradient_state`,
 :func:`feddyn_client_step` and :func:`keep_gradient_state`::
 
+    alpha = msg.content["config"][ALPHA_KEY]
     start = {name: p.detach().clone() for name, p in model.named_parameters()}
     h = gradient_state(context.state, start)
-    term = DynamicRegulariser(msg.content["config"][ALPHA_KEY], h, start)
+    term = DynamicRegulariser(alpha, h, start)
     ...  # loss = cross_entropy(model(x), y) + term.extra_loss(model, logits) at every step
     keep_gradient_state(context.state, {name: feddyn_client_step(h[name], p.detach() - start[name], alpha)
                                         for name, p in model.named_parameters()})
@@ -78,13 +79,13 @@ from fedsim.strategies.aggregate import check_updates
 from fedsim.strategies.base import FedsimStrategy
 from fedsim.strategies.replies import ClientUpdate
 
-__all__ = ["ALPHA_KEY", "STATE_KEY", "DynamicRegulariser", "FedDyn", "FedDynConfig", "dynamic_regulariser",
-           "feddyn_client_step", "feddyn_model_update", "feddyn_server_step", "gradient_state",
+__all__ = ["ALPHA_KEY", "GRADIENT_STATE_KEY", "DynamicRegulariser", "FedDyn", "FedDynConfig",
+           "dynamic_regulariser", "feddyn_client_step", "feddyn_model_update", "feddyn_server_step", "gradient_state",
            "keep_gradient_state", "stacked_dynamic_regulariser"]
 
 ALPHA_KEY = "feddyn-alpha"
 """Config entry of every training message: ``alpha``, for a Flower app's ClientApp."""
-STATE_KEY = "feddyn-gradient"
+GRADIENT_STATE_KEY = "feddyn-gradient"
 """Where a client keeps its ``h_i`` in its Context state (an ArrayRecord, one array per parameter)."""
 
 
@@ -218,14 +219,15 @@ def gradient_state(state: Mapping, like: Mapping[str, torch.Tensor]) -> dict[str
     like : mapping of str to torch.Tensor
         The parameters ``h_i`` is kept for, e.g. the model's start.
     """
-    kept = to_state_dict(state[STATE_KEY]) if STATE_KEY in state else {}
+    kept = to_state_dict(state[GRADIENT_STATE_KEY]) if GRADIENT_STATE_KEY in state else {}
     return {name: kept[name].to(device=p.device, dtype=p.dtype) if name in kept else torch.zeros_like(p)
             for name, p in like.items()}
 
 
 def keep_gradient_state(state: MutableMapping, h: Mapping[str, torch.Tensor]) -> None:
     """Keep a client's ``h_i`` (per parameter) in its Context ``state``."""
-    state[STATE_KEY] = to_record({name: value.detach().cpu().contiguous().numpy() for name, value in h.items()})
+    state[GRADIENT_STATE_KEY] = to_record({name: value.detach().cpu().contiguous().numpy()
+                                           for name, value in h.items()})
 
 
 class DynamicRegulariser(ClientHook):
@@ -257,7 +259,7 @@ class FedDynClient(ClientFeature):
     """FedDyn's client half: the dynamic regulariser from the client's ``h_i``, and ``h_i``
     updated after training. Stacked, each row is regularised with its own client's ``h_i``."""
 
-    state_keys = (STATE_KEY,)
+    state_keys = (GRADIENT_STATE_KEY,)
 
     def key(self, ctx: ClientContext) -> Hashable:
         return ctx.cfg.strategy.alpha
@@ -311,7 +313,8 @@ class FedDyn(FedsimStrategy):
 
     name = "feddyn"
     Config = FedDynConfig
-    description = "FedDyn (Acar et al. 2021): clients add -<h_i, w> + alpha/2 ||w - w_global||^2; server corrects by -h/alpha"
+    description = ("FedDyn (Acar et al. 2021): clients add -<h_i, w> + alpha/2 ||w - w_global||^2; "
+                   "the server corrects the mean update by -h/alpha")
     client = FedDynClient()
     reads_round_replies = "updates its state h with the round's own replies"
 

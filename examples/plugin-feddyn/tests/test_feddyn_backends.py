@@ -41,8 +41,8 @@ def _assert_same_state(got: Path, want: Path, atol: float) -> None:
     torch.testing.assert_close(a.strategy["feddyn_h"], b.strategy["feddyn_h"], atol=atol, rtol=0)
     assert sorted(a.clients) == sorted(b.clients) == list(range(10))
     for pid, state in b.clients.items():
-        want_h = to_state_dict(state[fedsim_feddyn.STATE_KEY])
-        got_h = to_state_dict(a.clients[pid][fedsim_feddyn.STATE_KEY])
+        want_h = to_state_dict(state[fedsim_feddyn.GRADIENT_STATE_KEY])
+        got_h = to_state_dict(a.clients[pid][fedsim_feddyn.GRADIENT_STATE_KEY])
         for name, value in want_h.items():
             torch.testing.assert_close(got_h[name], value, atol=atol, rtol=0)
 
@@ -57,7 +57,7 @@ def test_feddyn_runs_in_process_from_the_cli_and_learns(tmp_path):
     assert run.summary()["final_accuracy"] >= 0.85  # FedAvg: about 0.9 after 3 rounds
     ckpt = run.latest_checkpoint()
     assert ckpt.strategy["feddyn_h"].abs().max() > 0
-    assert all(fedsim_feddyn.STATE_KEY in ckpt.clients[pid] for pid in range(10))
+    assert all(fedsim_feddyn.GRADIENT_STATE_KEY in ckpt.clients[pid] for pid in range(10))
 
 
 def test_batched_trains_the_clients_stacked_to_the_numbers_of_one_at_a_time(tmp_path, monkeypatch):

@@ -71,7 +71,7 @@ def test_feddyn_in_a_flower_app_computes_the_papers_algorithm(tmp_path):
                                atol=1e-5, rtol=1e-5)
     for pid, context in grid.contexts.items():
         if any(pid in s for s in sampled):
-            kept = to_state_dict(context.state[fedsim_feddyn.STATE_KEY])
+            kept = to_state_dict(context.state[fedsim_feddyn.GRADIENT_STATE_KEY])
             for name, value in reference.h_clients[pid].items():
                 torch.testing.assert_close(kept[name], value, atol=1e-5, rtol=1e-5)
     assert max(v.abs().max() for v in reference.h.values()) / alpha > 1e-2  # the correction mattered

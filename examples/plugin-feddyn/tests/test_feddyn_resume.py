@@ -15,7 +15,7 @@ import torch
 from fedsim.config import load_config
 from fedsim.sim.results import RunDir
 from fedsim.sim.runner import run_experiment
-from fedsim_feddyn import STATE_KEY
+from fedsim_feddyn import GRADIENT_STATE_KEY
 
 QUICKSTART = Path(__file__).parents[3] / "configs" / "quickstart.yaml"
 ROUNDS = 8
@@ -48,7 +48,7 @@ def test_a_killed_feddyn_run_resumes_to_exactly_the_uninterrupted_numbers(tmp_pa
     assert len(RunDir.open(killed_dir).rows()) < ROUNDS
     checkpoint = RunDir.open(killed_dir).latest_checkpoint()
     assert checkpoint.strategy["feddyn_h"].abs().max() > 0
-    assert any(STATE_KEY in state for state in checkpoint.clients.values())
+    assert any(GRADIENT_STATE_KEY in state for state in checkpoint.clients.values())
 
     done = subprocess.run([*fedsim, "run", "--resume", str(killed_dir), "--no-progress"], capture_output=True,
                           text=True, timeout=300)

@@ -13,7 +13,7 @@ from fedsim.records import to_state_dict
 from fedsim.sim.components import federated_data, make_model
 from fedsim.sim.runner import run_experiment
 from fedsim.strategies.participation import build_sampler
-from fedsim_feddyn import STATE_KEY, DynamicRegulariser, dynamic_regulariser, stacked_dynamic_regulariser
+from fedsim_feddyn import GRADIENT_STATE_KEY, DynamicRegulariser, dynamic_regulariser, stacked_dynamic_regulariser
 
 QUICKSTART = Path(__file__).parents[3] / "configs" / "quickstart.yaml"
 ALPHA, LR, STEPS, ROUNDS = 0.1, 0.3, 3, 3
@@ -43,11 +43,11 @@ def test_feddyn_run_equals_the_papers_algorithm_in_plain_pytorch(tmp_path):
         torch.testing.assert_close(ckpt["strategy"]["feddyn_h"], spec.flatten(want.h), atol=1e-5, rtol=1e-5)
         for i, h_i in enumerate(want.h_clients):
             if any(i in s for s in sampled[:rnd]):
-                kept = to_state_dict(ckpt["clients"][i][STATE_KEY])
+                kept = to_state_dict(ckpt["clients"][i][GRADIENT_STATE_KEY])
                 for name, value in h_i.items():
                     torch.testing.assert_close(kept[name], value, atol=1e-5, rtol=1e-5)
             else:  # a client that has not trained yet keeps no state
-                assert STATE_KEY not in ckpt["clients"].get(i, {})
+                assert GRADIENT_STATE_KEY not in ckpt["clients"].get(i, {})
     # the run exercised every term: a client trained twice (its -<h_i, theta> mattered) and
     # the server's correction -h/alpha is not small beside the mean update
     assert len({i for s in sampled for i in s}) < sum(len(s) for s in sampled)
