@@ -329,9 +329,7 @@ class FedDyn(FedsimStrategy):
     def observe(self, server_round: int, accepted: list[ClientUpdate]) -> None:
         if not accepted:
             return
-        updates = torch.stack([u.update for u in accepted])
-        if self._parameters is not None:  # buffers keep no state
-            updates = updates * self._parameters
+        updates = torch.stack([u.update for u in accepted]) * self.spec.parameter_mask()  # buffers keep no state
         if self.h is None:
             self.h = torch.zeros(updates.shape[1], dtype=updates.dtype)
         # a node that replied and then left a Flower app's grid still counts among the N clients
