@@ -1,5 +1,6 @@
-# fedsim: `make run` runs the quickstart experiment, `make test` runs the test suite.
-# Both create .venv when it is missing. torch is pinned to the CPU build (2.13.0) and
+# fedsim: `make run` runs the quickstart experiment, `make test` runs the test suite (with
+# the tests of the example plug-in examples/plugin-feddyn, which it installs). Both create
+# .venv when it is missing. torch is pinned to the CPU build (2.13.0) and
 # installed first, so no dependency pulls a multi-GB CUDA build.
 PYTHON ?= python3
 VENV := .venv
@@ -8,11 +9,12 @@ STAMP := $(VENV)/.fedsim-installed
 
 .PHONY: run test bench-overhead bench-deploy docker-test clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml examples/plugin-feddyn/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e examples/plugin-feddyn
 	touch $(STAMP)
 
 run: $(STAMP)
