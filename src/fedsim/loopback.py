@@ -110,6 +110,7 @@ class LoopbackDeployment:
         self.extra: list[subprocess.Popen] = []
 
     def _popen(self, name: str, *args: str) -> subprocess.Popen:
+        self.home.mkdir(parents=True, exist_ok=True)
         log = (self.home / f"{name}.log").open("a")
         return subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=self.home, env=self.env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)

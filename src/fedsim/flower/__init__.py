@@ -38,13 +38,16 @@ def _exports() -> dict[str, Any]:
 
     from fedsim.strategies.base import FedsimStrategy
 
-    exports: dict[str, Any] = {}
+    exports: dict[str, Any] = {"FedsimStrategy": FedsimStrategy}
     for algorithm in registry.all_algorithms().values():
         if isinstance(algorithm, type) and issubclass(algorithm, FedsimStrategy):
             module = sys.modules[algorithm.__module__]
-            exports.update({name: getattr(module, name) for name in getattr(module, "__all__", ())})
-            exports[algorithm.__name__] = algorithm
-    exports["FedsimStrategy"] = FedsimStrategy
+            for name in {*getattr(module, "__all__", ()), algorithm.__name__}:
+                value = getattr(module, name)
+                if exports.setdefault(name, value) is not value:
+                    raise RuntimeError(f"fedsim.flower: {name!r} is exported by two algorithm modules, "
+                                       f"{getattr(exports[name], '__module__', '?')} and {module.__name__}; "
+                                       "rename one of them")
     return exports
 
 
