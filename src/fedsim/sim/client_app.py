@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from fedsim.attacks import build_attack, choose_byzantine
 from fedsim.clients import gossip_node
@@ -73,8 +74,6 @@ from fedsim.sim.ray_node import ray_node_metric
 from fedsim.strategies.replies import EF_RESET, TIMEOUT_CODE
 
 LOSS_STATE_KEY = "loss-state"
-# Flower's error code for an exception raised inside a ClientApp
-CLIENT_APP_RAISED_EXCEPTION = 0
 
 
 class PartitionState(MutableMapping):
@@ -125,7 +124,7 @@ class Outcome:
         if self.seconds > timeout_s:
             return groups.MemberReply(partition_id, None, TIMEOUT_CODE, f"took {self.seconds:.1f} s")
         if self.error is not None:
-            return groups.MemberReply(partition_id, None, CLIENT_APP_RAISED_EXCEPTION,
+            return groups.MemberReply(partition_id, None, ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                                       f"{type(self.error).__name__}: {self.error}")
         return groups.MemberReply(partition_id, self.reply)
 

@@ -23,14 +23,13 @@ import time
 from collections.abc import Iterable
 
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedsim.sim import groups
 from fedsim.sim.messaging import PartitionGrid
 from fedsim.strategies.replies import TIMEOUT_CODE
-
-UNSENT_CODE = 3  # Flower's NODE_UNAVAILABLE
 
 
 def engine_nodes(num_partitions: int, clients_per_node: int) -> int:
@@ -121,7 +120,7 @@ class GroupedGrid(PartitionGrid):
                 self._groups[carrier.metadata.message_id] = members
             else:
                 for msg in members:
-                    self.answer(msg, groups.MemberReply(self.partition_of(msg), None, UNSENT_CODE,
+                    self.answer(msg, groups.MemberReply(self.partition_of(msg), None, ErrorCode.NODE_UNAVAILABLE,
                                                         "the grid did not accept the message"))
         return ids
 
