@@ -258,7 +258,6 @@ class ClientRuntime:
         if handler is None:
             error = ValueError(f"fedsim clients do not handle {message_type!r} messages")
             return [Outcome(None, error, 0.0) for _ in members]
-        torch.set_num_threads(max(1, int(self.cfg.sim.num_cpus_per_client)))
         if self.cache_dir is not None and partition_cache.active() is None:
             partition_cache.enable(self.cache_dir)  # before this process first builds the data
         return handler(message_type, members)
@@ -492,8 +491,12 @@ def build_client_app(cfg: ExperimentConfig, vectorise: bool = False, sleep_stall
     :class:`ClientRuntime` for ``sleep_stalls`` and ``cache_dir``."""
     app = ClientApp()
     runtime = ClientRuntime(cfg, vectorise, sleep_stalls, cache_dir)
+    # A ClientApp runs in a worker process (Ray actor, ClientApp process), which owns its
+    # threads; the in-process backends call the runtime in the driver, whose threads are its own
+    threads = max(1, int(cfg.sim.num_cpus_per_client))
 
     def plain(message: Message, context: Context) -> Message:
+        torch.set_num_threads(threads)
         pid = partition_of(context, message)
         member = Member(pid, message.content, PartitionState(context.state, pid))
         outcome = runtime.run(message.metadata.message_type, [member])[0]
@@ -502,6 +505,7 @@ def build_client_app(cfg: ExperimentConfig, vectorise: bool = False, sleep_stall
         return Message(content=outcome.reply, reply_to=message)
 
     def group(message: Message, context: Context) -> Message:
+        torch.set_num_threads(threads)
         message_type, contents = groups.unpack_members(message.content)
         members = [Member(pid, content, PartitionState(context.state, pid)) for pid, content in contents]
         outcomes = runtime.run(message_type, members)
