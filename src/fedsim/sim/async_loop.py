@@ -59,7 +59,7 @@ from fedsim.sim.components import FederatedData, federated_data, make_model, pre
 from fedsim.sim.loop import Steps, fmt_metric, run_steps
 from fedsim.sim.messaging import client_nodes, send_and_collect
 from fedsim.sim.results import RunDir
-from fedsim.strategies.evaluation import client_accuracy_percentiles
+from fedsim.strategies.evaluation import client_accuracy_percentiles, mean_train_metrics
 from fedsim.strategies.fedasync import FedAsync
 from fedsim.strategies.fedbuff import FedBuff
 from fedsim.strategies.fedfix import FedFix, FedFixArrival
@@ -200,13 +200,6 @@ class ClientPool:
 
 
 # ------------------------------------------------------------------------------ server
-def mean_train_loss(updates: list[ClientUpdate]) -> float | None:
-    """The example-weighted mean of the updates' reported training losses."""
-    reported = [u for u in updates if "train_loss" in u.metrics]
-    examples = sum(u.num_examples for u in reported)
-    return sum(u.metrics["train_loss"] * u.num_examples for u in reported) / examples if examples else None
-
-
 @dataclass
 class IntervalStats:
     """What happened between two metrics rows."""
@@ -222,7 +215,7 @@ class IntervalStats:
             "num_success": len(self.accepted),
             "num_failed": len(self.failures),
             "failures": [{"client": f.partition_id, "reason": f.reason} for f in self.failures],
-            "train_loss": mean_train_loss(self.accepted),
+            "train_loss": mean_train_metrics(self.accepted).get("train_loss"),
             "staleness_mean": float(np.mean(self.staleness)) if self.staleness else None,
             "staleness_max": max(self.staleness, default=None),
             "bytes_up": sum(u.nbytes for u in self.accepted),

@@ -51,13 +51,13 @@ from fedsim.data import ArrayDataset
 from fedsim.params import ParamSpec, set_flat
 from fedsim.records import to_record
 from fedsim.seeding import derive_seed
-from fedsim.sim.async_loop import mean_train_loss
 from fedsim.sim.components import federated_data, make_model, predict_fn, resolve_device
 from fedsim.sim.loop import Steps, run_steps
 from fedsim.sim.messaging import client_nodes, send_and_collect
 from fedsim.sim.plots import plot_comparison
 from fedsim.sim.results import RunDir
 from fedsim.sim.topology import Topology, make_topology, mixing_matrix, neighbours
+from fedsim.strategies.evaluation import mean_train_metrics
 from fedsim.strategies.gossip import consensus_distance, neighbour_average_matrix
 from fedsim.strategies.replies import (
     ClientUpdate,
@@ -200,7 +200,7 @@ class GossipNodes:
         self._settle(accepted, failures, gossip_node.version(rnd, "train"))
         return {"num_success": len(accepted), "num_failed": len(failures),
                 "failures": [{"client": f.partition_id, "reason": f.reason} for f in failures],
-                "train_loss": mean_train_loss(accepted),
+                "train_loss": mean_train_metrics(accepted).get("train_loss"),
                 "bytes_up": sum(u.nbytes for u in accepted), "bytes_down": bytes_down}
 
     def mix(self, rnd: int) -> dict[str, Any]:
