@@ -150,8 +150,9 @@ def test_a_group_message_carries_each_shared_record_once():
     assert message_type == "train" and [pid for pid, _ in unpacked] == [4, 9]
     assert all(content["arrays"] is shared for _, content in unpacked)
     assert [int(content["config"]["partition-id"]) for _, content in unpacked] == [4, 9]
+    answered = groups.MemberReply(4, RecordDict({"arrays": shared}))
     raised = groups.MemberReply(9, None, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "ValueError: bad")
-    replies = groups.unpack_replies(groups.pack_replies([groups.MemberReply(4, RecordDict({"arrays": shared})), raised]))
+    replies = groups.unpack_replies(groups.pack_replies([answered, raised]))
     assert replies[0].content["arrays"] is shared and replies[1].content is None
     assert (replies[1].code, replies[1].reason) == (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "ValueError: bad")
 
