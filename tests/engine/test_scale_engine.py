@@ -170,19 +170,35 @@ class _RefusingEngineGrid:
         return []
 
 
-def test_failed_members_carry_flowers_error_codes(monkeypatch):
-    # a ServerApp's process has a task identity, which its messages take their sender from
+@pytest.fixture
+def server_task(monkeypatch):
+    """This process is a ServerApp's task, whose messages take their sender from its identity."""
     for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
         monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _train_messages(pids) -> list[Message]:
+    return [Message(RecordDict(), dst_node_id=FIRST_NODE_ID + pid, message_type="train") for pid in pids]
+
+
+def test_failed_members_carry_flowers_error_codes(server_task):
     raised = Outcome(None, ValueError("bad"), 0.1).member_reply(3, timeout_s=10.0)
     late = Outcome(RecordDict(), None, 11.0).member_reply(3, timeout_s=10.0)
     assert raised.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
     assert late.code == ErrorCode.REPLY_MESSAGE_UNAVAILABLE
     grid = GroupedGrid(_RefusingEngineGrid(), num_partitions=4, clients_per_node=2)
     grid.partition_nodes(wait_s=1.0)
-    messages = [Message(RecordDict(), dst_node_id=FIRST_NODE_ID + pid, message_type="train") for pid in range(4)]
-    replies = grid.collect(messages, timeout=1.0)
+    replies = grid.collect(_train_messages(range(4)), timeout=1.0)
     assert [reply.error.code for reply in replies] == [ErrorCode.NODE_UNAVAILABLE] * 4
+
+
+def test_only_the_first_push_of_grouped_nodes_waits_for_the_workers_to_start(server_task):
+    grid = GroupedGrid(_RefusingEngineGrid(), num_partitions=4, clients_per_node=2)
+    grid.partition_nodes(wait_s=30.0)
+    grid.push_messages(_train_messages(range(4)))
+    assert grid.allowance(2.0) == grid.allowance(2.0) == 32.0  # asking twice spends nothing
+    grid.push_messages(_train_messages(range(2)))
+    assert grid.allowance(2.0) == 2.0
 
 
 def _rows(cfg):
