@@ -348,7 +348,9 @@ class SimConfig(Section):
 
     backend: Literal["ray", "inprocess", "batched"] = "ray"
     clients_per_node: int = Field(1, ge=1, description="ray: partitions each Flower node serves")
-    num_cpus_per_client: float = Field(1.0, gt=0)
+    num_cpus_per_client: float = Field(
+        1.0, gt=0, description="ray: CPUs per client, and torch threads of a worker process (at least 1); "
+                               "inprocess and batched leave the driver's threads as they are")
     num_gpus_per_client: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     ray_address: str | None = Field(None, description="attach to an existing Ray cluster")

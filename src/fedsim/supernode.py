@@ -11,8 +11,9 @@ evaluation runs. The node also checks every 0.5 s whether its ClientApp has repl
 every sleep of that loop cut to at most ``poll_interval`` seconds. The loop's module looks
 its global ``time`` up each time it sleeps, so swapping that name for :class:`ShortSleeps`
 is enough; it is written by hand because Flower offers no setting, and
-``tests/deploy/test_supernode.py`` checks that Flower's loop still sleeps through that name,
-so a Flower upgrade that moves the sleep fails there instead of silently going slow again.
+``tests/deploy/test_supernode.py`` runs Flower's loop with no message to pull and no reply to
+push and checks the sleeps it asks for, so a Flower upgrade that sleeps otherwise fails
+there instead of silently going slow again.
 
 The price is requests: an idle node asks the SuperLink ``1 / poll_interval`` times a second
 (Flower's asks once every 3 s), which a SuperLink serving hundreds of nodes may feel; raise

@@ -5,15 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    Error,
-    Message,
-    Metadata,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 
 from fedsim.algorithms.api import ServerOptConfig
 from fedsim.config import load_config
@@ -81,7 +74,8 @@ def _reply(node: int, update, num_examples=10, error: str | None = None, record:
     md = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
                   group_id="", created_at=0.0, ttl=100.0, message_type="train")
     if error:
-        return Message(metadata=md, error=Error(code=0, reason=error))
+        return Message(metadata=md,
+                       error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=error))
     payload = IDENTITY.encode(torch.tensor(update, dtype=torch.float32))
     arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.to_arrays().items()})
     content = RecordDict({record: arrays, "metrics": MetricRecord({"num-examples": num_examples})})

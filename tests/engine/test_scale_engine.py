@@ -12,7 +12,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim.algorithms.fedld import FedLDRegulariser
 from fedsim.algorithms.fedlex import GuidanceMask
@@ -25,7 +27,10 @@ from fedsim.clients.train import local_steps, train_local
 from fedsim.config import ConfigError, validate_config
 from fedsim.losses import REGISTRY
 from fedsim.sim import groups
+from fedsim.sim.client_app import Outcome
 from fedsim.sim.components import build_objective, federated_data, make_model
+from fedsim.sim.grouped import GroupedGrid
+from fedsim.sim.messaging import FIRST_NODE_ID
 from fedsim.sim.results import RunDir
 from fedsim.sim.runner import run_experiment
 
@@ -175,10 +180,55 @@ def test_a_group_message_carries_each_shared_record_once():
     assert message_type == "train" and [pid for pid, _ in unpacked] == [4, 9]
     assert all(content["arrays"] is shared for _, content in unpacked)
     assert [int(content["config"]["partition-id"]) for _, content in unpacked] == [4, 9]
-    replies = groups.unpack_replies(groups.pack_replies(
-        [groups.MemberReply(4, RecordDict({"arrays": shared})), groups.MemberReply(9, None, 0, "ValueError: bad")]))
+    answered = groups.MemberReply(4, RecordDict({"arrays": shared}))
+    raised = groups.MemberReply(9, None, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "ValueError: bad")
+    replies = groups.unpack_replies(groups.pack_replies([answered, raised]))
     assert replies[0].content["arrays"] is shared and replies[1].content is None
-    assert (replies[1].code, replies[1].reason) == (0, "ValueError: bad")
+    assert (replies[1].code, replies[1].reason) == (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "ValueError: bad")
+
+
+class _RefusingEngineGrid:
+    """A simulation engine's grid with two nodes that accepts no message."""
+
+    def get_node_ids(self):
+        return [7, 8]
+
+    def push_messages(self, messages):
+        return []
+
+    def pull_messages(self, message_ids):
+        return []
+
+
+@pytest.fixture
+def server_task(monkeypatch):
+    """This process is a ServerApp's task, whose messages take their sender from its identity."""
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _train_messages(pids) -> list[Message]:
+    return [Message(RecordDict(), dst_node_id=FIRST_NODE_ID + pid, message_type="train") for pid in pids]
+
+
+def test_failed_members_carry_flowers_error_codes(server_task):
+    raised = Outcome(None, ValueError("bad"), 0.1).member_reply(3, timeout_s=10.0)
+    late = Outcome(RecordDict(), None, 11.0).member_reply(3, timeout_s=10.0)
+    assert raised.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert late.code == ErrorCode.REPLY_MESSAGE_UNAVAILABLE
+    grid = GroupedGrid(_RefusingEngineGrid(), num_partitions=4, clients_per_node=2)
+    grid.partition_nodes(wait_s=1.0)
+    replies = grid.collect(_train_messages(range(4)), timeout=1.0)
+    assert [reply.error.code for reply in replies] == [ErrorCode.NODE_UNAVAILABLE] * 4
+
+
+def test_only_the_first_push_of_grouped_nodes_waits_for_the_workers_to_start(server_task):
+    grid = GroupedGrid(_RefusingEngineGrid(), num_partitions=4, clients_per_node=2)
+    grid.partition_nodes(wait_s=30.0)
+    grid.push_messages(_train_messages(range(4)))
+    assert grid.allowance(2.0) == grid.allowance(2.0) == 32.0  # asking twice spends nothing
+    grid.push_messages(_train_messages(range(2)))
+    assert grid.allowance(2.0) == 2.0
 
 
 def _rows(cfg):

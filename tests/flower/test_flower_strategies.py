@@ -23,6 +23,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
@@ -68,7 +69,8 @@ class AppGrid(InProcessGrid):
             try:
                 reply = self.app(msg, context)
             except Exception as exc:  # a failing ClientApp is an error reply, as under Ray
-                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+                error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}")
+                reply = Message(error, reply_to=msg)
             self._replies[msg.metadata.message_id] = reply
 
 
@@ -94,7 +96,8 @@ def _reply(node: int, content: RecordDict | None = None, error: str | None = Non
     metadata = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
                         group_id="", created_at=0.0, ttl=100.0, message_type="train")
     if error is not None:
-        return Message(metadata=metadata, error=Error(code=0, reason=error))
+        return Message(metadata=metadata,
+                       error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=error))
     return Message(metadata=metadata, content=content)
 
 

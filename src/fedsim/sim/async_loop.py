@@ -38,22 +38,20 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from torch import Tensor, nn
+from torch import Tensor
 
 from fedsim.algorithms import registry
 from fedsim.algorithms.api import AsyncStrategyBase
 from fedsim.clients.quantization import build_codec
-from fedsim.clients.train import evaluate
 from fedsim.config import ExperimentConfig
-from fedsim.data import ArrayDataset
 from fedsim.params import ParamSpec
-from fedsim.records import to_state_dict
 from fedsim.seeding import derive_seed
 from fedsim.sim.arrivals import (
     LOST,
@@ -64,18 +62,11 @@ from fedsim.sim.arrivals import (
     WallArrivals,
 )
 from fedsim.sim.clock import Clock, WallClock
-from fedsim.sim.components import (
-    FederatedData,
-    federated_data,
-    make_model,
-    predict_fn,
-    resolve_device,
-)
-from fedsim.sim.loop import Steps, fmt_metric, run_steps
-from fedsim.sim.messaging import client_nodes, send_and_collect
+from fedsim.sim.components import FederatedData
+from fedsim.sim.loop import LoopSetup, Steps, evaluate_global, fmt_metric, run_steps
 from fedsim.sim.results import RunDir
 from fedsim.strategies.asynchronous import AsyncRule
-from fedsim.strategies.evaluation import client_accuracy_percentiles
+from fedsim.strategies.evaluation import client_evaluations, federated_metrics, mean_train_metrics
 from fedsim.strategies.replies import ClientUpdate, Failure
 
 log = logging.getLogger(__name__)
@@ -132,13 +123,6 @@ class ClientPool:
 
 
 # ------------------------------------------------------------------------------ server
-def mean_train_loss(updates: list[ClientUpdate]) -> float | None:
-    """The example-weighted mean of the updates' reported training losses."""
-    reported = [u for u in updates if "train_loss" in u.metrics]
-    examples = sum(u.num_examples for u in reported)
-    return sum(u.metrics["train_loss"] * u.num_examples for u in reported) / examples if examples else None
-
-
 @dataclass
 class IntervalStats:
     """What happened between two metrics rows."""
@@ -154,7 +138,7 @@ class IntervalStats:
             "num_success": len(self.accepted),
             "num_failed": len(self.failures),
             "failures": [{"client": f.partition_id, "reason": f.reason} for f in self.failures],
-            "train_loss": mean_train_loss(self.accepted),
+            "train_loss": mean_train_metrics(self.accepted).get("train_loss"),
             "staleness_mean": float(np.mean(self.staleness)) if self.staleness else None,
             "staleness_max": max(self.staleness, default=None),
             "bytes_up": sum(u.nbytes for u in self.accepted),
@@ -270,60 +254,32 @@ class AsyncServer:
 
 
 # -------------------------------------------------------------------------- evaluation
-class GlobalEvaluator:
-    """The global model's loss and accuracy on the server's test set (``eval.centralised``)
-    and, example-weighted, on every client's test split (``eval.federated``).
+class EveryClientEvaluation:
+    """Federated evaluation in the asynchronous loop: every client evaluates the global
+    model on its test split (a Flower Strategy's evaluation half, for
+    :func:`fedsim.sim.loop.evaluate_global`).
 
     Parameters
     ----------
-    cfg : ExperimentConfig
-        ``eval``, ``client.timeout_s`` and the loss's decision rule.
-    net : torch.nn.Module
-        A model of the run's architecture, loaded with each evaluated model.
-    test : ArrayDataset
-        The server's test set.
-    grid : Grid
-        Where federated EVALUATE messages go.
     node_of : dict[int, int]
         Client (partition id) -> Flower node id.
     """
 
-    def __init__(self, cfg: ExperimentConfig, net: nn.Module, test: ArrayDataset, grid: Grid,
-                 node_of: dict[int, int]) -> None:
-        self.cfg, self.net, self.test, self.grid, self.node_of = cfg, net, test, grid, node_of
-        self.device = resolve_device(cfg)
-        self.predict = predict_fn(cfg)
+    def __init__(self, node_of: dict[int, int]) -> None:
+        self.node_of = node_of
+        self.pid_of = {node: pid for pid, node in node_of.items()}
 
-    def __call__(self, arrays: ArrayRecord, tick: int) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        if self.cfg.eval.centralised:
-            self.net.load_state_dict(to_state_dict(arrays))
-            res = evaluate(self.net.to(self.device), self.test, self.device, self.cfg.eval.batch_size, self.predict)
-            self.net.cpu()
-            metrics.update(centralised_accuracy=res.accuracy, centralised_loss=res.loss)
-        if self.cfg.eval.federated:
-            metrics.update(self._federated(arrays, tick))
-        return metrics
-
-    def _federated(self, arrays: ArrayRecord, tick: int) -> dict[str, float]:
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                           ) -> list[Message]:
         messages = []
         for pid, node in sorted(self.node_of.items()):
-            config = ConfigRecord({"server-round": tick, "partition-id": pid})
-            messages.append(Message(content=RecordDict({"arrays": arrays, "config": config}),
+            client_config = ConfigRecord({**config, "server-round": server_round, "partition-id": pid})
+            messages.append(Message(content=RecordDict({"arrays": arrays, "config": client_config}),
                                     message_type=MessageType.EVALUATE, dst_node_id=node))
-        total, loss, correct, accuracies = 0, 0.0, 0.0, []
-        for reply in send_and_collect(self.grid, messages, self.cfg.client.timeout_s):
-            if reply.has_error():
-                log.warning("evaluation failed on node %s: %s", reply.metadata.src_node_id, reply.error.reason)
-                continue
-            metrics = next(iter(reply.content.metric_records.values()))
-            n = int(metrics["num-examples"])
-            total, loss, correct = total + n, loss + metrics["eval_loss"] * n, correct + metrics["eval_accuracy"] * n
-            accuracies += [float(metrics["eval_accuracy"])] if n else []
-        if not total:
-            return {}
-        return {"federated_loss": loss / total, "federated_accuracy": correct / total,
-                **client_accuracy_percentiles(accuracies)}
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> dict[str, float] | None:
+        return federated_metrics(client_evaluations(replies, self.pid_of)) or None
 
 
 class EvalTimes:
@@ -379,19 +335,17 @@ class AsyncSteps(Steps):
 
     def __init__(self, grid: Grid, cfg: ExperimentConfig, clock: Clock | None) -> None:
         self.cfg = cfg
-        self.data = federated_data(cfg)
-        self.net = make_model(cfg.model, self.data.train, cfg.seed)
-        self.spec = ParamSpec.of(self.net)
-        self.template = {k: v.clone() for k, v in self.net.state_dict().items()}
-        node_of = client_nodes(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
+        self.setup = setup = LoopSetup.build(grid, cfg)
+        self.spec, self.template = setup.spec, setup.template
         if clock is None and cfg.sim.clock == "wall":
             clock = WallClock()  # time 0 is when the nodes are ready, not when the ServerApp started
-        source = arrival_source(grid, cfg, self.data, self.spec.dim, clock)
+        source = arrival_source(grid, cfg, setup.data, self.spec.dim, clock)
         self.resumable = source.resumable
-        self.server = AsyncServer(build_rule(cfg.strategy, data_shares(self.data)),
+        self.server = AsyncServer(build_rule(cfg.strategy, data_shares(setup.data)),
                                   ClientPool(cfg.partition.num_clients, cfg.sim.concurrency, cfg.seed),
-                                  source, self.spec, self.template, node_of)
-        self.evaluate_global = GlobalEvaluator(cfg, self.net, self.data.test, grid, node_of)
+                                  source, self.spec, self.template, setup.node_of)
+        self.grid = grid
+        self.evaluation = EveryClientEvaluation(setup.node_of)
         self.times = EvalTimes(cfg.strategy.horizon, cfg.strategy.eval_every)
         self.total = len(self.times)
 
@@ -404,7 +358,8 @@ class AsyncSteps(Steps):
         server.advance_to(self.times[tick - 1])
         row: dict[str, Any] = {"virtual_time": self.times[tick - 1], "model_version": server.rule.version,
                                **server.take_stats().row(4 * self.spec.dim)}
-        row.update(self.evaluate_global(server.arrays(server.model, server.rule.version), tick))
+        row.update(evaluate_global(self.cfg, self.grid, self.setup, self.evaluation, tick,
+                                   server.arrays(server.model, server.rule.version)))
         return row
 
     def model_state(self) -> dict[str, Tensor]:
@@ -435,9 +390,7 @@ def run_async(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show
     ``clock``: None takes ``sim.clock``; a ``VirtualClock`` simulates devices on virtual
     time; a ``WallClock`` runs on real time (deployment; times in seconds, no checkpoints).
     """
-    steps = AsyncSteps(grid, cfg, clock)
-    return run_steps(steps, grid, cfg, run, resume, show_progress, steps.net, steps.data.test,
-                     predict_fn(cfg))
+    return run_steps(AsyncSteps(grid, cfg, clock), grid, cfg, run, resume, show_progress)
 
 
 __all__ = ["AsyncServer", "AsyncSteps", "ClientPool", "build_rule", "run_async"]

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from fedsim.algorithms import registry
 from fedsim.clients import gossip_node
@@ -76,9 +77,6 @@ from fedsim.sim.components import (
 from fedsim.sim.faults import inject_fault, stall_seconds
 from fedsim.sim.ray_node import ray_node_metric
 from fedsim.strategies.replies import EF_RESET, TIMEOUT_CODE
-
-# Flower's error code for an exception raised inside a ClientApp
-CLIENT_APP_RAISED_EXCEPTION = 0
 
 
 class PartitionState(MutableMapping):
@@ -129,7 +127,7 @@ class Outcome:
         if self.seconds > timeout_s:
             return groups.MemberReply(partition_id, None, TIMEOUT_CODE, f"took {self.seconds:.1f} s")
         if self.error is not None:
-            return groups.MemberReply(partition_id, None, CLIENT_APP_RAISED_EXCEPTION,
+            return groups.MemberReply(partition_id, None, ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                                       f"{type(self.error).__name__}: {self.error}")
         return groups.MemberReply(partition_id, self.reply)
 
@@ -248,7 +246,6 @@ class ClientRuntime:
         if handler is None:
             error = ValueError(f"fedsim clients do not handle {message_type!r} messages")
             return [Outcome(None, error, 0.0) for _ in members]
-        torch.set_num_threads(max(1, int(self.cfg.sim.num_cpus_per_client)))
         if self.cache_dir is not None and partition_cache.active() is None:
             partition_cache.enable(self.cache_dir)  # before this process first builds the data
         return handler(message_type, members)
@@ -488,8 +485,12 @@ def build_client_app(cfg: ExperimentConfig, vectorise: bool = False, sleep_stall
     :class:`ClientRuntime` for ``sleep_stalls`` and ``cache_dir``."""
     app = ClientApp()
     runtime = ClientRuntime(cfg, vectorise, sleep_stalls, cache_dir)
+    # A ClientApp runs in a worker process (Ray actor, ClientApp process), which owns its
+    # threads; the in-process backends call the runtime in the driver, whose threads are its own
+    threads = max(1, int(cfg.sim.num_cpus_per_client))
 
     def plain(message: Message, context: Context) -> Message:
+        torch.set_num_threads(threads)
         pid = partition_of(context, message)
         member = Member(pid, message.content, PartitionState(context.state, pid))
         outcome = runtime.run(message.metadata.message_type, [member])[0]
@@ -498,6 +499,7 @@ def build_client_app(cfg: ExperimentConfig, vectorise: bool = False, sleep_stall
         return Message(content=outcome.reply, reply_to=message)
 
     def group(message: Message, context: Context) -> Message:
+        torch.set_num_threads(threads)
         message_type, contents = groups.unpack_members(message.content)
         members = [Member(pid, content, PartitionState(context.state, pid)) for pid, content in contents]
         outcomes = runtime.run(message_type, members)

@@ -40,25 +40,25 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from torch import Tensor, nn
+from torch import Tensor
 
 from fedsim.algorithms import registry
 from fedsim.algorithms.api import StrategySection
 from fedsim.clients import gossip_node
 from fedsim.clients.gossip_node import weight_layers
 from fedsim.clients.quantization import build_codec
-from fedsim.clients.train import evaluate
+from fedsim.clients.train import EvalResult
 from fedsim.config import ExperimentConfig
 from fedsim.data import ArrayDataset
 from fedsim.params import ParamSpec, set_flat
 from fedsim.records import to_record
 from fedsim.seeding import derive_seed
-from fedsim.sim.async_loop import mean_train_loss
-from fedsim.sim.components import federated_data, make_model, predict_fn, resolve_device
-from fedsim.sim.loop import Steps, run_steps
-from fedsim.sim.messaging import client_nodes, send_and_collect
+from fedsim.sim.components import make_model
+from fedsim.sim.loop import LoopSetup, Steps, run_steps
+from fedsim.sim.messaging import send_and_collect
 from fedsim.sim.plots import plot_comparison
 from fedsim.sim.results import RunDir
+from fedsim.strategies.evaluation import mean_train_metrics
 from fedsim.strategies.replies import (
     ClientUpdate,
     Failure,
@@ -132,17 +132,13 @@ def initial_models(cfg: ExperimentConfig, train: ArrayDataset, spec: ParamSpec) 
 class NodeEvaluator:
     """Accuracy of every node's model, and of their average, on the server's test set."""
 
-    def __init__(self, cfg: ExperimentConfig, net: nn.Module, spec: ParamSpec, test: ArrayDataset) -> None:
-        self.net, self.spec, self.test = net, spec, test
-        self.device = resolve_device(cfg)
+    def __init__(self, cfg: ExperimentConfig, setup: LoopSetup) -> None:
+        self.setup = setup
         self.batch_size = cfg.eval.batch_size
-        self.predict = predict_fn(cfg)
 
-    def _evaluate(self, flat: Tensor):
-        set_flat(self.net, self.spec, flat)
-        result = evaluate(self.net.to(self.device), self.test, self.device, self.batch_size, self.predict)
-        self.net.cpu()
-        return result
+    def _evaluate(self, flat: Tensor) -> EvalResult:
+        set_flat(self.setup.net, self.setup.spec, flat)
+        return self.setup.server_test(self.setup.net, self.batch_size)
 
     def __call__(self, models: Tensor) -> dict[str, float]:
         results = [self._evaluate(m) for m in models]
@@ -208,7 +204,7 @@ class GossipNodes:
         self._settle(accepted, failures, gossip_node.version(rnd, "train"))
         return {"num_success": len(accepted), "num_failed": len(failures),
                 "failures": [{"client": f.partition_id, "reason": f.reason} for f in failures],
-                "train_loss": mean_train_loss(accepted),
+                "train_loss": mean_train_metrics(accepted).get("train_loss"),
                 "bytes_up": sum(u.nbytes for u in accepted), "bytes_down": bytes_down}
 
     def mix(self, rnd: int) -> dict[str, Any]:
@@ -266,15 +262,12 @@ class GossipSteps(Steps):
     def __init__(self, grid: Grid, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
         self.total = cfg.rounds
-        self.data = federated_data(cfg)
-        self.net = make_model(cfg.model, self.data.train, cfg.seed)
-        self.spec = ParamSpec.of(self.net)
-        self.template = {k: v.clone() for k, v in self.net.state_dict().items()}
-        node_of = client_nodes(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
-        models = initial_models(cfg, self.data.train, self.spec)
+        self.setup = setup = LoopSetup.build(grid, cfg)
+        self.spec, self.template = setup.spec, setup.template
+        models = initial_models(cfg, setup.data.train, self.spec)
         self.initial_variance = layer_variances(self.spec, models)
-        self.evaluate_nodes = NodeEvaluator(cfg, self.net, self.spec, self.data.test)
-        self.nodes = GossipNodes(grid, cfg, self.spec, self.template, node_of, models)
+        self.evaluate_nodes = NodeEvaluator(cfg, setup)
+        self.nodes = GossipNodes(grid, cfg, self.spec, self.template, setup.node_of, models)
 
     def step(self, rnd: int) -> dict[str, Any]:
         nodes = self.nodes
@@ -318,9 +311,7 @@ class GossipSteps(Steps):
 
 def run_gossip(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_progress: bool) -> dict[str, Any]:
     """Run (or continue) the configured gossip experiment for ``cfg.rounds`` rounds."""
-    steps = GossipSteps(grid, cfg)
-    return run_steps(steps, grid, cfg, run, resume, show_progress, steps.net, steps.data.test,
-                     steps.evaluate_nodes.predict)
+    return run_steps(GossipSteps(grid, cfg), grid, cfg, run, resume, show_progress)
 
 
 __all__ = ["GossipNodes", "GossipSteps", "build_topology", "layer_variance_series", "layer_variances", "run_gossip"]

@@ -23,14 +23,13 @@ import time
 from collections.abc import Iterable
 
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedsim.sim import groups
 from fedsim.sim.messaging import PartitionGrid
 from fedsim.strategies.replies import TIMEOUT_CODE
-
-UNSENT_CODE = 3  # Flower's NODE_UNAVAILABLE
 
 
 def engine_nodes(num_partitions: int, clients_per_node: int) -> int:
@@ -64,7 +63,8 @@ class GroupedGrid(PartitionGrid):
         self.num_nodes = engine_nodes(num_partitions, clients_per_node)
         self._nodes: list[int] = []
         self._groups: dict[str, list[Message]] = {}
-        self._startup_s = 0.0
+        self._first_push_startup_s = 0.0  # until the first push
+        self._latest_push_startup_s = 0.0
 
     @property
     def run(self) -> Run:
@@ -84,7 +84,7 @@ class GroupedGrid(PartitionGrid):
         self._nodes = nodes[: self.num_nodes]
         # the engine starts its workers with the first messages: the first delivery may
         # take this long on top of the clients' own time
-        self._startup_s = wait_s
+        self._first_push_startup_s = wait_s
         return super().partition_nodes(wait_s)
 
     def outstanding(self) -> int:
@@ -92,9 +92,8 @@ class GroupedGrid(PartitionGrid):
 
     def startup_allowance(self) -> float:
         """The engine starts its workers with the first messages: ``sim.wait_for_nodes_s``
-        for the first delivery."""
-        startup, self._startup_s = self._startup_s, 0.0
-        return startup
+        for the messages of the first push, 0 for those of a later one."""
+        return self._latest_push_startup_s
 
     def _node_of(self, message: Message) -> int:
         return self._nodes[self.partition_of(message) // self.clients_per_node]
@@ -116,12 +115,14 @@ class GroupedGrid(PartitionGrid):
             carrier = Message(content=content, message_type=group_type(message_type), dst_node_id=node)
             outgoing.append((carrier, members))
         accepted = set(self._grid.push_messages([carrier for carrier, _ in outgoing]))
+        if outgoing:
+            self._latest_push_startup_s, self._first_push_startup_s = self._first_push_startup_s, 0.0
         for carrier, members in outgoing:
             if carrier.metadata.message_id in accepted:
                 self._groups[carrier.metadata.message_id] = members
             else:
                 for msg in members:
-                    self.answer(msg, groups.MemberReply(self.partition_of(msg), None, UNSENT_CODE,
+                    self.answer(msg, groups.MemberReply(self.partition_of(msg), None, ErrorCode.NODE_UNAVAILABLE,
                                                         "the grid did not accept the message"))
         return ids
 

@@ -27,7 +27,7 @@ INDEX_KEY = "group-index"
 class MemberReply:
     """What one client of a group answered: its reply content, or why it has none.
 
-    ``code`` is a Flower error code (or fedsim's timeout code) when ``content`` is None.
+    ``code`` is a Flower error code (``flwr.common.constant.ErrorCode``) when ``content`` is None.
     """
 
     partition_id: int

@@ -2,7 +2,9 @@
 
 The three loops differ in what one step is (a round of a Flower strategy; the events up to
 the next evaluation time of the virtual clock; a gossip round of training and mixing). All
-the rest is written once, here, in :func:`run_steps`:
+the rest is written once, here: what a loop builds before its first step
+(:class:`LoopSetup`), the evaluation of a global model (:func:`evaluate_global`), and in
+:func:`run_steps`:
 
 - start or resume: the last checkpoint restores the server's state (:meth:`Steps.load_state_dict`)
   and, under fedsim's simulation grids, every client's state (error-feedback memories,
@@ -26,18 +28,22 @@ import logging
 import math
 import time
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from torch import nn
 
-from fedsim.clients.train import evaluate
+from fedsim.clients.train import EvalResult, evaluate
 from fedsim.config import ExperimentConfig
-from fedsim.data import ArrayDataset
+from fedsim.params import ParamSpec
 from fedsim.quant.ptq import quantize_weights_awq, quantize_weights_rtn
-from fedsim.sim.components import federated_data, resolve_device
-from fedsim.sim.messaging import PartitionGrid
+from fedsim.records import to_state_dict
+from fedsim.sim.components import FederatedData, federated_data, make_model, predict_fn, resolve_device
+from fedsim.sim.messaging import PartitionGrid, client_nodes, send_and_collect
 from fedsim.sim.plots import plot_run
 from fedsim.sim.progress import RoundProgress
 from fedsim.sim.results import Checkpoint, RunDir, bytes_so_far, summarise
@@ -49,11 +55,89 @@ class DivergedError(RuntimeError):
     """The global model holds NaN or Inf: training diverged."""
 
 
+@dataclass
+class LoopSetup:
+    """What every server loop builds before its first step.
+
+    Attributes
+    ----------
+    data : FederatedData
+        The run's partitioned data; ``data.test`` is the server's test set.
+    net : torch.nn.Module
+        A model of the run's architecture, initialised from the run's seed: the initial
+        global model, loaded with each model the server evaluates.
+    spec : ParamSpec
+        The model's flat layout.
+    template : dict
+        A copy of ``net``'s initial state dict (integer buffers are sent as they are here).
+    node_of : dict[int, int]
+        Client (partition id) -> Flower node id, once every client is ready.
+    device : torch.device
+        Where the server evaluates.
+    predict : callable or None
+        The loss's decision rule (None: argmax).
+    """
+
+    data: FederatedData
+    net: nn.Module
+    spec: ParamSpec
+    template: dict[str, torch.Tensor]
+    node_of: dict[int, int]
+    device: torch.device
+    predict: Callable | None
+
+    @classmethod
+    def build(cls, grid: Grid, cfg: ExperimentConfig) -> LoopSetup:
+        """The set-up of ``cfg``'s run on ``grid`` (waits up to ``sim.wait_for_nodes_s`` for its clients)."""
+        data = federated_data(cfg)
+        net = make_model(cfg.model, data.train, cfg.seed)
+        node_of = client_nodes(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
+        return cls(data, net, ParamSpec.of(net), {k: v.clone() for k, v in net.state_dict().items()}, node_of,
+                   resolve_device(cfg), predict_fn(cfg))
+
+    def server_test(self, model: nn.Module, batch_size: int) -> EvalResult:
+        """Loss and accuracy of ``model`` on the server's test set, on the server's device."""
+        result = evaluate(model.to(self.device), self.data.test, self.device, batch_size, self.predict)
+        model.cpu()
+        return result
+
+
+class FederatedEvaluation(Protocol):
+    """Who evaluates a global model on their test splits, and how their replies combine: a
+    Flower Strategy's evaluation half (the synchronous loop's strategy; every client, in
+    the asynchronous loop)."""
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                           ) -> Iterable[Message]: ...
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Mapping[str, float] | None: ...
+
+
+def evaluate_global(cfg: ExperimentConfig, grid: Grid, setup: LoopSetup, evaluation: FederatedEvaluation, step: int,
+                    arrays: ArrayRecord) -> dict[str, float]:
+    """The global model ``arrays`` at ``step``, as configured in ``eval:``: its centralised
+    loss and accuracy on the server's test set, and its federated ones on the clients' test
+    splits, sent and combined by ``evaluation``."""
+    metrics: dict[str, float] = {}
+    if cfg.eval.centralised:
+        setup.net.load_state_dict(to_state_dict(arrays))
+        res = setup.server_test(setup.net, cfg.eval.batch_size)
+        metrics.update(centralised_accuracy=res.accuracy, centralised_loss=res.loss)
+    if cfg.eval.federated:
+        messages = list(evaluation.configure_evaluate(step, arrays, ConfigRecord(), grid))
+        fed = evaluation.aggregate_evaluate(step, send_and_collect(grid, messages, cfg.client.timeout_s))
+        if fed is not None:
+            metrics.update(fed)
+    return metrics
+
+
 class Steps(ABC):
     """One loop family's steps and state; :func:`run_steps` drives them.
 
     Attributes
     ----------
+    setup : LoopSetup
+        What the loop built before its first step.
     total : int
         Steps (metrics rows) of the whole run.
     x_key : str
@@ -63,6 +147,7 @@ class Steps(ABC):
         run cannot: its arrivals are not reproducible).
     """
 
+    setup: LoopSetup
     total: int
     x_key = "round"
     resumable = True
@@ -102,14 +187,9 @@ class Steps(ABC):
                  fmt_metric(row.get("centralised_loss")))
 
 
-def run_steps(steps: Steps, grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_progress: bool,
-              net: nn.Module, test: ArrayDataset, predict) -> dict[str, Any]:
-    """Run (or continue) ``steps`` to the end; write rows, checkpoints, summary and plots.
-
-    ``net`` is a model of the run's architecture (loaded with :meth:`Steps.model_state` for
-    post-training quantization), ``test`` the server's test set, ``predict`` the loss's
-    decision rule (None: argmax).
-    """
+def run_steps(steps: Steps, grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_progress: bool
+              ) -> dict[str, Any]:
+    """Run (or continue) ``steps`` to the end; write rows, checkpoints, summary and plots."""
     start, elapsed_before = _restore(steps, grid, cfg, run, resume)
     steps.begin(resumed=start > 0)
     bytes_up, bytes_down = bytes_so_far(run.rows())
@@ -138,8 +218,8 @@ def run_steps(steps: Steps, grid: Grid, cfg: ExperimentConfig, run: RunDir, resu
         summary = summarise(rows, cfg.output.target_accuracy, status)
         summary.update(steps.summary(rows))
         if status == "completed" and cfg.quant.ptq is not None:
-            net.load_state_dict(steps.model_state())
-            summary.update(post_training_quantization(cfg, net, test, predict))
+            steps.setup.net.load_state_dict(steps.model_state())
+            summary.update(post_training_quantization(cfg, steps.setup))
         run.write_summary(summary)
         if cfg.output.plots and rows:
             plot_run(rows, run.plot_dir, x_key=steps.x_key)
@@ -206,17 +286,16 @@ def _check_finite(state: dict[str, torch.Tensor], index: int) -> None:
                             f"(lower client.lr or strategy.server_opt.lr)")
 
 
-def post_training_quantization(cfg: ExperimentConfig, model: nn.Module, test: ArrayDataset, predict
-                               ) -> dict[str, Any]:
-    """Quantize the final model's weights (``quant.ptq``) and evaluate it beside float."""
+def post_training_quantization(cfg: ExperimentConfig, setup: LoopSetup) -> dict[str, Any]:
+    """Quantize the weights of the final model, loaded in ``setup.net`` (``quant.ptq``), and
+    evaluate it beside float."""
     ptq = cfg.quant.ptq
-    device = resolve_device(cfg)
     if ptq.method == "awq":
-        calibration = torch.from_numpy(federated_data(cfg).train.x[: ptq.calibration_samples])
-        quantized = quantize_weights_awq(model, calibration, ptq.bits)
+        calibration = torch.from_numpy(setup.data.train.x[: ptq.calibration_samples])
+        quantized = quantize_weights_awq(setup.net, calibration, ptq.bits)
     else:
-        quantized = quantize_weights_rtn(model, ptq.bits)
-    res = evaluate(quantized.to(device), test, device, cfg.eval.batch_size, predict)
+        quantized = quantize_weights_rtn(setup.net, ptq.bits)
+    res = setup.server_test(quantized, cfg.eval.batch_size)
     log.info("post-training %s int%d: accuracy %.4f", ptq.method, ptq.bits, res.accuracy)
     return {"ptq_method": ptq.method, "ptq_bits": ptq.bits, "ptq_accuracy": res.accuracy}
 

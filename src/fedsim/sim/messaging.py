@@ -62,12 +62,14 @@ class PartitionGrid(Grid):
         return 0
 
     def startup_allowance(self) -> float:
-        """Extra seconds the first delivery may take (workers starting); 0 after it."""
+        """Extra seconds the messages of the latest push may take on top of their clients'
+        time (workers starting with the first delivery)."""
         return 0.0
 
     def allowance(self, timeout: float) -> float:
-        """Seconds after which a message just pushed counts as unanswered: every outstanding
-        client's ``timeout`` in turn (a worker may serve them one after another)."""
+        """Seconds after which a message of the latest push counts as unanswered: every
+        outstanding client's ``timeout`` in turn (a worker may serve them one after another),
+        and the push's :meth:`startup_allowance`."""
         return timeout * max(1, self.outstanding()) + self.startup_allowance()
 
     def collect(self, messages: list[Message], timeout: float) -> list[Message]:

@@ -18,19 +18,12 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from fedsim.algorithms import registry
-from fedsim.clients.train import evaluate
 from fedsim.config import ExperimentConfig
 from fedsim.params import ParamSpec
 from fedsim.records import to_state_dict
-from fedsim.sim.components import (
-    FederatedData,
-    federated_data,
-    make_model,
-    predict_fn,
-    resolve_device,
-)
-from fedsim.sim.loop import Steps, fmt_metric, run_steps
-from fedsim.sim.messaging import PartitionGrid, client_nodes, send_and_collect
+from fedsim.sim.components import FederatedData
+from fedsim.sim.loop import LoopSetup, Steps, evaluate_global, fmt_metric, run_steps
+from fedsim.sim.messaging import PartitionGrid, send_and_collect
 from fedsim.sim.rejoin import NodeWatch
 from fedsim.sim.results import RunDir
 from fedsim.strategies.base import FedsimStrategy
@@ -59,14 +52,10 @@ class SyncSteps(Steps):
     def __init__(self, grid: Grid, cfg: ExperimentConfig) -> None:
         self.grid, self.cfg = grid, cfg
         self.total = cfg.rounds
-        self.data = federated_data(cfg)
-        self.device = resolve_device(cfg)
-        self.net = make_model(cfg.model, self.data.train, cfg.seed)
-        node_of = client_nodes(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
-        self.strategy = build_strategy(cfg, ParamSpec.of(self.net), node_of, label_mix(self.data))
-        self.joins = NodeWatch(node_of)
-        self.predict = predict_fn(cfg)
-        self.arrays = ArrayRecord(self.net.state_dict())
+        self.setup = setup = LoopSetup.build(grid, cfg)
+        self.strategy = build_strategy(cfg, setup.spec, setup.node_of, label_mix(setup.data))
+        self.joins = NodeWatch(setup.node_of)
+        self.arrays = ArrayRecord(setup.net.state_dict())
 
     def step(self, rnd: int) -> dict[str, Any]:
         cfg, strategy = self.cfg, self.strategy
@@ -88,9 +77,7 @@ class SyncSteps(Steps):
             "bytes_down": report.bytes_down,
         }
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
-            self.net.load_state_dict(to_state_dict(self.arrays))
-            row.update(evaluate_round(cfg, self.grid, strategy, rnd, self.arrays, self.net, self.data, self.device,
-                                      self.predict))
+            row.update(evaluate_global(cfg, self.grid, self.setup, strategy, rnd, self.arrays))
         return row
 
     def model_state(self) -> dict[str, torch.Tensor]:
@@ -113,28 +100,7 @@ class SyncSteps(Steps):
 
 def run_sync(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_progress: bool) -> dict[str, Any]:
     """Run (or continue) the configured synchronous experiment; return its summary."""
-    steps = SyncSteps(grid, cfg)
-    return run_steps(steps, grid, cfg, run, resume, show_progress, steps.net, steps.data.test, steps.predict)
-
-
-def evaluate_round(cfg: ExperimentConfig, grid: Grid, strategy, rnd: int, arrays: ArrayRecord, model,
-                   data: FederatedData, device, predict) -> dict[str, float]:
-    """Centralised accuracy/loss of ``model`` on the server's test set and federated
-    accuracy/loss on the clients' test splits, as configured in ``eval:``."""
-    metrics: dict[str, float] = {}
-    if cfg.eval.centralised:
-        res = evaluate(model.to(device), data.test, device, cfg.eval.batch_size, predict)
-        model.cpu()
-        metrics.update(centralised_accuracy=res.accuracy, centralised_loss=res.loss)
-    if cfg.eval.federated:
-        messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid))
-        fed = strategy.aggregate_evaluate(rnd, send_and_collect(grid, messages, cfg.client.timeout_s))
-        if fed is not None:
-            metrics.update(fed)
-    return metrics
-
-
-
+    return run_steps(SyncSteps(grid, cfg), grid, cfg, run, resume, show_progress)
 
 
 __all__ = ["SyncSteps", "run_sync"]

@@ -69,7 +69,7 @@ from fedsim.quant.error_feedback import ServerEstimate
 from fedsim.records import to_state_dict
 from fedsim.seeding import derive_seed
 from fedsim.strategies.aggregate import weighted_mean
-from fedsim.strategies.evaluation import client_accuracy_percentiles, mean_train_metrics
+from fedsim.strategies.evaluation import client_evaluations, federated_metrics, mean_train_metrics
 from fedsim.strategies.replies import (
     EF_RESET,
     ClientUpdate,
@@ -464,24 +464,8 @@ class FedsimStrategy(Algorithm, FedAvg):
             if not accepted:
                 return None
             return self.evaluate_metrics_aggr_fn([reply.content for reply in accepted], self.weighted_by_key)
-        total, loss, correct, accuracies = 0, 0.0, 0.0, []
-        pid_of = self.engine.pid_of
-        for msg in replies:
-            if msg.has_error():
-                log.warning("evaluation failed on client %s: %s", pid_of.get(msg.metadata.src_node_id),
-                            msg.error.reason)
-                continue
-            rec = next(iter(msg.content.metric_records.values()))
-            n = int(rec["num-examples"])
-            total += n
-            loss += float(rec["eval_loss"]) * n
-            correct += float(rec["eval_accuracy"]) * n
-            if n > 0:
-                accuracies.append(float(rec["eval_accuracy"]))
-        if total == 0:
-            return None
-        return MetricRecord({"federated_loss": loss / total, "federated_accuracy": correct / total,
-                             **client_accuracy_percentiles(accuracies)})
+        metrics = federated_metrics(client_evaluations(replies, self.engine.pid_of))
+        return MetricRecord(metrics) if metrics else None
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict:

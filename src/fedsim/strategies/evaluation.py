@@ -1,5 +1,5 @@
-"""Client-level outcomes of a round: the spread of federated evaluation, the mean of the
-training metrics.
+"""Client-level outcomes of a round: federated evaluation (the example-weighted means over
+the clients' test splits, and their spread), the mean of the training metrics.
 
 Under skew the example-weighted mean accuracy over the clients' test splits hides the clients
 a method leaves behind; the spread of the per-client accuracies shows them.
@@ -7,19 +7,26 @@ a method leaves behind; the spread of the per-client accuracies shows them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 if TYPE_CHECKING:
+    from flwr.app import Message
+
     from fedsim.strategies.replies import ClientUpdate
 
-__all__ = ["PERCENTILES", "TRAIN_METRICS", "client_accuracy_percentiles", "mean_train_metrics"]
+__all__ = ["PERCENTILES", "TRAIN_METRICS", "ClientEvaluation", "client_accuracy_percentiles", "client_evaluations",
+           "federated_metrics", "mean_train_metrics"]
 
 TRAIN_METRICS = ("train_loss", "train_accuracy")
 
 PERCENTILES = (10, 50, 90)
+
+log = logging.getLogger(__name__)
 
 
 def client_accuracy_percentiles(accuracies: Sequence[float]) -> dict[str, float]:
@@ -53,3 +60,43 @@ def mean_train_metrics(updates: Sequence[ClientUpdate]) -> dict[str, float]:
         if examples:
             means[key] = sum(u.metrics[key] * u.num_examples for u in reported) / examples
     return means
+
+
+@dataclass(frozen=True)
+class ClientEvaluation:
+    """What one client's evaluation reply reports: its test examples, and the model's mean
+    loss and accuracy on them."""
+
+    num_examples: int
+    loss: float
+    accuracy: float
+
+
+def client_evaluations(replies: Iterable[Message], pid_of: Mapping[int, int]) -> list[ClientEvaluation]:
+    """The evaluations the replies carry (``num-examples``, ``eval_loss``, ``eval_accuracy`` of
+    their metric record), in reply order; a reply with an error is logged with its client
+    (``pid_of``: node id -> partition id) and left out."""
+    evaluations = []
+    for msg in replies:
+        if msg.has_error():
+            log.warning("evaluation failed on client %s: %s", pid_of.get(msg.metadata.src_node_id), msg.error.reason)
+            continue
+        record = next(iter(msg.content.metric_records.values()))
+        evaluations.append(ClientEvaluation(int(record["num-examples"]), float(record["eval_loss"]),
+                                            float(record["eval_accuracy"])))
+    return evaluations
+
+
+def federated_metrics(evaluations: Sequence[ClientEvaluation]) -> dict[str, float]:
+    """``federated_loss`` and ``federated_accuracy``, example-weighted over the clients' test
+    splits, and the percentiles of the accuracies of the clients that have test examples
+    (:func:`client_accuracy_percentiles`); empty when no client has any."""
+    total = sum(e.num_examples for e in evaluations)
+    if total == 0:
+        return {}
+    loss, correct = 0.0, 0.0
+    for e in evaluations:
+        loss += e.loss * e.num_examples
+        correct += e.accuracy * e.num_examples
+    return {"federated_loss": loss / total, "federated_accuracy": correct / total,
+            **client_accuracy_percentiles([e.accuracy for e in evaluations if e.num_examples > 0])}

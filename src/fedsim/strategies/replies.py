@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 from flwr.app import ArrayRecord, Message
+from flwr.common.constant import ErrorCode
 
 from fedsim.quant.codecs import Codec, Identity
 from fedsim.records import to_numpy
@@ -21,8 +22,11 @@ from fedsim.records import to_numpy
 IDENTITY = Identity()
 TIMEOUT = "no reply before the timeout"
 # The error code of a reply that fedsim's simulated nodes mark as late (a client that took
-# longer than ``client.timeout_s``); outside Flower's own error codes.
-TIMEOUT_CODE = 408
+# longer than ``client.timeout_s``): Flower's REPLY_MESSAGE_UNAVAILABLE, the code Flower's
+# SuperLink itself gives the reply to a message whose TTL ran out before its node answered,
+# so a late client reads the same in simulation and deployment. (NODE_UNAVAILABLE says the
+# node is gone, MESSAGE_UNAVAILABLE that the instruction itself is unknown or expired.)
+TIMEOUT_CODE = ErrorCode.REPLY_MESSAGE_UNAVAILABLE
 # Training-config flag: the server dropped this client's last reply and reset its copy of the
 # client's EF21/EControl estimate; the client clears its memory too
 EF_RESET = "ef-reset"
