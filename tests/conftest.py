@@ -4,6 +4,11 @@ The loopback deployments (tests/deploy) and the two-node Ray cluster (tests/clus
 most of their time waiting: a Flower SuperNode polls for messages every 3 s. They run one
 after the other on one worker (so the module's shared deployment is started once and no two
 deployments compete for the CPU), while the other tests share both workers.
+
+pytest-randomly (in the ``test`` extra) runs the tests in a new order every time: no test may
+depend on torch threads, seeds, environment or working directory left by another. The seed
+is in the header; ``-p randomly --randomly-seed=N`` repeats an order, ``-p no:randomly``
+keeps the file order.
 """
 
 from __future__ import annotations
