@@ -36,7 +36,7 @@ import torch
 
 from fedsim.algorithms.fedbuff import FedBuff
 from fedsim.bench import environment
-from fedsim.sim.clock import EventQueue, VirtualClock
+from fedsim.loops.clock import EventQueue, VirtualClock
 from fedsim.sim.speeds import client_duration, client_speeds
 
 WORK = 10.0  # local steps per update, in speed units

@@ -49,8 +49,8 @@ from fedsim.bench import environment
 from fedsim.config import load_config
 from fedsim.deploy import flwr_connection
 from fedsim.loopback import LoopbackDeployment
+from fedsim.outputs.results import RunDir
 from fedsim.sim.components import federated_data
-from fedsim.sim.results import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 ANCHOR = ROOT / "benchmarks" / "deploy_anchor"

@@ -44,9 +44,9 @@ from flwr.simulation import run_simulation
 from fedsim.bench import environment
 from fedsim.clients.train import evaluate, train_local
 from fedsim.config import validate_config
+from fedsim.outputs.results import RunDir
+from fedsim.runner import run_experiment
 from fedsim.sim.components import build_objective, federated_data, make_model
-from fedsim.sim.results import RunDir
-from fedsim.sim.runner import run_experiment
 
 
 def make_config(clients: int, out_dir: str):

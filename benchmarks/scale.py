@@ -58,8 +58,8 @@ def worker(clients: int, backend: str, out_dir: str) -> dict:
     """Run one configuration; report its timings (memory is sampled by the parent)."""
     import torch
 
-    from fedsim.sim.results import RunDir
-    from fedsim.sim.runner import run_experiment
+    from fedsim.outputs.results import RunDir
+    from fedsim.runner import run_experiment
 
     torch.set_num_threads(1)
     path, summary = run_experiment(make_config(clients, backend, out_dir))

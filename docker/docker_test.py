@@ -32,8 +32,8 @@ from pathlib import Path
 from fedsim.bench import environment
 from fedsim.config import load_config
 from fedsim.loopback import free_port, wait_for_port
-from fedsim.sim.results import RunDir
-from fedsim.sim.runner import run_experiment
+from fedsim.outputs.results import RunDir
+from fedsim.runner import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ROOT / "docker" / "wheels"

@@ -33,8 +33,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedsim.config import ConfigError, apply_override, load_config
-from fedsim.sim.grid_figures import plot_heatmaps, plot_panels
-from fedsim.sim.results import RunDir
+from fedsim.outputs.grid_figures import plot_heatmaps, plot_panels
+from fedsim.outputs.results import RunDir
 
 
 class Variant(BaseModel):
@@ -280,7 +280,7 @@ def environment() -> dict[str, str]:
 
 
 def _run_one(cfg) -> tuple[str, dict[str, Any]]:
-    from fedsim.sim.runner import run_experiment
+    from fedsim.runner import run_experiment
 
     path, summary = run_experiment(cfg)
     return str(path), summary

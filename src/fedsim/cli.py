@@ -14,7 +14,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from fedsim.config import ConfigError, ExperimentConfig, load_config
-from fedsim.sim.progress import CONSOLE
+from fedsim.outputs.progress import CONSOLE
 from fedsim.supernode import POLL_INTERVAL_S
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -93,9 +93,9 @@ def run(
     Exit codes: 0 done; 1 the run stopped (training diverged), or every round was skipped;
     2 a user error (config, data, host, a cluster that does not answer), reported in one line
     before anything starts."""
-    from fedsim.sim.loop import DivergedError
-    from fedsim.sim.results import RunDir, RunDirError
-    from fedsim.sim.runner import ClusterUnreachable, run_experiment
+    from fedsim.loops.skeleton import DivergedError
+    from fedsim.outputs.results import RunDir, RunDirError
+    from fedsim.runner import ClusterUnreachable, run_experiment
 
     _setup_logging(verbose)
     if resume is not None and config is not None:
@@ -224,8 +224,8 @@ def report(
     out: Annotated[Path, typer.Option(help="comparison plot")] = Path("report.png"),
 ) -> None:
     """Compare runs in one table and one accuracy plot."""
-    from fedsim.sim.plots import plot_comparison
-    from fedsim.sim.results import RunDir
+    from fedsim.outputs.plots import plot_comparison
+    from fedsim.outputs.results import RunDir
 
     table = Table(title="fedsim runs")
     for col in ("run", "strategy", "rounds", "final acc", "best acc", "rounds to target", "wall (s)", "failed"):

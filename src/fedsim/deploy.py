@@ -110,9 +110,9 @@ def main(grid: Grid, context: Context) -> None:
     """Run the experiment on the deployment's SuperNodes."""
     # imported here: a SuperNode's ClientApp process imports this module too, and needs
     # none of the server loop (Flower starts that process anew for every message)
+    from fedsim.outputs.results import RunDir
+    from fedsim.runner import serve
     from fedsim.seeding import seed_everything
-    from fedsim.sim.results import RunDir
-    from fedsim.sim.runner import serve
 
     cfg = experiment_config(dict(context.run_config))
     seed_everything(cfg.seed)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedsim.sim.clock import EventQueue, VirtualClock, WallClock
+from fedsim.loops.clock import EventQueue, VirtualClock, WallClock
 from fedsim.sim.speeds import client_duration
 
 

@@ -11,7 +11,7 @@ from fedsim.algorithms.fedfix import (
     fedfix_aggregate,
     fedfix_weights,
 )
-from fedsim.sim.clock import EventQueue, VirtualClock
+from fedsim.loops.clock import EventQueue, VirtualClock
 from fedsim.sim.speeds import client_duration, client_speeds
 
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from fedsim.config import ConfigError, load_config
+from fedsim.loops.arrivals import LOST, TIMEOUT, Job, SimulatedDevices, VirtualArrivals
+from fedsim.loops.asynchronous import ClientPool, run_async
+from fedsim.loops.clock import WallClock
+from fedsim.outputs.results import RunDir
 from fedsim.quant.codecs import build as build_codec
-from fedsim.sim.arrivals import LOST, TIMEOUT, Job, SimulatedDevices, VirtualArrivals
-from fedsim.sim.async_loop import ClientPool, run_async
-from fedsim.sim.clock import WallClock
-from fedsim.sim.results import RunDir
-from fedsim.sim.runner import run_experiment
+from fedsim.runner import run_experiment
 
 ROOT = Path(__file__).parents[2]
 FEDFIX = ROOT / "configs" / "fedfix.yaml"

@@ -18,8 +18,8 @@ import ray.util
 from ray.cluster_utils import Cluster
 
 from fedsim.config import load_config
-from fedsim.sim.results import RunDir
-from fedsim.sim.runner import run_experiment
+from fedsim.outputs.results import RunDir
+from fedsim.runner import run_experiment
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent

@@ -24,7 +24,7 @@ from allpairspy import AllPairs
 
 from fedsim.algorithms import registry
 from fedsim.config import ConfigError, validate_config
-from fedsim.sim.runner import run_experiment
+from fedsim.runner import run_experiment
 
 STRATEGIES = registry.names()
 FAMILY = {name: registry.get(name).family() for name in STRATEGIES}

@@ -11,7 +11,7 @@ import pytest
 
 from fedsim.config import load_config
 from fedsim.preflight import preflight
-from fedsim.sim.runner import run_experiment
+from fedsim.runner import run_experiment
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 

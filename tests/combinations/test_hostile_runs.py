@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from fedsim.cli import app
 from fedsim.config import load_config
-from fedsim.sim.runner import run_experiment
+from fedsim.runner import run_experiment
 
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
 

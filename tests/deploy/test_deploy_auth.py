@@ -12,8 +12,8 @@ from pathlib import Path
 from fedsim.config import load_config
 from fedsim.credentials import TlsFiles, make_node_key
 from fedsim.loopback import LoopbackDeployment
-from fedsim.sim.results import RunDir
-from fedsim.sim.runner import run_experiment
+from fedsim.outputs.results import RunDir
+from fedsim.runner import run_experiment
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent

@@ -23,8 +23,8 @@ import yaml
 from fedsim.config import ConfigError, load_config
 from fedsim.deploy import experiment_config
 from fedsim.loopback import LoopbackDeployment
-from fedsim.sim.results import RunDir
-from fedsim.sim.runner import run_experiment
+from fedsim.outputs.results import RunDir
+from fedsim.runner import run_experiment
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent

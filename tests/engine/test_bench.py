@@ -20,7 +20,7 @@ from fedsim.bench import (
     verdicts,
 )
 from fedsim.config import ConfigError, load_config
-from fedsim.sim.results import RunDir
+from fedsim.outputs.results import RunDir
 
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
 
@@ -216,7 +216,7 @@ def test_set_replaces_a_field_of_the_spec_such_as_an_axis(tmp_path):
 
 
 def test_grid_figures_write_small_multiples_and_heatmaps_with_missing_cells(tmp_path):
-    from fedsim.sim.grid_figures import plot_heatmaps, plot_panels
+    from fedsim.outputs.grid_figures import plot_heatmaps, plot_panels
 
     rows = [{"round": r, "centralised_accuracy": r / 10} for r in range(1, 6)]
     panels = {f"attack {i}": {f"rule {j}": rows for j in range(6)} for i in range(16)}

@@ -7,8 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fedsim.cli import app
-from fedsim.sim.results import RunDir
-from fedsim.sim.runner import run_experiment
+from fedsim.outputs.results import RunDir
+from fedsim.runner import run_experiment
 
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
 

@@ -9,9 +9,9 @@ import torch
 
 from fedsim.clients.train import evaluate
 from fedsim.config import load_config
+from fedsim.outputs.results import RunDir
+from fedsim.runner import run_experiment
 from fedsim.sim.components import federated_data, make_model
-from fedsim.sim.results import RunDir
-from fedsim.sim.runner import run_experiment
 from fedsim.strategies.evaluation import client_accuracy_percentiles
 
 ROOT = Path(__file__).parents[2]

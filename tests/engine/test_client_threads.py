@@ -9,8 +9,8 @@ from flwr.app import Context, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedsim.runner import run_experiment
 from fedsim.sim.client_app import build_client_app
-from fedsim.sim.runner import run_experiment
 
 
 @pytest.fixture

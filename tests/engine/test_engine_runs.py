@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.sim.results import RunDir
-from fedsim.sim.runner import run_experiment
+from fedsim.outputs.results import RunDir
+from fedsim.runner import run_experiment
 
 ROOT = Path(__file__).parents[2]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from fedsim.clients.objective import ClientObjective
 from fedsim.config import ConfigError
 from fedsim.losses import LinearCrossEntropy
+from fedsim.outputs.results import RunDir
+from fedsim.runner import run_experiment, serve
 from fedsim.sim.client_app import LOSS_STATE_KEY, ClientRuntime
 from fedsim.sim.components import build_objective, federated_data, make_model
 from fedsim.sim.inprocess import InProcessGrid
-from fedsim.sim.results import RunDir
-from fedsim.sim.runner import run_experiment, serve
 
 SHORT_RUN = ("sim.backend=inprocess", "partition.num_clients=5", "rounds=4", "eval.federated=false",
              "output.plots=false")

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from fedsim.clients.local_steps import momentum_steps
 from fedsim.clients.train import train_local
 from fedsim.config import load_config
+from fedsim.outputs.results import RunDir
 from fedsim.params import ParamSpec, set_flat
+from fedsim.runner import run_experiment
 from fedsim.seeding import derive_seed
 from fedsim.sim.components import build_objective, federated_data, make_model
-from fedsim.sim.results import RunDir
-from fedsim.sim.runner import run_experiment
 
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
 FULL_BATCH = ("sim.backend=inprocess", "eval.federated=false", "output.plots=false", "model.hidden=[8]",

@@ -13,13 +13,13 @@ import yaml
 
 from fedsim.clients.quantization import EF_STATE_KEY
 from fedsim.config import load_config
+from fedsim.outputs.results import RunDir
 from fedsim.params import ParamSpec
 from fedsim.quant import codecs
+from fedsim.runner import run_experiment, serve
 from fedsim.sim.client_app import ClientRuntime
 from fedsim.sim.components import federated_data, make_model
 from fedsim.sim.inprocess import InProcessGrid
-from fedsim.sim.results import RunDir
-from fedsim.sim.runner import run_experiment, serve
 
 ROOT = Path(__file__).parents[2]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"

@@ -14,15 +14,15 @@ from fedsim.algorithms.krum import krum, multi_krum
 from fedsim.attacks import choose_byzantine
 from fedsim.clients.quantization import build_codec
 from fedsim.config import LinkSettings, load_config
+from fedsim.loops.sync import build_strategy, label_mix, run_sync
+from fedsim.outputs.results import RunDir
 from fedsim.params import ParamSpec
+from fedsim.runner import run_experiment
 from fedsim.seeding import seed_everything
 from fedsim.sim.client_app import ClientRuntime
 from fedsim.sim.components import federated_data, make_model
 from fedsim.sim.inprocess import InProcessGrid
 from fedsim.sim.messaging import client_nodes
-from fedsim.sim.results import RunDir
-from fedsim.sim.runner import run_experiment
-from fedsim.sim.sync import build_strategy, label_mix, run_sync
 from fedsim.strategies.participation import BernoulliParticipation, build_sampler
 from fedsim.strategies.replies import ClientUpdate, screen_train_replies
 

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 
 from fedsim.config import load_config
-from fedsim.sim.loop import DivergedError, DivergenceWatch
-from fedsim.sim.runner import run_experiment
+from fedsim.loops.skeleton import DivergedError, DivergenceWatch
+from fedsim.runner import run_experiment
 
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
 
 
 def test_the_divergence_warning_fires_once_past_a_hundredfold_loss(caplog):
     watch = DivergenceWatch([{"round": 1, "centralised_loss": 2.0}])
-    with caplog.at_level(logging.WARNING, logger="fedsim.sim.loop"):
+    with caplog.at_level(logging.WARNING, logger="fedsim.loops.skeleton"):
         for step, loss in enumerate([150.0, 250.0, 1e29, None], start=2):  # None: not evaluated
             watch.check({"round": step, "centralised_loss": loss})
     warnings = [r.getMessage() for r in caplog.records]

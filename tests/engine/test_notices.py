@@ -69,7 +69,7 @@ def test_partitioning_prints_no_partitioner_notice():
 
 
 def test_a_run_without_evaluation_plots_empty_axes_without_a_legend_warning(tmp_path):
-    from fedsim.sim.plots import plot_comparison, plot_run
+    from fedsim.outputs.plots import plot_comparison, plot_run
 
     rows = [{"round": 1, "train_loss": 1.0}, {"round": 2, "train_loss": 0.5}]
     with warnings.catch_warnings(record=True) as caught:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from fedsim.config import load_config
-from fedsim.sim.results import RunDir
-from fedsim.sim.runner import run_experiment
+from fedsim.outputs.results import RunDir
+from fedsim.runner import run_experiment
 
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
 

@@ -26,13 +26,13 @@ from fedsim.clients.hooks import ClientHook, vectorises
 from fedsim.clients.train import local_steps, train_local
 from fedsim.config import ConfigError, validate_config
 from fedsim.losses import REGISTRY
-from fedsim.sim import groups
+from fedsim.outputs.results import RunDir
+from fedsim.runner import run_experiment
+from fedsim.sim import group_messages
 from fedsim.sim.client_app import Outcome
 from fedsim.sim.components import build_objective, federated_data, make_model
-from fedsim.sim.grouped import GroupedGrid
 from fedsim.sim.messaging import FIRST_NODE_ID
-from fedsim.sim.results import RunDir
-from fedsim.sim.runner import run_experiment
+from fedsim.sim.ray_nodes import GroupedGrid
 
 CPU = torch.device("cpu")
 
@@ -174,15 +174,15 @@ def test_a_group_message_carries_each_shared_record_once():
     shared = ArrayRecord({"w": torch.ones(3)})
     members = [(pid, RecordDict({"arrays": shared, "config": ConfigRecord({"partition-id": pid})}))
                for pid in (4, 9)]
-    packed = groups.pack_members("train", members)
+    packed = group_messages.pack_members("train", members)
     assert sum(1 for record in packed.array_records.values() if record is shared) == 1
-    message_type, unpacked = groups.unpack_members(packed)
+    message_type, unpacked = group_messages.unpack_members(packed)
     assert message_type == "train" and [pid for pid, _ in unpacked] == [4, 9]
     assert all(content["arrays"] is shared for _, content in unpacked)
     assert [int(content["config"]["partition-id"]) for _, content in unpacked] == [4, 9]
-    answered = groups.MemberReply(4, RecordDict({"arrays": shared}))
-    raised = groups.MemberReply(9, None, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "ValueError: bad")
-    replies = groups.unpack_replies(groups.pack_replies([answered, raised]))
+    answered = group_messages.MemberReply(4, RecordDict({"arrays": shared}))
+    raised = group_messages.MemberReply(9, None, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "ValueError: bad")
+    replies = group_messages.unpack_replies(group_messages.pack_replies([answered, raised]))
     assert replies[0].content["arrays"] is shared and replies[1].content is None
     assert (replies[1].code, replies[1].reason) == (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "ValueError: bad")
 
@@ -263,7 +263,7 @@ def test_the_batched_backend_gives_the_numbers_of_the_inprocess_backend(small_co
 
 def test_the_batched_backend_trains_one_client_at_a_time_where_it_must(small_config, caplog):
     common = ("rounds=2", "output.plots=false", "eval.federated=false", "loss.name=dice")
-    with caplog.at_level(logging.WARNING, logger="fedsim.sim.runner"):
+    with caplog.at_level(logging.WARNING, logger="fedsim.runner"):
         batched, _ = _rows(small_config("sim.backend=batched", *common))
     assert "loss.name: 'dice' is not a mean of per-sample terms" in caplog.text
     alone, _ = _rows(small_config("sim.backend=inprocess", *common))

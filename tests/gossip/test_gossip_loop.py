@@ -11,20 +11,20 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedsim.algorithms.gossip import gossip_mix, mix_node, variance_corrected_average
 from fedsim.clients import gossip_node
 from fedsim.config import load_config
-from fedsim.params import ParamSpec
-from fedsim.quant.codecs import build as build_codec
-from fedsim.sim.client_app import ClientRuntime, Outcome, PartitionState
-from fedsim.sim.components import federated_data, make_model
-from fedsim.sim.gossip_loop import (
+from fedsim.loops.gossip import (
     build_topology,
     initial_models,
     mixing_weights,
     run_gossip,
     variance_drift,
 )
+from fedsim.outputs.results import RunDir
+from fedsim.params import ParamSpec
+from fedsim.quant.codecs import build as build_codec
+from fedsim.runner import run_experiment
+from fedsim.sim.client_app import ClientRuntime, Outcome, PartitionState
+from fedsim.sim.components import federated_data, make_model
 from fedsim.sim.inprocess import InProcessGrid
-from fedsim.sim.results import RunDir
-from fedsim.sim.runner import run_experiment
 from fedsim.topology import neighbours
 
 ROOT = Path(__file__).parents[2]

@@ -27,8 +27,10 @@ LAYERS = [
     ("clients", ["fedsim.clients"]),
     ("server", ["fedsim.strategies"]),
     ("algorithms", ["fedsim.algorithms", "fedsim.flower"]),
+    ("outputs", ["fedsim.outputs"]),
     ("simulation", ["fedsim.sim"]),
-    ("applications", ["fedsim.cli", "fedsim.bench", "fedsim.deploy", "fedsim.loopback", "fedsim.supernode",
+    ("loops", ["fedsim.loops"]),
+    ("applications", ["fedsim.runner", "fedsim.cli", "fedsim.bench", "fedsim.deploy", "fedsim.loopback", "fedsim.supernode",
                       "fedsim.clientapp_process", "fedsim.preflight", "fedsim.credentials", "fedsim."]),
 ]
 """Layers from the bottom up, each a list of modules: a name is that module and the modules

@@ -6,17 +6,17 @@ through its entry point)."""
 
 from pathlib import Path
 
+import fedsim_feddyn
 import pytest
 import torch
 from typer.testing import CliRunner
 
-import fedsim_feddyn
 from fedsim.cli import app
 from fedsim.config import load_config
 from fedsim.loopback import LoopbackDeployment
+from fedsim.outputs.results import RunDir
 from fedsim.records import to_state_dict
-from fedsim.sim.results import RunDir
-from fedsim.sim.runner import run_experiment
+from fedsim.runner import run_experiment
 
 QUICKSTART = Path(__file__).parents[3] / "configs" / "quickstart.yaml"
 FEDDYN = ("strategy.name=feddyn", "strategy.alpha=0.01")

@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+import fedsim_feddyn
 import torch
 from feddyn_flower_app import RUN_CONFIG, TRAINED, client_app, digits, initial_model, partition, server_main
 from feddyn_reference import feddyn_rounds
@@ -17,7 +18,6 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 
 import fedsim.flower
-import fedsim_feddyn
 from fedsim.records import to_state_dict
 from fedsim.sim.inprocess import InProcessGrid
 

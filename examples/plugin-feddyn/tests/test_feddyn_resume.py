@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import torch
+from fedsim_feddyn import GRADIENT_STATE_KEY
 
 from fedsim.config import load_config
-from fedsim.sim.results import RunDir
-from fedsim.sim.runner import run_experiment
-from fedsim_feddyn import GRADIENT_STATE_KEY
+from fedsim.outputs.results import RunDir
+from fedsim.runner import run_experiment
 
 QUICKSTART = Path(__file__).parents[3] / "configs" / "quickstart.yaml"
 ROUNDS = 8

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import torch
 from feddyn_reference import feddyn_rounds
+from fedsim_feddyn import GRADIENT_STATE_KEY, DynamicRegulariser, dynamic_regulariser, stacked_dynamic_regulariser
 
 from fedsim.config import load_config
 from fedsim.params import ParamSpec
 from fedsim.records import to_state_dict
+from fedsim.runner import run_experiment
 from fedsim.sim.components import federated_data, make_model
-from fedsim.sim.runner import run_experiment
 from fedsim.strategies.participation import build_sampler
-from fedsim_feddyn import GRADIENT_STATE_KEY, DynamicRegulariser, dynamic_regulariser, stacked_dynamic_regulariser
 
 QUICKSTART = Path(__file__).parents[3] / "configs" / "quickstart.yaml"
 ALPHA, LR, STEPS, ROUNDS = 0.1, 0.3, 3, 3

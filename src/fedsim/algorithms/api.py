@@ -117,7 +117,7 @@ class SyncStrategyBase(StrategySection):
 
 
 class AsyncStrategyBase(StrategySection):
-    """Fields of the asynchronous strategies (virtual clock; see fedsim.sim.async_loop).
+    """Fields of the asynchronous strategies (virtual clock; see fedsim.loops.asynchronous).
 
     Times are in units of the slowest client's time for one local update, so a run with
     ``horizon: 20`` takes as long as 20 rounds of synchronous FedAvg waiting for the slowest.

@@ -10,7 +10,7 @@ Neural-Network Systems" (the paper behind fedsim's variance-corrected gossip): a
 independent models shrinks each layer's weight variance; rescaling every layer of the mixed
 model around its mean, to the average variance of the models that were mixed, undoes it.
 
-The server loop is fedsim's gossip loop (:mod:`fedsim.sim.gossip_loop`, server-relayed
+The server loop is fedsim's gossip loop (:mod:`fedsim.loops.gossip`, server-relayed
 gossip); each node keeps its own model in its Context (:mod:`fedsim.clients.gossip_node`)
 and mixes it with :meth:`GossipNode.mix`, this algorithm's client half.
 """

@@ -1,6 +1,6 @@
 """A gossip node's model, kept in its Flower ``Context.state`` between messages.
 
-Each gossip round has two messages per node (``fedsim.sim.gossip_loop`` sends them):
+Each gossip round has two messages per node (``fedsim.loops.gossip`` sends them):
 
 - ``train.gossip``: the node trains the model it holds and replies with the update (through
   the uplink codec; the node then holds ``start + decoded update``, exactly what the

@@ -20,7 +20,7 @@ node's Context state), and answers each with a reply content or an error:
 Deterministic: a client's generators are seeded from (run seed, round, partition id),
 never from the host. The runtime is used three ways: the in-process grids call it directly
 (:mod:`fedsim.sim.inprocess`); under Ray the ClientApp's ``group`` actions unpack a group
-message (:mod:`fedsim.sim.groups`) into members; in deployment each SuperNode's plain
+message (:mod:`fedsim.sim.group_messages`) into members; in deployment each SuperNode's plain
 messages are one member each, for the partition its node config names.
 """
 
@@ -64,7 +64,7 @@ from fedsim.data import cache as partition_cache
 from fedsim.params import ParamSpec
 from fedsim.records import to_record, to_state_dict
 from fedsim.seeding import derive_seed
-from fedsim.sim import groups
+from fedsim.sim import group_messages
 from fedsim.sim.components import (
     FederatedData,
     build_objective,
@@ -121,15 +121,15 @@ class Outcome:
     error: BaseException | None
     seconds: float
 
-    def member_reply(self, partition_id: int, timeout_s: float) -> groups.MemberReply:
+    def member_reply(self, partition_id: int, timeout_s: float) -> group_messages.MemberReply:
         """The reply a simulated node sends for this member: a client slower than
         ``client.timeout_s`` counts as timed out, whatever else happened."""
         if self.seconds > timeout_s:
-            return groups.MemberReply(partition_id, None, TIMEOUT_CODE, f"took {self.seconds:.1f} s")
+            return group_messages.MemberReply(partition_id, None, TIMEOUT_CODE, f"took {self.seconds:.1f} s")
         if self.error is not None:
-            return groups.MemberReply(partition_id, None, ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+            return group_messages.MemberReply(partition_id, None, ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                                       f"{type(self.error).__name__}: {self.error}")
-        return groups.MemberReply(partition_id, self.reply)
+        return group_messages.MemberReply(partition_id, self.reply)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,11 +325,11 @@ class ClientRuntime:
         """The jobs that train together: those whose features give equal keys, at most
         :func:`~fedsim.clients.batched.stack_size` at a time. A job alone in its group trains
         alone."""
-        groups: dict[tuple, list[TrainJob]] = {}
+        by_key: dict[tuple, list[TrainJob]] = {}
         for job in jobs:
-            groups.setdefault(tuple(feature.key(job.context) for feature in w.features), []).append(job)
+            by_key.setdefault(tuple(feature.key(job.context) for feature in w.features), []).append(job)
         size = stack_size(w.spec.dim)
-        return [group[i : i + size] for group in groups.values() if len(group) > 1
+        return [group[i : i + size] for group in by_key.values() if len(group) > 1
                 for i in range(0, len(group), size)]
 
     def _train_one(self, job: TrainJob, w: Worker, device: torch.device) -> tuple[torch.Tensor, TrainResult]:
@@ -500,14 +500,15 @@ def build_client_app(cfg: ExperimentConfig, vectorise: bool = False, sleep_stall
 
     def group(message: Message, context: Context) -> Message:
         torch.set_num_threads(threads)
-        message_type, contents = groups.unpack_members(message.content)
+        message_type, contents = group_messages.unpack_members(message.content)
         members = [Member(pid, content, PartitionState(context.state, pid)) for pid, content in contents]
         outcomes = runtime.run(message_type, members)
         replies = [o.member_reply(m.partition_id, cfg.client.timeout_s) for m, o in zip(members, outcomes, strict=True)]
-        return Message(content=groups.pack_replies(replies), reply_to=message)
+        return Message(content=group_messages.pack_replies(replies), reply_to=message)
 
     for register in (app.train(), app.train("gossip"), app.train("mix"), app.evaluate(), app.query()):
         register(plain)
-    for register in (app.train(groups.GROUP_ACTION), app.evaluate(groups.GROUP_ACTION), app.query(groups.GROUP_ACTION)):
+    action = group_messages.GROUP_ACTION
+    for register in (app.train(action), app.evaluate(action), app.query(action)):
         register(group)
     return app

@@ -2,7 +2,7 @@
 
 fedsim's server loops address clients by partition id. Under the simulation backends the
 grid itself knows who plays which partition: fedsim's own grids (:class:`PartitionGrid`:
-the in-process grids, and :class:`~fedsim.sim.grouped.GroupedGrid` over Ray) have one
+the in-process grids, and :class:`~fedsim.sim.ray_nodes.GroupedGrid` over Ray) have one
 virtual node per partition, so a run starts without a round trip per client. In a
 deployment each SuperNode states its partition in its node config, and the server asks
 every node once (a QUERY message) which one it plays.
@@ -23,7 +23,7 @@ from uuid import uuid4
 from flwr.app import Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedsim.sim.groups import MemberReply
+from fedsim.sim.group_messages import MemberReply
 
 POLL_S = 0.01
 FIRST_NODE_ID = 1000

@@ -1,5 +1,5 @@
 """The base of the asynchronous algorithms: a rule the asynchronous loop
-(:mod:`fedsim.sim.async_loop`) feeds with arrivals one at a time.
+(:mod:`fedsim.loops.asynchronous`) feeds with arrivals one at a time.
 
 A rule receives each accepted arrival (:meth:`AsyncRule.receive`) and, if it aggregates by
 windows of time, says when the next window ends (:meth:`AsyncRule.next_boundary`) and closes

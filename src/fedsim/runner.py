@@ -20,15 +20,15 @@ from flwr.serverapp import Grid, ServerApp
 from fedsim.clients.batched import vectorisable_reason
 from fedsim.config import ExperimentConfig
 from fedsim.data import cache as partition_cache
+from fedsim.loops.asynchronous import run_async
+from fedsim.loops.gossip import run_gossip
+from fedsim.loops.sync import run_sync
+from fedsim.outputs.results import RunDir
 from fedsim.seeding import seed_everything
-from fedsim.sim.async_loop import run_async
 from fedsim.sim.client_app import ClientRuntime, build_client_app, worker
 from fedsim.sim.flower_notices import quiet_run_simulation_notice
-from fedsim.sim.gossip_loop import run_gossip
-from fedsim.sim.grouped import GroupedGrid, engine_nodes
 from fedsim.sim.inprocess import InProcessGrid
-from fedsim.sim.results import RunDir
-from fedsim.sim.sync import run_sync
+from fedsim.sim.ray_nodes import GroupedGrid, engine_nodes
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ the rest is written once, here: what a loop builds before its first step
 - one metrics row per step, appended and fsynced as it completes, with byte totals and the
   wall time; the progress bar and one log line per row;
 - checkpoints every ``output.checkpoint_every`` steps and after the last;
-- the summary: :func:`fedsim.sim.results.summarise` of the rows, the family's own entries,
+- the summary: :func:`fedsim.outputs.results.summarise` of the rows, the family's own entries,
   and post-training quantization of the final model (``quant.ptq``), written even when the
   run is interrupted; the plots.
 
@@ -39,14 +39,14 @@ from torch import nn
 
 from fedsim.clients.train import EvalResult, evaluate
 from fedsim.config import ExperimentConfig
+from fedsim.outputs.plots import plot_run
+from fedsim.outputs.progress import RoundProgress
+from fedsim.outputs.results import Checkpoint, RunDir, bytes_so_far, summarise
 from fedsim.params import ParamSpec
 from fedsim.quant.ptq import quantize_weights_awq, quantize_weights_rtn
 from fedsim.records import to_state_dict
 from fedsim.sim.components import FederatedData, federated_data, make_model, predict_fn, resolve_device
 from fedsim.sim.messaging import PartitionGrid, client_nodes, send_and_collect
-from fedsim.sim.plots import plot_run
-from fedsim.sim.progress import RoundProgress
-from fedsim.sim.results import Checkpoint, RunDir, bytes_so_far, summarise
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 It drives a Flower ``Strategy`` exactly as ``Strategy.start`` does (configure_train ->
 send -> collect replies -> aggregate_train -> configure_evaluate -> aggregate_evaluate ->
 centralised evaluation), and adds what ``start`` lacks through the shared skeleton
-(:mod:`fedsim.sim.loop`): starting from a checkpointed round, a metrics row per round
+(:mod:`fedsim.loops.skeleton`): starting from a checkpointed round, a metrics row per round
 written as it completes, checkpoints, a progress bar, the summary; and failure accounting.
 """
 
@@ -19,13 +19,13 @@ from flwr.serverapp import Grid
 
 from fedsim.algorithms import registry
 from fedsim.config import ExperimentConfig
+from fedsim.loops.skeleton import LoopSetup, Steps, evaluate_global, fmt_metric, run_steps
+from fedsim.outputs.results import RunDir
 from fedsim.params import ParamSpec
 from fedsim.records import to_state_dict
 from fedsim.sim.components import FederatedData
-from fedsim.sim.loop import LoopSetup, Steps, evaluate_global, fmt_metric, run_steps
 from fedsim.sim.messaging import PartitionGrid, send_and_collect
 from fedsim.sim.rejoin import NodeWatch
-from fedsim.sim.results import RunDir
 from fedsim.strategies.base import FedsimStrategy
 from fedsim.strategies.participation import build_sampler
 

@@ -16,7 +16,7 @@ is newest when they start; the server applies their results in order of arrival:
 At most ``sim.concurrency`` clients train at once (all by default); a client that finishes
 goes back to the idle pool and free slots are refilled from it (FedAsync, FedBuff: at once;
 FedFix: at the window's end). Where arrivals come from, and what time is, is the arrival
-source's business (:mod:`fedsim.sim.arrivals`): simulated devices on a virtual clock, or
+source's business (:mod:`fedsim.loops.arrivals`): simulated devices on a virtual clock, or
 the wall clock in deployment. Each run writes one metrics row per evaluation time
 (``strategy.eval_every``), with the virtual time beside the wall time.
 
@@ -51,9 +51,7 @@ from fedsim.algorithms import registry
 from fedsim.algorithms.api import AsyncStrategyBase
 from fedsim.clients.quantization import build_codec
 from fedsim.config import ExperimentConfig
-from fedsim.params import ParamSpec
-from fedsim.seeding import derive_seed
-from fedsim.sim.arrivals import (
+from fedsim.loops.arrivals import (
     LOST,
     Arrival,
     Job,
@@ -61,10 +59,12 @@ from fedsim.sim.arrivals import (
     VirtualArrivals,
     WallArrivals,
 )
-from fedsim.sim.clock import Clock, WallClock
+from fedsim.loops.clock import Clock, WallClock
+from fedsim.loops.skeleton import LoopSetup, Steps, evaluate_global, fmt_metric, run_steps
+from fedsim.outputs.results import RunDir
+from fedsim.params import ParamSpec
+from fedsim.seeding import derive_seed
 from fedsim.sim.components import FederatedData
-from fedsim.sim.loop import LoopSetup, Steps, evaluate_global, fmt_metric, run_steps
-from fedsim.sim.results import RunDir
 from fedsim.strategies.asynchronous import AsyncRule
 from fedsim.strategies.evaluation import client_evaluations, federated_metrics, mean_train_metrics
 from fedsim.strategies.replies import ClientUpdate, Failure
@@ -257,7 +257,7 @@ class AsyncServer:
 class EveryClientEvaluation:
     """Federated evaluation in the asynchronous loop: every client evaluates the global
     model on its test split (a Flower Strategy's evaluation half, for
-    :func:`fedsim.sim.loop.evaluate_global`).
+    :func:`fedsim.loops.skeleton.evaluate_global`).
 
     Parameters
     ----------

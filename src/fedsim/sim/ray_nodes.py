@@ -5,7 +5,7 @@ actor call, a ClientApp call. :class:`GroupedGrid` wraps the engine's grid so th
 server loops still address one virtual node per partition, while the engine runs
 ``ceil(num_clients / clients_per_node)`` nodes: node j (in the order of its node id)
 serves partitions ``j*K .. j*K + K - 1``. The messages a loop pushes at once to one node's
-partitions travel as one group message (:mod:`fedsim.sim.groups`); the node trains its
+partitions travel as one group message (:mod:`fedsim.sim.group_messages`); the node trains its
 clients together and answers for each. Aggregation, attacks, byte counts and failures stay
 per client: a client that raises, sends a bad update or takes longer than
 ``client.timeout_s`` is that client's failure; a node that fails or misses the group's
@@ -27,7 +27,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from fedsim.sim import groups
+from fedsim.sim import group_messages
 from fedsim.sim.messaging import PartitionGrid
 from fedsim.strategies.replies import TIMEOUT_CODE
 
@@ -39,7 +39,7 @@ def engine_nodes(num_partitions: int, clients_per_node: int) -> int:
 
 def group_type(message_type: str) -> str:
     """The group action carrying messages of ``message_type`` (``train.mix`` -> ``train.group``)."""
-    return f"{message_type.split('.')[0]}.{groups.GROUP_ACTION}"
+    return f"{message_type.split('.')[0]}.{group_messages.GROUP_ACTION}"
 
 
 class GroupedGrid(PartitionGrid):
@@ -111,7 +111,7 @@ class GroupedGrid(PartitionGrid):
             bundles.setdefault((self._node_of(msg), msg.metadata.message_type, repeats[key]), []).append(msg)
         outgoing = []
         for (node, message_type, _), members in bundles.items():
-            content = groups.pack_members(message_type, [(self.partition_of(m), m.content) for m in members])
+            content = group_messages.pack_members(message_type, [(self.partition_of(m), m.content) for m in members])
             carrier = Message(content=content, message_type=group_type(message_type), dst_node_id=node)
             outgoing.append((carrier, members))
         accepted = set(self._grid.push_messages([carrier for carrier, _ in outgoing]))
@@ -122,7 +122,7 @@ class GroupedGrid(PartitionGrid):
                 self._groups[carrier.metadata.message_id] = members
             else:
                 for msg in members:
-                    self.answer(msg, groups.MemberReply(self.partition_of(msg), None, ErrorCode.NODE_UNAVAILABLE,
+                    self.answer(msg, group_messages.MemberReply(self.partition_of(msg), None, ErrorCode.NODE_UNAVAILABLE,
                                                         "the grid did not accept the message"))
         return ids
 
@@ -133,12 +133,12 @@ class GroupedGrid(PartitionGrid):
                 members = self._groups.pop(reply.metadata.reply_to_message_id)
                 if reply.has_error():
                     for msg in members:
-                        self.answer(msg, groups.MemberReply(self.partition_of(msg), None, reply.error.code,
+                        self.answer(msg, group_messages.MemberReply(self.partition_of(msg), None, reply.error.code,
                                                             f"node failed: {reply.error.reason}"))
                     continue
-                by_partition = {r.partition_id: r for r in groups.unpack_replies(reply.content)}
+                by_partition = {r.partition_id: r for r in group_messages.unpack_replies(reply.content)}
                 for msg in members:
                     pid = self.partition_of(msg)
-                    self.answer(msg, by_partition.get(pid) or groups.MemberReply(
+                    self.answer(msg, by_partition.get(pid) or group_messages.MemberReply(
                         pid, None, TIMEOUT_CODE, "the node's reply left this client out"))
         return super().pull_messages(message_ids)

@@ -50,14 +50,14 @@ from fedsim.clients.quantization import build_codec
 from fedsim.clients.train import EvalResult
 from fedsim.config import ExperimentConfig
 from fedsim.data import ArrayDataset
+from fedsim.loops.skeleton import LoopSetup, Steps, run_steps
+from fedsim.outputs.plots import plot_comparison
+from fedsim.outputs.results import RunDir
 from fedsim.params import ParamSpec, set_flat
 from fedsim.records import to_record
 from fedsim.seeding import derive_seed
 from fedsim.sim.components import make_model
-from fedsim.sim.loop import LoopSetup, Steps, run_steps
 from fedsim.sim.messaging import send_and_collect
-from fedsim.sim.plots import plot_comparison
-from fedsim.sim.results import RunDir
 from fedsim.strategies.evaluation import mean_train_metrics
 from fedsim.strategies.replies import (
     ClientUpdate,

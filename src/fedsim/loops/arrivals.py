@@ -1,13 +1,13 @@
 """Client jobs and their arrivals at the server, on a virtual or a wall clock.
 
-The asynchronous loop (:mod:`fedsim.sim.async_loop`) hands each training job to an
+The asynchronous loop (:mod:`fedsim.loops.asynchronous`) hands each training job to an
 *arrival source* and asks it for the next arrival before a given time. Two sources share
 that interface; the loop and the algorithms do not know which one runs:
 
 - :class:`VirtualArrivals` (simulation). The server computes each job's finish time at
   dispatch from the client's simulated device (:class:`SimulatedDevices`: work / speed,
   plus network delay, dropout drawn from a generator keyed by (seed, client, dispatch
-  count)) and queues it in an :class:`~fedsim.sim.clock.EventQueue`. Arrivals are
+  count)) and queues it in an :class:`~fedsim.loops.clock.EventQueue`. Arrivals are
   processed strictly in virtual-time order (ties by the queue's seeded keys); the reply of
   the earliest event is pulled from the grid, waiting for it if it is not ready yet, so
   the host's load changes how long the server waits, never what it computes.
@@ -32,9 +32,9 @@ from flwr.serverapp import Grid
 
 from fedsim.clients.train import local_steps as client_steps
 from fedsim.config import ExperimentConfig
+from fedsim.loops.clock import EventQueue, VirtualClock, WallClock
 from fedsim.quant.codecs import Codec
 from fedsim.seeding import derive_seed
-from fedsim.sim.clock import EventQueue, VirtualClock, WallClock
 from fedsim.sim.components import FederatedData, device_speeds
 from fedsim.sim.messaging import reply_allowance
 from fedsim.sim.speeds import client_duration

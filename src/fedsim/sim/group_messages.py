@@ -3,7 +3,7 @@
 Under Ray a Flower message costs a round trip through the simulation engine and a Ray
 actor call; with ``sim.clients_per_node: K`` one Flower node serves K partitions, and the
 messages the server loop addresses to that node's clients travel together as one *group
-message* (:class:`fedsim.sim.grouped.GroupedGrid` packs them; the ClientApp's ``group``
+message* (:class:`fedsim.sim.ray_nodes.GroupedGrid` packs them; the ClientApp's ``group``
 action unpacks them and answers for every client in one reply).
 
 A group message's content holds each distinct record once, however many clients share it

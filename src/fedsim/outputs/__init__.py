@@ -1,0 +1,1 @@
+"""Where each run goes: its directory (config, metrics, checkpoints, summary), progress, plots."""
