@@ -20,6 +20,18 @@ import pytest
 SERIAL = {"deploy", "cluster"}
 
 
+@pytest.fixture(autouse=True)
+def server_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts as the server process of run 1, the identity fedsim's in-process grid
+    gives the driver (Flower's ``Message`` takes its sender from it): a test that builds a
+    Message without a grid does not depend on a grid another test built before it."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     tests = Path(__file__).parent
     for item in items:

@@ -157,6 +157,7 @@ def algorithms(name: Annotated[str | None, typer.Argument(help="show this algori
         for argument in entry.arguments:
             table.add_row(argument.name, argument.type, repr(argument.default), argument.description)
         console.print(table)
+        console.print("per-client state: " + (", ".join(entry.client_state) or "none"), highlight=False)
         console.print("backends: " + "; ".join(entry.backends), highlight=False)
         console.print("combines with: " + (", ".join(entry.combines) or "none of the probed features"),
                       highlight=False)

@@ -191,6 +191,14 @@ def _algorithm(cfg: ExperimentConfig) -> Iterator[str | None]:
     yield from algorithm.rules(cfg)
 
 
+def _client_features(cfg: ExperimentConfig) -> Iterator[str | None]:
+    """The rules of the third-party client features the run uses (entry-point group
+    ``fedsim.client_features``)."""
+    for feature in registry.client_feature_classes():
+        if feature.applies(cfg):
+            yield from feature.rules(cfg)
+
+
 # ------------------------------------------------------------------------- the rest
 def _model(cfg: ExperimentConfig) -> Iterator[str | None]:
     if cfg.model.name != "mlp" and cfg.model.hidden != type(cfg.model)().hidden:
@@ -325,6 +333,6 @@ def loss_class_problem(cfg: ExperimentConfig, num_classes: int) -> str | None:
 
 
 RULES: tuple[Callable[[ExperimentConfig], Iterator[str | None]], ...] = (
-    _algorithm, _sync_only, _async_options, _async_only, _speeds, _participation, _participation_options, _model,
+    _algorithm, _client_features, _sync_only, _async_options, _async_only, _speeds, _participation, _participation_options, _model,
     _model_and_data, _partition_and_data, _quant_options, _faults, _attack, _loss,
 )

@@ -55,6 +55,7 @@ class Description:
     description: str
     module: str
     arguments: list[Argument]
+    client_state: tuple[str, ...]
     backends: list[str]
     combines: list[str]
     refuses: dict[str, str]
@@ -103,5 +104,6 @@ def describe(name: str) -> Description:
             refuses[feature] = str(exc).splitlines()[0]
         else:
             combines.append(feature)
-    return Description(name, family, algorithm.description, algorithm.__module__, _arguments(algorithm), backends,
-                       combines, refuses)
+    client_state = algorithm.client.state_keys if algorithm.client is not None else ()
+    return Description(name, family, algorithm.description, algorithm.__module__, _arguments(algorithm), client_state,
+                       backends, combines, refuses)

@@ -1,4 +1,5 @@
-"""The one registry of algorithms: the entry points of the group ``fedsim.algorithms``.
+"""The one registry of algorithms: the entry points of the group ``fedsim.algorithms`` (and of
+third-party client features: the group ``fedsim.client_features``).
 
 fedsim's own algorithms are registered in its ``pyproject.toml`` exactly as a third-party
 package registers its own, so an installed package adds an algorithm to ``fedsim run``,
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from fedsim.algorithms.api import Algorithm
 
 GROUP = "fedsim.algorithms"
+FEATURE_GROUP = "fedsim.client_features"
+"""Third-party client features (:class:`fedsim.clients.features.ClientFeature` classes)."""
 
 
 class UnknownAlgorithm(ValueError):
@@ -66,3 +69,9 @@ def _load(name: str) -> type[Algorithm]:
 def all_algorithms() -> dict[str, type[Algorithm]]:
     """Every registered algorithm, loaded, by name."""
     return {name: get(name) for name in names()}
+
+
+@functools.cache
+def client_feature_classes() -> tuple[type, ...]:
+    """Every class registered in the entry-point group ``fedsim.client_features``, loaded, by name."""
+    return tuple(entry.load() for entry in sorted(entry_points(group=FEATURE_GROUP), key=lambda e: e.name))

@@ -17,14 +17,13 @@ to compose, with no name of a feature known there:
 Algorithms declare theirs as their ``client`` attribute (:mod:`fedsim.algorithms.api`);
 fedsim's own training features, and the composition of a run's features, are in
 :mod:`fedsim.clients.training_features`; third-party ones register in the entry-point group
-``fedsim.client_features`` (a class taking the experiment config, whose ``applies(cfg)``
-says whether the run uses it).
+``fedsim.client_features``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, MutableMapping, Sequence
+from collections.abc import Hashable, Iterable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -73,9 +72,26 @@ class ClientContext:
 
 
 class ClientFeature:
-    """A client-side feature; every method's default adds nothing (see the module docstring)."""
+    """A client-side feature; every method's default adds nothing (see the module docstring).
+
+    A training feature (fedsim's own, or a third-party one registered in the entry-point group
+    ``fedsim.client_features``) is constructed with the experiment config when
+    ``applies(cfg)``; its ``rules(cfg)`` are checked by ``fedsim validate`` beside the generic
+    ones, each problem one line naming both keys. An algorithm's client half is an instance
+    its algorithm holds, and its rules are the algorithm's.
+    """
 
     state_keys: ClassVar[tuple[str, ...]] = ()
+
+    @staticmethod
+    def applies(cfg: ExperimentConfig) -> bool:
+        """Whether a run of ``cfg`` uses this (training) feature."""
+        return False
+
+    @classmethod
+    def rules(cls, cfg: ExperimentConfig) -> Iterable[str | None]:
+        """What cannot combine with this feature: ``None`` or one line naming both keys each."""
+        return ()
 
     def stacked_reason(self, cfg: ExperimentConfig) -> str | None:
         """Why clients with this feature train one at a time, or None when they stack."""

@@ -6,8 +6,6 @@ they apply, and third-party ones registered in the entry-point group ``fedsim.cl
 from __future__ import annotations
 
 import dataclasses
-import functools
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -21,8 +19,6 @@ from fedsim.losses import REGISTRY
 if TYPE_CHECKING:
     from fedsim.config import ExperimentConfig
     from fedsim.data import ArrayDataset
-
-FEATURE_GROUP = "fedsim.client_features"
 
 LOSS_STATE_KEY = "loss-state"
 """Where a client keeps its stateful loss's per-sample buffers (ALDR-KL, SogCLR, iSogCLR)."""
@@ -99,17 +95,12 @@ class LabelFlip(ClientFeature):
 TRAINING_FEATURES: tuple[type, ...] = (Loss, QuantizedTraining, UplinkErrorFeedback, LabelFlip)
 
 
-@functools.cache
-def _registered() -> tuple[type, ...]:
-    return tuple(entry.load() for entry in sorted(entry_points(group=FEATURE_GROUP), key=lambda e: e.name))
-
-
 def client_features(cfg: ExperimentConfig) -> tuple[ClientFeature, ...]:
     """The features of ``cfg``'s clients: its algorithm's client half, fedsim's training
     features that apply, then registered third-party ones that apply."""
     algorithm = registry.get(cfg.strategy.name)
     features = [algorithm.client] if algorithm.client is not None else []
-    features += [feature(cfg) for feature in (*TRAINING_FEATURES, *_registered()) if feature.applies(cfg)]
+    features += [feature(cfg) for feature in (*TRAINING_FEATURES, *registry.client_feature_classes()) if feature.applies(cfg)]
     return tuple(features)
 
 

@@ -60,13 +60,23 @@ from fedsim.loops.arrivals import (
     WallArrivals,
 )
 from fedsim.loops.clock import Clock, WallClock
-from fedsim.loops.skeleton import LoopSetup, Steps, evaluate_global, fmt_metric, run_steps
+from fedsim.loops.skeleton import (
+    LoopSetup,
+    Steps,
+    evaluate_global,
+    fmt_metric,
+    run_steps,
+)
 from fedsim.outputs.results import RunDir
 from fedsim.params import ParamSpec
 from fedsim.seeding import derive_seed
 from fedsim.sim.components import FederatedData
 from fedsim.strategies.asynchronous import AsyncRule
-from fedsim.strategies.evaluation import client_evaluations, federated_metrics, mean_train_metrics
+from fedsim.strategies.evaluation import (
+    client_evaluations,
+    federated_metrics,
+    mean_train_metrics,
+)
 from fedsim.strategies.replies import ClientUpdate, Failure
 
 log = logging.getLogger(__name__)

@@ -45,7 +45,13 @@ from fedsim.outputs.results import Checkpoint, RunDir, bytes_so_far, summarise
 from fedsim.params import ParamSpec
 from fedsim.quant.ptq import quantize_weights_awq, quantize_weights_rtn
 from fedsim.records import to_state_dict
-from fedsim.sim.components import FederatedData, federated_data, make_model, predict_fn, resolve_device
+from fedsim.sim.components import (
+    FederatedData,
+    federated_data,
+    make_model,
+    predict_fn,
+    resolve_device,
+)
 from fedsim.sim.messaging import PartitionGrid, client_nodes, send_and_collect
 
 log = logging.getLogger(__name__)

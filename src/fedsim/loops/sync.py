@@ -19,7 +19,13 @@ from flwr.serverapp import Grid
 
 from fedsim.algorithms import registry
 from fedsim.config import ExperimentConfig
-from fedsim.loops.skeleton import LoopSetup, Steps, evaluate_global, fmt_metric, run_steps
+from fedsim.loops.skeleton import (
+    LoopSetup,
+    Steps,
+    evaluate_global,
+    fmt_metric,
+    run_steps,
+)
 from fedsim.outputs.results import RunDir
 from fedsim.params import ParamSpec
 from fedsim.records import to_state_dict

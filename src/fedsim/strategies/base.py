@@ -69,7 +69,11 @@ from fedsim.quant.error_feedback import ServerEstimate
 from fedsim.records import to_state_dict
 from fedsim.seeding import derive_seed
 from fedsim.strategies.aggregate import weighted_mean
-from fedsim.strategies.evaluation import client_evaluations, federated_metrics, mean_train_metrics
+from fedsim.strategies.evaluation import (
+    client_evaluations,
+    federated_metrics,
+    mean_train_metrics,
+)
 from fedsim.strategies.replies import (
     EF_RESET,
     ClientUpdate,
