@@ -5,7 +5,7 @@ sections, and :class:`fedsim.config.ExperimentConfig` applies them when it valid
 configuration they pass runs, so ``fedsim validate`` refuses what ``fedsim run`` would
 otherwise stop on, or silently ignore. Each rule returns ``None`` or one line that names
 both keys and why they do not go together, e.g. ``quant.uplink.error_feedback: 'ef21'
-needs the server estimates of the synchronous strategies; strategy.name is 'fedbuff'``.
+needs the server estimates of the synchronous strategies; strategy.name is 'gossip'``.
 
 An option that does not apply to the chosen strategy family is refused when it differs
 from its default, so a resolved ``config.yaml`` (every key written out) validates again.

@@ -14,9 +14,10 @@ math once, on client updates:
   :class:`~fedsim.strategies.replies.ClientUpdate` per client, ``Delta_i = w_i - w``) into
   one ``(D,)`` update, with a pure function on tensors; the server optimizer
   (:mod:`fedsim.strategies.server_opt`, ``server_opt``) applies it;
-- :meth:`participants`, :meth:`extra_content`, :meth:`prepare_messages`, :meth:`screen`
-  and :meth:`observe` are the hooks an algorithm with more state overrides; its client half
-  is its ``client`` declaration (:mod:`fedsim.algorithms.api`).
+- :meth:`participants`, :meth:`extra_content`, :meth:`prepare_messages`, :meth:`screen`,
+  :meth:`observe`, :meth:`bound` and :meth:`state_dict` / :meth:`load_state_dict` are the
+  hooks an algorithm with more state overrides; its client half is its ``client``
+  declaration (:mod:`fedsim.algorithms.api`).
 
 Two ways to drive the same class:
 
@@ -287,10 +288,6 @@ class FedsimStrategy(Algorithm, FedAvg):
         stacked = torch.stack([u.update for u in updates])
         weights = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
         return weighted_mean(stacked, weights)
-
-    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A flat vector of the model's layout as named tensors."""
-        return self.spec.unflatten(vector)
 
     # --------------------------------------------------------------- training
     def summary(self) -> None:
