@@ -5,7 +5,7 @@ from fedsim.data import DATASETS, load_dataset
 
 
 def test_known_names():
-    assert DATASETS == ("digits", "synthetic", "mnist", "cifar10", "npz", "hf")
+    assert DATASETS == ("digits", "synthetic", "mnist", "cifar10", "npz", "hf", "shakespeare")
 
 
 def test_unknown_name_lists_the_known_ones():

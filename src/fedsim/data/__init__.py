@@ -24,5 +24,6 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     "partition": ["PARTITIONS", "FeatureNoise", "PartitionError", "label_histograms", "noise_scales",
                   "partition_indices", "plot_label_histograms", "split_client"],
     "registry": ["DATASETS", "load_dataset"],
+    "shakespeare": ["load_shakespeare"],
     "synthetic": ["generate_synthetic"],
 })

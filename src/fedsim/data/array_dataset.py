@@ -14,7 +14,8 @@ class ArrayDataset:
     Parameters
     ----------
     x : np.ndarray
-        float32 inputs, shape ``(N, *input_shape)``; images are ``(N, C, H, W)``.
+        float32 inputs, shape ``(N, *input_shape)``; images are ``(N, C, H, W)``; or int64
+        token indices, e.g. ``(N, 80)`` character windows of Shakespeare.
     y : np.ndarray
         int64 class labels in ``[0, num_classes)``, shape ``(N,)``.
     num_classes : int
@@ -33,8 +34,8 @@ class ArrayDataset:
     groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if self.x.dtype != np.float32:
-            raise ValueError(f"{self.name}: x must be float32; got {self.x.dtype}")
+        if self.x.dtype not in (np.float32, np.int64):
+            raise ValueError(f"{self.name}: x must be float32 (features) or int64 (token indices); got {self.x.dtype}")
         if self.y.dtype != np.int64 or self.y.ndim != 1:
             raise ValueError(
                 f"{self.name}: y must be a 1-D int64 array; got {self.y.ndim}-D {self.y.dtype}"

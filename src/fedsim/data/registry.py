@@ -8,7 +8,7 @@ from typing import Any
 
 from fedsim.data.array_dataset import ArrayDataset
 
-DATASETS = ("digits", "synthetic", "mnist", "cifar10", "npz", "hf")
+DATASETS = ("digits", "synthetic", "mnist", "cifar10", "npz", "hf", "shakespeare")
 
 _OPTIONS = {
     "digits": (),
@@ -17,8 +17,9 @@ _OPTIONS = {
     "cifar10": (),
     "npz": (),
     "hf": ("image_key", "label_key", "train_split", "test_split", "group_key"),
+    "shakespeare": ("min_samples", "stride"),
 }
-_NEEDS_PATH = ("mnist", "cifar10", "npz")
+_NEEDS_PATH = ("mnist", "cifar10", "npz", "shakespeare")
 # Each loader's module, imported when its dataset is loaded: scikit-learn (digits) and
 # Hugging Face datasets (hf) take seconds to import, and a process needs one loader at most.
 _LOADERS = {
@@ -28,6 +29,7 @@ _LOADERS = {
     "cifar10": ("fedsim.data.cifar10", "load_cifar10"),
     "npz": ("fedsim.data.npz", "load_npz"),
     "hf": ("fedsim.data.huggingface", "load_hf"),
+    "shakespeare": ("fedsim.data.shakespeare", "load_shakespeare"),
 }
 
 
@@ -52,10 +54,11 @@ def load_dataset(
     name : str
         One of ``DATASETS``: ``"digits"`` (built in), ``"synthetic"`` (generated),
         ``"mnist"`` (directory of idx files), ``"cifar10"`` (directory of python
-        batches), ``"npz"`` (archive with ``x``, ``y``) or ``"hf"`` (Hugging Face
-        hub id, or a directory written by ``save_to_disk``).
+        batches), ``"npz"`` (archive with ``x``, ``y``), ``"hf"`` (Hugging Face
+        hub id, or a directory written by ``save_to_disk``) or ``"shakespeare"``
+        (LEAF's JSON, or play text with speaker lines; one group per speaking role).
     path : str or Path or None, default None
-        The file or directory of ``mnist``, ``cifar10``, ``npz`` and ``hf``.
+        The file or directory of ``mnist``, ``cifar10``, ``npz``, ``shakespeare`` and ``hf``.
     hf_id : str or None, default None
         Hub id of ``hf``, instead of ``path``.
     seed : int, default 0
@@ -66,7 +69,8 @@ def load_dataset(
     **options
         Dataset-specific: ``synthetic`` takes alpha, beta, num_devices, dim,
         num_classes (see ``generate_synthetic``); ``hf`` takes image_key,
-        label_key, train_split, test_split, group_key (see ``load_hf``).
+        label_key, train_split, test_split, group_key (see ``load_hf``);
+        ``shakespeare`` takes min_samples, stride (see ``load_shakespeare``).
 
     Returns
     -------
@@ -91,6 +95,8 @@ def load_dataset(
         return _loader(name)(path)
     if name == "npz":
         return _loader(name)(path, seed=seed, test_fraction=test_fraction)
+    if name == "shakespeare":
+        return _loader(name)(path, test_fraction=test_fraction, **options)
     if (hf_id is None) == (path is None):
         raise ValueError("dataset hf needs exactly one of hf_id (hub id) or path (save_to_disk)")
     if hf_id is None:

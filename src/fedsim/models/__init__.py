@@ -1,5 +1,6 @@
 """A small model zoo: every model is ``head(features(x))`` with a linear head."""
 
+from fedsim.models.char_lstm import CharLSTM
 from fedsim.models.classifier import EmbeddingClassifier
 from fedsim.models.cnn import CNN
 from fedsim.models.lenet5 import LeNet5
@@ -9,6 +10,7 @@ from fedsim.models.resnet8 import BasicBlock, ResNet8
 
 __all__ = [
     "CNN",
+    "CharLSTM",
     "MLP",
     "MODELS",
     "BasicBlock",

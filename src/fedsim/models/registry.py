@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from fedsim.models.char_lstm import CharLSTM
 from fedsim.models.classifier import EmbeddingClassifier
 from fedsim.models.cnn import CNN
 from fedsim.models.lenet5 import LeNet5
@@ -16,6 +17,7 @@ _MODEL_CLASSES: dict[str, type[EmbeddingClassifier]] = {
     "cnn": CNN,
     "lenet5": LeNet5,
     "resnet8": ResNet8,
+    "char_lstm": CharLSTM,
 }
 MODELS = tuple(_MODEL_CLASSES)
 
@@ -29,14 +31,16 @@ def build_model(
     ----------
     name : str
         One of ``MODELS``: ``"mlp"`` (any input), ``"cnn"`` (images from 4x4),
-        ``"lenet5"`` (images up to 32x32) or ``"resnet8"`` (any image).
+        ``"lenet5"`` (images up to 32x32), ``"resnet8"`` (any image) or ``"char_lstm"``
+        (windows of character indices).
     input_shape : tuple[int, ...]
-        Shape of one sample, ``(C, H, W)`` for images.
+        Shape of one sample, ``(C, H, W)`` for images, ``(seq_len,)`` for characters.
     num_classes : int
         Number of classes.
     **kwargs
         Model options: mlp takes ``hidden``; cnn takes ``channels``,
-        ``embedding_dim``; resnet8 takes ``width``; lenet5 takes none.
+        ``embedding_dim``; resnet8 takes ``width``; char_lstm takes ``embedding_dim``,
+        ``hidden_size``, ``num_layers``; lenet5 takes none.
 
     Returns
     -------
