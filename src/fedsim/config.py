@@ -62,7 +62,7 @@ class DataConfig(Section):
     folder of a ``datasets.Dataset`` takes the same code path from the conversion on.
     """
 
-    name: Literal["digits", "synthetic", "mnist", "cifar10", "npz", "hf"] = "digits"
+    name: Literal["digits", "synthetic", "mnist", "cifar10", "npz", "hf", "shakespeare"] = "digits"
     path: str | None = None
     hf_id: str | None = None
     hf_image_key: str = "image"
@@ -72,11 +72,14 @@ class DataConfig(Section):
     hf_test_split: str | None = Field(
         "test", description="hf: the split held out for testing; null holds out test_fraction of train (FEMNIST)")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out server test set")
+    min_samples: int = Field(10, ge=1, description="shakespeare: roles with fewer samples are dropped (LEAF's -k)")
+    stride: int = Field(1, ge=1, description="shakespeare: a sample at every stride-th character of play text "
+                                             "(LEAF's 1: about 640 bytes of samples per character)")
     synthetic: SyntheticConfig = SyntheticConfig()
 
     @model_validator(mode="after")
     def _needs_source(self) -> DataConfig:
-        if self.name in ("mnist", "cifar10", "npz") and not self.path:
+        if self.name in ("mnist", "cifar10", "npz", "shakespeare") and not self.path:
             raise ValueError(f"data.path is required for data.name={self.name!r}")
         if self.name == "hf" and (self.hf_id is None) == (self.path is None):
             raise ValueError("data.name='hf' needs exactly one of data.hf_id (a Hugging Face id, "
@@ -122,9 +125,10 @@ class PartitionConfig(Section):
 class ModelConfig(Section):
     """A model of the zoo, chosen by name."""
 
-    name: Literal["mlp", "cnn", "lenet5", "resnet8"] = "mlp"
+    name: Literal["mlp", "cnn", "lenet5", "resnet8", "char_lstm"] = "mlp"
     hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [128], min_length=1,
                                                       description="MLP hidden sizes")
+    lstm_hidden: int = Field(256, ge=1, description="char_lstm: units of each of its two LSTM layers (LEAF's 256)")
     init: Literal["default", "xavier"] = Field(
         "default", description="default: PyTorch's per-layer init; xavier: Glorot uniform weights, zero biases")
 
@@ -447,9 +451,9 @@ class ExperimentConfig(Section):
         if part.scheme == "pathological" and classes is not None and part.classes_per_client > classes:
             raise ValueError(f"partition.classes_per_client: {part.classes_per_client} labels per client but "
                              f"data.name {data.name} has {classes} classes; allowed 1..{classes}")
-        if part.scheme == "natural" and not (data.name == "synthetic" or data.hf_partition_by):
+        if part.scheme == "natural" and not (data.name in ("synthetic", "shakespeare") or data.hf_partition_by):
             raise ValueError(f"partition.scheme: natural needs natural client ids, which data.name {data.name} "
-                             "does not have; use synthetic, or hf with data.hf_partition_by")
+                             "does not have; use synthetic, shakespeare, or hf with data.hf_partition_by")
         if part.scheme == "natural" and data.name == "synthetic" and data.synthetic.num_devices != part.num_clients:
             raise ValueError(f"partition.num_clients: {part.num_clients} clients, but a natural partition has one "
                              f"per group and data.synthetic.num_devices is {data.synthetic.num_devices}")

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from fedsim.config import ExperimentConfig
 
 # Classes of the datasets whose class count is fixed (synthetic: data.synthetic.num_classes)
-KNOWN_NUM_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10}
+KNOWN_NUM_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "shakespeare": 80}
 
 UPDATE_ATTACKS = ("sign_flip", "scaled", "gaussian", "alie", "ipm")
 """Attacks that replace Byzantine rows of a round's updates on the server (the synchronous
@@ -203,15 +203,28 @@ def _client_features(cfg: ExperimentConfig) -> Iterator[str | None]:
 def _model(cfg: ExperimentConfig) -> Iterator[str | None]:
     if cfg.model.name != "mlp" and cfg.model.hidden != type(cfg.model)().hidden:
         yield f"model.hidden: the hidden widths of the MLP; model.name is {cfg.model.name!r}"
+    if cfg.model.name != "char_lstm" and cfg.model.lstm_hidden != type(cfg.model)().lstm_hidden:
+        yield f"model.lstm_hidden: the LSTM width of char_lstm; model.name is {cfg.model.name!r}"
 
 
 IMAGE_MODELS = ("cnn", "lenet5", "resnet8")
 VECTOR_DATA = ("synthetic",)
 """Datasets whose samples are always vectors; a file's (npz, hf) shape is checked when it
 is loaded (fedsim.preflight)."""
+TEXT_MODELS = ("char_lstm",)
+TEXT_DATA = ("shakespeare",)
+"""Datasets of character indices, and the models that embed them; neither goes with the other kind."""
 
 
 def _model_and_data(cfg: ExperimentConfig) -> Iterator[str | None]:
+    if cfg.model.name in TEXT_MODELS and cfg.data.name not in TEXT_DATA:
+        yield (f"model.name: {cfg.model.name!r} embeds character indices; data.name {cfg.data.name!r} is not text; "
+               f"use it with {', '.join(TEXT_DATA)}")
+        return
+    if cfg.data.name in TEXT_DATA and cfg.model.name not in TEXT_MODELS:
+        yield (f"model.name: {cfg.model.name!r} takes features, not the character indices of data.name "
+               f"{cfg.data.name!r}; use {', '.join(TEXT_MODELS)}")
+        return
     if cfg.model.name in IMAGE_MODELS and cfg.data.name in VECTOR_DATA:
         yield (f"model.name: {cfg.model.name!r} takes images (C, H, W); data.name {cfg.data.name!r} gives vectors of "
                f"{cfg.data.synthetic.dim} features; use mlp")
@@ -233,8 +246,15 @@ def _partition_and_data(cfg: ExperimentConfig) -> Iterator[str | None]:
             yield (f"data.synthetic.num_devices: {data.synthetic.num_devices} is not read with data.name "
                    f"{data.name!r}; leave it unset")
     if data.name != "hf":
-        yield from unread(data, "data", ("name", "path", "test_fraction", "synthetic", "hf_partition_by"),
+        text = ("min_samples", "stride") if data.name in TEXT_DATA else ()
+        yield from unread(data, "data", ("name", "path", "test_fraction", "synthetic", "hf_partition_by", *text),
                           f"with data.name {data.name!r}")
+    else:
+        yield from unread(data, "data", tuple(n for n in type(data).model_fields if n not in ("min_samples", "stride")),
+                          f"with data.name {data.name!r}")
+    if data.name in TEXT_DATA and part.scheme == "feature_noise":
+        yield (f"partition.scheme: 'feature_noise' adds Gaussian noise to the inputs; data.name {data.name!r} "
+               "has character indices")
     if data.name in ("digits", "synthetic") and data.path is not None:
         yield f"data.path: {data.path!r} is not read with data.name {data.name!r} (built in); leave it unset"
 

@@ -68,6 +68,8 @@ class FederatedData:
 def load_source(data: DataConfig, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
     """Load the configured dataset as (train pool, server test set)."""
     options = data.synthetic.model_dump() if data.name == "synthetic" else {}
+    if data.name == "shakespeare":
+        options = {"min_samples": data.min_samples, "stride": data.stride}
     if data.name == "hf":
         options = {"image_key": data.hf_image_key, "label_key": data.hf_label_key, "test_split": data.hf_test_split,
                    **({"group_key": data.hf_partition_by} if data.hf_partition_by else {})}
@@ -108,7 +110,7 @@ def federated_data(cfg: ExperimentConfig) -> FederatedData:
 def make_model(model: ModelConfig, data: ArrayDataset, seed: int) -> nn.Module:
     """The configured model, initialised from ``seed``."""
     torch.manual_seed(seed)
-    kwargs = {"hidden": tuple(model.hidden)} if model.name == "mlp" else {}
+    kwargs = {"mlp": {"hidden": tuple(model.hidden)}, "char_lstm": {"hidden_size": model.lstm_hidden}}.get(model.name, {})
     net = build_model(model.name, data.input_shape, data.num_classes, **kwargs)
     return xavier_init(net) if model.init == "xavier" else net
 

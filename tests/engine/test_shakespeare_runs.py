@@ -1,0 +1,41 @@
+"""configs/shakespeare.yaml end to end on a small play written here: FedAvg over speaking roles
+with LEAF's char_lstm (narrowed for CI), under the in-process loop and the batched backend."""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from fedsim.config import load_config
+from fedsim.outputs.results import RunDir
+from fedsim.runner import run_experiment
+
+CONFIG = Path(__file__).parents[2] / "configs" / "shakespeare.yaml"
+LINES = {
+    "First Citizen": "We are accounted poor citizens, the patricians good.",
+    "MENENIUS": "Why, masters, my good friends, mine honest neighbours, will you undo yourselves?",
+    "All": "Speak, speak. We know't, we know't. No more talking on't; let it be done: away, away!",
+    "Second Citizen": "One word, good citizens. Would you proceed especially against Caius Marcius?",
+}
+
+
+@pytest.fixture
+def play(tmp_path):
+    """Four roles, six speeches each (about 300 samples per role)."""
+    path = tmp_path / "play.txt"
+    path.write_text("\n".join(f"{role}:\n{speech}\n" for _ in range(6) for role, speech in LINES.items()))
+    return path
+
+
+@pytest.mark.parametrize("backend", ["inprocess", "batched"])
+def test_fedavg_over_roles_learns_below_the_uniform_guess(play, tmp_path, backend):
+    cfg = load_config(CONFIG, [
+        "rounds=2", f"data.path={play}", "data.stride=1", "data.min_samples=100", "partition.num_clients=4",
+        "strategy.fraction_train=0.5", "strategy.fraction_evaluate=0.5", "model.lstm_hidden=32",
+        "client.local_steps=10", f"sim.backend={backend}", "output.plots=false", f"output.dir={tmp_path / 'runs'}",
+    ])
+    path, summary = run_experiment(cfg)
+    rows = RunDir.open(path).rows()
+    assert summary["status"] == "completed" and [r["round"] for r in rows] == [1, 2]
+    assert all(r["num_success"] == 2 and r["num_failed"] == 0 for r in rows)
+    assert summary["final_loss"] < math.log(80)  # the uniform guess over LEAF's 80 characters
