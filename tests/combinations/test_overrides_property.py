@@ -32,7 +32,8 @@ def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 KEYS = _keys(ExperimentConfig) + ["loss.tau", "loss.label_smoothing", "loss.reduction", "loss.aux.weight"]
 NAMES = [*registry.names(), "cross_entropy", "anyloss", "sogclr", "palm_z_loss",
          "mlp", "cnn", "resnet8", "qsgd", "topk", "ef21", "econtrol", "torus", "erdos_renyi", "cyclic", "markov",
-         "sign_flip", "label_flip", "csv", "cuda", "npz", "hf", "synthetic", "natural", "shards", "adam"]
+         "sign_flip", "label_flip", "csv", "cuda", "npz", "hf", "synthetic", "natural", "shards", "adam", "shakespeare",
+         "char_lstm"]
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
                     st.sampled_from(NAMES), st.text(max_size=12))

@@ -155,7 +155,7 @@ def test_missing_or_malformed_file(tmp_path):
      "partition.classes_per_client: 5 labels per client but data.name synthetic has 4 classes; allowed 1..4"),
     ({"partition": {"scheme": "natural"}},
      "partition.scheme: natural needs natural client ids, which data.name digits does not have; "
-     "use synthetic, or hf with data.hf_partition_by"),
+     "use synthetic, shakespeare, or hf with data.hf_partition_by"),
     ({"data": {"name": "hf", "path": "x", "hf_partition_by": "writer_id"}},
      "data.hf_partition_by: only data.name hf with partition.scheme natural uses it; got hf with dirichlet"),
     ({"strategy": {"name": "scaffold"}, "client": {"optimizer": "adam"}},
