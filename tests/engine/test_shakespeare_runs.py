@@ -54,3 +54,20 @@ def test_fedavg_over_roles_learns_below_the_uniform_guess_and_the_lstm_stacks(pl
     assert losses["inprocess"][-1] < math.log(80)  # the uniform guess over LEAF's 80 characters
     # batched trains the round's roles as one stacked model (vmap), computing what one at a time does
     assert losses["batched"] == pytest.approx(losses["inprocess"], rel=1e-4)
+
+
+def test_a_resumed_run_over_roles_ends_exactly_like_an_uninterrupted_one(play, tmp_path, one_thread):
+    cfg = load_config(CONFIG, [
+        "rounds=4", f"data.path={play}", "data.stride=2", "data.min_samples=50", "partition.num_clients=4",
+        "strategy.fraction_train=0.5", "strategy.fraction_evaluate=0.5", "model.lstm_hidden=16", "client.local_steps=3",
+        "output.checkpoint_every=2", "output.plots=false", f"output.dir={tmp_path / 'runs'}",
+    ])
+
+    def rows(path):
+        return [{k: v for k, v in row.items() if k != "wall_time_s"} for row in RunDir.open(path).rows()]
+
+    reference, _ = run_experiment(cfg)
+    interrupted, _ = run_experiment(cfg)
+    (RunDir.open(interrupted).checkpoint_dir / "round-00004.pt").unlink()  # as if killed during round 3
+    run_experiment(cfg, resume=interrupted)
+    assert rows(interrupted) == rows(reference)
