@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedsim.config import load_config
 from fedsim.preflight import preflight
@@ -20,8 +21,19 @@ def test_every_config_file_is_covered():
     assert len(CONFIGS) >= 16 and {p.stem for p in CONFIGS} >= {"quickstart", "gossip", "fedbuff", "qat_int8"}
 
 
+@pytest.fixture
+def one_thread():
+    """The runs train in this process; one torch thread, which small models (shakespeare's LSTM:
+    hundreds of small operations a step) run fastest on, and which a loaded host cannot
+    oversubscribe (two threads there made shakespeare's two steps take minutes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_a_config_file_validates_and_runs_two_steps(path, tmp_path):
+def test_a_config_file_validates_and_runs_two_steps(path, tmp_path, one_thread):
     family = load_config(path).strategy.family
     length = ["strategy.horizon=2", "strategy.eval_every=1"] if family == "async" else ["rounds=2"]
     cfg = load_config(path, [*length, "sim.backend=inprocess", "client.local_steps=1", "output.plots=false",
