@@ -39,8 +39,9 @@ def test_speeches_are_joined_per_role_in_order_of_appearance():
     speeches = speeches_by_role(PLAY)
     assert list(speeches) == ["First Citizen", "All", "MENENIUS"]
     assert speeches["All"] == "Speak, speak."
-    assert speeches["First Citizen"] == ("Before we proceed any further, hear me speak. You are all resolved rather "
-                                         "to die than to famish? Let us kill him, and we'll have corn at our own price.")
+    assert speeches["First Citizen"] == ("Before we proceed any further, hear me speak. You are all resolved "
+                                         "rather to die than to famish? Let us kill him, and we'll have corn at "
+                                         "our own price.")
     assert speeches["MENENIUS"].startswith("Why, masters, my good friends, mine honest")  # spaces collapsed
     assert speeches["MENENIUS"].endswith("yourselves? Here the citizens murmur, a paragraph without a speaker line.")
 
@@ -82,7 +83,8 @@ def _leaf_user(text):
 
 def test_leaf_json_file_and_leafs_own_train_test_folders(tmp_path):
     speeches = speeches_by_role(PLAY)
-    users = {"THE_FIRST_CITIZEN": _leaf_user(speeches["First Citizen"]), "THE_MENENIUS": _leaf_user(speeches["MENENIUS"])}
+    users = {"THE_FIRST_CITIZEN": _leaf_user(speeches["First Citizen"]),
+             "THE_MENENIUS": _leaf_user(speeches["MENENIUS"])}
     document = {"users": list(users), "num_samples": [len(u["y"]) for u in users.values()], "user_data": users}
     (tmp_path / "all_data.json").write_text(json.dumps(document))
     from_json = load_shakespeare(tmp_path / "all_data.json", test_fraction=0.25, min_samples=5)

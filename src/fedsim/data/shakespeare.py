@@ -145,7 +145,7 @@ def _read_leaf_files(path: Path) -> dict[str, Samples]:
             raise ValueError(f"shakespeare: {file} is not LEAF's JSON (users, user_data): {err}") from err
         for user in users:
             parts.setdefault(user, []).append(_leaf_samples(file, user, user_data[user]))
-    return {user: (np.concatenate([p[0] for p in xy]), np.concatenate([p[1] for p in xy])) for user, xy in parts.items()}
+    return {user: (np.concatenate([x for x, _ in xy]), np.concatenate([y for _, y in xy])) for user, xy in parts.items()}
 
 
 def _leaf_samples(file: Path, user: str, data: dict) -> Samples:
@@ -154,7 +154,8 @@ def _leaf_samples(file: Path, user: str, data: dict) -> Samples:
         raise ValueError(f"shakespeare: {file} user {user!r} has {len(xs)} x but {len(ys)} y")
     bad = next((s for s in xs if len(s) != SEQ_LENGTH), None)
     if bad is not None:
-        raise ValueError(f"shakespeare: {file} user {user!r} has an x of {len(bad)} characters; LEAF's are {SEQ_LENGTH}")
+        raise ValueError(f"shakespeare: {file} user {user!r} has an x of {len(bad)} characters; "
+                         f"LEAF's are {SEQ_LENGTH}")
     bad = next((c for c in ys if len(c) != 1), None)
     if bad is not None:
         raise ValueError(f"shakespeare: {file} user {user!r} has a y of {len(bad)} characters; expected one")
