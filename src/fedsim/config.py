@@ -411,7 +411,7 @@ class PersonalizationConfig(Section):
     model beside the global update, regularised toward the global model by ``lam``.
     """
 
-    method: Literal["none", "finetune", "fedper", "fedrep", "ditto"] = "none"
+    method: Literal["none", "finetune", "fedper", "fedrep", "ditto", "fedbn"] = "none"
     finetune_steps: int = Field(10, ge=1, description="finetune: local steps before evaluation")
     head: list[str] = Field(default_factory=lambda: ["head"],
                             description="fedper, fedrep: the personal layers (module names); the last layer by default")

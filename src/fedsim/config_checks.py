@@ -333,11 +333,25 @@ def loss_class_problem(cfg: ExperimentConfig, num_classes: int) -> str | None:
 
 
 PERSONALIZATION_READS = {"none": (), "finetune": ("finetune_steps",), "fedper": ("head",),
-                         "fedrep": ("head", "head_steps"), "ditto": ("lam",)}
+                         "fedrep": ("head", "head_steps"), "ditto": ("lam",), "fedbn": ()}
 """What each ``personalization.method`` reads besides ``method``."""
 
 SAMPLE_SHAPES = {"mlp": (4,), "cnn": (1, 8, 8), "lenet5": (1, 28, 28), "resnet8": (3, 8, 8)}
 """A sample shape each model builds on: its layers' names do not depend on the input size."""
+
+
+def model_layers(cfg: ExperimentConfig) -> dict[str, str]:
+    """The named modules of ``cfg``'s model and their class names (e.g. ``body.1: BatchNorm2d``)."""
+    from fedsim.models.registry import build_model
+
+    kwargs = {"hidden": tuple(cfg.model.hidden)} if cfg.model.name == "mlp" else {}
+    model = build_model(cfg.model.name, SAMPLE_SHAPES[cfg.model.name], 2, **kwargs)
+    return {name: type(module).__name__ for name, module in model.named_modules() if name}
+
+
+def norm_layers(cfg: ExperimentConfig) -> list[str]:
+    """The normalisation layers of ``cfg``'s model (BatchNorm, GroupNorm, LayerNorm, ...)."""
+    return [name for name, kind in model_layers(cfg).items() if "Norm" in kind]
 
 
 def _personalization(cfg: ExperimentConfig) -> Iterator[str | None]:
@@ -351,12 +365,11 @@ def _personalization(cfg: ExperimentConfig) -> Iterator[str | None]:
     if not cfg.eval.federated:
         yield (f"personalization.method: {pfl.method!r} is evaluated on the clients' test splits; "
                f"eval.federated is false")
+    if pfl.method == "fedbn" and not norm_layers(cfg):
+        yield (f"personalization.method: 'fedbn' keeps the normalisation layers local; model.name "
+               f"{cfg.model.name!r} has none (resnet8 has BatchNorm)")
     if "head" in PERSONALIZATION_READS[pfl.method]:
-        from fedsim.models.registry import build_model
-
-        kwargs = {"hidden": tuple(cfg.model.hidden)} if cfg.model.name == "mlp" else {}
-        layers = {name for name, _ in build_model(cfg.model.name, SAMPLE_SHAPES[cfg.model.name], 2, **kwargs)
-                  .named_modules() if name}
+        layers = set(model_layers(cfg))
         for name in pfl.head:
             if name not in layers:
                 yield (f"personalization.head: {name!r} names no layer of model.name {cfg.model.name!r}; "

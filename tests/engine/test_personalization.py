@@ -13,7 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch.nn import functional as F
 
-from fedsim.clients.personalization import PERSONAL_KEY, in_layers
+from fedsim.clients.personalization import PERSONAL_KEY, Personalization, in_layers
 from fedsim.clients.training_features import stacked_reason
 from fedsim.config import ConfigError
 from fedsim.outputs.results import RunDir
@@ -64,6 +64,7 @@ def _sgd(w, state, steps, trains=lambda step, name: True, extra=lambda params: 0
     """Plain full-batch SGD from ``state``: ``trains(step, name)`` says which parameters move."""
     model = w.model
     model.load_state_dict(state)
+    model.train()
     x, y = _data(w, 0, server_round)
     for step in range(steps):
         model.zero_grad()
@@ -79,13 +80,19 @@ def _sgd(w, state, steps, trains=lambda step, name: True, extra=lambda params: 0
 
 def _accuracy(w, state):
     w.model.load_state_dict(state)
+    w.model.eval()
     x, y = _data(w, 1)
     with torch.no_grad():
         return (w.model(x).argmax(1) == y).float().mean().item()
 
 
+def _layers(w):
+    """The personal layers of the run's personalization feature."""
+    return next(feature.head for feature in w.features if isinstance(feature, Personalization))
+
+
 def _head_split(w, update):
-    mask = torch.cat([torch.full((size,), in_layers(name, ("head",)))
+    mask = torch.cat([torch.full((size,), in_layers(name, _layers(w)))
                       for name, size in zip(w.spec.names, w.spec.sizes, strict=True)])
     return update[mask], update[~mask]
 
@@ -93,12 +100,14 @@ def _head_split(w, update):
 def _personal_head_rule(small_config, method, trains, *sets):
     """The rule fedper and fedrep share: train from the global body and the client's own head
     (``trains`` picks the parameters of each step), keep the head, send the body's update."""
-    w, globals_, updates, personal, accuracies = _client_rounds(small_config(*CLIENT, f"personalization.method={method}", *sets))
+    client = [c for c in CLIENT if not c.startswith("model.hidden")] if "model.name=resnet8" in sets else CLIENT
+    w, globals_, updates, personal, accuracies = _client_rounds(small_config(*client, f"personalization.method={method}",
+                                                                             *sets))
     head = None
     for r, (global_state, update) in enumerate(zip(globals_, updates, strict=True)):
         start = {**global_state, **(head or {})}
         trained = _sgd(w, start, STEPS, trains, server_round=r + 1)
-        head = {k: v for k, v in trained.items() if in_layers(k, ("head",))}
+        head = {k: v for k, v in trained.items() if in_layers(k, _layers(w)) and v.is_floating_point()}
         sent_head, sent_body = _head_split(w, update)
         assert torch.count_nonzero(sent_head) == 0
         expected = w.spec.flatten(trained) - w.spec.flatten(start)
@@ -118,6 +127,10 @@ def test_fedrep_trains_the_head_with_the_body_frozen_then_the_body_with_the_head
     head_steps = 2
     _personal_head_rule(small_config, "fedrep", lambda step, name: in_layers(name, ("head",)) == (step < head_steps),
                         f"personalization.head_steps={head_steps}")
+
+
+def test_fedbn_keeps_the_normalisation_layers_local_and_sends_the_rest(small_config):
+    _personal_head_rule(small_config, "fedbn", lambda step, name: True, "model.name=resnet8")
 
 
 def test_ditto_trains_a_personal_model_pulled_toward_the_global_one_beside_the_plain_update(small_config):
@@ -160,7 +173,9 @@ def test_finetune_evaluates_the_global_model_after_finetune_steps_on_the_train_s
      "personalization.finetune_steps: 3 is not read by personalization.method 'none'; leave it unset"),
     (("personalization.method=ditto", "eval.federated=false"),
      "personalization.method: 'ditto' is evaluated on the clients' test splits; eval.federated is false"),
-    (("personalization.method=fedbn",), "personalization.method: Input should be"),
+    (("personalization.method=fedbn",),
+     "personalization.method: 'fedbn' keeps the normalisation layers local; model.name 'mlp' has none"),
+    (("personalization.method=apfl",), "personalization.method: Input should be"),
 ])
 def test_validation_refuses_what_the_method_does_not_read_or_cannot_do_in_one_line(small_config, sets, line):
     with pytest.raises(ConfigError) as err:

@@ -26,6 +26,9 @@ model on its own test split (``personal_accuracy``) beside the global model.
   robust ones included); beside it the client trains its personal model ``v`` as many steps,
   from its last ``v`` (the global model the first time), on ``loss + lam / 2 ||v - w||^2``
   with ``w`` the global model it received.
+- ``fedbn``: "FedBN: Federated Learning on Non-IID Features via Local Batch Normalization",
+  Li et al., arXiv 2102.07623. As fedper with the model's normalisation layers (their affine
+  parameters and running statistics) as the personal part, trained jointly with the rest.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from flwr.app import ArrayRecord
 
-from fedsim.algorithms.fedprox import ProximalTerm
 from fedsim.clients.features import ClientContext, ClientFeature, LocalTraining
+from fedsim.config_checks import norm_layers
 from fedsim.clients.hooks import ClientHook
 from fedsim.records import to_state_dict
 
@@ -46,7 +49,10 @@ if TYPE_CHECKING:
 
     from fedsim.config import ExperimentConfig
 
-__all__ = ["PERSONAL_KEY", "FedRepPhases", "Personalization", "in_layers"]
+__all__ = ["PERSONAL_KEY", "FedRepPhases", "PersonalPull", "Personalization", "in_layers"]
+
+LOCAL_LAYERS = ("fedper", "fedrep", "fedbn")
+"""The methods that keep some layers of the one model personal."""
 
 PERSONAL_KEY = "personal"
 """Where a client keeps its personal tensors: the head (fedper, fedrep) or its whole model (ditto)."""
@@ -83,6 +89,28 @@ class FedRepPhases(ClientHook):
         self.step += 1
 
 
+class PersonalPull(ClientHook):
+    """Ditto's pull of the personal model toward the global one, ``lam / 2 * ||v - w||^2``.
+
+    Parameters
+    ----------
+    lam : float
+        Strength of the pull.
+    global_params : dict[str, torch.Tensor]
+        The global model's parameters by name (detached copies).
+    """
+
+    def __init__(self, lam: float, global_params: dict[str, torch.Tensor]) -> None:
+        self.lam = lam
+        self.global_params = global_params
+
+    def extra_loss(self, model: nn.Module, logits: torch.Tensor) -> torch.Tensor | None:
+        if self.lam == 0:
+            return None
+        params = dict(model.named_parameters())
+        return 0.5 * self.lam * sum(((params[name] - w) ** 2).sum() for name, w in self.global_params.items())
+
+
 class Personalization(ClientFeature):
     """The client half of ``personalization.method`` (see the module docstring)."""
 
@@ -91,7 +119,8 @@ class Personalization(ClientFeature):
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.method = cfg.personalization.method
         self.settings = cfg.personalization
-        self.head = tuple(cfg.personalization.head)
+        # the personal layers of the methods that keep layers local
+        self.head = tuple(norm_layers(cfg) if self.method == "fedbn" else cfg.personalization.head)
 
     @staticmethod
     def applies(cfg: ExperimentConfig) -> bool:
@@ -107,7 +136,7 @@ class Personalization(ClientFeature):
 
     # ------------------------------------------------------------- training
     def start(self, ctx: ClientContext, start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.method in ("fedper", "fedrep") and PERSONAL_KEY in ctx.state:
+        if self.method in LOCAL_LAYERS and PERSONAL_KEY in ctx.state:
             start = {**start, **to_state_dict(ctx.state[PERSONAL_KEY])}
         ctx.scratch["start"] = start
         return start
@@ -116,16 +145,16 @@ class Personalization(ClientFeature):
         return (FedRepPhases(self.head, self.settings.head_steps),) if self.method == "fedrep" else ()
 
     def finish(self, ctx: ClientContext, update: torch.Tensor, steps: int) -> dict[str, ArrayRecord]:
-        if self.method in ("fedper", "fedrep"):
+        if self.method in LOCAL_LAYERS:
             start = ctx.scratch["start"]
             trained = ctx.spec.unflatten(ctx.spec.flatten(start) + update)
-            head = {name: (trained[name] if name in trained else start[name]).contiguous()
-                    for name in start if in_layers(name, self.head)}
-            ctx.state[PERSONAL_KEY] = ArrayRecord({k: v.to(start[k].dtype) for k, v in head.items()})
+            # the float entries (integer buffers such as num_batches_tracked stay the server's)
+            ctx.state[PERSONAL_KEY] = ArrayRecord({name: value.contiguous() for name, value in trained.items()
+                                                   if in_layers(name, self.head)})
         return {}
 
     def sent_update(self, ctx: ClientContext, update: torch.Tensor) -> torch.Tensor:
-        if self.method not in ("fedper", "fedrep"):
+        if self.method not in LOCAL_LAYERS:
             return update
         personal = torch.cat([torch.full((size,), in_layers(name, self.head))
                               for name, size in zip(ctx.spec.names, ctx.spec.sizes, strict=True)])
@@ -137,7 +166,7 @@ class Personalization(ClientFeature):
         global_state = ctx.scratch["start"]
         personal = to_state_dict(ctx.state[PERSONAL_KEY]) if PERSONAL_KEY in ctx.state else global_state
         pull = {name: global_state[name].detach().clone() for name in ctx.spec.names if name not in ctx.spec.buffers}
-        trained = train(personal, (ProximalTerm(self.settings.lam, pull),), None, "ditto")
+        trained = train(personal, (PersonalPull(self.settings.lam, pull),), None, "ditto")
         ctx.state[PERSONAL_KEY] = ArrayRecord({k: v.contiguous() for k, v in trained.items()})
 
     # ----------------------------------------------------------- evaluation
