@@ -229,7 +229,8 @@ def report(
     from fedsim.outputs.results import RunDir
 
     table = Table(title="fedsim runs")
-    for col in ("run", "strategy", "rounds", "final acc", "best acc", "rounds to target", "wall (s)", "failed"):
+    for col in ("run", "strategy", "rounds", "final acc", "best acc", "client acc p10/p50/p90", "personal",
+                "personal acc p10/p50/p90 (mean)", "rounds to target", "wall (s)", "failed"):
         table.add_column(col)
     curves = {}
     for path in run_dirs:
@@ -243,8 +244,17 @@ def report(
         def fmt(v, spec=".4f"):
             return "-" if v is None else format(v, spec)
 
+        def spread(summary, key, mean=False):
+            values = [summary.get(f"final_{key}_p{q}") for q in (10, 50, 90)]
+            if any(v is None for v in values):
+                return "-"
+            text = "/".join(format(v, ".3f") for v in values)
+            return f"{text} ({summary[f'final_{key}_mean']:.3f})" if mean else text
+
         table.add_row(path.name, cfg.strategy.name, str(summary.get("rounds_completed", "-")),
                       fmt(summary.get("final_accuracy")), fmt(summary.get("best_accuracy")),
+                      spread(summary, "client_accuracy"), cfg.personalization.method,
+                      spread(summary, "personal_accuracy", mean=True),
                       fmt(summary.get("rounds_to_target"), "d"), fmt(summary.get("wall_time_s"), ".1f"),
                       str(summary.get("failed_client_calls", "-")))
     console.print(table)

@@ -205,6 +205,7 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one_with_the_personal_
     rows = _rows(interrupted)
     assert rows == _rows(reference)
     assert "personal_accuracy_mean" in rows[-1]
+    assert RunDir.open(reference).summary()["final_personal_accuracy_mean"] == rows[-1]["personal_accuracy_mean"]
 
 
 @pytest.mark.parametrize("method", ["fedper", "ditto", "finetune"])

@@ -484,13 +484,15 @@ class ClientRuntime:
                           device: torch.device) -> dict[str, float]:
         """``personal_loss`` and ``personal_accuracy``: the client's personalised model (the
         first feature that has one) on its test split; empty when no feature has one."""
+        if len(test_set.y) == 0 or all(type(f).personal_model is ClientFeature.personal_model for f in w.features):
+            return {}
         context = ClientContext(self.cfg, member.partition_id, int(member.content["config"]["server-round"]),
                                 member.content, member.state, w.spec)
         global_state = to_state_dict(member.content["arrays"])
         training = self._local_training(context, w, device)
         personal = next((model for feature in w.features
                          if (model := feature.personal_model(context, global_state, training)) is not None), None)
-        if personal is None or len(test_set.y) == 0:
+        if personal is None:
             return {}
         w.model.load_state_dict(personal)
         result = evaluate_many(w.model.to(device), [test_set], device, self.cfg.eval.batch_size, w.predict)[0]
