@@ -365,6 +365,10 @@ def _personalization(cfg: ExperimentConfig) -> Iterator[str | None]:
     if not cfg.eval.federated:
         yield (f"personalization.method: {pfl.method!r} is evaluated on the clients' test splits; "
                f"eval.federated is false")
+    quantized = "quant.qat" if cfg.quant.qat is not None else "quant.lowbit" if cfg.quant.lowbit is not None else None
+    if pfl.method in ("finetune", "ditto") and quantized:
+        yield (f"personalization.method: {pfl.method!r} trains its personal model in full precision; "
+               f"{quantized} is set (use fedper, fedrep or fedbn, whose personal layers train with the rest)")
     if pfl.method == "fedbn" and not norm_layers(cfg):
         yield (f"personalization.method: 'fedbn' keeps the normalisation layers local; model.name "
                f"{cfg.model.name!r} has none (resnet8 has BatchNorm)")

@@ -176,6 +176,8 @@ def test_finetune_evaluates_the_global_model_after_finetune_steps_on_the_train_s
     (("personalization.method=fedbn",),
      "personalization.method: 'fedbn' keeps the normalisation layers local; model.name 'mlp' has none"),
     (("personalization.method=apfl",), "personalization.method: Input should be"),
+    (("personalization.method=ditto", "quant.lowbit.bits=8"),
+     "personalization.method: 'ditto' trains its personal model in full precision; quant.lowbit is set"),
 ])
 def test_validation_refuses_what_the_method_does_not_read_or_cannot_do_in_one_line(small_config, sets, line):
     with pytest.raises(ConfigError) as err:
