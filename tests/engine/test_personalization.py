@@ -20,6 +20,7 @@ from fedsim.outputs.results import RunDir
 from fedsim.records import to_state_dict
 from fedsim.runner import run_experiment
 from fedsim.sim.client_app import ClientRuntime, Member, worker
+from fedsim.strategies.evaluation import ClientEvaluation, federated_metrics
 
 PID = 1
 STEPS = 3
@@ -232,3 +233,13 @@ def test_fedrep_clients_train_one_at_a_time_and_say_why(small_config):
     batched = _rows(run_experiment(small_config("sim.backend=batched", *common))[0])
     alone = _rows(run_experiment(small_config("sim.backend=inprocess", *common))[0])
     assert [r["personal_accuracy_mean"] for r in batched] == [r["personal_accuracy_mean"] for r in alone]
+
+
+def test_personal_accuracies_are_one_value_per_client_weighted_by_nothing():
+    evaluations = [ClientEvaluation(1000, 0.5, 0.9, 0.2), ClientEvaluation(10, 0.5, 0.1, 0.4),
+                   ClientEvaluation(10, 0.5, 0.1, 0.9), ClientEvaluation(0, 0.0, 0.0, 0.0)]
+    metrics = federated_metrics(evaluations)
+    assert metrics["personal_accuracy_p50"] == pytest.approx(0.4)
+    assert metrics["personal_accuracy_mean"] == pytest.approx(0.5)  # the client without test examples left out
+    assert {"personal_accuracy_p10", "personal_accuracy_p90"} <= metrics.keys()
+    assert not any(key.startswith("personal") for key in federated_metrics([ClientEvaluation(10, 0.5, 0.1)]))
