@@ -228,23 +228,29 @@ def report(
     from fedsim.outputs.plots import plot_comparison
     from fedsim.outputs.results import RunDir
 
-    table = Table(title="fedsim runs")
-    for col in ("run", "strategy", "rounds", "final acc", "best acc", "rounds to target", "wall (s)", "failed"):
-        table.add_column(col)
-    curves = {}
+    def fmt(v, spec=".4f"):
+        return "-" if v is None else format(v, spec)
+
+    runs, curves = [], {}
     for path in run_dirs:
         try:
             run_dir = RunDir.open(path)
         except FileNotFoundError as exc:
             raise fail("error", exc) from None
-        cfg, summary = run_dir.config(), run_dir.summary()
+        runs.append((path, run_dir.config(), run_dir.summary()))
         curves[path.name] = run_dir.rows()
-
-        def fmt(v, spec=".4f"):
-            return "-" if v is None else format(v, spec)
-
+    # personalized runs add their method and their clients' personal accuracies (median, mean)
+    personal = any("final_personal_accuracy_mean" in summary for _, _, summary in runs)
+    table = Table(title="fedsim runs")
+    for col in ("run", "strategy", "rounds", "final acc", "best acc",
+                *(("personal", "personal acc p50 (mean)") if personal else ()), "rounds to target", "wall (s)",
+                "failed"):
+        table.add_column(col)
+    for path, cfg, summary in runs:
+        columns = (cfg.personalization.method, f"{fmt(summary.get('final_personal_accuracy_p50'))} "
+                   f"({fmt(summary.get('final_personal_accuracy_mean'))})") if personal else ()
         table.add_row(path.name, cfg.strategy.name, str(summary.get("rounds_completed", "-")),
-                      fmt(summary.get("final_accuracy")), fmt(summary.get("best_accuracy")),
+                      fmt(summary.get("final_accuracy")), fmt(summary.get("best_accuracy")), *columns,
                       fmt(summary.get("rounds_to_target"), "d"), fmt(summary.get("wall_time_s"), ".1f"),
                       str(summary.get("failed_client_calls", "-")))
     console.print(table)

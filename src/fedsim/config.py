@@ -404,6 +404,25 @@ class OutputConfig(Section):
 
 
 
+class PersonalizationConfig(Section):
+    """Personal models per client, orthogonal to the global aggregator
+    (:mod:`fedsim.clients.personalization`). Each method reads only its own keys.
+
+    ``finetune`` (FedAvg-FT) fine-tunes the global model ``finetune_steps`` steps on the
+    client's train split before evaluating it; ``fedper`` keeps the ``head`` layers personal
+    and trains them with the body; ``fedrep`` trains the personal head ``head_steps`` steps
+    with the body frozen, then the body with the head frozen; ``ditto`` trains a personal
+    model beside the global update, regularised toward the global model by ``lam``.
+    """
+
+    method: Literal["none", "finetune", "fedper", "fedrep", "ditto", "fedbn"] = "none"
+    finetune_steps: int = Field(10, ge=1, description="finetune: local steps before evaluation")
+    head: list[str] = Field(default_factory=lambda: ["head"],
+                            description="fedper, fedrep: the personal layers (module names); the last layer by default")
+    head_steps: int = Field(5, ge=1, description="fedrep: head steps (body frozen) before the body's")
+    lam: float = Field(0.1, ge=0, description="ditto: pull of the personal model toward the global one")
+
+
 class ExperimentConfig(Section):
     """A whole experiment: everything a run needs, and nothing else."""
 
@@ -425,6 +444,7 @@ class ExperimentConfig(Section):
     sim: SimConfig = SimConfig()
     eval: EvalConfig = EvalConfig()
     faults: FaultConfig = FaultConfig()
+    personalization: PersonalizationConfig = PersonalizationConfig()
     output: OutputConfig = OutputConfig()
 
     @field_validator("strategy", mode="before")

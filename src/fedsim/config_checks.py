@@ -352,7 +352,58 @@ def loss_class_problem(cfg: ExperimentConfig, num_classes: int) -> str | None:
     return None
 
 
+PERSONALIZATION_READS = {"none": (), "finetune": ("finetune_steps",), "fedper": ("head",),
+                         "fedrep": ("head", "head_steps"), "ditto": ("lam",), "fedbn": ()}
+"""What each ``personalization.method`` reads besides ``method``."""
+
+SAMPLE_SHAPES = {"mlp": (4,), "cnn": (1, 8, 8), "lenet5": (1, 28, 28), "resnet8": (3, 8, 8)}
+"""A sample shape each model builds on: its layers' names do not depend on the input size."""
+
+
+def model_layers(cfg: ExperimentConfig) -> dict[str, str]:
+    """The named modules of ``cfg``'s model and their class names (e.g. ``body.1: BatchNorm2d``)."""
+    from fedsim.models.registry import build_model
+
+    kwargs = {"hidden": tuple(cfg.model.hidden)} if cfg.model.name == "mlp" else {}
+    model = build_model(cfg.model.name, SAMPLE_SHAPES[cfg.model.name], 2, **kwargs)
+    return {name: type(module).__name__ for name, module in model.named_modules() if name}
+
+
+def norm_layers(cfg: ExperimentConfig) -> list[str]:
+    """The normalisation layers of ``cfg``'s model (BatchNorm, GroupNorm, LayerNorm, ...)."""
+    return [name for name, kind in model_layers(cfg).items() if "Norm" in kind]
+
+
+def _personalization(cfg: ExperimentConfig) -> Iterator[str | None]:
+    pfl = cfg.personalization
+    yield from unread(pfl, "personalization", ("method", *PERSONALIZATION_READS[pfl.method]),
+                      f"by personalization.method {pfl.method!r}")
+    if pfl.method == "none":
+        return
+    if _family(cfg) != "sync":
+        yield f"personalization.method: {pfl.method!r} applies to the synchronous strategies; {_strategy(cfg)}"
+    if not cfg.eval.federated:
+        yield (f"personalization.method: {pfl.method!r} is evaluated on the clients' test splits; "
+               f"eval.federated is false")
+    quantized = "quant.qat" if cfg.quant.qat is not None else "quant.lowbit" if cfg.quant.lowbit is not None else None
+    if pfl.method in ("finetune", "ditto") and quantized:
+        yield (f"personalization.method: {pfl.method!r} trains its personal model in full precision; "
+               f"{quantized} is set (use fedper, fedrep or fedbn, whose personal layers train with the rest)")
+    if pfl.method == "fedbn" and not norm_layers(cfg):
+        yield (f"personalization.method: 'fedbn' keeps the normalisation layers local; model.name "
+               f"{cfg.model.name!r} has none (resnet8 has BatchNorm)")
+    if "head" in PERSONALIZATION_READS[pfl.method]:
+        layers = set(model_layers(cfg))
+        for name in pfl.head:
+            if name not in layers:
+                yield (f"personalization.head: {name!r} names no layer of model.name {cfg.model.name!r}; "
+                       f"its layers: {', '.join(sorted(layers))}")
+        if not pfl.head:
+            yield "personalization.head: empty; name the personal layers (the last layer is 'head')"
+
+
 RULES: tuple[Callable[[ExperimentConfig], Iterator[str | None]], ...] = (
     _algorithm, _client_features, _sync_only, _async_options, _async_only, _speeds, _participation, _participation_options, _model,
     _model_and_data, _partition_and_data, _quant_options, _faults, _attack, _loss,
+    _personalization,
 )

@@ -9,8 +9,16 @@ to compose, with no name of a feature known there:
 - ``key``: clients whose every feature gives equal keys may train in one stack;
 - ``stacked_reason``: why this feature's clients cannot train stacked at all (None: they can);
 - ``train_set``: the data the client trains on (a data-poisoning attack flips labels);
+- ``start``: the parameters the client trains from, given the global ones (a personal head
+  in place of the global one);
 - ``finish``: after training, records added to the reply (SCAFFOLD's ``dc_i``), with the
   client's own state updated;
+- ``sent_update``: the update the client sends, given its trained one (personal coordinates
+  zeroed);
+- ``after_training``: more training of the client's own, through a :data:`LocalTraining`
+  the runtime lends (Ditto's personal model);
+- ``personal_model``: the client's personalised model, which evaluation scores beside the
+  global one (``personal_accuracy``);
 - ``state_keys``: the keys of the per-client state it keeps in the client's Context state,
   which checkpoints carry.
 
@@ -23,7 +31,7 @@ fedsim's own training features, and the composition of a run's features, are in
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Iterable, MutableMapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -35,6 +43,13 @@ if TYPE_CHECKING:
     from fedsim.config import ExperimentConfig
     from fedsim.data import ArrayDataset
     from fedsim.params import ParamSpec
+
+LocalTraining = Callable[[dict[str, torch.Tensor], tuple[ClientHook, ...], "int | None", str], dict[str, torch.Tensor]]
+"""``train(start, hooks, steps, purpose) -> trained state dict``: a local training run of the
+client's model from the full state dict ``start`` on its train split, with ``hooks``, for
+``steps`` optimizer steps (None: the client's configured steps), seeded from (run seed,
+``purpose``, round, partition id); the runtime's own loop, optimizer and loss."""
+
 
 @dataclasses.dataclass
 class ClientContext:
@@ -111,6 +126,11 @@ class ClientFeature:
         stacked forms compute every row."""
         return self.hooks(ctxs[0], start)
 
+    def start(self, ctx: ClientContext, start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The full state dict this client trains from, given the global one (never changed
+        in place: clients of one delivery share it)."""
+        return start
+
     def train_set(self, ctx: ClientContext, data: ArrayDataset) -> ArrayDataset:
         """The data this client trains on."""
         return data
@@ -118,3 +138,16 @@ class ClientFeature:
     def finish(self, ctx: ClientContext, update: torch.Tensor, steps: int) -> dict[str, ArrayRecord]:
         """Records to add to the reply, given the client's flat update and its local steps."""
         return {}
+
+    def sent_update(self, ctx: ClientContext, update: torch.Tensor) -> torch.Tensor:
+        """The flat update the client sends, given its trained one (after every ``finish``)."""
+        return update
+
+    def after_training(self, ctx: ClientContext, train: LocalTraining) -> None:
+        """More local training of the client's own after its global update (e.g. a personal model)."""
+        return None
+
+    def personal_model(self, ctx: ClientContext, global_state: dict[str, torch.Tensor],
+                       train: LocalTraining) -> dict[str, torch.Tensor] | None:
+        """The client's personalised model (a full state dict) for evaluation, or None."""
+        return None

@@ -13,6 +13,7 @@ import torch
 from fedsim.algorithms import registry
 from fedsim.attacks import build_attack, choose_byzantine
 from fedsim.clients.features import ClientContext, ClientFeature
+from fedsim.clients.personalization import Personalization
 from fedsim.clients.quantization import EF_STATE_KEY, LOCAL_PARAMETERS_KEY
 from fedsim.losses import REGISTRY
 
@@ -92,7 +93,7 @@ class LabelFlip(ClientFeature):
         return dataclasses.replace(data, y=flip(torch.from_numpy(data.y)).numpy())
 
 
-TRAINING_FEATURES: tuple[type, ...] = (Loss, QuantizedTraining, UplinkErrorFeedback, LabelFlip)
+TRAINING_FEATURES: tuple[type, ...] = (Loss, QuantizedTraining, UplinkErrorFeedback, LabelFlip, Personalization)
 
 
 def client_features(cfg: ExperimentConfig) -> tuple[ClientFeature, ...]:

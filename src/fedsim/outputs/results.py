@@ -220,6 +220,9 @@ def bytes_so_far(rows: list[dict[str, Any]]) -> tuple[int, int]:
     return last.get("bytes_up_total", 0), last.get("bytes_down_total", 0)
 
 
+PERSONAL_METRICS = ("personal_accuracy_p10", "personal_accuracy_p50", "personal_accuracy_p90", "personal_accuracy_mean")
+
+
 def summarise(rows: list[dict[str, Any]], target: float, status: str) -> dict[str, Any]:
     """summary.json content from the metrics rows."""
     evaluated = [r for r in rows if r.get("centralised_accuracy") is not None]
@@ -234,6 +237,9 @@ def summarise(rows: list[dict[str, Any]], target: float, status: str) -> dict[st
                                           if r.get("federated_accuracy") is not None), None),
         **{f"final_{key}": next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
            for key in ("client_accuracy_p10", "client_accuracy_p50", "client_accuracy_p90")},
+        # personalized runs: the clients' personal models (fedsim.clients.personalization)
+        **{f"final_{key}": next(r[key] for r in reversed(rows) if r.get(key) is not None)
+           for key in PERSONAL_METRICS if any(r.get(key) is not None for r in rows)},
         "target_accuracy": target,
         "rounds_to_target": rounds_to_target(rows, target),
         "wall_time_s": rows[-1]["wall_time_s"] if rows else 0.0,

@@ -40,7 +40,7 @@ from flwr.common.constant import ErrorCode
 from fedsim.algorithms import registry
 from fedsim.clients import gossip_node
 from fedsim.clients.batched import stack_size, train_stacked, vectorisable_reason
-from fedsim.clients.features import ClientContext, ClientFeature
+from fedsim.clients.features import ClientContext, ClientFeature, LocalTraining
 from fedsim.clients.hooks import ClientHook, vectorises
 from fedsim.clients.objective import ClientObjective
 from fedsim.clients.quantization import (
@@ -292,13 +292,39 @@ class ClientRuntime:
                 starts[id(record)] = (state, w.spec.flatten(state))
             start, start_flat = starts[id(record)]
         context = ClientContext(self.cfg, pid, server_round, member.content, member.state, w.spec)
-        train_set = w.data.client(pid, server_round)[0]
+        shared = start
+        for feature in w.features:
+            start = feature.start(context, start)
+        if start is not shared:
+            start_flat = w.spec.flatten(start)
+        train_set = self._train_set(context, w)
+        generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "train", server_round, pid))
+        return TrainJob(index, member, context, start, start_flat, train_set, generator)
+
+    @staticmethod
+    def _train_set(context: ClientContext, w: Worker) -> ArrayDataset:
+        """The client's train split of the round, as its features have it."""
+        train_set = w.data.client(context.partition_id, context.server_round)[0]
         for feature in w.features:
             train_set = feature.train_set(context, train_set)
         if len(train_set.y) == 0:
             raise ValueError("client has no training examples")
-        generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "train", server_round, pid))
-        return TrainJob(index, member, context, start, start_flat, train_set, generator)
+        return train_set
+
+    def _local_training(self, context: ClientContext, w: Worker, device: torch.device) -> LocalTraining:
+        """A feature's own local training runs for the client of ``context`` (w.model is free)."""
+        def train(start: dict[str, torch.Tensor], hooks: tuple[ClientHook, ...], steps: int | None,
+                  purpose: str) -> dict[str, torch.Tensor]:
+            train_set = self._train_set(context, w)
+            client = self.cfg.client if steps is None else self.cfg.client.model_copy(update={"local_steps": steps})
+            generator = torch.Generator().manual_seed(
+                derive_seed(self.cfg.seed, purpose, context.server_round, context.partition_id))
+            model = w.model
+            model.load_state_dict(start)
+            model = model.to(device)
+            train_local(model, train_set, client, build_objective(self.cfg, len(train_set.y), hooks), generator, device)
+            return {name: value.detach().cpu().clone() for name, value in model.cpu().state_dict().items()}
+        return train
 
     def _trained(self, jobs: list[TrainJob], w: Worker, device: torch.device):
         """(job, (final flat model, TrainResult) or the exception) for every job."""
@@ -380,6 +406,11 @@ class ClientRuntime:
         update = final_flat - job.start_flat
         records = {name: record for feature in w.features
                    for name, record in feature.finish(job.context, update, result.steps).items()}
+        for feature in w.features:
+            update = feature.sent_update(job.context, update)
+        training = self._local_training(job.context, w, resolve_device(cfg))
+        for feature in w.features:
+            feature.after_training(job.context, training)
         update = torch.from_numpy(inject_fault(cfg.faults, pid, job.server_round, update.numpy()))
         stall = stall_seconds(cfg.faults, pid, job.server_round)
         if self.sleep_stalls:
@@ -436,12 +467,37 @@ class ClientRuntime:
                     outcomes[i] = Outcome(None, exc, share)
                 continue
             share = (time.perf_counter() - started) / len(indices)
-            for i, res in zip(indices, results, strict=True):
+            for i, res, test_set in zip(indices, results, test_sets, strict=True):
+                started = time.perf_counter()
                 metrics = MetricRecord({"num-examples": res.num_examples,
                                         "eval_loss": res.loss if res.num_examples else 0.0,
                                         "eval_accuracy": res.accuracy if res.num_examples else 0.0})
-                outcomes[i] = Outcome(RecordDict({"metrics": metrics}), None, share)
+                try:
+                    metrics.update(self._personal_metrics(members[i], test_set, w, device))
+                except Exception as exc:
+                    outcomes[i] = Outcome(None, exc, share + time.perf_counter() - started)
+                    continue
+                outcomes[i] = Outcome(RecordDict({"metrics": metrics}), None, share + time.perf_counter() - started)
         return outcomes
+
+    def _personal_metrics(self, member: Member, test_set: ArrayDataset, w: Worker,
+                          device: torch.device) -> dict[str, float]:
+        """``personal_loss`` and ``personal_accuracy``: the client's personalised model (the
+        first feature that has one) on its test split; empty when no feature has one."""
+        if len(test_set.y) == 0 or all(type(f).personal_model is ClientFeature.personal_model for f in w.features):
+            return {}
+        context = ClientContext(self.cfg, member.partition_id, int(member.content["config"]["server-round"]),
+                                member.content, member.state, w.spec)
+        global_state = to_state_dict(member.content["arrays"])
+        training = self._local_training(context, w, device)
+        personal = next((model for feature in w.features
+                         if (model := feature.personal_model(context, global_state, training)) is not None), None)
+        if personal is None:
+            return {}
+        w.model.load_state_dict(personal)
+        result = evaluate_many(w.model.to(device), [test_set], device, self.cfg.eval.batch_size, w.predict)[0]
+        w.model.cpu()
+        return {"personal_loss": result.loss, "personal_accuracy": result.accuracy}
 
     def _query(self, message_type: str, members: Sequence[Member]) -> list[Outcome]:
         return [Outcome(RecordDict({"metrics": MetricRecord({"partition-id": m.partition_id})}), None, 0.0)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from fedsim.strategies.replies import ClientUpdate
 
 __all__ = ["PERCENTILES", "TRAIN_METRICS", "ClientEvaluation", "client_accuracy_percentiles", "client_evaluations",
-           "federated_metrics", "mean_train_metrics"]
+           "federated_metrics", "mean_train_metrics", "personal_accuracy_metrics"]
 
 TRAIN_METRICS = ("train_loss", "train_accuracy")
 
@@ -70,11 +70,13 @@ class ClientEvaluation:
     num_examples: int
     loss: float
     accuracy: float
+    personal_accuracy: float | None = None
 
 
 def client_evaluations(replies: Iterable[Message], pid_of: Mapping[int, int]) -> list[ClientEvaluation]:
     """The evaluations the replies carry (``num-examples``, ``eval_loss``, ``eval_accuracy`` of
-    their metric record), in reply order; a reply with an error is logged with its client
+    their metric record, and ``personal_accuracy`` where the client has a personal model), in
+    reply order; a reply with an error is logged with its client
     (``pid_of``: node id -> partition id) and left out."""
     evaluations = []
     for msg in replies:
@@ -82,15 +84,17 @@ def client_evaluations(replies: Iterable[Message], pid_of: Mapping[int, int]) ->
             log.warning("evaluation failed on client %s: %s", pid_of.get(msg.metadata.src_node_id), msg.error.reason)
             continue
         record = next(iter(msg.content.metric_records.values()))
+        personal = float(record["personal_accuracy"]) if "personal_accuracy" in record else None
         evaluations.append(ClientEvaluation(int(record["num-examples"]), float(record["eval_loss"]),
-                                            float(record["eval_accuracy"])))
+                                            float(record["eval_accuracy"]), personal))
     return evaluations
 
 
 def federated_metrics(evaluations: Sequence[ClientEvaluation]) -> dict[str, float]:
     """``federated_loss`` and ``federated_accuracy``, example-weighted over the clients' test
     splits, and the percentiles of the accuracies of the clients that have test examples
-    (:func:`client_accuracy_percentiles`); empty when no client has any."""
+    (:func:`client_accuracy_percentiles`), and of their personalised models' accuracies where
+    they have them (:func:`personal_accuracy_metrics`); empty when no client has any."""
     total = sum(e.num_examples for e in evaluations)
     if total == 0:
         return {}
@@ -99,4 +103,17 @@ def federated_metrics(evaluations: Sequence[ClientEvaluation]) -> dict[str, floa
         loss += e.loss * e.num_examples
         correct += e.accuracy * e.num_examples
     return {"federated_loss": loss / total, "federated_accuracy": correct / total,
-            **client_accuracy_percentiles([e.accuracy for e in evaluations if e.num_examples > 0])}
+            **client_accuracy_percentiles([e.accuracy for e in evaluations if e.num_examples > 0]),
+            **personal_accuracy_metrics([e.personal_accuracy for e in evaluations
+                                         if e.num_examples > 0 and e.personal_accuracy is not None])}
+
+
+def personal_accuracy_metrics(accuracies: Sequence[float]) -> dict[str, float]:
+    """``personal_accuracy_p10/p50/p90`` and ``personal_accuracy_mean`` of the clients'
+    personalised models on their own test splits, one client one value (weighted by nothing);
+    empty when no client reports one."""
+    if len(accuracies) == 0:
+        return {}
+    percentiles = client_accuracy_percentiles(accuracies)
+    return {**{key.replace("client_", "personal_"): value for key, value in percentiles.items()},
+            "personal_accuracy_mean": float(np.mean(accuracies))}
