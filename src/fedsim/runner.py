@@ -119,11 +119,14 @@ def run_experiment(cfg: ExperimentConfig, *, resume: str | Path | None = None, r
         run_simulation,  # imports Ray: not for a deployed ServerApp, which needs serve()
     )
 
+    from fedsim.sim.ray_workers import repairing_ray_backend
+
     # The driver writes the partitioned data to a disk cache of this run; Ray's workers map
     # it instead of each loading and partitioning the data again (seconds and a copy each).
     with tempfile.TemporaryDirectory(prefix="fedsim-partitions-") as cache_dir, _disk_cache(cache_dir):
         _warn_if_not_stacked(cfg, vectorise)
-        with quiet_run_simulation_notice():  # deprecated, and still the right call: see sim.flower_notices
+        # deprecated, and still the right call: see sim.flower_notices; lost workers come back: sim.ray_workers
+        with quiet_run_simulation_notice(), repairing_ray_backend(cfg.sim.wait_for_nodes_s):
             run_simulation(
                 server_app=build_server_app(cfg, run, resume is not None, show_progress, outcome),
                 client_app=build_client_app(cfg, vectorise, cache_dir=cache_dir),
