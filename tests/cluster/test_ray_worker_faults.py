@@ -70,7 +70,7 @@ def test_a_killed_ray_worker_is_replaced_and_the_run_equals_an_undisturbed_one(t
     killer = threading.Thread(target=_kill_a_worker_after, args=(tmp_path / "ray", 1, killed), daemon=True)
     killer.start()
     with caplog.at_level(logging.WARNING):
-        path, summary = run_experiment(load_config(config, [*OVERRIDES, f"output.dir={tmp_path / 'ray'}"]))
+        path, _ = run_experiment(load_config(config, [*OVERRIDES, f"output.dir={tmp_path / 'ray'}"]))
     killer.join(1)
     printed = capfd.readouterr()
     assert killed, "no ClientAppActor worker was found to kill"
