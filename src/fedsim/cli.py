@@ -90,13 +90,14 @@ def run(
 ) -> None:
     """Run an experiment and write its run directory.
 
-    Exit codes: 0 done; 1 the run stopped (training diverged), or every round was skipped, or
-    its last two rounds or more were (a fault it did not recover from);
+    Exit codes: 0 done; 1 the run stopped (training diverged, every Ray worker lost), or every
+    round was skipped, or its last two rounds or more were (a fault it did not recover from);
     2 a user error (config, data, host, a cluster that does not answer), reported in one line
     before anything starts."""
     from fedsim.loops.skeleton import DivergedError
     from fedsim.outputs.results import RunDir, RunDirError
     from fedsim.runner import ClusterUnreachable, run_experiment
+    from fedsim.sim.ray_nodes import EngineLost
 
     _setup_logging(verbose)
     if resume is not None and config is not None:
@@ -119,6 +120,9 @@ def run(
                                        show_progress=progress, verbose=verbose)
     except DivergedError as exc:
         raise fail("diverged", exc, code=1) from None
+    except EngineLost as exc:
+        raise fail("workers lost", ValueError(f"{exc}; the run stopped (its last checkpoint continues it: "
+                                              f"fedsim run --resume RUN_DIR)"), code=1) from None
     except (ClusterUnreachable, RunDirError) as exc:
         raise fail("error", exc) from None
     acc = summary.get("final_accuracy")

@@ -16,7 +16,9 @@ pool, a new one is started (up to ``sim.wait_for_nodes_s`` for it to come up) an
 runs again, once, on a live worker; the event is one WARNING line (the raylet's own notice of
 the death, which Ray prints from the driver, is dropped: :class:`_RayletSummary`). A worker that cannot be
 replaced (its node is gone) leaves the pool one short, and a message that finds no live
-worker fails at once in one line (:class:`WorkerLost`), the client's failure of that round.
+worker fails at once in one line (:class:`WorkerLost`), the client's failure of that round;
+once no worker is left, the server stops the run before its next round (:class:`PoolHealth`,
+``fedsim.sim.ray_nodes.EngineLost``).
 :func:`repairing_ray_backend` puts it in Flower's place while ``run_simulation`` runs.
 """
 
@@ -48,14 +50,24 @@ def _one_line(exc: BaseException) -> str:
     pid = re.search(r"\bpid: (\d+)", text)
     detail = re.search(r"Worker exit detail: ([^.]+)", text)
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    first = first if len(first) <= 160 else f"{first[:157]}..."
     return (f"Ray worker{f' pid {pid.group(1)}' if pid else ''} died"
             f"{f' ({detail.group(1).strip()})' if detail else ''}: {first}")
+
+
+class PoolHealth:
+    """What the server side learns of the backend's pool: ``lost`` says why no worker is left
+    (None while one is); :class:`fedsim.sim.ray_nodes.GroupedGrid` then stops the run."""
+
+    def __init__(self) -> None:
+        self.lost: str | None = None
 
 
 class RepairingRayBackend(raybackend.RayBackend):
     """Flower's ``RayBackend`` whose dead actors are replaced (module docstring)."""
 
     worker_start_s: float = 120.0
+    health: PoolHealth = PoolHealth()
 
     def __init__(self, backend_config: Any) -> None:
         super().__init__(backend_config)  # starts (or attaches to) Ray
@@ -114,6 +126,9 @@ class RepairingRayBackend(raybackend.RayBackend):
                 ray.kill(fresh)
             with self._pool_lock:
                 self.pool.num_actors -= 1
+                if self.pool.num_actors <= 0:
+                    self.health.lost = (f"every Ray client worker is lost and none could be started within "
+                                        f"{self.worker_start_s:g} s (sim.wait_for_nodes_s)")
             return False
         with self._pool_lock:
             self.pool.pool.append(fresh)
@@ -127,14 +142,16 @@ class _ActorDied(Exception):
 
 
 WORKER_DIED = re.compile(r"A worker died or was killed while executing a task")
+NODE_MARKED_DEAD = re.compile(r"^The node with node id: \w+ and address: (\S+) .*has been marked dead")
 RAYLET_DIED = re.compile(r"^\s*(Raylet is terminated\.[^.]*\.)")
 
 
 class _RayletSummary:
     """Ray's driver prints what the raylet (Ray's per-machine node manager) reports: a
     worker's death as one long line (:class:`RepairingRayBackend` says it in its own line),
-    its own death as its last 20 log lines. This drops the first and turns the second into
-    one fedsim ERROR line; every other line Ray prints is left alone.
+    its own death as its last 20 log lines, and the head's notice that the node missed its
+    heartbeats as two more. This drops the first and turns the others, one event, into one
+    fedsim ERROR line; every other line Ray prints is left alone.
 
     Ray has no public hook for this: both reach ``ray._private.worker.print_worker_logs``
     (the worker death through ``listen_error_messages``, the raylet's log through the
@@ -142,13 +159,24 @@ class _RayletSummary:
 
     def __init__(self, print_logs: Any) -> None:
         self.print_logs = print_logs
+        self.dead_raylets: set[str] = set()
 
     def __call__(self, data: dict[str, Any], *args: Any, **kwargs: Any) -> None:
         if data.get("pid") == "raylet":
             lines = [line for line in data.get("lines", []) if not WORKER_DIED.search(line)]
             if lines and (died := RAYLET_DIED.match(lines[0])):
-                log.error("Ray's raylet (the node manager of %s) died: %s Its workers are lost",
-                          data.get("ip", "this machine"), died.group(1))
+                node = data.get("ip") or "this machine"
+                if node not in self.dead_raylets:  # Ray prints its last lines more than once
+                    self.dead_raylets.add(node)
+                    log.error("Ray's raylet (the node manager of %s) died: %s Running workers may go on; "
+                              "one that dies cannot be replaced there", node, died.group(1))
+                return
+            if lines and (dead := NODE_MARKED_DEAD.match(lines[0])):
+                # the same event as the raylet's death, seen by Ray's head, or a node that went silent
+                if not self.dead_raylets & {dead.group(1), "this machine"}:
+                    self.dead_raylets.add(dead.group(1))
+                    log.error("Ray marked the node at %s dead (it missed its heartbeats): its workers are lost",
+                              dead.group(1))
                 return
             if not lines:
                 return
@@ -168,20 +196,22 @@ class _QuietLostWorkers(logging.Filter):
 
 
 @contextlib.contextmanager
-def repairing_ray_backend(worker_start_s: float) -> Iterator[None]:
+def repairing_ray_backend(worker_start_s: float) -> Iterator[PoolHealth]:
     """Flower's simulation engine uses :class:`RepairingRayBackend` while the block runs
     (``vce_api.start_vce`` imports ``RayBackend`` from its module when it starts the engine),
-    and the raylet's notices are summarised (:class:`_RayletSummary`)."""
+    and the raylet's notices are summarised (:class:`_RayletSummary`); yields the pool's health."""
     from ray._private import worker as ray_worker
 
-    backend = type("RepairingRayBackend", (RepairingRayBackend,), {"worker_start_s": worker_start_s})
+    health = PoolHealth()
+    backend = type("RepairingRayBackend", (RepairingRayBackend,), {"worker_start_s": worker_start_s,
+                                                                    "health": health})
     original, quiet, flwr_log = raybackend.RayBackend, _QuietLostWorkers(), logging.getLogger("flwr")
     print_logs = ray_worker.print_worker_logs
     raybackend.RayBackend = backend
     ray_worker.print_worker_logs = _RayletSummary(print_logs)
     flwr_log.addFilter(quiet)
     try:
-        yield
+        yield health
     finally:
         raybackend.RayBackend = original
         ray_worker.print_worker_logs = print_logs
