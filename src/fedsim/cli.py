@@ -90,12 +90,14 @@ def run(
 ) -> None:
     """Run an experiment and write its run directory.
 
-    Exit codes: 0 done; 1 the run stopped (training diverged), or every round was skipped;
+    Exit codes: 0 done; 1 the run stopped (training diverged, every Ray worker lost), or every
+    round was skipped, or its last two rounds or more were (a fault it did not recover from);
     2 a user error (config, data, host, a cluster that does not answer), reported in one line
     before anything starts."""
     from fedsim.loops.skeleton import DivergedError
     from fedsim.outputs.results import RunDir, RunDirError
     from fedsim.runner import ClusterUnreachable, run_experiment
+    from fedsim.sim.ray_nodes import EngineLost
 
     _setup_logging(verbose)
     if resume is not None and config is not None:
@@ -118,15 +120,23 @@ def run(
                                        show_progress=progress, verbose=verbose)
     except DivergedError as exc:
         raise fail("diverged", exc, code=1) from None
+    except EngineLost as exc:
+        raise fail("workers lost", ValueError(f"{exc}; the run stopped (its last checkpoint continues it: "
+                                              f"fedsim run --resume RUN_DIR)"), code=1) from None
     except (ClusterUnreachable, RunDirError) as exc:
         raise fail("error", exc) from None
     acc = summary.get("final_accuracy")
     console.print(f"[green]done[/green]: {path}  final accuracy "
                   f"{'-' if acc is None else f'{acc:.4f}'}  ({summary.get('status')})")
-    if summary.get("rounds_completed") and summary.get("skipped_rounds") == summary["rounds_completed"]:
+    last, first_skipped = summary.get("rounds_completed"), summary.get("skipped_from_round")
+    if last and summary.get("skipped_rounds") == last:
         raise fail("no round aggregated", ValueError(
-            f"every one of the {summary['rounds_completed']} rounds was skipped (fewer than "
+            f"every one of the {last} rounds was skipped (fewer than "
             f"strategy.min_successful valid replies); see the failures in {path / 'metrics.jsonl'}"), code=1)
+    if first_skipped is not None and last - first_skipped >= 1:
+        raise fail("rounds lost", ValueError(
+            f"every round from {first_skipped} to the last ({last}) was skipped (fewer than strategy.min_successful "
+            f"valid replies: clients or workers lost?); see the failures in {path / 'metrics.jsonl'}"), code=1)
 
 
 @app.command()

@@ -43,14 +43,15 @@ def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_pro
 
 
 def build_server_app(cfg: ExperimentConfig, run: RunDir, resume: bool, show_progress: bool,
-                     outcome: dict[str, Any]) -> ServerApp:
-    """A ServerApp running the synchronous loop; its summary lands in ``outcome``."""
+                     outcome: dict[str, Any], engine_lost: Callable[[], str | None] | None = None) -> ServerApp:
+    """A ServerApp running the configured loop; its summary lands in ``outcome``; the run
+    stops (:class:`fedsim.sim.ray_nodes.EngineLost`) once ``engine_lost`` says why."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         seed_everything(cfg.seed)
-        grouped = GroupedGrid(grid, cfg.partition.num_clients, cfg.sim.clients_per_node)
+        grouped = GroupedGrid(grid, cfg.partition.num_clients, cfg.sim.clients_per_node, engine_lost)
         outcome.update(serve(grouped, cfg, run, resume, show_progress))
 
     return app
@@ -101,7 +102,8 @@ def run_experiment(cfg: ExperimentConfig, *, resume: str | Path | None = None, r
     """Run ``cfg`` (or continue the run in ``resume``); return the run directory and summary.
 
     Raises :class:`ClusterUnreachable`, before a run directory is made, when the cluster to
-    attach to does not answer within ``sim.wait_for_nodes_s``."""
+    attach to does not answer within ``sim.wait_for_nodes_s``; ``fedsim.sim.ray_nodes.EngineLost`` when every
+    Ray worker is lost mid-run (the rows, checkpoints and summary so far are written)."""
     address = ray_address or cfg.sim.ray_address
     if cfg.sim.backend == "ray" and address:
         wait_for_cluster(address, cfg.sim.wait_for_nodes_s)
@@ -119,13 +121,17 @@ def run_experiment(cfg: ExperimentConfig, *, resume: str | Path | None = None, r
         run_simulation,  # imports Ray: not for a deployed ServerApp, which needs serve()
     )
 
+    from fedsim.sim.ray_workers import repairing_ray_backend
+
     # The driver writes the partitioned data to a disk cache of this run; Ray's workers map
     # it instead of each loading and partitioning the data again (seconds and a copy each).
     with tempfile.TemporaryDirectory(prefix="fedsim-partitions-") as cache_dir, _disk_cache(cache_dir):
         _warn_if_not_stacked(cfg, vectorise)
-        with quiet_run_simulation_notice():  # deprecated, and still the right call: see sim.flower_notices
+        # deprecated, and still the right call: see sim.flower_notices; lost workers come back: sim.ray_workers
+        with quiet_run_simulation_notice(), repairing_ray_backend(cfg.sim.wait_for_nodes_s) as workers:
             run_simulation(
-                server_app=build_server_app(cfg, run, resume is not None, show_progress, outcome),
+                server_app=build_server_app(cfg, run, resume is not None, show_progress, outcome,
+                                            engine_lost=lambda: workers.lost),
                 client_app=build_client_app(cfg, vectorise, cache_dir=cache_dir),
                 num_supernodes=engine_nodes(cfg.partition.num_clients, cfg.sim.clients_per_node),
                 backend_config=backend_config(cfg, ray_address),

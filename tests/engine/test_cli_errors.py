@@ -56,3 +56,23 @@ def test_a_run_whose_every_round_was_skipped_says_so_and_exits_1(tmp_path):
     assert "every one of the 2 rounds was skipped" in result.stderr
     (run_dir,) = runs.iterdir()
     assert (run_dir / "summary.json").exists()
+
+
+def test_a_run_whose_rounds_were_all_skipped_after_a_fault_says_so_and_exits_1(tmp_path):
+    runs = tmp_path / "runs"
+    result = _invoke("run", str(QUICKSTART), "--no-progress", "--set", f"output.dir={runs}", "--set", "rounds=3",
+                     "--set", "sim.backend=inprocess", "--set", "partition.num_clients=3", "--set",
+                     "client.local_steps=1", "--set", "faults.crash=[0, 1, 2]", "--set", "faults.rounds=[2, 3]",
+                     "--set", "output.plots=false")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "rounds lost: every round from 2 to the last (3) was skipped"), result.stderr
+
+
+def test_a_run_that_recovers_from_a_skipped_round_exits_0(tmp_path):
+    runs = tmp_path / "runs"
+    result = _invoke("run", str(QUICKSTART), "--no-progress", "--set", f"output.dir={runs}", "--set", "rounds=3",
+                     "--set", "sim.backend=inprocess", "--set", "partition.num_clients=3", "--set",
+                     "client.local_steps=1", "--set", "faults.crash=[0, 1, 2]", "--set", "faults.rounds=[2]",
+                     "--set", "output.plots=false")
+    assert result.exit_code == 0, result.stderr

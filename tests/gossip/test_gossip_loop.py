@@ -156,16 +156,13 @@ def test_gossip_trains_every_node_and_reports_spread_consensus_and_layer_varianc
 def test_resumed_gossip_run_continues_exactly(config):
     cfg = config("rounds=4", "output.checkpoint_every=2", "client.local_steps=3", "partition.scheme=iid")
     path, _ = run_experiment(cfg)
-    volatile = {"wall_time_s", "bytes_down", "bytes_down_total"}  # the resend after resuming (below)
     first = RunDir.open(path).rows()
     (RunDir.open(path).checkpoint_dir / "round-00004.pt").unlink()
     run_experiment(cfg, resume=path)
     again = RunDir.open(path).rows()
-    assert [{k: v for k, v in r.items() if k not in volatile} for r in again] == \
-        [{k: v for k, v in r.items() if k not in volatile} for r in first]
-    # the resumed process resends every node its model once (its worker's state is gone)
-    dim = ParamSpec.of(make_model(cfg.model, federated_data(cfg).train, cfg.seed)).dim
-    assert again[-1]["bytes_down_total"] - first[-1]["bytes_down_total"] == 8 * 4 * dim
+    # bytes included: the nodes get their checkpointed models back, nothing is resent
+    assert [{k: v for k, v in r.items() if k != "wall_time_s"} for r in again] == \
+        [{k: v for k, v in r.items() if k != "wall_time_s"} for r in first]
 
 
 class LosingGrid(InProcessGrid):

@@ -128,6 +128,9 @@ class Job:
         The grid's id of its TRAIN message; None when none was sent or accepted.
     deadline : float
         Wall-clock (``time.monotonic``) time after which its reply counts as missing.
+    result : ClientUpdate or Failure or None
+        Its reply, screened, when a checkpoint found it in before its arrival time (a
+        resume then needs no new message for it).
     """
 
     partition_id: int
@@ -138,6 +141,7 @@ class Job:
     lost: bool = False
     message_id: str | None = None
     deadline: float = field(default=math.inf)
+    result: ClientUpdate | Failure | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -210,8 +214,10 @@ class VirtualArrivals:
         _push(self.grid, sent, self.timeout_s)
 
     def resend(self, batch: list[tuple[Job, Message]]) -> None:
-        """Send restored jobs' messages again (resume); their arrivals are already queued."""
-        _push(self.grid, [(job, message) for job, message in batch if not job.lost], self.timeout_s)
+        """Send restored jobs' messages again (resume), those whose reply the checkpoint
+        does not hold; their arrivals are already queued."""
+        _push(self.grid, [(job, message) for job, message in batch if not job.lost and job.result is None],
+              self.timeout_s)
 
     def next_until(self, t: float) -> Arrival | None:
         """The earliest arrival at or before ``t`` (the clock moves to it), else None."""
@@ -225,13 +231,18 @@ class VirtualArrivals:
     def _result(self, job: Job) -> ClientUpdate | Failure:
         if job.lost:
             return Failure(job.partition_id, LOST)
+        if job.result is not None:
+            return job.result
         if job.message_id is None:
             return Failure(job.partition_id, UNSENT)
         while not (replies := list(self.grid.pull_messages([job.message_id]))):
             if time.monotonic() > job.deadline:
                 return Failure(job.partition_id, TIMEOUT)
             time.sleep(POLL_S)
-        result = screen_train_reply(replies[0], job.partition_id, self.dim, self.codec)
+        return self._screened(job, replies[0])
+
+    def _screened(self, job: Job, reply: Message) -> ClientUpdate | Failure:
+        result = screen_train_reply(reply, job.partition_id, self.dim, self.codec)
         if isinstance(result, Failure):
             return result
         reported, expected = result.metrics.get("virtual_duration"), self.devices.compute_time(job.partition_id)
@@ -241,7 +252,18 @@ class VirtualArrivals:
         return result
 
     def state_dict(self) -> dict:
-        """The clock and the queued arrivals (their payloads are the in-flight jobs)."""
+        """The clock and the queued arrivals (their payloads are the in-flight jobs).
+
+        The replies already in are kept with their jobs: a resume sends only the others
+        again. (A resent message is trained with the other resent ones, where the first
+        was trained with other messages; a stack of other clients trains to numbers that
+        differ in the last bits, about 1e-8, so the kept replies keep a resume exact.)"""
+        waiting = [job for job in self.queue.payloads()
+                   if not job.lost and job.result is None and job.message_id is not None]
+        if waiting:
+            for reply in self.grid.pull_messages([job.message_id for job in waiting]):
+                job = next(j for j in waiting if j.message_id == reply.metadata.reply_to_message_id)
+                job.result = self._screened(job, reply)
         return {"now": self.clock.now(), "queue": self.queue}
 
     def load_state_dict(self, state: dict) -> None:

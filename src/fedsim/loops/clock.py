@@ -147,6 +147,10 @@ class EventQueue:
     def __len__(self) -> int:
         return len(self._heap)
 
+    def payloads(self) -> list[Any]:
+        """The queued events' payloads, in no particular order."""
+        return [event.payload for event in self._heap]
+
     def _tie_key(self, client_id: int) -> float:
         n = self._pushes_per_client.get(client_id, 0)
         self._pushes_per_client[client_id] = n + 1

@@ -57,7 +57,7 @@ from fedsim.params import ParamSpec, set_flat
 from fedsim.records import to_record
 from fedsim.seeding import derive_seed
 from fedsim.sim.components import make_model
-from fedsim.sim.messaging import send_and_collect
+from fedsim.sim.messaging import PartitionGrid, send_and_collect
 from fedsim.strategies.evaluation import mean_train_metrics
 from fedsim.strategies.replies import (
     ClientUpdate,
@@ -160,7 +160,8 @@ class GossipNodes:
     mixes and replies with its mixed model. ``models`` mirrors what the nodes hold, as
     their replies report it, for relaying, evaluation and checkpoints. A node whose reply
     fails keeps its model and is sent its mirrored model with its next message, as is
-    every node in the first round this process runs (a fresh run or a resume).
+    every node in the first round of a run (and of a resume whose nodes did not get their
+    checkpointed state back: :meth:`GossipSteps.load_state_dict`).
 
     Parameters
     ----------
@@ -286,11 +287,17 @@ class GossipSteps(Steps):
         return {**self.template, **self.spec.unflatten(self.nodes.models.mean(dim=0))}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"node_models": self.nodes.models.clone(), "completed": self.nodes.completed}
+        return {"node_models": self.nodes.models.clone(), "completed": self.nodes.completed,
+                "versions": list(self.nodes.versions), "resend": sorted(self.nodes.resend)}
 
     def load_state_dict(self, model: dict[str, Tensor], state: dict[str, Any]) -> None:
-        self.nodes = GossipNodes(self.nodes.grid, self.cfg, self.spec, self.template, self.nodes.node_of,
+        grid = self.nodes.grid
+        self.nodes = GossipNodes(grid, self.cfg, self.spec, self.template, self.nodes.node_of,
                                  state["node_models"], completed=state["completed"])
+        if isinstance(grid, PartitionGrid) and "resend" in state:
+            # the nodes got their Context state back (their models with it): only those the
+            # uninterrupted run would resend get theirs, so the resumed rows equal its rows
+            self.nodes.versions, self.nodes.resend = list(state["versions"]), set(state["resend"])
 
     def summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         if not rows:

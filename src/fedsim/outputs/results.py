@@ -223,6 +223,17 @@ def bytes_so_far(rows: list[dict[str, Any]]) -> tuple[int, int]:
 PERSONAL_METRICS = ("personal_accuracy_p10", "personal_accuracy_p50", "personal_accuracy_p90", "personal_accuracy_mean")
 
 
+def skipped_from_round(rows: list[dict[str, Any]]) -> int | None:
+    """The first round of the skipped rounds that end the run (every round from it to the
+    last was skipped), or None when the last round aggregated."""
+    first = None
+    for row in reversed(rows):
+        if not row.get("skipped"):
+            break
+        first = int(row["round"])
+    return first
+
+
 def summarise(rows: list[dict[str, Any]], target: float, status: str) -> dict[str, Any]:
     """summary.json content from the metrics rows."""
     evaluated = [r for r in rows if r.get("centralised_accuracy") is not None]
@@ -245,5 +256,6 @@ def summarise(rows: list[dict[str, Any]], target: float, status: str) -> dict[st
         "wall_time_s": rows[-1]["wall_time_s"] if rows else 0.0,
         "failed_client_calls": sum(r.get("num_failed", 0) for r in rows),
         "skipped_rounds": sum(1 for r in rows if r.get("skipped")),
+        "skipped_from_round": skipped_from_round(rows),
         **dict(zip(("bytes_up_total", "bytes_down_total"), bytes_so_far(rows), strict=True)),
     }

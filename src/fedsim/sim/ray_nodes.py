@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
@@ -42,6 +42,11 @@ def group_type(message_type: str) -> str:
     return f"{message_type.split('.')[0]}.{group_messages.GROUP_ACTION}"
 
 
+class EngineLost(RuntimeError):
+    """The simulation engine has no client worker left (every Ray worker died and none
+    could be started): no later round can run."""
+
+
 class GroupedGrid(PartitionGrid):
     """``num_partitions`` virtual nodes over the Flower ``grid`` of a simulation with
     ``ceil(num_partitions / clients_per_node)`` nodes.
@@ -54,11 +59,16 @@ class GroupedGrid(PartitionGrid):
         Clients of the run.
     clients_per_node : int
         Partitions each engine node serves.
+    engine_lost : Callable[[], str | None] or None, default None
+        Why the engine has no worker left (None while it has one); a push then raises
+        :class:`EngineLost` (``fedsim.sim.ray_workers.PoolHealth``).
     """
 
-    def __init__(self, grid: Grid, num_partitions: int, clients_per_node: int) -> None:
+    def __init__(self, grid: Grid, num_partitions: int, clients_per_node: int,
+                 engine_lost: Callable[[], str | None] | None = None) -> None:
         super().__init__(num_partitions)
         self._grid = grid
+        self._engine_lost = engine_lost
         self.clients_per_node = clients_per_node
         self.num_nodes = engine_nodes(num_partitions, clients_per_node)
         self._nodes: list[int] = []
@@ -100,6 +110,8 @@ class GroupedGrid(PartitionGrid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Send the messages as one group message per (node, message type)."""
+        if self._engine_lost is not None and (reason := self._engine_lost()) is not None:
+            raise EngineLost(reason)
         bundles: dict[tuple[int, str, int], list[Message]] = {}
         repeats: dict[tuple[int, str], int] = {}
         ids = []
