@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from fedsim.data import load_dataset
-from fedsim.data.shakespeare import ALL_LETTERS, SEQ_LENGTH, encode, load_shakespeare, speeches_by_role, windows
+from fedsim.data.shakespeare import (
+    ALL_LETTERS,
+    SEQ_LENGTH,
+    encode,
+    load_shakespeare,
+    speeches_by_role,
+    windows,
+)
 
 TINY = Path(__file__).parents[3] / "shared" / "data" / "tinyshakespeare.txt"
 

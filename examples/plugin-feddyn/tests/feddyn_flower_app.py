@@ -6,13 +6,27 @@ deterministic given the sampled nodes)."""
 
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from sklearn.datasets import load_digits
 from torch import nn
 
-from fedsim.flower import ALPHA_KEY, DynamicRegulariser, FedDyn, feddyn_client_step, gradient_state, keep_gradient_state
+from fedsim.flower import (
+    ALPHA_KEY,
+    DynamicRegulariser,
+    FedDyn,
+    feddyn_client_step,
+    gradient_state,
+    keep_gradient_state,
+)
 
 NUM_TRAIN = 1400
 RUN_CONFIG = {"num-server-rounds": 3, "fraction-train": 1.0, "alpha": 0.01, "lr": 0.5, "local-steps": 20,

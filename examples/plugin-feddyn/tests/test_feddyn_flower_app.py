@@ -9,7 +9,15 @@ from pathlib import Path
 
 import fedsim_feddyn
 import torch
-from feddyn_flower_app import RUN_CONFIG, TRAINED, client_app, digits, initial_model, partition, server_main
+from feddyn_flower_app import (
+    RUN_CONFIG,
+    TRAINED,
+    client_app,
+    digits,
+    initial_model,
+    partition,
+    server_main,
+)
 from feddyn_reference import feddyn_rounds
 from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp

@@ -6,7 +6,12 @@ from pathlib import Path
 
 import torch
 from feddyn_reference import feddyn_rounds
-from fedsim_feddyn import GRADIENT_STATE_KEY, DynamicRegulariser, dynamic_regulariser, stacked_dynamic_regulariser
+from fedsim_feddyn import (
+    GRADIENT_STATE_KEY,
+    DynamicRegulariser,
+    dynamic_regulariser,
+    stacked_dynamic_regulariser,
+)
 
 from fedsim.config import load_config
 from fedsim.params import ParamSpec

@@ -40,8 +40,8 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedsim.clients.features import ClientContext, ClientFeature, LocalTraining
-from fedsim.config_checks import norm_layers
 from fedsim.clients.hooks import ClientHook
+from fedsim.config_checks import norm_layers
 from fedsim.records import to_state_dict
 
 if TYPE_CHECKING:
