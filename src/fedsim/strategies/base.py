@@ -79,6 +79,7 @@ from fedsim.strategies.replies import (
     EF_RESET,
     ClientUpdate,
     Failure,
+    scalar_metrics,
     screen_train_replies,
 )
 from fedsim.strategies.screening import screen_evaluate_replies
@@ -353,9 +354,7 @@ class FedsimStrategy(Algorithm, FedAvg):
         """A Flower app's replies: trained arrays minus the global ones, by node id."""
         accepted, rejected = screen_flower_replies(replies, self._template, self.weighted_by_key)
         updates = [ClientUpdate(reply.node_id, reply.weight, self._flatten(reply.arrays) - self._global,
-                                sum(a.nbytes for a in reply.arrays.values()),
-                                {k: float(v) for rec in reply.content.metric_records.values()
-                                 for k, v in rec.items() if isinstance(v, int | float)})
+                                sum(a.nbytes for a in reply.arrays.values()), scalar_metrics(reply.content))
                    for reply in accepted]
         self._flower_contents = [reply.content for reply in accepted]
         return sorted(updates, key=lambda u: u.partition_id), [Failure(r.node_id, r.reason) for r in rejected]

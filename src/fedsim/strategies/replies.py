@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
 from fedsim.quant.codecs import Codec, Identity
@@ -53,9 +53,10 @@ class Failure:
     reason: str
 
 
-def _metrics(msg: Message) -> dict[str, float]:
-    records = msg.content.metric_records
-    return {k: float(v) for rec in records.values() for k, v in rec.items() if isinstance(v, int | float)}
+def scalar_metrics(content: RecordDict) -> dict[str, float]:
+    """Every number of a reply's metric records, as floats (lists and text left out)."""
+    return {k: float(v) for rec in content.metric_records.values() for k, v in rec.items()
+            if isinstance(v, int | float)}
 
 
 def decode_record(msg: Message, partition_id: int, record: str, dim: int, codec: Codec
@@ -87,7 +88,7 @@ def screen_train_reply(msg: Message, partition_id: int, dim: int, codec: Codec) 
     decoded = decode_record(msg, partition_id, "update", dim, codec)
     if isinstance(decoded, Failure):
         return decoded
-    metrics = _metrics(msg)
+    metrics = scalar_metrics(msg.content)
     num_examples = int(metrics.get("num-examples", 0))
     if num_examples <= 0:
         return Failure(partition_id, "reply has no positive 'num-examples'")
@@ -98,7 +99,9 @@ def screen_model_reply(msg: Message, partition_id: int, dim: int) -> ClientUpdat
     """A reply that carries a whole flat model in its ``model`` record, float32 (a gossip
     node's mixed model): a :class:`ClientUpdate` whose ``update`` is that model."""
     decoded = decode_record(msg, partition_id, "model", dim, IDENTITY)
-    return decoded if isinstance(decoded, Failure) else ClientUpdate(partition_id, 0, *decoded, _metrics(msg))
+    if isinstance(decoded, Failure):
+        return decoded
+    return ClientUpdate(partition_id, 0, *decoded, scalar_metrics(msg.content))
 
 
 def screen_replies(
