@@ -134,6 +134,48 @@ class ModelConfig(Section):
 
 
 # ----------------------------------------------------------------- client training
+class AdversarialConfig(Section):
+    """Adversarial training of the clients (federated adversarial learning, FAL: Li, Song and
+    Yang, "Federated Adversarial Learning: A Framework with Convergence Analysis", ICML 2023,
+    arXiv 2208.03635; :mod:`fedsim.clients.adversarial`).
+
+    Each local step first attacks its batch (the inner loop: ``steps`` steps of projected
+    gradient ascent of the cross entropy on the inputs, Madry et al. 2018, arXiv 1706.06083),
+    then trains on the attacked batch (the outer loop). ``pgd`` starts at a uniform random
+    point of the ``epsilon``-ball (``random_start``); ``fgsm`` is PGD with one step of size
+    ``epsilon`` from the clean input (Goodfellow et al. 2015): its ``steps`` and
+    ``step_size`` resolve to 1 and ``epsilon``. ``step_size`` unset is ``2.5 epsilon / steps``
+    (Madry et al.'s choice). ``norm``: ``linf`` steps by the gradient's sign and clamps each
+    coordinate to [-epsilon, epsilon]; ``l2`` steps along the per-sample unit gradient and
+    rescales onto the l2 ball.
+    """
+
+    method: Literal["pgd", "fgsm"] = "pgd"
+    epsilon: float = Field(0.1, gt=0, description="radius of the perturbation ball")
+    steps: int | None = Field(None, ge=1, description="pgd: attack steps per batch (unset: 10); fgsm: 1")
+    step_size: float | None = Field(None, gt=0, description="unset: 2.5 * epsilon / steps (pgd), epsilon (fgsm)")
+    norm: Literal["linf", "l2"] = "linf"
+    random_start: bool | None = Field(None, description="pgd: start at a random point of the ball "
+                                                        "(unset: true); fgsm: false")
+
+    @model_validator(mode="after")
+    def _resolve(self) -> AdversarialConfig:
+        if self.method == "fgsm":
+            for key, value, allowed in (("steps", self.steps, 1), ("step_size", self.step_size, self.epsilon),
+                                        ("random_start", self.random_start, False)):
+                if value is not None and value != allowed:
+                    raise ValueError(f"method fgsm is one step of size epsilon from the clean input; {key} "
+                                     f"{value!r} cannot combine with it (use method pgd, or leave {key} unset)")
+            steps, step_size, random_start = 1, self.epsilon, False
+        else:
+            steps = self.steps or 10
+            step_size = self.step_size or 2.5 * self.epsilon / steps
+            random_start = True if self.random_start is None else self.random_start
+        # set through __dict__: assignment would validate the whole section again
+        self.__dict__.update(steps=steps, step_size=step_size, random_start=random_start)
+        return self
+
+
 class ClientConfig(Section):
     """The local training loop every client runs."""
 
@@ -145,6 +187,7 @@ class ClientConfig(Section):
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     timeout_s: float = Field(120.0, gt=0, description="a reply later than this is a failure")
+    adversarial: AdversarialConfig | None = Field(None, description="train on adversarial examples (FAL)")
 
     @model_validator(mode="after")
     def _momentum_for_sgd(self) -> ClientConfig:
@@ -152,7 +195,6 @@ class ClientConfig(Section):
             raise ValueError(f"momentum {self.momentum} is SGD's heavy-ball momentum, which optimizer adam does "
                              "not use; set client.momentum: 0")
         return self
-
 
 class AuxLossConfig(Section):
     """An auxiliary loss term added to the main loss with a weight."""
@@ -372,6 +414,26 @@ class SimConfig(Section):
         return self
 
 
+class RobustEvalConfig(Section):
+    """Robust accuracy of the global model (row key ``robust_accuracy``): its accuracy on the
+    server's test set attacked by PGD (:func:`fedsim.clients.adversarial.pgd`) with
+    ``steps`` steps of ``step_size`` (unset: ``2.5 epsilon / steps``) in the ``norm`` ball of
+    radius ``epsilon``, from a random start of the ball (``random_start``). Unset while
+    ``client.adversarial`` is set, it is the clients' attack."""
+
+    epsilon: float = Field(0.1, gt=0)
+    steps: int = Field(10, ge=1)
+    step_size: float | None = Field(None, gt=0, description="unset: 2.5 * epsilon / steps")
+    norm: Literal["linf", "l2"] = "linf"
+    random_start: bool = True
+
+    @model_validator(mode="after")
+    def _resolve(self) -> RobustEvalConfig:
+        if self.step_size is None:
+            self.__dict__["step_size"] = 2.5 * self.epsilon / self.steps
+        return self
+
+
 class EvalConfig(Section):
     """Centralised (server test set) and federated (client test splits) evaluation."""
 
@@ -379,6 +441,8 @@ class EvalConfig(Section):
     centralised: bool = True
     federated: bool = True
     batch_size: int = Field(512, ge=1)
+    robust: RobustEvalConfig | None = Field(None, description="robust_accuracy under PGD; unset: the "
+                                                              "clients' attack when client.adversarial is set")
 
 
 class FaultConfig(Section):
@@ -480,6 +544,18 @@ class ExperimentConfig(Section):
         if data.hf_partition_by is not None and (data.name != "hf" or part.scheme != "natural"):
             raise ValueError("data.hf_partition_by: only data.name hf with partition.scheme natural uses it; "
                              f"got {data.name} with {part.scheme}")
+        return self
+
+    @model_validator(mode="after")
+    def _robust_eval_of_the_clients_attack(self) -> ExperimentConfig:
+        """``eval.robust`` unset under ``client.adversarial``: the clients' attack, where there is
+        one global model to attack on the server's test set (not under gossip, nor without
+        ``eval.centralised``)."""
+        attack = self.client.adversarial
+        if attack is not None and self.eval.robust is None and self.eval.centralised and self.strategy.family != "gossip":
+            self.eval.__dict__["robust"] = RobustEvalConfig(
+                epsilon=attack.epsilon, steps=attack.steps, step_size=attack.step_size, norm=attack.norm,
+                random_start=attack.random_start)
         return self
 
     @model_validator(mode="after")

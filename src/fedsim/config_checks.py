@@ -402,8 +402,18 @@ def _personalization(cfg: ExperimentConfig) -> Iterator[str | None]:
             yield "personalization.head: empty; name the personal layers (the last layer is 'head')"
 
 
+def _robust_eval(cfg: ExperimentConfig) -> Iterator[str | None]:
+    """``eval.robust`` attacks the global model on the server's test set."""
+    if cfg.eval.robust is None:
+        return
+    if not cfg.eval.centralised:
+        yield "eval.robust: attacks the global model on the server's test set; eval.centralised is false"
+    if _family(cfg) == "gossip":
+        yield f"eval.robust: attacks one global model; {_strategy(cfg)}, whose nodes each keep their own"
+
+
 RULES: tuple[Callable[[ExperimentConfig], Iterator[str | None]], ...] = (
     _algorithm, _client_features, _sync_only, _async_options, _async_only, _speeds, _participation, _participation_options, _model,
     _model_and_data, _partition_and_data, _quant_options, _faults, _attack, _loss,
-    _personalization,
+    _personalization, _robust_eval,
 )

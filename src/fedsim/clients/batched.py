@@ -19,7 +19,8 @@ It computes what K runs of ``train_local`` compute:
   Rows are ordered by decreasing step count, so the clients still training are always the
   first rows: a step runs on that prefix, a client whose run ended is copied out after its
   last step, and Adam's shared step count equals each active client's own;
-- hooks contribute through their stacked forms (:mod:`fedsim.clients.hooks`).
+- hooks contribute through their stacked forms (:mod:`fedsim.clients.hooks`); a hook that
+  replaces a batch's inputs (an adversarial attack) gets every row's functional forward.
 
 Not vectorised, and trained one client at a time by the caller (:func:`vectorisable_reason`
 says why): what a client feature declares it cannot stack (quantized training, losses that
@@ -146,6 +147,9 @@ def train_stacked(
                                           client_params.get("head.bias"))
         return (per_sample * m).sum() / m.sum().clamp_min(1.0), logits
 
+    def logits_of(client_params, x):
+        return functional_call(net, {f"model.{n}": p for n, p in client_params.items()}, (x,))[1]
+
     losses_of = vmap(client_loss)
     num_clients = len(datasets)
     loss_sum = torch.zeros(num_clients, dtype=torch.float64, device=device)
@@ -163,7 +167,10 @@ def train_stacked(
         rows = {name: p[:active] for name, p in params.items()}
         m = mask[:active, s]
         y = y_all[index[:active, s]]
-        losses, logits = losses_of(rows, x_all[index[:active, s]], y, m)
+        x = x_all[index[:active, s]]
+        for hook in objective.hooks:
+            x = hook.stacked_perturb_inputs(logits_of, {name: p.detach() for name, p in rows.items()}, x, y, m)
+        losses, logits = losses_of(rows, x, y, m)
         for hook in objective.hooks:
             term = hook.stacked_extra_loss(rows, logits, m)
             if term is not None:

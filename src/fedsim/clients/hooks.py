@@ -1,13 +1,16 @@
 """Client hooks: extra loss terms and gradient transforms a client feature adds to training.
 
 A client feature (:mod:`fedsim.clients.features`: an algorithm's client half, e.g.
-FedProx's proximal term) provides them; the local loop calls every hook at two points of
-each step: ``extra_loss`` is added to the objective, ``before_step``
+FedProx's proximal term) provides them; the local loop calls every hook at three points of
+each step: ``perturb_inputs`` replaces the batch's inputs before the forward pass (an
+adversarial attack), ``extra_loss`` is added to the objective, ``before_step``
 runs after ``backward`` and before ``optimizer.step``.
 
 Each hook also has a *stacked* form for :mod:`fedsim.clients.batched`, which trains K
 clients at once with every parameter stacked to shape ``(K, *shape)``:
-``stacked_extra_loss`` returns the K clients' terms as a ``(K,)`` tensor (``mask`` marks the
+``stacked_perturb_inputs`` replaces the ``(K, B, ...)`` inputs given
+``forward(client_params, x) -> logits``, one client's functional forward to ``vmap`` over the
+rows; ``stacked_extra_loss`` returns the K clients' terms as a ``(K,)`` tensor (``mask`` marks the
 real rows of the padded ``(K, B)`` batch), ``stacked_before_step`` transforms the stacked
 gradients. Both forms compute the same formula; a hook that overrides one form of a pair
 but not the other cannot be vectorised (:func:`vectorises`), and its clients train one at
@@ -16,12 +19,22 @@ a time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 
 class ClientHook:
     """Base hook: adds nothing and changes nothing."""
+
+    def perturb_inputs(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def stacked_perturb_inputs(self, forward: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+                               params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                               mask: torch.Tensor) -> torch.Tensor:
+        return x
 
     def extra_loss(self, model: nn.Module, logits: torch.Tensor) -> torch.Tensor | None:
         return None
@@ -41,4 +54,4 @@ def vectorises(hook: ClientHook) -> bool:
     """Whether ``hook`` has a stacked form for each per-client form it overrides."""
     cls = type(hook)
     return all((getattr(cls, one) is getattr(ClientHook, one)) == (getattr(cls, stacked) is getattr(ClientHook, stacked))
-               for one, stacked in (("extra_loss", "stacked_extra_loss"), ("before_step", "stacked_before_step")))
+               for one, stacked in (("perturb_inputs", "stacked_perturb_inputs"), ("extra_loss", "stacked_extra_loss"), ("before_step", "stacked_before_step")))

@@ -79,8 +79,9 @@ def train_local(
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` for the configured epochs or steps.
 
-    Hooks in ``objective.hooks`` add loss terms and transform gradients (``before_step``
-    runs between ``backward`` and the optimizer step).
+    Hooks in ``objective.hooks`` replace the batch's inputs (``perturb_inputs``), add loss
+    terms and transform gradients (``before_step`` runs between ``backward`` and the
+    optimizer step).
     """
     n = len(data.y)
     if n == 0:
@@ -93,7 +94,10 @@ def train_local(
     for batch in batch_schedule(n, cfg, generator):
         idx = batch.to(device)
         optimizer.zero_grad(set_to_none=True)
-        loss, logits = objective(model, x_all[idx], y_all[idx], idx, generator)
+        x, y = x_all[idx], y_all[idx]
+        for hook in objective.hooks:
+            x = hook.perturb_inputs(model, x, y)
+        loss, logits = objective(model, x, y, idx, generator)
         loss.backward()
         for hook in objective.hooks:
             hook.before_step(model)

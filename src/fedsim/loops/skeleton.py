@@ -37,6 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from torch import nn
 
+from fedsim.clients.adversarial import robust_accuracy
 from fedsim.clients.train import EvalResult, evaluate
 from fedsim.config import ExperimentConfig
 from fedsim.outputs.plots import plot_run
@@ -45,6 +46,7 @@ from fedsim.outputs.results import Checkpoint, RunDir, bytes_so_far, summarise
 from fedsim.params import ParamSpec
 from fedsim.quant.ptq import quantize_weights_awq, quantize_weights_rtn
 from fedsim.records import to_state_dict
+from fedsim.seeding import derive_seed
 from fedsim.sim.components import (
     FederatedData,
     federated_data,
@@ -122,13 +124,19 @@ class FederatedEvaluation(Protocol):
 def evaluate_global(cfg: ExperimentConfig, grid: Grid, setup: LoopSetup, evaluation: FederatedEvaluation, step: int,
                     arrays: ArrayRecord) -> dict[str, float]:
     """The global model ``arrays`` at ``step``, as configured in ``eval:``: its centralised
-    loss and accuracy on the server's test set, and its federated ones on the clients' test
+    loss and accuracy on the server's test set (and its accuracy there under PGD,
+    ``eval.robust``), and its federated ones on the clients' test
     splits, sent and combined by ``evaluation``."""
     metrics: dict[str, float] = {}
     if cfg.eval.centralised:
         setup.net.load_state_dict(to_state_dict(arrays))
         res = setup.server_test(setup.net, cfg.eval.batch_size)
         metrics.update(centralised_accuracy=res.accuracy, centralised_loss=res.loss)
+        if cfg.eval.robust is not None:
+            generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "robust-eval", step))
+            metrics["robust_accuracy"] = robust_accuracy(setup.net.to(setup.device), setup.data.test, cfg.eval.robust,
+                                                         generator, setup.device, cfg.eval.batch_size)
+            setup.net.cpu()
     if cfg.eval.federated:
         messages = list(evaluation.configure_evaluate(step, arrays, ConfigRecord(), grid))
         fed = evaluation.aggregate_evaluate(step, send_and_collect(grid, messages, cfg.client.timeout_s))

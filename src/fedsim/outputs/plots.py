@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-CURVES = (("accuracy", ("centralised_accuracy", "federated_accuracy")),
+CURVES = (("accuracy", ("centralised_accuracy", "federated_accuracy", "robust_accuracy")),
           ("loss", ("centralised_loss", "federated_loss", "train_loss")))
 
 

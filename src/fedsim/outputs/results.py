@@ -251,6 +251,9 @@ def summarise(rows: list[dict[str, Any]], target: float, status: str) -> dict[st
         # personalized runs: the clients' personal models (fedsim.clients.personalization)
         **{f"final_{key}": next(r[key] for r in reversed(rows) if r.get(key) is not None)
            for key in PERSONAL_METRICS if any(r.get(key) is not None for r in rows)},
+        # eval.robust: the global model under PGD (fedsim.clients.adversarial)
+        **{f"final_{key}": next(r[key] for r in reversed(rows) if r.get(key) is not None)
+           for key in ("robust_accuracy",) if any(r.get(key) is not None for r in rows)},
         "target_accuracy": target,
         "rounds_to_target": rounds_to_target(rows, target),
         "wall_time_s": rows[-1]["wall_time_s"] if rows else 0.0,
