@@ -487,6 +487,42 @@ class PersonalizationConfig(Section):
     lam: float = Field(0.1, ge=0, description="ditto: pull of the personal model toward the global one")
 
 
+class HierarchyConfig(Section):
+    """Hierarchical FL: clients aggregate at ``num_edges`` edge servers (gateways) for
+    ``edge_rounds`` edge aggregations, then the gateways' models at the cloud, once per round
+    (SemSpaceFL: Nguyen et al., "SemSpaceFL: A Collaborative Hierarchical Federated Learning
+    Framework for Semantic Communication in 6G LEO Satellites", arXiv 2505.00966;
+    :mod:`fedsim.loops.hierarchical`, :mod:`fedsim.strategies.hierarchy`).
+
+    The edge tier is ``strategy`` (any synchronous algorithm, one instance per gateway); the
+    cloud tier is the aggregation of the algorithm ``cloud`` (a registered synchronous one
+    whose math reads only the updates and their weights) over the gateways' updates.
+    ``association``: ``static`` puts client k at gateway k mod num_edges for the whole run;
+    ``orbits`` moves each client along a circular orbit of ``orbit_period`` edge rounds (its
+    phase seeded), past gateways equally spaced on it, each in contact over ``contact_width``
+    of the orbit: a client trains in an edge round only when it is in contact with a gateway.
+    ``weighting``: ``samples`` weighs a client by its samples n_k at its gateway and a gateway
+    by the samples of the clients it aggregated in the round; ``semspacefl`` scales client k's
+    weight at gateway g by its association a_kg (the share of the round's edge rounds it is
+    in contact with g), and weighs gateway g by sum_k n_k a_kg.
+    """
+
+    num_edges: int = Field(2, ge=1)
+    edge_rounds: int = Field(1, ge=1, description="edge aggregations per cloud round")
+    weighting: Literal["samples", "semspacefl"] = "samples"
+    association: Literal["static", "orbits"] = "static"
+    orbit_period: float = Field(8.0, gt=0, description="orbits: edge rounds per orbit")
+    contact_width: float | None = Field(None, gt=0, le=1, description="orbits: share of an orbit each gateway "
+                                                                      "sees (unset: 1 / num_edges, no gaps)")
+    cloud: str = Field("fedavg", description="the algorithm whose aggregation combines the gateways' updates")
+
+    @model_validator(mode="after")
+    def _resolve(self) -> HierarchyConfig:
+        if self.contact_width is None and self.association == "orbits":
+            self.__dict__["contact_width"] = 1.0 / self.num_edges
+        return self
+
+
 class ExperimentConfig(Section):
     """A whole experiment: everything a run needs, and nothing else."""
 
@@ -509,6 +545,7 @@ class ExperimentConfig(Section):
     eval: EvalConfig = EvalConfig()
     faults: FaultConfig = FaultConfig()
     personalization: PersonalizationConfig = PersonalizationConfig()
+    hierarchy: HierarchyConfig | None = Field(None, description="two-tier aggregation: gateways, then the cloud")
     output: OutputConfig = OutputConfig()
 
     @field_validator("strategy", mode="before")

@@ -412,8 +412,36 @@ def _robust_eval(cfg: ExperimentConfig) -> Iterator[str | None]:
         yield f"eval.robust: attacks one global model; {_strategy(cfg)}, whose nodes each keep their own"
 
 
+def _hierarchy(cfg: ExperimentConfig) -> Iterator[str | None]:
+    """Two-tier rounds (``hierarchy``): gateways run the synchronous strategy, the cloud an
+    aggregation of the gateways' updates."""
+    h = cfg.hierarchy
+    if h is None:
+        return
+    if _family(cfg) != "sync":
+        yield f"hierarchy: gateways run rounds of a synchronous strategy; {_strategy(cfg)}"
+    if h.association == "static" and h.num_edges > cfg.partition.num_clients:
+        yield (f"hierarchy.num_edges: {h.num_edges} gateways, but partition.num_clients {cfg.partition.num_clients} "
+               "leaves some without a client under hierarchy.association static")
+    yield from unread(h, "hierarchy", ("num_edges", "edge_rounds", "weighting", "association", "cloud",
+                                       *(("orbit_period", "contact_width") if h.association == "orbits" else ())),
+                      "under hierarchy.association 'static'")
+    feedback = cfg.quant.uplink.error_feedback
+    if feedback in ("ef21", "econtrol"):
+        yield (f"quant.uplink.error_feedback: {feedback} keeps one server estimate per client; hierarchy moves "
+               "clients between gateways, each with its own server (use none or ef)")
+    try:
+        cloud = registry.get(h.cloud)
+    except registry.UnknownAlgorithm as exc:
+        yield f"hierarchy.cloud: {exc}"
+        return
+    if cloud.family() != "sync" or cloud.client is not None or cloud.sgd_steps:
+        yield (f"hierarchy.cloud: {h.cloud} needs its clients' own training (a client half, SGD step counts "
+               f"or asynchronous arrivals); the cloud combines gateways' updates (e.g. fedavg, median, krum)")
+
+
 RULES: tuple[Callable[[ExperimentConfig], Iterator[str | None]], ...] = (
     _algorithm, _client_features, _sync_only, _async_options, _async_only, _speeds, _participation, _participation_options, _model,
     _model_and_data, _partition_and_data, _quant_options, _faults, _attack, _loss,
-    _personalization, _robust_eval,
+    _personalization, _robust_eval, _hierarchy,
 )

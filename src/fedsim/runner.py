@@ -22,6 +22,7 @@ from fedsim.config import ExperimentConfig
 from fedsim.data import cache as partition_cache
 from fedsim.loops.asynchronous import run_async
 from fedsim.loops.gossip import run_gossip
+from fedsim.loops.hierarchical import run_hierarchical
 from fedsim.loops.sync import run_sync
 from fedsim.outputs.results import RunDir
 from fedsim.seeding import seed_everything
@@ -39,7 +40,8 @@ LOOPS: dict[str, Callable[..., dict[str, Any]]] = {"sync": run_sync, "async": ru
 
 def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_progress: bool) -> dict[str, Any]:
     """Run the loop of the configured strategy's family on ``grid``; return the summary."""
-    return LOOPS[cfg.strategy.family](grid, cfg, run, resume, show_progress)
+    loop = run_hierarchical if cfg.hierarchy is not None else LOOPS[cfg.strategy.family]
+    return loop(grid, cfg, run, resume, show_progress)
 
 
 def build_server_app(cfg: ExperimentConfig, run: RunDir, resume: bool, show_progress: bool,
