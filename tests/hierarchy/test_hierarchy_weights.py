@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedsim.loops.hierarchical import accuracy_oscillation
 from fedsim.strategies.aggregate import weighted_mean
 from fedsim.strategies.hierarchy import (
     NO_CONTACT,
@@ -70,3 +71,10 @@ def test_a_client_is_with_at_most_one_gateway_and_in_contact_for_about_the_cover
     covered = min(1.0, 4 * width)
     assert abs((contacts != NO_CONTACT).mean() - covered) < 0.03
     assert set(np.unique(contacts)) <= {NO_CONTACT, 0, 1, 2, 3}
+
+
+def test_accuracy_oscillation_is_the_mean_absolute_change_over_the_second_half():
+    rows = [{"centralised_accuracy": a} for a in (0.1, 0.9, 0.5, 0.6, 0.4, 0.7)]
+    # second half: 0.6, 0.4, 0.7 -> changes 0.2 and 0.3
+    assert accuracy_oscillation(rows) == pytest.approx(0.25)
+    assert accuracy_oscillation(rows[:2]) is None

@@ -151,10 +151,23 @@ class HierarchySteps(Steps):
         if "sampler" in state:
             self.sampler.load_state_dict(state["sampler"])
 
+    def summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"accuracy_oscillation": accuracy_oscillation(rows)}
+
     def log_row(self, row: dict[str, Any]) -> None:
         log.info("round %d/%d  acc %s  loss %s  ok %d  failed %d%s", row["round"], self.total,
                  fmt_metric(row.get("centralised_accuracy")), fmt_metric(row.get("centralised_loss")),
                  row["num_success"], row["num_failed"], "  SKIPPED" if row["skipped"] else "")
+
+
+def accuracy_oscillation(rows: list[dict[str, Any]]) -> float | None:
+    """How unstably a run converges: the mean absolute change of the centralised accuracy
+    between consecutive evaluations over the second half of the run's rows (None with fewer
+    than two evaluations there)."""
+    late = [r["centralised_accuracy"] for r in rows[len(rows) // 2:] if r.get("centralised_accuracy") is not None]
+    if len(late) < 2:
+        return None
+    return float(np.abs(np.diff(late)).mean())
 
 
 @contextlib.contextmanager
