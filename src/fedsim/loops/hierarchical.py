@@ -48,13 +48,18 @@ log = logging.getLogger(__name__)
 
 
 class _GatewayClients:
-    """A gateway strategy's participation: the clients the loop assigns it this edge round."""
+    """A gateway strategy's participation: the clients the loop assigns it this edge round;
+    each client's probability of taking part (FedAU's known weights) is the run's."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_sampler) -> None:
+        self.run_sampler = run_sampler
         self.assigned: list[int] = []
 
     def sample(self, server_round: int) -> list[int]:
         return list(self.assigned)
+
+    def probabilities(self) -> np.ndarray:
+        return self.run_sampler.probabilities()
 
 
 class HierarchySteps(Steps):
@@ -68,10 +73,10 @@ class HierarchySteps(Steps):
         self.sampler = build_sampler(cfg, mix)
         self.gateways = [build_strategy(cfg, setup.spec, setup.node_of, mix) for _ in range(self.h.num_edges)]
         for gateway in self.gateways:
-            gateway.engine.sampler = _GatewayClients()
+            gateway.engine.sampler = _GatewayClients(self.sampler)
         cloud_algorithm = registry.get(self.h.cloud)
         cloud_cfg = cfg.model_copy(update={"strategy": cloud_algorithm.Config(name=self.h.cloud)})
-        self.cloud = cloud_algorithm.from_experiment(cloud_cfg, setup.spec, setup.node_of, _GatewayClients())
+        self.cloud = cloud_algorithm.from_experiment(cloud_cfg, setup.spec, setup.node_of, _GatewayClients(self.sampler))
         self.phases = np.random.default_rng(derive_seed(cfg.seed, "orbits")).random(cfg.partition.num_clients)
         self.arrays = ArrayRecord(setup.net.state_dict())
 
