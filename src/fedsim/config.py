@@ -496,7 +496,9 @@ class HierarchyConfig(Section):
 
     The edge tier is ``strategy`` (any synchronous algorithm, one instance per gateway); the
     cloud tier is the aggregation of the algorithm ``cloud`` (a registered synchronous one
-    whose math reads only the updates and their weights) over the gateways' updates.
+    whose math reads only the updates and their weights, with its default arguments) over the
+    gateways' updates. ``rounds`` counts cloud rounds; what clients see as their round (the
+    seeds of their training, ``faults.rounds``) counts edge rounds, 1-based.
     ``association``: ``static`` puts client k at gateway k mod num_edges for the whole run;
     ``orbits`` moves each client along a circular orbit of ``orbit_period`` edge rounds (its
     phase seeded), past gateways equally spaced on it, each in contact over ``contact_width``

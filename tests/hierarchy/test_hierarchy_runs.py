@@ -51,7 +51,8 @@ def test_a_hierarchical_run_resumed_from_a_checkpoint_ends_exactly_like_an_unint
     assert len({tuple(w) for w in weights}) > 1  # the association moved between rounds
 
 
-@pytest.mark.parametrize(("edge", "cloud"), [("median", "fedavg"), ("fedavg", "median"), ("fedprox", "trimmed_mean")])
+@pytest.mark.parametrize(("edge", "cloud"), [("median", "fedavg"), ("fedavg", "median"), ("fedprox", "trimmed_mean"),
+                                           ("scaffold", "fedau")])
 def test_any_synchronous_aggregator_runs_at_either_tier(tmp_path, edge, cloud):
     cfg = load_config(QUICKSTART, [f"output.dir={tmp_path}", *SMALL, *ORBITS, "rounds=2", f"strategy.name={edge}",
                                    f"hierarchy.cloud={cloud}"])

@@ -138,7 +138,9 @@ class AdversarialInputs(ClientHook):
         finally:
             model.train(training)
 
-    def stacked_perturb_inputs(self, forward, params, x, y, mask):
+    def stacked_perturb_inputs(self, forward: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+                               params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                               mask: torch.Tensor) -> torch.Tensor:
         a = self.attack
         start = None
         if a.random_start:  # row k draws for its real samples only, as client k alone does

@@ -11,6 +11,10 @@ their weights scaled by ``hierarchy.weighting``. After E edge rounds the cloud c
 gateways' updates ``w_g - w`` with the aggregation of the algorithm ``hierarchy.cloud``,
 each weighted by :func:`~fedsim.strategies.hierarchy.cloud_weights`, and evaluates the new
 cloud model (SemSpaceFL, arXiv 2505.00966; see :mod:`fedsim.strategies.hierarchy`).
+
+A row adds ``edge_weights`` (each gateway's weight at the cloud) to the synchronous row; its
+counts and bytes are the clients' links summed over the edge rounds (the gateway-cloud links
+are not counted). The summary adds :func:`accuracy_oscillation`.
 """
 
 from __future__ import annotations
@@ -76,7 +80,9 @@ class HierarchySteps(Steps):
             gateway.engine.sampler = _GatewayClients(self.sampler)
         cloud_algorithm = registry.get(self.h.cloud)
         cloud_cfg = cfg.model_copy(update={"strategy": cloud_algorithm.Config(name=self.h.cloud)})
-        self.cloud = cloud_algorithm.from_experiment(cloud_cfg, setup.spec, setup.node_of, _GatewayClients(self.sampler))
+        # the cloud's clients are the gateways
+        gateways = {g: g for g in range(self.h.num_edges)}
+        self.cloud = cloud_algorithm.from_experiment(cloud_cfg, setup.spec, gateways, _GatewayClients(self.sampler))
         self.phases = np.random.default_rng(derive_seed(cfg.seed, "orbits")).random(cfg.partition.num_clients)
         self.arrays = ArrayRecord(setup.net.state_dict())
 
@@ -108,8 +114,8 @@ class HierarchySteps(Steps):
                 gateway.engine.sampler.assigned = clients
                 messages = list(gateway.configure_train(t + 1, edge_arrays[g], ConfigRecord(), self.grid))
                 replies = send_and_collect(self.grid, messages, cfg.client.timeout_s)
-                with _weighing(gateway, edge_scale(h.weighting, shares, g), num_examples, aggregated[:, g]):
-                    new_arrays, metrics = gateway.aggregate_train(t + 1, replies)
+                with _weighing(gateway, edge_scale(h.weighting, shares, g), num_examples, aggregated[:, g], losses):
+                    new_arrays, _ = gateway.aggregate_train(t + 1, replies)
                 if new_arrays is not None:
                     edge_arrays[g] = new_arrays
                 report = gateway.report
@@ -119,12 +125,11 @@ class HierarchySteps(Steps):
                 row["failures"] += [{"client": f.partition_id, "reason": f.reason} for f in report.failures]
                 row["bytes_up"] += report.bytes_up
                 row["bytes_down"] += report.bytes_down
-                if metrics is not None and "train_loss" in metrics:
-                    losses.append((float(metrics["train_loss"]), float(len(report.accepted))))
         weights = cloud_weights(h.weighting, num_examples, shares, aggregated)
         global_flat = spec.flatten(to_state_dict(self.arrays))
         updates = [ClientUpdate(g, float(weights[g]), spec.flatten(to_state_dict(edge_arrays[g])) - global_flat, 0)
                    for g in range(h.num_edges) if weights[g] > 0]
+        self.cloud.observe(rnd, updates)
         delta = self.cloud.aggregate_updates(rnd, updates) if updates else None
         row["skipped"] = delta is None
         if delta is not None:
@@ -176,10 +181,12 @@ def accuracy_oscillation(rows: list[dict[str, Any]]) -> float | None:
 
 
 @contextlib.contextmanager
-def _weighing(gateway: FedsimStrategy, scale: np.ndarray, num_examples: np.ndarray, aggregated: np.ndarray):
+def _weighing(gateway: FedsimStrategy, scale: np.ndarray, num_examples: np.ndarray, aggregated: np.ndarray,
+              losses: list[tuple[float, float]]):
     """While open, ``gateway`` screens its replies into updates whose weight ``n_k`` is scaled
     by ``scale[k]`` (its aggregation reads the weights it is given), and records each
-    accepted client's ``n_k`` and that the gateway aggregated it."""
+    accepted client's ``n_k``, that the gateway aggregated it, and its training loss with
+    ``n_k``."""
     screen = gateway.screen
 
     def weighed(replies):
@@ -187,6 +194,8 @@ def _weighing(gateway: FedsimStrategy, scale: np.ndarray, num_examples: np.ndarr
         for u in accepted:
             num_examples[u.partition_id] = u.num_examples
             aggregated[u.partition_id] = True
+            if "train_loss" in u.metrics:
+                losses.append((u.metrics["train_loss"], u.num_examples))
         return [dataclasses.replace(u, num_examples=u.num_examples * float(scale[u.partition_id]))
                 for u in accepted], failures
 
