@@ -28,6 +28,8 @@ FEATURES: dict[str, dict[str, Any]] = {
     "low-bit training": {"quant": {"lowbit": {"bits": 8}}},
     "adam clients": {"client": {"optimizer": "adam"}},
     "stateful loss (sogclr)": {"loss": {"name": "sogclr"}},
+    "adversarial clients (pgd)": {"client": {"adversarial": {"method": "pgd", "epsilon": 0.1}}},
+    "hierarchy (2 gateways)": {"hierarchy": {"num_edges": 2}},
 }
 """Each feature as the settings that switch it on."""
 
