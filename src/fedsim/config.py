@@ -591,7 +591,8 @@ class ExperimentConfig(Section):
         one global model to attack on the server's test set (not under gossip, nor without
         ``eval.centralised``)."""
         attack = self.client.adversarial
-        if attack is not None and self.eval.robust is None and self.eval.centralised and self.strategy.family != "gossip":
+        one_global_model = self.eval.centralised and self.strategy.family != "gossip"
+        if attack is not None and self.eval.robust is None and one_global_model:
             self.eval.__dict__["robust"] = RobustEvalConfig(
                 epsilon=attack.epsilon, steps=attack.steps, step_size=attack.step_size, norm=attack.norm,
                 random_start=attack.random_start)

@@ -186,9 +186,11 @@ class AdversarialTraining(ClientFeature):
 
 @torch.no_grad()
 def robust_accuracy(model: nn.Module, data: ArrayDataset, attack: RobustEvalConfig, generator: torch.Generator,
-                    device: torch.device, batch_size: int = 512) -> float:
+                    device: torch.device, batch_size: int = 512,
+                    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> float:
     """Accuracy of ``model`` on ``data`` attacked by PGD with ``attack``'s settings, batch by
-    batch in order, the random starts drawn from ``generator``."""
+    batch in order, the random starts drawn from ``generator``; ``predict(embeddings,
+    classifier)`` is the loss's decision rule where it has one (else the argmax of the logits)."""
     model.eval()
     hits = 0
     for lo in range(0, len(data.y), batch_size):
@@ -198,5 +200,7 @@ def robust_accuracy(model: nn.Module, data: ArrayDataset, attack: RobustEvalConf
         with torch.enable_grad():
             x_adv = pgd(model_input_gradient(model, y), x, start, attack.epsilon, attack.steps, attack.step_size,
                         attack.norm)
-        hits += int((model.head(model.features(x_adv)).argmax(1) == y).sum())
+        embeddings = model.features(x_adv)
+        labels = predict(embeddings, model.head.weight) if predict else model.head(embeddings).argmax(1)
+        hits += int((labels == y).sum())
     return hits / len(data.y)

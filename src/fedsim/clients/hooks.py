@@ -54,4 +54,5 @@ def vectorises(hook: ClientHook) -> bool:
     """Whether ``hook`` has a stacked form for each per-client form it overrides."""
     cls = type(hook)
     return all((getattr(cls, one) is getattr(ClientHook, one)) == (getattr(cls, stacked) is getattr(ClientHook, stacked))
-               for one, stacked in (("perturb_inputs", "stacked_perturb_inputs"), ("extra_loss", "stacked_extra_loss"), ("before_step", "stacked_before_step")))
+               for one, stacked in (("perturb_inputs", "stacked_perturb_inputs"), ("extra_loss", "stacked_extra_loss"),
+                                    ("before_step", "stacked_before_step")))

@@ -135,7 +135,7 @@ def evaluate_global(cfg: ExperimentConfig, grid: Grid, setup: LoopSetup, evaluat
         if cfg.eval.robust is not None:
             generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "robust-eval", step))
             metrics["robust_accuracy"] = robust_accuracy(setup.net.to(setup.device), setup.data.test, cfg.eval.robust,
-                                                         generator, setup.device, cfg.eval.batch_size)
+                                                         generator, setup.device, cfg.eval.batch_size, setup.predict)
             setup.net.cpu()
     if cfg.eval.federated:
         messages = list(evaluation.configure_evaluate(step, arrays, ConfigRecord(), grid))
