@@ -75,3 +75,14 @@ def test_combinations_that_cannot_work_are_refused_in_one_line(sets, message):
     with pytest.raises(ConfigError) as err:
         load_config(QUICKSTART, sets)
     assert any(message in line for line in str(err.value).splitlines()), str(err.value)
+
+
+def test_semspacefl_weighting_changes_the_run_where_the_association_moves(tmp_path):
+    paths = {}
+    for weighting in ("samples", "semspacefl"):
+        cfg = load_config(QUICKSTART, [f"output.dir={tmp_path / weighting}", *SMALL, *ORBITS, "rounds=1",
+                                       f"hierarchy.weighting={weighting}"])
+        paths[weighting], _ = run_experiment(cfg)
+    samples, semspacefl = (_rows(paths[w])[0] for w in ("samples", "semspacefl"))
+    assert samples["edge_weights"] != semspacefl["edge_weights"]
+    assert samples["centralised_loss"] != semspacefl["centralised_loss"]
