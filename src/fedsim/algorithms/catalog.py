@@ -33,7 +33,8 @@ FEATURES: dict[str, dict[str, Any]] = {
 
 _BASE: dict[str, Any] = {"data": {"name": "digits"}, "partition": {"num_clients": 10}, "model": {"name": "mlp"}}
 # what each family needs to run at all on the base experiment
-_FAMILY: dict[str, dict[str, Any]] = {"sync": {}, "async": {}, "gossip": {"strategy": {"topology": "ring"}}}
+_FAMILY: dict[str, dict[str, Any]] = {"sync": {}, "async": {}, "gossip": {"strategy": {"topology": "ring"}},
+                                      "custom": {"eval": {"federated": False}}}
 
 
 @dataclass(frozen=True)
