@@ -30,8 +30,8 @@ strategy, whose server holds no data).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
 import logging
+from collections.abc import Hashable, Iterator
 from typing import Literal
 
 import numpy as np
