@@ -149,6 +149,9 @@ class Algorithm:
     reads_round_replies : str or None
         How its aggregation reads the round's own replies, if it does (refuses EF21-PP,
         which aggregates every client's stale estimate instead).
+    requires : dict
+        Settings of other sections it needs to run at all (FedKA: ``partition.scheme:
+        domains``), which ``fedsim algorithms`` adds to the base experiment it probes.
     loop : callable or None
         The ``custom`` family's server loop, ``loop(grid, cfg, run, resume, show_progress)
         -> summary``, called as :mod:`fedsim.runner` calls the other families' loops.
@@ -160,6 +163,7 @@ class Algorithm:
     client: ClassVar[ClientFeature | None] = None
     sgd_steps: ClassVar[str | None] = None
     reads_round_replies: ClassVar[str | None] = None
+    requires: ClassVar[dict[str, Any]] = {}
     loop: ClassVar[Callable[..., dict[str, Any]] | None] = None
 
     @classmethod

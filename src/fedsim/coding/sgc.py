@@ -229,6 +229,7 @@ class SequentialGradientCoding(Algorithm):
     Config = SgcConfig
     description = "distributed GD over straggling workers: uncoded, gradient coding, SR-SGC, M-SGC (virtual clock)"
     loop = staticmethod(run_sgc)
+    requires = {"eval": {"federated": False}}
 
     @classmethod
     def rules(cls, cfg: ExperimentConfig) -> Iterator[str | None]:

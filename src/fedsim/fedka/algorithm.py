@@ -158,6 +158,7 @@ class FedKA(FedsimStrategy):
     Config = FedKAConfig
     description = "FedKA (Sun et al. 2022): MK-MMD matching to a global workspace + federated voting on a target domain"
     client = FeatureMatching()
+    requires = {"partition": {"scheme": "domains", "domains": ["identity", "rotate"], "target_domain": "rotate"}}
 
     @classmethod
     def rules(cls, cfg: ExperimentConfig) -> Iterator[str | None]:
