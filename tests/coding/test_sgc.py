@@ -177,3 +177,16 @@ def test_a_trace_of_the_wrong_width_is_refused(config, tmp_path):
     path.write_text("0 1\n1 0\n")
     with pytest.raises(ConfigError, match="strategy.trace: .* has 2 workers per row; partition.num_clients is 8"):
         config("strategy.stragglers=trace", f"strategy.trace={path}", "strategy.p_gb=0.05", "strategy.p_bg=0.5")
+
+
+def test_a_run_on_a_trace_sees_its_stragglers_round_by_round(config, tmp_path):
+    path = tmp_path / "trace.txt"
+    path.write_text("1 1 0 0 0 0 0 0\n0 0 0 0 0 0 0 0\n")  # repeats: rounds 3, 4 are rounds 1, 2
+    run_path, summary = run_experiment(config("strategy.stragglers=trace", f"strategy.trace={path}", "strategy.p_gb=0.05",
+                                       "strategy.p_bg=0.5"))
+    rows = RunDir.open(run_path).rows()
+    assert [r["stragglers"] for r in rows] == [2, 0, 2, 0]
+    assert summary["rounds_waiting"] == 0  # M-SGC (s = 1, T = 1) codes the 2 lost chunks in the clean round
+    _, gc = run_experiment(config("strategy.scheme=gc", "strategy.delay=null", "strategy.stragglers=trace",
+                                  f"strategy.trace={path}", "strategy.p_gb=0.05", "strategy.p_bg=0.5"))
+    assert gc["rounds_waiting"] == 2  # GC (s = 1) waits in both rounds of 2 stragglers
