@@ -21,7 +21,7 @@ The schemes (``n`` workers, codes of Tandon et al. tolerating ``s`` stragglers):
 - ``sr_sgc``, GC with selective repetition: job ``t`` is coded as in ``gc``; in each of the
   next ``T`` rounds the master re-assigns only as many of job ``t``'s missing coded tasks as
   decoding still needs (greedily, each one raising the rank), to their own worker if it was
-  not straggling in the last round, else to a worker that was (round-robin);
+  not straggling in the last round, else to one that was not (round-robin);
 - ``m_sgc``, multiplexing (the paper's main scheme, in fedsim's reading): each worker's
   share of job ``t`` is first computed uncoded (load ``1/n``, chunks split in ``n`` sub-chunks);
   the chunks of stragglers are repeated, uncoded, by the workers that were not straggling in
