@@ -272,7 +272,9 @@ def _domains(cfg: ExperimentConfig) -> Iterator[str | None]:
     if name in TEXT_DATA:
         yield f"partition.scheme: 'domains' transforms inputs; data.name {name!r} has character indices"
         return
-    known = VECTOR_DOMAINS if name in VECTOR_DATA else IMAGE_DOMAINS
+    # npz and hf data may hold images or vectors: the transforms both have
+    known = (VECTOR_DOMAINS if name in VECTOR_DATA else IMAGE_DOMAINS if name in ("digits", "mnist", "cifar10")
+             else tuple(d for d in IMAGE_DOMAINS if d in VECTOR_DOMAINS))
     if unknown := [d for d in part.domains if d not in known]:
         yield f"partition.domains: {', '.join(unknown)} not a domain of data.name {name!r}; known: {', '.join(known)}"
     if len(set(part.domains)) != len(part.domains):
