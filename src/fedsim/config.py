@@ -102,12 +102,14 @@ class PartitionConfig(Section):
     or once for the run, ``once``; NIID-Bench draws it at every access to a sample, see
     :class:`fedsim.data.partition.FeatureNoise`), quantity skew (``quantity``: Dirichlet(``quantity_alpha``)
     shares, drawn again until every client holds ``min_size``), real-world groups
-    (``natural``) and ``iid``. ``num_clients * min_size`` more than the training samples is
+    (``natural``) and ``iid``; and domain shift (``domains``: each source domain of
+    ``domains`` a transform of the data, one ``target_domain`` held out and tested on; see
+    :mod:`fedsim.data.domains`). ``num_clients * min_size`` more than the training samples is
     refused when the data is loaded (``fedsim validate``), in one line naming both keys.
     """
 
     scheme: Literal["iid", "dirichlet", "shards", "quantity", "natural", "pathological",
-                    "feature_noise"] = "dirichlet"
+                    "feature_noise", "domains"] = "dirichlet"
     num_clients: int = Field(10, ge=1)
     alpha: float = Field(0.5, gt=0, description="Dirichlet label-skew concentration")
     shards_per_client: int = Field(2, ge=1)
@@ -119,6 +121,9 @@ class PartitionConfig(Section):
     noise_draw: Literal["round", "once"] = Field(
         "round", description="feature_noise: a fresh draw every round (round) or one for the whole run (once)")
     client_test_fraction: float = Field(0.2, ge=0, lt=1)
+    domains: list[str] = Field(default_factory=lambda: ["identity", "rotate", "invert", "noise", "scale"],
+                               min_length=2, description="domains: the domains (transforms of the data)")
+    target_domain: str = Field("rotate", description="domains: the held-out domain the server tests on")
 
 
 # -------------------------------------------------------------------------- model

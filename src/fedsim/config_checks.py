@@ -232,7 +232,8 @@ def _model_and_data(cfg: ExperimentConfig) -> Iterator[str | None]:
 
 PARTITION_READS = {"iid": (), "dirichlet": ("alpha", "min_size"), "shards": ("shards_per_client",),
                    "quantity": ("quantity_alpha", "min_size"), "natural": (),
-                   "pathological": ("classes_per_client",), "feature_noise": ("noise_std", "noise_draw")}
+                   "pathological": ("classes_per_client",), "feature_noise": ("noise_std", "noise_draw"),
+                   "domains": ("domains", "target_domain")}
 """What each ``partition.scheme`` reads besides scheme, num_clients, client_test_fraction."""
 
 
@@ -257,6 +258,32 @@ def _partition_and_data(cfg: ExperimentConfig) -> Iterator[str | None]:
                "has character indices")
     if data.name in ("digits", "synthetic") and data.path is not None:
         yield f"data.path: {data.path!r} is not read with data.name {data.name!r} (built in); leave it unset"
+
+
+IMAGE_DOMAINS = ("identity", "rotate", "invert", "noise", "blur", "scale")
+VECTOR_DOMAINS = ("identity", "rotate", "invert", "noise", "shift", "scale")
+"""The transforms of fedsim.data.domains, for images and for feature vectors."""
+
+
+def _domains(cfg: ExperimentConfig) -> Iterator[str | None]:
+    part, name = cfg.partition, cfg.data.name
+    if part.scheme != "domains":
+        return
+    if name in TEXT_DATA:
+        yield f"partition.scheme: 'domains' transforms inputs; data.name {name!r} has character indices"
+        return
+    # npz and hf data may hold images or vectors: the transforms both have
+    known = (VECTOR_DOMAINS if name in VECTOR_DATA else IMAGE_DOMAINS if name in ("digits", "mnist", "cifar10")
+             else tuple(d for d in IMAGE_DOMAINS if d in VECTOR_DOMAINS))
+    if unknown := [d for d in part.domains if d not in known]:
+        yield f"partition.domains: {', '.join(unknown)} not a domain of data.name {name!r}; known: {', '.join(known)}"
+    if len(set(part.domains)) != len(part.domains):
+        yield f"partition.domains: {part.domains} names a domain twice"
+    if part.target_domain not in part.domains:
+        yield f"partition.target_domain: {part.target_domain!r} is not one of partition.domains {part.domains}"
+    elif part.num_clients % (sources := len(part.domains) - 1):
+        yield (f"partition.num_clients: {part.num_clients} clients over the {sources} source domains of "
+               f"partition.domains; a multiple of {sources}")
 
 
 def _quant_options(cfg: ExperimentConfig) -> Iterator[str | None]:
@@ -442,6 +469,6 @@ def _hierarchy(cfg: ExperimentConfig) -> Iterator[str | None]:
 
 RULES: tuple[Callable[[ExperimentConfig], Iterator[str | None]], ...] = (
     _algorithm, _client_features, _sync_only, _async_options, _async_only, _speeds, _participation, _participation_options, _model,
-    _model_and_data, _partition_and_data, _quant_options, _faults, _attack, _loss,
+    _model_and_data, _partition_and_data, _domains, _quant_options, _faults, _attack, _loss,
     _personalization, _robust_eval, _hierarchy,
 )

@@ -17,6 +17,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedsim.algorithms import registry
 from fedsim.clients.batched import vectorisable_reason
 from fedsim.config import ExperimentConfig
 from fedsim.data import cache as partition_cache
@@ -39,8 +40,11 @@ LOOPS: dict[str, Callable[..., dict[str, Any]]] = {"sync": run_sync, "async": ru
 
 
 def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_progress: bool) -> dict[str, Any]:
-    """Run the loop of the configured strategy's family on ``grid``; return the summary."""
-    loop = run_hierarchical if cfg.hierarchy is not None else LOOPS[cfg.strategy.family]
+    """Run the loop of the configured strategy's family (or its own, family ``custom``; or the
+    two-tier loop under ``hierarchy``) on ``grid``; return the summary."""
+    if cfg.hierarchy is not None:
+        return run_hierarchical(grid, cfg, run, resume, show_progress)
+    loop = LOOPS.get(cfg.strategy.family) or registry.get(cfg.strategy.name).loop
     return loop(grid, cfg, run, resume, show_progress)
 
 

@@ -25,7 +25,7 @@ def test_every_built_in_algorithm_is_an_entry_point_whose_class_names_it():
     for name in registry.names():
         algorithm = registry.get(name)
         assert algorithm.name == name and algorithm.Config.model_fields["name"].default == name
-        assert algorithm.family() in ("sync", "async", "gossip")
+        assert algorithm.family() in ("sync", "async", "gossip", "custom")
 
 
 @pytest.mark.parametrize("bad", ["fedavgg", "", 3, ["fedavg"]])

@@ -9,7 +9,9 @@ holds its own arguments, and one class that implements :class:`Algorithm`:
   Flower app imports from :mod:`fedsim.flower`;
 - an asynchronous algorithm's class is a rule of the asynchronous loop
   (:class:`fedsim.strategies.asynchronous.AsyncRule`);
-- a decentralised algorithm's class serves the gossip loop.
+- a decentralised algorithm's class serves the gossip loop;
+- an algorithm of the ``custom`` family brings its own server loop (``loop``), for work that
+  is not a round of client training (sequential gradient coding simulates its workers).
 
 Its client half (``client``, a :class:`fedsim.clients.features.ClientFeature`) adds
 training hooks, keeps per-client state, and says whether it trains stacked. Its
@@ -22,7 +24,7 @@ This module imports neither torch nor the simulation layer: configs validate wit
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -33,12 +35,13 @@ if TYPE_CHECKING:
     from fedsim.clients.features import ClientFeature
     from fedsim.config import ExperimentConfig
 
-Family = Literal["sync", "async", "gossip"]
+Family = Literal["sync", "async", "gossip", "custom"]
 
 BACKENDS: dict[str, tuple[str, ...]] = {
     "sync": ("inprocess", "batched", "ray", "deployment"),
     "async": ("inprocess", "batched", "ray", "deployment (wall clock)"),
     "gossip": ("inprocess", "batched", "ray", "deployment (server-relayed)"),
+    "custom": ("inprocess", "batched", "ray"),
 }
 """Where each family's server loop runs."""
 
@@ -146,6 +149,12 @@ class Algorithm:
     reads_round_replies : str or None
         How its aggregation reads the round's own replies, if it does (refuses EF21-PP,
         which aggregates every client's stale estimate instead).
+    requires : dict
+        Settings of other sections it needs to run at all (FedKA: ``partition.scheme:
+        domains``), which ``fedsim algorithms`` adds to the base experiment it probes.
+    loop : callable or None
+        The ``custom`` family's server loop, ``loop(grid, cfg, run, resume, show_progress)
+        -> summary``, called as :mod:`fedsim.runner` calls the other families' loops.
     """
 
     name: ClassVar[str]
@@ -154,6 +163,8 @@ class Algorithm:
     client: ClassVar[ClientFeature | None] = None
     sgd_steps: ClassVar[str | None] = None
     reads_round_replies: ClassVar[str | None] = None
+    requires: ClassVar[dict[str, Any]] = {}
+    loop: ClassVar[Callable[..., dict[str, Any]] | None] = None
 
     @classmethod
     def family(cls) -> Family:

@@ -35,7 +35,8 @@ FEATURES: dict[str, dict[str, Any]] = {
 
 _BASE: dict[str, Any] = {"data": {"name": "digits"}, "partition": {"num_clients": 10}, "model": {"name": "mlp"}}
 # what each family needs to run at all on the base experiment
-_FAMILY: dict[str, dict[str, Any]] = {"sync": {}, "async": {}, "gossip": {"strategy": {"topology": "ring"}}}
+_FAMILY: dict[str, dict[str, Any]] = {"sync": {}, "async": {}, "gossip": {"strategy": {"topology": "ring"}},
+                                      "custom": {}}
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def describe(name: str) -> Description:
 
     algorithm = registry.get(name)
     family = algorithm.family()
-    base = _merge(_merge(_BASE, _FAMILY[family]), {"strategy": {"name": name}})
+    base = _merge(_merge(_merge(_BASE, _FAMILY[family]), algorithm.requires), {"strategy": {"name": name}})
     cfg = validate_config(base)
     backends = []
     for backend in algorithm.backends():

@@ -28,6 +28,7 @@ from fedsim.config import (
 )
 from fedsim.data import ArrayDataset, load_dataset
 from fedsim.data import cache as partition_cache
+from fedsim.data.domains import domain_split
 from fedsim.data.partition import (
     FeatureNoise,
     noise_scales,
@@ -50,6 +51,7 @@ class FederatedData:
     client_train: tuple[np.ndarray, ...]
     client_test: tuple[np.ndarray, ...]
     noise: FeatureNoise | None = None
+    unlabelled: tuple[np.ndarray, ...] | None = None  # partition.scheme domains: the target domain's indices
 
     def client(self, partition_id: int, server_round: int | None = None) -> tuple[ArrayDataset, ArrayDataset]:
         """The client's (train, test) data as it sees it in ``server_round``: with feature
@@ -92,6 +94,12 @@ def _partitioned(data_json: str, partition_json: str, seed: int) -> FederatedDat
     data = DataConfig.model_validate_json(data_json)
     part = PartitionConfig.model_validate_json(partition_json)
     train, test = load_source(data, seed)
+    if part.scheme == "domains":
+        split = domain_split(train, test, part.domains, part.target_domain, part.num_clients, seed)
+        splits = [split_client(idx, part.client_test_fraction, derive_seed(seed, "client-split", i))
+                  for i, idx in enumerate(split.clients)]
+        return FederatedData(split.train, split.test, tuple(s[0] for s in splits), tuple(s[1] for s in splits),
+                             unlabelled=(split.target,))
     parts = partition_indices(
         train.y, part.scheme, part.num_clients, seed, alpha=part.alpha,
         shards_per_client=part.shards_per_client, quantity_alpha=part.quantity_alpha,
