@@ -353,7 +353,8 @@ def loss_class_problem(cfg: ExperimentConfig, num_classes: int) -> str | None:
 
 
 PERSONALIZATION_READS = {"none": (), "finetune": ("finetune_steps",), "fedper": ("head",),
-                         "fedrep": ("head", "head_steps"), "ditto": ("lam",), "fedbn": ()}
+                         "fedrep": ("head", "head_steps"), "ditto": ("lam",), "fedbn": (),
+                         "apfl": ("alpha", "alpha_lr")}
 """What each ``personalization.method`` reads besides ``method``."""
 
 SAMPLE_SHAPES = {"mlp": (4,), "cnn": (1, 8, 8), "lenet5": (1, 28, 28), "resnet8": (3, 8, 8)}
@@ -386,9 +387,16 @@ def _personalization(cfg: ExperimentConfig) -> Iterator[str | None]:
         yield (f"personalization.method: {pfl.method!r} is evaluated on the clients' test splits; "
                f"eval.federated is false")
     quantized = "quant.qat" if cfg.quant.qat is not None else "quant.lowbit" if cfg.quant.lowbit is not None else None
-    if pfl.method in ("finetune", "ditto") and quantized:
+    if pfl.method in ("finetune", "ditto", "apfl") and quantized:
         yield (f"personalization.method: {pfl.method!r} trains its personal model in full precision; "
                f"{quantized} is set (use fedper, fedrep or fedbn, whose personal layers train with the rest)")
+    client = cfg.client
+    plain = {"client.optimizer": client.optimizer != "sgd" and client.optimizer,
+             "client.momentum": client.momentum, "client.weight_decay": client.weight_decay}
+    for key, value in plain.items():
+        if pfl.method == "apfl" and value:
+            yield (f"personalization.method: 'apfl' steps v and alpha by plain SGD (Deng et al. 2020, "
+                   f"Algorithm 1); {key} is {value!r}")
     if pfl.method == "fedbn" and not norm_layers(cfg):
         yield (f"personalization.method: 'fedbn' keeps the normalisation layers local; model.name "
                f"{cfg.model.name!r} has none (resnet8 has BatchNorm)")

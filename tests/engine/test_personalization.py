@@ -153,6 +153,34 @@ def test_ditto_trains_a_personal_model_pulled_toward_the_global_one_beside_the_p
         assert accuracies[r] == pytest.approx(_accuracy(w, v), abs=1e-6)
 
 
+def test_apfl_steps_its_personal_model_and_alpha_on_the_mixture_with_the_global_model(small_config):
+    alpha, alpha_lr = 0.3, 0.5
+    w, globals_, updates, personal, accuracies = _client_rounds(small_config(
+        *CLIENT, "personalization.method=apfl", f"personalization.alpha={alpha}", f"personalization.alpha_lr={alpha_lr}"))
+    model = w.model
+    v = None
+    for r, (global_state, update) in enumerate(zip(globals_, updates, strict=True)):
+        trained = _sgd(w, global_state, STEPS, server_round=r + 1)
+        torch.testing.assert_close(update, w.spec.flatten(trained) - w.spec.flatten(global_state), atol=1e-5, rtol=1e-4)
+        g_params = {n: global_state[n].clone() for n, _ in model.named_parameters()}
+        v = v or {n: t.clone() for n, t in g_params.items()}
+        x, y = _data(w, 0, r + 1)
+        for _ in range(STEPS):
+            model.load_state_dict({**global_state, **{n: alpha * v[n] + (1 - alpha) * g_params[n] for n in v}})
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+            alpha_grad = sum(float(((v[n] - g_params[n]) * grads[n]).sum()) for n in v)
+            v = {n: v[n] - LR * alpha * grads[n] for n in v}
+            alpha = min(max(alpha - alpha_lr * alpha_grad, 0.0), 1.0)
+        for name, value in v.items():
+            torch.testing.assert_close(personal[r][name], value, atol=1e-5, rtol=1e-4)
+        new_global = {**global_state, **w.spec.unflatten(w.spec.flatten(global_state) + update)}
+        mixed = {**new_global, **{n: alpha * v[n] + (1 - alpha) * new_global[n] for n in v}}
+        assert accuracies[r] == pytest.approx(_accuracy(w, mixed), abs=1e-6)
+    assert alpha != 0.3  # the weight moved
+
+
 def test_finetune_evaluates_the_global_model_after_finetune_steps_on_the_train_split(small_config):
     steps = 4
     w, globals_, updates, personal, accuracies = _client_rounds(
@@ -176,7 +204,10 @@ def test_finetune_evaluates_the_global_model_after_finetune_steps_on_the_train_s
      "personalization.method: 'ditto' is evaluated on the clients' test splits; eval.federated is false"),
     (("personalization.method=fedbn",),
      "personalization.method: 'fedbn' keeps the normalisation layers local; model.name 'mlp' has none"),
-    (("personalization.method=apfl",), "personalization.method: Input should be"),
+    (("personalization.method=dito",), "personalization.method: Input should be"),
+    (("personalization.method=apfl", "client.momentum=0.9"),
+     "personalization.method: 'apfl' steps v and alpha by plain SGD (Deng et al. 2020, Algorithm 1); "
+     "client.momentum is 0.9"),
     (("personalization.method=ditto", "quant.lowbit.bits=8"),
      "personalization.method: 'ditto' trains its personal model in full precision; quant.lowbit is set"),
 ])
@@ -195,7 +226,7 @@ def _rows(path):
     return [{k: v for k, v in row.items() if k != "wall_time_s"} for row in RunDir.open(path).rows()]
 
 
-RESUMED = {"fedper": (), "fedrep": ("personalization.head_steps=2",), "ditto": (), "finetune": (),
+RESUMED = {"fedper": (), "fedrep": ("personalization.head_steps=2",), "ditto": (), "finetune": (), "apfl": ("client.momentum=0",),
            "fedbn": ("model.name=resnet8",)}
 
 

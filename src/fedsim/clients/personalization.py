@@ -29,6 +29,11 @@ model on its own test split (``personal_accuracy``) beside the global model.
 - ``fedbn``: "FedBN: Federated Learning on Non-IID Features via Local Batch Normalization",
   Li et al., arXiv 2102.07623. As fedper with the model's normalisation layers (their affine
   parameters and running statistics) as the personal part, trained jointly with the rest.
+- ``apfl``: "Adaptive Personalized Federated Learning", Deng et al., arXiv 2003.13461. As
+  ditto, the client's global update is the aggregator's own; beside it the client trains its
+  personal model ``v`` and its mixing weight ``alpha`` (``alpha`` at first, stepped by
+  ``alpha_lr``) as many steps on ``f(alpha v + (1 - alpha) w)`` (:mod:`fedsim.clients.apfl`),
+  and is evaluated with ``alpha v + (1 - alpha) w`` for the global model ``w`` it is sent.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from flwr.app import ArrayRecord
 
+from fedsim.clients.apfl import APFLStep, apfl_mix
 from fedsim.clients.features import ClientContext, ClientFeature, LocalTraining
 from fedsim.clients.hooks import ClientHook
 from fedsim.config_checks import norm_layers
@@ -49,13 +55,16 @@ if TYPE_CHECKING:
 
     from fedsim.config import ExperimentConfig
 
-__all__ = ["PERSONAL_KEY", "FedRepPhases", "PersonalPull", "Personalization", "in_layers"]
+__all__ = ["ALPHA_KEY", "PERSONAL_KEY", "FedRepPhases", "PersonalPull", "Personalization", "in_layers"]
 
 LOCAL_LAYERS = ("fedper", "fedrep", "fedbn")
 """The methods that keep some layers of the one model personal."""
 
 PERSONAL_KEY = "personal"
-"""Where a client keeps its personal tensors: the head (fedper, fedrep) or its whole model (ditto)."""
+"""Where a client keeps its personal tensors: the head (fedper, fedrep) or its whole model (ditto, apfl)."""
+
+ALPHA_KEY = "personal-alpha"
+"""Where an APFL client keeps its mixing weight ``alpha``."""
 
 
 def in_layers(name: str, layers: list[str] | tuple[str, ...]) -> bool:
@@ -114,7 +123,7 @@ class PersonalPull(ClientHook):
 class Personalization(ClientFeature):
     """The client half of ``personalization.method`` (see the module docstring)."""
 
-    state_keys: ClassVar[tuple[str, ...]] = (PERSONAL_KEY,)
+    state_keys: ClassVar[tuple[str, ...]] = (PERSONAL_KEY, ALPHA_KEY)
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.method = cfg.personalization.method
@@ -161,13 +170,24 @@ class Personalization(ClientFeature):
         return update.masked_fill(personal, 0.0)
 
     def after_training(self, ctx: ClientContext, train: LocalTraining) -> None:
-        if self.method != "ditto":
+        if self.method not in ("ditto", "apfl"):
             return
         global_state = ctx.scratch["start"]
         personal = to_state_dict(ctx.state[PERSONAL_KEY]) if PERSONAL_KEY in ctx.state else global_state
-        pull = {name: global_state[name].detach().clone() for name in ctx.spec.names if name not in ctx.spec.buffers}
-        trained = train(personal, (PersonalPull(self.settings.lam, pull),), None, "ditto")
+        w = {name: global_state[name].detach().clone() for name in ctx.spec.names if name not in ctx.spec.buffers}
+        if self.method == "ditto":
+            trained = train(personal, (PersonalPull(self.settings.lam, w),), None, "ditto")
+        else:
+            step = APFLStep({name: personal[name].detach().clone() for name in w}, w, self._alpha(ctx),
+                            ctx.cfg.client.lr, self.settings.alpha_lr)
+            trained = {**train({**personal, **apfl_mix(step.personal, w, step.alpha)}, (step,), None, "apfl"),
+                       **step.personal}
+            ctx.state[ALPHA_KEY] = ArrayRecord({"alpha": torch.tensor([step.alpha], dtype=torch.float64)})
         ctx.state[PERSONAL_KEY] = ArrayRecord({k: v.contiguous() for k, v in trained.items()})
+
+    def _alpha(self, ctx: ClientContext) -> float:
+        """An APFL client's mixing weight: its own, else ``personalization.alpha``."""
+        return float(to_state_dict(ctx.state[ALPHA_KEY])["alpha"]) if ALPHA_KEY in ctx.state else self.settings.alpha
 
     # ----------------------------------------------------------- evaluation
     def personal_model(self, ctx: ClientContext, global_state: dict[str, torch.Tensor],
@@ -177,4 +197,7 @@ class Personalization(ClientFeature):
         if PERSONAL_KEY not in ctx.state:  # a client that never trained: the global model
             return global_state
         personal = to_state_dict(ctx.state[PERSONAL_KEY])
+        if self.method == "apfl":
+            w = {name: global_state[name] for name in ctx.spec.names if name not in ctx.spec.buffers}
+            return {**global_state, **personal, **apfl_mix(personal, w, self._alpha(ctx))}
         return {**global_state, **personal}
