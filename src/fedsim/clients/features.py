@@ -35,7 +35,7 @@ from collections.abc import Callable, Hashable, Iterable, MutableMapping, Sequen
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsim.clients.hooks import ClientHook
 
@@ -71,6 +71,9 @@ class ClientContext:
         The federated model's flat layout.
     scratch : dict
         Room for a feature to keep what its ``hooks`` computed until its ``finish``.
+    train_loss : callable, optional
+        ``train_loss(state) -> float``: the mean cross-entropy of the model with the full state
+        dict ``state`` on the client's train split, in eval mode (IFCA's cluster choice).
     """
 
     cfg: ExperimentConfig
@@ -80,6 +83,7 @@ class ClientContext:
     state: MutableMapping
     spec: ParamSpec
     scratch: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train_loss: Callable[[dict[str, torch.Tensor]], float] | None = None
 
     @property
     def config(self) -> ConfigRecord:
@@ -135,7 +139,7 @@ class ClientFeature:
         """The data this client trains on."""
         return data
 
-    def finish(self, ctx: ClientContext, update: torch.Tensor, steps: int) -> dict[str, ArrayRecord]:
+    def finish(self, ctx: ClientContext, update: torch.Tensor, steps: int) -> dict[str, ArrayRecord | MetricRecord]:
         """Records to add to the reply, given the client's flat update and its local steps."""
         return {}
 

@@ -292,6 +292,7 @@ class ClientRuntime:
                 starts[id(record)] = (state, w.spec.flatten(state))
             start, start_flat = starts[id(record)]
         context = ClientContext(self.cfg, pid, server_round, member.content, member.state, w.spec)
+        context.train_loss = self._train_loss(context, w)
         shared = start
         for feature in w.features:
             start = feature.start(context, start)
@@ -310,6 +311,16 @@ class ClientRuntime:
         if len(train_set.y) == 0:
             raise ValueError("client has no training examples")
         return train_set
+
+    def _train_loss(self, context: ClientContext, w: Worker):
+        """``train_loss(state)``: a model's mean cross-entropy on the client's train split."""
+        def train_loss(state: dict[str, torch.Tensor]) -> float:
+            device = resolve_device(self.cfg)
+            w.model.load_state_dict(state)
+            result = evaluate_many(w.model.to(device), [self._train_set(context, w)], device, self.cfg.eval.batch_size)
+            w.model.cpu()
+            return result[0].loss
+        return train_loss
 
     def _local_training(self, context: ClientContext, w: Worker, device: torch.device) -> LocalTraining:
         """A feature's own local training runs for the client of ``context`` (w.model is free)."""
@@ -488,6 +499,7 @@ class ClientRuntime:
             return {}
         context = ClientContext(self.cfg, member.partition_id, int(member.content["config"]["server-round"]),
                                 member.content, member.state, w.spec)
+        context.train_loss = self._train_loss(context, w)
         global_state = to_state_dict(member.content["arrays"])
         training = self._local_training(context, w, device)
         personal = next((model for feature in w.features

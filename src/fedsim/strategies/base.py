@@ -107,6 +107,7 @@ class RoundReport:
     skipped: bool = False
     bytes_up: int = 0
     bytes_down: int = 0
+    row: dict[str, Any] = field(default_factory=dict)  # the algorithm's own values for the round's metrics row
 
 
 def float_layout(arrays: ArrayRecord) -> tuple[ParamSpec, torch.dtype]:
