@@ -13,6 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch.nn import functional as F
 
+from fedsim.algorithms.scaffold import control_variate_update, decode_vector, encode_vector
 from fedsim.clients.personalization import PERSONAL_KEY, Personalization, in_layers
 from fedsim.clients.training_features import stacked_reason
 from fedsim.config import ConfigError
@@ -274,3 +275,23 @@ def test_personal_accuracies_are_one_value_per_client_weighted_by_nothing():
     assert metrics["personal_accuracy_mean"] == pytest.approx(0.5)  # the client without test examples left out
     assert {"personal_accuracy_p10", "personal_accuracy_p90"} <= metrics.keys()
     assert not any(key.startswith("personal") for key in federated_metrics([ClientEvaluation(10, 0.5, 0.1)]))
+
+
+def test_scaffold_under_fedper_computes_its_control_variate_from_the_body_it_sends(small_config):
+    cfg = small_config(*CLIENT, "strategy.name=scaffold", "personalization.method=fedper")
+    runtime = ClientRuntime(cfg)
+    w = worker(runtime.cfg_json)
+    head, _ = _head_split(w, torch.arange(w.spec.dim))
+    body = torch.ones(w.spec.dim, dtype=torch.bool)
+    body[head] = False
+    c_global = torch.randn(w.spec.dim, generator=torch.Generator().manual_seed(0)) * body  # c is 0 on the head
+    state = {}
+    for server_round in (1, 2):
+        content = RecordDict({"arrays": ArrayRecord(w.model.state_dict()), "scaffold-control": encode_vector(c_global)[0],
+                              "config": ConfigRecord({"server-round": server_round})})
+        c_local = decode_vector(state["scaffold-control"]) if "scaffold-control" in state else torch.zeros(w.spec.dim)
+        reply = runtime.run("train", [Member(PID, content, state)])[0].reply
+        sent, delta = _decode(runtime, reply), decode_vector(reply["scaffold-delta"])
+        assert torch.count_nonzero(_head_split(w, sent)[0]) == 0
+        assert torch.count_nonzero(_head_split(w, delta)[0]) == 0  # the trained head moves no control variate
+        torch.testing.assert_close(delta, control_variate_update(c_local, c_global, sent, STEPS, LR) - c_local)

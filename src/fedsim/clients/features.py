@@ -11,10 +11,10 @@ to compose, with no name of a feature known there:
 - ``train_set``: the data the client trains on (a data-poisoning attack flips labels);
 - ``start``: the parameters the client trains from, given the global ones (a personal head
   in place of the global one);
-- ``finish``: after training, records added to the reply (SCAFFOLD's ``dc_i``), with the
-  client's own state updated;
 - ``sent_update``: the update the client sends, given its trained one (personal coordinates
-  zeroed);
+  kept by the client and zeroed);
+- ``finish``: after training, records added to the reply (SCAFFOLD's ``dc_i``), from the
+  update the client sends, with the client's own state updated;
 - ``after_training``: more training of the client's own, through a :data:`LocalTraining`
   the runtime lends (Ditto's personal model);
 - ``personal_model``: the client's personalised model, which evaluation scores beside the
@@ -140,11 +140,12 @@ class ClientFeature:
         return data
 
     def finish(self, ctx: ClientContext, update: torch.Tensor, steps: int) -> dict[str, ArrayRecord | MetricRecord]:
-        """Records to add to the reply, given the client's flat update and its local steps."""
+        """Records to add to the reply, given the flat update the client sends (after every
+        ``sent_update``) and its local steps."""
         return {}
 
     def sent_update(self, ctx: ClientContext, update: torch.Tensor) -> torch.Tensor:
-        """The flat update the client sends, given its trained one (after every ``finish``)."""
+        """The flat update the client sends, given its trained one (before every ``finish``)."""
         return update
 
     def after_training(self, ctx: ClientContext, train: LocalTraining) -> None:

@@ -153,18 +153,16 @@ class Personalization(ClientFeature):
     def hooks(self, ctx: ClientContext, start: dict[str, torch.Tensor]) -> tuple[ClientHook, ...]:
         return (FedRepPhases(self.head, self.settings.head_steps),) if self.method == "fedrep" else ()
 
-    def finish(self, ctx: ClientContext, update: torch.Tensor, steps: int) -> dict[str, ArrayRecord]:
-        if self.method in LOCAL_LAYERS:
-            start = ctx.scratch["start"]
-            trained = ctx.spec.unflatten(ctx.spec.flatten(start) + update)
-            # the float entries (integer buffers such as num_batches_tracked stay the server's)
-            ctx.state[PERSONAL_KEY] = ArrayRecord({name: value.contiguous() for name, value in trained.items()
-                                                   if in_layers(name, self.head)})
-        return {}
-
     def sent_update(self, ctx: ClientContext, update: torch.Tensor) -> torch.Tensor:
+        """The personal layers' trained values are kept; their coordinates are sent as zeros, so
+        what the server and the other features' ``finish`` see (SCAFFOLD's ``dc_i``) is the body's."""
         if self.method not in LOCAL_LAYERS:
             return update
+        start = ctx.scratch["start"]
+        trained = ctx.spec.unflatten(ctx.spec.flatten(start) + update)
+        # the float entries (integer buffers such as num_batches_tracked stay the server's)
+        ctx.state[PERSONAL_KEY] = ArrayRecord({name: value.contiguous() for name, value in trained.items()
+                                               if in_layers(name, self.head)})
         personal = torch.cat([torch.full((size,), in_layers(name, self.head))
                               for name, size in zip(ctx.spec.names, ctx.spec.sizes, strict=True)])
         return update.masked_fill(personal, 0.0)

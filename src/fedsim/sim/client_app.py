@@ -415,10 +415,10 @@ class ClientRuntime:
         what the server will see."""
         pid, cfg = job.member.partition_id, self.cfg
         update = final_flat - job.start_flat
-        records = {name: record for feature in w.features
-                   for name, record in feature.finish(job.context, update, result.steps).items()}
         for feature in w.features:
             update = feature.sent_update(job.context, update)
+        records = {name: record for feature in w.features
+                   for name, record in feature.finish(job.context, update, result.steps).items()}
         training = self._local_training(job.context, w, resolve_device(cfg))
         for feature in w.features:
             feature.after_training(job.context, training)
