@@ -295,3 +295,27 @@ def test_scaffold_under_fedper_computes_its_control_variate_from_the_body_it_sen
         assert torch.count_nonzero(_head_split(w, sent)[0]) == 0
         assert torch.count_nonzero(_head_split(w, delta)[0]) == 0  # the trained head moves no control variate
         torch.testing.assert_close(delta, control_variate_update(c_local, c_global, sent, STEPS, LR) - c_local)
+
+
+def test_a_personal_run_keeps_its_own_stateful_loss_state_between_rounds(small_config):
+    """ALDR-KL's per-sample duals: the personal run's live on under their own key, and the
+    global run's stay exactly those of a run without a personal model."""
+    loss = ("loss.name=aldr_kl",)
+    states = {}
+    for method in ("none", "ditto"):
+        cfg = small_config(*CLIENT, *loss, *(("personalization.method=ditto",) if method == "ditto" else ()))
+        runtime, state = ClientRuntime(cfg), {}
+        w = worker(runtime.cfg_json)
+        initial = {k: v.clone() for k, v in w.model.state_dict().items()}
+        for server_round in (1, 2):
+            content = RecordDict({"arrays": ArrayRecord(initial),
+                                  "config": ConfigRecord({"server-round": server_round})})
+            assert runtime.run("train", [Member(PID, content, state)])[0].error is None
+            if server_round == 1 and method == "ditto":
+                after_one = to_state_dict(state["loss-state-ditto"])["lambdas"].clone()
+        states[method] = state
+    torch.testing.assert_close(to_state_dict(states["ditto"]["loss-state"])["lambdas"],
+                               to_state_dict(states["none"]["loss-state"])["lambdas"], rtol=0, atol=0)
+    personal = to_state_dict(states["ditto"]["loss-state-ditto"])["lambdas"]
+    assert not torch.equal(after_one, torch.ones_like(after_one))  # moved off lam0 in round 1
+    assert not torch.equal(personal, after_one)  # and on from there in round 2

@@ -183,18 +183,18 @@ class TrainJob:
         return self.member.content["config"]
 
 
-def restore_loss_state(objective: ClientObjective, state: MutableMapping) -> None:
+def restore_loss_state(objective: ClientObjective, state: MutableMapping, key: str = LOSS_STATE_KEY) -> None:
     """Load the per-sample state of stateful losses (ALDR-KL, SogCLR, iSogCLR) kept in the
-    node's Context between rounds."""
-    if LOSS_STATE_KEY in state:
-        objective.main.load_state_dict(to_state_dict(state[LOSS_STATE_KEY]))
+    node's Context between rounds under ``key``."""
+    if key in state:
+        objective.main.load_state_dict(to_state_dict(state[key]))
 
 
-def save_loss_state(objective: ClientObjective, state: MutableMapping) -> None:
-    """Keep the main loss's buffers (if it has any) in the node's Context."""
+def save_loss_state(objective: ClientObjective, state: MutableMapping, key: str = LOSS_STATE_KEY) -> None:
+    """Keep the main loss's buffers (if it has any) in the node's Context under ``key``."""
     buffers = objective.main.state_dict()
     if buffers:
-        state[LOSS_STATE_KEY] = ArrayRecord({k: v.contiguous() for k, v in buffers.items()})
+        state[key] = ArrayRecord({k: v.contiguous() for k, v in buffers.items()})
 
 
 def _hooks(features: tuple[ClientFeature, ...], ctx: ClientContext, start: dict[str, torch.Tensor]
@@ -323,7 +323,9 @@ class ClientRuntime:
         return train_loss
 
     def _local_training(self, context: ClientContext, w: Worker, device: torch.device) -> LocalTraining:
-        """A feature's own local training runs for the client of ``context`` (w.model is free)."""
+        """A feature's own local training runs for the client of ``context`` (w.model is free).
+        A stateful loss keeps one state per ``purpose`` (``loss-state-ditto``, ...) between the
+        runs: the personal model's per-sample state is its own, not the global run's."""
         def train(start: dict[str, torch.Tensor], hooks: tuple[ClientHook, ...], steps: int | None,
                   purpose: str) -> dict[str, torch.Tensor]:
             train_set = self._train_set(context, w)
@@ -333,7 +335,10 @@ class ClientRuntime:
             model = w.model
             model.load_state_dict(start)
             model = model.to(device)
-            train_local(model, train_set, client, build_objective(self.cfg, len(train_set.y), hooks), generator, device)
+            objective = build_objective(self.cfg, len(train_set.y), hooks)
+            restore_loss_state(objective, context.state, f"{LOSS_STATE_KEY}-{purpose}")
+            train_local(model, train_set, client, objective, generator, device)
+            save_loss_state(objective, context.state, f"{LOSS_STATE_KEY}-{purpose}")
             return {name: value.detach().cpu().clone() for name, value in model.cpu().state_dict().items()}
         return train
 
