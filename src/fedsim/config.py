@@ -379,6 +379,8 @@ class EvalConfig(Section):
     centralised: bool = True
     federated: bool = True
     batch_size: int = Field(512, ge=1)
+    new_clients: float = Field(0.0, ge=0, lt=1, description="fraction of the clients held out of training, evaluated "
+                                                            "after personalising from the global model")
 
 
 class FaultConfig(Section):

@@ -410,8 +410,25 @@ def _personalization(cfg: ExperimentConfig) -> Iterator[str | None]:
             yield "personalization.head: empty; name the personal layers (the last layer is 'head')"
 
 
+def _new_clients(cfg: ExperimentConfig) -> Iterator[str | None]:
+    fraction, n = cfg.eval.new_clients, cfg.partition.num_clients
+    if fraction == 0:
+        return
+    held_out = round(fraction * n)
+    if _family(cfg) != "sync":
+        yield f"eval.new_clients: held-out clients are evaluated by the synchronous strategies; {_strategy(cfg)}"
+    elif not cfg.eval.federated:
+        yield "eval.new_clients: held-out clients are evaluated on their test splits; eval.federated is false"
+    elif cfg.strategy.fraction_evaluate == 0:
+        yield "eval.new_clients: held-out clients are evaluated with the others; strategy.fraction_evaluate is 0"
+    if held_out == 0:
+        yield f"eval.new_clients: {fraction:g} of partition.num_clients {n} holds out no client"
+    elif held_out == n:
+        yield f"eval.new_clients: {fraction:g} of partition.num_clients {n} leaves no client to train"
+
+
 RULES: tuple[Callable[[ExperimentConfig], Iterator[str | None]], ...] = (
     _algorithm, _client_features, _sync_only, _async_options, _async_only, _speeds, _participation, _participation_options, _model,
     _model_and_data, _partition_and_data, _quant_options, _faults, _attack, _loss,
-    _personalization,
+    _personalization, _new_clients,
 )

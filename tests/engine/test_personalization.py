@@ -22,6 +22,7 @@ from fedsim.records import to_state_dict
 from fedsim.runner import run_experiment
 from fedsim.sim.client_app import ClientRuntime, Member, worker
 from fedsim.strategies.evaluation import ClientEvaluation, federated_metrics
+from fedsim.strategies.new_clients import NEW_CLIENT, held_out_clients
 
 PID = 1
 STEPS = 3
@@ -319,3 +320,48 @@ def test_a_personal_run_keeps_its_own_stateful_loss_state_between_rounds(small_c
     personal = to_state_dict(states["ditto"]["loss-state-ditto"])["lambdas"]
     assert not torch.equal(after_one, torch.ones_like(after_one))  # moved off lam0 in round 1
     assert not torch.equal(personal, after_one)  # and on from there in round 2
+
+
+@pytest.mark.parametrize("method", ["fedper", "ditto"])
+def test_a_new_client_personalises_from_the_global_model_for_one_round_and_forgets_it(small_config, method):
+    runtime = ClientRuntime(small_config(*CLIENT, f"personalization.method={method}"))
+    w = worker(runtime.cfg_json)
+    global_state = {k: v.clone() for k, v in w.model.state_dict().items()}
+    state = {}
+    content = RecordDict({"arrays": ArrayRecord(global_state),
+                          "config": ConfigRecord({"server-round": 3, NEW_CLIENT: True})})
+    reply = runtime.run("evaluate", [Member(PID, content, state)])[0].reply
+    assert state == {}  # a new client keeps nothing
+    trained = _sgd(w, global_state, STEPS, server_round=3)
+    if method == "fedper":
+        personal = {**global_state, **{k: v for k, v in trained.items() if in_layers(k, _layers(w))}}
+    else:
+        pull = {k: t.clone() for k, t in global_state.items()}
+        personal = _sgd(w, global_state, STEPS, server_round=3,
+                        extra=lambda params: 0.5 * 0.1 * sum(((p - pull[n]) ** 2).sum() for n, p in params.items()))
+    assert reply["metrics"]["personal_accuracy"] == pytest.approx(_accuracy(w, personal), abs=1e-6)
+
+
+def test_held_out_clients_never_train_and_are_reported_apart(small_config):
+    cfg = small_config(*RUN[:2], "rounds=2", "output.plots=false", "client.local_steps=2",
+                       "personalization.method=fedper", "eval.new_clients=0.25")
+    held_out = held_out_clients(4, 0.25, cfg.seed)
+    assert len(held_out) == 1 and held_out == held_out_clients(4, 0.25, cfg.seed)
+    rows = RunDir.open(run_experiment(cfg)[0]).rows()
+    assert [r["num_sampled"] for r in rows] == [3, 3]
+    assert {"new_federated_accuracy", "new_personal_accuracy_mean", "personal_accuracy_mean"} <= rows[-1].keys()
+    assert rows[-1]["new_personal_accuracy_p10"] == rows[-1]["new_personal_accuracy_mean"]  # one new client
+
+
+@pytest.mark.parametrize(("sets", "line"), [
+    (("eval.new_clients=0.1",), "eval.new_clients: 0.1 of partition.num_clients 4 holds out no client"),
+    (("eval.new_clients=0.25", "eval.federated=false"),
+     "eval.new_clients: held-out clients are evaluated on their test splits; eval.federated is false"),
+    (("eval.new_clients=0.25", "strategy.name=fedbuff"),
+     "eval.new_clients: held-out clients are evaluated by the synchronous strategies"),
+])
+def test_eval_new_clients_refuses_what_cannot_hold_out_or_evaluate_a_client_in_one_line(small_config, sets, line):
+    with pytest.raises(ConfigError) as err:
+        small_config("partition.num_clients=4", *sets)
+    assert len(str(err.value).splitlines()) == 1
+    assert str(err.value).startswith(line)

@@ -220,7 +220,9 @@ def bytes_so_far(rows: list[dict[str, Any]]) -> tuple[int, int]:
     return last.get("bytes_up_total", 0), last.get("bytes_down_total", 0)
 
 
-PERSONAL_METRICS = ("personal_accuracy_p10", "personal_accuracy_p50", "personal_accuracy_p90", "personal_accuracy_mean")
+PERSONAL_METRICS = ("personal_accuracy_p10", "personal_accuracy_p50", "personal_accuracy_p90", "personal_accuracy_mean",
+                    # eval.new_clients: the held-out clients (fedsim.strategies.new_clients)
+                    "new_federated_accuracy", "new_personal_accuracy_p50", "new_personal_accuracy_mean")
 
 
 def skipped_from_round(rows: list[dict[str, Any]]) -> int | None:

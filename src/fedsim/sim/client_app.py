@@ -76,6 +76,7 @@ from fedsim.sim.components import (
 )
 from fedsim.sim.faults import inject_fault, stall_seconds
 from fedsim.sim.ray_node import ray_node_metric
+from fedsim.strategies.new_clients import NEW_CLIENT
 from fedsim.strategies.replies import EF_RESET, TIMEOUT_CODE
 
 
@@ -499,11 +500,19 @@ class ClientRuntime:
     def _personal_metrics(self, member: Member, test_set: ArrayDataset, w: Worker,
                           device: torch.device) -> dict[str, float]:
         """``personal_loss`` and ``personal_accuracy``: the client's personalised model (the
-        first feature that has one) on its test split; empty when no feature has one."""
+        first feature that has one) on its test split; empty when no feature has one. A
+        held-out client (``eval.new_clients``) first runs one training round of its own from
+        the global model, with a state it then forgets."""
         if len(test_set.y) == 0 or all(type(f).personal_model is ClientFeature.personal_model for f in w.features):
             return {}
+        state = member.state
+        if member.content["config"].get(NEW_CLIENT, False):
+            state = {}
+            outcome = self._train("train", [Member(member.partition_id, member.content, state)])[0]
+            if outcome.error is not None:
+                raise outcome.error
         context = ClientContext(self.cfg, member.partition_id, int(member.content["config"]["server-round"]),
-                                member.content, member.state, w.spec)
+                                member.content, state, w.spec)
         context.train_loss = self._train_loss(context, w)
         global_state = to_state_dict(member.content["arrays"])
         training = self._local_training(context, w, device)
