@@ -259,13 +259,22 @@ def test_the_batched_backend_gives_the_personal_numbers_of_one_client_at_a_time(
         assert abs(b["personal_accuracy_mean"] - a["personal_accuracy_mean"]) <= 0.02
 
 
-def test_fedrep_clients_train_one_at_a_time_and_say_why(small_config):
-    cfg = small_config("personalization.method=fedrep")
-    assert stacked_reason(cfg) == "personalization.method: 'fedrep' freezes head and body by phase, one client at a time"
-    common = (*RUN[1:], "rounds=2", "personalization.method=fedrep")
-    batched = _rows(run_experiment(small_config("sim.backend=batched", *common))[0])
-    alone = _rows(run_experiment(small_config("sim.backend=inprocess", *common))[0])
-    assert [r["personal_accuracy_mean"] for r in batched] == [r["personal_accuracy_mean"] for r in alone]
+def test_fedrep_clients_train_stacked_head_phase_then_body_phase_as_one_at_a_time(small_config):
+    cfg = small_config(*CLIENT, "personalization.method=fedrep", "personalization.head_steps=2")
+    assert stacked_reason(cfg) is None
+    global_state = {k: v.clone() for k, v in worker(ClientRuntime(cfg).cfg_json).model.state_dict().items()}
+    content = RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord({"server-round": 1})})
+    updates = {}
+    for vectorise in (True, False):
+        runtime = ClientRuntime(cfg, vectorise=vectorise)
+        if vectorise:
+            def alone(*args):
+                raise AssertionError("a client trained alone")
+            runtime._train_alone = alone
+        updates[vectorise] = [_decode(runtime, o.reply) for o in runtime.run("train", [Member(p, content, {})
+                                                                                        for p in range(4)])]
+    for stacked, alone in zip(updates[True], updates[False], strict=True):
+        torch.testing.assert_close(stacked, alone, atol=1e-5, rtol=1e-4)
 
 
 def test_personal_accuracies_are_one_value_per_client_weighted_by_nothing():
@@ -365,3 +374,31 @@ def test_eval_new_clients_refuses_what_cannot_hold_out_or_evaluate_a_client_in_o
         small_config("partition.num_clients=4", *sets)
     assert len(str(err.value).splitlines()) == 1
     assert str(err.value).startswith(line)
+
+
+@pytest.mark.parametrize("method", ["ditto", "finetune"])
+def test_personal_runs_train_as_one_stack_equal_to_one_at_a_time(small_config, method):
+    cfg = small_config(*CLIENT, f"personalization.method={method}")
+    results = {}
+    # one worker per process and config: its model is the runtimes' scratch, read the start once
+    global_state = {k: v.clone() for k, v in worker(ClientRuntime(cfg).cfg_json).model.state_dict().items()}
+    for vectorise in (True, False):
+        runtime = ClientRuntime(cfg, vectorise=vectorise)
+        if vectorise:
+            def alone(*args):
+                raise AssertionError("a personal run trained alone")
+            runtime._run_alone = alone  # every personal run must go through the stack
+        states = [{} for _ in range(4)]
+        content = RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord({"server-round": 1})})
+        assert all(o.error is None for o in runtime.run("train", [Member(p, content, states[p]) for p in range(4)]))
+        evaluated = runtime.run("evaluate", [Member(p, content, states[p]) for p in range(4)])
+        results[vectorise] = ([o.reply["metrics"]["personal_loss"] for o in evaluated],
+                              [to_state_dict(s[PERSONAL_KEY]) if PERSONAL_KEY in s else None for s in states])
+    (stacked_losses, stacked_states), (alone_losses, alone_states) = results[True], results[False]
+    assert stacked_losses == pytest.approx(alone_losses, rel=1e-4)
+    for stacked, alone in zip(stacked_states, alone_states, strict=True):
+        if method == "finetune":
+            assert stacked is None and alone is None
+            continue
+        for name, value in alone.items():
+            torch.testing.assert_close(stacked[name], value, atol=1e-5, rtol=1e-4)

@@ -41,7 +41,7 @@ from flwr.serverapp import Grid
 from pydantic import Field
 
 from fedsim.algorithms.api import SyncStrategyBase
-from fedsim.clients.features import ClientContext, ClientFeature, LocalTraining
+from fedsim.clients.features import ClientContext, ClientFeature
 from fedsim.seeding import derive_seed
 from fedsim.strategies.aggregate import weighted_mean
 from fedsim.strategies.base import FedsimStrategy
@@ -127,8 +127,7 @@ class IfcaClient(ClientFeature):
     def finish(self, ctx: ClientContext, update: torch.Tensor, steps: int) -> dict[str, MetricRecord]:
         return {"ifca": MetricRecord({"cluster": ctx.scratch["ifca"]})}
 
-    def personal_model(self, ctx: ClientContext, global_state: dict[str, torch.Tensor],
-                       train: LocalTraining) -> dict[str, torch.Tensor] | None:
+    def personal_model(self, ctx: ClientContext, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         models = _cluster_models(ctx, global_state)
         return models[ifca_choice(ctx.train_loss(model) for model in models)]
 

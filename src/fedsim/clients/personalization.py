@@ -38,14 +38,14 @@ model on its own test split (``personal_accuracy``) beside the global model.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from flwr.app import ArrayRecord
 
 from fedsim.clients.apfl import APFLStep, apfl_mix
-from fedsim.clients.features import ClientContext, ClientFeature, LocalTraining
+from fedsim.clients.features import ClientContext, ClientFeature, PersonalRun
 from fedsim.clients.hooks import ClientHook
 from fedsim.config_checks import norm_layers
 from fedsim.records import to_state_dict
@@ -83,6 +83,9 @@ class FedRepPhases(ClientHook):
         The personal layers (module names).
     head_steps : int
         Steps of the head phase, from the start of the local run.
+
+    Its stacked form freezes the same part of every row: the clients of a stack start
+    together, so all are in the same phase at each step.
     """
 
     def __init__(self, head: tuple[str, ...], head_steps: int) -> None:
@@ -91,8 +94,15 @@ class FedRepPhases(ClientHook):
         self.step = 0
 
     def before_step(self, model: nn.Module) -> None:
+        self._freeze(dict(model.named_parameters()))
+
+    def stacked_before_step(self, params: dict[str, torch.Tensor]) -> None:
+        # every row of the stack is at the same step of its run: one phase for the whole stack
+        self._freeze(params)
+
+    def _freeze(self, params: dict[str, torch.Tensor]) -> None:
         train_head = self.step < self.head_steps
-        for name, param in model.named_parameters():
+        for name, param in params.items():
             if in_layers(name, self.head) != train_head:
                 param.grad = None
         self.step += 1
@@ -106,7 +116,8 @@ class PersonalPull(ClientHook):
     lam : float
         Strength of the pull.
     global_params : dict[str, torch.Tensor]
-        The global model's parameters by name (detached copies).
+        The global model's parameters by name (detached copies); stacked ``(K, *shape)`` for the
+        stacked form, one row per client (:meth:`stack`).
     """
 
     def __init__(self, lam: float, global_params: dict[str, torch.Tensor]) -> None:
@@ -118,6 +129,19 @@ class PersonalPull(ClientHook):
             return None
         params = dict(model.named_parameters())
         return 0.5 * self.lam * sum(((params[name] - w) ** 2).sum() for name, w in self.global_params.items())
+
+    def stacked_extra_loss(self, params: dict[str, torch.Tensor], logits: torch.Tensor,
+                           mask: torch.Tensor) -> torch.Tensor | None:
+        if self.lam == 0:
+            return None
+        # the stacked trainer passes the rows of the clients still training, the first ones
+        return 0.5 * self.lam * sum(((params[name] - w[: len(params[name])].to(params[name].device)) ** 2)
+                                    .flatten(1).sum(1) for name, w in self.global_params.items())
+
+    @classmethod
+    def stack(cls, hooks: Sequence[PersonalPull]) -> PersonalPull:
+        return cls(hooks[0].lam, {name: torch.stack([hook.global_params[name] for hook in hooks])
+                                  for name in hooks[0].global_params})
 
 
 class Personalization(ClientFeature):
@@ -134,11 +158,6 @@ class Personalization(ClientFeature):
     @staticmethod
     def applies(cfg: ExperimentConfig) -> bool:
         return cfg.personalization.method != "none"
-
-    def stacked_reason(self, cfg: ExperimentConfig) -> str | None:
-        if self.method == "fedrep":
-            return "personalization.method: 'fedrep' freezes head and body by phase, one client at a time"
-        return None
 
     def key(self, ctx: ClientContext) -> Hashable:
         return self.method
@@ -167,31 +186,37 @@ class Personalization(ClientFeature):
                               for name, size in zip(ctx.spec.names, ctx.spec.sizes, strict=True)])
         return update.masked_fill(personal, 0.0)
 
-    def after_training(self, ctx: ClientContext, train: LocalTraining) -> None:
+    def personal_run(self, ctx: ClientContext) -> PersonalRun | None:
+        """Ditto's and APFL's personal model, trained as many steps after the global update."""
         if self.method not in ("ditto", "apfl"):
-            return
+            return None
         global_state = ctx.scratch["start"]
         personal = to_state_dict(ctx.state[PERSONAL_KEY]) if PERSONAL_KEY in ctx.state else global_state
         w = {name: global_state[name].detach().clone() for name in ctx.spec.names if name not in ctx.spec.buffers}
+
+        def keep(trained: dict[str, torch.Tensor]) -> None:
+            ctx.state[PERSONAL_KEY] = ArrayRecord({k: v.contiguous() for k, v in trained.items()})
+
         if self.method == "ditto":
-            trained = train(personal, (PersonalPull(self.settings.lam, w),), None, "ditto")
-        else:
-            step = APFLStep({name: personal[name].detach().clone() for name in w}, w, self._alpha(ctx),
-                            ctx.cfg.client.lr, self.settings.alpha_lr)
-            trained = {**train({**personal, **apfl_mix(step.personal, w, step.alpha)}, (step,), None, "apfl"),
-                       **step.personal}
+            return PersonalRun(personal, (PersonalPull(self.settings.lam, w),), None, "ditto", keep)
+        step = APFLStep({name: personal[name].detach().clone() for name in w}, w, self._alpha(ctx),
+                        ctx.cfg.client.lr, self.settings.alpha_lr)
+
+        def keep_apfl(trained: dict[str, torch.Tensor]) -> None:
+            keep({**trained, **step.personal})
             ctx.state[ALPHA_KEY] = ArrayRecord({"alpha": torch.tensor([step.alpha], dtype=torch.float64)})
-        ctx.state[PERSONAL_KEY] = ArrayRecord({k: v.contiguous() for k, v in trained.items()})
+
+        return PersonalRun({**personal, **apfl_mix(step.personal, w, step.alpha)}, (step,), None, "apfl", keep_apfl)
 
     def _alpha(self, ctx: ClientContext) -> float:
         """An APFL client's mixing weight: its own, else ``personalization.alpha``."""
         return float(to_state_dict(ctx.state[ALPHA_KEY])["alpha"]) if ALPHA_KEY in ctx.state else self.settings.alpha
 
     # ----------------------------------------------------------- evaluation
-    def personal_model(self, ctx: ClientContext, global_state: dict[str, torch.Tensor],
-                       train: LocalTraining) -> dict[str, torch.Tensor] | None:
+    def personal_model(self, ctx: ClientContext, global_state: dict[str, torch.Tensor]
+                       ) -> dict[str, torch.Tensor] | PersonalRun | None:
         if self.method == "finetune":
-            return train(global_state, (), self.settings.finetune_steps, "finetune")
+            return PersonalRun(global_state, (), self.settings.finetune_steps, "finetune")
         if PERSONAL_KEY not in ctx.state:  # a client that never trained: the global model
             return global_state
         personal = to_state_dict(ctx.state[PERSONAL_KEY])
