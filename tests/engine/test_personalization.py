@@ -376,7 +376,7 @@ def test_eval_new_clients_refuses_what_cannot_hold_out_or_evaluate_a_client_in_o
     assert str(err.value).startswith(line)
 
 
-@pytest.mark.parametrize("method", ["ditto", "finetune"])
+@pytest.mark.parametrize("method", ["ditto", "finetune", "apfl"])
 def test_personal_runs_train_as_one_stack_equal_to_one_at_a_time(small_config, method):
     cfg = small_config(*CLIENT, f"personalization.method={method}")
     results = {}
@@ -400,5 +400,6 @@ def test_personal_runs_train_as_one_stack_equal_to_one_at_a_time(small_config, m
         if method == "finetune":
             assert stacked is None and alone is None
             continue
+        assert stacked.keys() == alone.keys()
         for name, value in alone.items():
             torch.testing.assert_close(stacked[name], value, atol=1e-5, rtol=1e-4)

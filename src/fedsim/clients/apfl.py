@@ -19,12 +19,14 @@ along the same steps); the client's global update is its aggregator's own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from fedsim.clients.hooks import ClientHook
 
-__all__ = ["APFLStep", "apfl_mix"]
+__all__ = ["APFLStep", "StackedAPFLStep", "apfl_mix"]
 
 
 def apfl_mix(personal: dict[str, torch.Tensor], global_params: dict[str, torch.Tensor],
@@ -50,6 +52,9 @@ class APFLStep(ClientHook):
         The client's learning rate.
     alpha_lr : float
         The step size of ``alpha``'s gradient step.
+
+    Its stacked form (:meth:`stack`) holds every client's ``v``, ``w`` and ``alpha`` as rows
+    and writes each client's row back to its own hook after every step.
     """
 
     def __init__(self, personal: dict[str, torch.Tensor], global_params: dict[str, torch.Tensor], alpha: float,
@@ -71,3 +76,40 @@ class APFLStep(ClientHook):
         for name, value in apfl_mix(self.personal, self.global_params, self.alpha).items():
             params[name].copy_(value)
             params[name].grad = None
+
+    @classmethod
+    def stack(cls, hooks: Sequence[APFLStep]) -> StackedAPFLStep:
+        return StackedAPFLStep(hooks)
+
+
+class StackedAPFLStep(APFLStep):
+    """APFL's step for clients trained as one stack, rows in the order of ``hooks`` (whose
+    ``personal`` and ``alpha`` it keeps current)."""
+
+    def __init__(self, hooks: Sequence[APFLStep]) -> None:
+        first = hooks[0]
+        super().__init__({name: torch.stack([h.personal[name] for h in hooks]) for name in first.personal},
+                         {name: torch.stack([h.global_params[name] for h in hooks]) for name in first.global_params},
+                         0.0, first.lr, first.alpha_lr)
+        self.alphas = torch.tensor([h.alpha for h in hooks], dtype=torch.float64)
+        self.hooks = list(hooks)
+
+    @torch.no_grad()
+    def stacked_before_step(self, params: dict[str, torch.Tensor]) -> None:
+        rows = len(next(iter(params.values())))  # the clients still training, the first rows
+        grads = {name: p.grad for name, p in params.items() if name in self.global_params and p.grad is not None}
+        alpha = self.alphas[:rows]
+        alpha_grad = sum(((self.personal[n][:rows] - self.global_params[n][:rows]) * g).flatten(1).sum(1).double()
+                         for n, g in grads.items())
+        for name, g in grads.items():
+            scale = (self.lr * alpha).to(g.dtype).view(-1, *[1] * (g.dim() - 1))
+            self.personal[name][:rows] -= scale * g
+        self.alphas[:rows] = (alpha - self.alpha_lr * alpha_grad).clamp(0.0, 1.0)
+        for name in self.global_params:
+            a = self.alphas[:rows].to(params[name].dtype).view(-1, *[1] * (params[name].dim() - 1))
+            params[name].copy_(a * self.personal[name][:rows] + (1 - a) * self.global_params[name][:rows])
+            params[name].grad = None
+        for row, hook in enumerate(self.hooks[:rows]):
+            hook.alpha = float(self.alphas[row])
+            for name in hook.personal:
+                hook.personal[name] = self.personal[name][row].clone()
