@@ -134,9 +134,9 @@ def test_ifca_refuses_what_it_cannot_combine_with_in_one_line(small_config, sets
     assert str(err.value).startswith(line)
 
 
-def test_a_resumed_ifca_run_ends_exactly_like_an_uninterrupted_one(small_config):
+def test_a_resumed_ifca_run_ends_exactly_like_an_uninterrupted_one_with_held_out_clients(small_config):
     cfg = small_config(*TINY[:-1], "rounds=4", "output.checkpoint_every=2", "strategy.fraction_train=0.5",
-                       "eval.federated=true")
+                       "eval.federated=true", "eval.new_clients=0.25")
     reference, _ = run_experiment(cfg)
     interrupted, _ = run_experiment(cfg)
     run = RunDir.open(interrupted)
@@ -148,4 +148,4 @@ def test_a_resumed_ifca_run_ends_exactly_like_an_uninterrupted_one(small_config)
         return [{k: v for k, v in row.items() if k != "wall_time_s"} for row in RunDir.open(path).rows()]
 
     assert rows(interrupted) == rows(reference)
-    assert "personal_accuracy_mean" in rows(reference)[-1] and "cluster_sizes" in rows(reference)[-1]
+    assert {"personal_accuracy_mean", "new_personal_accuracy_mean", "cluster_sizes"} <= rows(reference)[-1].keys()
