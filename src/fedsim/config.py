@@ -448,6 +448,8 @@ class EvalConfig(Section):
     batch_size: int = Field(512, ge=1)
     robust: RobustEvalConfig | None = Field(None, description="robust_accuracy under PGD; unset: the "
                                                               "clients' attack when client.adversarial is set")
+    new_clients: float = Field(0.0, ge=0, lt=1, description="fraction of the clients held out of training, evaluated "
+                                                            "after personalising from the global model")
 
 
 class FaultConfig(Section):
@@ -481,15 +483,18 @@ class PersonalizationConfig(Section):
     client's train split before evaluating it; ``fedper`` keeps the ``head`` layers personal
     and trains them with the body; ``fedrep`` trains the personal head ``head_steps`` steps
     with the body frozen, then the body with the head frozen; ``ditto`` trains a personal
-    model beside the global update, regularised toward the global model by ``lam``.
+    model beside the global update, regularised toward the global model by ``lam``; ``apfl``
+    trains a personal model mixed with the global one by ``alpha``, learned with step ``alpha_lr``.
     """
 
-    method: Literal["none", "finetune", "fedper", "fedrep", "ditto", "fedbn"] = "none"
+    method: Literal["none", "finetune", "fedper", "fedrep", "ditto", "fedbn", "apfl"] = "none"
     finetune_steps: int = Field(10, ge=1, description="finetune: local steps before evaluation")
     head: list[str] = Field(default_factory=lambda: ["head"],
                             description="fedper, fedrep: the personal layers (module names); the last layer by default")
     head_steps: int = Field(5, ge=1, description="fedrep: head steps (body frozen) before the body's")
     lam: float = Field(0.1, ge=0, description="ditto: pull of the personal model toward the global one")
+    alpha: float = Field(0.25, ge=0, le=1, description="apfl: each client's first mixing weight of its personal model")
+    alpha_lr: float = Field(0.1, ge=0, description="apfl: step size of alpha's gradient step; 0 keeps alpha fixed")
 
 
 class HierarchyConfig(Section):

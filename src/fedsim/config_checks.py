@@ -380,7 +380,8 @@ def loss_class_problem(cfg: ExperimentConfig, num_classes: int) -> str | None:
 
 
 PERSONALIZATION_READS = {"none": (), "finetune": ("finetune_steps",), "fedper": ("head",),
-                         "fedrep": ("head", "head_steps"), "ditto": ("lam",), "fedbn": ()}
+                         "fedrep": ("head", "head_steps"), "ditto": ("lam",), "fedbn": (),
+                         "apfl": ("alpha", "alpha_lr")}
 """What each ``personalization.method`` reads besides ``method``."""
 
 SAMPLE_SHAPES = {"mlp": (4,), "cnn": (1, 8, 8), "lenet5": (1, 28, 28), "resnet8": (3, 8, 8)}
@@ -413,9 +414,16 @@ def _personalization(cfg: ExperimentConfig) -> Iterator[str | None]:
         yield (f"personalization.method: {pfl.method!r} is evaluated on the clients' test splits; "
                f"eval.federated is false")
     quantized = "quant.qat" if cfg.quant.qat is not None else "quant.lowbit" if cfg.quant.lowbit is not None else None
-    if pfl.method in ("finetune", "ditto") and quantized:
+    if pfl.method in ("finetune", "ditto", "apfl") and quantized:
         yield (f"personalization.method: {pfl.method!r} trains its personal model in full precision; "
                f"{quantized} is set (use fedper, fedrep or fedbn, whose personal layers train with the rest)")
+    client = cfg.client
+    plain = {"client.optimizer": client.optimizer != "sgd" and client.optimizer,
+             "client.momentum": client.momentum, "client.weight_decay": client.weight_decay}
+    for key, value in plain.items():
+        if pfl.method == "apfl" and value:
+            yield (f"personalization.method: 'apfl' steps v and alpha by plain SGD (Deng et al. 2020, "
+                   f"Algorithm 1); {key} is {value!r}")
     if pfl.method == "fedbn" and not norm_layers(cfg):
         yield (f"personalization.method: 'fedbn' keeps the normalisation layers local; model.name "
                f"{cfg.model.name!r} has none (resnet8 has BatchNorm)")
@@ -467,8 +475,25 @@ def _hierarchy(cfg: ExperimentConfig) -> Iterator[str | None]:
                f"or asynchronous arrivals); the cloud combines gateways' updates (e.g. fedavg, median, krum)")
 
 
+def _new_clients(cfg: ExperimentConfig) -> Iterator[str | None]:
+    fraction, n = cfg.eval.new_clients, cfg.partition.num_clients
+    if fraction == 0:
+        return
+    held_out = round(fraction * n)
+    if _family(cfg) != "sync":
+        yield f"eval.new_clients: held-out clients are evaluated by the synchronous strategies; {_strategy(cfg)}"
+    elif not cfg.eval.federated:
+        yield "eval.new_clients: held-out clients are evaluated on their test splits; eval.federated is false"
+    elif cfg.strategy.fraction_evaluate == 0:
+        yield "eval.new_clients: held-out clients are evaluated with the others; strategy.fraction_evaluate is 0"
+    if held_out == 0:
+        yield f"eval.new_clients: {fraction:g} of partition.num_clients {n} holds out no client"
+    elif held_out == n:
+        yield f"eval.new_clients: {fraction:g} of partition.num_clients {n} leaves no client to train"
+
+
 RULES: tuple[Callable[[ExperimentConfig], Iterator[str | None]], ...] = (
     _algorithm, _client_features, _sync_only, _async_options, _async_only, _speeds, _participation, _participation_options, _model,
     _model_and_data, _partition_and_data, _domains, _quant_options, _faults, _attack, _loss,
-    _personalization, _robust_eval, _hierarchy,
+    _personalization, _new_clients, _robust_eval, _hierarchy,
 )

@@ -13,6 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch.nn import functional as F
 
+from fedsim.algorithms.scaffold import control_variate_update, decode_vector, encode_vector
 from fedsim.clients.personalization import PERSONAL_KEY, Personalization, in_layers
 from fedsim.clients.training_features import stacked_reason
 from fedsim.config import ConfigError
@@ -21,6 +22,7 @@ from fedsim.records import to_state_dict
 from fedsim.runner import run_experiment
 from fedsim.sim.client_app import ClientRuntime, Member, worker
 from fedsim.strategies.evaluation import ClientEvaluation, federated_metrics
+from fedsim.strategies.new_clients import NEW_CLIENT, held_out_clients
 
 PID = 1
 STEPS = 3
@@ -153,6 +155,34 @@ def test_ditto_trains_a_personal_model_pulled_toward_the_global_one_beside_the_p
         assert accuracies[r] == pytest.approx(_accuracy(w, v), abs=1e-6)
 
 
+def test_apfl_steps_its_personal_model_and_alpha_on_the_mixture_with_the_global_model(small_config):
+    alpha, alpha_lr = 0.3, 0.5
+    w, globals_, updates, personal, accuracies = _client_rounds(small_config(
+        *CLIENT, "personalization.method=apfl", f"personalization.alpha={alpha}", f"personalization.alpha_lr={alpha_lr}"))
+    model = w.model
+    v = None
+    for r, (global_state, update) in enumerate(zip(globals_, updates, strict=True)):
+        trained = _sgd(w, global_state, STEPS, server_round=r + 1)
+        torch.testing.assert_close(update, w.spec.flatten(trained) - w.spec.flatten(global_state), atol=1e-5, rtol=1e-4)
+        g_params = {n: global_state[n].clone() for n, _ in model.named_parameters()}
+        v = v or {n: t.clone() for n, t in g_params.items()}
+        x, y = _data(w, 0, r + 1)
+        for _ in range(STEPS):
+            model.load_state_dict({**global_state, **{n: alpha * v[n] + (1 - alpha) * g_params[n] for n in v}})
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+            alpha_grad = sum(float(((v[n] - g_params[n]) * grads[n]).sum()) for n in v)
+            v = {n: v[n] - LR * alpha * grads[n] for n in v}
+            alpha = min(max(alpha - alpha_lr * alpha_grad, 0.0), 1.0)
+        for name, value in v.items():
+            torch.testing.assert_close(personal[r][name], value, atol=1e-5, rtol=1e-4)
+        new_global = {**global_state, **w.spec.unflatten(w.spec.flatten(global_state) + update)}
+        mixed = {**new_global, **{n: alpha * v[n] + (1 - alpha) * new_global[n] for n in v}}
+        assert accuracies[r] == pytest.approx(_accuracy(w, mixed), abs=1e-6)
+    assert alpha != 0.3  # the weight moved
+
+
 def test_finetune_evaluates_the_global_model_after_finetune_steps_on_the_train_split(small_config):
     steps = 4
     w, globals_, updates, personal, accuracies = _client_rounds(
@@ -176,7 +206,10 @@ def test_finetune_evaluates_the_global_model_after_finetune_steps_on_the_train_s
      "personalization.method: 'ditto' is evaluated on the clients' test splits; eval.federated is false"),
     (("personalization.method=fedbn",),
      "personalization.method: 'fedbn' keeps the normalisation layers local; model.name 'mlp' has none"),
-    (("personalization.method=apfl",), "personalization.method: Input should be"),
+    (("personalization.method=dito",), "personalization.method: Input should be"),
+    (("personalization.method=apfl", "client.momentum=0.9"),
+     "personalization.method: 'apfl' steps v and alpha by plain SGD (Deng et al. 2020, Algorithm 1); "
+     "client.momentum is 0.9"),
     (("personalization.method=ditto", "quant.lowbit.bits=8"),
      "personalization.method: 'ditto' trains its personal model in full precision; quant.lowbit is set"),
 ])
@@ -195,7 +228,7 @@ def _rows(path):
     return [{k: v for k, v in row.items() if k != "wall_time_s"} for row in RunDir.open(path).rows()]
 
 
-RESUMED = {"fedper": (), "fedrep": ("personalization.head_steps=2",), "ditto": (), "finetune": (),
+RESUMED = {"fedper": (), "fedrep": ("personalization.head_steps=2",), "ditto": (), "finetune": (), "apfl": ("client.momentum=0",),
            "fedbn": ("model.name=resnet8",)}
 
 
@@ -226,13 +259,22 @@ def test_the_batched_backend_gives_the_personal_numbers_of_one_client_at_a_time(
         assert abs(b["personal_accuracy_mean"] - a["personal_accuracy_mean"]) <= 0.02
 
 
-def test_fedrep_clients_train_one_at_a_time_and_say_why(small_config):
-    cfg = small_config("personalization.method=fedrep")
-    assert stacked_reason(cfg) == "personalization.method: 'fedrep' freezes head and body by phase, one client at a time"
-    common = (*RUN[1:], "rounds=2", "personalization.method=fedrep")
-    batched = _rows(run_experiment(small_config("sim.backend=batched", *common))[0])
-    alone = _rows(run_experiment(small_config("sim.backend=inprocess", *common))[0])
-    assert [r["personal_accuracy_mean"] for r in batched] == [r["personal_accuracy_mean"] for r in alone]
+def test_fedrep_clients_train_stacked_head_phase_then_body_phase_as_one_at_a_time(small_config):
+    cfg = small_config(*CLIENT, "personalization.method=fedrep", "personalization.head_steps=2")
+    assert stacked_reason(cfg) is None
+    global_state = {k: v.clone() for k, v in worker(ClientRuntime(cfg).cfg_json).model.state_dict().items()}
+    content = RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord({"server-round": 1})})
+    updates = {}
+    for vectorise in (True, False):
+        runtime = ClientRuntime(cfg, vectorise=vectorise)
+        if vectorise:
+            def alone(*args):
+                raise AssertionError("a client trained alone")
+            runtime._train_alone = alone
+        updates[vectorise] = [_decode(runtime, o.reply) for o in runtime.run("train", [Member(p, content, {})
+                                                                                        for p in range(4)])]
+    for stacked, alone in zip(updates[True], updates[False], strict=True):
+        torch.testing.assert_close(stacked, alone, atol=1e-5, rtol=1e-4)
 
 
 def test_personal_accuracies_are_one_value_per_client_weighted_by_nothing():
@@ -243,3 +285,121 @@ def test_personal_accuracies_are_one_value_per_client_weighted_by_nothing():
     assert metrics["personal_accuracy_mean"] == pytest.approx(0.5)  # the client without test examples left out
     assert {"personal_accuracy_p10", "personal_accuracy_p90"} <= metrics.keys()
     assert not any(key.startswith("personal") for key in federated_metrics([ClientEvaluation(10, 0.5, 0.1)]))
+
+
+def test_scaffold_under_fedper_computes_its_control_variate_from_the_body_it_sends(small_config):
+    cfg = small_config(*CLIENT, "strategy.name=scaffold", "personalization.method=fedper")
+    runtime = ClientRuntime(cfg)
+    w = worker(runtime.cfg_json)
+    head, _ = _head_split(w, torch.arange(w.spec.dim))
+    body = torch.ones(w.spec.dim, dtype=torch.bool)
+    body[head] = False
+    c_global = torch.randn(w.spec.dim, generator=torch.Generator().manual_seed(0)) * body  # c is 0 on the head
+    state = {}
+    for server_round in (1, 2):
+        content = RecordDict({"arrays": ArrayRecord(w.model.state_dict()), "scaffold-control": encode_vector(c_global)[0],
+                              "config": ConfigRecord({"server-round": server_round})})
+        c_local = decode_vector(state["scaffold-control"]) if "scaffold-control" in state else torch.zeros(w.spec.dim)
+        reply = runtime.run("train", [Member(PID, content, state)])[0].reply
+        sent, delta = _decode(runtime, reply), decode_vector(reply["scaffold-delta"])
+        assert torch.count_nonzero(_head_split(w, sent)[0]) == 0
+        assert torch.count_nonzero(_head_split(w, delta)[0]) == 0  # the trained head moves no control variate
+        torch.testing.assert_close(delta, control_variate_update(c_local, c_global, sent, STEPS, LR) - c_local)
+
+
+def test_a_personal_run_keeps_its_own_stateful_loss_state_between_rounds(small_config):
+    """ALDR-KL's per-sample duals: the personal run's live on under their own key, and the
+    global run's stay exactly those of a run without a personal model."""
+    loss = ("loss.name=aldr_kl",)
+    states = {}
+    for method in ("none", "ditto"):
+        cfg = small_config(*CLIENT, *loss, *(("personalization.method=ditto",) if method == "ditto" else ()))
+        runtime, state = ClientRuntime(cfg), {}
+        w = worker(runtime.cfg_json)
+        initial = {k: v.clone() for k, v in w.model.state_dict().items()}
+        for server_round in (1, 2):
+            content = RecordDict({"arrays": ArrayRecord(initial),
+                                  "config": ConfigRecord({"server-round": server_round})})
+            assert runtime.run("train", [Member(PID, content, state)])[0].error is None
+            if server_round == 1 and method == "ditto":
+                after_one = to_state_dict(state["loss-state-ditto"])["lambdas"].clone()
+        states[method] = state
+    torch.testing.assert_close(to_state_dict(states["ditto"]["loss-state"])["lambdas"],
+                               to_state_dict(states["none"]["loss-state"])["lambdas"], rtol=0, atol=0)
+    personal = to_state_dict(states["ditto"]["loss-state-ditto"])["lambdas"]
+    assert not torch.equal(after_one, torch.ones_like(after_one))  # moved off lam0 in round 1
+    assert not torch.equal(personal, after_one)  # and on from there in round 2
+
+
+@pytest.mark.parametrize("method", ["fedper", "ditto"])
+def test_a_new_client_personalises_from_the_global_model_for_one_round_and_forgets_it(small_config, method):
+    runtime = ClientRuntime(small_config(*CLIENT, f"personalization.method={method}"))
+    w = worker(runtime.cfg_json)
+    global_state = {k: v.clone() for k, v in w.model.state_dict().items()}
+    state = {}
+    content = RecordDict({"arrays": ArrayRecord(global_state),
+                          "config": ConfigRecord({"server-round": 3, NEW_CLIENT: True})})
+    reply = runtime.run("evaluate", [Member(PID, content, state)])[0].reply
+    assert state == {}  # a new client keeps nothing
+    trained = _sgd(w, global_state, STEPS, server_round=3)
+    if method == "fedper":
+        personal = {**global_state, **{k: v for k, v in trained.items() if in_layers(k, _layers(w))}}
+    else:
+        pull = {k: t.clone() for k, t in global_state.items()}
+        personal = _sgd(w, global_state, STEPS, server_round=3,
+                        extra=lambda params: 0.5 * 0.1 * sum(((p - pull[n]) ** 2).sum() for n, p in params.items()))
+    assert reply["metrics"]["personal_accuracy"] == pytest.approx(_accuracy(w, personal), abs=1e-6)
+
+
+def test_held_out_clients_never_train_and_are_reported_apart(small_config):
+    cfg = small_config(*RUN[:2], "rounds=2", "output.plots=false", "client.local_steps=2",
+                       "personalization.method=fedper", "eval.new_clients=0.25")
+    held_out = held_out_clients(4, 0.25, cfg.seed)
+    assert len(held_out) == 1 and held_out == held_out_clients(4, 0.25, cfg.seed)
+    rows = RunDir.open(run_experiment(cfg)[0]).rows()
+    assert [r["num_sampled"] for r in rows] == [3, 3]
+    assert {"new_federated_accuracy", "new_personal_accuracy_mean", "personal_accuracy_mean"} <= rows[-1].keys()
+    assert rows[-1]["new_personal_accuracy_p10"] == rows[-1]["new_personal_accuracy_mean"]  # one new client
+
+
+@pytest.mark.parametrize(("sets", "line"), [
+    (("eval.new_clients=0.1",), "eval.new_clients: 0.1 of partition.num_clients 4 holds out no client"),
+    (("eval.new_clients=0.25", "eval.federated=false"),
+     "eval.new_clients: held-out clients are evaluated on their test splits; eval.federated is false"),
+    (("eval.new_clients=0.25", "strategy.name=fedbuff"),
+     "eval.new_clients: held-out clients are evaluated by the synchronous strategies"),
+])
+def test_eval_new_clients_refuses_what_cannot_hold_out_or_evaluate_a_client_in_one_line(small_config, sets, line):
+    with pytest.raises(ConfigError) as err:
+        small_config("partition.num_clients=4", *sets)
+    assert len(str(err.value).splitlines()) == 1
+    assert str(err.value).startswith(line)
+
+
+@pytest.mark.parametrize("method", ["ditto", "finetune", "apfl"])
+def test_personal_runs_train_as_one_stack_equal_to_one_at_a_time(small_config, method):
+    cfg = small_config(*CLIENT, f"personalization.method={method}")
+    results = {}
+    # one worker per process and config: its model is the runtimes' scratch, read the start once
+    global_state = {k: v.clone() for k, v in worker(ClientRuntime(cfg).cfg_json).model.state_dict().items()}
+    for vectorise in (True, False):
+        runtime = ClientRuntime(cfg, vectorise=vectorise)
+        if vectorise:
+            def alone(*args):
+                raise AssertionError("a personal run trained alone")
+            runtime._run_alone = alone  # every personal run must go through the stack
+        states = [{} for _ in range(4)]
+        content = RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord({"server-round": 1})})
+        assert all(o.error is None for o in runtime.run("train", [Member(p, content, states[p]) for p in range(4)]))
+        evaluated = runtime.run("evaluate", [Member(p, content, states[p]) for p in range(4)])
+        results[vectorise] = ([o.reply["metrics"]["personal_loss"] for o in evaluated],
+                              [to_state_dict(s[PERSONAL_KEY]) if PERSONAL_KEY in s else None for s in states])
+    (stacked_losses, stacked_states), (alone_losses, alone_states) = results[True], results[False]
+    assert stacked_losses == pytest.approx(alone_losses, rel=1e-4)
+    for stacked, alone in zip(stacked_states, alone_states, strict=True):
+        if method == "finetune":
+            assert stacked is None and alone is None
+            continue
+        assert stacked.keys() == alone.keys()
+        for name, value in alone.items():
+            torch.testing.assert_close(stacked[name], value, atol=1e-5, rtol=1e-4)

@@ -11,14 +11,16 @@ to compose, with no name of a feature known there:
 - ``train_set``: the data the client trains on (a data-poisoning attack flips labels);
 - ``start``: the parameters the client trains from, given the global ones (a personal head
   in place of the global one);
-- ``finish``: after training, records added to the reply (SCAFFOLD's ``dc_i``), with the
-  client's own state updated;
 - ``sent_update``: the update the client sends, given its trained one (personal coordinates
-  zeroed);
-- ``after_training``: more training of the client's own, through a :data:`LocalTraining`
-  the runtime lends (Ditto's personal model);
-- ``personal_model``: the client's personalised model, which evaluation scores beside the
-  global one (``personal_accuracy``);
+  kept by the client and zeroed);
+- ``finish``: after training, records added to the reply (SCAFFOLD's ``dc_i``), from the
+  update the client sends, with the client's own state updated;
+- ``personal_run``: more training of the client's own after its global update, as a
+  :class:`PersonalRun` the runtime trains (Ditto's personal model; the batched backend
+  trains the runs of a stack as one stack where their hooks have a stacked form);
+- ``personal_model``: the client's personalised model, or the :class:`PersonalRun` that
+  trains it (FedAvg-FT's fine-tuning), which evaluation scores beside the global one
+  (``personal_accuracy``);
 - ``state_keys``: the keys of the per-client state it keeps in the client's Context state,
   which checkpoints carry.
 
@@ -35,7 +37,7 @@ from collections.abc import Callable, Hashable, Iterable, MutableMapping, Sequen
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsim.clients.hooks import ClientHook
 
@@ -44,11 +46,20 @@ if TYPE_CHECKING:
     from fedsim.data import ArrayDataset
     from fedsim.params import ParamSpec
 
-LocalTraining = Callable[[dict[str, torch.Tensor], tuple[ClientHook, ...], "int | None", str], dict[str, torch.Tensor]]
-"""``train(start, hooks, steps, purpose) -> trained state dict``: a local training run of the
-client's model from the full state dict ``start`` on its train split, with ``hooks``, for
-``steps`` optimizer steps (None: the client's configured steps), seeded from (run seed,
-``purpose``, round, partition id); the runtime's own loop, optimizer and loss."""
+@dataclasses.dataclass
+class PersonalRun:
+    """A local training run of a client's own model on its train split: from the full state
+    dict ``start``, with ``hooks``, for ``steps`` optimizer steps (None: the client's configured
+    steps), seeded from (run seed, ``purpose``, round, partition id); the runtime's own loop,
+    optimizer and loss. ``keep(trained)`` receives the trained state dict (None: nothing to keep).
+    Runs of equal ``purpose`` and ``steps`` whose hooks stack (:meth:`ClientHook.stack`) train as
+    one stack in the batched backend."""
+
+    start: dict[str, torch.Tensor]
+    hooks: tuple[ClientHook, ...]
+    steps: int | None
+    purpose: str
+    keep: Callable[[dict[str, torch.Tensor]], None] | None = None
 
 
 @dataclasses.dataclass
@@ -71,6 +82,9 @@ class ClientContext:
         The federated model's flat layout.
     scratch : dict
         Room for a feature to keep what its ``hooks`` computed until its ``finish``.
+    train_loss : callable, optional
+        ``train_loss(state) -> float``: the mean cross-entropy of the model with the full state
+        dict ``state`` on the client's train split, in eval mode (IFCA's cluster choice).
     """
 
     cfg: ExperimentConfig
@@ -80,6 +94,7 @@ class ClientContext:
     state: MutableMapping
     spec: ParamSpec
     scratch: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train_loss: Callable[[dict[str, torch.Tensor]], float] | None = None
 
     @property
     def config(self) -> ConfigRecord:
@@ -135,19 +150,21 @@ class ClientFeature:
         """The data this client trains on."""
         return data
 
-    def finish(self, ctx: ClientContext, update: torch.Tensor, steps: int) -> dict[str, ArrayRecord]:
-        """Records to add to the reply, given the client's flat update and its local steps."""
+    def finish(self, ctx: ClientContext, update: torch.Tensor, steps: int) -> dict[str, ArrayRecord | MetricRecord]:
+        """Records to add to the reply, given the flat update the client sends (after every
+        ``sent_update``) and its local steps."""
         return {}
 
     def sent_update(self, ctx: ClientContext, update: torch.Tensor) -> torch.Tensor:
-        """The flat update the client sends, given its trained one (after every ``finish``)."""
+        """The flat update the client sends, given its trained one (before every ``finish``)."""
         return update
 
-    def after_training(self, ctx: ClientContext, train: LocalTraining) -> None:
+    def personal_run(self, ctx: ClientContext) -> PersonalRun | None:
         """More local training of the client's own after its global update (e.g. a personal model)."""
         return None
 
-    def personal_model(self, ctx: ClientContext, global_state: dict[str, torch.Tensor],
-                       train: LocalTraining) -> dict[str, torch.Tensor] | None:
-        """The client's personalised model (a full state dict) for evaluation, or None."""
+    def personal_model(self, ctx: ClientContext, global_state: dict[str, torch.Tensor]
+                       ) -> dict[str, torch.Tensor] | PersonalRun | None:
+        """The client's personalised model (a full state dict) for evaluation, the run that
+        trains it (its result is the model), or None."""
         return None

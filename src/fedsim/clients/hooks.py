@@ -19,7 +19,7 @@ a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -47,6 +47,12 @@ class ClientHook:
         return None
 
     def stacked_before_step(self, params: dict[str, torch.Tensor]) -> None:
+        return None
+
+    @classmethod
+    def stack(cls, hooks: Sequence[ClientHook]) -> ClientHook | None:
+        """One hook whose stacked form computes each of ``hooks`` (one client's each, rows in
+        their order), or None when they cannot train as one stack (the default)."""
         return None
 
 

@@ -29,17 +29,23 @@ model on its own test split (``personal_accuracy``) beside the global model.
 - ``fedbn``: "FedBN: Federated Learning on Non-IID Features via Local Batch Normalization",
   Li et al., arXiv 2102.07623. As fedper with the model's normalisation layers (their affine
   parameters and running statistics) as the personal part, trained jointly with the rest.
+- ``apfl``: "Adaptive Personalized Federated Learning", Deng et al., arXiv 2003.13461. As
+  ditto, the client's global update is the aggregator's own; beside it the client trains its
+  personal model ``v`` and its mixing weight ``alpha`` (``alpha`` at first, stepped by
+  ``alpha_lr``) as many steps on ``f(alpha v + (1 - alpha) w)`` (:mod:`fedsim.clients.apfl`),
+  and is evaluated with ``alpha v + (1 - alpha) w`` for the global model ``w`` it is sent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from flwr.app import ArrayRecord
 
-from fedsim.clients.features import ClientContext, ClientFeature, LocalTraining
+from fedsim.clients.apfl import APFLStep, apfl_mix
+from fedsim.clients.features import ClientContext, ClientFeature, PersonalRun
 from fedsim.clients.hooks import ClientHook
 from fedsim.config_checks import norm_layers
 from fedsim.records import to_state_dict
@@ -49,13 +55,16 @@ if TYPE_CHECKING:
 
     from fedsim.config import ExperimentConfig
 
-__all__ = ["PERSONAL_KEY", "FedRepPhases", "PersonalPull", "Personalization", "in_layers"]
+__all__ = ["ALPHA_KEY", "PERSONAL_KEY", "FedRepPhases", "PersonalPull", "Personalization", "in_layers"]
 
 LOCAL_LAYERS = ("fedper", "fedrep", "fedbn")
 """The methods that keep some layers of the one model personal."""
 
 PERSONAL_KEY = "personal"
-"""Where a client keeps its personal tensors: the head (fedper, fedrep) or its whole model (ditto)."""
+"""Where a client keeps its personal tensors: the head (fedper, fedrep) or its whole model (ditto, apfl)."""
+
+ALPHA_KEY = "personal-alpha"
+"""Where an APFL client keeps its mixing weight ``alpha``."""
 
 
 def in_layers(name: str, layers: list[str] | tuple[str, ...]) -> bool:
@@ -74,6 +83,9 @@ class FedRepPhases(ClientHook):
         The personal layers (module names).
     head_steps : int
         Steps of the head phase, from the start of the local run.
+
+    Its stacked form freezes the same part of every row: the clients of a stack start
+    together, so all are in the same phase at each step.
     """
 
     def __init__(self, head: tuple[str, ...], head_steps: int) -> None:
@@ -82,8 +94,15 @@ class FedRepPhases(ClientHook):
         self.step = 0
 
     def before_step(self, model: nn.Module) -> None:
+        self._freeze(dict(model.named_parameters()))
+
+    def stacked_before_step(self, params: dict[str, torch.Tensor]) -> None:
+        # every row of the stack is at the same step of its run: one phase for the whole stack
+        self._freeze(params)
+
+    def _freeze(self, params: dict[str, torch.Tensor]) -> None:
         train_head = self.step < self.head_steps
-        for name, param in model.named_parameters():
+        for name, param in params.items():
             if in_layers(name, self.head) != train_head:
                 param.grad = None
         self.step += 1
@@ -97,7 +116,8 @@ class PersonalPull(ClientHook):
     lam : float
         Strength of the pull.
     global_params : dict[str, torch.Tensor]
-        The global model's parameters by name (detached copies).
+        The global model's parameters by name (detached copies); stacked ``(K, *shape)`` for the
+        stacked form, one row per client (:meth:`stack`).
     """
 
     def __init__(self, lam: float, global_params: dict[str, torch.Tensor]) -> None:
@@ -110,11 +130,24 @@ class PersonalPull(ClientHook):
         params = dict(model.named_parameters())
         return 0.5 * self.lam * sum(((params[name] - w) ** 2).sum() for name, w in self.global_params.items())
 
+    def stacked_extra_loss(self, params: dict[str, torch.Tensor], logits: torch.Tensor,
+                           mask: torch.Tensor) -> torch.Tensor | None:
+        if self.lam == 0:
+            return None
+        # the stacked trainer passes the rows of the clients still training, the first ones
+        return 0.5 * self.lam * sum(((params[name] - w[: len(params[name])].to(params[name].device)) ** 2)
+                                    .flatten(1).sum(1) for name, w in self.global_params.items())
+
+    @classmethod
+    def stack(cls, hooks: Sequence[PersonalPull]) -> PersonalPull:
+        return cls(hooks[0].lam, {name: torch.stack([hook.global_params[name] for hook in hooks])
+                                  for name in hooks[0].global_params})
+
 
 class Personalization(ClientFeature):
     """The client half of ``personalization.method`` (see the module docstring)."""
 
-    state_keys: ClassVar[tuple[str, ...]] = (PERSONAL_KEY,)
+    state_keys: ClassVar[tuple[str, ...]] = (PERSONAL_KEY, ALPHA_KEY)
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.method = cfg.personalization.method
@@ -125,11 +158,6 @@ class Personalization(ClientFeature):
     @staticmethod
     def applies(cfg: ExperimentConfig) -> bool:
         return cfg.personalization.method != "none"
-
-    def stacked_reason(self, cfg: ExperimentConfig) -> str | None:
-        if self.method == "fedrep":
-            return "personalization.method: 'fedrep' freezes head and body by phase, one client at a time"
-        return None
 
     def key(self, ctx: ClientContext) -> Hashable:
         return self.method
@@ -144,37 +172,55 @@ class Personalization(ClientFeature):
     def hooks(self, ctx: ClientContext, start: dict[str, torch.Tensor]) -> tuple[ClientHook, ...]:
         return (FedRepPhases(self.head, self.settings.head_steps),) if self.method == "fedrep" else ()
 
-    def finish(self, ctx: ClientContext, update: torch.Tensor, steps: int) -> dict[str, ArrayRecord]:
-        if self.method in LOCAL_LAYERS:
-            start = ctx.scratch["start"]
-            trained = ctx.spec.unflatten(ctx.spec.flatten(start) + update)
-            # the float entries (integer buffers such as num_batches_tracked stay the server's)
-            ctx.state[PERSONAL_KEY] = ArrayRecord({name: value.contiguous() for name, value in trained.items()
-                                                   if in_layers(name, self.head)})
-        return {}
-
     def sent_update(self, ctx: ClientContext, update: torch.Tensor) -> torch.Tensor:
+        """The personal layers' trained values are kept; their coordinates are sent as zeros, so
+        what the server and the other features' ``finish`` see (SCAFFOLD's ``dc_i``) is the body's."""
         if self.method not in LOCAL_LAYERS:
             return update
+        start = ctx.scratch["start"]
+        trained = ctx.spec.unflatten(ctx.spec.flatten(start) + update)
+        # the float entries (integer buffers such as num_batches_tracked stay the server's)
+        ctx.state[PERSONAL_KEY] = ArrayRecord({name: value.contiguous() for name, value in trained.items()
+                                               if in_layers(name, self.head)})
         personal = torch.cat([torch.full((size,), in_layers(name, self.head))
                               for name, size in zip(ctx.spec.names, ctx.spec.sizes, strict=True)])
         return update.masked_fill(personal, 0.0)
 
-    def after_training(self, ctx: ClientContext, train: LocalTraining) -> None:
-        if self.method != "ditto":
-            return
+    def personal_run(self, ctx: ClientContext) -> PersonalRun | None:
+        """Ditto's and APFL's personal model, trained as many steps after the global update."""
+        if self.method not in ("ditto", "apfl"):
+            return None
         global_state = ctx.scratch["start"]
         personal = to_state_dict(ctx.state[PERSONAL_KEY]) if PERSONAL_KEY in ctx.state else global_state
-        pull = {name: global_state[name].detach().clone() for name in ctx.spec.names if name not in ctx.spec.buffers}
-        trained = train(personal, (PersonalPull(self.settings.lam, pull),), None, "ditto")
-        ctx.state[PERSONAL_KEY] = ArrayRecord({k: v.contiguous() for k, v in trained.items()})
+        w = {name: global_state[name].detach().clone() for name in ctx.spec.names if name not in ctx.spec.buffers}
+
+        def keep(trained: dict[str, torch.Tensor]) -> None:
+            ctx.state[PERSONAL_KEY] = ArrayRecord({k: v.contiguous() for k, v in trained.items()})
+
+        if self.method == "ditto":
+            return PersonalRun(personal, (PersonalPull(self.settings.lam, w),), None, "ditto", keep)
+        step = APFLStep({name: personal[name].detach().clone() for name in w}, w, self._alpha(ctx),
+                        ctx.cfg.client.lr, self.settings.alpha_lr)
+
+        def keep_apfl(trained: dict[str, torch.Tensor]) -> None:
+            keep({**trained, **step.personal})
+            ctx.state[ALPHA_KEY] = ArrayRecord({"alpha": torch.tensor([step.alpha], dtype=torch.float64)})
+
+        return PersonalRun({**personal, **apfl_mix(step.personal, w, step.alpha)}, (step,), None, "apfl", keep_apfl)
+
+    def _alpha(self, ctx: ClientContext) -> float:
+        """An APFL client's mixing weight: its own, else ``personalization.alpha``."""
+        return float(to_state_dict(ctx.state[ALPHA_KEY])["alpha"]) if ALPHA_KEY in ctx.state else self.settings.alpha
 
     # ----------------------------------------------------------- evaluation
-    def personal_model(self, ctx: ClientContext, global_state: dict[str, torch.Tensor],
-                       train: LocalTraining) -> dict[str, torch.Tensor] | None:
+    def personal_model(self, ctx: ClientContext, global_state: dict[str, torch.Tensor]
+                       ) -> dict[str, torch.Tensor] | PersonalRun | None:
         if self.method == "finetune":
-            return train(global_state, (), self.settings.finetune_steps, "finetune")
+            return PersonalRun(global_state, (), self.settings.finetune_steps, "finetune")
         if PERSONAL_KEY not in ctx.state:  # a client that never trained: the global model
             return global_state
         personal = to_state_dict(ctx.state[PERSONAL_KEY])
+        if self.method == "apfl":
+            w = {name: global_state[name] for name in ctx.spec.names if name not in ctx.spec.buffers}
+            return {**global_state, **personal, **apfl_mix(personal, w, self._alpha(ctx))}
         return {**global_state, **personal}

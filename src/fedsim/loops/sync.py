@@ -81,6 +81,7 @@ class SyncSteps(Steps):
             "train_loss": (train_metrics or {}).get("train_loss"),
             "bytes_up": report.bytes_up,
             "bytes_down": report.bytes_down,
+            **report.row,
         }
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
             row.update(evaluate_global(cfg, self.grid, self.setup, strategy, rnd, self.arrays))

@@ -98,11 +98,16 @@ class RunDir:
         """A new directory ``<output.dir>/<name>-<timestamp>`` holding the resolved config."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         base = Path(cfg.output.dir) / f"{cfg.name}-{stamp}"
+        base.parent.mkdir(parents=True, exist_ok=True)
         path, n = base, 1
-        while path.exists():
-            path, n = base.with_name(f"{base.name}-{n}"), n + 1
+        while True:  # mkdir claims the name: runs started in the same second (bench --jobs) get -1, -2, ...
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                path, n = base.with_name(f"{base.name}-{n}"), n + 1
         run = cls(path)
-        run.checkpoint_dir.mkdir(parents=True)
+        run.checkpoint_dir.mkdir()
         run.plot_dir.mkdir()
         run.config_path.write_text(cfg.to_yaml())
         return run
@@ -220,7 +225,9 @@ def bytes_so_far(rows: list[dict[str, Any]]) -> tuple[int, int]:
     return last.get("bytes_up_total", 0), last.get("bytes_down_total", 0)
 
 
-PERSONAL_METRICS = ("personal_accuracy_p10", "personal_accuracy_p50", "personal_accuracy_p90", "personal_accuracy_mean")
+PERSONAL_METRICS = ("personal_accuracy_p10", "personal_accuracy_p50", "personal_accuracy_p90", "personal_accuracy_mean",
+                    # eval.new_clients: the held-out clients (fedsim.strategies.new_clients)
+                    "new_federated_accuracy", "new_personal_accuracy_p50", "new_personal_accuracy_mean")
 
 
 def skipped_from_round(rows: list[dict[str, Any]]) -> int | None:

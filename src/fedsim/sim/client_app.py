@@ -40,7 +40,7 @@ from flwr.common.constant import ErrorCode
 from fedsim.algorithms import registry
 from fedsim.clients import gossip_node
 from fedsim.clients.batched import stack_size, train_stacked, vectorisable_reason
-from fedsim.clients.features import ClientContext, ClientFeature, LocalTraining
+from fedsim.clients.features import ClientContext, ClientFeature, PersonalRun
 from fedsim.clients.hooks import ClientHook, vectorises
 from fedsim.clients.objective import ClientObjective
 from fedsim.clients.quantization import (
@@ -76,6 +76,7 @@ from fedsim.sim.components import (
 )
 from fedsim.sim.faults import inject_fault, stall_seconds
 from fedsim.sim.ray_node import ray_node_metric
+from fedsim.strategies.new_clients import NEW_CLIENT
 from fedsim.strategies.replies import EF_RESET, TIMEOUT_CODE
 
 
@@ -183,18 +184,18 @@ class TrainJob:
         return self.member.content["config"]
 
 
-def restore_loss_state(objective: ClientObjective, state: MutableMapping) -> None:
+def restore_loss_state(objective: ClientObjective, state: MutableMapping, key: str = LOSS_STATE_KEY) -> None:
     """Load the per-sample state of stateful losses (ALDR-KL, SogCLR, iSogCLR) kept in the
-    node's Context between rounds."""
-    if LOSS_STATE_KEY in state:
-        objective.main.load_state_dict(to_state_dict(state[LOSS_STATE_KEY]))
+    node's Context between rounds under ``key``."""
+    if key in state:
+        objective.main.load_state_dict(to_state_dict(state[key]))
 
 
-def save_loss_state(objective: ClientObjective, state: MutableMapping) -> None:
-    """Keep the main loss's buffers (if it has any) in the node's Context."""
+def save_loss_state(objective: ClientObjective, state: MutableMapping, key: str = LOSS_STATE_KEY) -> None:
+    """Keep the main loss's buffers (if it has any) in the node's Context under ``key``."""
     buffers = objective.main.state_dict()
     if buffers:
-        state[LOSS_STATE_KEY] = ArrayRecord({k: v.contiguous() for k, v in buffers.items()})
+        state[key] = ArrayRecord({k: v.contiguous() for k, v in buffers.items()})
 
 
 def _hooks(features: tuple[ClientFeature, ...], ctx: ClientContext, start: dict[str, torch.Tensor]
@@ -265,6 +266,7 @@ class ClientRuntime:
                 outcomes[i] = Outcome(None, exc, time.perf_counter() - started)
             else:
                 jobs[-1].seconds = time.perf_counter() - started
+        finished: list[tuple[TrainJob, RecordDict | BaseException]] = []
         for job, trained in self._trained(jobs, w, device):
             started = time.perf_counter()
             try:
@@ -274,9 +276,30 @@ class ClientRuntime:
             except Exception as exc:
                 reply = exc
             job.seconds += time.perf_counter() - started
+            finished.append((job, reply))
+        for job, reply in self._after_training(finished, w, device):
             outcomes[job.index] = (Outcome(None, reply, job.seconds) if isinstance(reply, BaseException)
                                    else Outcome(reply, None, job.seconds))
         return outcomes
+
+    def _after_training(self, finished: list[tuple[TrainJob, RecordDict | BaseException]], w: Worker,
+                        device: torch.device) -> list[tuple[TrainJob, RecordDict | BaseException]]:
+        """The features' personal runs of the clients that replied (stacked where they can
+        be), each kept in its client's state; a failed run fails its client's reply."""
+        started = time.perf_counter()
+        runs = [(job, run) for job, reply in finished if not isinstance(reply, BaseException)
+                for feature in w.features if (run := feature.personal_run(job.context)) is not None]
+        failed: dict[int, BaseException] = {}
+        trained_runs = self._personal_training([(job.context, run) for job, run in runs], w, device)
+        for (job, run), trained in zip(runs, trained_runs, strict=True):
+            if isinstance(trained, BaseException):
+                failed[id(job)] = trained
+            elif run.keep is not None:
+                run.keep(trained)
+        share = (time.perf_counter() - started) / max(len(finished), 1)
+        for job, _ in finished:
+            job.seconds += share
+        return [(job, failed.get(id(job), reply)) for job, reply in finished]
 
     def _prepare(self, index: int, member: Member, message_type: str, w: Worker,
                  starts: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor]]) -> TrainJob:
@@ -292,6 +315,7 @@ class ClientRuntime:
                 starts[id(record)] = (state, w.spec.flatten(state))
             start, start_flat = starts[id(record)]
         context = ClientContext(self.cfg, pid, server_round, member.content, member.state, w.spec)
+        context.train_loss = self._train_loss(context, w)
         shared = start
         for feature in w.features:
             start = feature.start(context, start)
@@ -311,20 +335,85 @@ class ClientRuntime:
             raise ValueError("client has no training examples")
         return train_set
 
-    def _local_training(self, context: ClientContext, w: Worker, device: torch.device) -> LocalTraining:
-        """A feature's own local training runs for the client of ``context`` (w.model is free)."""
-        def train(start: dict[str, torch.Tensor], hooks: tuple[ClientHook, ...], steps: int | None,
-                  purpose: str) -> dict[str, torch.Tensor]:
-            train_set = self._train_set(context, w)
-            client = self.cfg.client if steps is None else self.cfg.client.model_copy(update={"local_steps": steps})
-            generator = torch.Generator().manual_seed(
-                derive_seed(self.cfg.seed, purpose, context.server_round, context.partition_id))
-            model = w.model
-            model.load_state_dict(start)
-            model = model.to(device)
-            train_local(model, train_set, client, build_objective(self.cfg, len(train_set.y), hooks), generator, device)
-            return {name: value.detach().cpu().clone() for name, value in model.cpu().state_dict().items()}
-        return train
+    def _train_loss(self, context: ClientContext, w: Worker):
+        """``train_loss(state)``: a model's mean cross-entropy on the client's train split."""
+        def train_loss(state: dict[str, torch.Tensor]) -> float:
+            device = resolve_device(self.cfg)
+            w.model.load_state_dict(state)
+            result = evaluate_many(w.model.to(device), [self._train_set(context, w)], device, self.cfg.eval.batch_size)
+            w.model.cpu()
+            return result[0].loss
+        return train_loss
+
+    def _personal_training(self, runs: list[tuple[ClientContext, PersonalRun]], w: Worker, device: torch.device
+                           ) -> list[dict[str, torch.Tensor] | BaseException]:
+        """The trained state dict (or the exception) of each client's personal run: runs of
+        equal purpose, steps and hook types whose hooks stack train as one stack in the
+        batched backend, at most :func:`~fedsim.clients.batched.stack_size` at a time; the
+        others one at a time."""
+        results: list[dict[str, torch.Tensor] | BaseException | None] = [None] * len(runs)
+        if self.vectorise and w.not_vectorised is None:
+            groups: dict[tuple, list[int]] = {}
+            for i, (_, run) in enumerate(runs):
+                groups.setdefault((run.purpose, run.steps, tuple(type(h) for h in run.hooks)), []).append(i)
+            size = stack_size(w.spec.dim)
+            for group in groups.values():
+                for chunk in (group[i : i + size] for i in range(0, len(group), size)):
+                    stacked = self._run_stacked([runs[i] for i in chunk], w, device) if len(chunk) > 1 else None
+                    for i, trained in zip(chunk, stacked or [None] * len(chunk), strict=True):
+                        results[i] = trained
+        for i, (context, run) in enumerate(runs):
+            if results[i] is None:
+                try:
+                    results[i] = self._run_alone(context, run, w, device)
+                except Exception as exc:
+                    results[i] = exc
+        return results
+
+    def _run_setup(self, context: ClientContext, run: PersonalRun, w: Worker):
+        """A run's train split, client settings and generator."""
+        train_set = self._train_set(context, w)
+        client = self.cfg.client if run.steps is None else self.cfg.client.model_copy(update={"local_steps": run.steps})
+        generator = torch.Generator().manual_seed(
+            derive_seed(self.cfg.seed, run.purpose, context.server_round, context.partition_id))
+        return train_set, client, generator
+
+    def _run_alone(self, context: ClientContext, run: PersonalRun, w: Worker, device: torch.device
+                   ) -> dict[str, torch.Tensor]:
+        """One personal run on w.model. A stateful loss keeps one state per ``purpose``
+        (``loss-state-ditto``, ...) between the runs: the personal model's per-sample state is
+        its own, not the global run's."""
+        train_set, client, generator = self._run_setup(context, run, w)
+        model = w.model
+        model.load_state_dict(run.start)
+        model = model.to(device)
+        objective = build_objective(self.cfg, len(train_set.y), run.hooks)
+        restore_loss_state(objective, context.state, f"{LOSS_STATE_KEY}-{run.purpose}")
+        train_local(model, train_set, client, objective, generator, device)
+        save_loss_state(objective, context.state, f"{LOSS_STATE_KEY}-{run.purpose}")
+        return {name: value.detach().cpu().clone() for name, value in model.cpu().state_dict().items()}
+
+    def _run_stacked(self, runs: list[tuple[ClientContext, PersonalRun]], w: Worker, device: torch.device
+                     ) -> list[dict[str, torch.Tensor] | BaseException] | None:
+        """Personal runs trained as one stack (the batched backend: no buffers, no loss state),
+        or None when their hooks have no stacked form."""
+        setups = [self._run_setup(context, run, w) for context, run in runs]
+        client = setups[0][1]
+        order = sorted(range(len(runs)), key=lambda i: -local_steps(len(setups[i][0].y), client))
+        hooks = tuple(type(hook).stack([runs[i][1].hooks[k] for i in order]) for k, hook in enumerate(runs[0][1].hooks))
+        if not all(hook is not None and vectorises(hook) for hook in hooks):
+            return None
+        names = [name for name, _ in w.model.named_parameters()]
+        start = {name: torch.stack([runs[i][1].start[name] for i in order]).to(device) for name in names}
+        try:
+            final, _ = train_stacked(w.model, start, [setups[i][0] for i in order], [setups[i][2] for i in order],
+                                     client, build_objective(self.cfg, 1, hooks, per_sample=True), device)
+        except Exception as exc:
+            return [exc] * len(runs)
+        trained: list[dict[str, torch.Tensor] | BaseException] = [{} for _ in runs]
+        for row, i in enumerate(order):
+            trained[i] = {**runs[i][1].start, **{name: final[name][row].clone() for name in names}}
+        return trained
 
     def _trained(self, jobs: list[TrainJob], w: Worker, device: torch.device):
         """(job, (final flat model, TrainResult) or the exception) for every job."""
@@ -404,13 +493,10 @@ class ClientRuntime:
         what the server will see."""
         pid, cfg = job.member.partition_id, self.cfg
         update = final_flat - job.start_flat
-        records = {name: record for feature in w.features
-                   for name, record in feature.finish(job.context, update, result.steps).items()}
         for feature in w.features:
             update = feature.sent_update(job.context, update)
-        training = self._local_training(job.context, w, resolve_device(cfg))
-        for feature in w.features:
-            feature.after_training(job.context, training)
+        records = {name: record for feature in w.features
+                   for name, record in feature.finish(job.context, update, result.steps).items()}
         update = torch.from_numpy(inject_fault(cfg.faults, pid, job.server_round, update.numpy()))
         stall = stall_seconds(cfg.faults, pid, job.server_round)
         if self.sleep_stalls:
@@ -449,6 +535,7 @@ class ClientRuntime:
         w = worker(self.cfg_json)
         device = resolve_device(self.cfg)
         outcomes: list[Outcome | None] = [None] * len(members)
+        evaluated: dict[int, tuple[MetricRecord, ArrayDataset, float]] = {}  # member -> metrics, test split, seconds
         by_model: dict[int, list[int]] = {}
         for i, member in enumerate(members):
             by_model.setdefault(id(member.content["arrays"]), []).append(i)
@@ -468,36 +555,70 @@ class ClientRuntime:
                 continue
             share = (time.perf_counter() - started) / len(indices)
             for i, res, test_set in zip(indices, results, test_sets, strict=True):
-                started = time.perf_counter()
-                metrics = MetricRecord({"num-examples": res.num_examples,
-                                        "eval_loss": res.loss if res.num_examples else 0.0,
-                                        "eval_accuracy": res.accuracy if res.num_examples else 0.0})
-                try:
-                    metrics.update(self._personal_metrics(members[i], test_set, w, device))
-                except Exception as exc:
-                    outcomes[i] = Outcome(None, exc, share + time.perf_counter() - started)
-                    continue
-                outcomes[i] = Outcome(RecordDict({"metrics": metrics}), None, share + time.perf_counter() - started)
+                evaluated[i] = (MetricRecord({"num-examples": res.num_examples,
+                                              "eval_loss": res.loss if res.num_examples else 0.0,
+                                              "eval_accuracy": res.accuracy if res.num_examples else 0.0}),
+                                test_set, share)
+        started = time.perf_counter()
+        personal = self._personal_metrics({i: (members[i], test_set) for i, (_, test_set, _) in evaluated.items()},
+                                          w, device)
+        share = (time.perf_counter() - started) / max(len(evaluated), 1)
+        for i, (metrics, _, seconds) in evaluated.items():
+            if isinstance(personal.get(i), BaseException):
+                outcomes[i] = Outcome(None, personal[i], seconds + share)
+                continue
+            metrics.update(personal.get(i, {}))
+            outcomes[i] = Outcome(RecordDict({"metrics": metrics}), None, seconds + share)
         return outcomes
 
-    def _personal_metrics(self, member: Member, test_set: ArrayDataset, w: Worker,
-                          device: torch.device) -> dict[str, float]:
-        """``personal_loss`` and ``personal_accuracy``: the client's personalised model (the
-        first feature that has one) on its test split; empty when no feature has one."""
-        if len(test_set.y) == 0 or all(type(f).personal_model is ClientFeature.personal_model for f in w.features):
+    def _personal_metrics(self, members: dict[int, tuple[Member, ArrayDataset]], w: Worker, device: torch.device
+                          ) -> dict[int, dict[str, float] | BaseException]:
+        """``personal_loss`` and ``personal_accuracy`` of each member (by index) that has test
+        examples: its personalised model (the first feature that has one, its runs trained
+        stacked where they can be) on its test split; none when no feature has one. Held-out
+        clients (``eval.new_clients``) first run one training round of their own from the
+        global model, with a state they then forget."""
+        if all(type(f).personal_model is ClientFeature.personal_model for f in w.features):
             return {}
-        context = ClientContext(self.cfg, member.partition_id, int(member.content["config"]["server-round"]),
-                                member.content, member.state, w.spec)
-        global_state = to_state_dict(member.content["arrays"])
-        training = self._local_training(context, w, device)
-        personal = next((model for feature in w.features
-                         if (model := feature.personal_model(context, global_state, training)) is not None), None)
-        if personal is None:
-            return {}
-        w.model.load_state_dict(personal)
-        result = evaluate_many(w.model.to(device), [test_set], device, self.cfg.eval.batch_size, w.predict)[0]
-        w.model.cpu()
-        return {"personal_loss": result.loss, "personal_accuracy": result.accuracy}
+        members = {i: (member, test_set) for i, (member, test_set) in members.items() if len(test_set.y)}
+        states = {i: member.state for i, (member, _) in members.items()}
+        new = [i for i, (member, _) in members.items() if member.content["config"].get(NEW_CLIENT, False)]
+        for i in new:
+            states[i] = {}
+        adapted = self._train("train", [Member(members[i][0].partition_id, members[i][0].content, states[i])
+                                        for i in new]) if new else []
+        results: dict[int, dict[str, float] | BaseException] = {
+            i: outcome.error for i, outcome in zip(new, adapted, strict=True) if outcome.error is not None}
+        models: dict[int, dict[str, torch.Tensor] | PersonalRun | BaseException] = {}
+        contexts: dict[int, ClientContext] = {}
+        for i, (member, _) in members.items():
+            if i in results:
+                continue
+            context = ClientContext(self.cfg, member.partition_id, int(member.content["config"]["server-round"]),
+                                    member.content, states[i], w.spec)
+            context.train_loss = self._train_loss(context, w)
+            contexts[i] = context
+            global_state = to_state_dict(member.content["arrays"])
+            try:
+                model = next((model for feature in w.features
+                              if (model := feature.personal_model(context, global_state)) is not None), None)
+            except Exception as exc:
+                model = exc
+            if model is not None:
+                models[i] = model
+        runs = [i for i, model in models.items() if isinstance(model, PersonalRun)]
+        for i, trained in zip(runs, self._personal_training([(contexts[i], models[i]) for i in runs], w, device),
+                              strict=True):
+            models[i] = trained
+        for i, model in models.items():
+            if isinstance(model, BaseException):
+                results[i] = model
+                continue
+            w.model.load_state_dict(model)
+            result = evaluate_many(w.model.to(device), [members[i][1]], device, self.cfg.eval.batch_size, w.predict)[0]
+            w.model.cpu()
+            results[i] = {"personal_loss": result.loss, "personal_accuracy": result.accuracy}
+        return results
 
     def _query(self, message_type: str, members: Sequence[Member]) -> list[Outcome]:
         return [Outcome(RecordDict({"metrics": MetricRecord({"partition-id": m.partition_id})}), None, 0.0)

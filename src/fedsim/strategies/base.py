@@ -75,6 +75,7 @@ from fedsim.strategies.evaluation import (
     federated_metrics,
     mean_train_metrics,
 )
+from fedsim.strategies.new_clients import NEW_CLIENT, held_out_clients, new_client_metrics
 from fedsim.strategies.replies import (
     EF_RESET,
     ClientUpdate,
@@ -107,6 +108,7 @@ class RoundReport:
     skipped: bool = False
     bytes_up: int = 0
     bytes_down: int = 0
+    row: dict[str, Any] = field(default_factory=dict)  # the algorithm's own values for the round's metrics row
 
 
 def float_layout(arrays: ArrayRecord) -> tuple[ParamSpec, torch.dtype]:
@@ -132,6 +134,7 @@ class _Engine:
     estimates: ServerEstimate | None
     examples: dict[int, int] = field(default_factory=dict)
     resync: set[int] = field(default_factory=set)  # clients whose dropped reply reset both copies of h_i
+    held_out: frozenset[int] = frozenset()  # eval.new_clients: never sampled for training
 
     @property
     def pid_of(self) -> dict[int, int]:
@@ -218,7 +221,8 @@ class FedsimStrategy(Algorithm, FedAvg):
             downlink=build_codec(exp.quant.downlink),
             attack=build_attack(exp.attack.name, **exp.attack.kwargs()) if acts_on_updates else None,
             byzantine=set(choose_byzantine(len(node_of), exp.attack.fraction, exp.seed)),
-            estimates=ServerEstimate() if feedback else None)
+            estimates=ServerEstimate() if feedback else None,
+            held_out=held_out_clients(len(node_of), exp.eval.new_clients, exp.seed))
         strategy.spec = spec
         strategy._parameters = spec.parameter_mask()
         strategy.bound()
@@ -239,12 +243,16 @@ class FedsimStrategy(Algorithm, FedAvg):
     # ------------------------------------------------------------------ clients
     @property
     def num_clients(self) -> int:
-        """N: every client (engine: every partition; Flower app: the nodes connected this round)."""
-        return len(self.engine.node_of) if self.engine else len(self._nodes)
+        """N: every client (engine: every partition but the held-out ones of ``eval.new_clients``;
+        Flower app: the nodes connected this round)."""
+        return len(self.clients())
 
     def clients(self) -> list[int]:
-        """Every client, sorted: partition ids (engine) or this round's connected node ids."""
-        return sorted(self.engine.node_of) if self.engine else list(self._nodes)
+        """Every client, sorted: partition ids but the held-out ones (engine) or this round's
+        connected node ids."""
+        if self.engine:
+            return sorted(pid for pid in self.engine.node_of if pid not in self.engine.held_out)
+        return list(self._nodes)
 
     @property
     def seed(self) -> int:
@@ -259,8 +267,8 @@ class FedsimStrategy(Algorithm, FedAvg):
     def participants(self, server_round: int, grid: Grid) -> list[int]:
         """Clients asked to train this round: the participation model (engine) or Flower's
         FedAvg sampling (``fraction_train``, ``min_train_nodes``, ``min_available_nodes``)."""
-        if self.engine:
-            return self.engine.sampler.sample(server_round)
+        if self.engine:  # the held-out clients of eval.new_clients drop out of the draw
+            return [pid for pid in self.engine.sampler.sample(server_round) if pid not in self.engine.held_out]
         sample_size = max(int(len(self._nodes) * self.fraction_train), self.min_train_nodes)
         sampled, connected = sample_nodes(grid, self.min_available_nodes, sample_size)
         self._nodes = sorted(connected)
@@ -452,10 +460,10 @@ class FedsimStrategy(Algorithm, FedAvg):
         if self.cfg.fraction_evaluate == 0:
             return []
         count = max(1, round(self.cfg.fraction_evaluate * self.num_clients))
-        pids = self.clients()[:count]
         config = ConfigRecord({**config, "server-round": server_round})
-        return [self._message(arrays, ConfigRecord({**config, "partition-id": pid}), {}, self.engine.node_of[pid],
-                              MessageType.EVALUATE) for pid in pids]
+        targets = [(pid, False) for pid in self.clients()[:count]] + [(pid, True) for pid in sorted(self.engine.held_out)]
+        return [self._message(arrays, ConfigRecord({**config, "partition-id": pid, NEW_CLIENT: new}), {},
+                              self.engine.node_of[pid], MessageType.EVALUATE) for pid, new in targets]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         if not self.engine:
@@ -464,7 +472,14 @@ class FedsimStrategy(Algorithm, FedAvg):
             if not accepted:
                 return None
             return self.evaluate_metrics_aggr_fn([reply.content for reply in accepted], self.weighted_by_key)
-        metrics = federated_metrics(client_evaluations(replies, self.engine.pid_of))
+        pid_of, held_out = self.engine.pid_of, self.engine.held_out
+        replies = list(replies)
+        new = [reply.metadata.src_node_id in pid_of and pid_of[reply.metadata.src_node_id] in held_out
+               for reply in replies]
+        metrics = {**federated_metrics(client_evaluations([r for r, n in zip(replies, new, strict=True) if not n],
+                                                          pid_of)),
+                   **new_client_metrics(client_evaluations([r for r, n in zip(replies, new, strict=True) if n],
+                                                           pid_of))}
         return MetricRecord(metrics) if metrics else None
 
     # ------------------------------------------------------------------- state
