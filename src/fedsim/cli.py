@@ -11,7 +11,7 @@ import numpy as np
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.table import Table
+from rich.table import Column, Table
 
 from fedsim.config import ConfigError, ExperimentConfig, load_config
 from fedsim.outputs.progress import CONSOLE
@@ -174,7 +174,8 @@ def algorithms(name: Annotated[str | None, typer.Argument(help="show this algori
         for feature, why in entry.refuses.items():
             console.print(f"refuses {feature}: {why}", highlight=False)
         return
-    table = Table("algorithm", "family", "arguments (defaults)", "batched", "combines with", "what it is",
+    # The names never wrap: they are what a user types.
+    table = Table(Column("algorithm", no_wrap=True), Column("family", no_wrap=True), "arguments (defaults)", "batched", "combines with", "what it is",
                   title=f"{len(registry.names())} algorithms (fedsim algorithms NAME for one)")
     for algorithm in registry.names():
         entry = describe(algorithm)
