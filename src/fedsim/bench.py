@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from fedsim.config import ConfigError, apply_override, load_config
 from fedsim.outputs.grid_figures import plot_heatmaps, plot_panels
 from fedsim.outputs.results import RunDir
+from fedsim.outputs.spec_hash import spec_hash
 
 
 class Variant(BaseModel):
@@ -199,6 +200,14 @@ class BenchSpec(BaseModel):
         except (OSError, yaml.YAMLError, ValueError) as exc:
             raise ConfigError(f"{path}: {exc}") from None
 
+    def config_path(self, config: str, base_dir: Path) -> Path:
+        """The file of one of ``configs``: as written, else relative to the spec's folder."""
+        return Path(config) if Path(config).is_file() else base_dir / config
+
+    def hash(self, base_dir: Path) -> str:
+        """The spec hash of this grid (:func:`fedsim.outputs.spec_hash.spec_hash`)."""
+        return spec_hash(self.model_dump(mode="json"), {c: self.config_path(c, base_dir) for c in self.configs})
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -223,7 +232,7 @@ def cells(spec: BenchSpec, base_dir: Path) -> list[Cell]:
     names = list(spec.axes)
     out = []
     for config in spec.configs:
-        path = Path(config) if Path(config).is_file() else base_dir / config
+        path = spec.config_path(config, base_dir)
         for variant in spec.variants:
             for values in itertools.product(*(spec.axes[n] for n in names)):
                 axis_sets = [s for n, v in zip(names, values, strict=True) for s in _axis_sets(spec.axes[n], n, v)]
@@ -316,11 +325,11 @@ def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1,
     configs = []
     for cell in cells(spec, base_dir):
         for seed in spec.seeds:
-            overrides = [*cell.sets, f"seed={seed}", f"output.target_accuracy={spec.target_accuracy}",
-                         "output.plots=false"]
+            sets = [*cell.sets, f"seed={seed}", f"output.target_accuracy={spec.target_accuracy}",
+                    "output.plots=false"]
             if runs_dir:
-                overrides.append(f"output.dir={runs_dir}")
-            configs.append((cell.label, seed, load_config(cell.path, overrides)))  # all validated before any run
+                sets.append(f"output.dir={runs_dir}")
+            configs.append((cell.label, seed, load_config(cell.path, sets)))  # all validated before any run
     check_partitions(configs)
     if jobs > 1 and any(cfg.sim.backend != "inprocess" for _, _, cfg in configs):
         raise ConfigError("--jobs > 1 needs sim.backend=inprocess in every run of the grid")
@@ -332,7 +341,9 @@ def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1,
     results: dict[str, list[dict[str, Any]]] = {}
     for (label, seed, _), (run_path, summary) in zip(configs, outcomes, strict=True):
         results.setdefault(label, []).append({"seed": seed, "run": run_path, **summary})
-    return write_bench(spec, results, base_dir, command=f"fedsim bench {' '.join(sys.argv[2:]) or spec_path}")
+    source = {"spec_file": str(spec_path), "overrides": list(overrides), "spec_hash": spec.hash(base_dir)}
+    return write_bench(spec, results, base_dir, command=f"fedsim bench {' '.join(sys.argv[2:]) or spec_path}",
+                       source=source)
 
 
 def rerender_bench(spec_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
@@ -347,9 +358,14 @@ def rerender_bench(spec_path: str | Path, overrides: list[str] | tuple[str, ...]
     if not stored_path.is_file():
         raise ConfigError(f"{stored_path}: no stored results to re-render; run the grid first")
     stored = json.loads(stored_path.read_text())
+    base_dir = Path(spec_path).parent
+    if stored.get("spec_hash") is not None and stored["spec_hash"] != spec.hash(base_dir):
+        raise ConfigError(f"{stored_path}: its runs were made by another version of {spec_path} or its configs "
+                          "(spec_hash differs); run the grid again")
     results = {row["setting"]: row["runs"] for row in stored["table"]}
-    return write_bench(spec, results, Path(spec_path).parent,
-                       command=stored.get("command", f"fedsim bench {spec_path}"))
+    source = {"spec_file": str(spec_path), "overrides": list(overrides), "spec_hash": stored.get("spec_hash")}
+    return write_bench(spec, results, base_dir, command=stored.get("command", f"fedsim bench {spec_path}"),
+                       source=source)
 
 
 def _mean_of(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -486,16 +502,19 @@ def heatmap_tables(figure: Figure, results: dict[str, list[dict[str, Any]]], gri
     return tables
 
 
-def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]], base_dir: Path, command: str) -> Path:
+def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]], base_dir: Path, command: str,
+                source: dict[str, Any]) -> Path:
     """Write the markdown table, JSON and figures of a finished grid: ``<name>.png``, the
     seed-mean accuracy curves as small multiples (one panel per cell of the grid), and the
-    spec's ``figures:``."""
+    spec's ``figures:``. ``source`` names the spec file, its overrides and the spec hash of
+    the runs (None for runs older than spec hashes)."""
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment()
     lines = [f"# {spec.name}", "",
              f"Command: `{command}`  ",
-             "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
+             "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "  ",
+             f"Spec hash: {source['spec_hash'] or 'none (runs older than spec hashes)'}", ""]
     if spec.claim:
         lines += [f"Claim checked: {spec.claim}", ""]
     extra_heads = "".join(f" {k.replace('_', ' ')} |" for k in spec.extra)
@@ -525,7 +544,8 @@ def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]], base_
     md = out / f"{spec.name}.md"
     md.write_text("\n".join(lines) + "\n")
     (out / f"{spec.name}.json").write_text(json.dumps(
-        {"command": command, "spec": spec.model_dump(), "environment": env, "table": table, "checks": checks},
+        {"command": command, **source, "spec": spec.model_dump(), "environment": env, "table": table,
+         "checks": checks},
         indent=2))
     for figure in [Figure(file=spec.curves_file or f"{spec.name}.png", x_key=spec.x_key), *spec.figures]:
         if figure.kind == "heatmap":
