@@ -80,7 +80,7 @@ def train_local(
     """Train ``model`` in place on ``data`` for the configured epochs or steps.
 
     Hooks in ``objective.hooks`` add loss terms and transform gradients (``before_step``
-    runs between ``backward`` and the optimizer step).
+    runs between ``backward`` and the optimizer step) or weights (``after_step``, after it).
     """
     n = len(data.y)
     if n == 0:
@@ -98,6 +98,8 @@ def train_local(
         for hook in objective.hooks:
             hook.before_step(model)
         optimizer.step()
+        for hook in objective.hooks:
+            hook.after_step(model)
         loss_sum += float(loss.detach()) * len(idx)
         correct += int((logits.argmax(1) == y_all[idx]).sum())
         seen += len(idx)
