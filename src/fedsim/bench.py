@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedsim.config import ConfigError, apply_override, load_config
 from fedsim.outputs.grid_figures import plot_heatmaps, plot_panels
+from fedsim.outputs.paired import PairedVerdict, claim_margin, paired_verdict
 from fedsim.outputs.results import RunDir
 from fedsim.outputs.spec_hash import spec_hash
 
@@ -56,9 +57,12 @@ class Check(BaseModel):
     bytes is "4x fewer bytes"). Without a ``baseline``, ``value`` is the bar: "setting >= value
     + by" (or <= with ``lower_is_better``). A list of baselines asks the same against every
     one of them ("#C=1 is the hardest partition": lower than each other partition, i.e. than
-    the lowest of them). The verdict is computed from the means over all
-    seeds, so the table says whether the claim held; a seed that never reached a target
-    counts as never (a ``*_to_target`` mean is infinite then), not as a missing value.
+    the lowest of them). The verdict compares the seeds pairwise
+    (:mod:`fedsim.outputs.paired`): the claim holds only where the per-seed margins support
+    it (a one-sided paired t-test at the spec's ``alpha``), does not hold where they support
+    the opposite, and is inconclusive otherwise; against several baselines it must hold
+    against each. A seed that never reached a target counts as never (infinite), not as a
+    missing value.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -86,15 +90,12 @@ class Check(BaseModel):
             return []
         return [self.baseline] if isinstance(self.baseline, str) else list(self.baseline)
 
-    def held(self, setting: float, baseline: float) -> bool:
-        """Whether the claim holds for these means of the setting and the baseline. A setting
-        that never reached a target (an infinite ``*_to_target``) beats nothing, not even a
-        baseline that never reached it either."""
-        if self.lower_is_better and math.isinf(setting):
-            return False
-        if self.ratio is not None:
-            return setting * self.ratio <= baseline if self.lower_is_better else setting >= baseline * self.ratio
-        return setting <= baseline - self.by if self.lower_is_better else setting >= baseline + self.by
+    def margin(self, setting: float, baseline: float) -> float:
+        """How far ``setting`` is past the claim's threshold against ``baseline`` (>= 0: the
+        claim holds for these two numbers; :func:`fedsim.outputs.paired.claim_margin`). A
+        setting that never reached a target (an infinite ``*_to_target``) beats nothing, not
+        even a baseline that never reached it either."""
+        return claim_margin(setting, baseline, self.by, self.ratio, self.lower_is_better)
 
 
 class WinnerCheck(BaseModel):
@@ -103,6 +104,13 @@ class WinnerCheck(BaseModel):
     ("no algorithm wins every setting"). Methods and values come from the grid's cells (see
     :func:`cells`); ``settings`` keeps the settings whose label contains it, and the claim is
     judged separately in every remaining cell of the grid (each must hold).
+
+    Seed spread decides ties: in each value the tied best are the methods that the method of
+    the best mean does not beat in a paired test (:mod:`fedsim.outputs.paired`). ``best``
+    holds where it is the only tied best of every value, and does not hold where another
+    method beats it in some value; "no single best" holds where no method is tied best in
+    every value, and does not hold where one method is the only tied best of every value;
+    otherwise the claim is inconclusive.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -169,6 +177,9 @@ class BenchSpec(BaseModel):
     extra: list[str] = Field(default_factory=list, description="summary keys shown as extra columns")
     x_key: str = Field("round", description="x axis of the plot: round, virtual_time, wall_time_s")
     notes: str | None = Field(None, description="interpretation printed under the verdicts")
+    alpha: float = Field(0.05, gt=0, lt=1, description="level of the paired per-seed tests of the checks")
+    diverged_loss: float = Field(10.0, gt=0, description="a final test loss above it (or not finite) marks a "
+                                                         "run diverged, listed in the write-up")
     checks: list[Check] = Field(default_factory=list)
     winners: list[WinnerCheck] = Field(default_factory=list, description="claims about the best method per cell")
     figures: list[Figure] = Field(default_factory=list)
@@ -381,81 +392,152 @@ def _check_mean(runs: list[dict[str, Any]], metric: str) -> float | None:
     return _mean_of(runs, metric)
 
 
+def per_seed(runs: list[dict[str, Any]], metric: str) -> dict[Any, float]:
+    """``metric`` by seed (a run without one is keyed by its position); a ``*_to_target``
+    never reached is infinite, another missing value is left out."""
+    values = {}
+    for i, run in enumerate(runs):
+        value = run.get(metric)
+        if value is None and metric.endswith("_to_target"):
+            value = math.inf
+        if value is not None:
+            values[run.get("seed", i)] = float(value)
+    return values
+
+
+def _paired(check: Check, setting: dict[Any, float], baseline: dict[Any, float] | float, alpha: float
+            ) -> PairedVerdict:
+    """The verdict of ``check`` over the seeds both sides have (a bar is every seed's baseline)."""
+    seeds = [s for s in setting if isinstance(baseline, float) or s in baseline]
+    return paired_verdict([check.margin(setting[s], baseline if isinstance(baseline, float) else baseline[s])
+                           for s in seeds], alpha)
+
+
+_RANK = {"DOES NOT HOLD": 0, "INCONCLUSIVE": 1, "HOLDS": 2}
+
+
 def verdicts(spec: BenchSpec, results: dict[str, list[dict[str, Any]]],
              grid: dict[str, Cell] | None = None) -> list[str]:
-    """One line per check: whether the claim held on the means, with the numbers. The
-    ``winners`` checks need the grid's cells (``grid``: label -> :class:`Cell`)."""
+    """One line per check: HOLDS, DOES NOT HOLD or INCONCLUSIVE from the paired seeds, with
+    the means and the paired evidence. Against several baselines the least favourable
+    verdict decides and is the one named. The ``winners`` checks need the grid's cells
+    (``grid``: label -> :class:`Cell`)."""
     lines = []
     for check in spec.checks:
         for name in (check.setting, *check.baselines):
             if name not in results:
                 raise ConfigError(f"check {check.claim!r}: no setting named {name!r}")
         a = _check_mean(results[check.setting], check.metric)
+        setting = per_seed(results[check.setting], check.metric)
         if check.baseline is None:
             b, against = check.value, "bar"
+            verdict = _paired(check, setting, float(check.value), spec.alpha)
         else:
             means = {name: _check_mean(results[name], check.metric) for name in check.baselines}
-            if any(m is None for m in means.values()):
-                b, against = None, ", ".join(check.baselines)
-            else:  # the baseline hardest to beat decides
-                against = (min if check.lower_is_better else max)(means, key=means.__getitem__)
-                b = means[against]
-                if len(means) > 1:
-                    against = f"the {'lowest' if check.lower_is_better else 'highest'} of {len(means)}, {against}"
-        held = a is not None and b is not None and check.held(a, b)
+            paired = {name: _paired(check, setting, per_seed(results[name], check.metric), spec.alpha)
+                      for name in check.baselines}
+            # the least favourable verdict decides; among equals the baseline hardest to beat on the means
+            measured = [n for n in check.baselines if means[n] is not None]
+            hardest = (min if check.lower_is_better else max)(measured, key=means.__getitem__) if measured \
+                else check.baselines[0]
+            against = min(paired, key=lambda n: (_RANK[paired[n].outcome], n != hardest))
+            verdict, b = paired[against], means[against]
+            if len(means) > 1:
+                against = f"the {'lowest' if check.lower_is_better else 'highest'} of {len(means)}, {against}" \
+                    if against == hardest else f"{against} (of {len(means)})"
         fa = "-" if a is None else f"{a:.4g}"
         fb = "-" if b is None else f"{b:.4g}"
         factor = ""
         if check.ratio is not None and a and b and math.isfinite(a) and math.isfinite(b):
             measured = b / a if check.lower_is_better else a / b
             factor = f", {measured:.3g}x{' fewer' if check.lower_is_better else ''}, needs {check.ratio:g}x"
-        lines.append(f"- {'HOLDS' if held else 'DOES NOT HOLD'}: {check.claim} "
-                     f"({check.metric}: {check.setting} {fa} vs {against} {fb}{factor})")
+        lines.append(f"- {verdict.outcome}: {check.claim} "
+                     f"({check.metric}: {check.setting} {fa} vs {against} {fb}{factor}; {verdict.describe()})")
     for winner in spec.winners:
         if grid is None:
             raise ConfigError(f"winner check {winner.claim!r} needs the grid's cells")
-        lines.append(_winner_verdict(winner, results, grid))
+        lines.append(_winner_verdict(winner, results, grid, spec.alpha))
     return lines
 
 
-def _winner_verdict(check: WinnerCheck, results: dict[str, list[dict[str, Any]]], grid: dict[str, Cell]) -> str:
-    """The verdict line of a :class:`WinnerCheck`, naming the best method(s) of every value."""
-    groups: dict[str, dict[str, dict[str, float]]] = {}
+def tied_best(methods: dict[str, list[dict[str, Any]]], metric: str, lower_is_better: bool, alpha: float
+              ) -> tuple[str, list[str]]:
+    """The method of the best mean, and the methods it does not beat in a paired test (itself
+    included): the tied best of one value of a :class:`WinnerCheck`."""
+    means = {m: _check_mean(runs, metric) for m, runs in methods.items()}
+    means = {m: v for m, v in means.items() if v is not None}
+    leader = (min if lower_is_better else max)(means, key=means.__getitem__)
+    beats = Check(claim="leader", setting=leader, baseline=leader, metric=metric, lower_is_better=lower_is_better)
+    lead = per_seed(methods[leader], metric)
+    tied = [m for m in means if m != leader and _paired(beats, lead, per_seed(methods[m], metric), alpha).outcome
+            != "HOLDS"]
+    return leader, [leader, *tied]
+
+
+def _winner_verdict(check: WinnerCheck, results: dict[str, list[dict[str, Any]]], grid: dict[str, Cell],
+                    alpha: float) -> str:
+    """The verdict line of a :class:`WinnerCheck`, naming the tied best method(s) of every value."""
+    groups: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
     for label, runs in results.items():
         cell = grid.get(label)
         if cell is None or check.across not in cell.place or (check.settings and check.settings not in label):
             continue
-        mean = _check_mean(runs, check.metric)
-        if mean is not None:
+        if _check_mean(runs, check.metric) is not None:
             group = groups.setdefault(_panel_title(cell.place, leave_out=check.across), {})
-            group.setdefault(cell.place[check.across], {})[cell.method] = mean
+            group.setdefault(cell.place[check.across], {})[cell.method] = runs
     if not groups:
         raise ConfigError(f"winner check {check.claim!r}: no setting matches")
-    held, parts = True, []
+    outcomes, parts = [], []
     for title, values in groups.items():
-        winners = {}
-        for value, methods in values.items():
-            best = (min if check.lower_is_better else max)(methods.values())
-            winners[value] = ([m for m, v in methods.items() if v == best], best)
-        always = set.intersection(*(set(w) for w, _ in winners.values()))
-        held &= (check.best in always) if check.best is not None else not always
-        named = ", ".join(f"{value} {'/'.join(w)} {best:.4g}" for value, (w, best) in winners.items())
+        winners = {value: tied_best(methods, check.metric, check.lower_is_better, alpha)
+                   for value, methods in values.items()}
+        tied = [set(t) for _, t in winners.values()]
+        sole = [next(iter(t)) if len(t) == 1 else None for t in tied]
+        if check.best is not None:
+            outcome = "HOLDS" if all(w == check.best for w in sole) else \
+                "DOES NOT HOLD" if any(check.best not in t for t in tied) else "INCONCLUSIVE"
+        else:
+            outcome = "HOLDS" if not set.intersection(*tied) else \
+                "DOES NOT HOLD" if sole[0] is not None and all(w == sole[0] for w in sole) else "INCONCLUSIVE"
+        outcomes.append(outcome)
+        named = ", ".join(f"{value} {'/'.join(t)} {_check_mean(values[value][leader], check.metric):.4g}"
+                          for value, (leader, t) in winners.items())
         parts.append(named if len(groups) == 1 else f"{title}: {named}")
-    return (f"- {'HOLDS' if held else 'DOES NOT HOLD'}: {check.claim} "
-            f"(best {check.metric} per {check.across}: {'; '.join(parts)})")
+    outcome = min(outcomes, key=_RANK.__getitem__)
+    return (f"- {outcome}: {check.claim} "
+            f"(tied best {check.metric} per {check.across}, best mean first: {'; '.join(parts)})")
+
+
+def diverged_runs(results: dict[str, list[dict[str, Any]]], threshold: float) -> list[str]:
+    """Every run whose final test loss is not finite (None in a summary, which holds no NaN)
+    or above ``threshold``, as ``setting, seed s: final loss x`` lines."""
+    lines = []
+    for label, runs in results.items():
+        for i, run in enumerate(runs):
+            if run.get("final_accuracy") is None and run.get("final_loss") is None:
+                continue  # not evaluated centrally: nothing to judge
+            loss = run.get("final_loss")
+            if loss is None or not math.isfinite(loss) or loss > threshold:
+                shown = "not finite" if loss is None or not math.isfinite(loss) else f"{loss:.4g}"
+                lines.append(f"- {label}, seed {run.get('seed', i)}: final test loss {shown}")
+    return lines
 
 
 def seed_mean(runs: list[dict[str, Any]], key: str, x_key: str, layer: str | None = None,
               relative_to: str | None = None) -> list[dict[str, Any]]:
     """The mean over seeds of ``key`` (its ``layer`` entry, divided by the summary's
-    ``relative_to`` entry) at every ``x_key`` that all the seeds' metrics rows share."""
+    ``relative_to`` entry) at every ``x_key`` that all the seeds' metrics rows share, with
+    the seeds' lowest and highest value as ``<key>_min`` and ``<key>_max`` (the spread the
+    curves shade)."""
     per_seed = []
     for run in runs:
         scale = run[relative_to][layer] if relative_to else 1.0
         per_seed.append({r[x_key]: (r[key] if layer is None else r[key][layer]) / scale
                          for r in RunDir.open(run["run"]).rows() if r.get(key) is not None})
     xs = sorted(set.intersection(*(set(points) for points in per_seed)))
-    return [{x_key: x, key: statistics.mean(points[x] for points in per_seed)} for x in xs]
+    return [{x_key: x, key: statistics.mean(points[x] for points in per_seed),
+             f"{key}_min": min(points[x] for points in per_seed), f"{key}_max": max(points[x] for points in per_seed)}
+            for x in xs]
 
 
 def figure_panels(figure: Figure, results: dict[str, list[dict[str, Any]]],
@@ -481,11 +563,13 @@ def figure_panels(figure: Figure, results: dict[str, list[dict[str, Any]]],
 
 
 def heatmap_tables(figure: Figure, results: dict[str, list[dict[str, Any]]], grid: dict[str, Cell]
-                   ) -> dict[str, tuple[list[str], list[str], np.ndarray]]:
+                   ) -> dict[str, tuple[list[str], list[str], np.ndarray, np.ndarray]]:
     """The heatmaps of a heatmap figure: per remaining cell of the grid, methods (rows) x the
     values of ``figure.columns``, each the seed mean of the summaries' ``figure.metric``
-    (NaN where missing, infinite for a target never reached)."""
+    (NaN where missing, infinite for a target never reached), and the seeds' standard
+    deviation of it (NaN where fewer than 2 seeds have a finite value)."""
     values: dict[str, dict[tuple[str, str], float]] = {}
+    spreads: dict[str, dict[tuple[str, str], float]] = {}
     for label, runs in results.items():
         cell = grid.get(label)
         if cell is None or figure.columns not in cell.place or (figure.settings and figure.settings not in label):
@@ -493,12 +577,16 @@ def heatmap_tables(figure: Figure, results: dict[str, list[dict[str, Any]]], gri
         mean = _check_mean(runs, figure.metric)
         title = _panel_title(cell.place, leave_out=figure.columns)
         values.setdefault(title, {})[cell.method, cell.place[figure.columns]] = math.nan if mean is None else mean
+        finite = [v for v in per_seed(runs, figure.metric).values() if math.isfinite(v)]
+        spreads.setdefault(title, {})[cell.method, cell.place[figure.columns]] = \
+            statistics.stdev(finite) if len(finite) > 1 else math.nan
     tables = {}
     for title, entries in values.items():
         rows = list(dict.fromkeys(method for method, _ in entries))
         columns = list(dict.fromkeys(column for _, column in entries))
-        matrix = np.array([[entries.get((r, c), math.nan) for c in columns] for r in rows], dtype=np.float64)
-        tables[title] = (rows, columns, matrix)
+        matrix, spread = (np.array([[table.get((r, c), math.nan) for c in columns] for r in rows], dtype=np.float64)
+                          for table in (entries, spreads[title]))
+        tables[title] = (rows, columns, matrix, spread)
     return tables
 
 
@@ -538,14 +626,19 @@ def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]], base_
     grid = {cell.label: cell for cell in cells(spec, base_dir)}
     checks = verdicts(spec, results, grid)
     if checks:
-        lines += ["", "Claim checks (computed from the means above):", *checks]
+        lines += ["", f"Claim checks (paired over seeds: HOLDS or DOES NOT HOLD where a one-sided paired t-test "
+                      f"at level {spec.alpha:g} supports it, the sign test where a target was never reached, "
+                      "INCONCLUSIVE where the seed spread overlaps; the means shown are over all seeds):", *checks]
+    diverged = diverged_runs(results, spec.diverged_loss)
+    lines += ["", f"Diverged runs (final test loss not finite or above {spec.diverged_loss:g}): "
+                  f"{len(diverged) or 'none'}", *diverged]
     if spec.notes:
         lines += ["", "## Notes (from the spec)", "", spec.notes.strip()]
     md = out / f"{spec.name}.md"
     md.write_text("\n".join(lines) + "\n")
     (out / f"{spec.name}.json").write_text(json.dumps(
         {"command": command, **source, "spec": spec.model_dump(), "environment": env, "table": table,
-         "checks": checks},
+         "checks": checks, "diverged": diverged},
         indent=2))
     for figure in [Figure(file=spec.curves_file or f"{spec.name}.png", x_key=spec.x_key), *spec.figures]:
         if figure.kind == "heatmap":
