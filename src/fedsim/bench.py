@@ -32,6 +32,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fedsim.bench_tuning import Tuning, at_edge, choose, grid_points, score, tuning_lines
 from fedsim.config import ConfigError, apply_override, load_config
 from fedsim.outputs.grid_figures import plot_heatmaps, plot_panels
 from fedsim.outputs.paired import PairedVerdict, claim_margin, paired_verdict
@@ -185,6 +186,30 @@ class BenchSpec(BaseModel):
     figures: list[Figure] = Field(default_factory=list)
     curves_file: str | None = Field(None, pattern=r"^[\w.-]+\.png$",
                                     description="file of the small multiples of curves; default <name>.png")
+    tuning: Tuning | None = Field(None, description="per-method grids tuned on tuning seeds before the final runs")
+
+    def method_of(self, label: str) -> str:
+        """The method of a variant label: its part before ``panel_by``, else all of it."""
+        return label.split(self.panel_by, 1)[0].strip() if self.panel_by and self.panel_by in label else label
+
+    @model_validator(mode="after")
+    def _tuning_fits(self) -> BenchSpec:
+        if self.tuning is None:
+            return self
+        shared = sorted(set(self.tuning.seeds) & set(self.seeds))
+        if shared:
+            raise ValueError(f"tuning.seeds and seeds share {', '.join(map(str, shared))}: the final runs need seeds "
+                             "the tuning never saw")
+        methods = list(dict.fromkeys(self.method_of(v.label) for v in self.variants))
+        unknown = [m for m in self.tuning.grids if m not in methods]
+        if unknown:
+            raise ValueError(f"tuning.grids: {', '.join(unknown)} is not a method of the variants; "
+                             f"known: {', '.join(methods)}")
+        untuned = [m for m in methods if m not in self.tuning.grids]
+        if untuned:
+            raise ValueError(f"tuning.grids: no grid for {', '.join(untuned)}; every method is tuned with the same "
+                             "budget")
+        return self
 
     @model_validator(mode="after")
     def _figures_fit(self) -> BenchSpec:
@@ -249,9 +274,9 @@ def cells(spec: BenchSpec, base_dir: Path) -> list[Cell]:
                 axis_sets = [s for n, v in zip(names, values, strict=True) for s in _axis_sets(spec.axes[n], n, v)]
                 label = " ".join([variant.label, *(f"{n.split('.')[-1]}={v}" for n, v in zip(names, values, strict=True))])
                 place = {"config": path.stem} if len(spec.configs) > 1 else {}
-                method = variant.label
-                if spec.panel_by and spec.panel_by in variant.label:
-                    method, place["panel"] = (part.strip() for part in variant.label.split(spec.panel_by, 1))
+                method = spec.method_of(variant.label)
+                if method != variant.label:
+                    place["panel"] = variant.label.split(spec.panel_by, 1)[1].strip()
                 place.update({n: str(v) for n, v in zip(names, values, strict=True)})
                 if len(spec.configs) > 1:
                     label = f"{path.stem}: {label}"
@@ -324,24 +349,21 @@ def check_partitions(configs: list[tuple[str, int, Any]]) -> None:
             raise ConfigError(f"{label} (seed {seed}): {exc}") from None
 
 
-def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1,
-              overrides: list[str] | tuple[str, ...] = ()) -> Path:
-    """Run the grid of ``spec_path`` (``jobs`` runs at a time; ``overrides`` replace fields of
-    the spec, see :meth:`BenchSpec.load`); return the markdown table's path.
-
-    Parallel jobs need ``sim.backend: inprocess`` (each Ray run would start its own cluster).
-    """
-    spec = BenchSpec.load(spec_path, overrides)
-    base_dir = Path(spec_path).parent
+def _grid_configs(spec: BenchSpec, grid: list[tuple[str, Path, list[str]]], seeds: list[int], runs_dir: str | None
+                  ) -> list[tuple[str, int, Any]]:
+    """(label, seed, validated config) of every run of ``grid`` (label, config file, overrides)."""
     configs = []
-    for cell in cells(spec, base_dir):
-        for seed in spec.seeds:
-            sets = [*cell.sets, f"seed={seed}", f"output.target_accuracy={spec.target_accuracy}",
-                    "output.plots=false"]
+    for label, path, sets in grid:
+        for seed in seeds:
+            overrides = [*sets, f"seed={seed}", f"output.target_accuracy={spec.target_accuracy}", "output.plots=false"]
             if runs_dir:
-                sets.append(f"output.dir={runs_dir}")
-            configs.append((cell.label, seed, load_config(cell.path, sets)))  # all validated before any run
-    check_partitions(configs)
+                overrides.append(f"output.dir={runs_dir}")
+            configs.append((label, seed, load_config(path, overrides)))
+    return configs
+
+
+def _run_all(configs: list[tuple[str, int, Any]], jobs: int) -> dict[str, list[dict[str, Any]]]:
+    """Run every config (``jobs`` at a time); label -> that label's runs (seed, run dir, summary)."""
     if jobs > 1 and any(cfg.sim.backend != "inprocess" for _, _, cfg in configs):
         raise ConfigError("--jobs > 1 needs sim.backend=inprocess in every run of the grid")
     if jobs > 1:
@@ -352,9 +374,65 @@ def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1,
     results: dict[str, list[dict[str, Any]]] = {}
     for (label, seed, _), (run_path, summary) in zip(configs, outcomes, strict=True):
         results.setdefault(label, []).append({"seed": seed, "run": run_path, **summary})
+    return results
+
+
+def tune(spec: BenchSpec, grid: list[Cell], runs_dir: str | None, jobs: int) -> dict[str, dict[str, Any]]:
+    """The tuning stage (:mod:`fedsim.bench_tuning`): every setting's method grid on the
+    tuning seeds with a validation split; setting label -> ``chosen`` values, their
+    ``overrides``, ``index``, ``at_edge`` keys and every grid point's ``values``, ``score``
+    and ``runs``."""
+    tuning = spec.tuning
+    holdout = f"data.validation_fraction={tuning.validation_fraction}"
+    trials = [(f"{cell.label} #{k}", cell.path, [*cell.sets, *point, holdout])
+              for cell in grid for k, point in enumerate(tuning.overrides(cell.method))]
+    configs = _grid_configs(spec, trials, tuning.seeds, runs_dir)
+    check_partitions(configs)
+    runs = _run_all(configs, jobs)
+    tuned = {}
+    for cell in grid:
+        points = grid_points(tuning.grids[cell.method])
+        trial_runs = [runs[f"{cell.label} #{k}"] for k in range(len(points))]
+        scores = [score(r, tuning.metric) for r in trial_runs]
+        index = choose(scores, tuning.lower_is_better)
+        tuned[cell.label] = {"chosen": points[index], "overrides": tuning.overrides(cell.method)[index],
+                             "index": index, "at_edge": at_edge(tuning.grids[cell.method], points[index]),
+                             "points": [{"values": p, "score": sc, "runs": r}
+                                        for p, sc, r in zip(points, scores, trial_runs, strict=True)]}
+    return tuned
+
+
+def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1,
+              overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """Run the grid of ``spec_path`` (``jobs`` runs at a time; ``overrides`` replace fields of
+    the spec, see :meth:`BenchSpec.load`); return the markdown table's path. With a
+    ``tuning:`` section the tuning stage runs first and the grid runs the chosen values.
+
+    Parameters
+    ----------
+    spec_path : str or Path
+        The spec.
+    runs_dir : str or None
+        Where the run directories go (else each config's ``output.dir``).
+    jobs : int, default 1
+        Runs at a time; more than 1 needs ``sim.backend: inprocess`` (each Ray run would start
+        its own cluster).
+    overrides : list of str
+        ``key=value`` replacements of the spec's fields.
+    """
+    spec = BenchSpec.load(spec_path, overrides)
+    base_dir = Path(spec_path).parent
+    grid = cells(spec, base_dir)
+    # every final config validated (and every partition drawn) before any run, the tuning's too
+    final = [(cell.label, cell.path, cell.sets) for cell in grid]
+    check_partitions(_grid_configs(spec, final, spec.seeds, runs_dir))
+    tuned = tune(spec, grid, runs_dir, jobs) if spec.tuning else None
+    if tuned:
+        final = [(label, path, [*sets, *tuned[label]["overrides"]]) for label, path, sets in final]
+    results = _run_all(_grid_configs(spec, final, spec.seeds, runs_dir), jobs)
     source = {"spec_file": str(spec_path), "overrides": list(overrides), "spec_hash": spec.hash(base_dir)}
     return write_bench(spec, results, base_dir, command=f"fedsim bench {' '.join(sys.argv[2:]) or spec_path}",
-                       source=source)
+                       source=source, tuned=tuned)
 
 
 def rerender_bench(spec_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
@@ -376,7 +454,7 @@ def rerender_bench(spec_path: str | Path, overrides: list[str] | tuple[str, ...]
     results = {row["setting"]: row["runs"] for row in stored["table"]}
     source = {"spec_file": str(spec_path), "overrides": list(overrides), "spec_hash": stored.get("spec_hash")}
     return write_bench(spec, results, base_dir, command=stored.get("command", f"fedsim bench {spec_path}"),
-                       source=source)
+                       source=source, tuned=stored.get("tuning"))
 
 
 def _mean_of(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -591,11 +669,12 @@ def heatmap_tables(figure: Figure, results: dict[str, list[dict[str, Any]]], gri
 
 
 def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]], base_dir: Path, command: str,
-                source: dict[str, Any]) -> Path:
+                source: dict[str, Any], tuned: dict[str, dict[str, Any]] | None = None) -> Path:
     """Write the markdown table, JSON and figures of a finished grid: ``<name>.png``, the
     seed-mean accuracy curves as small multiples (one panel per cell of the grid), and the
     spec's ``figures:``. ``source`` names the spec file, its overrides and the spec hash of
-    the runs (None for runs older than spec hashes)."""
+    the runs (None for runs older than spec hashes); ``tuned`` the tuning stage's record
+    (:func:`tune`), whose chosen values each table row records."""
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment()
@@ -622,7 +701,8 @@ def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]], base_
         table.append({"setting": label, "final_accuracy_mean": statistics.mean(finals) if finals else None,
                       "final_accuracy_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                       "rounds_to_target_mean": statistics.mean(reached) if reached else None,
-                      "reached": len(reached), **{f"{k}_mean": v for k, v in extras.items()}, "runs": runs})
+                      "reached": len(reached), **{f"{k}_mean": v for k, v in extras.items()},
+                      **({"tuned": tuned[label]["chosen"]} if tuned else {}), "runs": runs})
     grid = {cell.label: cell for cell in cells(spec, base_dir)}
     checks = verdicts(spec, results, grid)
     if checks:
@@ -632,13 +712,15 @@ def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]], base_
     diverged = diverged_runs(results, spec.diverged_loss)
     lines += ["", f"Diverged runs (final test loss not finite or above {spec.diverged_loss:g}): "
                   f"{len(diverged) or 'none'}", *diverged]
+    if tuned:
+        lines += ["", *tuning_lines(tuned, spec.tuning)]
     if spec.notes:
         lines += ["", "## Notes (from the spec)", "", spec.notes.strip()]
     md = out / f"{spec.name}.md"
     md.write_text("\n".join(lines) + "\n")
     (out / f"{spec.name}.json").write_text(json.dumps(
         {"command": command, **source, "spec": spec.model_dump(), "environment": env, "table": table,
-         "checks": checks, "diverged": diverged},
+         "checks": checks, "diverged": diverged, **({"tuning": tuned} if tuned else {})},
         indent=2))
     for figure in [Figure(file=spec.curves_file or f"{spec.name}.png", x_key=spec.x_key), *spec.figures]:
         if figure.kind == "heatmap":
