@@ -179,8 +179,9 @@ class BenchSpec(BaseModel):
     x_key: str = Field("round", description="x axis of the plot: round, virtual_time, wall_time_s")
     notes: str | None = Field(None, description="interpretation printed under the verdicts")
     alpha: float = Field(0.05, gt=0, lt=1, description="level of the paired per-seed tests of the checks")
-    diverged_loss: float = Field(10.0, gt=0, description="a final test loss above it (or not finite) marks a "
-                                                         "run diverged, listed in the write-up")
+    diverged_loss: float = Field(5.0, gt=0, description="a final test loss above it (or not finite) marks a run "
+                                                        "diverged, listed in the write-up; 5 is about twice the "
+                                                        "chance-level cross-entropy of 10 classes (ln 10 = 2.3)")
     checks: list[Check] = Field(default_factory=list)
     winners: list[WinnerCheck] = Field(default_factory=list, description="claims about the best method per cell")
     figures: list[Figure] = Field(default_factory=list)
