@@ -10,7 +10,10 @@ multiples: one panel per cell of the grid, one colour per compared method), plus
 ``figures:`` the spec asks for (curves per axis cell or per layer, or annotated heatmaps of
 a summary value, methods x an axis).
 ``checks:`` state the claims of the papers as comparisons of two settings; each table ends
-with whether each claim held, computed from the numbers, never written by hand.
+with whether each claim held, computed from the seeds paired (:mod:`fedsim.outputs.paired`:
+HOLDS, DOES NOT HOLD or INCONCLUSIVE), never written by hand, and lists every diverged run.
+A ``tuning:`` section tunes each method before the final runs (:mod:`fedsim.bench_tuning`).
+Every result records its spec hash (:mod:`fedsim.outputs.spec_hash`).
 """
 
 from __future__ import annotations
