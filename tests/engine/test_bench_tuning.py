@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from fedsim.bench import BenchSpec, run_bench
+from fedsim.bench import BenchSpec, rerender_bench, run_bench
 from fedsim.bench_tuning import at_edge, choose, grid_points, override
 from fedsim.config import ConfigError, load_config
 from fedsim.outputs.results import RunDir
@@ -50,6 +50,13 @@ def test_each_setting_is_tuned_on_a_validation_split_and_runs_its_chosen_values(
         assert final.client.lr == record["chosen"]["client.lr"]
     assert stored["tuning"]["FedAvg"]["chosen"] == {"client.lr": 0.05}  # lr 1e-4 hardly moves in one epoch
     assert "## Tuning" in md.read_text() and "| FedProx | client.lr=0.05, strategy.mu=" in md.read_text()
+    written = md.read_text()
+    assert rerender_bench(spec_path).read_text().split("Environment")[1] == written.split("Environment")[1]
+    changed = _spec(tmp_path)
+    changed["common"].append("client.batch_size=16")  # other runs: the stored ones no longer match
+    spec_path.write_text(yaml.safe_dump(changed))
+    with pytest.raises(ConfigError, match="spec_hash differs"):
+        rerender_bench(spec_path)
 
 
 def test_the_validation_split_comes_from_the_training_pool_and_leaves_the_test_set_alone(tmp_path):
