@@ -398,6 +398,9 @@ def tune(spec: BenchSpec, grid: list[Cell], runs_dir: str | None, jobs: int) -> 
         points = grid_points(tuning.grids[cell.method])
         trial_runs = [runs[f"{cell.label} #{k}"] for k in range(len(points))]
         scores = [score(r, tuning.metric) for r in trial_runs]
+        if all(sc is None for sc in scores):
+            raise ConfigError(f"tuning.metric {tuning.metric!r}: no tuning run of {cell.label} has a finite value of "
+                              "it, so no grid point can be chosen")
         index = choose(scores, tuning.lower_is_better)
         tuned[cell.label] = {"chosen": points[index], "overrides": tuning.overrides(cell.method)[index],
                              "index": index, "at_edge": at_edge(tuning.grids[cell.method], points[index]),
