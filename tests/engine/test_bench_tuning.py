@@ -92,3 +92,10 @@ def test_grid_helpers_choose_the_first_best_and_flag_an_unbracketed_choice():
     assert choose([None, 3.0, 2.0], lower_is_better=True) == 2
     assert at_edge({"lr": [0.01, 0.03, 0.1], "mu": [0.1, 1.0]}, {"lr": 0.1, "mu": 1.0}) == ["lr"]
     assert override("client.lr", 1e-5) == "client.lr=1.0e-05"
+
+
+def test_a_tuning_metric_no_run_reports_is_refused_not_read_as_a_tie(tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(_spec(tmp_path, metric="final_acuracy")))
+    with pytest.raises(ConfigError, match="tuning.metric 'final_acuracy': no tuning run of FedAvg has a finite value"):
+        run_bench(spec_path, runs_dir=str(tmp_path / "runs"))
