@@ -72,6 +72,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from pydantic import Field
 from torch import nn
 
 from fedsim.algorithms.api import SyncStrategyBase
@@ -113,7 +114,9 @@ class ScaffoldConfig(SyncStrategyBase):
     """
 
     name: Literal["scaffold"] = "scaffold"
-    correction: Literal["gradient", "weights"] = "gradient"
+    correction: Literal["gradient", "weights"] = Field(
+        "gradient", description="gradient: g - c_i + c before each step; weights: y -= lr (c - c_i) after it "
+                                "(NIID-Bench's code)")
 
 
 # ------------------------------------------------------------------ server math
