@@ -422,7 +422,8 @@ class Scaffold(FedsimStrategy):
     ``"scaffold-delta"`` beside the update (a reply without it is dropped). The records hold
     one flat float32 vector of the model's floating-point arrays in order
     (:func:`encode_vector`); in a Flower app the ClientApp applies
-    :func:`corrected_gradients` and :func:`control_variate_update` itself.
+    :func:`corrected_gradients` (or, for ``correction: weights``, :func:`corrected_weights`
+    after each step) and :func:`control_variate_update` itself.
 
     Parameters
     ----------
