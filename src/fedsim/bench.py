@@ -10,7 +10,10 @@ multiples: one panel per cell of the grid, one colour per compared method), plus
 ``figures:`` the spec asks for (curves per axis cell or per layer, or annotated heatmaps of
 a summary value, methods x an axis).
 ``checks:`` state the claims of the papers as comparisons of two settings; each table ends
-with whether each claim held, computed from the numbers, never written by hand.
+with whether each claim held, computed from the seeds paired (:mod:`fedsim.outputs.paired`:
+HOLDS, DOES NOT HOLD or INCONCLUSIVE), never written by hand, and lists every diverged run.
+A ``tuning:`` section tunes each method before the final runs (:mod:`fedsim.bench_tuning`).
+Every result records its spec hash (:mod:`fedsim.outputs.spec_hash`).
 """
 
 from __future__ import annotations
@@ -32,9 +35,12 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fedsim.bench_tuning import Tuning, at_edge, choose, grid_points, score, tuning_lines
 from fedsim.config import ConfigError, apply_override, load_config
 from fedsim.outputs.grid_figures import plot_heatmaps, plot_panels
+from fedsim.outputs.paired import PairedVerdict, claim_margin, paired_verdict
 from fedsim.outputs.results import RunDir
+from fedsim.outputs.spec_hash import spec_hash
 
 
 class Variant(BaseModel):
@@ -55,9 +61,12 @@ class Check(BaseModel):
     bytes is "4x fewer bytes"). Without a ``baseline``, ``value`` is the bar: "setting >= value
     + by" (or <= with ``lower_is_better``). A list of baselines asks the same against every
     one of them ("#C=1 is the hardest partition": lower than each other partition, i.e. than
-    the lowest of them). The verdict is computed from the means over all
-    seeds, so the table says whether the claim held; a seed that never reached a target
-    counts as never (a ``*_to_target`` mean is infinite then), not as a missing value.
+    the lowest of them). The verdict compares the seeds pairwise
+    (:mod:`fedsim.outputs.paired`): the claim holds only where the per-seed margins support
+    it (a one-sided paired t-test at the spec's ``alpha``), does not hold where they support
+    the opposite, and is inconclusive otherwise; against several baselines it must hold
+    against each. A seed that never reached a target counts as never (infinite), not as a
+    missing value.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -85,15 +94,12 @@ class Check(BaseModel):
             return []
         return [self.baseline] if isinstance(self.baseline, str) else list(self.baseline)
 
-    def held(self, setting: float, baseline: float) -> bool:
-        """Whether the claim holds for these means of the setting and the baseline. A setting
-        that never reached a target (an infinite ``*_to_target``) beats nothing, not even a
-        baseline that never reached it either."""
-        if self.lower_is_better and math.isinf(setting):
-            return False
-        if self.ratio is not None:
-            return setting * self.ratio <= baseline if self.lower_is_better else setting >= baseline * self.ratio
-        return setting <= baseline - self.by if self.lower_is_better else setting >= baseline + self.by
+    def margin(self, setting: float, baseline: float) -> float:
+        """How far ``setting`` is past the claim's threshold against ``baseline`` (>= 0: the
+        claim holds for these two numbers; :func:`fedsim.outputs.paired.claim_margin`). A
+        setting that never reached a target (an infinite ``*_to_target``) beats nothing, not
+        even a baseline that never reached it either."""
+        return claim_margin(setting, baseline, self.by, self.ratio, self.lower_is_better)
 
 
 class WinnerCheck(BaseModel):
@@ -102,6 +108,13 @@ class WinnerCheck(BaseModel):
     ("no algorithm wins every setting"). Methods and values come from the grid's cells (see
     :func:`cells`); ``settings`` keeps the settings whose label contains it, and the claim is
     judged separately in every remaining cell of the grid (each must hold).
+
+    Seed spread decides ties: in each value the tied best are the methods that the method of
+    the best mean does not beat in a paired test (:mod:`fedsim.outputs.paired`). ``best``
+    holds where it is the only tied best of every value, and does not hold where another
+    method beats it in some value; "no single best" holds where no method is tied best in
+    every value, and does not hold where one method is the only tied best of every value;
+    otherwise the claim is inconclusive.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -168,11 +181,39 @@ class BenchSpec(BaseModel):
     extra: list[str] = Field(default_factory=list, description="summary keys shown as extra columns")
     x_key: str = Field("round", description="x axis of the plot: round, virtual_time, wall_time_s")
     notes: str | None = Field(None, description="interpretation printed under the verdicts")
+    alpha: float = Field(0.05, gt=0, lt=1, description="level of the paired per-seed tests of the checks")
+    diverged_loss: float = Field(5.0, gt=0, description="a final test loss above it (or not finite) marks a run "
+                                                        "diverged, listed in the write-up; 5 is about twice the "
+                                                        "chance-level cross-entropy of 10 classes (ln 10 = 2.3)")
     checks: list[Check] = Field(default_factory=list)
     winners: list[WinnerCheck] = Field(default_factory=list, description="claims about the best method per cell")
     figures: list[Figure] = Field(default_factory=list)
     curves_file: str | None = Field(None, pattern=r"^[\w.-]+\.png$",
                                     description="file of the small multiples of curves; default <name>.png")
+    tuning: Tuning | None = Field(None, description="per-method grids tuned on tuning seeds before the final runs")
+
+    def method_of(self, label: str) -> str:
+        """The method of a variant label: its part before ``panel_by``, else all of it."""
+        return label.split(self.panel_by, 1)[0].strip() if self.panel_by and self.panel_by in label else label
+
+    @model_validator(mode="after")
+    def _tuning_fits(self) -> BenchSpec:
+        if self.tuning is None:
+            return self
+        shared = sorted(set(self.tuning.seeds) & set(self.seeds))
+        if shared:
+            raise ValueError(f"tuning.seeds and seeds share {', '.join(map(str, shared))}: the final runs need seeds "
+                             "the tuning never saw")
+        methods = list(dict.fromkeys(self.method_of(v.label) for v in self.variants))
+        unknown = [m for m in self.tuning.grids if m not in methods]
+        if unknown:
+            raise ValueError(f"tuning.grids: {', '.join(unknown)} is not a method of the variants; "
+                             f"known: {', '.join(methods)}")
+        untuned = [m for m in methods if m not in self.tuning.grids]
+        if untuned:
+            raise ValueError(f"tuning.grids: no grid for {', '.join(untuned)}; every method is tuned with the same "
+                             "budget")
+        return self
 
     @model_validator(mode="after")
     def _figures_fit(self) -> BenchSpec:
@@ -199,6 +240,14 @@ class BenchSpec(BaseModel):
         except (OSError, yaml.YAMLError, ValueError) as exc:
             raise ConfigError(f"{path}: {exc}") from None
 
+    def config_path(self, config: str, base_dir: Path) -> Path:
+        """The file of one of ``configs``: as written, else relative to the spec's folder."""
+        return Path(config) if Path(config).is_file() else base_dir / config
+
+    def hash(self, base_dir: Path) -> str:
+        """The spec hash of this grid (:func:`fedsim.outputs.spec_hash.spec_hash`)."""
+        return spec_hash(self.model_dump(mode="json"), {c: self.config_path(c, base_dir) for c in self.configs})
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -223,15 +272,15 @@ def cells(spec: BenchSpec, base_dir: Path) -> list[Cell]:
     names = list(spec.axes)
     out = []
     for config in spec.configs:
-        path = Path(config) if Path(config).is_file() else base_dir / config
+        path = spec.config_path(config, base_dir)
         for variant in spec.variants:
             for values in itertools.product(*(spec.axes[n] for n in names)):
                 axis_sets = [s for n, v in zip(names, values, strict=True) for s in _axis_sets(spec.axes[n], n, v)]
                 label = " ".join([variant.label, *(f"{n.split('.')[-1]}={v}" for n, v in zip(names, values, strict=True))])
                 place = {"config": path.stem} if len(spec.configs) > 1 else {}
-                method = variant.label
-                if spec.panel_by and spec.panel_by in variant.label:
-                    method, place["panel"] = (part.strip() for part in variant.label.split(spec.panel_by, 1))
+                method = spec.method_of(variant.label)
+                if method != variant.label:
+                    place["panel"] = variant.label.split(spec.panel_by, 1)[1].strip()
                 place.update({n: str(v) for n, v in zip(names, values, strict=True)})
                 if len(spec.configs) > 1:
                     label = f"{path.stem}: {label}"
@@ -304,24 +353,21 @@ def check_partitions(configs: list[tuple[str, int, Any]]) -> None:
             raise ConfigError(f"{label} (seed {seed}): {exc}") from None
 
 
-def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1,
-              overrides: list[str] | tuple[str, ...] = ()) -> Path:
-    """Run the grid of ``spec_path`` (``jobs`` runs at a time; ``overrides`` replace fields of
-    the spec, see :meth:`BenchSpec.load`); return the markdown table's path.
-
-    Parallel jobs need ``sim.backend: inprocess`` (each Ray run would start its own cluster).
-    """
-    spec = BenchSpec.load(spec_path, overrides)
-    base_dir = Path(spec_path).parent
+def _grid_configs(spec: BenchSpec, grid: list[tuple[str, Path, list[str]]], seeds: list[int], runs_dir: str | None
+                  ) -> list[tuple[str, int, Any]]:
+    """(label, seed, validated config) of every run of ``grid`` (label, config file, overrides)."""
     configs = []
-    for cell in cells(spec, base_dir):
-        for seed in spec.seeds:
-            overrides = [*cell.sets, f"seed={seed}", f"output.target_accuracy={spec.target_accuracy}",
-                         "output.plots=false"]
+    for label, path, sets in grid:
+        for seed in seeds:
+            overrides = [*sets, f"seed={seed}", f"output.target_accuracy={spec.target_accuracy}", "output.plots=false"]
             if runs_dir:
                 overrides.append(f"output.dir={runs_dir}")
-            configs.append((cell.label, seed, load_config(cell.path, overrides)))  # all validated before any run
-    check_partitions(configs)
+            configs.append((label, seed, load_config(path, overrides)))
+    return configs
+
+
+def _run_all(configs: list[tuple[str, int, Any]], jobs: int) -> dict[str, list[dict[str, Any]]]:
+    """Run every config (``jobs`` at a time); label -> that label's runs (seed, run dir, summary)."""
     if jobs > 1 and any(cfg.sim.backend != "inprocess" for _, _, cfg in configs):
         raise ConfigError("--jobs > 1 needs sim.backend=inprocess in every run of the grid")
     if jobs > 1:
@@ -332,7 +378,68 @@ def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1,
     results: dict[str, list[dict[str, Any]]] = {}
     for (label, seed, _), (run_path, summary) in zip(configs, outcomes, strict=True):
         results.setdefault(label, []).append({"seed": seed, "run": run_path, **summary})
-    return write_bench(spec, results, base_dir, command=f"fedsim bench {' '.join(sys.argv[2:]) or spec_path}")
+    return results
+
+
+def tune(spec: BenchSpec, grid: list[Cell], runs_dir: str | None, jobs: int) -> dict[str, dict[str, Any]]:
+    """The tuning stage (:mod:`fedsim.bench_tuning`): every setting's method grid on the
+    tuning seeds with a validation split; setting label -> ``chosen`` values, their
+    ``overrides``, ``index``, ``at_edge`` keys and every grid point's ``values``, ``score``
+    and ``runs``."""
+    tuning = spec.tuning
+    holdout = f"data.validation_fraction={tuning.validation_fraction}"
+    trials = [(f"{cell.label} #{k}", cell.path, [*cell.sets, *point, holdout])
+              for cell in grid for k, point in enumerate(tuning.overrides(cell.method))]
+    configs = _grid_configs(spec, trials, tuning.seeds, runs_dir)
+    check_partitions(configs)
+    runs = _run_all(configs, jobs)
+    tuned = {}
+    for cell in grid:
+        points = grid_points(tuning.grids[cell.method])
+        trial_runs = [runs[f"{cell.label} #{k}"] for k in range(len(points))]
+        scores = [score(r, tuning.metric) for r in trial_runs]
+        if all(sc is None for sc in scores):
+            raise ConfigError(f"tuning.metric {tuning.metric!r}: no tuning run of {cell.label} has a finite value of "
+                              "it, so no grid point can be chosen")
+        index = choose(scores, tuning.lower_is_better)
+        tuned[cell.label] = {"chosen": points[index], "overrides": tuning.overrides(cell.method)[index],
+                             "index": index, "at_edge": at_edge(tuning.grids[cell.method], points[index]),
+                             "points": [{"values": p, "score": sc, "runs": r}
+                                        for p, sc, r in zip(points, scores, trial_runs, strict=True)]}
+    return tuned
+
+
+def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1,
+              overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """Run the grid of ``spec_path`` (``jobs`` runs at a time; ``overrides`` replace fields of
+    the spec, see :meth:`BenchSpec.load`); return the markdown table's path. With a
+    ``tuning:`` section the tuning stage runs first and the grid runs the chosen values.
+
+    Parameters
+    ----------
+    spec_path : str or Path
+        The spec.
+    runs_dir : str or None
+        Where the run directories go (else each config's ``output.dir``).
+    jobs : int, default 1
+        Runs at a time; more than 1 needs ``sim.backend: inprocess`` (each Ray run would start
+        its own cluster).
+    overrides : list of str
+        ``key=value`` replacements of the spec's fields.
+    """
+    spec = BenchSpec.load(spec_path, overrides)
+    base_dir = Path(spec_path).parent
+    grid = cells(spec, base_dir)
+    # every final config validated (and every partition drawn) before any run, the tuning's too
+    final = [(cell.label, cell.path, cell.sets) for cell in grid]
+    check_partitions(_grid_configs(spec, final, spec.seeds, runs_dir))
+    tuned = tune(spec, grid, runs_dir, jobs) if spec.tuning else None
+    if tuned:
+        final = [(label, path, [*sets, *tuned[label]["overrides"]]) for label, path, sets in final]
+    results = _run_all(_grid_configs(spec, final, spec.seeds, runs_dir), jobs)
+    source = {"spec_file": str(spec_path), "overrides": list(overrides), "spec_hash": spec.hash(base_dir)}
+    return write_bench(spec, results, base_dir, command=f"fedsim bench {' '.join(sys.argv[2:]) or spec_path}",
+                       source=source, tuned=tuned)
 
 
 def rerender_bench(spec_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
@@ -347,9 +454,14 @@ def rerender_bench(spec_path: str | Path, overrides: list[str] | tuple[str, ...]
     if not stored_path.is_file():
         raise ConfigError(f"{stored_path}: no stored results to re-render; run the grid first")
     stored = json.loads(stored_path.read_text())
+    base_dir = Path(spec_path).parent
+    if stored.get("spec_hash") is not None and stored["spec_hash"] != spec.hash(base_dir):
+        raise ConfigError(f"{stored_path}: its runs were made by another version of {spec_path} or its configs "
+                          "(spec_hash differs); run the grid again")
     results = {row["setting"]: row["runs"] for row in stored["table"]}
-    return write_bench(spec, results, Path(spec_path).parent,
-                       command=stored.get("command", f"fedsim bench {spec_path}"))
+    source = {"spec_file": str(spec_path), "overrides": list(overrides), "spec_hash": stored.get("spec_hash")}
+    return write_bench(spec, results, base_dir, command=stored.get("command", f"fedsim bench {spec_path}"),
+                       source=source, tuned=stored.get("tuning"))
 
 
 def _mean_of(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -365,81 +477,152 @@ def _check_mean(runs: list[dict[str, Any]], metric: str) -> float | None:
     return _mean_of(runs, metric)
 
 
+def per_seed(runs: list[dict[str, Any]], metric: str) -> dict[Any, float]:
+    """``metric`` by seed (a run without one is keyed by its position); a ``*_to_target``
+    never reached is infinite, another missing value is left out."""
+    values = {}
+    for i, run in enumerate(runs):
+        value = run.get(metric)
+        if value is None and metric.endswith("_to_target"):
+            value = math.inf
+        if value is not None:
+            values[run.get("seed", i)] = float(value)
+    return values
+
+
+def _paired(check: Check, setting: dict[Any, float], baseline: dict[Any, float] | float, alpha: float
+            ) -> PairedVerdict:
+    """The verdict of ``check`` over the seeds both sides have (a bar is every seed's baseline)."""
+    seeds = [s for s in setting if isinstance(baseline, float) or s in baseline]
+    return paired_verdict([check.margin(setting[s], baseline if isinstance(baseline, float) else baseline[s])
+                           for s in seeds], alpha)
+
+
+_RANK = {"DOES NOT HOLD": 0, "INCONCLUSIVE": 1, "HOLDS": 2}
+
+
 def verdicts(spec: BenchSpec, results: dict[str, list[dict[str, Any]]],
              grid: dict[str, Cell] | None = None) -> list[str]:
-    """One line per check: whether the claim held on the means, with the numbers. The
-    ``winners`` checks need the grid's cells (``grid``: label -> :class:`Cell`)."""
+    """One line per check: HOLDS, DOES NOT HOLD or INCONCLUSIVE from the paired seeds, with
+    the means and the paired evidence. Against several baselines the least favourable
+    verdict decides and is the one named. The ``winners`` checks need the grid's cells
+    (``grid``: label -> :class:`Cell`)."""
     lines = []
     for check in spec.checks:
         for name in (check.setting, *check.baselines):
             if name not in results:
                 raise ConfigError(f"check {check.claim!r}: no setting named {name!r}")
         a = _check_mean(results[check.setting], check.metric)
+        setting = per_seed(results[check.setting], check.metric)
         if check.baseline is None:
             b, against = check.value, "bar"
+            verdict = _paired(check, setting, float(check.value), spec.alpha)
         else:
             means = {name: _check_mean(results[name], check.metric) for name in check.baselines}
-            if any(m is None for m in means.values()):
-                b, against = None, ", ".join(check.baselines)
-            else:  # the baseline hardest to beat decides
-                against = (min if check.lower_is_better else max)(means, key=means.__getitem__)
-                b = means[against]
-                if len(means) > 1:
-                    against = f"the {'lowest' if check.lower_is_better else 'highest'} of {len(means)}, {against}"
-        held = a is not None and b is not None and check.held(a, b)
+            paired = {name: _paired(check, setting, per_seed(results[name], check.metric), spec.alpha)
+                      for name in check.baselines}
+            # the least favourable verdict decides; among equals the baseline hardest to beat on the means
+            measured = [n for n in check.baselines if means[n] is not None]
+            hardest = (min if check.lower_is_better else max)(measured, key=means.__getitem__) if measured \
+                else check.baselines[0]
+            against = min(paired, key=lambda n: (_RANK[paired[n].outcome], n != hardest))
+            verdict, b = paired[against], means[against]
+            if len(means) > 1:
+                against = f"the {'lowest' if check.lower_is_better else 'highest'} of {len(means)}, {against}" \
+                    if against == hardest else f"{against} (of {len(means)})"
         fa = "-" if a is None else f"{a:.4g}"
         fb = "-" if b is None else f"{b:.4g}"
         factor = ""
         if check.ratio is not None and a and b and math.isfinite(a) and math.isfinite(b):
             measured = b / a if check.lower_is_better else a / b
             factor = f", {measured:.3g}x{' fewer' if check.lower_is_better else ''}, needs {check.ratio:g}x"
-        lines.append(f"- {'HOLDS' if held else 'DOES NOT HOLD'}: {check.claim} "
-                     f"({check.metric}: {check.setting} {fa} vs {against} {fb}{factor})")
+        lines.append(f"- {verdict.outcome}: {check.claim} "
+                     f"({check.metric}: {check.setting} {fa} vs {against} {fb}{factor}; {verdict.describe()})")
     for winner in spec.winners:
         if grid is None:
             raise ConfigError(f"winner check {winner.claim!r} needs the grid's cells")
-        lines.append(_winner_verdict(winner, results, grid))
+        lines.append(_winner_verdict(winner, results, grid, spec.alpha))
     return lines
 
 
-def _winner_verdict(check: WinnerCheck, results: dict[str, list[dict[str, Any]]], grid: dict[str, Cell]) -> str:
-    """The verdict line of a :class:`WinnerCheck`, naming the best method(s) of every value."""
-    groups: dict[str, dict[str, dict[str, float]]] = {}
+def tied_best(methods: dict[str, list[dict[str, Any]]], metric: str, lower_is_better: bool, alpha: float
+              ) -> tuple[str, list[str]]:
+    """The method of the best mean, and the methods it does not beat in a paired test (itself
+    included): the tied best of one value of a :class:`WinnerCheck`."""
+    means = {m: _check_mean(runs, metric) for m, runs in methods.items()}
+    means = {m: v for m, v in means.items() if v is not None}
+    leader = (min if lower_is_better else max)(means, key=means.__getitem__)
+    beats = Check(claim="leader", setting=leader, baseline=leader, metric=metric, lower_is_better=lower_is_better)
+    lead = per_seed(methods[leader], metric)
+    tied = [m for m in means if m != leader and _paired(beats, lead, per_seed(methods[m], metric), alpha).outcome
+            != "HOLDS"]
+    return leader, [leader, *tied]
+
+
+def _winner_verdict(check: WinnerCheck, results: dict[str, list[dict[str, Any]]], grid: dict[str, Cell],
+                    alpha: float) -> str:
+    """The verdict line of a :class:`WinnerCheck`, naming the tied best method(s) of every value."""
+    groups: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
     for label, runs in results.items():
         cell = grid.get(label)
         if cell is None or check.across not in cell.place or (check.settings and check.settings not in label):
             continue
-        mean = _check_mean(runs, check.metric)
-        if mean is not None:
+        if _check_mean(runs, check.metric) is not None:
             group = groups.setdefault(_panel_title(cell.place, leave_out=check.across), {})
-            group.setdefault(cell.place[check.across], {})[cell.method] = mean
+            group.setdefault(cell.place[check.across], {})[cell.method] = runs
     if not groups:
         raise ConfigError(f"winner check {check.claim!r}: no setting matches")
-    held, parts = True, []
+    outcomes, parts = [], []
     for title, values in groups.items():
-        winners = {}
-        for value, methods in values.items():
-            best = (min if check.lower_is_better else max)(methods.values())
-            winners[value] = ([m for m, v in methods.items() if v == best], best)
-        always = set.intersection(*(set(w) for w, _ in winners.values()))
-        held &= (check.best in always) if check.best is not None else not always
-        named = ", ".join(f"{value} {'/'.join(w)} {best:.4g}" for value, (w, best) in winners.items())
+        winners = {value: tied_best(methods, check.metric, check.lower_is_better, alpha)
+                   for value, methods in values.items()}
+        tied = [set(t) for _, t in winners.values()]
+        sole = [next(iter(t)) if len(t) == 1 else None for t in tied]
+        if check.best is not None:
+            outcome = "HOLDS" if all(w == check.best for w in sole) else \
+                "DOES NOT HOLD" if any(check.best not in t for t in tied) else "INCONCLUSIVE"
+        else:
+            outcome = "HOLDS" if not set.intersection(*tied) else \
+                "DOES NOT HOLD" if sole[0] is not None and all(w == sole[0] for w in sole) else "INCONCLUSIVE"
+        outcomes.append(outcome)
+        named = ", ".join(f"{value} {'/'.join(t)} {_check_mean(values[value][leader], check.metric):.4g}"
+                          for value, (leader, t) in winners.items())
         parts.append(named if len(groups) == 1 else f"{title}: {named}")
-    return (f"- {'HOLDS' if held else 'DOES NOT HOLD'}: {check.claim} "
-            f"(best {check.metric} per {check.across}: {'; '.join(parts)})")
+    outcome = min(outcomes, key=_RANK.__getitem__)
+    return (f"- {outcome}: {check.claim} "
+            f"(tied best {check.metric} per {check.across}, best mean first: {'; '.join(parts)})")
+
+
+def diverged_runs(results: dict[str, list[dict[str, Any]]], threshold: float) -> list[str]:
+    """Every run whose final test loss is not finite (None in a summary, which holds no NaN)
+    or above ``threshold``, as ``setting, seed s: final loss x`` lines."""
+    lines = []
+    for label, runs in results.items():
+        for i, run in enumerate(runs):
+            if run.get("final_accuracy") is None and run.get("final_loss") is None:
+                continue  # not evaluated centrally: nothing to judge
+            loss = run.get("final_loss")
+            if loss is None or not math.isfinite(loss) or loss > threshold:
+                shown = "not finite" if loss is None or not math.isfinite(loss) else f"{loss:.4g}"
+                lines.append(f"- {label}, seed {run.get('seed', i)}: final test loss {shown}")
+    return lines
 
 
 def seed_mean(runs: list[dict[str, Any]], key: str, x_key: str, layer: str | None = None,
               relative_to: str | None = None) -> list[dict[str, Any]]:
     """The mean over seeds of ``key`` (its ``layer`` entry, divided by the summary's
-    ``relative_to`` entry) at every ``x_key`` that all the seeds' metrics rows share."""
+    ``relative_to`` entry) at every ``x_key`` that all the seeds' metrics rows share, with
+    the seeds' lowest and highest value as ``<key>_min`` and ``<key>_max`` (the spread the
+    curves shade)."""
     per_seed = []
     for run in runs:
         scale = run[relative_to][layer] if relative_to else 1.0
         per_seed.append({r[x_key]: (r[key] if layer is None else r[key][layer]) / scale
                          for r in RunDir.open(run["run"]).rows() if r.get(key) is not None})
     xs = sorted(set.intersection(*(set(points) for points in per_seed)))
-    return [{x_key: x, key: statistics.mean(points[x] for points in per_seed)} for x in xs]
+    return [{x_key: x, key: statistics.mean(points[x] for points in per_seed),
+             f"{key}_min": min(points[x] for points in per_seed), f"{key}_max": max(points[x] for points in per_seed)}
+            for x in xs]
 
 
 def figure_panels(figure: Figure, results: dict[str, list[dict[str, Any]]],
@@ -465,11 +648,13 @@ def figure_panels(figure: Figure, results: dict[str, list[dict[str, Any]]],
 
 
 def heatmap_tables(figure: Figure, results: dict[str, list[dict[str, Any]]], grid: dict[str, Cell]
-                   ) -> dict[str, tuple[list[str], list[str], np.ndarray]]:
+                   ) -> dict[str, tuple[list[str], list[str], np.ndarray, np.ndarray]]:
     """The heatmaps of a heatmap figure: per remaining cell of the grid, methods (rows) x the
     values of ``figure.columns``, each the seed mean of the summaries' ``figure.metric``
-    (NaN where missing, infinite for a target never reached)."""
+    (NaN where missing, infinite for a target never reached), and the seeds' standard
+    deviation of it (NaN where fewer than 2 seeds have a finite value)."""
     values: dict[str, dict[tuple[str, str], float]] = {}
+    spreads: dict[str, dict[tuple[str, str], float]] = {}
     for label, runs in results.items():
         cell = grid.get(label)
         if cell is None or figure.columns not in cell.place or (figure.settings and figure.settings not in label):
@@ -477,25 +662,33 @@ def heatmap_tables(figure: Figure, results: dict[str, list[dict[str, Any]]], gri
         mean = _check_mean(runs, figure.metric)
         title = _panel_title(cell.place, leave_out=figure.columns)
         values.setdefault(title, {})[cell.method, cell.place[figure.columns]] = math.nan if mean is None else mean
+        finite = [v for v in per_seed(runs, figure.metric).values() if math.isfinite(v)]
+        spreads.setdefault(title, {})[cell.method, cell.place[figure.columns]] = \
+            statistics.stdev(finite) if len(finite) > 1 else math.nan
     tables = {}
     for title, entries in values.items():
         rows = list(dict.fromkeys(method for method, _ in entries))
         columns = list(dict.fromkeys(column for _, column in entries))
-        matrix = np.array([[entries.get((r, c), math.nan) for c in columns] for r in rows], dtype=np.float64)
-        tables[title] = (rows, columns, matrix)
+        matrix, spread = (np.array([[table.get((r, c), math.nan) for c in columns] for r in rows], dtype=np.float64)
+                          for table in (entries, spreads[title]))
+        tables[title] = (rows, columns, matrix, spread)
     return tables
 
 
-def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]], base_dir: Path, command: str) -> Path:
+def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]], base_dir: Path, command: str,
+                source: dict[str, Any], tuned: dict[str, dict[str, Any]] | None = None) -> Path:
     """Write the markdown table, JSON and figures of a finished grid: ``<name>.png``, the
     seed-mean accuracy curves as small multiples (one panel per cell of the grid), and the
-    spec's ``figures:``."""
+    spec's ``figures:``. ``source`` names the spec file, its overrides and the spec hash of
+    the runs (None for runs older than spec hashes); ``tuned`` the tuning stage's record
+    (:func:`tune`), whose chosen values each table row records."""
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment()
     lines = [f"# {spec.name}", "",
              f"Command: `{command}`  ",
-             "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
+             "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "  ",
+             f"Spec hash: {source['spec_hash'] or 'none (runs older than spec hashes)'}", ""]
     if spec.claim:
         lines += [f"Claim checked: {spec.claim}", ""]
     extra_heads = "".join(f" {k.replace('_', ' ')} |" for k in spec.extra)
@@ -515,17 +708,26 @@ def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]], base_
         table.append({"setting": label, "final_accuracy_mean": statistics.mean(finals) if finals else None,
                       "final_accuracy_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                       "rounds_to_target_mean": statistics.mean(reached) if reached else None,
-                      "reached": len(reached), **{f"{k}_mean": v for k, v in extras.items()}, "runs": runs})
+                      "reached": len(reached), **{f"{k}_mean": v for k, v in extras.items()},
+                      **({"tuned": tuned[label]["chosen"]} if tuned else {}), "runs": runs})
     grid = {cell.label: cell for cell in cells(spec, base_dir)}
     checks = verdicts(spec, results, grid)
     if checks:
-        lines += ["", "Claim checks (computed from the means above):", *checks]
+        lines += ["", f"Claim checks (paired over seeds: HOLDS or DOES NOT HOLD where a one-sided paired t-test "
+                      f"at level {spec.alpha:g} supports it, the sign test where a target was never reached, "
+                      "INCONCLUSIVE where the seed spread overlaps; the means shown are over all seeds):", *checks]
+    diverged = diverged_runs(results, spec.diverged_loss)
+    lines += ["", f"Diverged runs (final test loss not finite or above {spec.diverged_loss:g}): "
+                  f"{len(diverged) or 'none'}", *diverged]
+    if tuned:
+        lines += ["", *tuning_lines(tuned, spec.tuning)]
     if spec.notes:
         lines += ["", "## Notes (from the spec)", "", spec.notes.strip()]
     md = out / f"{spec.name}.md"
     md.write_text("\n".join(lines) + "\n")
     (out / f"{spec.name}.json").write_text(json.dumps(
-        {"command": command, "spec": spec.model_dump(), "environment": env, "table": table, "checks": checks},
+        {"command": command, **source, "spec": spec.model_dump(), "environment": env, "table": table,
+         "checks": checks, "diverged": diverged, **({"tuning": tuned} if tuned else {})},
         indent=2))
     for figure in [Figure(file=spec.curves_file or f"{spec.name}.png", x_key=spec.x_key), *spec.figures]:
         if figure.kind == "heatmap":

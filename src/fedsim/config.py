@@ -72,6 +72,9 @@ class DataConfig(Section):
     hf_test_split: str | None = Field(
         "test", description="hf: the split held out for testing; null holds out test_fraction of train (FEMNIST)")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out server test set")
+    validation_fraction: float = Field(
+        0.0, ge=0, lt=1, description="held out of the training pool as the server's evaluation set in place of the "
+                                     "test set, which the run then never sees (a benchmark's tuning stage); 0: none")
     min_samples: int = Field(10, ge=1, description="shakespeare: roles with fewer samples are dropped (LEAF's -k)")
     stride: int = Field(1, ge=1, description="shakespeare: a sample at every stride-th character of play text "
                                              "(LEAF's 1: about 640 bytes of samples per character)")

@@ -248,7 +248,8 @@ def _partition_and_data(cfg: ExperimentConfig) -> Iterator[str | None]:
                    f"{data.name!r}; leave it unset")
     if data.name != "hf":
         text = ("min_samples", "stride") if data.name in TEXT_DATA else ()
-        yield from unread(data, "data", ("name", "path", "test_fraction", "synthetic", "hf_partition_by", *text),
+        yield from unread(data, "data", ("name", "path", "test_fraction", "validation_fraction", "synthetic",
+                                          "hf_partition_by", *text),
                           f"with data.name {data.name!r}")
     else:
         yield from unread(data, "data", tuple(n for n in type(data).model_fields if n not in ("min_samples", "stride")),

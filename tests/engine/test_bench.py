@@ -31,16 +31,16 @@ def _check(**kw) -> Check:
 
 def test_difference_check_with_a_negative_by_allows_that_loss():
     allowed_loss = _check(by=-0.005)
-    assert allowed_loss.held(0.930, 0.934)
-    assert not allowed_loss.held(0.928, 0.934)
-    assert _check(by=0.01).held(0.95, 0.94) and not _check(by=0.01).held(0.945, 0.94)
+    assert allowed_loss.margin(0.930, 0.934) == pytest.approx(0.001)
+    assert allowed_loss.margin(0.928, 0.934) < 0
+    assert _check(by=0.01).margin(0.95, 0.94) >= 0 > _check(by=0.01).margin(0.945, 0.94)
 
 
 def test_ratio_check_asks_for_a_factor_fewer_when_lower_is_better():
     four_x_fewer = _check(metric="bytes_up_total", ratio=4, lower_is_better=True)
-    assert four_x_fewer.held(1_000, 4_000)
-    assert not four_x_fewer.held(1_001, 4_000)
-    assert _check(ratio=2).held(10.0, 5.0) and not _check(ratio=2).held(9.9, 5.0)
+    assert four_x_fewer.margin(1_000, 4_000) == 0
+    assert four_x_fewer.margin(1_001, 4_000) == -4
+    assert _check(ratio=2).margin(10.0, 5.0) == 0 and _check(ratio=2).margin(9.9, 5.0) < 0
 
 
 def test_check_takes_a_difference_or_a_ratio_not_both(tmp_path):
@@ -56,10 +56,11 @@ def test_check_takes_a_difference_or_a_ratio_not_both(tmp_path):
 def test_verdict_line_shows_the_measured_factor_and_the_required_one():
     spec = BenchSpec(name="x", configs=["a.yaml"], checks=[
         _check(claim="int8: 4x fewer bytes", metric="bytes_up_total", ratio=4, lower_is_better=True)])
-    results = {"s": [{"bytes_up_total": 9768}, {"bytes_up_total": 9768}], "b": [{"bytes_up_total": 38446}]}
+    results = {"s": [{"bytes_up_total": 9768}, {"bytes_up_total": 9768}],
+               "b": [{"bytes_up_total": 38446}, {"bytes_up_total": 38446}]}
     [line] = verdicts(spec, results)
-    assert line.startswith("- DOES NOT HOLD: int8: 4x fewer bytes")
-    assert "3.94x fewer, needs 4x" in line
+    assert line.startswith("- DOES NOT HOLD: int8: 4x fewer bytes")  # the same in both seeds: no spread to weigh
+    assert "3.94x fewer, needs 4x; held in 0/2 seeds" in line
 
 
 def test_small_grid_runs_every_cell_and_writes_table_and_checks(tmp_path):
@@ -69,7 +70,7 @@ def test_small_grid_runs_every_cell_and_writes_table_and_checks(tmp_path):
         "configs": [str(QUICKSTART)],
         "variants": [{"label": "float32"},
                      {"label": "qsgd int8", "set": ["quant.uplink.codec=qsgd", "quant.uplink.bits=8"]}],
-        "seeds": [0],
+        "seeds": [0, 1],
         "common": ["sim.backend=inprocess", "partition.num_clients=2", "rounds=1", "eval.federated=false"],
         "extra": ["bytes_up_total"],
         "out": str(tmp_path / "results"),
@@ -79,9 +80,11 @@ def test_small_grid_runs_every_cell_and_writes_table_and_checks(tmp_path):
     md = run_bench(spec_path, runs_dir=str(tmp_path / "runs"))
     text = md.read_text()
     assert "| float32 |" in text and "| qsgd int8 |" in text and "x fewer)" in text
-    assert "- HOLDS: int8 sends 3x fewer bytes" in text
+    assert "- HOLDS: int8 sends 3x fewer bytes" in text  # the same bytes in both seeds
+    assert "Diverged runs (final test loss not finite or above 5): none" in text
     table = json.loads((tmp_path / "results" / "tiny.json").read_text())
     assert [row["setting"] for row in table["table"]] == ["float32", "qsgd int8"]
+    assert table["spec_hash"] == BenchSpec.load(spec_path).hash(tmp_path) and f"Spec hash: {table['spec_hash']}" in text
     assert (tmp_path / "results" / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -91,13 +94,15 @@ def test_a_seed_that_never_reached_the_target_counts_as_never():
     spec = BenchSpec(name="t", configs=["x.yaml"], checks=[
         Check(claim="A is faster", setting="A", baseline="B", metric="rounds_to_target", lower_is_better=True),
         Check(claim="B within 10 rounds", setting="B", value=10, metric="rounds_to_target", lower_is_better=True)])
-    results = {"A": [{"rounds_to_target": 3}, {"rounds_to_target": None}],
-               "B": [{"rounds_to_target": 8}, {"rounds_to_target": 9}]}
+    results = {"A": [{"seed": s, "rounds_to_target": 3 if s == 0 else None} for s in range(5)],
+               "B": [{"seed": s, "rounds_to_target": 8 + s % 2} for s in range(5)]}
     lines = verdicts(spec, results)
-    assert lines[0].startswith("- DOES NOT HOLD") and "inf" in lines[0]
-    assert lines[1].startswith("- HOLDS") and "vs bar 10" in lines[1]
-    never_both = {"A": [{"rounds_to_target": None}], "B": [{"rounds_to_target": None}]}
-    assert verdicts(spec, {**results, **never_both})[0].startswith("- DOES NOT HOLD")  # never is not fewer
+    # 4 seeds never reached it: they count (as never), they are not left out
+    assert lines[0].startswith("- INCONCLUSIVE: A is faster (rounds_to_target: A inf vs B 8.4; held in 1/5 seeds")
+    assert lines[1].startswith("- HOLDS") and "vs bar 10" in lines[1]  # 2, 1, 2, 1, 2 rounds to spare
+    never_both = {"A": [{"seed": s, "rounds_to_target": None} for s in range(5)],
+                  "B": [{"seed": s, "rounds_to_target": None} for s in range(5)]}
+    assert verdicts(spec, never_both)[0].startswith("- DOES NOT HOLD")  # never is not fewer, in all 5 seeds
 
 
 def _run_with_rows(tmp_path, rows) -> str:
@@ -119,9 +124,11 @@ def test_figure_panels_average_seeds_per_axis_cell_and_per_layer(tmp_path):
     }
     panels = figure_panels(Figure(file="f.png", key="acc", x_key="t"), results, grid)
     # one panel per axis cell, one curve per method; x=3 is missing from one seed, so dropped
-    assert panels == {"n=20": {"A": [{"t": 1, "acc": pytest.approx(0.3)}, {"t": 2, "acc": pytest.approx(0.5)}],
-                               "B": [{"t": 1, "acc": 0.5}]},
-                      "n=50": {"A": [{"t": 1, "acc": 0.0}]}}
+    # the seeds' lowest and highest value beside the mean: the band the curves shade
+    assert panels == {"n=20": {"A": [{"t": 1, "acc": pytest.approx(0.3), "acc_min": 0.2, "acc_max": 0.4},
+                                     {"t": 2, "acc": pytest.approx(0.5), "acc_min": 0.4, "acc_max": 0.6}],
+                               "B": [{"t": 1, "acc": 0.5, "acc_min": 0.5, "acc_max": 0.5}]},
+                      "n=50": {"A": [{"t": 1, "acc": 0.0, "acc_min": 0.0, "acc_max": 0.0}]}}
     kept = figure_panels(Figure(file="f.png", key="acc", x_key="t", settings="n=50"), results, grid)
     assert list(kept) == ["n=50"]
 
@@ -129,8 +136,10 @@ def test_figure_panels_average_seeds_per_axis_cell_and_per_layer(tmp_path):
     runs = {"plain": [{"run": _run_with_rows(tmp_path, variance), "start": {"w": 2.0, "b": 0.5}}]}
     layered = figure_panels(Figure(file="v.png", key="v", layers=["w", "b"], relative_to="start"), runs,
                             {"plain": Cell("plain", QUICKSTART, [], "plain", {})})
-    assert layered == {"w": {"plain": [{"round": 1, "v": 1.0}, {"round": 2, "v": 2.0}]},
-                       "b": {"plain": [{"round": 1, "v": 2.0}, {"round": 2, "v": 2.0}]}}
+    assert layered == {"w": {"plain": [{"round": 1, "v": 1.0, "v_min": 1.0, "v_max": 1.0},
+                                       {"round": 2, "v": 2.0, "v_min": 2.0, "v_max": 2.0}]},
+                       "b": {"plain": [{"round": 1, "v": 2.0, "v_min": 2.0, "v_max": 2.0},
+                                       {"round": 2, "v": 2.0, "v_min": 2.0, "v_max": 2.0}]}}
     with pytest.raises(ValueError, match="relative_to needs layers"):
         Figure(file="v.png", key="v", relative_to="start")
 
@@ -156,9 +165,10 @@ def test_heatmap_tables_are_methods_by_an_axis_one_per_remaining_cell():
     del results["B p=k1 d=synth"]
     tables = heatmap_tables(Figure(file="h.png", kind="heatmap", columns="p"), results, grid)
     assert list(tables) == ["d=digits", "d=synth"]
-    rows, columns, matrix = tables["d=digits"]
+    rows, columns, matrix, spread = tables["d=digits"]
     assert (rows, columns) == (["A", "B"], ["iid", "k1"])
     np.testing.assert_allclose(matrix, [[0.6, 0.8], [1.0, 1.2]])  # A iid is setting 0, A k1 setting 2, ...
+    np.testing.assert_allclose(spread, np.full((2, 2), 0.2 / np.sqrt(2)))  # two seeds 0.2 apart
     assert np.isnan(tables["d=synth"][2][1, 1])
     with pytest.raises(ValueError, match="columns 'q' is not an axis"):
         BenchSpec(name="x", configs=["a.yaml"], axes={"p": [1]},
@@ -181,12 +191,21 @@ def test_a_partition_the_data_cannot_satisfy_stops_the_grid_before_any_run(tmp_p
 def test_a_check_against_several_baselines_must_beat_each_of_them():
     spec = BenchSpec(name="x", configs=["a.yaml"], checks=[
         _check(claim="#C=1 is the hardest", setting="k1", baseline=["iid", "dir", "k2"], lower_is_better=True)])
-    results = {"k1": [{"final_accuracy": 0.30}], "iid": [{"final_accuracy": 0.90}],
-               "dir": [{"final_accuracy": 0.85}], "k2": [{"final_accuracy": 0.35}]}
+    def runs(*values):
+        return [{"seed": s, "final_accuracy": v} for s, v in enumerate(values)]
+
+    results = {"k1": runs(0.30, 0.32, 0.28), "iid": runs(0.90, 0.91, 0.89), "dir": runs(0.85, 0.8, 0.9),
+               "k2": runs(0.35, 0.36, 0.34)}
     [line] = verdicts(spec, results)
-    assert line == ("- HOLDS: #C=1 is the hardest (final_accuracy: k1 0.3 vs the lowest of 3, k2 0.35)")
-    results["k2"] = [{"final_accuracy": 0.25}]
-    assert verdicts(spec, results)[0].startswith("- DOES NOT HOLD")
+    # margins against k2: 0.05, 0.04, 0.06: t = 0.05 / (0.01 / sqrt 3) = 8.66, p = P(T_2 >= 8.66) = 0.0065
+    assert line == ("- HOLDS: #C=1 is the hardest (final_accuracy: k1 0.3 vs the lowest of 3, k2 0.35; "
+                    "held in 3/3 seeds, p=0.0065)")
+    results["k2"] = runs(0.25, 0.26, 0.24)
+    assert verdicts(spec, results)[0].startswith("- DOES NOT HOLD: #C=1 is the hardest (final_accuracy: k1 0.3 vs "
+                                                 "the lowest of 3, k2 0.25; held in 0/3 seeds")
+    results["k2"] = runs(0.35, 0.25, 0.26)  # lower on the mean, higher in 2 of 3 seeds: the spread overlaps
+    assert verdicts(spec, results)[0].startswith("- INCONCLUSIVE: #C=1 is the hardest (final_accuracy: k1 0.3 vs "
+                                                 "the lowest of 3, k2 0.2867; held in 1/3 seeds")
 
 
 def test_winner_checks_name_the_best_method_of_every_axis_value():
@@ -194,15 +213,22 @@ def test_winner_checks_name_the_best_method_of_every_axis_value():
     spec = BenchSpec(name="x", configs=["a.yaml"], axes={"p": ["iid", "k1"]}, winners=[
         WinnerCheck(claim="no method wins everywhere", across="p"),
         WinnerCheck(claim="A wins everywhere", across="p", best="A")])
-    results = {"A p=iid": [{"final_accuracy": 0.9}], "B p=iid": [{"final_accuracy": 0.8}],
-               "A p=k1": [{"final_accuracy": 0.3}], "B p=k1": [{"final_accuracy": 0.4}]}
+    def runs(*values):
+        return [{"seed": s, "final_accuracy": v} for s, v in enumerate(values)]
+
+    results = {"A p=iid": runs(0.9, 0.91, 0.89), "B p=iid": runs(0.8, 0.82, 0.81),
+               "A p=k1": runs(0.3, 0.31, 0.29), "B p=k1": runs(0.4, 0.42, 0.41)}
     varies, a_wins = verdicts(spec, results, grid)
-    assert varies == ("- HOLDS: no method wins everywhere (best final_accuracy per p: iid A 0.9, k1 B 0.4)")
+    assert varies == ("- HOLDS: no method wins everywhere (tied best final_accuracy per p, best mean first: "
+                      "iid A 0.9, k1 B 0.41)")
     assert a_wins.startswith("- DOES NOT HOLD: A wins everywhere")
-    results["A p=k1"] = [{"final_accuracy": 0.4}]  # a tie counts as a win for both
+    results["A p=k1"] = runs(0.44, 0.37, 0.40)  # B ahead on the mean, behind in one seed: tied
     varies, a_wins = verdicts(spec, results, grid)
-    assert varies.startswith("- DOES NOT HOLD") and "k1 A/B 0.4" in varies
-    assert a_wins.startswith("- HOLDS")
+    assert varies.startswith("- INCONCLUSIVE") and "k1 B/A 0.41" in varies
+    assert a_wins.startswith("- INCONCLUSIVE")
+    results["A p=k1"] = runs(0.5, 0.52, 0.51)
+    varies, a_wins = verdicts(spec, results, grid)
+    assert varies.startswith("- DOES NOT HOLD") and a_wins.startswith("- HOLDS")
 
 
 def test_set_replaces_a_field_of_the_spec_such_as_an_axis(tmp_path):
@@ -222,6 +248,7 @@ def test_grid_figures_write_small_multiples_and_heatmaps_with_missing_cells(tmp_
     panels = {f"attack {i}": {f"rule {j}": rows for j in range(6)} for i in range(16)}
     plot_panels(panels, tmp_path / "p.png")
     matrix = np.array([[0.9, np.nan], [0.3, np.inf]])
-    plot_heatmaps({"digits": (["A", "B"], ["iid", "#C=1"], matrix)}, tmp_path / "h.png", label="final accuracy")
+    plot_heatmaps({"digits": (["A", "B"], ["iid", "#C=1"], matrix, np.full((2, 2), 0.01))}, tmp_path / "h.png",
+                  label="final accuracy")
     for name in ("p.png", "h.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

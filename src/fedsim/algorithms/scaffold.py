@@ -45,6 +45,19 @@ option II's estimate ``(x - y_i) / (a eta_l)`` stays the average corrected gradi
 without momentum (``rho = 0`` gives the paper's ``K``). The client replies with its model
 update ``y_i - x`` and ``dc_i = c_i+ - c_i``, and keeps ``c_i <- c_i+``. ``c_i`` starts at 0.
 
+Where the correction enters (``strategy.correction``)
+------------------------------------------------------
+``gradient`` (default, above): the corrected gradient goes through the client optimizer, so
+with momentum the correction is accumulated in the momentum buffer too, and ``a = a(K, rho)``.
+``weights``: NIID-Bench's implementation (Li et al., ICDE 2022, arXiv 2102.02079,
+``experiments.py``, ``train_net_scaffold``): the optimizer steps on the plain gradient and,
+after every step, the weights move by the correction (:func:`corrected_weights`)::
+
+    y_i <- y_i - eta_l (c - c_i)
+
+and option II divides by the steps taken, ``a = K``, whatever the momentum. Without momentum
+the two are the same algorithm (the paper's); with momentum they differ.
+
 The correction is a pure tensor operation on the gradients, so a backend that trains many
 clients at once applies the same formula to stacked gradients and control variates.
 Control variates are flat vectors in the model's :class:`~fedsim.params.ParamSpec` layout;
@@ -59,6 +72,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from pydantic import Field
 from torch import nn
 
 from fedsim.algorithms.api import SyncStrategyBase
@@ -80,7 +94,7 @@ if TYPE_CHECKING:
     from fedsim.config import ClientConfig
 
 __all__ = ["Scaffold", "ScaffoldConfig", "ScaffoldControl", "control_variate_update", "corrected_gradients",
-           "scaffold_control_step", "scaffold_model_update"]
+           "corrected_weights", "scaffold_control_step", "scaffold_model_update"]
 
 STATE_KEY = "scaffold-control"
 """Where a client keeps its ``c_i`` in its Context state."""
@@ -88,9 +102,21 @@ STATE_KEY = "scaffold-control"
 
 class ScaffoldConfig(SyncStrategyBase):
     """SCAFFOLD (Karimireddy et al., arXiv 1910.06378), option II control variates: clients
-    step with g - c_i + c; the server's learning rate eta_g is ``server_opt.lr``."""
+    step with g - c_i + c; the server's learning rate eta_g is ``server_opt.lr``.
+
+    Parameters
+    ----------
+    correction : {"gradient", "weights"}, default "gradient"
+        Where the correction enters: the gradient before the optimizer step (so through
+        momentum; option II divides by the momentum-weighted steps), or the weights after
+        every step, ``y <- y - lr (c - c_i)``, with option II dividing by ``K lr``
+        (NIID-Bench's code). The same without momentum.
+    """
 
     name: Literal["scaffold"] = "scaffold"
+    correction: Literal["gradient", "weights"] = Field(
+        "gradient", description="gradient: g - c_i + c before each step; weights: y -= lr (c - c_i) after it "
+                                "(NIID-Bench's code)")
 
 
 # ------------------------------------------------------------------ server math
@@ -158,6 +184,22 @@ def corrected_gradients(grads: Sequence[torch.Tensor], c_local: Sequence[torch.T
     return [g - ci + c for g, ci, c in zip(grads, c_local, c_global, strict=True)]
 
 
+def corrected_weights(weights: Sequence[torch.Tensor], c_local: Sequence[torch.Tensor],
+                      c_global: Sequence[torch.Tensor], lr: float) -> list[torch.Tensor]:
+    """NIID-Bench's SCAFFOLD step on the weights after an optimizer step,
+    ``w - lr (c - c_i)``, tensor by tensor (``correction: weights``).
+
+    Parameters
+    ----------
+    weights, c_local, c_global : sequence of torch.Tensor
+        The weights after the optimizer step, ``c_i`` and ``c``, in the same order and shapes
+        (any leading batch dimension broadcasts).
+    lr : float
+        The local learning rate ``eta_l``.
+    """
+    return [w - lr * (c - ci) for w, ci, c in zip(weights, c_local, c_global, strict=True)]
+
+
 def control_variate_update(c_local: torch.Tensor, c_global: torch.Tensor, update: torch.Tensor,
                            steps: int, lr: float, momentum: float = 0.0) -> torch.Tensor:
     """Option II's new client control variate ``c_i+ = c_i - c + (x - y_i) / (a lr)``.
@@ -220,12 +262,59 @@ class ScaffoldCorrection(ClientHook):
         self._correct([(n, p) for n, p in params.items() if p.grad is not None and n in self.c_local])
 
     def _correct(self, params: list[tuple[str, torch.Tensor]]) -> None:
-        new = corrected_gradients([p.grad for _, p in params],
-                                  [self.c_local[n][: len(p)] if self.c_local[n].dim() > self.c_global[n].dim()
-                                   else self.c_local[n] for n, p in params],
+        new = corrected_gradients([p.grad for _, p in params], self._rows(params),
                                   [self.c_global[n] for n, p in params])
         for (_, p), grad in zip(params, new, strict=True):
             p.grad.copy_(grad.to(p.grad.device))
+
+    def _rows(self, params: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """``c_i`` per parameter; stacked, the rows of the clients still training."""
+        return [self.c_local[n][: len(p)] if self.c_local[n].dim() > self.c_global[n].dim() else self.c_local[n]
+                for n, p in params]
+
+
+class ScaffoldWeightCorrection(ScaffoldCorrection):
+    """``correction: weights`` as a client hook: ``after_step`` moves each parameter by
+    :func:`corrected_weights`; the gradients are left alone.
+
+    Parameters
+    ----------
+    c_local, c_global : dict of str to torch.Tensor
+        As for :class:`ScaffoldCorrection`.
+    lr : float
+        The local learning rate.
+    """
+
+    def __init__(self, c_local: dict[str, torch.Tensor], c_global: dict[str, torch.Tensor], lr: float) -> None:
+        super().__init__(c_local, c_global)
+        self.lr = lr
+
+    def before_step(self, model: nn.Module) -> None:
+        return None
+
+    def stacked_before_step(self, params: dict[str, torch.Tensor]) -> None:
+        return None
+
+    def after_step(self, model: nn.Module) -> None:
+        self._move([(n, p) for n, p in model.named_parameters() if n in self.c_local])
+
+    def stacked_after_step(self, params: dict[str, torch.Tensor]) -> None:
+        self._move([(n, p) for n, p in params.items() if n in self.c_local])
+
+    @torch.no_grad()
+    def _move(self, params: list[tuple[str, torch.Tensor]]) -> None:
+        new = corrected_weights([p for _, p in params], self._rows(params), [self.c_global[n] for n, p in params],
+                                self.lr)
+        for (_, p), weight in zip(params, new, strict=True):
+            p.copy_(weight.to(p.device))
+
+
+def correction_hook(c_local: dict[str, torch.Tensor], c_global: dict[str, torch.Tensor],
+                    correction: Literal["gradient", "weights"], lr: float) -> ScaffoldCorrection:
+    """The client hook of ``strategy.correction``: :class:`ScaffoldCorrection` on the
+    gradients, or :class:`ScaffoldWeightCorrection` on the weights at learning rate ``lr``."""
+    return ScaffoldCorrection(c_local, c_global) if correction == "gradient" else \
+        ScaffoldWeightCorrection(c_local, c_global, lr)
 
 
 class ScaffoldControl:
@@ -240,17 +329,22 @@ class ScaffoldControl:
         The model's flat layout.
     partition_id : int
         The client, the key of ``c_i`` in its Context state.
+    correction : {"gradient", "weights"}, default "gradient"
+        ``strategy.correction``: which hook corrects the training, and whether option II
+        divides by the momentum-weighted steps (``gradient``) or by ``K`` (``weights``).
     """
 
-    def __init__(self, c_global: torch.Tensor, c_local: torch.Tensor, spec: ParamSpec, partition_id: int) -> None:
+    def __init__(self, c_global: torch.Tensor, c_local: torch.Tensor, spec: ParamSpec, partition_id: int,
+                 correction: Literal["gradient", "weights"] = "gradient") -> None:
         if c_global.shape != (spec.dim,) or c_local.shape != (spec.dim,):
             raise ValueError(f"scaffold: control variates of shapes {tuple(c_global.shape)} and "
                              f"{tuple(c_local.shape)}; the model has ({spec.dim},)")
         self.c_global, self.c_local, self.spec, self.partition_id = c_global, c_local, spec, partition_id
+        self.correction = correction
 
     @classmethod
-    def from_content(cls, content: RecordDict, state: MutableMapping, spec: ParamSpec,
-                     partition_id: int) -> ScaffoldControl | None:
+    def from_content(cls, content: RecordDict, state: MutableMapping, spec: ParamSpec, partition_id: int,
+                     correction: Literal["gradient", "weights"] = "gradient") -> ScaffoldControl | None:
         """The client's control state for a SCAFFOLD training message's ``content``, None for
         any other message.
 
@@ -266,14 +360,14 @@ class ScaffoldControl:
             c_local = decode_vector(state[STATE_KEY])
         else:
             c_local = torch.zeros(spec.dim)
-        return cls(c_global, c_local, spec, partition_id)
+        return cls(c_global, c_local, spec, partition_id, correction)
 
-    def hook(self, parameters: Iterable[str]) -> ScaffoldCorrection:
-        """The gradient correction of the named parameters (those of the flat layout: a
-        quantized model's step sizes are not part of the federated model)."""
+    def hook(self, parameters: Iterable[str], lr: float) -> ScaffoldCorrection:
+        """The correction of the named parameters (those of the flat layout: a quantized
+        model's step sizes are not part of the federated model), at local learning rate ``lr``."""
         names = set(parameters) & set(self.spec.names)
         local, glob = self.spec.unflatten(self.c_local), self.spec.unflatten(self.c_global)
-        return ScaffoldCorrection({n: local[n] for n in names}, {n: glob[n] for n in names})
+        return correction_hook({n: local[n] for n in names}, {n: glob[n] for n in names}, self.correction, lr)
 
     def finish(self, update: torch.Tensor, steps: int, client: ClientConfig, state: MutableMapping) -> ArrayRecord:
         """Keep ``c_i+`` in ``state`` (0 on buffers, which have no gradient) and return the
@@ -290,7 +384,8 @@ class ScaffoldControl:
         state : MutableMapping
             The client's Context state (its slice, on a node serving several clients).
         """
-        c_new = control_variate_update(self.c_local, self.c_global, update, steps, client.lr, client.momentum)
+        momentum = client.momentum if self.correction == "gradient" else 0.0  # weights: a = K (NIID-Bench)
+        c_new = control_variate_update(self.c_local, self.c_global, update, steps, client.lr, momentum)
         c_new = c_new * self.spec.parameter_mask()
         state[STATE_KEY] = encode_vector(c_new)[0]
         return encode_vector(c_new - self.c_local)[0]
@@ -304,15 +399,16 @@ class ScaffoldClient(ClientFeature):
     state_keys = (STATE_KEY,)
 
     def hooks(self, ctx: ClientContext, start: dict[str, torch.Tensor]) -> tuple[ClientHook, ...]:
-        control = ScaffoldControl.from_content(ctx.content, ctx.state, ctx.spec, ctx.partition_id)
+        control = ScaffoldControl.from_content(ctx.content, ctx.state, ctx.spec, ctx.partition_id,
+                                               ctx.cfg.strategy.correction)
         ctx.scratch["scaffold"] = control
-        return (control.hook(start),)
+        return (control.hook(start, ctx.cfg.client.lr),)
 
     def stacked_hooks(self, ctxs: Sequence[ClientContext], start: dict[str, torch.Tensor]) -> tuple[ClientHook, ...]:
         hooks = [self.hooks(ctx, start)[0] for ctx in ctxs]
         local = {n: torch.stack([h.c_local[n] for h in hooks]).to(start[n].device) for n in hooks[0].c_local}
         glob = {n: c.to(start[n].device) for n, c in hooks[0].c_global.items()}
-        return (ScaffoldCorrection(local, glob),)
+        return (correction_hook(local, glob, ctxs[0].cfg.strategy.correction, ctxs[0].cfg.client.lr),)
 
     def finish(self, ctx: ClientContext, update: torch.Tensor, steps: int) -> dict[str, ArrayRecord]:
         return {DELTA_RECORD: ctx.scratch["scaffold"].finish(update, steps, ctx.cfg.client, ctx.state)}
@@ -326,7 +422,8 @@ class Scaffold(FedsimStrategy):
     ``"scaffold-delta"`` beside the update (a reply without it is dropped). The records hold
     one flat float32 vector of the model's floating-point arrays in order
     (:func:`encode_vector`); in a Flower app the ClientApp applies
-    :func:`corrected_gradients` and :func:`control_variate_update` itself.
+    :func:`corrected_gradients` (or, for ``correction: weights``, :func:`corrected_weights`
+    after each step) and :func:`control_variate_update` itself.
 
     Parameters
     ----------

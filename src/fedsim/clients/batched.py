@@ -180,6 +180,8 @@ def train_stacked(
         for hook in objective.hooks:
             hook.stacked_before_step(params)
         optimizer.step()
+        for hook in objective.hooks:
+            hook.stacked_after_step(params)
         with torch.no_grad():
             count = m.sum(1).double()
             loss_sum[:active] += losses.detach().double() * count

@@ -4,7 +4,8 @@ A client feature (:mod:`fedsim.clients.features`: an algorithm's client half, e.
 FedProx's proximal term) provides them; the local loop calls every hook at three points of
 each step: ``perturb_inputs`` replaces the batch's inputs before the forward pass (an
 adversarial attack), ``extra_loss`` is added to the objective, ``before_step``
-runs after ``backward`` and before ``optimizer.step``.
+runs after ``backward`` and before ``optimizer.step``, ``after_step`` after it (it may
+move the weights the step produced).
 
 Each hook also has a *stacked* form for :mod:`fedsim.clients.batched`, which trains K
 clients at once with every parameter stacked to shape ``(K, *shape)``:
@@ -12,7 +13,7 @@ clients at once with every parameter stacked to shape ``(K, *shape)``:
 ``forward(client_params, x) -> logits``, one client's functional forward to ``vmap`` over the
 rows; ``stacked_extra_loss`` returns the K clients' terms as a ``(K,)`` tensor (``mask`` marks the
 real rows of the padded ``(K, B)`` batch), ``stacked_before_step`` transforms the stacked
-gradients. Both forms compute the same formula; a hook that overrides one form of a pair
+gradients, ``stacked_after_step`` the stacked weights. Both forms compute the same formula; a hook that overrides one form of a pair
 but not the other cannot be vectorised (:func:`vectorises`), and its clients train one at
 a time.
 """
@@ -42,11 +43,17 @@ class ClientHook:
     def before_step(self, model: nn.Module) -> None:
         return None
 
+    def after_step(self, model: nn.Module) -> None:
+        return None
+
     def stacked_extra_loss(self, params: dict[str, torch.Tensor], logits: torch.Tensor,
                            mask: torch.Tensor) -> torch.Tensor | None:
         return None
 
     def stacked_before_step(self, params: dict[str, torch.Tensor]) -> None:
+        return None
+
+    def stacked_after_step(self, params: dict[str, torch.Tensor]) -> None:
         return None
 
     @classmethod
@@ -61,4 +68,4 @@ def vectorises(hook: ClientHook) -> bool:
     cls = type(hook)
     return all((getattr(cls, one) is getattr(ClientHook, one)) == (getattr(cls, stacked) is getattr(ClientHook, stacked))
                for one, stacked in (("perturb_inputs", "stacked_perturb_inputs"), ("extra_loss", "stacked_extra_loss"),
-                                    ("before_step", "stacked_before_step")))
+                                    ("before_step", "stacked_before_step"), ("after_step", "stacked_after_step")))

@@ -81,7 +81,7 @@ def train_local(
 
     Hooks in ``objective.hooks`` replace the batch's inputs (``perturb_inputs``), add loss
     terms and transform gradients (``before_step`` runs between ``backward`` and the
-    optimizer step).
+    optimizer step) or weights (``after_step``, after it).
     """
     n = len(data.y)
     if n == 0:
@@ -102,6 +102,8 @@ def train_local(
         for hook in objective.hooks:
             hook.before_step(model)
         optimizer.step()
+        for hook in objective.hooks:
+            hook.after_step(model)
         loss_sum += float(loss.detach()) * len(idx)
         correct += int((logits.argmax(1) == y_all[idx]).sum())
         seen += len(idx)

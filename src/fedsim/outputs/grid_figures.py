@@ -21,8 +21,9 @@ Series = dict[str, list[dict[str, Any]]]
 def plot_panels(panels: dict[str, Series], path: Path, key: str = "centralised_accuracy", x_key: str = "round",
                 ylabel: str | None = None, max_columns: int = 4) -> Path:
     """Small multiples: one panel per entry of ``panels``, in it one curve of ``key`` against
-    ``x_key`` per named series. A name keeps its colour in every panel and appears once in
-    the legend under the panels; the panels share their axes.
+    ``x_key`` per named series, shaded between the rows' ``<key>_min`` and ``<key>_max``
+    where they have them (the seeds' spread). A name keeps its colour in every panel and
+    appears once in the legend under the panels; the panels share their axes.
 
     Parameters
     ----------
@@ -52,6 +53,10 @@ def plot_panels(panels: dict[str, Series], path: Path, key: str = "centralised_a
             xy = [(r[x_key], r[key]) for r in points if r.get(key) is not None and r.get(x_key) is not None]
             if xy:
                 ax.plot(*zip(*xy, strict=True), color=colour[name], linewidth=1.4)
+            band = [(r[x_key], r[f"{key}_min"], r[f"{key}_max"]) for r in points
+                    if r.get(f"{key}_min") is not None and r.get(f"{key}_max") is not None]
+            if band:
+                ax.fill_between(*zip(*band, strict=True), color=colour[name], alpha=0.18, linewidth=0)
         ax.set_title(title, fontsize="small")
         ax.grid(alpha=0.3)
         if x_key == "round":
@@ -74,15 +79,16 @@ def plot_panels(panels: dict[str, Series], path: Path, key: str = "centralised_a
     return path
 
 
-def plot_heatmaps(tables: dict[str, tuple[list[str], list[str], np.ndarray]], path: Path, label: str,
+def plot_heatmaps(tables: dict[str, tuple[list[str], list[str], np.ndarray, np.ndarray]], path: Path, label: str,
                   max_columns: int = 2) -> Path:
-    """Annotated heatmaps, one panel per table, on one colour scale.
+    """Annotated heatmaps, one panel per table, on one colour scale; each cell shows its
+    value and, under it, its spread (``±`` the seeds' standard deviation).
 
     Parameters
     ----------
-    tables : dict of str to (list of str, list of str, np.ndarray)
-        Panel title -> (row names, column names, values of shape (rows, columns)); NaN for
-        a missing cell.
+    tables : dict of str to (list of str, list of str, np.ndarray, np.ndarray)
+        Panel title -> (row names, column names, values of shape (rows, columns), their
+        spreads of the same shape); NaN for a missing cell or spread.
     path : Path
         Where to write the PNG.
     label : str
@@ -90,19 +96,19 @@ def plot_heatmaps(tables: dict[str, tuple[list[str], list[str], np.ndarray]], pa
     max_columns : int, default 2
         Panels per row.
     """
-    values = [v for _, _, v in tables.values() if np.isfinite(v).any()]
+    values = [v for _, _, v, _ in tables.values() if np.isfinite(v).any()]
     low = min((float(np.nanmin(v)) for v in values), default=0.0)
     high = max((float(np.nanmax(v)) for v in values), default=1.0)
     count = max(len(tables), 1)
     columns = min(count, max_columns)
     rows = math.ceil(count / columns)
-    widest = max((len(c) for _, c, _ in tables.values()), default=1)
-    tallest = max((len(r) for r, _, _ in tables.values()), default=1)
-    name_width = max((len(n) for r, _, _ in tables.values() for n in r), default=4)
+    widest = max((len(c) for _, c, _, _ in tables.values()), default=1)
+    tallest = max((len(r) for r, _, _, _ in tables.values()), default=1)
+    name_width = max((len(n) for r, _, _, _ in tables.values() for n in r), default=4)
     fig, axes = plt.subplots(rows, columns, squeeze=False, layout="constrained",
-                             figsize=(columns * (0.09 * name_width + 0.95 * widest + 1.2), rows * (0.45 * tallest + 1.6)))
+                             figsize=(columns * (0.09 * name_width + 0.95 * widest + 1.2), rows * (0.6 * tallest + 1.6)))
     image = None
-    for ax, (title, (row_names, column_names, matrix)) in zip(axes.flat, tables.items()):
+    for ax, (title, (row_names, column_names, matrix, spread)) in zip(axes.flat, tables.items()):
         image = ax.imshow(np.ma.masked_invalid(matrix), cmap="viridis", vmin=low, vmax=high, aspect="auto")
         ax.set_xticks(range(len(column_names)), column_names, rotation=30, ha="right", fontsize="small")
         ax.set_yticks(range(len(row_names)), row_names, fontsize="small")
@@ -110,6 +116,8 @@ def plot_heatmaps(tables: dict[str, tuple[list[str], list[str], np.ndarray]], pa
         middle = (low + high) / 2
         for (i, j), value in np.ndenumerate(matrix):
             text = "-" if not np.isfinite(value) else f"{value:.2f}"
+            if np.isfinite(value) and np.isfinite(spread[i, j]):
+                text += f"\n±{spread[i, j]:.2f}"
             ax.text(j, i, text, ha="center", va="center", fontsize="x-small",
                     color="white" if not np.isfinite(value) or value < middle else "black")
     for ax in axes.flat[len(tables):]:

@@ -28,6 +28,7 @@ from fedsim.config import (
 )
 from fedsim.data import ArrayDataset, load_dataset
 from fedsim.data import cache as partition_cache
+from fedsim.data.array_dataset import split_train_test
 from fedsim.data.domains import domain_split
 from fedsim.data.partition import (
     FeatureNoise,
@@ -68,15 +69,20 @@ class FederatedData:
 
 
 def load_source(data: DataConfig, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
-    """Load the configured dataset as (train pool, server test set)."""
+    """Load the configured dataset as (train pool, server test set); with
+    ``data.validation_fraction`` the second is a seeded, stratified validation split of the
+    train pool, which the clients then do not hold, and the test set is not used."""
     options = data.synthetic.model_dump() if data.name == "synthetic" else {}
     if data.name == "shakespeare":
         options = {"min_samples": data.min_samples, "stride": data.stride}
     if data.name == "hf":
         options = {"image_key": data.hf_image_key, "label_key": data.hf_label_key, "test_split": data.hf_test_split,
                    **({"group_key": data.hf_partition_by} if data.hf_partition_by else {})}
-    return load_dataset(data.name, path=data.path, hf_id=data.hf_id, seed=seed,
-                        test_fraction=data.test_fraction, **options)
+    train, test = load_dataset(data.name, path=data.path, hf_id=data.hf_id, seed=seed,
+                               test_fraction=data.test_fraction, **options)
+    if data.validation_fraction:
+        return split_train_test(train, data.validation_fraction, derive_seed(seed, "validation"))
+    return train, test
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,0 +1,116 @@
+"""The tuning stage of ``fedsim bench``: a spec's ``tuning:`` section.
+
+Each method of the grid (a variant's label, or its part before ``panel_by``) declares a small
+grid over named hyperparameters, e.g. the client learning rate, FedProx's mu over
+NIID-Bench's {0.001, 0.01, 0.1, 1} (Li et al., ICDE 2022, arXiv 2102.02079) or a server
+learning rate over values that bracket the optimum. In every setting of the grid (a cell:
+method x axis values) each point of the method's grid is run once per tuning seed with
+``data.validation_fraction`` of the training pool held out as the evaluation set, so tuning
+never sees the test set the report uses; the point with the best mean ``metric`` over the
+tuning seeds wins (the first in grid order on a tie; a point whose runs have no value
+loses). The final runs then use the chosen values on the evaluation seeds, which must differ
+from the tuning seeds. Every method gets the same budget: the same tuning seeds and the same
+number of grid points. A chosen value at either end of a grid of three or more values is
+flagged: the grid does not bracket the optimum there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Tuning(BaseModel):
+    """``tuning:``: per-method grids, tuned per setting on tuning seeds and a validation split.
+
+    Parameters
+    ----------
+    seeds : list of int
+        The tuning seeds; none of them may be one of the spec's (evaluation) ``seeds``.
+    validation_fraction : float, default 0.2
+        The share of the training pool held out as the tuning runs' evaluation set.
+    metric : str, default "final_accuracy"
+        The summary value compared (measured on the validation split).
+    lower_is_better : bool, default False
+        Whether a lower ``metric`` is better.
+    grids : dict of str to dict of str to list
+        Method -> config key -> the values tried; the grid is the product of the lists.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    seeds: list[int] = Field(min_length=1)
+    validation_fraction: float = Field(0.2, gt=0, lt=1)
+    metric: str = "final_accuracy"
+    lower_is_better: bool = False
+    grids: dict[str, dict[str, list[Any]]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _same_budget(self) -> Tuning:
+        sizes = {method: len(grid_points(grid)) for method, grid in self.grids.items()}
+        for method, grid in self.grids.items():
+            for key, values in grid.items():
+                if not values:
+                    raise ValueError(f"tuning.grids.{method}.{key}: no values to try")
+        if len(set(sizes.values())) > 1:
+            told = ", ".join(f"{method} {size}" for method, size in sizes.items())
+            raise ValueError(f"tuning.grids: every method is tuned with the same budget, but the grids have "
+                             f"different numbers of points ({told})")
+        return self
+
+    def overrides(self, method: str) -> list[list[str]]:
+        """The ``--set`` overrides of every point of ``method``'s grid, in grid order."""
+        return [[override(key, value) for key, value in point.items()] for point in grid_points(self.grids[method])]
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The product of the grid's value lists, the first key varying slowest."""
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def override(key: str, value: Any) -> str:
+    """``key=value`` with the value written as YAML reads it back (``1e-05`` as a float)."""
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True).removesuffix(chr(10)).removesuffix('...').strip()}"
+
+
+def score(runs: list[dict[str, Any]], metric: str) -> float | None:
+    """The mean of ``metric`` over a grid point's tuning runs (None where none has it)."""
+    values = [r[metric] for r in runs if r.get(metric) is not None and math.isfinite(r[metric])]
+    return statistics.mean(values) if values else None
+
+
+def choose(scores: list[float | None], lower_is_better: bool) -> int:
+    """The index of the best score (the first on a tie; None loses)."""
+    worst = math.inf if lower_is_better else -math.inf
+    keyed = [worst if s is None else s for s in scores]
+    best = (min if lower_is_better else max)(keyed)
+    return keyed.index(best)
+
+
+def at_edge(grid: dict[str, list[Any]], chosen: dict[str, Any]) -> list[str]:
+    """The keys whose chosen value is the first or last of a grid of three or more values."""
+    return [key for key, values in grid.items() if len(values) >= 3 and chosen[key] in (values[0], values[-1])]
+
+
+def tuning_lines(tuned: dict[str, dict[str, Any]], tuning: Tuning) -> list[str]:
+    """The markdown section of a tuned grid: per setting the chosen values, their validation
+    score and the grid's other scores."""
+    lines = ["## Tuning", "",
+             f"Each setting's grid tried on tuning seeds {', '.join(map(str, tuning.seeds))} with "
+             f"{tuning.validation_fraction:g} of the training pool held out for validation (the test set unused), "
+             f"chosen by the mean validation {tuning.metric}; the table above ran the chosen values on the "
+             "evaluation seeds.", "",
+             f"| setting | chosen | validation {tuning.metric} | grid (value: score) |", "|---|---|---|---|"]
+    for label, record in tuned.items():
+        chosen = ", ".join(f"{k}={v}" for k, v in record["chosen"].items())
+        if record["at_edge"]:
+            chosen += f" (at the edge of its grid: {', '.join(record['at_edge'])})"
+        best = record["points"][record["index"]]["score"]
+        grid = "; ".join(f"{'/'.join(str(v) for v in p['values'].values())}: "
+                         f"{'-' if p['score'] is None else format(p['score'], '.4f')}" for p in record["points"])
+        lines.append(f"| {label} | {chosen} | {'-' if best is None else format(best, '.4f')} | {grid} |")
+    return lines

@@ -1,0 +1,101 @@
+"""The tuning stage of ``fedsim bench`` (fedsim.bench_tuning): per-method grids on tuning
+seeds and a validation split, the best mean chosen, the final runs on fresh seeds with it."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from fedsim.bench import BenchSpec, rerender_bench, run_bench
+from fedsim.bench_tuning import at_edge, choose, grid_points, override
+from fedsim.config import ConfigError, load_config
+from fedsim.outputs.results import RunDir
+from fedsim.sim.components import federated_data
+
+QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
+
+
+def _spec(tmp_path, **tuning):
+    return {"name": "tuned", "configs": [str(QUICKSTART)], "seeds": [0],
+            "common": ["sim.backend=inprocess", "partition.num_clients=2", "rounds=1", "eval.federated=false",
+                       "client.local_epochs=1"],
+            "variants": [{"label": "FedAvg", "set": ["strategy.name=fedavg"]},
+                         {"label": "FedProx", "set": ["strategy.name=fedprox"]}],
+            "out": str(tmp_path / "results"),
+            "tuning": {"seeds": [7], "validation_fraction": 0.25,
+                       "grids": {"FedAvg": {"client.lr": [0.0001, 0.05]},
+                                 "FedProx": {"client.lr": [0.05], "strategy.mu": [0.001, 1.0]}}, **tuning}}
+
+
+def test_each_setting_is_tuned_on_a_validation_split_and_runs_its_chosen_values(tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(_spec(tmp_path)))
+    md = run_bench(spec_path, runs_dir=str(tmp_path / "runs"))
+    stored = json.loads((tmp_path / "results" / "tuned.json").read_text())
+    for label in ("FedAvg", "FedProx"):
+        record = stored["tuning"][label]
+        scores = [p["score"] for p in record["points"]]
+        for point in record["points"]:  # a point's score is the mean of its tuning runs' validation accuracy
+            assert point["score"] == pytest.approx(np.mean([r["final_accuracy"] for r in point["runs"]]))
+            for run in point["runs"]:
+                cfg = RunDir.open(run["run"]).config()
+                assert (run["seed"], cfg.data.validation_fraction) == (7, 0.25)
+        assert record["index"] == int(np.argmax(scores))
+        [row] = [r for r in stored["table"] if r["setting"] == label]
+        assert row["tuned"] == record["chosen"]
+        final = RunDir.open(row["runs"][0]["run"]).config()
+        assert (row["runs"][0]["seed"], final.data.validation_fraction) == (0, 0.0)  # the test set, fresh seed
+        assert final.client.lr == record["chosen"]["client.lr"]
+    assert stored["tuning"]["FedAvg"]["chosen"] == {"client.lr": 0.05}  # lr 1e-4 hardly moves in one epoch
+    assert "## Tuning" in md.read_text() and "| FedProx | client.lr=0.05, strategy.mu=" in md.read_text()
+    written = md.read_text()
+    assert rerender_bench(spec_path).read_text().split("Environment")[1] == written.split("Environment")[1]
+    changed = _spec(tmp_path)
+    changed["common"].append("client.batch_size=16")  # other runs: the stored ones no longer match
+    spec_path.write_text(yaml.safe_dump(changed))
+    with pytest.raises(ConfigError, match="spec_hash differs"):
+        rerender_bench(spec_path)
+
+
+def test_the_validation_split_comes_from_the_training_pool_and_leaves_the_test_set_alone(tmp_path):
+    plain = federated_data(load_config(QUICKSTART, ["partition.num_clients=2"]))
+    held = federated_data(load_config(QUICKSTART, ["partition.num_clients=2", "data.validation_fraction=0.25"]))
+    assert len(held.train) + len(held.test) == len(plain.train)
+    assert len(held.test) == pytest.approx(0.25 * len(plain.train), abs=1)
+    pool = {row.tobytes() for row in plain.train.x}
+    assert all(row.tobytes() in pool for row in held.test.x)  # validation rows are training-pool rows
+    assert not {row.tobytes() for row in held.test.x} & {row.tobytes() for row in held.train.x}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"seeds": [0]}, "tuning.seeds and seeds share 0"),
+    ({"grids": {"FedAvg": {"client.lr": [0.1, 0.2, 0.3]}, "FedProx": {"strategy.mu": [0.01, 0.1]}}},
+     r"same budget.*\(FedAvg 3, FedProx 2\)"),
+    ({"grids": {"FedAvg": {"client.lr": [0.1]}}}, "tuning.grids: no grid for FedProx"),
+    ({"grids": {"FedAvg": {"client.lr": [0.1]}, "FedProx": {"client.lr": [0.1]}, "Scaffold": {"client.lr": [0.1]}}},
+     "tuning.grids: Scaffold is not a method of the variants; known: FedAvg, FedProx"),
+])
+def test_a_tuning_stage_that_is_not_a_fair_comparison_is_refused(tmp_path, change, message):
+    spec = _spec(tmp_path)
+    spec["tuning"].update(change)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=message):
+        BenchSpec.load(path)
+
+
+def test_grid_helpers_choose_the_first_best_and_flag_an_unbracketed_choice():
+    assert grid_points({"a": [1, 2], "b": [3]}) == [{"a": 1, "b": 3}, {"a": 2, "b": 3}]
+    assert choose([0.5, None, 0.7, 0.7], lower_is_better=False) == 2
+    assert choose([None, 3.0, 2.0], lower_is_better=True) == 2
+    assert at_edge({"lr": [0.01, 0.03, 0.1], "mu": [0.1, 1.0]}, {"lr": 0.1, "mu": 1.0}) == ["lr"]
+    assert override("client.lr", 1e-5) == "client.lr=1.0e-05"
+
+
+def test_a_tuning_metric_no_run_reports_is_refused_not_read_as_a_tie(tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(_spec(tmp_path, metric="final_acuracy")))
+    with pytest.raises(ConfigError, match="tuning.metric 'final_acuracy': no tuning run of FedAvg has a finite value"):
+        run_bench(spec_path, runs_dir=str(tmp_path / "runs"))
