@@ -22,7 +22,7 @@ LAYERS = [
     ("package", ["fedsim.__root__", "fedsim.notices"]),
     ("libraries", ["fedsim.losses", "fedsim.quant", "fedsim.data", "fedsim.models", "fedsim.params", "fedsim.records",
                    "fedsim.seeding", "fedsim.topology", "fedsim.attacks", "fedsim.privacy.accounting",
-                   "fedsim.privacy.mechanisms", "fedsim.privacy.noise"]),
+                   "fedsim.privacy.mechanisms", "fedsim.privacy.noise", "fedsim.privacy.audit"]),
     ("validation", ["fedsim.sections", "fedsim.config", "fedsim.config_checks", "fedsim.algorithms.api",
                     "fedsim.algorithms.registry", "fedsim.privacy.settings", "fedsim.privacy.sampling"]),
     ("clients", ["fedsim.clients", "fedsim.privacy.dp_sgd"]),

@@ -84,12 +84,18 @@ def epsilon(ledger: Mapping[GaussianRelease, int], delta: float, accountant: str
 
 @functools.lru_cache(maxsize=4096)
 def _epsilon(items: tuple[tuple[GaussianRelease, int], ...], delta: float, accountant: str) -> float:
+    if accountant == "prv":
+        return _prv_epsilon(items, delta)
+    return float(_composed(items, accountant).get_epsilon(delta))
+
+
+@functools.lru_cache(maxsize=256)
+def _composed(items: tuple[tuple[GaussianRelease, int], ...], accountant: str) -> dp_accounting.PrivacyAccountant:
+    """A dp-accounting accountant that composed ``items`` (one per ledger, whatever the delta)."""
     relations = {release.relation for release, _ in items}
     if len(relations) > 1:
         raise ValueError("a ledger mixes sampling without replacement with other releases")
     relation = relations.pop()
-    if accountant == "prv":
-        return _prv_epsilon(items, delta)
     if accountant == "pld":
         if relation == NeighborRel.REPLACE_ONE:
             raise ValueError("the PLD accountant does not cover sampling without replacement; use rdp")
@@ -100,7 +106,7 @@ def _epsilon(items: tuple[tuple[GaussianRelease, int], ...], delta: float, accou
         raise ValueError(f"accountant {accountant!r}: known pld, rdp, prv")
     for release, count in items:
         acc.compose(dp_event(release), count)
-    return float(acc.get_epsilon(delta))
+    return acc
 
 
 def _prv_epsilon(items: tuple[tuple[GaussianRelease, int], ...], delta: float) -> float:
@@ -122,15 +128,21 @@ def calibrate_noise(ledger_of: Callable[[float], Mapping[GaussianRelease, int]],
     """The smallest noise multiplier z whose ledger ``ledger_of(z)`` spends at most
     ``target_epsilon`` at ``delta`` (Brent's method on log z; epsilon falls as z grows).
 
-    Raises ValueError when no z in [1e-3, 1e4] reaches it."""
+    Raises ValueError when no z in [0.05, 1e4] meets it."""
     def excess(log_z: float) -> float:
         return math.log(epsilon(ledger_of(math.exp(log_z)), delta, accountant)) - math.log(target_epsilon)
 
-    lo, hi = math.log(1e-3), math.log(1e4)
-    if excess(hi) > 0:
-        raise ValueError(f"target_epsilon {target_epsilon:g}: unreachable with a noise multiplier up to 1e4")
-    if excess(lo) <= 0:
-        return math.exp(lo)
+    hi = 0.0  # log z; the bracket grows by doubling z from 1
+    while excess(hi) > 0:
+        hi += math.log(2)
+        if hi > math.log(1e4):
+            raise ValueError(f"target_epsilon {target_epsilon:g}: unreachable with a noise multiplier up to 1e4")
+    lo = hi - math.log(2)
+    while excess(lo) <= 0:
+        lo -= math.log(2)
+        if lo < math.log(0.05):
+            raise ValueError(f"target_epsilon {target_epsilon:g}: met by a noise multiplier below 0.05; "
+                             "give privacy.noise_multiplier instead")
     log_z = optimize.brentq(excess, lo, hi, xtol=rtol * 1e-2)
     while excess(log_z) > 0:  # the upper end of the bracket Brent's method stopped in
         log_z += rtol * 1e-2

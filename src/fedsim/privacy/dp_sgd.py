@@ -33,7 +33,7 @@ def clipped_noisy_sum(per_sample: dict[str, torch.Tensor], mask: torch.Tensor, c
                       noise: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """``sum_b mask_b clip(g_kb, C) + noise_k`` for per-sample gradients ``(K, B, *shape)``;
     ``noise`` is ``(K, D)`` in the parameters' order (None: no noise)."""
-    norms = torch.sqrt(sum(g.flatten(2).pow(2).sum(2) for g in per_sample.values()))
+    norms = torch.sqrt(sum(g.reshape(*g.shape[:2], -1).pow(2).sum(2) for g in per_sample.values()))
     scale = (clip_norm / norms.clamp_min(1e-12)).clamp(max=1.0) * mask
     summed, offset = {}, 0
     for name, g in per_sample.items():
