@@ -43,6 +43,11 @@ BAD = {
     "DP-SGD and a client term": ({"strategy": {"name": "fedprox"}, "sim": {"backend": "batched"},
                                   "privacy": {"mechanism": "sample", "noise_multiplier": 1.0}},
                                  ("privacy.mechanism", "strategy.name")),
+    "count noise eating the budget": ({"privacy": {**RDP, "clipping": "adaptive", "count_noise_multiplier": 0.4}},
+                                      ("count_noise_multiplier", "noise_multiplier")),
+    "count noise before calibration": ({"privacy": {"mechanism": "central", "target_epsilon": 2, "accountant": "rdp",
+                                                    "clipping": "adaptive", "count_noise_multiplier": 5}},
+                                       ("count_noise_multiplier", "target_epsilon")),
     "local DP's accountant": ({"privacy": {"mechanism": "local", "noise_multiplier": 1.0, "accountant": "rdp"}},
                               ("privacy.accountant", "privacy.mechanism")),
 }

@@ -21,7 +21,7 @@ import torch
 from torch.func import grad, vmap
 
 from fedsim.clients.hooks import ClientHook
-from fedsim.privacy.noise import gaussian_noise
+from fedsim.privacy.noise import gaussian_noise_rows
 
 __all__ = ["DPSGDStep", "clipped_noisy_sum"]
 
@@ -33,7 +33,8 @@ def clipped_noisy_sum(per_sample: dict[str, torch.Tensor], mask: torch.Tensor, c
                       noise: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """``sum_b mask_b clip(g_kb, C) + noise_k`` for per-sample gradients ``(K, B, *shape)``;
     ``noise`` is ``(K, D)`` in the parameters' order (None: no noise)."""
-    norms = torch.sqrt(sum(g.reshape(*g.shape[:2], -1).pow(2).sum(2) for g in per_sample.values()))
+    norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.reshape(*g.shape[:2], -1), dim=2)
+                                                  for g in per_sample.values()]), dim=0)
     scale = (clip_norm / norms.clamp_min(1e-12)).clamp(max=1.0) * mask
     summed, offset = {}, 0
     for name, g in per_sample.items():
@@ -99,7 +100,7 @@ class DPSGDStep(ClientHook):
         for lo in range(0, k, chunk):
             rows = slice(lo, min(k, lo + chunk))
             per_sample, (loss, logit) = per_client({n: p[rows] for n, p in detached.items()}, x[rows], y[rows])
-            noise = torch.stack([gaussian_noise(dim, std, *self.keys[i], self.steps) for i in range(rows.start, rows.stop)])
+            noise = gaussian_noise_rows(dim, std, [(*key, self.steps) for key in self.keys[rows]])
             for name, g in clipped_noisy_sum(per_sample, mask[rows], self.clip_norm, noise).items():
                 grads[name].append(g / self.batch_size)
             m = mask[rows]

@@ -70,10 +70,10 @@ class ServerPrivacy:
         self.clip_norm = self.settings.clip_norm
         self.rounds_spent = 0
         self.participations: dict[int, int] = {}
-        self.count_noise_multiplier = (self.settings.count_noise_multiplier
-                                       or self.sampling.expected_clients / 20)
         settings = self.settings
         self.noise_multiplier = settings.noise_multiplier or self._calibrated(settings.target_epsilon)
+        self.count_noise_multiplier = (settings.count_noise_multiplier
+                                       or max(self.sampling.expected_clients / 20, self.noise_multiplier))
         if self.sampling.note and settings.mechanism == "central":
             log.warning("privacy: %s", self.sampling.note)
         if settings.mechanism == "central" and settings.delta >= 1 / cfg.partition.num_clients:

@@ -53,8 +53,10 @@ class PrivacyConfig(Section):
     clip_learning_rate : float, default 0.2
         Adaptive clipping: geometric step eta_C of ``C <- C exp(-eta_C (b - gamma))``.
     count_noise_multiplier : float or None
-        Adaptive clipping: std of the noise on the count of clipped clients, sigma_b; unset,
-        the paper's expected clients per round / 20.
+        Adaptive clipping: std of the noise on the count of unclipped clients, sigma_b; it
+        must exceed half the noise multiplier. Unset: the paper's expected clients per round
+        / 20, or the noise multiplier where that is larger (the count then takes at most a
+        quarter of the budget, in inverse variance).
     """
 
     mechanism: Literal["none", "central", "local", "sample"] = "none"
@@ -90,7 +92,14 @@ class PrivacyConfig(Section):
                         if getattr(self, name) != type(self).model_fields[name].default]
             if adaptive:
                 raise ValueError(f"{adaptive[0]} is read by adaptive clipping only; clipping is fixed")
-        elif self.mechanism != "central":
+        elif self.count_noise_multiplier is not None and self.target_epsilon is not None:
+            raise ValueError("count_noise_multiplier with target_epsilon: the calibrated noise multiplier is not known "
+                             "before the run, so neither is the count noise it needs; leave count_noise_multiplier unset")
+        elif (self.count_noise_multiplier is not None and self.noise_multiplier is not None
+              and 2 * self.count_noise_multiplier <= self.noise_multiplier):
+            raise ValueError(f"count_noise_multiplier {self.count_noise_multiplier:g} must exceed half of "
+                             f"noise_multiplier {self.noise_multiplier:g}, or the count takes the whole budget")
+        if self.clipping == "adaptive" and self.mechanism != "central":
             raise ValueError(f"clipping adaptive tracks a noisy count the server aggregates; mechanism "
                              f"{self.mechanism} has none (use central, or clipping fixed)")
         return self
