@@ -90,3 +90,12 @@ def test_adaptive_clipping_of_the_central_mechanism_tracks_the_median_through_it
         privacy.aggregate(rnd, updates)
     norms = torch.stack([torch.randn(8, generator=generator) * (0.5 + i / 10) for i in range(10) for _ in range(50)])
     assert float((norms.norm(dim=1) <= privacy.clip_norm).double().mean()) == pytest.approx(0.5, abs=0.1)
+
+
+def test_a_delta_not_below_one_over_the_clients_is_one_warning_line(caplog):
+    cfg = validate_config({"partition": {"num_clients": 10},
+                           "privacy": {"mechanism": "central", "noise_multiplier": 1.0, "delta": 0.2}})
+    with caplog.at_level("WARNING", logger="fedsim.privacy.server"):
+        ServerPrivacy(cfg, [5] * 10)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "privacy.delta" in warnings[0] and "10 clients" in warnings[0]
