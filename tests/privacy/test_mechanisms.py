@@ -61,6 +61,7 @@ def test_central_aggregate_is_the_clipped_sum_over_expected_clients_plus_the_cal
     clipped = sum(torch.full((20_000,), 0.5 / math.sqrt(20_000)) for _ in range(4))
     residual = (noisy - clipped / 10).numpy()  # m = 0.25 * 40
     assert privacy.noise_std() == pytest.approx(1.3 * 0.5 / 10)
+    assert privacy.sum_noise_std() == pytest.approx(1.3 * 0.5)
     assert abs(residual.std() - privacy.noise_std()) < 4 * privacy.noise_std() / math.sqrt(2 * len(residual))
     assert torch.equal(privacy.aggregate(1, updates), privacy.aggregate(1, updates))  # same round, same noise
 
