@@ -9,6 +9,7 @@ import torch
 from scipy import stats
 
 from fedsim.config import validate_config
+from fedsim.preflight import preflight
 from fedsim.privacy.mechanisms import (
     adaptive_clip_norm,
     aggregate_noise_std,
@@ -17,6 +18,7 @@ from fedsim.privacy.mechanisms import (
 )
 from fedsim.privacy.noise import gaussian_noise
 from fedsim.privacy.server import ServerPrivacy
+from fedsim.privacy.settings import delta_warning
 from fedsim.strategies.replies import ClientUpdate
 
 
@@ -93,10 +95,12 @@ def test_adaptive_clipping_of_the_central_mechanism_tracks_the_median_through_it
     assert float((norms.norm(dim=1) <= privacy.clip_norm).double().mean()) == pytest.approx(0.5, abs=0.1)
 
 
-def test_a_delta_not_below_one_over_the_clients_is_one_warning_line(caplog):
-    cfg = validate_config({"partition": {"num_clients": 10},
+def test_a_delta_not_below_one_over_the_clients_is_one_warning_line_at_validate(caplog, tmp_path):
+    cfg = validate_config({"partition": {"num_clients": 10}, "output": {"dir": str(tmp_path)},
                            "privacy": {"mechanism": "central", "noise_multiplier": 1.0, "delta": 0.2}})
-    with caplog.at_level("WARNING", logger="fedsim.privacy.server"):
-        ServerPrivacy(cfg, [5] * 10)
+    with caplog.at_level("WARNING"):
+        preflight(cfg)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "privacy.delta" in warnings[0] and "10 clients" in warnings[0]
+    assert delta_warning(cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={"delta": 0.05})}),
+                         [5] * 10) is None

@@ -76,11 +76,6 @@ class ServerPrivacy:
                                        or max(self.sampling.expected_clients / 20, self.noise_multiplier))
         if self.sampling.note and settings.mechanism == "central":
             log.warning("privacy: %s", self.sampling.note)
-        units, unit = ((sum(self.client_examples), "training records") if settings.mechanism == "sample"
-                       else (cfg.partition.num_clients, "clients"))
-        if settings.delta >= 1 / units:
-            log.warning("privacy.delta: %g is not below 1 / %d %s; a mechanism that publishes one of them "
-                        "outright meets it", settings.delta, units, unit)
         log.info("privacy: %s, noise multiplier %.4g, clip norm %g, delta %g", settings.mechanism,
                  self.noise_multiplier, self.clip_norm, settings.delta)
 
