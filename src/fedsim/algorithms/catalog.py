@@ -30,6 +30,8 @@ FEATURES: dict[str, dict[str, Any]] = {
     "stateful loss (sogclr)": {"loss": {"name": "sogclr"}},
     "adversarial clients (pgd)": {"client": {"adversarial": {"method": "pgd", "epsilon": 0.1}}},
     "hierarchy (2 gateways)": {"hierarchy": {"num_edges": 2}},
+    "client-level DP (central)": {"privacy": {"mechanism": "central", "noise_multiplier": 1.0}},
+    "DP-SGD (sample)": {"sim": {"backend": "batched"}, "privacy": {"mechanism": "sample", "noise_multiplier": 1.0}},
 }
 """Each feature as the settings that switch it on."""
 

@@ -20,7 +20,9 @@ It computes what K runs of ``train_local`` compute:
   first rows: a step runs on that prefix, a client whose run ended is copied out after its
   last step, and Adam's shared step count equals each active client's own;
 - hooks contribute through their stacked forms (:mod:`fedsim.clients.hooks`); a hook that
-  replaces a batch's inputs (an adversarial attack) gets every row's functional forward.
+  replaces a batch's inputs (an adversarial attack) gets every row's functional forward; a
+  hook asking for per-sample gradients (DP-SGD, :mod:`fedsim.privacy.dp_sgd`) gets each
+  sample's loss and returns the gradients the optimizer steps with.
 
 Not vectorised, and trained one client at a time by the caller (:func:`vectorisable_reason`
 says why): what a client feature declares it cannot stack (quantized training, losses that
@@ -37,6 +39,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from fedsim.clients.hooks import ClientHook
 from fedsim.clients.objective import ClientObjective
 from fedsim.clients.train import TrainResult, batch_schedule, build_optimizer
 from fedsim.clients.training_features import stacked_reason
@@ -150,7 +153,17 @@ def train_stacked(
     def logits_of(client_params, x):
         return functional_call(net, {f"model.{n}": p for n, p in client_params.items()}, (x,))[1]
 
+    def sample_loss(client_params, x, y):
+        embeddings, logits = functional_call(net, {f"model.{n}": p for n, p in client_params.items()}, (x[None],))
+        per_sample = objective.loss_terms(embeddings, logits, y[None], client_params["head.weight"],
+                                          client_params.get("head.bias"))
+        return per_sample[0], logits[0]
+
     losses_of = vmap(client_loss)
+    private = next((hook for hook in objective.hooks if hook.per_sample_gradients), None)
+    if private is not None and any(type(h).stacked_extra_loss is not ClientHook.stacked_extra_loss
+                                   for h in objective.hooks):
+        raise ValueError("per-sample gradients (DP-SGD) cover the loss only; a hook's extra loss term would escape them")
     num_clients = len(datasets)
     loss_sum = torch.zeros(num_clients, dtype=torch.float64, device=device)
     correct = torch.zeros(num_clients, dtype=torch.float64, device=device)
@@ -170,13 +183,19 @@ def train_stacked(
         x = x_all[index[:active, s]]
         for hook in objective.hooks:
             x = hook.stacked_perturb_inputs(logits_of, {name: p.detach() for name, p in rows.items()}, x, y, m)
-        losses, logits = losses_of(rows, x, y, m)
-        for hook in objective.hooks:
-            term = hook.stacked_extra_loss(rows, logits, m)
-            if term is not None:
-                losses = losses + term
         optimizer.zero_grad(set_to_none=False)
-        losses.sum().backward()
+        if private is None:
+            losses, logits = losses_of(rows, x, y, m)
+            for hook in objective.hooks:
+                term = hook.stacked_extra_loss(rows, logits, m)
+                if term is not None:
+                    losses = losses + term
+            losses.sum().backward()
+        else:  # DP-SGD: per-sample gradients, clipped and noised by the hook
+            grads, losses, logits = private.stacked_gradients(sample_loss, rows, x, y, m)
+            for name, p in params.items():
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+                p.grad[:active] = grads[name]
         for hook in objective.hooks:
             hook.stacked_before_step(params)
         optimizer.step()

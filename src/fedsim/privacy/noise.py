@@ -1,0 +1,55 @@
+"""Gaussian noise from a cryptographic keystream, reproducible under the run's seed.
+
+The noise of a release (a client's round, a DP-SGD step) is drawn from the AES-256-CTR
+keystream (NIST SP 800-38A; the generator of NIST SP 800-90A's CTR_DRBG) under the key
+SHA-256(run seed, purpose, round, client, step): its bytes are uniform 64-bit words, turned
+into standard normal draws by the Box-Muller transform
+(``z = sqrt(-2 ln u1) (cos 2 pi u2, sin 2 pi u2)``, ``u1`` of 52 bits in (0, 1], ``u2`` of 23).
+The same seed gives the same noise on every machine and process (tests rely on it); a run
+whose seed is secret gets noise no one can predict or replay without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+__all__ = ["gaussian_noise", "gaussian_noise_rows"]
+
+_MANTISSA, _ONE = (1 << 52) - 1, 0x3FF0000000000000  # float64: mantissa bits, the bits of 1.0
+_MANTISSA32, _ONE32 = (1 << 23) - 1, 0x3F800000  # float32
+
+
+def _key(parts: Sequence[int | str]) -> bytes:
+    return hashlib.sha256("/".join(str(part) for part in parts).encode()).digest()
+
+
+def gaussian_noise_rows(numel: int, std: float, keys: Sequence[Sequence[int | str]]) -> torch.Tensor:
+    """``(len(keys), numel)`` independent N(0, ``std``^2) draws (float32), row i from the
+    stream keyed by ``keys[i]`` (a row's draws do not depend on the other rows). The radius
+    comes from a 52-bit ``u1`` in float64 (tails to 8.5 std), the angle from 23 bits."""
+    pairs = (numel + 1) // 2
+    width = 16 * pairs
+    stream = bytearray(width * len(keys) + 15)  # update_into wants a block's room beyond the data
+    zeros, view = bytes(width), memoryview(stream)
+    for i, key in enumerate(keys):
+        encryptor = Cipher(algorithms.AES(_key(key)), modes.CTR(bytes(16))).encryptor()
+        encryptor.update_into(zeros, view[i * width:(i + 1) * width + 15])
+    words = torch.frombuffer(stream, dtype=torch.int64, count=2 * pairs * len(keys)).reshape(len(keys), 2, pairs)
+    # 52 random mantissa bits under the exponent of 1.0 make a double in [1, 2): 2 - it is in (0, 1]
+    u1 = torch.bitwise_or(torch.bitwise_right_shift(words[:, 0], 12) & _MANTISSA, _ONE).view(torch.float64)
+    radius = u1.neg_().add_(2.0).log_().mul_(-2.0).sqrt_().float()
+    # 23 bits under the exponent of 1.0f make a float in [1, 2): the angle's fraction of a turn
+    half = words[:, 1].view(torch.int32)[..., ::2]
+    turn = torch.bitwise_or(torch.bitwise_right_shift(half, 9) & _MANTISSA32, _ONE32).view(torch.float32)
+    angle = turn.sub_(1.0).mul_(2 * math.pi)
+    return torch.cat([radius * angle.cos(), radius * angle.sin()], dim=1)[:, :numel].mul_(std)
+
+
+def gaussian_noise(numel: int, std: float, *key: int | str) -> torch.Tensor:
+    """``numel`` independent N(0, ``std``^2) draws (float32) of the stream keyed by ``key``."""
+    return gaussian_noise_rows(numel, std, [key])[0]
