@@ -126,6 +126,8 @@ def test_ifca_clients_and_server_match_a_plain_computation_over_rounds(small_con
      "personalization.method: 'ditto' cannot combine with strategy.name 'ifca'"),
     (("quant.downlink.codec=float16",),
      "quant.downlink.codec: 'float16' compresses one model; strategy.name 'ifca' sends its cluster models in float32"),
+    (("hierarchy.num_edges=2",),
+     "hierarchy: the cloud averages one model per gateway; strategy.name 'ifca' keeps 2 cluster models at each"),
 ])
 def test_ifca_refuses_what_it_cannot_combine_with_in_one_line(small_config, sets, line):
     with pytest.raises(ConfigError) as err:

@@ -32,6 +32,7 @@ BAD = {
                                    ("privacy.accountant", "participation.model")),
     "ef21 estimates": ({"quant": {"uplink": {"codec": "topk", "fraction": 0.1, "error_feedback": "ef21"}},
                         "privacy": RDP}, ("quant.uplink.error_feedback", "privacy.mechanism")),
+    "hierarchy's own loop": ({"hierarchy": {"num_edges": 2}, "privacy": RDP}, ("privacy.mechanism", "hierarchy")),
     "an asynchronous strategy": ({"strategy": {"name": "fedbuff"}, "privacy": RDP},
                                  ("privacy.mechanism", "strategy.name")),
     "DP-SGD with BatchNorm": ({"model": {"name": "resnet8"}, "sim": {"backend": "batched"},

@@ -162,6 +162,9 @@ class Ifca(FedsimStrategy):
         if cfg.quant.downlink.codec != "identity":
             yield (f"quant.downlink.codec: {cfg.quant.downlink.codec!r} compresses one model; strategy.name 'ifca' "
                    "sends its cluster models in float32")
+        if cfg.hierarchy is not None:
+            yield ("hierarchy: the cloud averages one model per gateway; strategy.name 'ifca' keeps "
+                   f"{cfg.strategy.clusters} cluster models at each")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

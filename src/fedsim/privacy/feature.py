@@ -50,6 +50,10 @@ class PrivacyFeature(ClientFeature):
             yield (f"privacy.mechanism: {mechanism} is accounted round by round by the synchronous loop; "
                    f"strategy.name {cfg.strategy.name!r} is {cfg.strategy.family}")
             return
+        if cfg.hierarchy is not None:
+            yield (f"privacy.mechanism: {mechanism} is accounted round by round by the synchronous loop; hierarchy "
+                   "runs its own two-tier loop, which does not account it")
+            return
         yield from {"central": _central_rules, "local": _local_rules, "sample": _sample_rules}[mechanism](cfg)
 
     # ------------------------------------------------------------------- local
