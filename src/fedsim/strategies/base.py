@@ -75,6 +75,7 @@ from fedsim.strategies.evaluation import (
     federated_metrics,
     mean_train_metrics,
 )
+from fedsim.strategies.participation import evaluation_sample
 from fedsim.strategies.replies import (
     EF_RESET,
     ClientUpdate,
@@ -451,8 +452,10 @@ class FedsimStrategy(Algorithm, FedAvg):
             return super().configure_evaluate(server_round, arrays, config, grid)
         if self.cfg.fraction_evaluate == 0:
             return []
-        count = max(1, round(self.cfg.fraction_evaluate * self.num_clients))
-        pids = self.clients()[:count]
+        if (fraction := self.engine.exp.eval.federated_fraction) is not None:
+            pids = evaluation_sample(self.num_clients, fraction, self.seed, server_round)
+        else:
+            pids = self.clients()[: max(1, round(self.cfg.fraction_evaluate * self.num_clients))]
         config = ConfigRecord({**config, "server-round": server_round})
         return [self._message(arrays, ConfigRecord({**config, "partition-id": pid}), {}, self.engine.node_of[pid],
                               MessageType.EVALUATE) for pid in pids]
