@@ -67,7 +67,7 @@ def plain_loop(cfg) -> dict:
     """FedAvg as a for-loop over clients: no Flower, no Ray."""
     t0 = time.perf_counter()
     data = federated_data(cfg)
-    model = make_model(cfg.model, data.train, cfg.seed)
+    model = make_model(cfg.model, data, cfg.seed)
     stamps = []
     for rnd in range(1, cfg.rounds + 1):
         global_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -97,7 +97,7 @@ def minimal_flower(cfg) -> dict:
         pid = int(context.node_config["partition-id"])
         data = federated_data(cfg)
         train_set, _ = data.client(pid)
-        model = make_model(cfg.model, data.train, cfg.seed)
+        model = make_model(cfg.model, data, cfg.seed)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         gen = torch.Generator().manual_seed(int(msg.content["config"]["server-round"]) * 1000 + pid)
         res = train_local(model, train_set, cfg.client, build_objective(cfg, len(train_set.y)), gen,
@@ -113,7 +113,7 @@ def minimal_flower(cfg) -> dict:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         data = federated_data(cfg)
-        model = make_model(cfg.model, data.train, cfg.seed)
+        model = make_model(cfg.model, data, cfg.seed)
 
         def central(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             model.load_state_dict(arrays.to_torch_state_dict())

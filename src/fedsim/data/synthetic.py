@@ -2,9 +2,12 @@
 
 Every device's data is a pure function of ``(seed, device)``: its size and its two means
 come from one vectorised draw over all devices (O(N) numbers, a second for a million
-devices), its model, input mean and inputs from a generator seeded with ``(seed, device)``
-alone. So :class:`SyntheticDevices` builds any device on demand, in any order, and
-:func:`generate_synthetic` (every device, concatenated) gives the same numbers.
+devices), its model and input mean from a generator seeded with ``(seed, device)``, and
+each of its input rows from a counter-based generator (Philox keyed by ``(seed, device)``,
+the row's counter computed, not drawn up to), so any row of any device is made without the
+rows before it. So :class:`SyntheticDevices` builds any device, or any rows of it, on
+demand and in any order, and :func:`generate_synthetic` (every device, concatenated) gives
+the same numbers.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ class SyntheticDevices:
     ``y = argmax(softmax(W_k^T x + b_k))``. Device sizes are
     ``floor(lognormal(4, 2)) + 50``. alpha controls how much local models differ,
     beta how much local inputs differ. Sizes, ``u_k`` and ``B_k`` are drawn for all devices
-    at once from ``default_rng(seed)``; ``W_k``, ``b_k``, ``v_k`` and ``x`` from
-    ``default_rng([seed, DEVICE_STREAM, k])``; device k's held-out rows are
-    ``split_client(rows, test_fraction, seed + k)``.
+    at once from ``default_rng(seed)``; ``W_k``, ``b_k``, ``v_k`` from
+    ``default_rng([seed, DEVICE_STREAM, k])``; row j of ``x`` from the Box-Muller transform
+    of ``2 * dim`` uniforms at counter ``j * ceil(dim / 2)`` of Philox keyed ``(k, seed)``;
+    device k's held-out rows are ``split_client(rows, test_fraction, seed + k)``.
 
     Parameters
     ----------
@@ -90,22 +94,43 @@ class SyntheticDevices:
         """Every device's number of training rows."""
         return self.sizes - self.test_sizes
 
-    def device_arrays(self, device: int) -> tuple[np.ndarray, np.ndarray]:
-        """All of device ``device``'s rows, ``(x float32 (n, dim), y int64 (n,))``."""
+    def device_arrays(self, device: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Device ``device``'s rows ``rows`` (sorted indices; None: all of them),
+        ``(x float32 (n, dim), y int64 (n,))``."""
         rng = np.random.default_rng([self.seed, DEVICE_STREAM, device])
         mean = self.model_means[device]
-        weights = rng.normal(mean, 1.0, (self.dim, self.num_classes))
-        bias = rng.normal(mean, 1.0, self.num_classes)
-        input_mean = rng.normal(self.input_mean_centres[device], 1.0, self.dim)
+        weights = rng.normal(mean, 1.0, (self.dim, self.num_classes)).astype(np.float32)
+        bias = rng.normal(mean, 1.0, self.num_classes).astype(np.float32)
+        input_mean = rng.normal(self.input_mean_centres[device], 1.0, self.dim).astype(np.float32)
         input_std = np.arange(1, self.dim + 1, dtype=np.float32) ** np.float32(-0.6)  # sqrt of j^-1.2
-        # A diagonal Gaussian needs no multivariate_normal factorisation; float32 draws (the
-        # inputs' dtype) take half the time of float64 ones.
-        x = rng.standard_normal((int(self.sizes[device]), self.dim), dtype=np.float32)
-        x *= input_std
-        x += input_mean.astype(np.float32)
+        # A diagonal Gaussian needs no multivariate_normal factorisation.
+        x = self._standard_normal_rows(device, rows) * input_std + input_mean
         # softmax is monotonic, so the argmax of the logits is the argmax of softmax.
-        y = np.argmax(x @ weights.astype(np.float32) + bias.astype(np.float32), axis=1).astype(np.int64)
+        y = np.argmax(x @ weights + bias, axis=1).astype(np.int64)
         return x, y
+
+    def _standard_normal_rows(self, device: int, rows: np.ndarray | None) -> np.ndarray:
+        """Standard normal ``(len(rows), dim)`` float32 draws of the device's input rows."""
+        blocks = -(-self.dim // 2)  # Philox counter steps per row: 4 uniforms each, 2 per normal
+        key = np.array([device, self.seed % 2**64], dtype=np.uint64)
+        if rows is None:
+            uniforms = np.random.Generator(np.random.Philox(key=key)).random((int(self.sizes[device]), 4 * blocks))
+        else:
+            uniforms = np.empty((len(rows), 4 * blocks))
+            for i, row in enumerate(rows):
+                bits = np.random.Philox(key=key)
+                bits.advance(int(row) * blocks)
+                uniforms[i] = np.random.Generator(bits).random(4 * blocks)
+        # Box-Muller: 1 - u lies in (0, 1], so the logarithm is finite
+        radius = np.sqrt(-2.0 * np.log1p(-uniforms[:, : self.dim]))
+        return (radius * np.cos(2.0 * np.pi * uniforms[:, self.dim : 2 * self.dim])).astype(np.float32)
+
+    def held_out(self, device: int, rows: np.ndarray) -> ArrayDataset:
+        """Rows ``rows`` (sorted) of device ``device``'s held-out set, made without the others."""
+        held = split_client(np.arange(int(self.sizes[device])), self.test_fraction, self.seed + device)[1]
+        x, y = self.device_arrays(device, held[rows])
+        return ArrayDataset(x=x, y=y, num_classes=self.num_classes, name="synthetic",
+                            groups=np.full(len(y), device, dtype=np.int64))
 
     def device(self, device: int) -> tuple[ArrayDataset, ArrayDataset]:
         """Device ``device``'s ``(train, held-out test)`` rows, ``groups`` the device id."""

@@ -122,6 +122,6 @@ class OnDemandSynthetic:
         starts = np.concatenate([[0], np.flatnonzero(np.diff(owners)) + 1, [len(rows)]])
         for a, b in zip(starts[:-1], starts[1:], strict=True):
             device = int(owners[a])
-            held = self.devices.device(device)[1]
-            x[a:b], y[a:b] = held.x[rows[a:b] - offsets[device]], held.y[rows[a:b] - offsets[device]]
+            held = self.devices.held_out(device, rows[a:b] - offsets[device])
+            x[a:b], y[a:b] = held.x, held.y
         return ArrayDataset(x=x, y=y, num_classes=self.num_classes, name="synthetic", groups=owners.astype(np.int64))
