@@ -282,22 +282,23 @@ class EveryClientEvaluation:
 
     def __init__(self, node_of: dict[int, int], fraction: float | None = None, seed: int = 0) -> None:
         self.node_of = node_of
-        self.pid_of = {node: pid for pid, node in node_of.items()}
         self.fraction, self.seed = fraction, seed
+        self.evaluated: dict[int, int] = {}  # node id -> client of the latest evaluation messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> list[Message]:
         messages = []
         pids = (sorted(self.node_of) if self.fraction is None
                 else evaluation_sample(len(self.node_of), self.fraction, self.seed, server_round))
-        for pid, node in ((pid, self.node_of[pid]) for pid in pids):
+        self.evaluated = {self.node_of[pid]: pid for pid in pids}
+        for node, pid in self.evaluated.items():
             client_config = ConfigRecord({**config, "server-round": server_round, "partition-id": pid})
             messages.append(Message(content=RecordDict({"arrays": arrays, "config": client_config}),
                                     message_type=MessageType.EVALUATE, dst_node_id=node))
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> dict[str, float] | None:
-        return federated_metrics(client_evaluations(replies, self.pid_of)) or None
+        return federated_metrics(client_evaluations(replies, self.evaluated)) or None
 
 
 class EvalTimes:

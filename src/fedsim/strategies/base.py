@@ -134,10 +134,6 @@ class _Engine:
     examples: dict[int, int] = field(default_factory=dict)
     resync: set[int] = field(default_factory=set)  # clients whose dropped reply reset both copies of h_i
 
-    @property
-    def pid_of(self) -> dict[int, int]:
-        return {n: p for p, n in self.node_of.items()}
-
 
 class FedsimStrategy(Algorithm, FedAvg):
     """Base of fedsim's synchronous algorithms: FedAvg's example-weighted mean of updates
@@ -176,6 +172,7 @@ class FedsimStrategy(Algorithm, FedAvg):
         self._parameters: torch.Tensor | None = None  # engine: buffers skip the server optimizer
         self._dtype = torch.float32
         self._sent: dict[int, int] = {}  # node id -> client of this round's training messages
+        self._evaluated: dict[int, int] = {}  # node id -> client of the latest evaluation messages
         self._template: ArrayRecord | None = None
         self._global: torch.Tensor | None = None
         self._nodes: list[int] = []
@@ -457,8 +454,9 @@ class FedsimStrategy(Algorithm, FedAvg):
         else:
             pids = self.clients()[: max(1, round(self.cfg.fraction_evaluate * self.num_clients))]
         config = ConfigRecord({**config, "server-round": server_round})
-        return [self._message(arrays, ConfigRecord({**config, "partition-id": pid}), {}, self.engine.node_of[pid],
-                              MessageType.EVALUATE) for pid in pids]
+        self._evaluated = {self.engine.node_of[pid]: pid for pid in pids}
+        return [self._message(arrays, ConfigRecord({**config, "partition-id": pid}), {}, node, MessageType.EVALUATE)
+                for node, pid in self._evaluated.items()]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         if not self.engine:
@@ -467,7 +465,7 @@ class FedsimStrategy(Algorithm, FedAvg):
             if not accepted:
                 return None
             return self.evaluate_metrics_aggr_fn([reply.content for reply in accepted], self.weighted_by_key)
-        metrics = federated_metrics(client_evaluations(replies, self.engine.pid_of))
+        metrics = federated_metrics(client_evaluations(replies, self._evaluated))
         return MetricRecord(metrics) if metrics else None
 
     # ------------------------------------------------------------------- state
