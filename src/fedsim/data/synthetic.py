@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedsim.data.array_dataset import ArrayDataset
-from fedsim.data.partition import split_client
 
 DEVICE_STREAM = 0x5EED
 """Salt of the per-device generators, ``default_rng([seed, DEVICE_STREAM, device])``."""
@@ -39,7 +38,9 @@ class SyntheticDevices:
     at once from ``default_rng(seed)``; ``W_k``, ``b_k``, ``v_k`` from
     ``default_rng([seed, DEVICE_STREAM, k])``; row j of ``x`` from the Box-Muller transform
     of ``2 * dim`` uniforms at counter ``j * ceil(dim / 2)`` of Philox keyed ``(k, seed)``;
-    device k's held-out rows are ``split_client(rows, test_fraction, seed + k)``.
+    device k's held-out rows are its last ``round(test_fraction * n_k)`` (at most ``n_k - 1``):
+    its rows are independent draws, so which ones are held out changes nothing but the cost
+    of finding them.
 
     Parameters
     ----------
@@ -70,6 +71,8 @@ class SyntheticDevices:
     """Every device's number of rows."""
     test_sizes: np.ndarray = field(init=False, repr=False)
     """Every device's number of held-out rows."""
+    train_sizes: np.ndarray = field(init=False, repr=False)
+    """Every device's number of training rows."""
     model_means: np.ndarray = field(init=False, repr=False)
     input_mean_centres: np.ndarray = field(init=False, repr=False)
 
@@ -88,11 +91,7 @@ class SyntheticDevices:
         object.__setattr__(self, "input_mean_centres", rng.normal(0.0, self.beta, self.num_devices))
         held_out = np.minimum(np.rint(self.test_fraction * sizes).astype(np.int64), sizes - 1)
         object.__setattr__(self, "test_sizes", held_out)
-
-    @property
-    def train_sizes(self) -> np.ndarray:
-        """Every device's number of training rows."""
-        return self.sizes - self.test_sizes
+        object.__setattr__(self, "train_sizes", sizes - held_out)
 
     def device_arrays(self, device: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Device ``device``'s rows ``rows`` (sorted indices; None: all of them),
@@ -127,8 +126,7 @@ class SyntheticDevices:
 
     def held_out(self, device: int, rows: np.ndarray) -> ArrayDataset:
         """Rows ``rows`` (sorted) of device ``device``'s held-out set, made without the others."""
-        held = split_client(np.arange(int(self.sizes[device])), self.test_fraction, self.seed + device)[1]
-        x, y = self.device_arrays(device, held[rows])
+        x, y = self.device_arrays(device, self.train_sizes[device] + np.asarray(rows))
         return ArrayDataset(x=x, y=y, num_classes=self.num_classes, name="synthetic",
                             groups=np.full(len(y), device, dtype=np.int64))
 
@@ -137,9 +135,10 @@ class SyntheticDevices:
         if not 0 <= device < self.num_devices:
             raise ValueError(f"synthetic: device {device} out of range 0..{self.num_devices - 1}")
         x, y = self.device_arrays(device)
-        split = split_client(np.arange(len(y)), self.test_fraction, self.seed + device)
+        cut = int(self.train_sizes[device])
         return tuple(ArrayDataset(x=x[rows], y=y[rows], num_classes=self.num_classes, name="synthetic",
-                                  groups=np.full(len(rows), device, dtype=np.int64)) for rows in split)
+                                  groups=np.full(len(y[rows]), device, dtype=np.int64))
+                     for rows in (slice(0, cut), slice(cut, None)))
 
 
 def generate_synthetic(
