@@ -413,6 +413,10 @@ def _evaluation(cfg: ExperimentConfig) -> Iterator[str | None]:
     if cfg.eval.federated_fraction is not None and not cfg.eval.federated:
         yield (f"eval.federated_fraction: {cfg.eval.federated_fraction} samples clients for federated evaluation, "
                "which eval.federated false turns off; leave it unset")
+    if (cfg.eval.test_samples is not None and not cfg.eval.centralised and cfg.quant.ptq is None
+            and _family(cfg) != "gossip"):
+        yield (f"eval.test_samples: {cfg.eval.test_samples} bounds the server's test set, which eval.centralised "
+               "false leaves unused (and quant.ptq is off); leave it unset")
 
 
 RULES: tuple[Callable[[ExperimentConfig], Iterator[str | None]], ...] = (

@@ -116,6 +116,7 @@ def test_the_client_cache_keeps_the_most_recent_clients_within_its_bytes():
      "eval.federated_fraction: .* strategy.fraction_evaluate 0.5"),
     ({"eval": {"federated_fraction": 0.1, "federated": False}},
      "eval.federated_fraction: .* eval.federated false"),
+    ({"eval": {"test_samples": 100, "centralised": False}}, "eval.test_samples: .* eval.centralised false"),
 ])
 def test_settings_that_cannot_combine_are_refused_in_one_line_naming_both_keys(sections, message):
     with pytest.raises(ConfigError, match=message):
