@@ -98,14 +98,16 @@ class SyntheticDevices:
         ``(x float32 (n, dim), y int64 (n,))``."""
         rng = np.random.default_rng([self.seed, DEVICE_STREAM, device])
         mean = self.model_means[device]
-        weights = rng.normal(mean, 1.0, (self.dim, self.num_classes)).astype(np.float32)
-        bias = rng.normal(mean, 1.0, self.num_classes).astype(np.float32)
+        weights = rng.normal(mean, 1.0, (self.dim, self.num_classes))
+        bias = rng.normal(mean, 1.0, self.num_classes)
         input_mean = rng.normal(self.input_mean_centres[device], 1.0, self.dim).astype(np.float32)
         input_std = np.arange(1, self.dim + 1, dtype=np.float32) ** np.float32(-0.6)  # sqrt of j^-1.2
         # A diagonal Gaussian needs no multivariate_normal factorisation.
         x = self._standard_normal_rows(device, rows) * input_std + input_mean
-        # softmax is monotonic, so the argmax of the logits is the argmax of softmax.
-        y = np.argmax(x @ weights + bias, axis=1).astype(np.int64)
+        # softmax is monotonic, so the argmax of the logits is the argmax of softmax; float64
+        # logits, so that a row's label does not hang on how many rows are made with it
+        # (a matrix product's rounding may depend on its shape)
+        y = np.argmax(x.astype(np.float64) @ weights + bias, axis=1).astype(np.int64)
         return x, y
 
     def _standard_normal_rows(self, device: int, rows: np.ndarray | None) -> np.ndarray:
