@@ -1,6 +1,9 @@
 """Engine overhead: the same federated work done six ways, at 20, 100 and 1,000 clients.
 
-1. a plain PyTorch loop over clients (no framework, one torch thread): the floor;
+1. the leanest honest plain PyTorch loop over clients (no framework, one torch thread): each
+   client's tensors made once and indexed directly (no DataLoader), a seeded permutation
+   per epoch cut into batches, cross-entropy, torch's optimizer, FedAvg as a running sum of
+   parameters: the floor;
 2. fedsim, ``sim.backend: inprocess`` (clients one after another in the driver);
 3. fedsim, ``sim.backend: batched`` (each round's clients trained together, stacked);
 4. fedsim on Flower's simulation engine (Ray), one client per Flower node;
@@ -22,7 +25,7 @@ Writes JSON to benchmarks/results/engine_overhead.json and a bar chart beside it
 Targets (the scale-engine issue), at 100 clients: batched <= 1.0x the plain loop per round
 and >= 10x faster than the plain Flower app; Ray with grouped nodes <= 2x the plain loop.
 
-Usage: python benchmarks/engine_overhead.py [--clients 20 100 1000] [--out PATH]
+Usage: python benchmarks/engine_overhead.py [--clients 20 100 1000] [--engines NAME ...] [--out PATH]
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -42,7 +46,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 
 from fedsim.bench import environment
-from fedsim.clients.train import evaluate, train_local
+from fedsim.clients.train import build_optimizer, evaluate, train_local
 from fedsim.config import validate_config
 from fedsim.outputs.results import RunDir
 from fedsim.runner import run_experiment
@@ -54,36 +58,50 @@ def make_config(clients: int, out_dir: str):
     return validate_config({
         "name": "engine-overhead", "seed": 0, "rounds": 10 if small else 3,
         "data": {"name": "digits" if small else "synthetic"},
-        "partition": {"num_clients": clients, "scheme": "dirichlet", "alpha": 0.5} if small
+        "partition": {"num_clients": clients, "scheme": "dirichlet", "alpha": 0.5, "min_size": 2} if small
         else {"num_clients": clients, "scheme": "natural"},
         "client": {"local_epochs": 1, "lr": 0.1},
         "eval": {"federated": False},
-        "strategy": {"name": "fedavg", "fraction_evaluate": 0.0},
+        "strategy": {"name": "fedavg"},
         "output": {"dir": out_dir, "plots": False, "checkpoint_every": 1000},
     })
 
 
 def plain_loop(cfg) -> dict:
-    """FedAvg as a for-loop over clients: no Flower, no Ray."""
+    """FedAvg as the leanest honest for-loop over clients: no Flower, no Ray, no DataLoader."""
     t0 = time.perf_counter()
     data = federated_data(cfg)
-    model = make_model(cfg.model, data.train, cfg.seed)
+    model = make_model(cfg.model, data, cfg.seed)
+    clients = [(torch.from_numpy(train.x), torch.from_numpy(train.y))
+               for train in (data.client(pid)[0] for pid in range(cfg.partition.num_clients))]
+    test_x, test_y = torch.from_numpy(data.test.x), torch.from_numpy(data.test.y)
+    params = list(model.parameters())
     stamps = []
     for rnd in range(1, cfg.rounds + 1):
-        global_state = {k: v.clone() for k, v in model.state_dict().items()}
-        total, acc_state = 0, None
-        for pid in range(cfg.partition.num_clients):
-            train_set, _ = data.client(pid)
-            model.load_state_dict(global_state)
+        start = [p.detach().clone() for p in params]
+        total, summed = 0, [torch.zeros_like(p) for p in params]
+        for pid, (x, y) in enumerate(clients):
+            with torch.no_grad():
+                for p, s in zip(params, start, strict=True):
+                    p.copy_(s)
+            optimizer = build_optimizer(params, cfg.client)
             gen = torch.Generator().manual_seed(rnd * 1000 + pid)
-            res = train_local(model, train_set, cfg.client, build_objective(cfg, len(train_set.y)), gen,
-                              torch.device("cpu"))
-            state = model.state_dict()
-            acc_state = ({k: v * res.num_examples for k, v in state.items()} if acc_state is None
-                         else {k: acc_state[k] + v * res.num_examples for k, v in state.items()})
-            total += res.num_examples
-        model.load_state_dict({k: v / total for k, v in acc_state.items()})
-        accuracy = evaluate(model, data.test, torch.device("cpu")).accuracy
+            for _ in range(cfg.client.local_epochs):
+                order = torch.randperm(len(y), generator=gen)
+                for first in range(0, len(y), cfg.client.batch_size):
+                    rows = order[first : first + cfg.client.batch_size]
+                    loss = torch.nn.functional.cross_entropy(model(x[rows]), y[rows])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+            with torch.no_grad():
+                for acc, p in zip(summed, params, strict=True):
+                    acc.add_(p, alpha=len(y))
+            total += len(y)
+        with torch.no_grad():
+            for p, acc in zip(params, summed, strict=True):
+                p.copy_(acc / total)
+            accuracy = (model(test_x).argmax(1) == test_y).double().mean().item()
         stamps.append(time.perf_counter())
     return _timing(t0, stamps, accuracy)
 
@@ -97,7 +115,7 @@ def minimal_flower(cfg) -> dict:
         pid = int(context.node_config["partition-id"])
         data = federated_data(cfg)
         train_set, _ = data.client(pid)
-        model = make_model(cfg.model, data.train, cfg.seed)
+        model = make_model(cfg.model, data, cfg.seed)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         gen = torch.Generator().manual_seed(int(msg.content["config"]["server-round"]) * 1000 + pid)
         res = train_local(model, train_set, cfg.client, build_objective(cfg, len(train_set.y)), gen,
@@ -113,7 +131,7 @@ def minimal_flower(cfg) -> dict:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         data = federated_data(cfg)
-        model = make_model(cfg.model, data.train, cfg.seed)
+        model = make_model(cfg.model, data, cfg.seed)
 
         def central(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             model.load_state_dict(arrays.to_torch_state_dict())
@@ -154,7 +172,7 @@ def _timing(t0: float, round_ends: list[float], accuracy: float) -> dict:
             "final_accuracy": accuracy}
 
 
-def measure(clients: int, out_dir: str) -> dict:
+def measure(clients: int, out_dir: str, engines: list[str] | None = None) -> dict:
     cfg = make_config(clients, out_dir)
     grouped = -(-clients // (os.cpu_count() or 1))
     runs = {
@@ -165,11 +183,12 @@ def measure(clients: int, out_dir: str) -> dict:
         "fedsim ray, grouped nodes": lambda: fedsim_run(cfg, backend="ray", clients_per_node=grouped),
         "plain Flower app": lambda: minimal_flower(cfg),
     }
-    results = {name: run() for name, run in runs.items()}
+    results = {name: run() for name, run in runs.items() if engines is None or name in engines or name == "plain loop"}
     base = results["plain loop"]["per_round_s"]
     for r in results.values():
         r["ratio_to_plain_loop"] = r["per_round_s"] / base
-    results["fedsim ray, grouped nodes"]["clients_per_node"] = grouped
+    if "fedsim ray, grouped nodes" in results:
+        results["fedsim ray, grouped nodes"]["clients_per_node"] = grouped
     return {"data": cfg.data.name, "rounds": cfg.rounds, "engines": results}
 
 
@@ -197,17 +216,18 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[20, 100, 1000])
     parser.add_argument("--out", default="benchmarks/results/engine_overhead.json")
     parser.add_argument("--out-dir", default="/tmp/fedsim-engine-overhead")
+    parser.add_argument("--engines", nargs="+", help="only these engines (and the plain loop, the baseline)")
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.WARNING)
     torch.set_num_threads(1)
-    sizes = {n: measure(n, args.out_dir) for n in args.clients}
+    sizes = {n: measure(n, args.out_dir, args.engines) for n in args.clients}
     print(f"\n{'clients':>8}  {'engine':<27}{'fixed s':>9}{'per round s':>13}{'x plain loop':>14}{'final acc':>11}")
     for n, size in sizes.items():
         for name, r in size["engines"].items():
             print(f"{n:>8}  {name:<27}{r['startup_s']:>9.2f}{r['per_round_s']:>13.3f}{r['ratio_to_plain_loop']:>14.2f}"
                   f"{r['final_accuracy']:>11.4f}")
     targets = {}
-    if 100 in sizes:
+    if 100 in sizes and args.engines is None:
         engines = sizes[100]["engines"]
         targets = {
             "batched <= 1.0x plain loop": engines["fedsim batched"]["ratio_to_plain_loop"] <= 1.0,
@@ -221,7 +241,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(sizes, out.with_suffix(".png"))
     out.write_text(json.dumps({
-        "command": "python benchmarks/engine_overhead.py --clients " + " ".join(map(str, args.clients)),
+        "command": "python benchmarks/engine_overhead.py " + " ".join(sys.argv[1:]),
         "environment": environment(), "sizes": {str(n): s for n, s in sizes.items()}, "targets_at_100": targets,
     }, indent=2))
     print(f"wrote {out}")

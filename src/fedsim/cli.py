@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -200,23 +199,22 @@ def partition(
     clients x labels heatmap under the client sizes)."""
     import json
 
-    from fedsim.data.partition import label_histograms, noise_scales
+    from fedsim.data.partition import noise_scales
     from fedsim.data.skew import partition_report, plot_partition
 
     cfg = _config(config, set_)
     data = _federated_data(cfg)
-    parts = [np.concatenate([a, b]).astype(np.int64) for a, b in zip(data.client_train, data.client_test, strict=True)]
-    hist = label_histograms(data.train.y, parts, data.train.num_classes)
+    hist = data.label_counts(with_test=True)
     num_clients = cfg.partition.num_clients
     noise = noise_scales(cfg.partition.noise_std, num_clients) if cfg.partition.scheme == "feature_noise" else None
     report = {"dataset": cfg.data.name, "scheme": cfg.partition.scheme, "num_clients": num_clients,
-              "num_classes": data.train.num_classes, "seed": cfg.seed, "partition": cfg.partition.model_dump(),
-              **partition_report(hist, [len(a) for a in data.client_train], noise)}
+              "num_classes": data.num_classes, "seed": cfg.seed, "partition": cfg.partition.model_dump(),
+              **partition_report(hist, data.train_sizes().tolist(), noise)}
     title = f"{cfg.data.name}: {cfg.partition.scheme} over {num_clients} clients"
     if num_clients <= table_max_clients:
         table = Table(title=title)
         table.add_column("client", justify="right")
-        for c in range(data.train.num_classes):
+        for c in range(data.num_classes):
             table.add_column(str(c), justify="right")
         table.add_column("total", justify="right")
         for i, row in enumerate(hist):

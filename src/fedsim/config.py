@@ -53,6 +53,9 @@ class SyntheticConfig(Section):
     num_devices: int | None = Field(None, ge=1)
     dim: int = Field(60, ge=1)
     num_classes: int = Field(10, ge=2)
+    on_demand: bool | None = Field(
+        None, description="generate a device's data when its client is sampled, from (seed, device); "
+                          "unset: under partition.scheme natural")
 
 
 class DataConfig(Section):
@@ -80,6 +83,8 @@ class DataConfig(Section):
     stride: int = Field(1, ge=1, description="shakespeare: a sample at every stride-th character of play text "
                                              "(LEAF's 1: about 640 bytes of samples per character)")
     synthetic: SyntheticConfig = SyntheticConfig()
+    client_cache_mb: float = Field(64.0, ge=0, description="clients' arrays kept for reuse, least recently "
+                                                            "used out first")
 
     @model_validator(mode="after")
     def _needs_source(self) -> DataConfig:
@@ -414,12 +419,18 @@ class SimConfig(Section):
     clock: Literal["virtual", "wall"] = Field(
         "virtual", description="async loops: simulated device times, or real time (deployment)")
     concurrency: int | None = Field(None, ge=1, description="clients training at once (async)")
+    client_state_mb: float = Field(
+        1024.0, ge=0, description="inprocess, batched: clients' states held in memory; the least recently used "
+                                  "beyond it spill to the run directory")
 
     @model_validator(mode="after")
     def _grouping_needs_ray(self) -> SimConfig:
         if self.clients_per_node > 1 and self.backend != "ray":
             raise ValueError(f"clients_per_node: groups clients on Flower nodes under backend 'ray'; "
                              f"backend is {self.backend!r}")
+        if self.backend == "ray" and self.client_state_mb != type(self).model_fields["client_state_mb"].default:
+            raise ValueError(f"client_state_mb: bounds the client states of backends inprocess and batched; "
+                             f"backend 'ray' keeps them in its nodes' Contexts")
         return self
 
 
@@ -454,6 +465,11 @@ class EvalConfig(Section):
                                                               "clients' attack when client.adversarial is set")
     new_clients: float = Field(0.0, ge=0, lt=1, description="fraction of the clients held out of training, evaluated "
                                                             "after personalising from the global model")
+    federated_fraction: float | None = Field(
+        None, gt=0, le=1, description="clients drawn afresh (seeded) for each federated evaluation; unset: "
+                                      "strategy.fraction_evaluate's first clients")
+    test_samples: int | None = Field(
+        None, ge=1, description="the server's test set: a seeded sample of this many held-out rows; unset: all")
 
 
 class FaultConfig(Section):
@@ -585,6 +601,11 @@ class ExperimentConfig(Section):
         if data.synthetic.num_devices is None:
             natural = data.name == "synthetic" and part.scheme == "natural"
             data.synthetic.num_devices = part.num_clients if natural else 30
+        if data.name == "synthetic" and data.synthetic.on_demand is None:
+            data.synthetic.on_demand = part.scheme == "natural"
+        if data.synthetic.on_demand and part.scheme != "natural":
+            raise ValueError(f"data.synthetic.on_demand: devices are generated one per client, which needs "
+                             f"partition.scheme natural; got {part.scheme!r}")
         classes = KNOWN_NUM_CLASSES.get(data.name) or (data.synthetic.num_classes if data.name == "synthetic" else None)
         if part.scheme == "pathological" and classes is not None and part.classes_per_client > classes:
             raise ValueError(f"partition.classes_per_client: {part.classes_per_client} labels per client but "

@@ -83,6 +83,8 @@ def _sync_only(cfg: ExperimentConfig) -> Iterator[str | None]:
                f"{_strategy(cfg)} (label_flip works here)")
     if cfg.participation != type(cfg.participation)():
         yield f"participation: the participation model {why}; leave the section out"
+    if _family(cfg) == "gossip" and cfg.eval.federated_fraction is not None:
+        yield f"eval.federated_fraction: gossip evaluates every node's own model; {_strategy(cfg)}; leave it unset"
 
 
 MAX_VIRTUAL_STEPS = 100_000
@@ -153,6 +155,10 @@ def _participation(cfg: ExperimentConfig) -> Iterator[str | None]:
         yield (f"strategy.min_successful: {cfg.strategy.min_successful} replies needed, but participation.num_groups "
                f"{part.num_groups} splits partition.num_clients {n} into groups as small as {smallest}; their rounds "
                "would be skipped")
+    if cfg.eval.federated_fraction is not None and cfg.strategy.fraction_evaluate != (
+            type(cfg.strategy).model_fields["fraction_evaluate"].default):
+        yield (f"eval.federated_fraction: {cfg.eval.federated_fraction} draws the evaluated clients, and "
+               f"strategy.fraction_evaluate {cfg.strategy.fraction_evaluate} takes the first ones; set one of them")
     if not cfg.eval.federated and cfg.strategy.fraction_evaluate != (
             default := type(cfg.strategy).model_fields["fraction_evaluate"].default):
         yield (f"strategy.fraction_evaluate: {cfg.strategy.fraction_evaluate} samples clients for federated "
@@ -249,7 +255,7 @@ def _partition_and_data(cfg: ExperimentConfig) -> Iterator[str | None]:
     if data.name != "hf":
         text = ("min_samples", "stride") if data.name in TEXT_DATA else ()
         yield from unread(data, "data", ("name", "path", "test_fraction", "validation_fraction", "synthetic",
-                                          "hf_partition_by", *text),
+                                          "hf_partition_by", "client_cache_mb", *text),
                           f"with data.name {data.name!r}")
     else:
         yield from unread(data, "data", tuple(n for n in type(data).model_fields if n not in ("min_samples", "stride")),
@@ -493,8 +499,18 @@ def _new_clients(cfg: ExperimentConfig) -> Iterator[str | None]:
         yield f"eval.new_clients: {fraction:g} of partition.num_clients {n} leaves no client to train"
 
 
+def _evaluation(cfg: ExperimentConfig) -> Iterator[str | None]:
+    if cfg.eval.federated_fraction is not None and not cfg.eval.federated:
+        yield (f"eval.federated_fraction: {cfg.eval.federated_fraction} samples clients for federated evaluation, "
+               "which eval.federated false turns off; leave it unset")
+    if (cfg.eval.test_samples is not None and not cfg.eval.centralised and cfg.quant.ptq is None
+            and _family(cfg) != "gossip"):
+        yield (f"eval.test_samples: {cfg.eval.test_samples} bounds the server's test set, which eval.centralised "
+               "false leaves unused (and quant.ptq is off); leave it unset")
+
+
 RULES: tuple[Callable[[ExperimentConfig], Iterator[str | None]], ...] = (
     _algorithm, _client_features, _sync_only, _async_options, _async_only, _speeds, _participation, _participation_options, _model,
     _model_and_data, _partition_and_data, _domains, _quant_options, _faults, _attack, _loss,
-    _personalization, _new_clients, _robust_eval, _hierarchy,
+    _personalization, _new_clients, _robust_eval, _hierarchy, _evaluation,
 )

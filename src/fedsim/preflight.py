@@ -15,7 +15,9 @@ import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from fedsim.config import ConfigError, ExperimentConfig
@@ -24,6 +26,9 @@ from fedsim.data import ArrayDataset
 from fedsim.privacy.settings import delta_warning
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from fedsim.sim.components import Federation
 
 LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, EOFError)
 """What fedsim's loaders and partitioners raise for a missing, empty or corrupt dataset, or
@@ -50,14 +55,14 @@ def data_problems(cfg: ExperimentConfig) -> list[str]:
     except LOAD_ERRORS as exc:
         where = "partition" if _loads(cfg) else "data"
         return [f"{where}: {exc}"]
-    empty = [i for i, idx in enumerate(data.client_train) if len(idx) == 0]
+    empty = np.flatnonzero(data.train_sizes() == 0).tolist()
     if empty:
         problems.append(f"partition: client {empty[0]} gets no training sample ({len(empty)} of "
                         f"{cfg.partition.num_clients} clients); use fewer clients (partition.num_clients)")
     if cfg.data.name not in KNOWN_NUM_CLASSES and cfg.data.name != "synthetic":
-        problems.append(loss_class_problem(cfg, data.train.num_classes))
-    problems.append(model_problem(cfg, data.train))
-    if (warning := delta_warning(cfg, [len(idx) for idx in data.client_train])) is not None:
+        problems.append(loss_class_problem(cfg, data.num_classes))
+    problems.append(model_problem(cfg, data))
+    if (warning := delta_warning(cfg, data.train_sizes().tolist())) is not None:
         log.warning(warning)
     if cfg.sim.speeds.kind == "csv":
         try:
@@ -67,7 +72,7 @@ def data_problems(cfg: ExperimentConfig) -> list[str]:
     return [p for p in problems if p]
 
 
-def model_problem(cfg: ExperimentConfig, train: ArrayDataset) -> str | None:
+def model_problem(cfg: ExperimentConfig, train: ArrayDataset | Federation) -> str | None:
     """Why the configured model cannot take the dataset's samples (an image model on
     vectors, LeNet-5 on images over 32x32), or None; the model is built once to find out."""
     from fedsim.sim.components import make_model

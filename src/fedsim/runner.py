@@ -28,6 +28,7 @@ from fedsim.loops.sync import run_sync
 from fedsim.outputs.results import RunDir
 from fedsim.seeding import seed_everything
 from fedsim.sim.client_app import ClientRuntime, build_client_app, worker
+from fedsim.sim.client_states import ClientStateStore
 from fedsim.sim.flower_notices import quiet_run_simulation_notice
 from fedsim.sim.inprocess import InProcessGrid
 from fedsim.sim.ray_nodes import GroupedGrid, engine_nodes
@@ -120,7 +121,8 @@ def run_experiment(cfg: ExperimentConfig, *, resume: str | Path | None = None, r
     vectorise = cfg.sim.backend == "batched" or cfg.sim.clients_per_node > 1
     if cfg.sim.backend in ("inprocess", "batched"):
         _warn_if_not_stacked(cfg, vectorise)
-        grid = InProcessGrid(ClientRuntime(cfg, vectorise), cfg.partition.num_clients)
+        states = ClientStateStore(int(cfg.sim.client_state_mb * 2**20), run.path / "client_states")
+        grid = InProcessGrid(ClientRuntime(cfg, vectorise), cfg.partition.num_clients, states=states)
         outcome.update(serve(grid, cfg, run, resume is not None, show_progress))
         return run.path, outcome
     from flwr.simulation import (

@@ -11,7 +11,7 @@ It computes what K runs of ``train_local`` compute:
 
 - each client draws its batches from its own generator with the same
   :func:`~fedsim.clients.train.batch_schedule`; clients of unequal sizes or step counts are
-  padded to a common ``(K, steps, batch_size)`` index grid, and a mask marks the real rows;
+  padded to a common ``(K, batch_size)`` index array at each step, and a mask marks the real rows;
 - each client's loss is the mean over its real rows of per-sample terms (the losses are
   built with ``reduction="none"``), so padding adds nothing;
 - the optimizer is torch's own SGD or Adam over the stacked tensors: both update each
@@ -85,17 +85,18 @@ class _FeaturesAndLogits(nn.Module):
         return embeddings, self.model.head(embeddings)
 
 
-def _index_grid(schedules: list[list[torch.Tensor]], offsets: list[int], batch_size: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of the concatenated data each client uses at each step, ``(K, steps, B)``, and
-    the mask of real rows (padding points at row 0 with mask 0)."""
-    steps = max(len(s) for s in schedules)
-    index = torch.zeros(len(schedules), steps, batch_size, dtype=torch.long)
-    mask = torch.zeros(len(schedules), steps, batch_size)
-    for k, (schedule, offset) in enumerate(zip(schedules, offsets, strict=True)):
-        for s, batch in enumerate(schedule):
-            index[k, s, : len(batch)] = batch + offset
-            mask[k, s, : len(batch)] = 1.0
+def _step_rows(schedules: list[list[torch.Tensor]], offsets: list[int], step: int, active: int, batch_size: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the concatenated data the first ``active`` clients use at ``step``, ``(active, B)``,
+    and the mask of real rows (padding points at row 0 with mask 0). Built per step: a grid
+    of every client's every step would hold ``K x`` the longest client's steps ``x B``,
+    mostly padding when client sizes are heavy-tailed."""
+    index = torch.zeros(active, batch_size, dtype=torch.long)
+    mask = torch.zeros(active, batch_size)
+    for k in range(active):
+        batch = schedules[k][step]
+        index[k, : len(batch)] = batch + offsets[k]
+        mask[k, : len(batch)] = 1.0
     return index, mask
 
 
@@ -138,7 +139,6 @@ def train_stacked(
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
     x_all = torch.from_numpy(np.concatenate([d.x for d in datasets])).to(device)
     y_all = torch.from_numpy(np.concatenate([d.y for d in datasets])).to(device)
-    index, mask = (t.to(device) for t in _index_grid(schedules, offsets, cfg.batch_size))
 
     net = _FeaturesAndLogits(model)  # its own parameters are never used: every call passes them
     params = {name: start[name].to(device).clone().requires_grad_(True) for name, _ in model.named_parameters()}
@@ -178,9 +178,9 @@ def train_stacked(
             if 2 * active <= len(next(iter(params.values()))):  # half the leaves idle: drop them
                 params, optimizer = _shrunk(params, optimizer, active, cfg)
         rows = {name: p[:active] for name, p in params.items()}
-        m = mask[:active, s]
-        y = y_all[index[:active, s]]
-        x = x_all[index[:active, s]]
+        index, m = (t.to(device) for t in _step_rows(schedules, offsets, s, active, cfg.batch_size))
+        y = y_all[index]
+        x = x_all[index]
         for hook in objective.hooks:
             x = hook.stacked_perturb_inputs(logits_of, {name: p.detach() for name, p in rows.items()}, x, y, m)
         optimizer.zero_grad(set_to_none=False)

@@ -18,7 +18,9 @@ def load_npz(
     ``x`` keeps its sample shape, except that ``(N, H, W)`` images get a channel axis,
     ``(N, 1, H, W)``; uint8 inputs are taken as 8-bit pixels and scaled to [0, 1],
     other inputs are cast to float32 as they are. Labels must be non-negative
-    integers; ``num_classes`` is the largest label plus one.
+    integers; ``num_classes`` is the largest label plus one. float32 inputs stored
+    uncompressed (``np.savez``) are memory-mapped, not read: a client's rows are read from
+    the file when it takes them (with test arrays in the archive; a split copies the rows).
 
     Parameters
     ----------
@@ -39,7 +41,8 @@ def load_npz(
         raise FileNotFoundError(f"npz: {path} is not a file")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
+            arrays = {key: mapped if (mapped := _mapped(path, archive.zip, key)) is not None else archive[key]
+                      for key in archive.files}
     except (zipfile.BadZipFile, ValueError, OSError) as err:
         raise ValueError(f"npz: {path} is not a readable .npz archive ({err})") from err
     missing = [key for key in ("x", "y") if key not in arrays]
@@ -69,6 +72,25 @@ def load_npz(
     )
 
 
+def _mapped(path: Path, archive: zipfile.ZipFile, key: str) -> np.memmap | None:
+    """Member ``key`` of the archive as a read-only memory map, where it is a float32 array
+    stored uncompressed; else None (it is read)."""
+    info = archive.getinfo(f"{key}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as file:
+        file.seek(info.header_offset)
+        local = file.read(30)  # the member's local header: its name and extra field lengths follow
+        file.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little"))
+        version = np.lib.format.read_magic(file)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(file)
+        offset = file.tell()
+    if dtype != np.float32 or fortran or 0 in shape:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
 def _checked(
     path: Path, x: np.ndarray, y: np.ndarray, x_key: str, y_key: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +107,7 @@ def _checked(
         raise ValueError(f"npz: {path} {y_key} has a negative label {y.min()}")
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
         raise ValueError(f"npz: {path} {x_key} has dtype {x.dtype}; expected numbers")
-    inputs = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    inputs = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
     if not np.isfinite(inputs).all():
         bad = int(np.size(inputs) - np.count_nonzero(np.isfinite(inputs)))
         raise ValueError(f"npz: {path} {x_key} holds {bad} NaN or infinite values; inputs must be finite")

@@ -35,7 +35,7 @@ from fedsim.config import ExperimentConfig
 from fedsim.loops.clock import EventQueue, VirtualClock, WallClock
 from fedsim.quant.codecs import Codec
 from fedsim.seeding import derive_seed
-from fedsim.sim.components import FederatedData, device_speeds
+from fedsim.sim.components import Federation, device_speeds
 from fedsim.sim.messaging import reply_allowance
 from fedsim.sim.speeds import client_duration
 from fedsim.strategies.replies import TIMEOUT, ClientUpdate, Failure, screen_train_reply
@@ -45,9 +45,9 @@ LOST = "update lost (simulated dropout)"
 UNSENT = "the grid did not accept the message"
 
 
-def local_steps(cfg: ExperimentConfig, data: FederatedData) -> np.ndarray:
+def local_steps(cfg: ExperimentConfig, data: Federation) -> np.ndarray:
     """Each client's local steps per update, as ``train_local`` counts them."""
-    return np.array([client_steps(len(idx), cfg.client) for idx in data.client_train])
+    return np.array([client_steps(int(size), cfg.client) for size in data.train_sizes()])
 
 
 class SimulatedDevices:
@@ -85,7 +85,7 @@ class SimulatedDevices:
         self.seed = int(seed)
 
     @classmethod
-    def from_config(cls, cfg: ExperimentConfig, data: FederatedData) -> SimulatedDevices:
+    def from_config(cls, cfg: ExperimentConfig, data: Federation) -> SimulatedDevices:
         """The devices of ``cfg.sim.speeds`` running ``cfg.client``'s local steps."""
         speeds = cfg.sim.speeds
         return cls(local_steps(cfg, data), device_speeds(cfg), speeds.network_delay, speeds.dropout, cfg.seed)

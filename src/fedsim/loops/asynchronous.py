@@ -70,13 +70,14 @@ from fedsim.loops.skeleton import (
 from fedsim.outputs.results import RunDir
 from fedsim.params import ParamSpec
 from fedsim.seeding import derive_seed
-from fedsim.sim.components import FederatedData
+from fedsim.sim.components import Federation
 from fedsim.strategies.asynchronous import AsyncRule
 from fedsim.strategies.evaluation import (
     client_evaluations,
     federated_metrics,
     mean_train_metrics,
 )
+from fedsim.strategies.participation import evaluation_sample
 from fedsim.strategies.replies import ClientUpdate, Failure
 
 log = logging.getLogger(__name__)
@@ -265,31 +266,39 @@ class AsyncServer:
 
 # -------------------------------------------------------------------------- evaluation
 class EveryClientEvaluation:
-    """Federated evaluation in the asynchronous loop: every client evaluates the global
-    model on its test split (a Flower Strategy's evaluation half, for
-    :func:`fedsim.loops.skeleton.evaluate_global`).
+    """Federated evaluation in the asynchronous loop: every client, or the clients
+    ``eval.federated_fraction`` draws for the step, evaluates the global model on its test
+    split (a Flower Strategy's evaluation half, for :func:`fedsim.loops.skeleton.evaluate_global`).
 
     Parameters
     ----------
     node_of : dict[int, int]
         Client (partition id) -> Flower node id.
+    fraction : float or None, default None
+        ``eval.federated_fraction`` (:func:`fedsim.strategies.participation.evaluation_sample`); None: every client.
+    seed : int, default 0
+        The run's seed, of the draws.
     """
 
-    def __init__(self, node_of: dict[int, int]) -> None:
+    def __init__(self, node_of: dict[int, int], fraction: float | None = None, seed: int = 0) -> None:
         self.node_of = node_of
-        self.pid_of = {node: pid for pid, node in node_of.items()}
+        self.fraction, self.seed = fraction, seed
+        self.evaluated: dict[int, int] = {}  # node id -> client of the latest evaluation messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> list[Message]:
         messages = []
-        for pid, node in sorted(self.node_of.items()):
+        pids = (sorted(self.node_of) if self.fraction is None
+                else evaluation_sample(len(self.node_of), self.fraction, self.seed, server_round))
+        self.evaluated = {self.node_of[pid]: pid for pid in pids}
+        for node, pid in self.evaluated.items():
             client_config = ConfigRecord({**config, "server-round": server_round, "partition-id": pid})
             messages.append(Message(content=RecordDict({"arrays": arrays, "config": client_config}),
                                     message_type=MessageType.EVALUATE, dst_node_id=node))
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> dict[str, float] | None:
-        return federated_metrics(client_evaluations(replies, self.pid_of)) or None
+        return federated_metrics(client_evaluations(replies, self.evaluated)) or None
 
 
 class EvalTimes:
@@ -320,14 +329,14 @@ def time_to_target(rows: list[dict[str, Any]], target: float) -> float | None:
     return next((r["virtual_time"] for r in rows if (r.get("centralised_accuracy") or 0.0) >= target), None)
 
 
-def data_shares(data: FederatedData) -> np.ndarray:
+def data_shares(data: Federation) -> np.ndarray:
     """p_i = n_i / sum_j n_j over the clients' training sets."""
-    sizes = np.array([len(idx) for idx in data.client_train], dtype=np.float64)
+    sizes = data.train_sizes().astype(np.float64)
     return sizes / sizes.sum()
 
 
 # -------------------------------------------------------------------------------- loop
-def arrival_source(grid: Grid, cfg: ExperimentConfig, data: FederatedData, dim: int,
+def arrival_source(grid: Grid, cfg: ExperimentConfig, data: Federation, dim: int,
                    clock: Clock | None) -> VirtualArrivals | WallArrivals:
     """Simulated devices on a virtual clock, or the wall clock when one is given."""
     codec = build_codec(cfg.quant.uplink)
@@ -355,7 +364,7 @@ class AsyncSteps(Steps):
                                   ClientPool(cfg.partition.num_clients, cfg.sim.concurrency, cfg.seed),
                                   source, self.spec, self.template, setup.node_of)
         self.grid = grid
-        self.evaluation = EveryClientEvaluation(setup.node_of)
+        self.evaluation = EveryClientEvaluation(setup.node_of, cfg.eval.federated_fraction, cfg.seed)
         self.times = EvalTimes(cfg.strategy.horizon, cfg.strategy.eval_every)
         self.total = len(self.times)
 

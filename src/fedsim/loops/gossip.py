@@ -49,14 +49,13 @@ from fedsim.clients.gossip_node import weight_layers
 from fedsim.clients.quantization import build_codec
 from fedsim.clients.train import EvalResult
 from fedsim.config import ExperimentConfig
-from fedsim.data import ArrayDataset
 from fedsim.loops.skeleton import LoopSetup, Steps, run_steps
 from fedsim.outputs.plots import plot_comparison
 from fedsim.outputs.results import RunDir
 from fedsim.params import ParamSpec, set_flat
 from fedsim.records import to_record
 from fedsim.seeding import derive_seed
-from fedsim.sim.components import make_model
+from fedsim.sim.components import Federation, make_model
 from fedsim.sim.messaging import PartitionGrid, send_and_collect
 from fedsim.strategies.evaluation import mean_train_metrics
 from fedsim.strategies.replies import (
@@ -123,9 +122,9 @@ def layer_variance_series(rows: list[dict[str, Any]]) -> dict[str, list[dict[str
             for name in names}
 
 
-def initial_models(cfg: ExperimentConfig, train: ArrayDataset, spec: ParamSpec) -> Tensor:
+def initial_models(cfg: ExperimentConfig, data: Federation, spec: ParamSpec) -> Tensor:
     """Every node's own initial model, flat, stacked (n, D)."""
-    return torch.stack([spec.flatten(make_model(cfg.model, train, derive_seed(cfg.seed, "node", i)).state_dict())
+    return torch.stack([spec.flatten(make_model(cfg.model, data, derive_seed(cfg.seed, "node", i)).state_dict())
                         for i in range(cfg.partition.num_clients)])
 
 
@@ -265,7 +264,7 @@ class GossipSteps(Steps):
         self.total = cfg.rounds
         self.setup = setup = LoopSetup.build(grid, cfg)
         self.spec, self.template = setup.spec, setup.template
-        models = initial_models(cfg, setup.data.train, self.spec)
+        models = initial_models(cfg, setup.data, self.spec)
         self.initial_variance = layer_variances(self.spec, models)
         self.evaluate_nodes = NodeEvaluator(cfg, setup)
         self.nodes = GossipNodes(grid, cfg, self.spec, self.template, setup.node_of, models)

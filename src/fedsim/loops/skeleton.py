@@ -48,7 +48,7 @@ from fedsim.quant.ptq import quantize_weights_awq, quantize_weights_rtn
 from fedsim.records import to_state_dict
 from fedsim.seeding import derive_seed
 from fedsim.sim.components import (
-    FederatedData,
+    Federation,
     federated_data,
     make_model,
     predict_fn,
@@ -69,7 +69,7 @@ class LoopSetup:
 
     Attributes
     ----------
-    data : FederatedData
+    data : Federation
         The run's partitioned data; ``data.test`` is the server's test set.
     net : torch.nn.Module
         A model of the run's architecture, initialised from the run's seed: the initial
@@ -86,7 +86,7 @@ class LoopSetup:
         The loss's decision rule (None: argmax).
     """
 
-    data: FederatedData
+    data: Federation
     net: nn.Module
     spec: ParamSpec
     template: dict[str, torch.Tensor]
@@ -98,7 +98,7 @@ class LoopSetup:
     def build(cls, grid: Grid, cfg: ExperimentConfig) -> LoopSetup:
         """The set-up of ``cfg``'s run on ``grid`` (waits up to ``sim.wait_for_nodes_s`` for its clients)."""
         data = federated_data(cfg)
-        net = make_model(cfg.model, data.train, cfg.seed)
+        net = make_model(cfg.model, data, cfg.seed)
         node_of = client_nodes(grid, cfg.partition.num_clients, cfg.sim.wait_for_nodes_s)
         return cls(data, net, ParamSpec.of(net), {k: v.clone() for k, v in net.state_dict().items()}, node_of,
                    resolve_device(cfg), predict_fn(cfg))
@@ -233,7 +233,8 @@ def run_steps(steps: Steps, grid: Grid, cfg: ExperimentConfig, run: RunDir, resu
                 divergence.check(row)
                 if steps.resumable and (index % cfg.output.checkpoint_every == 0 or index == steps.total):
                     run.save_checkpoint(Checkpoint(index, {k: v.clone() for k, v in steps.model_state().items()},
-                                                   steps.state_dict(), row["wall_time_s"], _client_states(grid, cfg)))
+                                                   steps.state_dict(), row["wall_time_s"],
+                                                   _client_states(grid, cfg, run, index)))
         status = "completed" if reason is None else "stopped"
     finally:
         rows = run.rows()
@@ -255,7 +256,7 @@ def _restore(steps: Steps, grid: Grid, cfg: ExperimentConfig, run: RunDir, resum
         if not steps.resumable:
             raise ValueError("a run on the wall clock cannot be resumed; start it again")
         if isinstance(grid, PartitionGrid):  # first: restoring the server may message clients
-            grid.restore_client_states(ckpt.clients, cfg.client.timeout_s)
+            grid.resume_client_states(ckpt.clients, run.checkpoint_dir / "clients", cfg.client.timeout_s)
         steps.load_state_dict(ckpt.model, ckpt.strategy)
         run.truncate_after(ckpt.round)
         log.info("resuming %s after step %d", run.path, ckpt.round)
@@ -296,9 +297,11 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-def _client_states(grid: Grid, cfg: ExperimentConfig) -> dict[int, dict[str, Any]]:
-    """Every client's state, where the grid can collect it (fedsim's simulation grids)."""
-    return grid.client_states(cfg.client.timeout_s) if isinstance(grid, PartitionGrid) else {}
+def _client_states(grid: Grid, cfg: ExperimentConfig, run: RunDir, step: int) -> dict[int, Any]:
+    """The clients' states, where the grid can collect them (fedsim's simulation grids)."""
+    if not isinstance(grid, PartitionGrid):
+        return {}
+    return grid.checkpoint_client_states(run.checkpoint_dir / "clients", step, cfg.client.timeout_s)
 
 
 def _check_finite(state: dict[str, torch.Tensor], index: int) -> None:
@@ -313,7 +316,7 @@ def post_training_quantization(cfg: ExperimentConfig, setup: LoopSetup) -> dict[
     evaluate it beside float."""
     ptq = cfg.quant.ptq
     if ptq.method == "awq":
-        calibration = torch.from_numpy(setup.data.train.x[: ptq.calibration_samples])
+        calibration = torch.from_numpy(setup.data.calibration_inputs(ptq.calibration_samples))
         quantized = quantize_weights_awq(setup.net, calibration, ptq.bits)
     else:
         quantized = quantize_weights_rtn(setup.net, ptq.bits)

@@ -30,7 +30,7 @@ from fedsim.outputs.results import RunDir
 from fedsim.params import ParamSpec
 from fedsim.privacy.server import ServerPrivacy
 from fedsim.records import to_state_dict
-from fedsim.sim.components import FederatedData
+from fedsim.sim.components import Federation
 from fedsim.sim.messaging import PartitionGrid, send_and_collect
 from fedsim.sim.rejoin import NodeWatch
 from fedsim.strategies.base import FedsimStrategy
@@ -39,10 +39,9 @@ from fedsim.strategies.participation import build_sampler
 log = logging.getLogger(__name__)
 
 
-def label_mix(data: FederatedData) -> np.ndarray:
+def label_mix(data: Federation) -> np.ndarray:
     """Each client's label proportions in its training split (clients x classes)."""
-    counts = np.stack([np.bincount(data.train.y[idx], minlength=data.train.num_classes)
-                       for idx in data.client_train]).astype(np.float64)
+    counts = data.label_counts().astype(np.float64)
     return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
 
 
@@ -60,9 +59,11 @@ class SyncSteps(Steps):
         self.grid, self.cfg = grid, cfg
         self.total = cfg.rounds
         self.setup = setup = LoopSetup.build(grid, cfg)
-        self.strategy = build_strategy(cfg, setup.spec, setup.node_of, label_mix(setup.data))
+        # the label mix costs a pass over every client's labels: only for the participation model that reads it
+        mix = label_mix(setup.data) if cfg.participation.tied_to_labels else None
+        self.strategy = build_strategy(cfg, setup.spec, setup.node_of, mix)
         if cfg.privacy.mechanism != "none":
-            self.strategy.privacy = ServerPrivacy(cfg, [len(rows) for rows in setup.data.client_train])
+            self.strategy.privacy = ServerPrivacy(cfg, setup.data.train_sizes().tolist())
         self.joins = NodeWatch(setup.node_of)
         self.arrays = ArrayRecord(setup.net.state_dict())
 

@@ -33,8 +33,9 @@ class Checkpoint:
 
     ``strategy`` is the server's side (strategy, optimizer, participation, async queue,
     gossip mirrors); ``clients`` each client's Context state by partition id, where the
-    grid could collect it (fedsim's simulation grids; empty in a deployment, whose
-    SuperNodes keep their own).
+    grid could collect it (fedsim's Ray grid; empty in a deployment, whose SuperNodes keep
+    their own), or under the in-process grids the name of each stateful client's latest
+    state file in ``checkpoints/clients/`` (:mod:`fedsim.sim.client_states`).
     """
 
     round: int

@@ -66,7 +66,7 @@ from fedsim.records import to_record, to_state_dict
 from fedsim.seeding import derive_seed
 from fedsim.sim import group_messages
 from fedsim.sim.components import (
-    FederatedData,
+    Federation,
     build_objective,
     device_speeds,
     federated_data,
@@ -140,7 +140,7 @@ class Worker:
     state each call overwrites (building and seeding a model per call is waste), its flat
     layout, and why its clients cannot train vectorised (None when they can)."""
 
-    data: FederatedData
+    data: Federation
     speeds: np.ndarray
     model: torch.nn.Module
     spec: ParamSpec
@@ -154,7 +154,7 @@ def worker(cfg_json: str) -> Worker:
     """The worker state of the config serialised as ``cfg_json`` (cached per process)."""
     cfg = ExperimentConfig.model_validate_json(cfg_json)
     data = federated_data(cfg)
-    model = make_model(cfg.model, data.train, cfg.seed)
+    model = make_model(cfg.model, data, cfg.seed)
     # torch's first optimizer imports torch._dynamo (seconds): a start-up cost of the worker,
     # not time of the first client it serves
     build_optimizer(model.parameters(), cfg.client)

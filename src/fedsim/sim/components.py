@@ -29,23 +29,32 @@ from fedsim.config import (
 from fedsim.data import ArrayDataset, load_dataset
 from fedsim.data import cache as partition_cache
 from fedsim.data.array_dataset import split_train_test
+from fedsim.data.client_cache import ClientCache
 from fedsim.data.domains import domain_split
 from fedsim.data.partition import (
     FeatureNoise,
+    label_histograms,
     noise_scales,
     partition_indices,
     split_client,
 )
+from fedsim.data.synthetic import SyntheticDevices
 from fedsim.models import build_model
 from fedsim.models.init import xavier_init
 from fedsim.seeding import derive_seed
+from fedsim.sim.on_demand import OnDemandSynthetic, held_out_rows
 from fedsim.sim.speeds import client_speeds
 
 
 @dataclass(frozen=True)
 class FederatedData:
     """The server's held-out test set and each client's train/test indices into ``train``
-    (clean inputs), and the feature noise the clients' inputs take, if any."""
+    (clean inputs), and the feature noise the clients' inputs take, if any.
+
+    A federation's interface, which :class:`~fedsim.sim.on_demand.OnDemandSynthetic` shares:
+    ``client``, ``test``, ``num_clients``, ``num_classes``, ``input_shape``, ``train_sizes``,
+    ``label_counts``, ``calibration_inputs``.
+    """
 
     train: ArrayDataset
     test: ArrayDataset
@@ -53,6 +62,34 @@ class FederatedData:
     client_test: tuple[np.ndarray, ...]
     noise: FeatureNoise | None = None
     unlabelled: tuple[np.ndarray, ...] | None = None  # partition.scheme domains: the target domain's indices
+    cache: ClientCache | None = None
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_train)
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.train.input_shape
+
+    def train_sizes(self) -> np.ndarray:
+        """Each client's number of training rows."""
+        return np.array([len(idx) for idx in self.client_train], dtype=np.int64)
+
+    def label_counts(self, with_test: bool = False) -> np.ndarray:
+        """Each client's label counts in its training split, or its whole partition
+        ``with_test`` (clients x classes)."""
+        parts = (self.client_train if not with_test else
+                 [np.concatenate([a, b]) for a, b in zip(self.client_train, self.client_test, strict=True)])
+        return label_histograms(self.train.y, parts, self.num_classes)
+
+    def calibration_inputs(self, count: int) -> np.ndarray:
+        """The first ``count`` training inputs of the pool."""
+        return self.train.x[:count]
 
     def client(self, partition_id: int, server_round: int | None = None) -> tuple[ArrayDataset, ArrayDataset]:
         """The client's (train, test) data as it sees it in ``server_round``: with feature
@@ -60,19 +97,24 @@ class FederatedData:
         drawn every round)."""
         if not 0 <= partition_id < len(self.client_train):
             raise ValueError(f"partition id {partition_id} out of range 0..{len(self.client_train) - 1}")
-        train = self.train.subset(self.client_train[partition_id])
-        test = self.train.subset(self.client_test[partition_id])
+        if self.cache is None:
+            train, test = self._clean(partition_id)
+        else:
+            train, test = self.cache.get(partition_id, lambda: self._clean(partition_id))
         if self.noise is None:
             return train, test
         return (replace(train, x=self.noise.apply(train.x, partition_id, server_round, "train")),
                 replace(test, x=self.noise.apply(test.x, partition_id, server_round, "test")))
+
+    def _clean(self, partition_id: int) -> tuple[ArrayDataset, ArrayDataset]:
+        return self.train.subset(self.client_train[partition_id]), self.train.subset(self.client_test[partition_id])
 
 
 def load_source(data: DataConfig, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
     """Load the configured dataset as (train pool, server test set); with
     ``data.validation_fraction`` the second is a seeded, stratified validation split of the
     train pool, which the clients then do not hold, and the test set is not used."""
-    options = data.synthetic.model_dump() if data.name == "synthetic" else {}
+    options = data.synthetic.model_dump(exclude={"on_demand"}) if data.name == "synthetic" else {}
     if data.name == "shakespeare":
         options = {"min_samples": data.min_samples, "stride": data.stride}
     if data.name == "hf":
@@ -85,14 +127,25 @@ def load_source(data: DataConfig, seed: int) -> tuple[ArrayDataset, ArrayDataset
     return train, test
 
 
+Federation = FederatedData | OnDemandSynthetic
+
+
 @functools.lru_cache(maxsize=4)
-def _federated_data(data_json: str, partition_json: str, seed: int) -> FederatedData:
+def _federated_data(data_json: str, partition_json: str, seed: int, test_samples: int | None) -> Federation:
+    data = DataConfig.model_validate_json(data_json)
     part = PartitionConfig.model_validate_json(partition_json)
-    data = _partitioned(data_json, partition_json, seed)
+    cache = ClientCache(int(data.client_cache_mb * 2**20))
+    if data.name == "synthetic" and data.synthetic.on_demand:
+        devices = SyntheticDevices(**data.synthetic.model_dump(exclude={"on_demand"}), seed=seed,
+                                   test_fraction=data.test_fraction)
+        return OnDemandSynthetic(devices, part.client_test_fraction, seed, test_samples, cache)
+    federation = _partitioned(data_json, partition_json, seed)
+    rows = held_out_rows(len(federation.test), test_samples, seed)
+    federation = replace(federation, cache=cache, test=federation.test if rows is None else federation.test.subset(rows))
     if part.scheme != "feature_noise":
-        return data
+        return federation
     scales = tuple(noise_scales(part.noise_std, part.num_clients))
-    return replace(data, noise=FeatureNoise(scales, derive_seed(seed, "feature-noise"), part.noise_draw))
+    return replace(federation, noise=FeatureNoise(scales, derive_seed(seed, "feature-noise"), part.noise_draw))
 
 
 @partition_cache.cached(FederatedData)  # on disk too, where a deployed node turned it on
@@ -116,13 +169,16 @@ def _partitioned(data_json: str, partition_json: str, seed: int) -> FederatedDat
     return FederatedData(train, test, tuple(s[0] for s in splits), tuple(s[1] for s in splits))
 
 
-def federated_data(cfg: ExperimentConfig) -> FederatedData:
-    """The run's data, partitioned over ``cfg.partition.num_clients`` clients (cached)."""
-    return _federated_data(cfg.data.model_dump_json(), cfg.partition.model_dump_json(), cfg.seed)
+def federated_data(cfg: ExperimentConfig) -> Federation:
+    """The run's data, partitioned over ``cfg.partition.num_clients`` clients (cached), made
+    on demand where ``data.synthetic.on_demand``; the server's test set bounded by
+    ``eval.test_samples``."""
+    return _federated_data(cfg.data.model_dump_json(), cfg.partition.model_dump_json(), cfg.seed,
+                           cfg.eval.test_samples)
 
 
-def make_model(model: ModelConfig, data: ArrayDataset, seed: int) -> nn.Module:
-    """The configured model, initialised from ``seed``."""
+def make_model(model: ModelConfig, data: ArrayDataset | Federation, seed: int) -> nn.Module:
+    """The configured model for ``data``'s inputs and classes, initialised from ``seed``."""
     torch.manual_seed(seed)
     kwargs = {"mlp": {"hidden": tuple(model.hidden)}, "char_lstm": {"hidden_size": model.lstm_hidden}}.get(model.name, {})
     net = build_model(model.name, data.input_shape, data.num_classes, **kwargs)

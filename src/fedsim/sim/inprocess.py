@@ -22,13 +22,16 @@ out, but it runs to the end first (nothing can interrupt it in this process).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim.sim.client_app import ClientRuntime, Member, PartitionState
+from fedsim.sim.client_states import ClientStateStore
 from fedsim.sim.messaging import PartitionGrid
 
 
@@ -55,7 +58,8 @@ def deliveries(messages: list[Message], partition_of) -> list[list[Message]]:
 class InProcessGrid(PartitionGrid):
     """``num_partitions`` clients served in this process by ``runtime``."""
 
-    def __init__(self, runtime: ClientRuntime, num_partitions: int, run_id: int = 1) -> None:
+    def __init__(self, runtime: ClientRuntime, num_partitions: int, run_id: int = 1,
+                 states: ClientStateStore | None = None) -> None:
         super().__init__(num_partitions)
         self._runtime = runtime
         self._run = Run.create_empty(run_id)
@@ -63,7 +67,7 @@ class InProcessGrid(PartitionGrid):
         TaskIdentity.task_id = 1
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = SUPERLINK_NODE_ID
-        self._states: dict[int, RecordDict] = {}
+        self._states = ClientStateStore(0, None) if states is None else states
         self._pending: list[Message] = []
 
     def set_run(self, run: Run) -> None:
@@ -75,7 +79,7 @@ class InProcessGrid(PartitionGrid):
 
     def client_state(self, partition_id: int) -> PartitionState:
         """The Context state partition ``partition_id`` keeps between its messages."""
-        return PartitionState(self._states.setdefault(partition_id, RecordDict()), partition_id)
+        return PartitionState(self._states.state(partition_id), partition_id)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Queue each message for the next delivery."""
@@ -102,3 +106,18 @@ class InProcessGrid(PartitionGrid):
         timeout = self._runtime.cfg.client.timeout_s
         for msg, member, outcome in zip(batch, members, outcomes, strict=True):
             self.answer(msg, outcome.member_reply(member.partition_id, timeout))
+        self._states.trim()
+
+    def checkpoint_client_states(self, directory: Path, step: int, timeout: float) -> dict[int, str]:
+        """Write the states of the clients addressed since the last checkpoint under
+        ``directory``; the checkpoint keeps every stateful client's latest file name."""
+        return self._states.save(directory, step)
+
+    def resume_client_states(self, saved: dict[int, Any], directory: Path, timeout: float) -> None:
+        """Continue from a checkpoint's client states: file names (:meth:`checkpoint_client_states`),
+        or the records themselves (a checkpoint of the grids that query them)."""
+        files = {pid: value for pid, value in saved.items() if isinstance(value, str)}
+        self._states.load(files, directory)
+        for pid, records in saved.items():
+            if pid not in files:
+                self._states.state(pid).update(records)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 from flwr.app import Error, Message, MessageType, RecordDict
@@ -45,6 +47,7 @@ class PartitionGrid(Grid):
     def __init__(self, num_partitions: int) -> None:
         self.num_partitions = num_partitions
         self._replies: dict[str, Message] = {}
+        self._reached: set[int] = set()  # partitions sent a message: the only ones that may hold state
 
     def partition_nodes(self, wait_s: float) -> dict[int, int]:
         """Partition id -> node id, once the grid's clients are ready (waiting up to ``wait_s``)."""
@@ -80,10 +83,11 @@ class PartitionGrid(Grid):
         return sorted(replies, key=lambda msg: order[msg.metadata.reply_to_message_id])
 
     def client_states(self, timeout: float) -> dict[int, RecordDict]:
-        """Every client's Context state (those that hold any), for a checkpoint. A client
-        that cannot report it is left out with a warning (a resume then starts it afresh)."""
+        """Every client's Context state (those that hold any), for a checkpoint: the clients
+        sent a message so far are asked. A client that cannot report it is left out with a
+        warning (a resume then starts it afresh)."""
         messages = [Message(RecordDict(), dst_node_id=FIRST_NODE_ID + pid, message_type=STATE_QUERY)
-                    for pid in range(self.num_partitions)]
+                    for pid in sorted(self._reached)]
         states = {}
         for reply in self.collect(messages, timeout):
             pid = reply.metadata.src_node_id - FIRST_NODE_ID
@@ -94,13 +98,24 @@ class PartitionGrid(Grid):
         return states
 
     def restore_client_states(self, states: dict[int, RecordDict], timeout: float) -> None:
-        """Give each client back the state of a checkpoint (and every other client none)."""
+        """Give each client back the state of a checkpoint (and every other client sent a
+        message so far none)."""
         messages = [Message(RecordDict(dict(states.get(pid, {}))), dst_node_id=FIRST_NODE_ID + pid,
-                            message_type=STATE_RESTORE) for pid in range(self.num_partitions)]
+                            message_type=STATE_RESTORE) for pid in sorted(self._reached | set(states))]
         for reply in self.collect(messages, timeout):
             if reply.has_error():
                 log.warning("client %d did not take back its state: %s", reply.metadata.src_node_id - FIRST_NODE_ID,
                             reply.error.reason)
+
+    def checkpoint_client_states(self, directory: Path, step: int, timeout: float) -> dict[int, Any]:
+        """What the checkpoint of ``step`` keeps of the clients' states: here each one's
+        records (:meth:`client_states`); a grid that stores them itself may write files
+        under ``directory`` and return their names."""
+        return self.client_states(timeout)
+
+    def resume_client_states(self, saved: dict[int, Any], directory: Path, timeout: float) -> None:
+        """Give the clients back what :meth:`checkpoint_client_states` kept."""
+        self.restore_client_states(saved, timeout)
 
     def get_node_ids(self) -> Iterable[int]:
         return [FIRST_NODE_ID + pid for pid in range(self.num_partitions)]
@@ -116,9 +131,9 @@ class PartitionGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.collect(list(messages), float("inf") if timeout is None else timeout)
 
-    @staticmethod
-    def stamp(message: Message) -> str:
-        """Give a pushed message its id, as Flower's grids do."""
+    def stamp(self, message: Message) -> str:
+        """Give a pushed message its id, as Flower's grids do (and count its partition as reached)."""
+        self._reached.add(self.partition_of(message))
         message.metadata.__dict__["_message_id"] = str(uuid4())
         return message.metadata.message_id
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedsim.sim.messaging import send_and_collect
+from fedsim.sim.messaging import PartitionGrid, send_and_collect
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,10 @@ class NodeWatch:
 
     def joined(self, grid: Grid, timeout: float) -> dict[int, int]:
         """Partition -> node id of the nodes registered since the last look that answered
-        within ``timeout`` seconds (one that did not is asked again next time)."""
+        within ``timeout`` seconds (one that did not is asked again next time); none on
+        fedsim's simulation grids, whose partitions keep their nodes."""
+        if isinstance(grid, PartitionGrid):
+            return {}
         new = sorted(set(grid.get_node_ids()) - self.seen)
         if not new:
             return {}

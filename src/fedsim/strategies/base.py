@@ -76,6 +76,7 @@ from fedsim.strategies.evaluation import (
     mean_train_metrics,
 )
 from fedsim.strategies.new_clients import NEW_CLIENT, held_out_clients, new_client_metrics
+from fedsim.strategies.participation import evaluation_sample
 from fedsim.strategies.replies import (
     EF_RESET,
     ClientUpdate,
@@ -137,10 +138,6 @@ class _Engine:
     resync: set[int] = field(default_factory=set)  # clients whose dropped reply reset both copies of h_i
     held_out: frozenset[int] = frozenset()  # eval.new_clients: never sampled for training
 
-    @property
-    def pid_of(self) -> dict[int, int]:
-        return {n: p for p, n in self.node_of.items()}
-
 
 class FedsimStrategy(Algorithm, FedAvg):
     """Base of fedsim's synchronous algorithms: FedAvg's example-weighted mean of updates
@@ -182,6 +179,7 @@ class FedsimStrategy(Algorithm, FedAvg):
         self._parameters: torch.Tensor | None = None  # engine: buffers skip the server optimizer
         self._dtype = torch.float32
         self._sent: dict[int, int] = {}  # node id -> client of this round's training messages
+        self._evaluated: dict[int, int] = {}  # node id -> client of the latest evaluation messages
         self._template: ArrayRecord | None = None
         self._global: torch.Tensor | None = None
         self._nodes: list[int] = []
@@ -467,9 +465,14 @@ class FedsimStrategy(Algorithm, FedAvg):
             return super().configure_evaluate(server_round, arrays, config, grid)
         if self.cfg.fraction_evaluate == 0:
             return []
-        count = max(1, round(self.cfg.fraction_evaluate * self.num_clients))
+        clients = self.clients()
+        if (fraction := self.engine.exp.eval.federated_fraction) is not None:
+            pids = [clients[i] for i in evaluation_sample(len(clients), fraction, self.seed, server_round)]
+        else:
+            pids = clients[: max(1, round(self.cfg.fraction_evaluate * len(clients)))]
         config = ConfigRecord({**config, "server-round": server_round})
-        targets = [(pid, False) for pid in self.clients()[:count]] + [(pid, True) for pid in sorted(self.engine.held_out)]
+        targets = [(pid, False) for pid in pids] + [(pid, True) for pid in sorted(self.engine.held_out)]
+        self._evaluated = {self.engine.node_of[pid]: pid for pid, _ in targets}
         return [self._message(arrays, ConfigRecord({**config, "partition-id": pid, NEW_CLIENT: new}), {},
                               self.engine.node_of[pid], MessageType.EVALUATE) for pid, new in targets]
 
@@ -480,14 +483,13 @@ class FedsimStrategy(Algorithm, FedAvg):
             if not accepted:
                 return None
             return self.evaluate_metrics_aggr_fn([reply.content for reply in accepted], self.weighted_by_key)
-        pid_of, held_out = self.engine.pid_of, self.engine.held_out
+        evaluated, held_out = self._evaluated, self.engine.held_out
         replies = list(replies)
-        new = [reply.metadata.src_node_id in pid_of and pid_of[reply.metadata.src_node_id] in held_out
-               for reply in replies]
+        new = [evaluated.get(reply.metadata.src_node_id) in held_out for reply in replies]
         metrics = {**federated_metrics(client_evaluations([r for r, n in zip(replies, new, strict=True) if not n],
-                                                          pid_of)),
+                                                          evaluated)),
                    **new_client_metrics(client_evaluations([r for r, n in zip(replies, new, strict=True) if n],
-                                                           pid_of))}
+                                                           evaluated))}
         return MetricRecord(metrics) if metrics else None
 
     # ------------------------------------------------------------------- state

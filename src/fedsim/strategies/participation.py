@@ -35,6 +35,7 @@ __all__ = [
     "CyclicParticipation",
     "MarkovParticipation",
     "UniformSampler",
+    "evaluation_sample",
 ]
 
 _SALT_UNIFORM = 101
@@ -42,6 +43,7 @@ _SALT_BERNOULLI = 102
 _SALT_MARKOV = 103
 _SALT_CYCLIC = 104
 _SALT_DRAW_PROBABILITIES = 105
+_SALT_EVALUATE = 106
 
 
 def _check_seed(seed: int, where: str) -> None:
@@ -371,6 +373,20 @@ class CyclicParticipation:
     def probabilities(self) -> np.ndarray:
         """``1 / G`` for every client (long-run fraction of rounds)."""
         return np.full(self.num_clients, 1.0 / self.num_groups)
+
+
+def evaluation_sample(num_clients: int, fraction: float, seed: int, step: int) -> list[int]:
+    """The sorted clients of the federated evaluation at ``step`` (``eval.federated_fraction``):
+    ``max(1, round(fraction * N))`` drawn uniformly without replacement from
+    ``default_rng([seed, salt, step])``, so a step's draw is the same on resume; costs
+    O(drawn), not O(N)."""
+    _check_seed(seed, "evaluation_sample")
+    _check_round(step, "evaluation_sample")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"evaluation_sample: fraction must be in (0, 1], got {fraction}")
+    count = min(num_clients, max(1, round(fraction * num_clients)))
+    chosen = _round_rng(seed, _SALT_EVALUATE, step).choice(num_clients, size=count, replace=False)
+    return sorted(int(i) for i in chosen)
 
 
 def build_sampler(exp: ExperimentConfig, label_mix: np.ndarray | None = None):
