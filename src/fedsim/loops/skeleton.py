@@ -129,6 +129,8 @@ def evaluate_global(cfg: ExperimentConfig, grid: Grid, setup: LoopSetup, evaluat
         setup.net.load_state_dict(to_state_dict(arrays))
         res = setup.server_test(setup.net, cfg.eval.batch_size)
         metrics.update(centralised_accuracy=res.accuracy, centralised_loss=res.loss)
+        if cfg.model.name == "causal_lm":  # the mean token negative log-likelihood's exp
+            metrics["perplexity"] = math.exp(res.loss)
     if cfg.eval.federated:
         messages = list(evaluation.configure_evaluate(step, arrays, ConfigRecord(), grid))
         fed = evaluation.aggregate_evaluate(step, send_and_collect(grid, messages, cfg.client.timeout_s))

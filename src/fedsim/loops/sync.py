@@ -82,6 +82,8 @@ class SyncSteps(Steps):
             "bytes_up": report.bytes_up,
             "bytes_down": report.bytes_down,
         }
+        if "train_tokens_per_s" in (train_metrics or {}):  # a language model's clients
+            row["train_tokens_per_s"] = train_metrics["train_tokens_per_s"]
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
             row.update(evaluate_global(cfg, self.grid, self.setup, strategy, rnd, self.arrays))
         return row

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Iterator, MutableMapping, Sequence
 
@@ -433,6 +434,8 @@ class ClientRuntime:
             "bytes_up": payload.nbytes,
             **ray_node_metric(),
         })
+        if cfg.model.name == "causal_lm":
+            metrics["train_tokens_per_s"] = result.rows / max(job.seconds, 1e-9)
         content = RecordDict({"update": to_record(payload.to_arrays()), "metrics": metrics})
         for name, record in records.items():
             content[name] = record
@@ -472,6 +475,8 @@ class ClientRuntime:
                 metrics = MetricRecord({"num-examples": res.num_examples,
                                         "eval_loss": res.loss if res.num_examples else 0.0,
                                         "eval_accuracy": res.accuracy if res.num_examples else 0.0})
+                if self.cfg.model.name == "causal_lm" and res.num_examples:
+                    metrics["eval_perplexity"] = math.exp(res.loss)
                 try:
                     metrics.update(self._personal_metrics(members[i], test_set, w, device))
                 except Exception as exc:
