@@ -97,7 +97,8 @@ class DataConfig(Section):
                                              "(LEAF's 1: about 640 bytes of samples per character)")
     synthetic: SyntheticConfig = SyntheticConfig()
     tokenizer: TokenizerConfig | None = Field(
-        None, description="shakespeare for model.name causal_lm: each role's speech as token blocks, not LEAF's windows")
+        None, description="shakespeare for model.name causal_lm: each role's speech as token blocks, "
+                          "not LEAF's windows")
     seq_len: int = Field(64, ge=2, description="tokenizer: tokens a block predicts (a block holds seq_len + 1)")
 
     @model_validator(mode="after")

@@ -58,7 +58,8 @@ class WeightOnlyLinear(nn.Module):
             raise ValueError(f"WeightOnlyLinear: bits {bits} is not a weight-only format; allowed: 8, 4")
         weight = linear.weight.detach().float()
         qmin, qmax = quant_range(bits)
-        scale = (weight.abs().amax(dim=1, keepdim=True) / ((qmax - qmin) / 2)).clamp(min=torch.finfo(torch.float32).tiny)
+        scale = weight.abs().amax(dim=1, keepdim=True) / ((qmax - qmin) / 2)
+        scale = scale.clamp(min=torch.finfo(torch.float32).tiny)
         codes = torch.clamp(torch.round(weight * (1.0 / scale)), qmin, qmax).to(torch.int8)
         self.bits, self.in_features, self.out_features = bits, linear.in_features, linear.out_features
         self.register_buffer("codes", _pack_int4(codes) if bits == 4 else codes)
@@ -88,7 +89,8 @@ def quantize_frozen_linears(model: nn.Module, fmt: str, skip: tuple[str, ...] = 
         Layers replaced.
     """
     if fmt not in BASE_BITS:
-        raise ValueError(f"quantize_frozen_linears: {fmt!r} is not a weight-only format; allowed: {', '.join(BASE_BITS)}")
+        raise ValueError(f"quantize_frozen_linears: {fmt!r} is not a weight-only format; "
+                         f"allowed: {', '.join(BASE_BITS)}")
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is nn.Linear and not module.weight.requires_grad and name not in skip]
     for name, module in targets:
