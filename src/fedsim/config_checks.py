@@ -432,12 +432,14 @@ def _language_model(cfg: ExperimentConfig) -> Iterator[str | None]:
         if model.base_quant != "none":
             yield (f"model.base_quant: {model.base_quant!r} stores a frozen base; model.adapter.kind 'none' "
                    "trains every weight")
-    for key, value in (("model.init", model.init != "default"), ("personalization.method",
-                       cfg.personalization.method != "none"), ("quant.qat", cfg.quant.qat is not None),
-                       ("quant.lowbit", cfg.quant.lowbit is not None), ("quant.ptq", cfg.quant.ptq is not None)):
+    for key, value, why in (
+            ("model.init", model.init != "default", "it keeps transformers' initialisation"),
+            ("personalization.method", cfg.personalization.method != "none", "its adapter is the one trained part"),
+            ("quant.qat", cfg.quant.qat is not None, "its frozen base is quantized by model.base_quant"),
+            ("quant.lowbit", cfg.quant.lowbit is not None, "its frozen base is quantized by model.base_quant"),
+            ("quant.ptq", cfg.quant.ptq is not None, "its frozen base is quantized by model.base_quant")):
         if value:
-            yield (f"{key}: not for model.name 'causal_lm' (a transformers model's own initialisation, "
-                   "its adapter, model.base_quant)")
+            yield f"{key}: not for model.name 'causal_lm': {why}"
     if cfg.attack.name == "label_flip":
         yield "attack.name: 'label_flip' flips class labels; model.name 'causal_lm' predicts next tokens"
     if cfg.loss.name not in LANGUAGE_MODEL_LOSSES or cfg.loss.aux is not None:
