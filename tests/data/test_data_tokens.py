@@ -45,3 +45,16 @@ def test_roles_are_clients_and_the_test_text_is_each_roles_end(tmp_path):
     assert train.x.shape[1] == 5 and np.array_equal(train.y, train.x[:, -1])
     citizen = train.x[train.groups == 0]
     assert len(citizen) > len(test.x[test.groups == 0]) > 0
+
+
+def test_a_local_tokenizer_gives_its_own_vocabulary(tmp_path):
+    path = tmp_path / "play.txt"
+    path.write_text(PLAY * 3)
+    (tmp_path / "tok").mkdir()
+    train_bpe([PLAY], 280).save(str(tmp_path / "tok" / "tokenizer.json"))
+    train, _ = load_shakespeare_tokens(path, {"kind": "local", "path": str(tmp_path / "tok")}, seq_len=4,
+                                       min_samples=2)
+    want = train_bpe([PLAY], 280)
+    assert train.num_classes == want.get_vocab_size()
+    first_role = next(iter(PLAY.split("\n\n"))).split(":\n", 1)[1].replace("\n", " ")
+    np.testing.assert_array_equal(train.x[0], want.encode(first_role).ids[:5])

@@ -136,3 +136,13 @@ def test_lora_dropout_draws_from_the_client_generator():
         runs.append(torch.cat([v.reshape(-1) for v in model.state_dict().values()]))
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
     assert not torch.equal(runs[0], runs[2])
+
+
+def test_a_local_model_directory_gives_its_weights(tmp_path):
+    saved = _model(adapter={"kind": "none"}, seed=4)
+    saved.lm.save_pretrained(tmp_path / "model")
+    loaded = build_model("causal_lm", (SEQ + 1,), VOCAB, path=str(tmp_path / "model"), adapter=LORA)
+    x = torch.from_numpy(_blocks(2).x)
+    with torch.no_grad():  # LoRA's B starts at zero: the adapted model computes the saved one
+        torch.testing.assert_close(loaded.lm(input_ids=x).logits, saved.lm(input_ids=x).logits)
+    assert all(".lora_" in name for name in loaded.state_dict())
