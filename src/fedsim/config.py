@@ -58,6 +58,26 @@ class SyntheticConfig(Section):
                           "unset: under partition.scheme natural")
 
 
+class TokenizerConfig(Section):
+    """The tokenizer of a language model's text (:mod:`fedsim.data.tokens`).
+
+    ``bpe``: a byte-level BPE of ``vocab_size`` tokens trained with the ``tokenizers`` library
+    on the run's own training text (every role's training part); ``local``: the
+    ``tokenizer.json`` of a local directory ``path`` (a transformers model's tokenizer).
+    """
+
+    kind: Literal["bpe", "local"] = "bpe"
+    vocab_size: int = Field(512, ge=260, description="bpe: tokens, the 256 bytes and the merges learnt")
+    path: str | None = Field(None, description="local: a directory holding tokenizer.json")
+
+    @model_validator(mode="after")
+    def _source(self) -> TokenizerConfig:
+        if (self.kind == "local") != (self.path is not None):
+            raise ValueError(f"path: a tokenizer directory, needed by kind 'local' and read by it only; "
+                             f"kind is {self.kind!r}")
+        return self
+
+
 class DataConfig(Section):
     """Which dataset to load; ``path`` for file loaders, ``hf_id`` for Hugging Face ids.
 
@@ -85,6 +105,10 @@ class DataConfig(Section):
     synthetic: SyntheticConfig = SyntheticConfig()
     client_cache_mb: float = Field(64.0, ge=0, description="clients' arrays kept for reuse, least recently "
                                                             "used out first")
+    tokenizer: TokenizerConfig | None = Field(
+        None, description="shakespeare for model.name causal_lm: each role's speech as token blocks, "
+                          "not LEAF's windows")
+    seq_len: int = Field(64, ge=2, description="tokenizer: tokens a block predicts (a block holds seq_len + 1)")
 
     @model_validator(mode="after")
     def _needs_source(self) -> DataConfig:
@@ -136,15 +160,46 @@ class PartitionConfig(Section):
 
 
 # -------------------------------------------------------------------------- model
+class AdapterConfig(Section):
+    """What of a causal language model trains and travels (peft; Hu et al., "LoRA: Low-Rank
+    Adaptation of Large Language Models", arXiv 2106.09685).
+
+    ``none``: every weight (full fine-tuning); ``lora``: ``W x + (alpha / r) B A x`` on each
+    module named in ``target_modules``, ``A`` (r x in) and ``B`` (out x r, zero at the start)
+    train, the base is frozen.
+    """
+
+    kind: Literal["none", "lora"] = "none"
+    r: int = Field(8, ge=1, description="lora: rank of A and B")
+    alpha: float = Field(16.0, gt=0, description="lora: the update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="lora: dropout on the adapter's input")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1,
+                                      description="lora: names (last part) of the linear layers adapted")
+
+
 class ModelConfig(Section):
     """A model of the zoo, chosen by name."""
 
-    name: Literal["mlp", "cnn", "lenet5", "resnet8", "char_lstm"] = "mlp"
+    name: Literal["mlp", "cnn", "lenet5", "resnet8", "char_lstm", "causal_lm"] = "mlp"
     hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [128], min_length=1,
                                                       description="MLP hidden sizes")
     lstm_hidden: int = Field(256, ge=1, description="char_lstm: units of each of its two LSTM layers (LEAF's 256)")
     init: Literal["default", "xavier"] = Field(
         "default", description="default: PyTorch's per-layer init; xavier: Glorot uniform weights, zero biases")
+    config: dict[str, Any] | None = Field(
+        None, description="causal_lm: a transformers config (model_type, llama by default, and its sizes), "
+                          "randomly initialised from the seed")
+    path: str | None = Field(None, description="causal_lm: a local transformers model directory")
+    adapter: AdapterConfig = AdapterConfig()
+    base_quant: Literal["none", "int8", "int4"] = Field(
+        "none", description="causal_lm with an adapter: the frozen base's linear layers stored as integers")
+
+    @model_validator(mode="after")
+    def _language_model_source(self) -> ModelConfig:
+        if self.name == "causal_lm" and (self.config is None) == (self.path is None):
+            raise ValueError("model.name 'causal_lm' needs exactly one of model.config (a transformers config) or "
+                             "model.path (a local model directory)")
+        return self
 
 
 # ----------------------------------------------------------------- client training

@@ -217,7 +217,7 @@ IMAGE_MODELS = ("cnn", "lenet5", "resnet8")
 VECTOR_DATA = ("synthetic",)
 """Datasets whose samples are always vectors; a file's (npz, hf) shape is checked when it
 is loaded (fedsim.preflight)."""
-TEXT_MODELS = ("char_lstm",)
+TEXT_MODELS = ("char_lstm", "causal_lm")
 TEXT_DATA = ("shakespeare",)
 """Datasets of character indices, and the models that embed them; neither goes with the other kind."""
 
@@ -253,12 +253,13 @@ def _partition_and_data(cfg: ExperimentConfig) -> Iterator[str | None]:
             yield (f"data.synthetic.num_devices: {data.synthetic.num_devices} is not read with data.name "
                    f"{data.name!r}; leave it unset")
     if data.name != "hf":
-        text = ("min_samples", "stride") if data.name in TEXT_DATA else ()
+        text = ("min_samples", "stride", "tokenizer", "seq_len") if data.name in TEXT_DATA else ()
         yield from unread(data, "data", ("name", "path", "test_fraction", "validation_fraction", "synthetic",
                                           "hf_partition_by", "client_cache_mb", *text),
                           f"with data.name {data.name!r}")
     else:
-        yield from unread(data, "data", tuple(n for n in type(data).model_fields if n not in ("min_samples", "stride")),
+        yield from unread(data, "data", tuple(n for n in type(data).model_fields
+                                              if n not in ("min_samples", "stride", "tokenizer", "seq_len")),
                           f"with data.name {data.name!r}")
     if data.name in TEXT_DATA and part.scheme == "feature_noise":
         yield (f"partition.scheme: 'feature_noise' adds Gaussian noise to the inputs; data.name {data.name!r} "
@@ -350,6 +351,8 @@ def _loss(cfg: ExperimentConfig) -> Iterator[str | None]:
                f"client.lr by the batch size); allowed: mean")
         return
     classes = cfg.data.synthetic.num_classes if cfg.data.name == "synthetic" else KNOWN_NUM_CLASSES.get(cfg.data.name)
+    if cfg.data.tokenizer is not None:
+        classes = None  # token ids, not LEAF's characters: _language_model checks the vocabulary
     if classes is not None:
         yield loss_class_problem(cfg, classes)
 
@@ -413,7 +416,7 @@ def _personalization(cfg: ExperimentConfig) -> Iterator[str | None]:
     pfl = cfg.personalization
     yield from unread(pfl, "personalization", ("method", *PERSONALIZATION_READS[pfl.method]),
                       f"by personalization.method {pfl.method!r}")
-    if pfl.method == "none":
+    if pfl.method == "none" or cfg.model.name == "causal_lm":  # _language_model refuses it there
         return
     if _family(cfg) != "sync":
         yield f"personalization.method: {pfl.method!r} applies to the synchronous strategies; {_strategy(cfg)}"
@@ -445,11 +448,17 @@ def _personalization(cfg: ExperimentConfig) -> Iterator[str | None]:
 
 
 def _robust_eval(cfg: ExperimentConfig) -> Iterator[str | None]:
-    """``eval.robust`` attacks the global model on the server's test set."""
+    """``eval.robust`` attacks the global model on the server's test set (and
+    ``client.adversarial`` the clients' batches): real-valued inputs only."""
+    if cfg.client.adversarial is not None and cfg.data.name in TEXT_DATA:
+        yield (f"client.adversarial: perturbs real-valued inputs within a norm ball; data.name {cfg.data.name!r} "
+               "gives token ids")
     if cfg.eval.robust is None:
         return
     if not cfg.eval.centralised:
         yield "eval.robust: attacks the global model on the server's test set; eval.centralised is false"
+    if cfg.data.name in TEXT_DATA:
+        yield f"eval.robust: perturbs real-valued inputs within a norm ball; data.name {cfg.data.name!r} gives token ids"
     if _family(cfg) == "gossip":
         yield f"eval.robust: attacks one global model; {_strategy(cfg)}, whose nodes each keep their own"
 
@@ -509,8 +518,87 @@ def _evaluation(cfg: ExperimentConfig) -> Iterator[str | None]:
                "false leaves unused (and quant.ptq is off); leave it unset")
 
 
+LANGUAGE_MODEL_KEYS = ("config", "path", "adapter", "base_quant")
+LANGUAGE_MODEL_LOSSES = ("cross_entropy", "linear_cross_entropy")
+
+
+def _language_model(cfg: ExperimentConfig) -> Iterator[str | None]:
+    """model.name causal_lm: its keys, its token data, and what a frozen base and next-token
+    rows do not combine with."""
+    model, data = cfg.model, cfg.data
+    if model.name != "causal_lm":
+        yield from unread(model, "model", tuple(n for n in type(model).model_fields if n not in LANGUAGE_MODEL_KEYS),
+                          f"by model.name {model.name!r} (causal_lm reads it)")
+        if data.tokenizer is not None:
+            yield f"data.tokenizer: token blocks for model.name causal_lm; model.name is {model.name!r}"
+        elif data.seq_len != type(data)().seq_len:
+            yield f"data.seq_len: the block length of data.tokenizer, which is unset; leave it unset"
+        return
+    if data.tokenizer is None:
+        yield "model.name: 'causal_lm' reads token blocks; data.tokenizer is unset (bpe trains one on the text)"
+        return
+    if data.stride != 1:
+        yield f"data.stride: {data.stride} spaces LEAF's character windows; data.tokenizer cuts token blocks instead"
+    adapter = model.adapter
+    if adapter.kind == "none":
+        yield from unread(adapter, "model.adapter", ("kind",), "by model.adapter.kind 'none'")
+        if model.base_quant != "none":
+            yield (f"model.base_quant: {model.base_quant!r} stores a frozen base; model.adapter.kind 'none' "
+                   "trains every weight")
+    for key, value, why in (
+            ("model.init", model.init != "default", "it keeps transformers' initialisation"),
+            ("personalization.method", cfg.personalization.method != "none", "its adapter is the one trained part"),
+            ("quant.qat", cfg.quant.qat is not None, "its frozen base is quantized by model.base_quant"),
+            ("quant.lowbit", cfg.quant.lowbit is not None, "its frozen base is quantized by model.base_quant"),
+            ("quant.ptq", cfg.quant.ptq is not None, "its frozen base is quantized by model.base_quant")):
+        if value:
+            yield f"{key}: not for model.name 'causal_lm': {why}"
+    if cfg.attack.name == "label_flip":
+        yield "attack.name: 'label_flip' flips class labels; model.name 'causal_lm' predicts next tokens"
+    if cfg.loss.name not in LANGUAGE_MODEL_LOSSES or cfg.loss.aux is not None:
+        yield (f"loss.name: {cfg.loss.name!r}{' with loss.aux' if cfg.loss.aux else ''} is not a next-token loss "
+               f"of model.name 'causal_lm'; allowed: {', '.join(LANGUAGE_MODEL_LOSSES)}, no aux")
+    yield from _language_model_shape(cfg)
+
+
+def _language_model_shape(cfg: ExperimentConfig) -> Iterator[str | None]:
+    """The model's vocabulary against the tokenizer's, its positions against data.seq_len, and
+    LoRA's target modules against its linear layers (read from the config, no weights)."""
+    from fedsim.models.causal_lm import linear_layer_names, transformers_config
+
+    model, tokenizer = cfg.model, cfg.data.tokenizer
+    where = "model.path" if model.path is not None else "model.config"
+    try:
+        settings = transformers_config(model.config, model.path)
+        layers = linear_layer_names(model.config, model.path) if model.adapter.kind == "lora" else set()
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        yield f"{where}: not a transformers causal language model: {' '.join(str(exc).split())[:200]}"
+        return
+    if tokenizer.kind == "bpe":
+        vocab = tokenizer.vocab_size
+    else:
+        from fedsim.data.tokens import load_tokenizer
+
+        try:
+            vocab = load_tokenizer(tokenizer.path).get_vocab_size()
+        except (OSError, ValueError) as exc:
+            yield f"data.tokenizer.path: {exc}"
+            return
+    given = model.path is not None or "vocab_size" in (model.config or {})
+    if given and settings.vocab_size != vocab:
+        yield (f"{where}: a vocabulary of {settings.vocab_size} tokens; data.tokenizer gives {vocab} "
+               f"({'vocab_size' if tokenizer.kind == 'bpe' else tokenizer.path}); they must match")
+    positions = getattr(settings, "max_position_embeddings", None)
+    if positions is not None and positions < cfg.data.seq_len:
+        yield f"data.seq_len: {cfg.data.seq_len} tokens; {where} has {positions} positions (max_position_embeddings)"
+    for name in model.adapter.target_modules if model.adapter.kind == "lora" else ():
+        if name not in layers:
+            yield (f"model.adapter.target_modules: {name!r} is no linear layer of {where}; "
+                   f"its linear layers: {', '.join(sorted(layers))}")
+
+
 RULES: tuple[Callable[[ExperimentConfig], Iterator[str | None]], ...] = (
     _algorithm, _client_features, _sync_only, _async_options, _async_only, _speeds, _participation, _participation_options, _model,
     _model_and_data, _partition_and_data, _domains, _quant_options, _faults, _attack, _loss,
-    _personalization, _new_clients, _robust_eval, _hierarchy, _evaluation,
+    _personalization, _new_clients, _robust_eval, _hierarchy, _evaluation, _language_model,
 )

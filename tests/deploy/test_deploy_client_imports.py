@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 HEAVY = ("sklearn", "datasets", "flwr_datasets", "matplotlib", "pandas", "scipy", "torchao", "ray",
-         "flwr.simulation", "fedsim.runner")
+         "flwr.simulation", "fedsim.runner", "transformers", "peft", "tokenizers")
 
 
 def test_the_clientapp_module_imports_only_what_a_client_needs():

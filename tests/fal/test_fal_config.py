@@ -9,6 +9,7 @@ import yaml
 from fedsim.config import ConfigError, load_config, validate_config
 
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
+PLAY = "play.txt"  # validation reads the path, not the file
 
 
 def test_pgd_resolves_madry_s_step_size_and_eval_robust_takes_the_clients_attack():
@@ -44,6 +45,12 @@ def test_a_resolved_config_validates_again_to_itself(sets):
      "eval.robust: attacks one global model; strategy.name is 'gossip'"),
     (["client.adversarial.epsilon=0.1", "personalization.method=ditto"],
      "client.adversarial: trains the global update on attacked batches; personalization.method 'ditto'"),
+    (["eval.robust.epsilon=0.1", "data.name=shakespeare", f"data.path={PLAY}",
+      "model.name=char_lstm"],
+     "eval.robust: perturbs real-valued inputs within a norm ball; data.name 'shakespeare' gives token ids"),
+    (["client.adversarial.epsilon=0.1", "data.name=shakespeare", f"data.path={PLAY}",
+      "model.name=char_lstm"],
+     "client.adversarial: perturbs real-valued inputs within a norm ball; data.name 'shakespeare' gives token ids"),
     (["client.adversarial.norm=l1"], "client.adversarial.norm: Input should be 'linf' or 'l2'"),
     (["client.adversarial.epsilon=0"], "client.adversarial.epsilon: Input should be greater than 0"),
 ])

@@ -27,7 +27,8 @@ It computes what K runs of ``train_local`` compute:
 Not vectorised, and trained one client at a time by the caller (:func:`vectorisable_reason`
 says why): what a client feature declares it cannot stack (quantized training, losses that
 are not a mean of per-sample terms, an algorithm's client half without a stacked form), and
-models with buffers (BatchNorm statistics of a padded batch would count the padding).
+models with buffers (BatchNorm statistics of a padded batch would count the padding), and a
+causal language model of transformers.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ def vectorisable_reason(cfg: ExperimentConfig, model: nn.Module) -> str | None:
     a client feature declares (:func:`fedsim.clients.features.stacked_reason`), or buffers."""
     if (reason := stacked_reason(cfg)) is not None:
         return reason
+    if cfg.model.name == "causal_lm":
+        return ("model.name: 'causal_lm' is a transformers model, whose attention is not written for torch.func.vmap "
+                "over stacked parameters")
     if any(True for _ in model.buffers()):
         return f"model.name: {cfg.model.name!r} has buffers (BatchNorm statistics would count the padding)"
     return None

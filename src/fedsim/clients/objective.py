@@ -19,6 +19,9 @@ that are evaluated, bias included, with the head of the model zoo as it is.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +44,31 @@ def with_bias_column(embeddings: torch.Tensor, weight: torch.Tensor, bias: torch
     return torch.cat([embeddings, ones], dim=-1), torch.cat([weight, bias[:, None]], dim=1)
 
 
+def chunked_argmax(embeddings: torch.Tensor, classifier: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """``argmax_k e W_k^T`` of every row, over chunks of ``chunk`` classes (one ``(rows, chunk)``
+    block held at a time, as Cut Cross-Entropy holds its logits); ties go to the lower class."""
+    best = torch.full((embeddings.shape[0],), float("-inf"), dtype=embeddings.dtype, device=embeddings.device)
+    index = torch.zeros(embeddings.shape[0], dtype=torch.int64, device=embeddings.device)
+    for start in range(0, classifier.shape[0], chunk):
+        values, columns = (embeddings @ classifier[start : start + chunk].T).max(dim=1)
+        better = values > best
+        best, index = torch.where(better, values, best), torch.where(better, columns + start, index)
+    return index
+
+
+@contextlib.contextmanager
+def dropout_from(generator: torch.Generator, draws: bool) -> Iterator[None]:
+    """While the block runs, torch's global generator (which dropout layers draw from) is seeded
+    from ``generator`` when ``draws``, and restored after; so a model with dropout trains the
+    same from the same client generator (a resumed run as an uninterrupted one)."""
+    if not draws:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        yield
+
+
 class ClientObjective:
     """The training objective of one client: main loss + weight * aux + hook terms."""
 
@@ -59,6 +87,8 @@ class ClientObjective:
         self.probe_head = getattr(main, "task", "classification") == "embedding"
         # a classifier loss judged by argmax of the model's logits must see the bias too
         self.affine_classifier = "classifier" in main.inputs and not hasattr(main, "predict")
+        # Cut Cross-Entropy alone never forms the (rows, classes) logits; a hook may read them
+        self.forms_logits = "logits" in self.needs or bool(hooks)
 
     def __call__(
         self,
@@ -68,9 +98,12 @@ class ClientObjective:
         indices: torch.Tensor,
         generator: torch.Generator,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (loss, logits) for one batch."""
-        embeddings = model.features(x)
-        logits = model.head(embeddings)
+        """Return (loss, predictions) for one batch: the loss, and the class each row of
+        ``model.features(x)`` is predicted to be (the rows' labels are ``model.targets(x, targets)``)."""
+        with dropout_from(generator, getattr(model, "draws_dropout", False)):
+            embeddings = model.features(x)
+        targets = model.targets(x, targets)
+        logits = model.head(embeddings) if self.forms_logits else None
         embeddings2 = model.features(second_view(x, generator)) if "embeddings2" in self.needs else None
         loss = self.loss_terms(embeddings, logits, targets, model.head.weight, model.head.bias, indices, embeddings2)
         if self.probe_head:
@@ -79,7 +112,11 @@ class ClientObjective:
             term = hook.extra_loss(model, logits)
             if term is not None:
                 loss = loss + term
-        return loss, logits
+        with torch.no_grad():
+            if logits is None and model.head.bias is not None:
+                logits = model.head(embeddings)
+            predictions = chunked_argmax(embeddings, model.head.weight) if logits is None else logits.argmax(1)
+        return loss, predictions
 
     def loss_terms(
         self,

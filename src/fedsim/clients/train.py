@@ -30,6 +30,8 @@ class TrainResult:
     steps: int
     loss: float
     accuracy: float
+    rows: int = 0
+    """Predictions trained on: samples, or a causal language model's tokens (0: not counted)."""
 
 
 @dataclass(frozen=True)
@@ -97,18 +99,19 @@ def train_local(
         x, y = x_all[idx], y_all[idx]
         for hook in objective.hooks:
             x = hook.perturb_inputs(model, x, y)
-        loss, logits = objective(model, x, y, idx, generator)
+        loss, predictions = objective(model, x, y, idx, generator)
         loss.backward()
         for hook in objective.hooks:
             hook.before_step(model)
         optimizer.step()
         for hook in objective.hooks:
             hook.after_step(model)
-        loss_sum += float(loss.detach()) * len(idx)
-        correct += int((logits.argmax(1) == y_all[idx]).sum())
-        seen += len(idx)
+        targets = model.targets(x_all[idx], y_all[idx])
+        loss_sum += float(loss.detach()) * len(targets)
+        correct += int((predictions == targets).sum())
+        seen += len(targets)
         steps += 1
-    return TrainResult(num_examples=n, steps=steps, loss=loss_sum / seen, accuracy=correct / seen)
+    return TrainResult(num_examples=n, steps=steps, loss=loss_sum / seen, accuracy=correct / seen, rows=seen)
 
 
 @torch.no_grad()
@@ -119,10 +122,12 @@ def evaluate_many(
     batch_size: int = 512,
     predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[EvalResult]:
-    """Cross-entropy loss and accuracy of ``model`` on each of ``datasets``.
+    """Cross-entropy loss and accuracy of ``model`` on each of ``datasets``, means over the
+    rows ``model.features`` gives (a sample each, or a causal language model's every position:
+    its loss is then the mean token negative log-likelihood).
 
     The datasets are evaluated as one concatenation, in batches of ``batch_size``, and the
-    per-sample losses and hits summed per dataset: many small client test sets cost one
+    per-row losses and hits summed per dataset: many small client test sets cost one
     pass, not one per client. ``predict(embeddings, classifier) -> labels`` overrides
     argmax-of-logits for losses that change the decision rule (HarmonicLoss predicts the
     nearest class centre). An empty dataset gets NaN loss and accuracy.
@@ -134,16 +139,19 @@ def evaluate_many(
     owner = torch.repeat_interleave(torch.arange(len(datasets)), torch.tensor(sizes)).to(device)
     loss_sums = torch.zeros(len(datasets), dtype=torch.float64, device=device)
     hits = torch.zeros(len(datasets), dtype=torch.float64, device=device)
+    rows_per_sample = 1
     for start in range(0, len(y), batch_size):
         xb = torch.from_numpy(x[start : start + batch_size]).to(device)
-        yb = torch.from_numpy(y[start : start + batch_size]).to(device)
         embeddings = model.features(xb)
+        yb = model.targets(xb, torch.from_numpy(y[start : start + batch_size]).to(device))
         logits = model.head(embeddings)
         labels = predict(embeddings, model.head.weight) if predict else logits.argmax(1)
-        rows = owner[start : start + batch_size]
+        rows_per_sample = len(yb) // len(xb)
+        rows = owner[start : start + batch_size].repeat_interleave(rows_per_sample)
         loss_sums.index_add_(0, rows, F.cross_entropy(logits, yb, reduction="none").double())
         hits.index_add_(0, rows, (labels == yb).double())
-    return [EvalResult(n, float(loss) / n, float(hit) / n) if n else EvalResult(0, float("nan"), float("nan"))
+    return [EvalResult(n, float(loss) / (n * rows_per_sample), float(hit) / (n * rows_per_sample)) if n
+            else EvalResult(0, float("nan"), float("nan"))
             for n, loss, hit in zip(sizes, loss_sums.tolist(), hits.tolist(), strict=True)]
 
 

@@ -17,7 +17,7 @@ _OPTIONS = {
     "cifar10": (),
     "npz": (),
     "hf": ("image_key", "label_key", "train_split", "test_split", "group_key"),
-    "shakespeare": ("min_samples", "stride"),
+    "shakespeare": ("min_samples", "stride", "tokenizer", "seq_len"),
 }
 _NEEDS_PATH = ("mnist", "cifar10", "npz", "shakespeare")
 # Each loader's module, imported when its dataset is loaded: scikit-learn (digits) and
@@ -70,7 +70,8 @@ def load_dataset(
         Dataset-specific: ``synthetic`` takes alpha, beta, num_devices, dim,
         num_classes (see ``generate_synthetic``); ``hf`` takes image_key,
         label_key, train_split, test_split, group_key (see ``load_hf``);
-        ``shakespeare`` takes min_samples, stride (see ``load_shakespeare``).
+        ``shakespeare`` takes min_samples, stride (see ``load_shakespeare``), or min_samples,
+        tokenizer, seq_len for token blocks (see ``fedsim.data.tokens.load_shakespeare_tokens``).
 
     Returns
     -------
@@ -95,6 +96,10 @@ def load_dataset(
         return _loader(name)(path)
     if name == "npz":
         return _loader(name)(path, seed=seed, test_fraction=test_fraction)
+    if name == "shakespeare" and "tokenizer" in options:
+        from fedsim.data.tokens import load_shakespeare_tokens
+
+        return load_shakespeare_tokens(path, test_fraction=test_fraction, **options)
     if name == "shakespeare":
         return _loader(name)(path, test_fraction=test_fraction, **options)
     if (hf_id is None) == (path is None):

@@ -137,6 +137,8 @@ def evaluate_global(cfg: ExperimentConfig, grid: Grid, setup: LoopSetup, evaluat
             metrics["robust_accuracy"] = robust_accuracy(setup.net.to(setup.device), setup.data.test, cfg.eval.robust,
                                                          generator, setup.device, cfg.eval.batch_size, setup.predict)
             setup.net.cpu()
+        if cfg.model.name == "causal_lm":  # the mean token negative log-likelihood's exp
+            metrics["perplexity"] = math.exp(res.loss)
     if cfg.eval.federated:
         messages = list(evaluation.configure_evaluate(step, arrays, ConfigRecord(), grid))
         fed = evaluation.aggregate_evaluate(step, send_and_collect(grid, messages, cfg.client.timeout_s))

@@ -90,6 +90,8 @@ class SyncSteps(Steps):
         }
         if strategy.privacy is not None:
             row.update(strategy.privacy.row())
+        if "train_tokens_per_s" in (train_metrics or {}):  # a language model's clients
+            row["train_tokens_per_s"] = train_metrics["train_tokens_per_s"]
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
             row.update(evaluate_global(cfg, self.grid, self.setup, strategy, rnd, self.arrays))
         return row

@@ -1,5 +1,6 @@
 """A small model zoo: every model is ``head(features(x))`` with a linear head."""
 
+from fedsim.models.causal_lm import CausalLM
 from fedsim.models.char_lstm import CharLSTM
 from fedsim.models.classifier import EmbeddingClassifier
 from fedsim.models.cnn import CNN
@@ -10,6 +11,7 @@ from fedsim.models.resnet8 import BasicBlock, ResNet8
 
 __all__ = [
     "CNN",
+    "CausalLM",
     "CharLSTM",
     "MLP",
     "MODELS",

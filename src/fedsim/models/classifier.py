@@ -35,6 +35,11 @@ class EmbeddingClassifier(nn.Module):
         """Return the embedding, shape ``(B, embedding_dim)``."""
         raise NotImplementedError
 
+    def targets(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The label of each row of ``features(x)``: ``y``, one per sample (a causal language
+        model predicts every position of a sample, :class:`fedsim.models.causal_lm.CausalLM`)."""
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the class logits, shape ``(B, num_classes)``."""
         return self.head(self.features(x))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from fedsim.models.causal_lm import CausalLM
 from fedsim.models.char_lstm import CharLSTM
 from fedsim.models.classifier import EmbeddingClassifier
 from fedsim.models.cnn import CNN
@@ -18,6 +19,7 @@ _MODEL_CLASSES: dict[str, type[EmbeddingClassifier]] = {
     "lenet5": LeNet5,
     "resnet8": ResNet8,
     "char_lstm": CharLSTM,
+    "causal_lm": CausalLM,
 }
 MODELS = tuple(_MODEL_CLASSES)
 
@@ -31,8 +33,8 @@ def build_model(
     ----------
     name : str
         One of ``MODELS``: ``"mlp"`` (any input), ``"cnn"`` (images from 4x4),
-        ``"lenet5"`` (images up to 32x32), ``"resnet8"`` (any image) or ``"char_lstm"``
-        (windows of character indices).
+        ``"lenet5"`` (images up to 32x32), ``"resnet8"`` (any image), ``"char_lstm"``
+        (windows of character indices) or ``"causal_lm"`` (blocks of token ids).
     input_shape : tuple[int, ...]
         Shape of one sample, ``(C, H, W)`` for images, ``(seq_len,)`` for characters.
     num_classes : int
@@ -40,7 +42,8 @@ def build_model(
     **kwargs
         Model options: mlp takes ``hidden``; cnn takes ``channels``,
         ``embedding_dim``; resnet8 takes ``width``; char_lstm takes ``embedding_dim``,
-        ``hidden_size``, ``num_layers``; lenet5 takes none.
+        ``hidden_size``, ``num_layers``; causal_lm takes ``config``, ``path``, ``adapter``,
+        ``base_quant``; lenet5 takes none.
 
     Returns
     -------

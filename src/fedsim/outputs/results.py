@@ -229,6 +229,9 @@ def bytes_so_far(rows: list[dict[str, Any]]) -> tuple[int, int]:
 PERSONAL_METRICS = ("personal_accuracy_p10", "personal_accuracy_p50", "personal_accuracy_p90", "personal_accuracy_mean",
                     # eval.new_clients: the held-out clients (fedsim.strategies.new_clients)
                     "new_federated_accuracy", "new_personal_accuracy_p50", "new_personal_accuracy_mean")
+LANGUAGE_MODEL_METRICS = ("perplexity", "federated_perplexity", "client_perplexity_p10", "client_perplexity_p50",
+                          "client_perplexity_p90", "train_tokens_per_s")
+"""Row keys of a causal language model's run whose last value the summary keeps."""
 
 
 def skipped_from_round(rows: list[dict[str, Any]]) -> int | None:
@@ -262,6 +265,9 @@ def summarise(rows: list[dict[str, Any]], target: float, status: str) -> dict[st
         # eval.robust: the global model under PGD (fedsim.clients.adversarial)
         **{f"final_{key}": next(r[key] for r in reversed(rows) if r.get(key) is not None)
            for key in ("robust_accuracy",) if any(r.get(key) is not None for r in rows)},
+        # a language model: its perplexities and training throughput (fedsim.models.causal_lm)
+        **{f"final_{key}": next(r[key] for r in reversed(rows) if r.get(key) is not None)
+           for key in LANGUAGE_MODEL_METRICS if any(r.get(key) is not None for r in rows)},
         "target_accuracy": target,
         "rounds_to_target": rounds_to_target(rows, target),
         "wall_time_s": rows[-1]["wall_time_s"] if rows else 0.0,

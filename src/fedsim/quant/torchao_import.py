@@ -2,7 +2,7 @@
 
 torchao's ``__init__`` tries to load every CUDA extension it ships (``_C*.so``) and logs
 ``Failed to load .../torchao/_C_....so: ...`` at WARNING for each one a CPU build cannot
-load, registers its ``KernelPreference`` enum as a pytree constant, which
+load, registers its ``KernelPreference`` and ``ScaleCalculationMode`` enums as pytree constants, which
 ``torch.utils._pytree`` reports as deprecated, and ``torchao.kernel.intmm`` warns "Detected
 no triton" where Triton (GPU kernels) is not installed. None affects the code fedsim uses.
 :func:`quiet_torchao_import` drops exactly these records (by logger and message) while
@@ -18,7 +18,7 @@ from fedsim.notices import dropped_while
 # (logger, message pattern) of each record dropped while torchao is imported
 EXPECTED_NOISE = (
     ("torchao", r"^Failed to load \S*torchao/_C\w*\.\S*\.so: "),
-    ("torch.utils._pytree", r"^<enum 'KernelPreference'> is an Enum subclass and is now natively "
+    ("torch.utils._pytree", r"^<enum '(KernelPreference|ScaleCalculationMode)'> is an Enum subclass and is now natively "
                             r"supported by torch\.compile"),
     ("torchao.kernel.intmm", r"^Warning: Detected no triton, on systems without Triton certain kernels"),
 )

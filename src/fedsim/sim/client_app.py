@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Iterator, MutableMapping, Sequence
 
@@ -520,6 +521,8 @@ class ClientRuntime:
             "bytes_up": payload.nbytes,
             **ray_node_metric(),
         })
+        if cfg.model.name == "causal_lm":
+            metrics["train_tokens_per_s"] = result.rows / max(job.seconds, 1e-9)
         content = RecordDict({"update": to_record(payload.to_arrays()), "metrics": metrics})
         for name, record in records.items():
             content[name] = record
@@ -556,10 +559,12 @@ class ClientRuntime:
                 continue
             share = (time.perf_counter() - started) / len(indices)
             for i, res, test_set in zip(indices, results, test_sets, strict=True):
-                evaluated[i] = (MetricRecord({"num-examples": res.num_examples,
-                                              "eval_loss": res.loss if res.num_examples else 0.0,
-                                              "eval_accuracy": res.accuracy if res.num_examples else 0.0}),
-                                test_set, share)
+                metrics = MetricRecord({"num-examples": res.num_examples,
+                                        "eval_loss": res.loss if res.num_examples else 0.0,
+                                        "eval_accuracy": res.accuracy if res.num_examples else 0.0})
+                if self.cfg.model.name == "causal_lm" and res.num_examples:
+                    metrics["eval_perplexity"] = math.exp(res.loss)
+                evaluated[i] = (metrics, test_set, share)
         started = time.perf_counter()
         personal = self._personal_metrics({i: (members[i], test_set) for i, (_, test_set, _) in evaluated.items()},
                                           w, device)

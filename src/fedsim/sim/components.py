@@ -117,6 +117,8 @@ def load_source(data: DataConfig, seed: int) -> tuple[ArrayDataset, ArrayDataset
     options = data.synthetic.model_dump(exclude={"on_demand"}) if data.name == "synthetic" else {}
     if data.name == "shakespeare":
         options = {"min_samples": data.min_samples, "stride": data.stride}
+        if data.tokenizer is not None:
+            options = {"min_samples": data.min_samples, "tokenizer": data.tokenizer.model_dump(), "seq_len": data.seq_len}
     if data.name == "hf":
         options = {"image_key": data.hf_image_key, "label_key": data.hf_label_key, "test_split": data.hf_test_split,
                    **({"group_key": data.hf_partition_by} if data.hf_partition_by else {})}
@@ -180,7 +182,9 @@ def federated_data(cfg: ExperimentConfig) -> Federation:
 def make_model(model: ModelConfig, data: ArrayDataset | Federation, seed: int) -> nn.Module:
     """The configured model for ``data``'s inputs and classes, initialised from ``seed``."""
     torch.manual_seed(seed)
-    kwargs = {"mlp": {"hidden": tuple(model.hidden)}, "char_lstm": {"hidden_size": model.lstm_hidden}}.get(model.name, {})
+    kwargs = {"mlp": {"hidden": tuple(model.hidden)}, "char_lstm": {"hidden_size": model.lstm_hidden},
+              "causal_lm": {"config": model.config, "path": model.path, "adapter": model.adapter.model_dump(),
+                            "base_quant": model.base_quant}}.get(model.name, {})
     net = build_model(model.name, data.input_shape, data.num_classes, **kwargs)
     return xavier_init(net) if model.init == "xavier" else net
 

@@ -20,9 +20,11 @@ if TYPE_CHECKING:
     from fedsim.strategies.replies import ClientUpdate
 
 __all__ = ["PERCENTILES", "TRAIN_METRICS", "ClientEvaluation", "client_accuracy_percentiles", "client_evaluations",
-           "federated_metrics", "mean_train_metrics", "personal_accuracy_metrics"]
+           "federated_metrics", "mean_train_metrics", "perplexity_metrics", "personal_accuracy_metrics"]
 
-TRAIN_METRICS = ("train_loss", "train_accuracy")
+TRAIN_METRICS = ("train_loss", "train_accuracy", "train_tokens_per_s")
+"""Training metrics a row averages over the round's clients (a language model's clients report
+the tokens they trained on per second of their training)."""
 
 PERCENTILES = (10, 50, 90)
 
@@ -71,6 +73,7 @@ class ClientEvaluation:
     loss: float
     accuracy: float
     personal_accuracy: float | None = None
+    perplexity: float | None = None
 
 
 def client_evaluations(replies: Iterable[Message], pid_of: Mapping[int, int]) -> list[ClientEvaluation]:
@@ -85,8 +88,9 @@ def client_evaluations(replies: Iterable[Message], pid_of: Mapping[int, int]) ->
             continue
         record = next(iter(msg.content.metric_records.values()))
         personal = float(record["personal_accuracy"]) if "personal_accuracy" in record else None
+        perplexity = float(record["eval_perplexity"]) if "eval_perplexity" in record else None
         evaluations.append(ClientEvaluation(int(record["num-examples"]), float(record["eval_loss"]),
-                                            float(record["eval_accuracy"]), personal))
+                                            float(record["eval_accuracy"]), personal, perplexity))
     return evaluations
 
 
@@ -105,7 +109,21 @@ def federated_metrics(evaluations: Sequence[ClientEvaluation]) -> dict[str, floa
     return {"federated_loss": loss / total, "federated_accuracy": correct / total,
             **client_accuracy_percentiles([e.accuracy for e in evaluations if e.num_examples > 0]),
             **personal_accuracy_metrics([e.personal_accuracy for e in evaluations
-                                         if e.num_examples > 0 and e.personal_accuracy is not None])}
+                                         if e.num_examples > 0 and e.personal_accuracy is not None]),
+            **perplexity_metrics([e.perplexity for e in evaluations if e.num_examples > 0 and e.perplexity is not None],
+                                 loss / total)}
+
+
+def perplexity_metrics(perplexities: Sequence[float], federated_loss: float) -> dict[str, float]:
+    """A language model's ``client_perplexity_p10/p50/p90`` (percentiles of the clients' own
+    perplexities ``exp(mean token NLL)`` on their test splits) and ``federated_perplexity``,
+    ``exp(federated_loss)``: the perplexity of all their test tokens together; empty when no
+    client reports one (not a language model)."""
+    if len(perplexities) == 0:
+        return {}
+    values = np.percentile(np.asarray(perplexities, dtype=np.float64), PERCENTILES)
+    return {**{f"client_perplexity_p{q}": float(v) for q, v in zip(PERCENTILES, values, strict=True)},
+            "federated_perplexity": float(np.exp(federated_loss))}
 
 
 def personal_accuracy_metrics(accuracies: Sequence[float]) -> dict[str, float]:
