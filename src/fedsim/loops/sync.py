@@ -82,6 +82,7 @@ class SyncSteps(Steps):
             "bytes_up": report.bytes_up,
             "bytes_down": report.bytes_down,
         }
+        row.update(report.secagg)
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
             row.update(evaluate_global(cfg, self.grid, self.setup, strategy, rnd, self.arrays))
         return row

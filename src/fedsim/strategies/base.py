@@ -39,6 +39,7 @@ reason, and the round goes on; fewer than ``min_successful`` valid replies skip 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Iterable
@@ -68,6 +69,7 @@ from fedsim.clients.quantization import build_codec
 from fedsim.params import ParamSpec
 from fedsim.quant.error_feedback import ServerEstimate
 from fedsim.records import to_state_dict
+from fedsim.secagg.engine import SecureAggregation
 from fedsim.seeding import derive_seed
 from fedsim.strategies.aggregate import weighted_mean
 from fedsim.strategies.evaluation import (
@@ -107,6 +109,7 @@ class RoundReport:
     skipped: bool = False
     bytes_up: int = 0
     bytes_down: int = 0
+    secagg: dict[str, int] = field(default_factory=dict)  # secure aggregation's costs (fedsim.secagg.engine)
 
 
 def float_layout(arrays: ArrayRecord) -> tuple[ParamSpec, torch.dtype]:
@@ -130,6 +133,7 @@ class _Engine:
     attack: Any
     byzantine: set[int]
     estimates: ServerEstimate | None
+    secagg: SecureAggregation | None
     examples: dict[int, int] = field(default_factory=dict)
     resync: set[int] = field(default_factory=set)  # clients whose dropped reply reset both copies of h_i
 
@@ -218,7 +222,8 @@ class FedsimStrategy(Algorithm, FedAvg):
             downlink=build_codec(exp.quant.downlink),
             attack=build_attack(exp.attack.name, **exp.attack.kwargs()) if acts_on_updates else None,
             byzantine=set(choose_byzantine(len(node_of), exp.attack.fraction, exp.seed)),
-            estimates=ServerEstimate() if feedback else None)
+            estimates=ServerEstimate() if feedback else None,
+            secagg=SecureAggregation(exp.secagg, exp.seed) if exp.secagg.enabled else None)
         strategy.spec = spec
         strategy._parameters = spec.parameter_mask()
         strategy.bound()
@@ -289,6 +294,25 @@ class FedsimStrategy(Algorithm, FedAvg):
         stacked = torch.stack([u.update for u in updates])
         weights = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
         return weighted_mean(stacked, weights)
+
+    def sum_coefficients(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor | None:
+        """The ``c_i`` (float64) with ``aggregate_updates(updates) == sum_i c_i u_i`` when the
+        aggregate is a weighted sum of the updates, which secure aggregation computes without
+        seeing any one of them; here FedAvg's ``n_i / sum_j n_j``. An algorithm whose own
+        :meth:`aggregate_updates` or :meth:`observe` reads individual updates overrides this
+        too to take part (:meth:`sums_updates`)."""
+        weights = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
+        return weights / weights.sum()
+
+    @classmethod
+    def sums_updates(cls) -> bool:
+        """Whether the server needs only the weighted sum of the updates: its
+        :meth:`sum_coefficients` is defined where (or below where) its
+        :meth:`aggregate_updates` and :meth:`observe` are."""
+        def owner(name: str) -> type:
+            return next(k for k in cls.__mro__ if name in k.__dict__)
+        coefficients = owner("sum_coefficients")
+        return issubclass(coefficients, owner("aggregate_updates")) and issubclass(coefficients, owner("observe"))
 
     # --------------------------------------------------------------- training
     def summary(self) -> None:
@@ -387,7 +411,13 @@ class FedsimStrategy(Algorithm, FedAvg):
             self.log(logging.WARNING, "round %d skipped: %d valid replies, %d required", server_round,
                      len(accepted), self.cfg.min_successful)
             return None, metrics
-        delta = self.aggregate_updates(server_round, self._ef21_pp() if self._estimates else accepted)
+        updates = self._ef21_pp() if self._estimates else accepted
+        if self.engine and self.engine.secagg:
+            dropped = sorted(set(self.report.sampled) - set(self.report.accepted))
+            delta, self.report.secagg, self.report.bytes_up = self.engine.secagg.aggregate(
+                server_round, updates, dropped, functools.partial(self.sum_coefficients, server_round))
+        else:
+            delta = self.aggregate_updates(server_round, updates)
         if delta is None:
             self.report.skipped = True
             return None, metrics
