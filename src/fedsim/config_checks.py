@@ -413,7 +413,8 @@ def _secagg(cfg: ExperimentConfig) -> Iterator[str | None]:
     if _family(cfg) != "sync":
         yield (f"secagg.enabled: secure aggregation sums a synchronous round's updates; {_strategy(cfg)} "
                f"({_family(cfg)})")
-    elif not algorithm.sums_updates():
+        return
+    if not algorithm.sums_updates():
         yield (f"secagg.enabled: the server learns only the weighted sum of the updates; {_strategy(cfg)}, "
                "whose server reads each client's update")
     uplink = cfg.quant.uplink

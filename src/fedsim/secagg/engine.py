@@ -85,7 +85,8 @@ class SecureAggregation:
             return None, costs, 0
         c = coefficients(sending)
         scale = float(c.max())
-        inputs = {u.partition_id: quantize((c_i / scale).item() * u.update.double().numpy(), cfg.value_range, cfg.bits)
+        inputs = {u.partition_id: quantize((c_i / scale).item() * np.clip(u.update.double().numpy(), -cfg.value_range,
+                                                                             cfg.value_range), cfg.value_range, cfg.bits)
                   for u, c_i in zip(sending, c, strict=True)}
         outcome = run_round(inputs, [*dropped, *withheld], degree=cfg.degree, threshold=cfg.threshold,
                             material=round_material(self.seed, server_round))
