@@ -6,6 +6,7 @@ import pytest
 from fedsim.secagg.masks import agreed_seed, derive, expand, harary_neighbours, private_key, public_bytes
 from fedsim.secagg.protocol import MESSAGE_ROUNDS, SHARE_ENVELOPE_BYTES, run_round, shares_needed
 from fedsim.secagg.quantization import dequantize_sum, fits, out_of_range, quantize
+from fedsim.secagg.shamir import SHARE_BYTES, combine_shares, create_shares
 
 MATERIAL = b"a test round's secret material!!"
 
@@ -93,7 +94,7 @@ def test_bytes_per_client_are_the_protocols():
     n, dim = 6, 1000
     inputs = _inputs(range(n - 1), dim=dim)
     outcome = run_round(inputs, [n - 1], degree=None, threshold=0.5, material=MATERIAL)
-    share = 4 + 48  # a 32-byte secret padded to 48, with its 4-byte index
+    share = SHARE_BYTES  # two field elements of GF(2^130 - 5) and the 4-byte index: 38
     keys, shares = 2 * 32, (n - 1) * (2 * share + SHARE_ENVELOPE_BYTES)
     assert outcome.bytes_up[0] == keys + shares + 4 * dim + (n - 1) * share
     assert outcome.bytes_up[n - 1] == keys + shares  # dropped after sharing its keys
@@ -115,3 +116,13 @@ def test_out_of_range_coordinates_are_counted_and_wrapping_sums_refused():
     assert fits(20, 4096) and not fits(20, 4097)
     with pytest.raises(ValueError, match="wrap around"):
         dequantize_sum(np.zeros(3, dtype=np.uint32), 4097, 1.0, 20)
+
+
+def test_any_threshold_shares_rebuild_the_secret_and_fewer_do_not():
+    secret = bytes(range(32))
+    shares = create_shares(secret, 3, 6)
+    assert {len(s) for s in shares} == {SHARE_BYTES}
+    for subset in ([0, 1, 2], [5, 3, 1], [0, 2, 4, 5]):
+        assert combine_shares([shares[i] for i in subset]) == secret
+    assert combine_shares(shares[:2]) != secret
+    assert combine_shares(create_shares(b"\xff" * 32, 1, 1)) == b"\xff" * 32

@@ -19,8 +19,8 @@ The four message rounds (:data:`MESSAGE_ROUNDS`):
    ``sum_u q_u mod 2^32``, bit for bit.
 
 A client whose secret has fewer than ``t`` surviving holders cannot be unmasked: the round
-is refused (:attr:`RoundOutcome.refused`, one line). Shamir sharing is Flower's
-(``flwr.common.secure_aggregation.crypto.shamir``, over GF(2^128) with pycryptodome).
+is refused (:attr:`RoundOutcome.refused`, one line). Shamir sharing is pycryptodome's over
+GF(2^128), as in Flower (:mod:`fedsim.secagg.shamir`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 
 from fedsim.secagg.masks import (
     PUBLIC_KEY_BYTES,
@@ -42,6 +41,7 @@ from fedsim.secagg.masks import (
     private_key,
     public_bytes,
 )
+from fedsim.secagg.shamir import combine_shares, create_shares
 
 MESSAGE_ROUNDS = 4
 """Client-server round trips of one aggregation: advertise keys, share keys, masked input, unmask."""
