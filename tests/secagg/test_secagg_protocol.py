@@ -118,11 +118,18 @@ def test_out_of_range_coordinates_are_counted_and_wrapping_sums_refused():
         dequantize_sum(np.zeros(3, dtype=np.uint32), 4097, 1.0, 20)
 
 
+def _rebuilt(shares):
+    try:
+        return combine_shares(shares)
+    except ValueError:  # a value beyond 16 bytes per half
+        return None
+
+
 def test_any_threshold_shares_rebuild_the_secret_and_fewer_do_not():
     secret = bytes(range(32))
     shares = create_shares(secret, 3, 6)
     assert {len(s) for s in shares} == {SHARE_BYTES}
     for subset in ([0, 1, 2], [5, 3, 1], [0, 2, 4, 5]):
         assert combine_shares([shares[i] for i in subset]) == secret
-    assert combine_shares(shares[:2]) != secret
+    assert _rebuilt(shares[:2]) != secret  # 2 points of a quadratic: a random field element
     assert combine_shares(create_shares(b"\xff" * 32, 1, 1)) == b"\xff" * 32

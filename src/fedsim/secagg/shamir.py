@@ -42,7 +42,10 @@ def combine_shares(shares: list[bytes]) -> bytes:
     for h in range(2):
         start = 4 + h * _ELEMENT
         ys = [int.from_bytes(share[start:start + _ELEMENT], "little") for share in shares]
-        halves.append(_at_zero(xs, ys).to_bytes(_HALF, "little"))
+        half = _at_zero(xs, ys)
+        if half >= 2 ** (8 * _HALF):
+            raise ValueError("combine_shares: the shares rebuild no secret (fewer than the threshold?)")
+        halves.append(half.to_bytes(_HALF, "little"))
     return b"".join(halves)
 
 
