@@ -414,9 +414,9 @@ def _secagg(cfg: ExperimentConfig) -> Iterator[str | None]:
         yield (f"secagg.enabled: secure aggregation sums a synchronous round's updates; {_strategy(cfg)} "
                f"({_family(cfg)})")
         return
-    if not algorithm.sums_updates():
+    if not getattr(algorithm, "sums_updates", lambda: False)():
         yield (f"secagg.enabled: the server learns only the weighted sum of the updates; {_strategy(cfg)}, "
-               "whose server reads each client's update")
+               "whose server reads each client's reply")
     uplink = cfg.quant.uplink
     if uplink.codec != "identity":
         yield (f"secagg.enabled: masked uploads are dense uint32 vectors; quant.uplink.codec {uplink.codec!r} "

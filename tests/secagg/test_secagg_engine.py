@@ -91,10 +91,10 @@ def test_too_many_dropouts_refuse_the_round_in_one_line(caplog):
 
 @pytest.mark.parametrize(("sets", "line"), [
     (["strategy.name=median"], "secagg.enabled: the server learns only the weighted sum of the updates; "
-                               "strategy.name is 'median', whose server reads each client's update"),
-    (["strategy.name=scaffold"], "strategy.name is 'scaffold', whose server reads each client's update"),
-    (["strategy.name=krum"], "strategy.name is 'krum', whose server reads each client's update"),
-    (["strategy.name=fedlex"], "strategy.name is 'fedlex', whose server reads each client's update"),
+                               "strategy.name is 'median', whose server reads each client's reply"),
+    (["strategy.name=scaffold"], "strategy.name is 'scaffold', whose server reads each client's reply"),
+    (["strategy.name=krum"], "strategy.name is 'krum', whose server reads each client's reply"),
+    (["strategy.name=fedlex"], "strategy.name is 'fedlex', whose server reads each client's reply"),
     (["strategy.name=fedbuff"], "secagg.enabled: secure aggregation sums a synchronous round's updates; "
                                 "strategy.name is 'fedbuff' (async)"),
     (["strategy.name=gossip"], "strategy.name is 'gossip' (gossip)"),
