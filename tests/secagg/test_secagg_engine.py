@@ -151,3 +151,12 @@ def test_a_run_with_a_dropped_client_recovers_it_and_resumes_exactly(tmp_path):
     (run.checkpoint_dir / "round-00004.pt").unlink()
     run_experiment(cfg, resume=interrupted)
     assert _rows(interrupted) == rows
+
+
+@pytest.mark.parametrize("sets", [["strategy.name=fednova"], ["strategy.name=fedau"],
+                                  ["sim.backend=batched", "strategy.server_opt.name=adam"]])
+def test_what_validates_with_secure_aggregation_runs(tmp_path, sets):
+    cfg = load_config(QUICKSTART, [f"output.dir={tmp_path}", *SMALL, "rounds=2", "strategy.fraction_train=0.75", *sets])
+    rows = _rows(run_experiment(cfg)[0])
+    assert [row["num_success"] for row in rows] == [3, 3] and not any(row["skipped"] for row in rows)
+    assert all(row["secagg_bytes_per_client"] > 0 for row in rows)
