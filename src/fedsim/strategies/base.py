@@ -295,7 +295,7 @@ class FedsimStrategy(Algorithm, FedAvg):
         weights = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
         return weighted_mean(stacked, weights)
 
-    def sum_coefficients(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor | None:
+    def sum_coefficients(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
         """The ``c_i`` (float64) with ``aggregate_updates(updates) == sum_i c_i u_i`` when the
         aggregate is a weighted sum of the updates, which secure aggregation computes without
         seeing any one of them; here FedAvg's ``n_i / sum_j n_j``. An algorithm whose own
