@@ -9,7 +9,9 @@ keys and then send nothing; the server recovers them.
 
 Reported per setting: the round's seconds (all clients and the server, sequentially: a
 deployment runs the clients in parallel), the bytes a surviving client uploads over the
-four message rounds and their ratio to the float32 update it replaces, the message rounds,
+four message rounds and their ratio to the float32 update it replaces, the bytes the server
+relays to it (keys, shares, dropout lists; the model it downloads as without SecAgg comes
+on top), the message rounds,
 and whether the masked sum equals the plain modular sum of the same inputs (always, or the
 round was refused for too few surviving neighbours). Times are the median of ``--repeats``.
 
@@ -55,21 +57,23 @@ def measure(n: int, dropout: float, degree: int | None, repeats: int, seed: int 
         seconds.append(time.perf_counter() - start)
     survivors = sorted(inputs)
     per_client = float(np.mean([outcome.bytes_up[u] for u in survivors]))
+    relayed = float(np.mean([outcome.bytes_down[u] for u in survivors]))
     exact = outcome.total is not None and np.array_equal(outcome.total, np.sum(list(inputs.values()), axis=0,
                                                                                dtype=np.uint32))
     return {"clients": n, "dropout": dropout, "dropped": len(dropped), "graph": "complete" if degree is None else
             f"harary k={degree}", "seconds": statistics.median(seconds), "seconds_all": seconds,
-            "bytes_per_client": round(per_client), "vs_float32": per_client / (4 * DIM),
+            "bytes_per_client": round(per_client), "bytes_down_per_client": round(relayed), "vs_float32": per_client / (4 * DIM),
             "message_rounds": outcome.message_rounds, "refused": outcome.refused, "sum_exact": exact}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| clients | dropout | graph | seconds per round | bytes per client | x float32 update | message rounds "
-             "| outcome |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| clients | dropout | graph | seconds per round | bytes up per client | x float32 update "
+             "| bytes relayed to a client | message rounds | outcome |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         outcome = "sum bit-exact" if r["sum_exact"] else f"refused: {r['refused']}"
         lines.append(f"| {r['clients']} | {r['dropout']:g} ({r['dropped']}) | {r['graph']} | {r['seconds']:.2f} | "
-                     f"{r['bytes_per_client']:,} | {r['vs_float32']:.3f} | {r['message_rounds']} | {outcome} |")
+                     f"{r['bytes_per_client']:,} | {r['vs_float32']:.3f} | {r['bytes_down_per_client']:,} | "
+                     f"{r['message_rounds']} | {outcome} |")
     return "\n".join(lines)
 
 

@@ -49,20 +49,22 @@ def test_sum_coefficients_give_the_aggregators_own_aggregate(name):
 def test_the_secure_sum_is_the_weighted_mean_to_the_quantisation_step():
     cfg = SecAggConfig(enabled=True, bits=20, value_range=1.0)
     updates = _updates()
-    delta, costs, nbytes = SecureAggregation(cfg, seed=0).aggregate(1, updates, [], _coefficients)
+    delta, costs, nbytes, relayed = SecureAggregation(cfg, seed=0).aggregate(1, updates, [], _coefficients)
     expected = _strategy("fedavg").aggregate_updates(1, updates)
     step = 2 / (2**20 - 1)
     assert (delta - expected).abs().max() <= len(updates) * step  # half a step per input, times max c_i <= 1
+    # 5 clients, 4 neighbours each: keys 64 + shares 4 x (2 x 38 + 36) + vector 4 x 40 + unmask shares 4 x 38
     assert costs == {"secagg_message_rounds": 4, "secagg_out_of_range": 0, "secagg_withheld": 0,
-                     "secagg_recovered": 0, "secagg_bytes_per_client": costs["secagg_bytes_per_client"]}
-    assert costs["secagg_bytes_per_client"] > 4 * 40 and nbytes == 5 * costs["secagg_bytes_per_client"]
+                     "secagg_recovered": 0, "secagg_bytes_per_client": 64 + 4 * 112 + 160 + 4 * 38,
+                     "secagg_bytes_down_per_client": 4 * 64 + 4 * 112}
+    assert nbytes == 5 * costs["secagg_bytes_per_client"] and relayed == 5 * costs["secagg_bytes_down_per_client"]
 
 
 def test_out_of_range_coordinates_are_clipped_and_reported(caplog):
     updates = _updates()
     updates[2].update[7] = 3.0
     with caplog.at_level(logging.WARNING):
-        delta, costs, _ = SecureAggregation(SecAggConfig(enabled=True), 0).aggregate(1, updates, [], _coefficients)
+        delta, costs, *_ = SecureAggregation(SecAggConfig(enabled=True), 0).aggregate(1, updates, [], _coefficients)
     assert costs["secagg_out_of_range"] == 1 and costs["secagg_withheld"] == 0
     assert "round 1: secure aggregation: 1 coordinates of 1 clients outside secagg.value_range [-1, 1], clipped" \
         in caplog.text
@@ -74,7 +76,7 @@ def test_a_client_out_of_range_withholds_its_input_and_is_recovered_as_dropped()
     updates = _updates()
     updates[2].update[7] = -3.0
     cfg = SecAggConfig(enabled=True, out_of_range="withhold")
-    delta, costs, _ = SecureAggregation(cfg, 0).aggregate(1, updates, [], _coefficients)
+    delta, costs, *_ = SecureAggregation(cfg, 0).aggregate(1, updates, [], _coefficients)
     assert costs["secagg_withheld"] == 1 and costs["secagg_recovered"] == 1
     others = [u for u in updates if u.partition_id != 2]
     assert (delta - _strategy("fedavg").aggregate_updates(1, others)).abs().max() < 1e-5
@@ -82,7 +84,7 @@ def test_a_client_out_of_range_withholds_its_input_and_is_recovered_as_dropped()
 
 def test_too_many_dropouts_refuse_the_round_in_one_line(caplog):
     with caplog.at_level(logging.WARNING):
-        delta, costs, _ = SecureAggregation(SecAggConfig(enabled=True), 0).aggregate(
+        delta, costs, *_ = SecureAggregation(SecAggConfig(enabled=True), 0).aggregate(
             2, _updates(n=2), [7, 8, 9], _coefficients)
     assert delta is None and costs["secagg_recovered"] == 0
     assert ("round 2 refused: secure aggregation cannot unmask: client 0 sent its input and 1 of its 4 neighbours "

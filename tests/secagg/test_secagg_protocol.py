@@ -98,6 +98,8 @@ def test_bytes_per_client_are_the_protocols():
     keys, shares = 2 * 32, (n - 1) * (2 * share + SHARE_ENVELOPE_BYTES)
     assert outcome.bytes_up[0] == keys + shares + 4 * dim + (n - 1) * share
     assert outcome.bytes_up[n - 1] == keys + shares  # dropped after sharing its keys
+    relayed = (n - 1) * 2 * 32 + shares  # its neighbours' keys, the shares addressed to it
+    assert outcome.bytes_down[0] == relayed + 4 and outcome.bytes_down[n - 1] == relayed  # + the dropped one's id
     assert outcome.message_rounds == MESSAGE_ROUNDS == 4
 
 

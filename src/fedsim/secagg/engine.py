@@ -20,7 +20,9 @@ party's step runs in the server's process: the numbers and the bytes are the pro
 the message rounds are counted, not sent.
 
 Row columns: ``secagg_bytes_per_client`` (mean bytes a client that sent its input uploaded
-over the four message rounds; ``bytes_up`` is the total), ``secagg_message_rounds``,
+over the four message rounds; ``bytes_up`` is the total), ``secagg_bytes_down_per_client``
+(what the server relayed to it: keys, shares, dropout lists; added to ``bytes_down``),
+``secagg_message_rounds``,
 ``secagg_recovered`` (dropped clients whose masks were removed), ``secagg_out_of_range``
 (coordinates outside the range) and ``secagg_withheld`` (clients that withheld their input).
 """
@@ -66,15 +68,16 @@ class SecureAggregation:
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate], dropped: list[int],
                   coefficients: Callable[[list[ClientUpdate]], torch.Tensor]
-                  ) -> tuple[torch.Tensor | None, dict[str, int], int]:
+                  ) -> tuple[torch.Tensor | None, dict[str, int], int, int]:
         """``sum_i c_i u_i`` over the clients that send their input (None when the protocol
-        cannot unmask), the row's columns, and the bytes the clients sent."""
+        cannot unmask), the row's columns, and the protocol's bytes up and down."""
         cfg = self.cfg
         outside = {u.partition_id: out_of_range(u.update.numpy(), cfg.value_range) for u in updates}
         withheld = sorted(pid for pid, count in outside.items() if count and cfg.out_of_range == "withhold")
         sending = [u for u in updates if u.partition_id not in withheld]
         costs = {"secagg_message_rounds": MESSAGE_ROUNDS, "secagg_out_of_range": sum(outside.values()),
-                 "secagg_withheld": len(withheld), "secagg_recovered": 0, "secagg_bytes_per_client": 0}
+                 "secagg_withheld": len(withheld), "secagg_recovered": 0, "secagg_bytes_per_client": 0,
+                 "secagg_bytes_down_per_client": 0}
         if costs["secagg_out_of_range"]:
             action = "withheld their inputs" if withheld else "clipped"
             log.warning("round %d: secure aggregation: %d coordinates of %d clients outside secagg.value_range "
@@ -82,7 +85,7 @@ class SecureAggregation:
                         sum(1 for count in outside.values() if count), cfg.value_range, cfg.value_range, action)
         if not sending:
             log.warning("round %d skipped: secure aggregation: every client withheld its input", server_round)
-            return None, costs, 0
+            return None, costs, 0, 0
         c = coefficients(sending)
         scale = float(c.max())
         inputs = {u.partition_id: quantize((c_i / scale).item() * np.clip(u.update.double().numpy(), -cfg.value_range,
@@ -92,9 +95,11 @@ class SecureAggregation:
                             material=round_material(self.seed, server_round))
         costs["secagg_recovered"] = len(outcome.recovered)
         costs["secagg_bytes_per_client"] = round(float(np.mean([outcome.bytes_up[pid] for pid in inputs])))
+        costs["secagg_bytes_down_per_client"] = round(float(np.mean([outcome.bytes_down[pid] for pid in inputs])))
+        up, down = sum(outcome.bytes_up.values()), sum(outcome.bytes_down.values())
         if outcome.refused:
             log.warning("round %d refused: secure aggregation cannot unmask: %s (secagg.threshold %g)",
                         server_round, outcome.refused, cfg.threshold)
-            return None, costs, sum(outcome.bytes_up.values())
+            return None, costs, up, down
         total = dequantize_sum(outcome.total, len(inputs), cfg.value_range, cfg.bits) * scale
-        return torch.from_numpy(total).to(sending[0].update.dtype), costs, sum(outcome.bytes_up.values())
+        return torch.from_numpy(total).to(sending[0].update.dtype), costs, up, down

@@ -67,6 +67,10 @@ class RoundOutcome:
         Why the masks could not be removed (one line), or None.
     bytes_up : dict[int, int]
         Bytes each client sent over the four message rounds (dropped clients: rounds 0-1).
+    bytes_down : dict[int, int]
+        Bytes the server sent each client: its neighbours' public keys (round 1), the
+        encrypted shares addressed to it (round 2) and, to a client that sent its input, the
+        4-byte ids of its neighbours that dropped (round 3).
     recovered : list[int]
         Dropped clients whose pairwise masks were removed from the sum.
     """
@@ -74,6 +78,7 @@ class RoundOutcome:
     total: np.ndarray | None
     refused: str | None
     bytes_up: dict[int, int]
+    bytes_down: dict[int, int]
     recovered: list[int] = field(default_factory=list)
     message_rounds: int = MESSAGE_ROUNDS
 
@@ -132,14 +137,17 @@ def run_round(inputs: dict[int, np.ndarray], dropped: Iterable[int], *, degree: 
     publics = {u: c.mask_public for u, c in clients.items()}
     held: dict[int, dict[int, tuple[bytes, bytes]]] = {u: {} for u in everyone}  # holder -> owner -> shares
     bytes_up = {u: 2 * PUBLIC_KEY_BYTES for u in everyone}
+    bytes_down = {u: 2 * PUBLIC_KEY_BYTES * len(neighbours[u]) for u in everyone}
     for u in everyone:
         for v, pair in clients[u].share(neighbours[u], needed[u]).items():
             held[v][u] = pair
             bytes_up[u] += len(pair[0]) + len(pair[1]) + SHARE_ENVELOPE_BYTES
+            bytes_down[v] += len(pair[0]) + len(pair[1]) + SHARE_ENVELOPE_BYTES
     masked = [clients[u].masked_input(inputs[u], neighbours[u], publics) for u in survivors]
     for u in survivors:
         bytes_up[u] += 4 * dim
         bytes_up[u] += sum(len(held[u][v][0] if v in lost else held[u][v][1]) for v in neighbours[u])
+        bytes_down[u] += 4 * sum(v in lost for v in neighbours[u])
     total = np.sum(masked, axis=0, dtype=np.uint32) if masked else np.zeros(dim, dtype=np.uint32)
     alive = set(survivors)
     for v in everyone:
@@ -147,7 +155,7 @@ def run_round(inputs: dict[int, np.ndarray], dropped: Iterable[int], *, degree: 
         if len(holders) < needed[v]:
             state = "dropped" if v in lost else "sent its input"
             return RoundOutcome(None, f"client {v} {state} and {len(holders)} of its {len(neighbours[v])} neighbours "
-                                      f"replied; {needed[v]} shares rebuild its masks", bytes_up)
+                                      f"replied; {needed[v]} shares rebuild its masks", bytes_up, bytes_down)
         which = 0 if v in lost else 1
         secret = combine_shares([held[w][v][which] for w in holders[:needed[v]]])
         if v in lost:
@@ -157,4 +165,4 @@ def run_round(inputs: dict[int, np.ndarray], dropped: Iterable[int], *, degree: 
                 total = total - pairwise if w < v else total + pairwise
         else:
             total = total - expand(secret, dim)
-    return RoundOutcome(total, None, bytes_up, recovered=lost)
+    return RoundOutcome(total, None, bytes_up, bytes_down, recovered=lost)

@@ -414,8 +414,9 @@ class FedsimStrategy(Algorithm, FedAvg):
         updates = self._ef21_pp() if self._estimates else accepted
         if self.engine and self.engine.secagg:
             dropped = sorted(set(self.report.sampled) - set(self.report.accepted))
-            delta, self.report.secagg, self.report.bytes_up = self.engine.secagg.aggregate(
+            delta, self.report.secagg, self.report.bytes_up, relayed = self.engine.secagg.aggregate(
                 server_round, updates, dropped, functools.partial(self.sum_coefficients, server_round))
+            self.report.bytes_down += relayed
         else:
             delta = self.aggregate_updates(server_round, updates)
         if delta is None:
