@@ -28,6 +28,7 @@ from pydantic import (
 from fedsim.algorithms import registry
 from fedsim.algorithms.api import StrategySection
 from fedsim.config_checks import KNOWN_NUM_CLASSES, combination_problems
+from fedsim.privacy.settings import PrivacyConfig
 from fedsim.sections import ConfigError, Section
 
 __all__ = ["ConfigError", "ExperimentConfig", "Section", "apply_override", "format_validation_error", "load_config",
@@ -476,6 +477,7 @@ class ExperimentConfig(Section):
     faults: FaultConfig = FaultConfig()
     secagg: SecAggConfig = SecAggConfig()
     personalization: PersonalizationConfig = PersonalizationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     output: OutputConfig = OutputConfig()
 
     @field_validator("strategy", mode="before")

@@ -424,6 +424,9 @@ def _secagg(cfg: ExperimentConfig) -> Iterator[str | None]:
     if uplink.error_feedback in ("ef21", "econtrol"):
         yield (f"secagg.enabled: the server sees no client's update; quant.uplink.error_feedback "
                f"{uplink.error_feedback!r} keeps each client's estimate on the server (use none)")
+    if cfg.privacy.mechanism == "central" and cfg.privacy.clipping == "adaptive":
+        yield ("secagg.enabled: the server sees no client's update norm; privacy.clipping 'adaptive' counts the "
+               "clipped clients on the server (use fixed)")
     from fedsim.secagg.quantization import RING_BITS, fits
 
     k = clients_per_round(cfg)

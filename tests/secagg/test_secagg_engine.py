@@ -11,6 +11,7 @@ from fedsim.algorithms import registry
 from fedsim.config import ConfigError, SecAggConfig, load_config
 from fedsim.deploy import check_deployable
 from fedsim.outputs.results import RunDir
+from fedsim.privacy.server import ServerPrivacy
 from fedsim.runner import run_experiment
 from fedsim.secagg.engine import SecureAggregation
 from fedsim.strategies.replies import ClientUpdate
@@ -54,7 +55,7 @@ def test_the_secure_sum_is_the_weighted_mean_to_the_quantisation_step():
     step = 2 / (2**20 - 1)
     assert (delta - expected).abs().max() <= len(updates) * step  # half a step per input, times max c_i <= 1
     # 5 clients, 4 neighbours each: keys 64 + shares 4 x (2 x 38 + 36) + vector 4 x 40 + unmask shares 4 x 38
-    assert costs == {"secagg_message_rounds": 4, "secagg_out_of_range": 0, "secagg_withheld": 0,
+    assert costs == {"secagg_message_rounds": 4, "secagg_out_of_range": 0, "secagg_clipped": 0, "secagg_withheld": 0,
                      "secagg_recovered": 0, "secagg_bytes_per_client": 64 + 4 * 112 + 160 + 4 * 38,
                      "secagg_bytes_down_per_client": 4 * 64 + 4 * 112}
     assert nbytes == 5 * costs["secagg_bytes_per_client"] and relayed == 5 * costs["secagg_bytes_down_per_client"]
@@ -65,11 +66,13 @@ def test_out_of_range_coordinates_are_clipped_and_reported(caplog):
     updates[2].update[7] = 3.0
     with caplog.at_level(logging.WARNING):
         delta, costs, *_ = SecureAggregation(SecAggConfig(enabled=True), 0).aggregate(1, updates, [], _coefficients)
-    assert costs["secagg_out_of_range"] == 1 and costs["secagg_withheld"] == 0
-    assert "round 1: secure aggregation: 1 coordinates of 1 clients outside secagg.value_range [-1, 1], clipped" \
-        in caplog.text
-    clipped = [ClientUpdate(u.partition_id, u.num_examples, u.update.clamp(-1, 1), u.nbytes) for u in updates]
-    assert (delta - _strategy("fedavg").aggregate_updates(1, clipped)).abs().max() < 1e-5
+    assert costs["secagg_out_of_range"] == costs["secagg_clipped"] == 1 and costs["secagg_withheld"] == 0
+    assert ("round 1: secure aggregation: 1 coordinates of 1 clients outside secagg.value_range [-1, 1]: "
+            "0 clients withheld their inputs, 1 coordinates clipped") in caplog.messages
+    # the quantiser's input w_i u_i (w_i = n_i / max n) is clipped to [-1, 1]
+    c = _coefficients(updates).float()
+    inputs = torch.stack([(c_i / c.max() * u.update).clamp(-1, 1) for c_i, u in zip(c, updates, strict=True)])
+    assert (delta - c.max() * inputs.sum(0)).abs().max() < 1e-5
 
 
 def test_a_client_out_of_range_withholds_its_input_and_is_recovered_as_dropped():
@@ -77,7 +80,7 @@ def test_a_client_out_of_range_withholds_its_input_and_is_recovered_as_dropped()
     updates[2].update[7] = -3.0
     cfg = SecAggConfig(enabled=True, out_of_range="withhold")
     delta, costs, *_ = SecureAggregation(cfg, 0).aggregate(1, updates, [], _coefficients)
-    assert costs["secagg_withheld"] == 1 and costs["secagg_recovered"] == 1
+    assert costs["secagg_withheld"] == costs["secagg_recovered"] == 1 and costs["secagg_clipped"] == 0
     others = [u for u in updates if u.partition_id != 2]
     assert (delta - _strategy("fedavg").aggregate_updates(1, others)).abs().max() < 1e-5
 
@@ -162,3 +165,43 @@ def test_what_validates_with_secure_aggregation_runs(tmp_path, sets):
     rows = _rows(run_experiment(cfg)[0])
     assert [row["num_success"] for row in rows] == [3, 3] and not any(row["skipped"] for row in rows)
     assert all(row["secagg_bytes_per_client"] > 0 for row in rows)
+
+
+def _private(*sets):
+    return load_config(QUICKSTART, ["secagg.enabled=true", "secagg.value_range=4", "privacy.mechanism=central",
+                                    "privacy.noise_multiplier=1.0", "privacy.clip_norm=0.5", *sets])
+
+
+def test_distributed_dp_gives_the_sum_the_calibrated_noise_std():
+    # 10 of 10 clients (m = 10) clip to C = 0.5 and each adds N(0, (z C)^2 / m) before quantising;
+    # the aggregate (sum + noise) / m carries the central mechanism's std z C / m = 0.05
+    cfg = _private()
+    privacy = ServerPrivacy(cfg, [100] * 10)
+    dim = 20_000
+    g = torch.Generator().manual_seed(1)
+    updates = [ClientUpdate(i, 100, 0.02 * torch.randn(dim, generator=g), 4 * dim) for i in range(10)]
+    updates[3].update *= 100  # beyond the clip norm: clipped by its client
+    delta, costs, *_ = SecureAggregation(cfg.secagg, cfg.seed).aggregate(1, updates, [], _coefficients, privacy)
+    clipped = torch.stack([u.update * min(1.0, 0.5 / float(u.update.norm())) for u in updates])
+    noise = (delta.double() - clipped.double().sum(0) / 10).numpy()
+    assert privacy.noise_std() == pytest.approx(0.05)
+    # the sample std of 20,000 normal draws is within 3% of the true one (5 standard errors)
+    assert noise.std() == pytest.approx(0.05, rel=0.03) and abs(noise.mean()) < 5 * 0.05 / dim**0.5
+    assert costs["secagg_out_of_range"] == 0
+
+
+def test_adaptive_clipping_is_refused_with_secure_aggregation():
+    with pytest.raises(ConfigError, match="secagg.enabled: the server sees no client's update norm; "
+                                          "privacy.clipping 'adaptive'"):
+        _private("privacy.clipping=adaptive")
+
+
+def test_a_distributed_dp_run_resumes_exactly(tmp_path):
+    cfg = _private(f"output.dir={tmp_path}", *SMALL, "rounds=4", "output.checkpoint_every=2")
+    reference, _ = run_experiment(cfg)
+    rows = _rows(reference)
+    assert all(row["epsilon"] > 0 and row["secagg_out_of_range"] == 0 for row in rows)
+    interrupted, _ = run_experiment(cfg)
+    (RunDir.open(interrupted).checkpoint_dir / "round-00004.pt").unlink()
+    run_experiment(cfg, resume=interrupted)
+    assert _rows(interrupted) == rows

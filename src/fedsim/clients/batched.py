@@ -146,7 +146,14 @@ def train_stacked(
                                           client_params.get("head.bias"))
         return (per_sample * m).sum() / m.sum().clamp_min(1.0), logits
 
+    def sample_loss(client_params, x, y):
+        embeddings, logits = functional_call(net, {f"model.{n}": p for n, p in client_params.items()}, (x[None],))
+        per_sample = objective.loss_terms(embeddings, logits, y[None], client_params["head.weight"],
+                                          client_params.get("head.bias"))
+        return per_sample[0], logits[0]
+
     losses_of = vmap(client_loss)
+    private = next((hook for hook in objective.hooks if hook.per_sample_gradients), None)
     num_clients = len(datasets)
     loss_sum = torch.zeros(num_clients, dtype=torch.float64, device=device)
     correct = torch.zeros(num_clients, dtype=torch.float64, device=device)
@@ -163,13 +170,19 @@ def train_stacked(
         rows = {name: p[:active] for name, p in params.items()}
         m = mask[:active, s]
         y = y_all[index[:active, s]]
-        losses, logits = losses_of(rows, x_all[index[:active, s]], y, m)
-        for hook in objective.hooks:
-            term = hook.stacked_extra_loss(rows, logits, m)
-            if term is not None:
-                losses = losses + term
         optimizer.zero_grad(set_to_none=False)
-        losses.sum().backward()
+        if private is None:
+            losses, logits = losses_of(rows, x_all[index[:active, s]], y, m)
+            for hook in objective.hooks:
+                term = hook.stacked_extra_loss(rows, logits, m)
+                if term is not None:
+                    losses = losses + term
+            losses.sum().backward()
+        else:  # DP-SGD: per-sample gradients, clipped and noised by the hook
+            grads, losses, logits = private.stacked_gradients(sample_loss, rows, x_all[index[:active, s]], y, m)
+            for name, p in params.items():
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+                p.grad[:active] = grads[name]
         for hook in objective.hooks:
             hook.stacked_before_step(params)
         optimizer.step()

@@ -97,6 +97,8 @@ class ClientFeature:
     """
 
     state_keys: ClassVar[tuple[str, ...]] = ()
+    stacked_only: bool = False
+    """Whether its hooks work stacked only: a client alone in its group trains as a stack of one."""
 
     @staticmethod
     def applies(cfg: ExperimentConfig) -> bool:

@@ -21,7 +21,14 @@ from torch import nn
 
 
 class ClientHook:
-    """Base hook: adds nothing and changes nothing."""
+    """Base hook: adds nothing and changes nothing.
+
+    A hook with ``per_sample_gradients`` (DP-SGD, :mod:`fedsim.privacy.dp_sgd`) makes the
+    stacked engine hand it the loss of one sample instead of back-propagating the batch: its
+    ``stacked_gradients`` returns the stacked gradients the optimizer steps with.
+    """
+
+    per_sample_gradients = False
 
     def extra_loss(self, model: nn.Module, logits: torch.Tensor) -> torch.Tensor | None:
         return None

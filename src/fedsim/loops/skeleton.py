@@ -177,6 +177,10 @@ class Steps(ABC):
         """Continue from a checkpoint: its ``model`` (:meth:`model_state`) and its ``state``
         (:meth:`state_dict`)."""
 
+    def stop_reason(self, index: int) -> str | None:
+        """Why step ``index`` must not run (the run then ends cleanly, status ``stopped``), or None."""
+        return None
+
     def begin(self, resumed: bool) -> None:
         """Called once before the first step of this process (``resumed``: after a checkpoint)."""
 
@@ -202,10 +206,14 @@ def run_steps(steps: Steps, grid: Grid, cfg: ExperimentConfig, run: RunDir, resu
     t0 = time.perf_counter() - elapsed_before
     status = "interrupted"
     divergence = DivergenceWatch(run.rows())
+    reason = None
     try:
         with RoundProgress(steps.total, enabled=show_progress) as progress:
             progress.advance_to(start, None, None)
             for index in range(start + 1, steps.total + 1):
+                if (reason := steps.stop_reason(index)) is not None:
+                    log.warning("step %d not run: %s", index, reason)
+                    break
                 row: dict[str, Any] = {"round": index, **steps.step(index)}
                 bytes_up, bytes_down = bytes_up + row["bytes_up"], bytes_down + row["bytes_down"]
                 row.update(bytes_up_total=bytes_up, bytes_down_total=bytes_down,
@@ -218,7 +226,7 @@ def run_steps(steps: Steps, grid: Grid, cfg: ExperimentConfig, run: RunDir, resu
                 if steps.resumable and (index % cfg.output.checkpoint_every == 0 or index == steps.total):
                     run.save_checkpoint(Checkpoint(index, {k: v.clone() for k, v in steps.model_state().items()},
                                                    steps.state_dict(), row["wall_time_s"], _client_states(grid, cfg)))
-        status = "completed"
+        status = "completed" if reason is None else "stopped"
     finally:
         rows = run.rows()
         summary = summarise(rows, cfg.output.target_accuracy, status)

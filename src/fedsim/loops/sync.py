@@ -28,6 +28,7 @@ from fedsim.loops.skeleton import (
 )
 from fedsim.outputs.results import RunDir
 from fedsim.params import ParamSpec
+from fedsim.privacy.server import ServerPrivacy
 from fedsim.records import to_state_dict
 from fedsim.sim.components import FederatedData
 from fedsim.sim.messaging import PartitionGrid, send_and_collect
@@ -60,13 +61,16 @@ class SyncSteps(Steps):
         self.total = cfg.rounds
         self.setup = setup = LoopSetup.build(grid, cfg)
         self.strategy = build_strategy(cfg, setup.spec, setup.node_of, label_mix(setup.data))
+        if cfg.privacy.mechanism != "none":
+            self.strategy.privacy = ServerPrivacy(cfg, [len(rows) for rows in setup.data.client_train])
         self.joins = NodeWatch(setup.node_of)
         self.arrays = ArrayRecord(setup.net.state_dict())
 
     def step(self, rnd: int) -> dict[str, Any]:
         cfg, strategy = self.cfg, self.strategy
         strategy.rejoin(self.joins.joined(self.grid, cfg.client.timeout_s))
-        messages = list(strategy.configure_train(rnd, self.arrays, ConfigRecord(), self.grid))
+        private = strategy.privacy.client_config() if strategy.privacy is not None else {}
+        messages = list(strategy.configure_train(rnd, self.arrays, ConfigRecord(private), self.grid))
         replies = send_and_collect(self.grid, messages, cfg.client.timeout_s)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
@@ -83,12 +87,20 @@ class SyncSteps(Steps):
             "bytes_down": report.bytes_down,
         }
         row.update(report.secagg)
+        if strategy.privacy is not None:
+            row.update(strategy.privacy.row())
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
             row.update(evaluate_global(cfg, self.grid, self.setup, strategy, rnd, self.arrays))
         return row
 
     def model_state(self) -> dict[str, torch.Tensor]:
         return to_state_dict(self.arrays)
+
+    def stop_reason(self, index: int) -> str | None:
+        return self.strategy.privacy.stop_reason() if self.strategy.privacy is not None else None
+
+    def summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.strategy.privacy.summary() if self.strategy.privacy is not None else {}
 
     def state_dict(self) -> dict[str, Any]:
         return self.strategy.state_dict()

@@ -355,7 +355,8 @@ class ClientRuntime:
         for job in jobs:
             by_key.setdefault(tuple(feature.key(job.context) for feature in w.features), []).append(job)
         size = stack_size(w.spec.dim)
-        return [group[i : i + size] for group in by_key.values() if len(group) > 1
+        alone = any(feature.stacked_only for feature in w.features)
+        return [group[i : i + size] for group in by_key.values() if len(group) > 1 or alone
                 for i in range(0, len(group), size)]
 
     def _train_one(self, job: TrainJob, w: Worker, device: torch.device) -> tuple[torch.Tensor, TrainResult]:

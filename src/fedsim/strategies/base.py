@@ -90,6 +90,7 @@ from fedsim.strategies.server_opt import ServerOptimizer
 
 if TYPE_CHECKING:
     from fedsim.config import ExperimentConfig
+    from fedsim.privacy.server import ServerPrivacy
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,9 @@ class FedsimStrategy(Algorithm, FedAvg):
     """
 
     Config: ClassVar[type[SyncStrategyBase]]
+    privacy: ServerPrivacy | None = None
+    """The run's differential privacy (fedsim's engine, ``privacy:``): under ``central`` its
+    mechanism replaces :meth:`aggregate_updates`; every round is spent in its accountant."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Give each algorithm the signature it accepts: Flower FedAvg's arguments, then its
@@ -406,17 +410,23 @@ class FedsimStrategy(Algorithm, FedAvg):
             metrics = (self.train_metrics_aggr_fn(self._flower_contents, self.weighted_by_key)
                        if accepted else None)
         self.observe(server_round, accepted)
+        if self.privacy is not None:
+            self.privacy.spend(self.report.accepted)
         if len(accepted) < self.cfg.min_successful:
             self.report.skipped = True
             self.log(logging.WARNING, "round %d skipped: %d valid replies, %d required", server_round,
                      len(accepted), self.cfg.min_successful)
             return None, metrics
         updates = self._ef21_pp() if self._estimates else accepted
+        central = self.privacy is not None and self.privacy.settings.mechanism == "central"
         if self.engine and self.engine.secagg:
             dropped = sorted(set(self.report.sampled) - set(self.report.accepted))
             delta, self.report.secagg, self.report.bytes_up, relayed = self.engine.secagg.aggregate(
-                server_round, updates, dropped, functools.partial(self.sum_coefficients, server_round))
+                server_round, updates, dropped, functools.partial(self.sum_coefficients, server_round),
+                self.privacy if central else None)
             self.report.bytes_down += relayed
+        elif central:
+            delta = self.privacy.aggregate(server_round, updates)
         else:
             delta = self.aggregate_updates(server_round, updates)
         if delta is None:
@@ -509,6 +519,8 @@ class FedsimStrategy(Algorithm, FedAvg):
             state["uplink_resync"] = sorted(engine.resync)
         if hasattr(engine.sampler, "state_dict"):
             state["sampler"] = engine.sampler.state_dict()
+        if self.privacy is not None:
+            state["privacy"] = self.privacy.state_dict()
         return state
 
     def clients_lost_state(self) -> None:
@@ -530,3 +542,5 @@ class FedsimStrategy(Algorithm, FedAvg):
             engine.resync = set(state.get("uplink_resync", ()))
         if "sampler" in state:
             engine.sampler.load_state_dict(state["sampler"])
+        if self.privacy is not None and "privacy" in state:
+            self.privacy.load_state_dict(state["privacy"])
