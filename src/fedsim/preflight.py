@@ -12,6 +12,7 @@ Ray cannot give would wait out ``sim.wait_for_nodes_s``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -20,6 +21,9 @@ import torch
 from fedsim.config import ConfigError, ExperimentConfig
 from fedsim.config_checks import KNOWN_NUM_CLASSES, loss_class_problem
 from fedsim.data import ArrayDataset
+from fedsim.privacy.settings import delta_warning
+
+log = logging.getLogger(__name__)
 
 LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, EOFError)
 """What fedsim's loaders and partitioners raise for a missing, empty or corrupt dataset, or
@@ -53,6 +57,8 @@ def data_problems(cfg: ExperimentConfig) -> list[str]:
     if cfg.data.name not in KNOWN_NUM_CLASSES and cfg.data.name != "synthetic":
         problems.append(loss_class_problem(cfg, data.train.num_classes))
     problems.append(model_problem(cfg, data.train))
+    if (warning := delta_warning(cfg, [len(idx) for idx in data.client_train])) is not None:
+        log.warning(warning)
     if cfg.sim.speeds.kind == "csv":
         try:
             device_speeds(cfg)

@@ -16,8 +16,11 @@ from fedsim.privacy.dp_sgd import DPSGDStep, clipped_noisy_sum
 
 
 def _model():
-    torch.manual_seed(0)
-    return build_model("mlp", (6,), 3, hidden=(5,))
+    with torch.random.fork_rng():  # the model's initialisation, without touching the global generator
+        torch.manual_seed(0)
+        return build_model("mlp", (6,), 3, hidden=(5,))
+
+
 
 
 def _sample_loss(model):
@@ -28,7 +31,8 @@ def _sample_loss(model):
 
 
 def test_clipped_noisy_sum_is_the_sum_of_each_samples_clipped_gradient():
-    g = {"a": torch.randn(2, 3, 4), "b": torch.randn(2, 3)}
+    gen = torch.Generator().manual_seed(0)
+    g = {"a": torch.randn(2, 3, 4, generator=gen), "b": torch.randn(2, 3, generator=gen)}
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     summed = clipped_noisy_sum(g, mask, 0.7, None)
     for k in range(2):
@@ -42,9 +46,10 @@ def test_clipped_noisy_sum_is_the_sum_of_each_samples_clipped_gradient():
 
 
 def test_nested_per_sample_gradients_are_each_samples_own():
+    gen = torch.Generator().manual_seed(0)
     model = _model()
     params = {n: torch.stack([p.detach(), p.detach() * 1.5]) for n, p in model.named_parameters()}
-    x, y = torch.randn(2, 4, 6), torch.randint(0, 3, (2, 4))
+    x, y = torch.randn(2, 4, 6, generator=gen), torch.randint(0, 3, (2, 4), generator=gen)
     mask = torch.ones(2, 4)
     hook = DPSGDStep(clip_norm=1e6, noise_multiplier=0.0, batch_size=4, keys=[(0,), (1,)], max_values=50)
     grads, losses, _ = hook.stacked_gradients(_sample_loss(model), params, x, y, mask)
@@ -59,8 +64,10 @@ def test_nested_per_sample_gradients_are_each_samples_own():
 
 
 def test_a_stacked_dp_sgd_step_moves_no_client_further_than_lr_times_the_clip_norm():
+    gen = torch.Generator().manual_seed(0)
     model = _model()
-    clients = [ArrayDataset(torch.randn(12, 6).numpy() * 50, torch.randint(0, 3, (12,)).numpy(), 3, "test")
+    clients = [ArrayDataset(torch.randn(12, 6, generator=gen).numpy() * 50,
+                            torch.randint(0, 3, (12,), generator=gen).numpy(), 3, "test")
                for _ in range(3)]
     start = {n: torch.stack([p.detach()] * 3) for n, p in model.named_parameters()}
     cfg = ClientConfig(local_steps=1, batch_size=4, lr=0.1)
@@ -77,9 +84,10 @@ def test_a_stacked_dp_sgd_step_moves_no_client_further_than_lr_times_the_clip_no
 
 
 def test_dp_sgd_noise_has_std_z_c_over_b_per_coordinate():
+    gen = torch.Generator().manual_seed(0)
     model = _model()
     params = {n: torch.stack([p.detach()] * 2) for n, p in model.named_parameters()}
-    x, y = torch.randn(2, 4, 6), torch.randint(0, 3, (2, 4))
+    x, y = torch.randn(2, 4, 6, generator=gen), torch.randint(0, 3, (2, 4), generator=gen)
     mask = torch.zeros(2, 4)  # no sample: the gradient is the noise alone
     hook = DPSGDStep(clip_norm=0.5, noise_multiplier=2.0, batch_size=4, keys=[(0,), (1,)], max_values=1 << 20)
     draws = []

@@ -9,6 +9,7 @@ import torch
 from scipy import stats
 
 from fedsim.config import validate_config
+from fedsim.preflight import preflight
 from fedsim.privacy.mechanisms import (
     adaptive_clip_norm,
     aggregate_noise_std,
@@ -17,6 +18,7 @@ from fedsim.privacy.mechanisms import (
 )
 from fedsim.privacy.noise import gaussian_noise
 from fedsim.privacy.server import ServerPrivacy
+from fedsim.privacy.settings import delta_warning
 from fedsim.strategies.replies import ClientUpdate
 
 
@@ -61,6 +63,7 @@ def test_central_aggregate_is_the_clipped_sum_over_expected_clients_plus_the_cal
     clipped = sum(torch.full((20_000,), 0.5 / math.sqrt(20_000)) for _ in range(4))
     residual = (noisy - clipped / 10).numpy()  # m = 0.25 * 40
     assert privacy.noise_std() == pytest.approx(1.3 * 0.5 / 10)
+    assert privacy.sum_noise_std() == pytest.approx(1.3 * 0.5)
     assert abs(residual.std() - privacy.noise_std()) < 4 * privacy.noise_std() / math.sqrt(2 * len(residual))
     assert torch.equal(privacy.aggregate(1, updates), privacy.aggregate(1, updates))  # same round, same noise
 
@@ -90,3 +93,14 @@ def test_adaptive_clipping_of_the_central_mechanism_tracks_the_median_through_it
         privacy.aggregate(rnd, updates)
     norms = torch.stack([torch.randn(8, generator=generator) * (0.5 + i / 10) for i in range(10) for _ in range(50)])
     assert float((norms.norm(dim=1) <= privacy.clip_norm).double().mean()) == pytest.approx(0.5, abs=0.1)
+
+
+def test_a_delta_not_below_one_over_the_clients_is_one_warning_line_at_validate(caplog, tmp_path):
+    cfg = validate_config({"partition": {"num_clients": 10}, "output": {"dir": str(tmp_path)},
+                           "privacy": {"mechanism": "central", "noise_multiplier": 1.0, "delta": 0.2}})
+    with caplog.at_level("WARNING"):
+        preflight(cfg)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "privacy.delta" in warnings[0] and "10 clients" in warnings[0]
+    assert delta_warning(cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={"delta": 0.05})}),
+                         [5] * 10) is None

@@ -48,6 +48,9 @@ BAD = {
     "count noise before calibration": ({"privacy": {"mechanism": "central", "target_epsilon": 2, "accountant": "rdp",
                                                     "clipping": "adaptive", "count_noise_multiplier": 5}},
                                        ("count_noise_multiplier", "target_epsilon")),
+    "local DP and scaffold's control variates": ({"strategy": {"name": "scaffold"},
+                                                  "privacy": {"mechanism": "local", "noise_multiplier": 1.0}},
+                                                 ("privacy.mechanism", "strategy.name")),
     "local DP's accountant": ({"privacy": {"mechanism": "local", "noise_multiplier": 1.0, "accountant": "rdp"}},
                               ("privacy.accountant", "privacy.mechanism")),
 }

@@ -28,6 +28,8 @@ FEATURES: dict[str, dict[str, Any]] = {
     "low-bit training": {"quant": {"lowbit": {"bits": 8}}},
     "adam clients": {"client": {"optimizer": "adam"}},
     "stateful loss (sogclr)": {"loss": {"name": "sogclr"}},
+    "client-level DP (central)": {"privacy": {"mechanism": "central", "noise_multiplier": 1.0}},
+    "DP-SGD (sample)": {"sim": {"backend": "batched"}, "privacy": {"mechanism": "sample", "noise_multiplier": 1.0}},
 }
 """Each feature as the settings that switch it on."""
 

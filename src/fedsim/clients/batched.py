@@ -19,7 +19,9 @@ It computes what K runs of ``train_local`` compute:
   Rows are ordered by decreasing step count, so the clients still training are always the
   first rows: a step runs on that prefix, a client whose run ended is copied out after its
   last step, and Adam's shared step count equals each active client's own;
-- hooks contribute through their stacked forms (:mod:`fedsim.clients.hooks`).
+- hooks contribute through their stacked forms (:mod:`fedsim.clients.hooks`); a hook asking
+  for per-sample gradients (DP-SGD, :mod:`fedsim.privacy.dp_sgd`) gets each sample's loss
+  and returns the gradients the optimizer steps with.
 
 Not vectorised, and trained one client at a time by the caller (:func:`vectorisable_reason`
 says why): what a client feature declares it cannot stack (quantized training, losses that
@@ -36,6 +38,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from fedsim.clients.hooks import ClientHook
 from fedsim.clients.objective import ClientObjective
 from fedsim.clients.train import TrainResult, batch_schedule, build_optimizer
 from fedsim.clients.training_features import stacked_reason
@@ -154,6 +157,9 @@ def train_stacked(
 
     losses_of = vmap(client_loss)
     private = next((hook for hook in objective.hooks if hook.per_sample_gradients), None)
+    if private is not None and any(type(h).stacked_extra_loss is not ClientHook.stacked_extra_loss
+                                   for h in objective.hooks):
+        raise ValueError("per-sample gradients (DP-SGD) cover the loss only; a hook's extra loss term would escape them")
     num_clients = len(datasets)
     loss_sum = torch.zeros(num_clients, dtype=torch.float64, device=device)
     correct = torch.zeros(num_clients, dtype=torch.float64, device=device)

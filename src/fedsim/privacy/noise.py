@@ -4,7 +4,7 @@ The noise of a release (a client's round, a DP-SGD step) is drawn from the AES-2
 keystream (NIST SP 800-38A; the generator of NIST SP 800-90A's CTR_DRBG) under the key
 SHA-256(run seed, purpose, round, client, step): its bytes are uniform 64-bit words, turned
 into standard normal draws by the Box-Muller transform
-(``z = sqrt(-2 ln u1) (cos 2 pi u2, sin 2 pi u2)``, ``u`` of 53 bits, ``u1`` in (0, 1]).
+(``z = sqrt(-2 ln u1) (cos 2 pi u2, sin 2 pi u2)``, ``u1`` of 52 bits in (0, 1], ``u2`` of 23).
 The same seed gives the same noise on every machine and process (tests rely on it); a run
 whose seed is secret gets noise no one can predict or replay without it.
 """
@@ -20,26 +20,36 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 __all__ = ["gaussian_noise", "gaussian_noise_rows"]
 
-_MANTISSA = (1 << 53) - 1
+_MANTISSA, _ONE = (1 << 52) - 1, 0x3FF0000000000000  # float64: mantissa bits, the bits of 1.0
+_MANTISSA32, _ONE32 = (1 << 23) - 1, 0x3F800000  # float32
 
 
-def _keystream(nbytes: int, key: Sequence[int | str]) -> bytes:
-    digest = hashlib.sha256("/".join(str(part) for part in key).encode()).digest()
-    return Cipher(algorithms.AES(digest), modes.CTR(bytes(16))).encryptor().update(bytes(nbytes))
+def _key(parts: Sequence[int | str]) -> bytes:
+    return hashlib.sha256("/".join(str(part) for part in parts).encode()).digest()
 
 
 def gaussian_noise_rows(numel: int, std: float, keys: Sequence[Sequence[int | str]]) -> torch.Tensor:
-    """``(len(keys), numel)`` independent N(0, ``std``^2) draws (float64), row i from the
-    stream keyed by ``keys[i]`` (a row's draws do not depend on the other rows)."""
+    """``(len(keys), numel)`` independent N(0, ``std``^2) draws (float32), row i from the
+    stream keyed by ``keys[i]`` (a row's draws do not depend on the other rows). The radius
+    comes from a 52-bit ``u1`` in float64 (tails to 8.5 std), the angle from 23 bits."""
     pairs = (numel + 1) // 2
-    stream = b"".join(_keystream(16 * pairs, key) for key in keys)
-    words = torch.frombuffer(bytearray(stream), dtype=torch.int64).reshape(len(keys), 2, pairs)
-    u1 = ((words[:, 0] >> 11) & _MANTISSA).double().add_(1.0).mul_(2.0**-53)
-    angle = ((words[:, 1] >> 11) & _MANTISSA).double().mul_(2 * math.pi * 2.0**-53)
-    radius = u1.log_().mul_(-2.0).sqrt_()
+    width = 16 * pairs
+    stream = bytearray(width * len(keys) + 15)  # update_into wants a block's room beyond the data
+    zeros, view = bytes(width), memoryview(stream)
+    for i, key in enumerate(keys):
+        encryptor = Cipher(algorithms.AES(_key(key)), modes.CTR(bytes(16))).encryptor()
+        encryptor.update_into(zeros, view[i * width:(i + 1) * width + 15])
+    words = torch.frombuffer(stream, dtype=torch.int64, count=2 * pairs * len(keys)).reshape(len(keys), 2, pairs)
+    # 52 random mantissa bits under the exponent of 1.0 make a double in [1, 2): 2 - it is in (0, 1]
+    u1 = torch.bitwise_or(torch.bitwise_right_shift(words[:, 0], 12) & _MANTISSA, _ONE).view(torch.float64)
+    radius = u1.neg_().add_(2.0).log_().mul_(-2.0).sqrt_().float()
+    # 23 bits under the exponent of 1.0f make a float in [1, 2): the angle's fraction of a turn
+    half = words[:, 1].view(torch.int32)[..., ::2]
+    turn = torch.bitwise_or(torch.bitwise_right_shift(half, 9) & _MANTISSA32, _ONE32).view(torch.float32)
+    angle = turn.sub_(1.0).mul_(2 * math.pi)
     return torch.cat([radius * angle.cos(), radius * angle.sin()], dim=1)[:, :numel].mul_(std)
 
 
 def gaussian_noise(numel: int, std: float, *key: int | str) -> torch.Tensor:
-    """``numel`` independent N(0, ``std``^2) draws (float64) of the stream keyed by ``key``."""
+    """``numel`` independent N(0, ``std``^2) draws (float32) of the stream keyed by ``key``."""
     return gaussian_noise_rows(numel, std, [key])[0]

@@ -76,10 +76,6 @@ class ServerPrivacy:
                                        or max(self.sampling.expected_clients / 20, self.noise_multiplier))
         if self.sampling.note and settings.mechanism == "central":
             log.warning("privacy: %s", self.sampling.note)
-        if settings.mechanism == "central" and settings.delta >= 1 / cfg.partition.num_clients:
-            log.warning("privacy.delta: %g is not below 1 / partition.num_clients (%g); a mechanism that "
-                        "publishes one client's update outright meets it", settings.delta,
-                        1 / cfg.partition.num_clients)
         log.info("privacy: %s, noise multiplier %.4g, clip norm %g, delta %g", settings.mechanism,
                  self.noise_multiplier, self.clip_norm, settings.delta)
 
@@ -169,6 +165,11 @@ class ServerPrivacy:
         return aggregate_noise_std(self.clip_norm, self.update_noise_multiplier, self.sampling.expected_clients,
                                    self.replace_one)
 
+    def sum_noise_std(self) -> float:
+        """Std per coordinate of the noise on the clipped updates' sum, ``z S`` (the aggregate's
+        :meth:`noise_std` times ``m``): what a distributed mechanism splits over the clients."""
+        return self.noise_std() * self.sampling.expected_clients
+
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
         """The central mechanism: ``(sum_i clip(Delta_i, C) + N(0, (z S)^2 I)) / m``, every
         client weighing the same (DP-FedAvg), then the adaptive clip norm's step."""
@@ -176,7 +177,7 @@ class ServerPrivacy:
         clipped, norms = clip_rows(stacked.double(), self.clip_norm)
         m = self.sampling.expected_clients
         seed = self.cfg.seed
-        noise = gaussian_noise(clipped.shape[1], self.noise_std() * m, "privacy", seed, "central", server_round)
+        noise = gaussian_noise(clipped.shape[1], self.sum_noise_std(), "privacy", seed, "central", server_round)
         aggregate = (clipped.sum(0) + noise) / m
         if self.settings.clipping == "adaptive":
             scale = 2.0 if self.replace_one else 1.0

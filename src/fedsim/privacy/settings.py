@@ -21,13 +21,17 @@ arXiv 1905.03871); its noisy count is part of the accounted mechanism.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
 from fedsim.sections import Section
 
-__all__ = ["PrivacyConfig"]
+if TYPE_CHECKING:
+    from fedsim.config import ExperimentConfig
+
+__all__ = ["PrivacyConfig", "delta_warning"]
 
 
 class PrivacyConfig(Section):
@@ -103,3 +107,17 @@ class PrivacyConfig(Section):
             raise ValueError(f"clipping adaptive tracks a noisy count the server aggregates; mechanism "
                              f"{self.mechanism} has none (use central, or clipping fixed)")
         return self
+
+
+def delta_warning(cfg: ExperimentConfig, client_examples: Sequence[int]) -> str | None:
+    """One line when ``privacy.delta`` is not below 1 / the units protected (clients; training
+    records under DP-SGD): a mechanism publishing one unit's data outright meets such a delta."""
+    privacy = cfg.privacy
+    if privacy.mechanism == "none":
+        return None
+    units, unit = ((sum(client_examples), "training records") if privacy.mechanism == "sample"
+                   else (cfg.partition.num_clients, "clients"))
+    if privacy.delta < 1 / units:
+        return None
+    return (f"privacy.delta: {privacy.delta:g} is not below 1 / {units} {unit}; a mechanism that publishes one "
+            "of them outright meets it")
