@@ -538,6 +538,36 @@ class FaultConfig(Section):
     rounds: list[int] | None = Field(None, description="rounds the faults apply to; None = all")
 
 
+class SecAggConfig(Section):
+    """Secure aggregation (:mod:`fedsim.secagg`): SecAgg+ (Bell et al. 2020, CCS'20) over
+    Bonawitz et al. 2017's pairwise masks. The server learns only the sum of the round's
+    weighted updates, quantised to ``bits`` bits over ``[-value_range, value_range]`` and
+    summed in Z_(2^32); clients that drop after sharing their keys are recovered while a
+    ``threshold`` share of each one's neighbours replies. For the synchronous strategies
+    whose aggregate is a weighted sum of the updates.
+    """
+
+    enabled: bool = False
+    bits: int = Field(20, ge=1, le=31, description="quantisation levels per coordinate: 2^bits; "
+                                                   "bits + ceil(log2 clients per round) <= 32")
+    value_range: float = Field(1.0, gt=0, description="update coordinates are quantised over "
+                                                      "[-value_range, value_range]")
+    out_of_range: Literal["clip", "withhold"] = Field(
+        "clip", description="a coordinate outside the range: clip it (counted in the row, a warning line) or "
+                            "withhold the client's input (it drops out, counted in the row)")
+    degree: int | None = Field(None, ge=2, description="SecAgg+: each client masks with this many neighbours "
+                                                       "(even); unset: with every other client (SecAgg)")
+    threshold: float = Field(0.5, ge=0.5, lt=1, description="shares that rebuild a client's secrets: more than "
+                                                            "this fraction of its neighbours")
+
+    @field_validator("degree")
+    @classmethod
+    def _even(cls, degree: int | None) -> int | None:
+        if degree is not None and degree % 2:
+            raise ValueError(f"a Harary graph's degree is even (k/2 neighbours on either side); got {degree}")
+        return degree
+
+
 class OutputConfig(Section):
     """Where results go: ``<dir>/<name>-<timestamp>/``."""
 
@@ -631,6 +661,7 @@ class ExperimentConfig(Section):
     sim: SimConfig = SimConfig()
     eval: EvalConfig = EvalConfig()
     faults: FaultConfig = FaultConfig()
+    secagg: SecAggConfig = SecAggConfig()
     personalization: PersonalizationConfig = PersonalizationConfig()
     hierarchy: HierarchyConfig | None = Field(None, description="two-tier aggregation: gateways, then the cloud")
     privacy: PrivacyConfig = PrivacyConfig()

@@ -597,8 +597,41 @@ def _language_model_shape(cfg: ExperimentConfig) -> Iterator[str | None]:
                    f"its linear layers: {', '.join(sorted(layers))}")
 
 
+def _secagg(cfg: ExperimentConfig) -> Iterator[str | None]:
+    """Secure aggregation needs a synchronous strategy whose server reads only the weighted
+    sum of the updates, and dense uploads; its quantised inputs must sum below 2^32."""
+    secagg = cfg.secagg
+    if not secagg.enabled:
+        yield from unread(secagg, "secagg", ("enabled",), "with secagg.enabled false")
+        return
+    algorithm = registry.get(cfg.strategy.name)
+    if _family(cfg) != "sync":
+        yield (f"secagg.enabled: secure aggregation sums a synchronous round's updates; {_strategy(cfg)} "
+               f"({_family(cfg)})")
+        return
+    if not getattr(algorithm, "sums_updates", lambda: False)():
+        yield (f"secagg.enabled: the server learns only the weighted sum of the updates; {_strategy(cfg)}, "
+               "whose server reads each client's reply")
+    uplink = cfg.quant.uplink
+    if uplink.codec != "identity":
+        yield (f"secagg.enabled: masked uploads are dense uint32 vectors; quant.uplink.codec {uplink.codec!r} "
+               "cannot compress them (use identity)")
+    if uplink.error_feedback in ("ef21", "econtrol"):
+        yield (f"secagg.enabled: the server sees no client's update; quant.uplink.error_feedback "
+               f"{uplink.error_feedback!r} keeps each client's estimate on the server (use none)")
+    if cfg.privacy.mechanism == "central" and cfg.privacy.clipping == "adaptive":
+        yield ("secagg.enabled: the server sees no client's update norm; privacy.clipping 'adaptive' counts the "
+               "clipped clients on the server (use fixed)")
+    from fedsim.secagg.quantization import RING_BITS, fits
+
+    k = clients_per_round(cfg)
+    if not fits(secagg.bits, k):
+        yield (f"secagg.bits: {secagg.bits} bits per input and up to {k} clients per round (partition.num_clients, "
+               f"participation) can wrap around 2^{RING_BITS}; need bits + ceil(log2 clients) <= {RING_BITS}")
+
+
 RULES: tuple[Callable[[ExperimentConfig], Iterator[str | None]], ...] = (
     _algorithm, _client_features, _sync_only, _async_options, _async_only, _speeds, _participation, _participation_options, _model,
     _model_and_data, _partition_and_data, _domains, _quant_options, _faults, _attack, _loss,
-    _personalization, _new_clients, _robust_eval, _hierarchy, _evaluation, _language_model,
+    _personalization, _new_clients, _robust_eval, _hierarchy, _evaluation, _language_model, _secagg,
 )

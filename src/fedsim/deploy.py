@@ -60,6 +60,9 @@ def check_deployable(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` if it can run on real clients, else a one-line :class:`ConfigError`."""
     if cfg.strategy.family == "async" and cfg.sim.clock != "wall":
         raise ConfigError("deployed asynchronous runs need sim.clock=wall (real clients take real time)")
+    if cfg.secagg.enabled:
+        raise ConfigError("secagg.enabled: simulation only; fedsim deploy does not run the protocol between "
+                          "real clients yet (the server would see every update)")
     return cfg
 
 

@@ -291,6 +291,11 @@ class FedAU(FedsimStrategy):
         # a node that replied and then left the grid still counts among the N clients
         return fedau_aggregate(stacked, omega, num_clients=max(self.num_clients, len(updates)))
 
+    def sum_coefficients(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
+        """``omega_i / N``: FedAU's aggregate is a weighted sum (secure aggregation)."""
+        omega = torch.tensor([self._omega[u.partition_id] for u in updates], dtype=torch.float64)
+        return omega / max(self.num_clients, len(updates))
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "fedau_weights": self.participation.state_dict()}
 

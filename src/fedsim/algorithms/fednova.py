@@ -106,3 +106,11 @@ class FedNova(FedsimStrategy):
         momentum = self.engine.exp.client.momentum if self.engine else 0.0
         steps = [momentum_steps(int(u.metrics["steps"]), momentum) for u in updates]
         return fednova_aggregate(torch.stack([u.update for u in updates]), [u.num_examples for u in updates], steps)
+
+    def sum_coefficients(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
+        """``tau_eff p_i / a_i``: FedNova's aggregate is a weighted sum (secure aggregation)."""
+        momentum = self.engine.exp.client.momentum if self.engine else 0.0
+        a = torch.tensor([momentum_steps(int(u.metrics["steps"]), momentum) for u in updates], dtype=torch.float64)
+        p = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
+        p = p / p.sum()
+        return (p * a).sum() * p / a

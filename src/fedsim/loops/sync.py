@@ -88,6 +88,7 @@ class SyncSteps(Steps):
             "bytes_down": report.bytes_down,
             **report.row,
         }
+        row.update(report.secagg)
         if strategy.privacy is not None:
             row.update(strategy.privacy.row())
         if "train_tokens_per_s" in (train_metrics or {}):  # a language model's clients

@@ -39,6 +39,7 @@ reason, and the round goes on; fewer than ``min_successful`` valid replies skip 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Iterable
@@ -68,6 +69,7 @@ from fedsim.clients.quantization import build_codec
 from fedsim.params import ParamSpec
 from fedsim.quant.error_feedback import ServerEstimate
 from fedsim.records import to_state_dict
+from fedsim.secagg.engine import SecureAggregation
 from fedsim.seeding import derive_seed
 from fedsim.strategies.aggregate import weighted_mean
 from fedsim.strategies.evaluation import (
@@ -111,6 +113,7 @@ class RoundReport:
     bytes_up: int = 0
     bytes_down: int = 0
     row: dict[str, Any] = field(default_factory=dict)  # the algorithm's own values for the round's metrics row
+    secagg: dict[str, int] = field(default_factory=dict)  # secure aggregation's costs (fedsim.secagg.engine)
 
 
 def float_layout(arrays: ArrayRecord) -> tuple[ParamSpec, torch.dtype]:
@@ -134,6 +137,7 @@ class _Engine:
     attack: Any
     byzantine: set[int]
     estimates: ServerEstimate | None
+    secagg: SecureAggregation | None
     examples: dict[int, int] = field(default_factory=dict)
     resync: set[int] = field(default_factory=set)  # clients whose dropped reply reset both copies of h_i
     held_out: frozenset[int] = frozenset()  # eval.new_clients: never sampled for training
@@ -224,7 +228,8 @@ class FedsimStrategy(Algorithm, FedAvg):
             attack=build_attack(exp.attack.name, **exp.attack.kwargs()) if acts_on_updates else None,
             byzantine=set(choose_byzantine(len(node_of), exp.attack.fraction, exp.seed)),
             estimates=ServerEstimate() if feedback else None,
-            held_out=held_out_clients(len(node_of), exp.eval.new_clients, exp.seed))
+            held_out=held_out_clients(len(node_of), exp.eval.new_clients, exp.seed),
+            secagg=SecureAggregation(exp.secagg, exp.seed) if exp.secagg.enabled else None)
         strategy.spec = spec
         strategy._parameters = spec.parameter_mask()
         strategy.bound()
@@ -299,6 +304,25 @@ class FedsimStrategy(Algorithm, FedAvg):
         stacked = torch.stack([u.update for u in updates])
         weights = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
         return weighted_mean(stacked, weights)
+
+    def sum_coefficients(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
+        """The ``c_i`` (float64) with ``aggregate_updates(updates) == sum_i c_i u_i`` when the
+        aggregate is a weighted sum of the updates, which secure aggregation computes without
+        seeing any one of them; here FedAvg's ``n_i / sum_j n_j``. An algorithm whose own
+        :meth:`aggregate_updates` or :meth:`observe` reads individual updates overrides this
+        too to take part (:meth:`sums_updates`)."""
+        weights = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
+        return weights / weights.sum()
+
+    @classmethod
+    def sums_updates(cls) -> bool:
+        """Whether the server needs only the weighted sum of the updates: its
+        :meth:`sum_coefficients` is defined where (or below where) its
+        :meth:`aggregate_updates` and :meth:`observe` are."""
+        def owner(name: str) -> type:
+            return next(k for k in cls.__mro__ if name in k.__dict__)
+        coefficients = owner("sum_coefficients")
+        return issubclass(coefficients, owner("aggregate_updates")) and issubclass(coefficients, owner("observe"))
 
     # --------------------------------------------------------------- training
     def summary(self) -> None:
@@ -401,7 +425,16 @@ class FedsimStrategy(Algorithm, FedAvg):
             return None, metrics
         updates = self._ef21_pp() if self._estimates else accepted
         central = self.privacy is not None and self.privacy.settings.mechanism == "central"
-        delta = self.privacy.aggregate(server_round, updates) if central else self.aggregate_updates(server_round, updates)
+        if self.engine and self.engine.secagg:
+            dropped = sorted(set(self.report.sampled) - set(self.report.accepted))
+            delta, self.report.secagg, self.report.bytes_up, relayed = self.engine.secagg.aggregate(
+                server_round, updates, dropped, functools.partial(self.sum_coefficients, server_round),
+                self.privacy if central else None)
+            self.report.bytes_down += relayed
+        elif central:
+            delta = self.privacy.aggregate(server_round, updates)
+        else:
+            delta = self.aggregate_updates(server_round, updates)
         if delta is None:
             self.report.skipped = True
             return None, metrics
