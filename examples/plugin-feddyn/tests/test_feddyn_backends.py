@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from fedsim.cli import app
 from fedsim.config import load_config
 from fedsim.loopback import LoopbackDeployment
-from fedsim.outputs.results import RunDir
+from fedsim.outputs.results import Checkpoint, RunDir
 from fedsim.records import to_state_dict
 from fedsim.runner import run_experiment
 
@@ -29,20 +29,21 @@ def _run(tmp_path, name: str, *overrides: str) -> Path:
     return path
 
 
-def _final(path: Path) -> dict:
-    return RunDir.open(path).latest_checkpoint()
+def _final(path: Path) -> tuple[RunDir, Checkpoint]:
+    run = RunDir.open(path)
+    return run, run.latest_checkpoint()
 
 
 def _assert_same_state(got: Path, want: Path, atol: float) -> None:
     """The same server model and h, and the same h_i in every client."""
-    a, b = _final(got), _final(want)
+    (run_a, a), (run_b, b) = _final(got), _final(want)
     for name, value in b.model.items():
         torch.testing.assert_close(a.model[name], value, atol=atol, rtol=0)
     torch.testing.assert_close(a.strategy["feddyn_h"], b.strategy["feddyn_h"], atol=atol, rtol=0)
     assert sorted(a.clients) == sorted(b.clients) == list(range(10))
-    for pid, state in b.clients.items():
-        want_h = to_state_dict(state[fedsim_feddyn.GRADIENT_STATE_KEY])
-        got_h = to_state_dict(a.clients[pid][fedsim_feddyn.GRADIENT_STATE_KEY])
+    for pid in b.clients:
+        want_h = to_state_dict(run_b.client_state(b, pid)[fedsim_feddyn.GRADIENT_STATE_KEY])
+        got_h = to_state_dict(run_a.client_state(a, pid)[fedsim_feddyn.GRADIENT_STATE_KEY])
         for name, value in want_h.items():
             torch.testing.assert_close(got_h[name], value, atol=atol, rtol=0)
 
@@ -57,7 +58,7 @@ def test_feddyn_runs_in_process_from_the_cli_and_learns(tmp_path):
     assert run.summary()["final_accuracy"] >= 0.85  # FedAvg: about 0.9 after 3 rounds
     ckpt = run.latest_checkpoint()
     assert ckpt.strategy["feddyn_h"].abs().max() > 0
-    assert all(fedsim_feddyn.GRADIENT_STATE_KEY in ckpt.clients[pid] for pid in range(10))
+    assert all(fedsim_feddyn.GRADIENT_STATE_KEY in run.client_state(ckpt, pid) for pid in range(10))
 
 
 def test_batched_trains_the_clients_stacked_to_the_numbers_of_one_at_a_time(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from fedsim_feddyn import (
 )
 
 from fedsim.config import load_config
+from fedsim.outputs.results import Checkpoint, RunDir
 from fedsim.params import ParamSpec
 from fedsim.records import to_state_dict
 from fedsim.runner import run_experiment
@@ -41,18 +42,20 @@ def test_feddyn_run_equals_the_papers_algorithm_in_plain_pytorch(tmp_path):
     clients = [(torch.from_numpy(d.x), torch.from_numpy(d.y)) for d in (data.client(i)[0] for i in range(4))]
     reference = feddyn_rounds(model, clients, sampled, ALPHA, LR, STEPS)
 
+    run = RunDir.open(path)
     for rnd, want in enumerate(reference, start=1):
         ckpt = torch.load(Path(path) / "checkpoints" / f"round-{rnd:05d}.pt", weights_only=False)
+        saved = Checkpoint(rnd, ckpt["model"], ckpt["strategy"], ckpt["elapsed_s"], ckpt["clients"])
         for name, value in want.theta.items():
             torch.testing.assert_close(ckpt["model"][name], value, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ckpt["strategy"]["feddyn_h"], spec.flatten(want.h), atol=1e-5, rtol=1e-5)
         for i, h_i in enumerate(want.h_clients):
             if any(i in s for s in sampled[:rnd]):
-                kept = to_state_dict(ckpt["clients"][i][GRADIENT_STATE_KEY])
+                kept = to_state_dict(run.client_state(saved, i)[GRADIENT_STATE_KEY])
                 for name, value in h_i.items():
                     torch.testing.assert_close(kept[name], value, atol=1e-5, rtol=1e-5)
             else:  # a client that has not trained yet keeps no state
-                assert GRADIENT_STATE_KEY not in ckpt["clients"].get(i, {})
+                assert i not in saved.clients or GRADIENT_STATE_KEY not in run.client_state(saved, i)
     # the run exercised every term: a client trained twice (its -<h_i, theta> mattered) and
     # the server's correction -h/alpha is not small beside the mean update
     assert len({i for s in sampled for i in s}) < sum(len(s) for s in sampled)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,6 +209,17 @@ class RunDir:
             reason = " ".join(str(exc).split())[:200] or type(exc).__name__
             raise RunDirError(f"{files[-1]}: not a readable checkpoint ({type(exc).__name__}: {reason}); delete it to "
                               "resume from the one before, or start the run again") from None
+
+    def client_state(self, checkpoint: Checkpoint, pid: int) -> dict[str, Any]:
+        """Client ``pid``'s Context state as ``checkpoint`` saved it: the records themselves
+        (a grid that queried them) or read from its file in ``checkpoints/clients/`` (the
+        in-process grids' state store, :mod:`fedsim.sim.client_states`)."""
+        saved = checkpoint.clients[pid]
+        if not isinstance(saved, str):
+            return saved
+        state = pickle.loads((self.checkpoint_dir / "clients" / saved).read_bytes())  # noqa: S301 - this run's own file
+        prefix = f"partition-{pid}/"  # a node's Context keys of one partition (fedsim.sim.client_app.PartitionState)
+        return {key.removeprefix(prefix): value for key, value in state.items()}
 
 
 def rounds_to_target(rows: list[dict[str, Any]], target: float, key: str = "centralised_accuracy") -> int | None:
