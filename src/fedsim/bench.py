@@ -35,7 +35,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedsim.bench_tuning import Tuning, at_edge, choose, grid_points, score, tuning_lines
+from fedsim.bench_tuning import Tuning, at_edge, choose, grid_points, method_scores, tuning_lines
 from fedsim.config import ConfigError, apply_override, load_config
 from fedsim.outputs.grid_figures import plot_heatmaps, plot_panels
 from fedsim.outputs.paired import PairedVerdict, claim_margin, paired_verdict
@@ -139,11 +139,19 @@ class Figure(BaseModel):
     ``kind: heatmap`` draws the seed mean of the summary's ``metric`` as methods (rows) x
     the values of the axis ``columns`` (its name as in ``axes``, or ``panel`` for the part
     of the labels after ``panel_by``), one annotated heatmap per remaining cell of the grid.
+
+    ``kind: distribution`` draws the per-client distribution that the summary's ``metric``
+    holds as quantiles (``final_personal_accuracy_quantiles``: the clients' accuracies at 0,
+    5, ..., 100 percent) as sorted-accuracy curves: one panel per cell of the grid, one curve
+    per method (the seed mean of each quantile, shaded between the seeds' lowest and highest),
+    the fraction of clients on the x axis. A method whose runs lack ``metric`` is drawn from
+    ``fallback`` where given (FedAvg's ``final_client_accuracy_quantiles``: its clients have
+    the global model only), its legend name marked ``(fallback key)``. It needs only the JSON.
     """
 
     model_config = ConfigDict(extra="forbid")
     file: str = Field(pattern=r"^[\w.-]+\.png$")
-    kind: Literal["curves", "heatmap"] = "curves"
+    kind: Literal["curves", "heatmap", "distribution"] = "curves"
     key: str = "centralised_accuracy"
     x_key: str = "round"
     ylabel: str | None = None
@@ -151,7 +159,9 @@ class Figure(BaseModel):
     layers: list[str] | None = None
     relative_to: str | None = None
     columns: str | None = Field(None, description="heatmap: the axis across the columns")
-    metric: str = Field("final_accuracy", description="heatmap: the summary value shown")
+    metric: str = Field("final_accuracy", description="heatmap: the summary value shown; distribution: the "
+                                                      "summary's list of quantiles drawn")
+    fallback: str | None = Field(None, description="distribution: the quantiles of a method whose runs lack metric")
 
     @model_validator(mode="after")
     def _consistent(self) -> Figure:
@@ -159,6 +169,8 @@ class Figure(BaseModel):
             raise ValueError(f"figure {self.file}: relative_to needs layers")
         if (self.kind == "heatmap") != (self.columns is not None):
             raise ValueError(f"figure {self.file}: columns is for kind heatmap, and a heatmap needs it")
+        if self.fallback is not None and self.kind != "distribution":
+            raise ValueError(f"figure {self.file}: fallback is for kind distribution")
         return self
 
 
@@ -397,12 +409,12 @@ def tune(spec: BenchSpec, grid: list[Cell], runs_dir: str | None, jobs: int) -> 
     for cell in grid:
         points = grid_points(tuning.grids[cell.method])
         trial_runs = [runs[f"{cell.label} #{k}"] for k in range(len(points))]
-        scores = [score(r, tuning.metric) for r in trial_runs]
+        scores, metric = method_scores(trial_runs, tuning)
         if all(sc is None for sc in scores):
-            raise ConfigError(f"tuning.metric {tuning.metric!r}: no tuning run of {cell.label} has a finite value of "
+            raise ConfigError(f"tuning.metric {metric!r}: no tuning run of {cell.label} has a finite value of "
                               "it, so no grid point can be chosen")
         index = choose(scores, tuning.lower_is_better)
-        tuned[cell.label] = {"chosen": points[index], "overrides": tuning.overrides(cell.method)[index],
+        tuned[cell.label] = {"chosen": points[index], "overrides": tuning.overrides(cell.method)[index], "metric": metric,
                              "index": index, "at_edge": at_edge(tuning.grids[cell.method], points[index]),
                              "points": [{"values": p, "score": sc, "runs": r}
                                         for p, sc, r in zip(points, scores, trial_runs, strict=True)]}
@@ -675,6 +687,33 @@ def heatmap_tables(figure: Figure, results: dict[str, list[dict[str, Any]]], gri
     return tables
 
 
+def distribution_panels(figure: Figure, results: dict[str, list[dict[str, Any]]], grid: dict[str, Cell]
+                        ) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """The small multiples of a distribution figure: panel title (the setting's place in the
+    grid) -> method -> rows of ``fraction_of_clients`` and the seed mean of the quantile there
+    (``accuracy``, with the seeds' ``accuracy_min`` and ``accuracy_max``), from the summaries'
+    ``figure.metric`` (else ``figure.fallback``, the method's name then marked with it)."""
+    panels: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for label, runs in results.items():
+        if figure.settings is not None and figure.settings not in label:
+            continue
+        cell = grid.get(label)
+        method, title = (cell.method, _panel_title(cell.place)) if cell else (label, _panel_title({}))
+        key = figure.metric
+        if not any(r.get(key) for r in runs) and figure.fallback is not None:
+            key = figure.fallback
+            method = f"{method} ({key.removeprefix('final_').removesuffix('_quantiles').replace('_', ' ')})"
+        quantiles = [r[key] for r in runs if r.get(key)]
+        if not quantiles or len({len(q) for q in quantiles}) > 1:
+            continue
+        count = len(quantiles[0])
+        panels.setdefault(title, {})[method] = [
+            {"fraction_of_clients": i / max(count - 1, 1), "accuracy": statistics.mean(values),
+             "accuracy_min": min(values), "accuracy_max": max(values)}
+            for i, values in enumerate(zip(*quantiles, strict=True))]
+    return panels
+
+
 def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]], base_dir: Path, command: str,
                 source: dict[str, Any], tuned: dict[str, dict[str, Any]] | None = None) -> Path:
     """Write the markdown table, JSON and figures of a finished grid: ``<name>.png``, the
@@ -734,6 +773,10 @@ def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]], base_
             tables = heatmap_tables(figure, results, grid)
             if tables:
                 plot_heatmaps(tables, out / figure.file, label=figure.ylabel or figure.metric.replace("_", " "))
+        elif figure.kind == "distribution":
+            if panels := distribution_panels(figure, results, grid):
+                plot_panels(panels, out / figure.file, key="accuracy", x_key="fraction_of_clients",
+                            ylabel=figure.ylabel or figure.metric.replace("_", " "))
         elif panels := figure_panels(figure, results, grid):
             plot_panels(panels, out / figure.file, key=figure.key, x_key=figure.x_key, ylabel=figure.ylabel)
     return md

@@ -36,6 +36,10 @@ class Tuning(BaseModel):
         The share of the training pool held out as the tuning runs' evaluation set.
     metric : str, default "final_accuracy"
         The summary value compared (measured on the validation split).
+    fallback_metric : str or None
+        The value compared for a method none of whose tuning runs has ``metric`` (FedAvg beside
+        personalization methods scored by ``final_personal_accuracy_mean``: its clients have the
+        global model only, scored by ``final_federated_accuracy``).
     lower_is_better : bool, default False
         Whether a lower ``metric`` is better.
     grids : dict of str to dict of str to list
@@ -46,6 +50,7 @@ class Tuning(BaseModel):
     seeds: list[int] = Field(min_length=1)
     validation_fraction: float = Field(0.2, gt=0, lt=1)
     metric: str = "final_accuracy"
+    fallback_metric: str | None = None
     lower_is_better: bool = False
     grids: dict[str, dict[str, list[Any]]] = Field(min_length=1)
 
@@ -96,20 +101,32 @@ def at_edge(grid: dict[str, list[Any]], chosen: dict[str, Any]) -> list[str]:
     return [key for key, values in grid.items() if len(values) >= 3 and chosen[key] in (values[0], values[-1])]
 
 
+def method_scores(trial_runs: list[list[dict[str, Any]]], tuning: Tuning) -> tuple[list[float | None], str]:
+    """The score of every grid point of one setting and the metric scored: ``tuning.metric``,
+    else ``tuning.fallback_metric`` where no tuning run of the setting has the metric."""
+    scores = [score(r, tuning.metric) for r in trial_runs]
+    if all(sc is None for sc in scores) and tuning.fallback_metric is not None:
+        return [score(r, tuning.fallback_metric) for r in trial_runs], tuning.fallback_metric
+    return scores, tuning.metric
+
+
 def tuning_lines(tuned: dict[str, dict[str, Any]], tuning: Tuning) -> list[str]:
     """The markdown section of a tuned grid: per setting the chosen values, their validation
     score and the grid's other scores."""
     lines = ["## Tuning", "",
              f"Each setting's grid tried on tuning seeds {', '.join(map(str, tuning.seeds))} with "
              f"{tuning.validation_fraction:g} of the training pool held out for validation (the test set unused), "
-             f"chosen by the mean validation {tuning.metric}; the table above ran the chosen values on the "
-             "evaluation seeds.", "",
+             f"chosen by the mean validation {tuning.metric}"
+             + (f" (where a method has none, {tuning.fallback_metric}: marked *)" if tuning.fallback_metric else "")
+             + "; the table above ran the chosen values on the evaluation seeds.", "",
              f"| setting | chosen | validation {tuning.metric} | grid (value: score) |", "|---|---|---|---|"]
     for label, record in tuned.items():
         chosen = ", ".join(f"{k}={v}" for k, v in record["chosen"].items())
         if record["at_edge"]:
             chosen += f" (at the edge of its grid: {', '.join(record['at_edge'])})"
         best = record["points"][record["index"]]["score"]
+        if record.get("metric", tuning.metric) != tuning.metric:
+            chosen += " *"
         grid = "; ".join(f"{'/'.join(str(v) for v in p['values'].values())}: "
                          f"{'-' if p['score'] is None else format(p['score'], '.4f')}" for p in record["points"])
         lines.append(f"| {label} | {chosen} | {'-' if best is None else format(best, '.4f')} | {grid} |")

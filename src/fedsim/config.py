@@ -183,6 +183,9 @@ class ModelConfig(Section):
     name: Literal["mlp", "cnn", "lenet5", "resnet8", "char_lstm", "causal_lm"] = "mlp"
     hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [128], min_length=1,
                                                       description="MLP hidden sizes")
+    norm: Literal["none", "batch", "group", "layer"] = Field(
+        "none", description="MLP: a normalisation layer after each hidden linear layer (BatchNorm1d, GroupNorm, "
+                            "LayerNorm), e.g. for personalization.method fedbn")
     lstm_hidden: int = Field(256, ge=1, description="char_lstm: units of each of its two LSTM layers (LEAF's 256)")
     init: Literal["default", "xavier"] = Field(
         "default", description="default: PyTorch's per-layer init; xavier: Glorot uniform weights, zero biases")

@@ -209,6 +209,8 @@ def _client_features(cfg: ExperimentConfig) -> Iterator[str | None]:
 def _model(cfg: ExperimentConfig) -> Iterator[str | None]:
     if cfg.model.name != "mlp" and cfg.model.hidden != type(cfg.model)().hidden:
         yield f"model.hidden: the hidden widths of the MLP; model.name is {cfg.model.name!r}"
+    if cfg.model.name != "mlp" and cfg.model.norm != "none":
+        yield f"model.norm: the MLP's normalisation layers; model.name is {cfg.model.name!r}"
     if cfg.model.name != "char_lstm" and cfg.model.lstm_hidden != type(cfg.model)().lstm_hidden:
         yield f"model.lstm_hidden: the LSTM width of char_lstm; model.name is {cfg.model.name!r}"
 
@@ -402,7 +404,7 @@ def model_layers(cfg: ExperimentConfig) -> dict[str, str]:
     """The named modules of ``cfg``'s model and their class names (e.g. ``body.1: BatchNorm2d``)."""
     from fedsim.models.registry import build_model
 
-    kwargs = {"hidden": tuple(cfg.model.hidden)} if cfg.model.name == "mlp" else {}
+    kwargs = {"hidden": tuple(cfg.model.hidden), "norm": cfg.model.norm} if cfg.model.name == "mlp" else {}
     model = build_model(cfg.model.name, SAMPLE_SHAPES[cfg.model.name], 2, **kwargs)
     return {name: type(module).__name__ for name, module in model.named_modules() if name}
 
@@ -436,7 +438,7 @@ def _personalization(cfg: ExperimentConfig) -> Iterator[str | None]:
                    f"Algorithm 1); {key} is {value!r}")
     if pfl.method == "fedbn" and not norm_layers(cfg):
         yield (f"personalization.method: 'fedbn' keeps the normalisation layers local; model.name "
-               f"{cfg.model.name!r} has none (resnet8 has BatchNorm)")
+               f"{cfg.model.name!r} has none (resnet8 has BatchNorm; mlp has with model.norm batch, group or layer)")
     if "head" in PERSONALIZATION_READS[pfl.method]:
         layers = set(model_layers(cfg))
         for name in pfl.head:

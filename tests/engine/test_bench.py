@@ -14,10 +14,12 @@ from fedsim.bench import (
     Figure,
     WinnerCheck,
     cells,
+    distribution_panels,
     figure_panels,
     heatmap_tables,
     run_bench,
     verdicts,
+    write_bench,
 )
 from fedsim.config import ConfigError, load_config
 from fedsim.outputs.results import RunDir
@@ -252,3 +254,31 @@ def test_grid_figures_write_small_multiples_and_heatmaps_with_missing_cells(tmp_
                   label="final accuracy")
     for name in ("p.png", "h.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_distribution_figures_draw_the_seed_mean_sorted_accuracy_curve_per_method_and_are_written(tmp_path):
+    grid = {f"{m} p={p}": Cell(f"{m} p={p}", QUICKSTART, [], m, {"p": p}) for m in ("FedAvg", "Ditto")
+            for p in ("k1", "k2")}
+    quantiles = [0.1 * i for i in range(11)]
+    results = {label: [{"seed": s, "run": str(tmp_path / "gone"), "final_accuracy": 0.5, "wall_time_s": 1.0,
+                        "final_client_accuracy_quantiles": [q / 2 for q in quantiles],
+                        **({"final_personal_accuracy_quantiles": [min(q + 0.1 * s, 1.0) for q in quantiles]}
+                           if label.startswith("Ditto") else {})} for s in (0, 1)]
+               for label in grid}
+    figure = Figure(file="d.png", kind="distribution", metric="final_personal_accuracy_quantiles",
+                    fallback="final_client_accuracy_quantiles")
+    panels = distribution_panels(figure, results, grid)
+    assert list(panels) == ["p=k1", "p=k2"]
+    assert list(panels["p=k1"]) == ["FedAvg (client accuracy)", "Ditto"]  # FedAvg from its global model's
+    ditto = panels["p=k1"]["Ditto"]
+    assert [r["fraction_of_clients"] for r in ditto] == pytest.approx([i / 10 for i in range(11)])
+    assert ditto[0] == pytest.approx({"fraction_of_clients": 0.0, "accuracy": 0.05, "accuracy_min": 0.0,
+                                      "accuracy_max": 0.1})
+    assert panels["p=k1"]["FedAvg (client accuracy)"][10]["accuracy"] == pytest.approx(0.5)
+    assert "FedAvg" not in distribution_panels(figure.model_copy(update={"fallback": None}), results, grid)["p=k1"]
+    with pytest.raises(ValueError, match="fallback is for kind distribution"):
+        Figure(file="x.png", fallback="final_client_accuracy_quantiles")
+    spec = BenchSpec(name="dist", configs=[str(QUICKSTART)], variants=[{"label": "FedAvg"}, {"label": "Ditto"}],
+                     axes={"p": ["k1", "k2"]}, out=str(tmp_path), figures=[figure])
+    write_bench(spec, results, tmp_path, command="fedsim bench x", source={"spec_hash": None})
+    assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

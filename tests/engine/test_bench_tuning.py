@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from fedsim.bench import BenchSpec, rerender_bench, run_bench
-from fedsim.bench_tuning import at_edge, choose, grid_points, override
+from fedsim.bench_tuning import Tuning, at_edge, choose, grid_points, method_scores, override, tuning_lines
 from fedsim.config import ConfigError, load_config
 from fedsim.outputs.results import RunDir
 from fedsim.sim.components import federated_data
@@ -99,3 +99,20 @@ def test_a_tuning_metric_no_run_reports_is_refused_not_read_as_a_tie(tmp_path):
     spec_path.write_text(yaml.safe_dump(_spec(tmp_path, metric="final_acuracy")))
     with pytest.raises(ConfigError, match="tuning.metric 'final_acuracy': no tuning run of FedAvg has a finite value"):
         run_bench(spec_path, runs_dir=str(tmp_path / "runs"))
+
+
+def test_a_method_without_the_tuning_metric_is_scored_by_the_fallback_metric_and_marked():
+    tuning = Tuning(seeds=[7], metric="final_personal_accuracy_mean", fallback_metric="final_federated_accuracy",
+                    grids={"FedAvg": {"client.lr": [0.05, 0.2]}, "Ditto": {"client.lr": [0.05, 0.2]}})
+    fedavg = [[{"final_federated_accuracy": 0.6}, {"final_federated_accuracy": 0.8}],
+              [{"final_federated_accuracy": 0.9}, {"final_federated_accuracy": 0.7}]]
+    ditto = [[{"final_personal_accuracy_mean": 0.9, "final_federated_accuracy": 0.1}],
+             [{"final_personal_accuracy_mean": 0.8, "final_federated_accuracy": 0.9}]]
+    assert method_scores(fedavg, tuning) == (pytest.approx([0.7, 0.8]), "final_federated_accuracy")
+    assert method_scores(ditto, tuning) == ([0.9, 0.8], "final_personal_accuracy_mean")  # its own metric first
+    assert method_scores(fedavg, tuning.model_copy(update={"fallback_metric": None}))[0] == [None, None]
+    record = {"chosen": {"client.lr": 0.2}, "at_edge": [], "index": 1, "metric": "final_federated_accuracy",
+              "points": [{"values": {"client.lr": 0.05}, "score": 0.7}, {"values": {"client.lr": 0.2}, "score": 0.8}]}
+    lines = tuning_lines({"FedAvg": record}, tuning)
+    assert "(where a method has none, final_federated_accuracy: marked *)" in lines[2]
+    assert lines[-1].startswith("| FedAvg | client.lr=0.2 * | 0.8000 |")

@@ -136,6 +136,10 @@ def test_fedbn_keeps_the_normalisation_layers_local_and_sends_the_rest(small_con
     _personal_head_rule(small_config, "fedbn", lambda step, name: True, "model.name=resnet8")
 
 
+def test_fedbn_on_the_mlp_with_batch_norm_keeps_its_batch_norm_layers_local(small_config):
+    _personal_head_rule(small_config, "fedbn", lambda step, name: True, "model.norm=batch")
+
+
 def test_ditto_trains_a_personal_model_pulled_toward_the_global_one_beside_the_plain_update(small_config):
     lam = 0.5
     w, globals_, updates, personal, accuracies = _client_rounds(
@@ -206,6 +210,8 @@ def test_finetune_evaluates_the_global_model_after_finetune_steps_on_the_train_s
      "personalization.method: 'ditto' is evaluated on the clients' test splits; eval.federated is false"),
     (("personalization.method=fedbn",),
      "personalization.method: 'fedbn' keeps the normalisation layers local; model.name 'mlp' has none"),
+    (("model.name=cnn", "model.norm=batch"),
+     "model.norm: the MLP's normalisation layers; model.name is 'cnn'"),
     (("personalization.method=dito",), "personalization.method: Input should be"),
     (("personalization.method=apfl", "client.momentum=0.9"),
      "personalization.method: 'apfl' steps v and alpha by plain SGD (Deng et al. 2020, Algorithm 1); "
@@ -229,12 +235,12 @@ def _rows(path):
 
 
 RESUMED = {"fedper": (), "fedrep": ("personalization.head_steps=2",), "ditto": (), "finetune": (), "apfl": ("client.momentum=0",),
-           "fedbn": ("model.name=resnet8",)}
+           "fedbn": ("model.name=resnet8",), "fedbn-mlp": ("model.norm=batch",)}
 
 
 @pytest.mark.parametrize("method", RESUMED)
 def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one_with_the_personal_state(small_config, method):
-    cfg = small_config(*RUN, f"personalization.method={method}", *RESUMED[method])
+    cfg = small_config(*RUN, f"personalization.method={method.split('-')[0]}", *RESUMED[method])
     reference, _ = run_experiment(cfg)
     interrupted, _ = run_experiment(cfg)
     run = RunDir.open(interrupted)
@@ -284,6 +290,11 @@ def test_personal_accuracies_are_one_value_per_client_weighted_by_nothing():
     assert metrics["personal_accuracy_p50"] == pytest.approx(0.4)
     assert metrics["personal_accuracy_mean"] == pytest.approx(0.5)  # the client without test examples left out
     assert {"personal_accuracy_p10", "personal_accuracy_p90"} <= metrics.keys()
+    # the sorted-accuracy curve at 0, 5, ..., 100 percent, whatever the number of clients
+    assert metrics["personal_accuracy_quantiles"][0] == pytest.approx(0.2)
+    assert metrics["personal_accuracy_quantiles"][10] == pytest.approx(0.4)
+    assert metrics["personal_accuracy_quantiles"][-1] == pytest.approx(0.9)
+    assert len(metrics["personal_accuracy_quantiles"]) == 21
     assert not any(key.startswith("personal") for key in federated_metrics([ClientEvaluation(10, 0.5, 0.1)]))
 
 

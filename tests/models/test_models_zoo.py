@@ -79,3 +79,29 @@ def test_xavier_init_gives_glorot_variance_and_zero_biases():
             assert param.abs().max() <= (6 / (fan_in + fan_out)) ** 0.5
         else:
             assert torch.count_nonzero(param) == 0, name
+
+
+@pytest.mark.parametrize(("norm", "kind"), [("batch", nn.BatchNorm1d), ("group", nn.GroupNorm), ("layer", nn.LayerNorm)])
+def test_mlp_norm_adds_one_normalisation_layer_per_hidden_layer(norm, kind):
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), num_classes=10, hidden=(16, 12), norm=norm)
+    norms = [module for module in model.modules() if isinstance(module, kind)]
+    assert len(norms) == 2
+    x = torch.randn(4, 1, 8, 8)
+    assert model(x).shape == (4, 10)
+    assert not any(isinstance(m, (nn.BatchNorm1d, nn.GroupNorm, nn.LayerNorm)) for m in build_model(
+        "mlp", (1, 8, 8), num_classes=10, hidden=(16,)).modules())
+
+
+def test_mlp_batch_norm_takes_a_training_batch_of_one_by_its_running_statistics():
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), num_classes=10, hidden=(16,), norm="batch").train()
+    model(torch.randn(8, 1, 8, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    one = torch.randn(1, 1, 8, 8)
+    out = model(one)
+    torch.testing.assert_close(out, model.eval()(one))
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+    with pytest.raises(ValueError, match="norm must be one of"):
+        build_model("mlp", (1, 8, 8), num_classes=10, norm="instance")

@@ -49,7 +49,10 @@ def test_federated_metrics_weigh_by_test_examples_and_leave_failed_clients_out(c
     assert evaluations == [ClientEvaluation(10, 1.0, 0.5), ClientEvaluation(30, 2.0, 0.9),
                            ClientEvaluation(0, 0.0, 0.0)]
     # a client without test examples counts in no mean and no percentile
-    assert federated_metrics(evaluations) == pytest.approx({
+    metrics = federated_metrics(evaluations)
+    quantiles = metrics.pop("client_accuracy_quantiles")
+    assert metrics == pytest.approx({
         "federated_loss": 1.75, "federated_accuracy": 0.8,
         "client_accuracy_p10": 0.54, "client_accuracy_p50": 0.7, "client_accuracy_p90": 0.86})
+    assert quantiles == pytest.approx([0.5 + 0.4 * q / 100 for q in range(0, 101, 5)])
     assert federated_metrics([ClientEvaluation(0, 0.0, 0.0)]) == {} == federated_metrics([])

@@ -40,7 +40,7 @@ def build_model(
     num_classes : int
         Number of classes.
     **kwargs
-        Model options: mlp takes ``hidden``; cnn takes ``channels``,
+        Model options: mlp takes ``hidden``, ``norm``; cnn takes ``channels``,
         ``embedding_dim``; resnet8 takes ``width``; char_lstm takes ``embedding_dim``,
         ``hidden_size``, ``num_layers``; causal_lm takes ``config``, ``path``, ``adapter``,
         ``base_quant``; lenet5 takes none.

@@ -239,6 +239,7 @@ def bytes_so_far(rows: list[dict[str, Any]]) -> tuple[int, int]:
 
 
 PERSONAL_METRICS = ("personal_accuracy_p10", "personal_accuracy_p50", "personal_accuracy_p90", "personal_accuracy_mean",
+                    "personal_accuracy_quantiles",
                     # eval.new_clients: the held-out clients (fedsim.strategies.new_clients)
                     "new_federated_accuracy", "new_personal_accuracy_p50", "new_personal_accuracy_mean")
 LANGUAGE_MODEL_METRICS = ("perplexity", "federated_perplexity", "client_perplexity_p10", "client_perplexity_p50",
@@ -270,7 +271,8 @@ def summarise(rows: list[dict[str, Any]], target: float, status: str) -> dict[st
         "final_federated_accuracy": next((r["federated_accuracy"] for r in reversed(rows)
                                           if r.get("federated_accuracy") is not None), None),
         **{f"final_{key}": next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
-           for key in ("client_accuracy_p10", "client_accuracy_p50", "client_accuracy_p90")},
+           for key in ("client_accuracy_p10", "client_accuracy_p50", "client_accuracy_p90",
+                       "client_accuracy_quantiles")},
         # personalized runs: the clients' personal models (fedsim.clients.personalization)
         **{f"final_{key}": next(r[key] for r in reversed(rows) if r.get(key) is not None)
            for key in PERSONAL_METRICS if any(r.get(key) is not None for r in rows)},

@@ -182,7 +182,7 @@ def federated_data(cfg: ExperimentConfig) -> Federation:
 def make_model(model: ModelConfig, data: ArrayDataset | Federation, seed: int) -> nn.Module:
     """The configured model for ``data``'s inputs and classes, initialised from ``seed``."""
     torch.manual_seed(seed)
-    kwargs = {"mlp": {"hidden": tuple(model.hidden)}, "char_lstm": {"hidden_size": model.lstm_hidden},
+    kwargs = {"mlp": {"hidden": tuple(model.hidden), "norm": model.norm}, "char_lstm": {"hidden_size": model.lstm_hidden},
               "causal_lm": {"config": model.config, "path": model.path, "adapter": model.adapter.model_dump(),
                             "base_quant": model.base_quant}}.get(model.name, {})
     net = build_model(model.name, data.input_shape, data.num_classes, **kwargs)

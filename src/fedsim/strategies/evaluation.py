@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
     from fedsim.strategies.replies import ClientUpdate
 
-__all__ = ["PERCENTILES", "TRAIN_METRICS", "ClientEvaluation", "client_accuracy_percentiles", "client_evaluations",
+__all__ = ["PERCENTILES", "QUANTILES", "TRAIN_METRICS", "ClientEvaluation", "accuracy_quantiles",
+           "client_accuracy_percentiles", "client_evaluations",
            "federated_metrics", "mean_train_metrics", "perplexity_metrics", "personal_accuracy_metrics"]
 
 TRAIN_METRICS = ("train_loss", "train_accuracy", "train_tokens_per_s")
@@ -27,6 +28,8 @@ TRAIN_METRICS = ("train_loss", "train_accuracy", "train_tokens_per_s")
 the tokens they trained on per second of their training)."""
 
 PERCENTILES = (10, 50, 90)
+QUANTILES = tuple(range(0, 101, 5))
+"""The percents of ``client_accuracy_quantiles`` and ``personal_accuracy_quantiles``."""
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,13 @@ def client_accuracy_percentiles(accuracies: Sequence[float]) -> dict[str, float]
         return {}
     values = np.percentile(np.asarray(accuracies, dtype=np.float64), PERCENTILES)
     return {f"client_accuracy_p{q}": float(v) for q, v in zip(PERCENTILES, values, strict=True)}
+
+
+def accuracy_quantiles(accuracies: Sequence[float]) -> list[float]:
+    """The clients' accuracies at the ``QUANTILES`` (0, 5, ..., 100 percent; numpy's linear
+    interpolation): the sorted-accuracy curve of the clients in a fixed number of values,
+    however many clients there are (the distribution figures of ``fedsim bench`` draw it)."""
+    return [float(v) for v in np.percentile(np.asarray(accuracies, dtype=np.float64), QUANTILES)]
 
 
 def mean_train_metrics(updates: Sequence[ClientUpdate]) -> dict[str, float]:
@@ -94,10 +104,11 @@ def client_evaluations(replies: Iterable[Message], pid_of: Mapping[int, int]) ->
     return evaluations
 
 
-def federated_metrics(evaluations: Sequence[ClientEvaluation]) -> dict[str, float]:
+def federated_metrics(evaluations: Sequence[ClientEvaluation]) -> dict[str, Any]:
     """``federated_loss`` and ``federated_accuracy``, example-weighted over the clients' test
     splits, and the percentiles of the accuracies of the clients that have test examples
-    (:func:`client_accuracy_percentiles`), and of their personalised models' accuracies where
+    (:func:`client_accuracy_percentiles`) with their ``client_accuracy_quantiles``
+    (:func:`accuracy_quantiles`), and of their personalised models' accuracies where
     they have them (:func:`personal_accuracy_metrics`); empty when no client has any."""
     total = sum(e.num_examples for e in evaluations)
     if total == 0:
@@ -108,6 +119,7 @@ def federated_metrics(evaluations: Sequence[ClientEvaluation]) -> dict[str, floa
         correct += e.accuracy * e.num_examples
     return {"federated_loss": loss / total, "federated_accuracy": correct / total,
             **client_accuracy_percentiles([e.accuracy for e in evaluations if e.num_examples > 0]),
+            "client_accuracy_quantiles": accuracy_quantiles([e.accuracy for e in evaluations if e.num_examples > 0]),
             **personal_accuracy_metrics([e.personal_accuracy for e in evaluations
                                          if e.num_examples > 0 and e.personal_accuracy is not None]),
             **perplexity_metrics([e.perplexity for e in evaluations if e.num_examples > 0 and e.perplexity is not None],
@@ -126,12 +138,14 @@ def perplexity_metrics(perplexities: Sequence[float], federated_loss: float) -> 
             "federated_perplexity": float(np.exp(federated_loss))}
 
 
-def personal_accuracy_metrics(accuracies: Sequence[float]) -> dict[str, float]:
-    """``personal_accuracy_p10/p50/p90`` and ``personal_accuracy_mean`` of the clients'
-    personalised models on their own test splits, one client one value (weighted by nothing);
-    empty when no client reports one."""
+def personal_accuracy_metrics(accuracies: Sequence[float]) -> dict[str, Any]:
+    """``personal_accuracy_p10/p50/p90``, ``personal_accuracy_mean`` and
+    ``personal_accuracy_quantiles`` (:func:`accuracy_quantiles`) of the clients' personalised
+    models on their own test splits, one client one value (weighted by nothing); empty when no
+    client reports one."""
     if len(accuracies) == 0:
         return {}
     percentiles = client_accuracy_percentiles(accuracies)
     return {**{key.replace("client_", "personal_"): value for key, value in percentiles.items()},
-            "personal_accuracy_mean": float(np.mean(accuracies))}
+            "personal_accuracy_mean": float(np.mean(accuracies)),
+            "personal_accuracy_quantiles": accuracy_quantiles(accuracies)}
