@@ -13,20 +13,24 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from fedsim.clients.batched import train_stacked
+from fedsim.clients.hooks import extra_term, stacked_extra_term
+from fedsim.clients.train import local_steps, train_local
 from fedsim.config import ConfigError, load_config
 from fedsim.data.array_dataset import ArrayDataset
 from fedsim.data.domains import domain_split, transform
-from fedsim.fedka.algorithm import FedKA, WorkspaceMatching
+from fedsim.fedka.algorithm import WORKSPACE, FedKA, WorkspaceMatching
 from fedsim.fedka.mmd import mk_mmd
 from fedsim.fedka.voting import federated_vote
 from fedsim.outputs.results import RunDir
 from fedsim.params import ParamSpec
 from fedsim.runner import run_experiment
 from fedsim.seeding import derive_seed
-from fedsim.sim.components import federated_data, make_model
+from fedsim.sim.components import build_objective, federated_data, make_model
 from fedsim.strategies.replies import ClientUpdate
 
 CONFIG = "configs/fedka.yaml"
+CPU = torch.device("cpu")
 
 
 def test_mk_mmd_matches_a_hand_computation_and_is_zero_for_the_same_sample():
@@ -91,13 +95,83 @@ def test_domain_split_holds_out_the_target_and_tests_on_it():
 
 
 def test_the_stacked_matching_term_equals_each_clients_own():
-    z = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
     logits = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(1))
+    embeddings = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(2))
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.float32)
     hook = WorkspaceMatching(z, 0.5, [1.0, 2.0])
-    stacked = hook.stacked_extra_loss({}, logits, mask)
-    torch.testing.assert_close(stacked[0], hook.extra_loss(None, logits[0]))
-    torch.testing.assert_close(stacked[1], hook.extra_loss(None, logits[1, :3]))
+    stacked = stacked_extra_term(hook, {}, logits, mask, embeddings)
+    torch.testing.assert_close(stacked[0], extra_term(hook, None, logits[0], embeddings[0]))
+    torch.testing.assert_close(stacked[1], extra_term(hook, None, logits[1, :3], embeddings[1, :3]))
+    torch.testing.assert_close(stacked[1], 0.5 * mk_mmd(embeddings[1, :3], z, [1.0, 2.0]))
+
+
+def _plain_mk_mmd(x, y, scales):
+    """MK-MMD^2 written out over the rows (lists of floats), as the module docstring states it."""
+    pooled = x + y
+    dist = [[sum((a - b) ** 2 for a, b in zip(u, v)) for v in pooled] for u in pooled]
+    h = sum(map(sum, dist)) / (len(pooled) * (len(pooled) - 1))
+    kern = [[sum(math.exp(-d / (s * h)) for s in scales) / len(scales) for d in row] for row in dist]
+    n = len(x)
+
+    def block(rows, cols):
+        return sum(kern[i][j] for i in rows for j in cols) / (len(rows) * len(cols))
+
+    return block(range(n), range(n)) + block(range(n, len(pooled)), range(n, len(pooled))) \
+        - 2 * block(range(n), range(n, len(pooled)))
+
+
+def _tiny_fedka(config):
+    cfg = config("model.hidden=[6]")
+    data = federated_data(cfg)
+    return cfg, data, make_model(cfg.model, data.train, cfg.seed)
+
+
+def test_the_clients_matching_term_is_mk_mmd_of_the_features_before_the_head(config):
+    cfg, data, model = _tiny_fedka(config)
+    x = torch.from_numpy(data.train.x[:9])
+    y = torch.from_numpy(data.train.y[:9])
+    z = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    scales = [0.5, 1.0, 4.0]
+    hook = WorkspaceMatching(z, 0.7, scales)
+    loss, _ = build_objective(cfg, 9, (hook,))(model, x, y, torch.arange(9), torch.Generator().manual_seed(0))
+    loss_alone, _ = build_objective(cfg, 9, ())(model, x, y, torch.arange(9), torch.Generator().manual_seed(0))
+    features = model.features(x).detach()
+    assert features.shape == (9, 6)  # the hidden layer, not the 10 logits
+    expected = 0.7 * _plain_mk_mmd(features.double().tolist(), z.double().tolist(), scales)
+    assert (loss - loss_alone).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_server_workspace_is_the_global_models_features_of_the_target_inputs(config):
+    cfg, data, model = _tiny_fedka(config)
+    spec = ParamSpec.of(model)
+    strategy = FedKA.from_experiment(cfg, spec, {i: i for i in range(4)}, _Everyone(4))
+    strategy._global = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+    z = torch.from_numpy(np.array(strategy.extra_content(1)[WORKSPACE]["z"].numpy()))
+    assert z.shape == (cfg.strategy.workspace_size, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(z, model.features(strategy.workspace_x))
+
+
+def test_fedka_clients_trained_as_one_stack_equal_one_at_a_time(config):
+    cfg, data, model = _tiny_fedka(config)
+    clients = sorted((data.client(pid)[0] for pid in range(4)), key=lambda d: -local_steps(len(d.y), cfg.client))
+    start_state = {k: v.clone() for k, v in model.state_dict().items()}
+    z = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    alone = []
+    for k, train_set in enumerate(clients):
+        model.load_state_dict(start_state)
+        objective = build_objective(cfg, len(train_set.y), (WorkspaceMatching(z, 1.0, [0.5, 1.0, 2.0]),))
+        result = train_local(model, train_set, cfg.client, objective, torch.Generator().manual_seed(k), CPU)
+        alone.append(({n: p.detach().clone() for n, p in model.named_parameters()}, result))
+    start = {n: torch.stack([start_state[n]] * len(clients)) for n, _ in model.named_parameters()}
+    objective = build_objective(cfg, 1, (WorkspaceMatching(z, 1.0, [0.5, 1.0, 2.0]),), per_sample=True)
+    final, results = train_stacked(model, start, clients, [torch.Generator().manual_seed(k) for k in range(4)],
+                                   cfg.client, objective, CPU)
+    for k, (params, result) in enumerate(alone):
+        for name, value in params.items():
+            torch.testing.assert_close(final[name][k], value, rtol=0, atol=1e-5)
+        assert math.isclose(results[k].loss, result.loss, rel_tol=1e-5)
 
 
 @pytest.fixture

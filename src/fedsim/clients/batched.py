@@ -19,7 +19,8 @@ It computes what K runs of ``train_local`` compute:
   Rows are ordered by decreasing step count, so the clients still training are always the
   first rows: a step runs on that prefix, a client whose run ended is copied out after its
   last step, and Adam's shared step count equals each active client's own;
-- hooks contribute through their stacked forms (:mod:`fedsim.clients.hooks`); a hook that
+- hooks contribute through their stacked forms (:mod:`fedsim.clients.hooks`; a loss term
+  that reads embeddings gets the stacked ``(K, B, d)`` features); a hook that
   replaces a batch's inputs (an adversarial attack) gets every row's functional forward; a
   hook asking for per-sample gradients (DP-SGD, :mod:`fedsim.privacy.dp_sgd`) gets each
   sample's loss and returns the gradients the optimizer steps with.
@@ -40,7 +41,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from fedsim.clients.hooks import ClientHook
+from fedsim.clients.hooks import ClientHook, stacked_extra_term
 from fedsim.clients.objective import ClientObjective
 from fedsim.clients.train import TrainResult, batch_schedule, build_optimizer
 from fedsim.clients.training_features import stacked_reason
@@ -152,7 +153,7 @@ def train_stacked(
         embeddings, logits = functional_call(net, {f"model.{n}": p for n, p in client_params.items()}, (x,))
         per_sample = objective.loss_terms(embeddings, logits, y, client_params["head.weight"],
                                           client_params.get("head.bias"))
-        return (per_sample * m).sum() / m.sum().clamp_min(1.0), logits
+        return (per_sample * m).sum() / m.sum().clamp_min(1.0), logits, embeddings
 
     def logits_of(client_params, x):
         return functional_call(net, {f"model.{n}": p for n, p in client_params.items()}, (x,))[1]
@@ -189,9 +190,9 @@ def train_stacked(
             x = hook.stacked_perturb_inputs(logits_of, {name: p.detach() for name, p in rows.items()}, x, y, m)
         optimizer.zero_grad(set_to_none=False)
         if private is None:
-            losses, logits = losses_of(rows, x, y, m)
+            losses, logits, embeddings = losses_of(rows, x, y, m)
             for hook in objective.hooks:
-                term = hook.stacked_extra_loss(rows, logits, m)
+                term = stacked_extra_term(hook, rows, logits, m, embeddings)
                 if term is not None:
                     losses = losses + term
             losses.sum().backward()

@@ -3,7 +3,8 @@
 A client feature (:mod:`fedsim.clients.features`: an algorithm's client half, e.g.
 FedProx's proximal term) provides them; the local loop calls every hook at three points of
 each step: ``perturb_inputs`` replaces the batch's inputs before the forward pass (an
-adversarial attack), ``extra_loss`` is added to the objective, ``before_step``
+adversarial attack), ``extra_loss`` is added to the objective (it gets the batch's logits,
+and its embeddings, ``model.features(x)``, too when the hook sets ``reads_embeddings``), ``before_step``
 runs after ``backward`` and before ``optimizer.step``, ``after_step`` after it (it may
 move the weights the step produced).
 
@@ -12,7 +13,7 @@ clients at once with every parameter stacked to shape ``(K, *shape)``:
 ``stacked_perturb_inputs`` replaces the ``(K, B, ...)`` inputs given
 ``forward(client_params, x) -> logits``, one client's functional forward to ``vmap`` over the
 rows; ``stacked_extra_loss`` returns the K clients' terms as a ``(K,)`` tensor (``mask`` marks the
-real rows of the padded ``(K, B)`` batch), ``stacked_before_step`` transforms the stacked
+real rows of the padded ``(K, B)`` batch; ``embeddings``, ``(K, B, d)``, when it reads them), ``stacked_before_step`` transforms the stacked
 gradients, ``stacked_after_step`` the stacked weights. Both forms compute the same formula; a hook that overrides one form of a pair
 but not the other cannot be vectorised (:func:`vectorises`), and its clients train one at
 a time.
@@ -35,6 +36,10 @@ class ClientHook:
     """
 
     per_sample_gradients = False
+    reads_embeddings = False
+    """Whether ``extra_loss`` and ``stacked_extra_loss`` take the batch's embeddings, the
+    model's features before the head, as the keyword ``embeddings`` (:func:`extra_term`,
+    :func:`stacked_extra_term`); hooks that leave it False keep the two-argument form."""
 
     def perturb_inputs(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x
@@ -68,6 +73,22 @@ class ClientHook:
         """One hook whose stacked form computes each of ``hooks`` (one client's each, rows in
         their order), or None when they cannot train as one stack (the default)."""
         return None
+
+
+def extra_term(hook: ClientHook, model: nn.Module, logits: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor | None:
+    """``hook``'s extra loss term of one batch, given its logits and embeddings (the latter
+    passed only to a hook that ``reads_embeddings``)."""
+    if hook.reads_embeddings:
+        return hook.extra_loss(model, logits, embeddings=embeddings)
+    return hook.extra_loss(model, logits)
+
+
+def stacked_extra_term(hook: ClientHook, params: dict[str, torch.Tensor], logits: torch.Tensor, mask: torch.Tensor,
+                       embeddings: torch.Tensor) -> torch.Tensor | None:
+    """:func:`extra_term`'s stacked form: ``(K,)`` terms of the stacked ``(K, B, ...)`` batch."""
+    if hook.reads_embeddings:
+        return hook.stacked_extra_loss(params, logits, mask, embeddings=embeddings)
+    return hook.stacked_extra_loss(params, logits, mask)
 
 
 def vectorises(hook: ClientHook) -> bool:

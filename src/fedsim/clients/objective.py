@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedsim.clients.hooks import ClientHook
+from fedsim.clients.hooks import ClientHook, extra_term
 
 
 def second_view(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -109,7 +109,7 @@ class ClientObjective:
         if self.probe_head:
             loss = loss + F.cross_entropy(model.head(embeddings.detach()), targets)
         for hook in self.hooks:
-            term = hook.extra_loss(model, logits)
+            term = extra_term(hook, model, logits, embeddings)
             if term is not None:
                 loss = loss + term
         with torch.no_grad():

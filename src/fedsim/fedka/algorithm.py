@@ -6,7 +6,8 @@ part of a source domain; the server holds the target domain's unlabelled inputs)
 Each round ``t`` with global model ``w``:
 
 1. **global workspace** (``matching``): the server computes ``Z = f_w(X_ws)``, the global
-   model's representation of ``workspace_size`` target inputs, and sends it with the model;
+   model's features (the output of its feature extractor, before the classifier head) of
+   ``workspace_size`` target inputs, and sends it with the model;
 2. **feature distribution matching**: client ``i`` minimises
    ``CE(w_i; D_i) + mmd_weight * MK-MMD^2(f_{w_i}(x_batch), Z)`` (:func:`fedsim.fedka.mmd.mk_mmd`
    with ``kernel_scales``), pulling its source features towards the global workspace;
@@ -17,10 +18,10 @@ Each round ``t`` with global model ``w``:
    (``finetune_lr``, batches of ``finetune_batch`` drawn from (seed, round)); the update
    sent to the server optimizer is ``w'' - w``.
 
-Where the paper leaves a detail open, fedsim chooses: ``f`` is the network's last
-representation, its logits (fedsim's client hooks see a batch's logits; DAN, whose MK-MMD
-FedKA uses, adapts the last layers, the classifier's output included); the workspace is a
-fixed seeded subset of the target inputs; voting uses the client models the round's replies
+``f`` is the feature extractor, as in the paper: the model's representation before its
+classifier head, ``model.features(x)`` (the client hook reads the batch's embeddings, see
+:attr:`fedsim.clients.hooks.ClientHook.reads_embeddings`). Where the paper leaves a detail open,
+fedsim chooses: the workspace is a fixed seeded subset of the target inputs; voting uses the client models the round's replies
 already carry (no extra message). ``matching: false`` and ``voting: false`` are the ablations;
 both false is FedAvg.
 
@@ -62,6 +63,17 @@ WORKSPACE = "fedka-workspace"
 """The ArrayRecord of a training message that carries the global workspace ``Z``."""
 
 
+class _FeatureExtractor(nn.Module):
+    """``model.features`` as a module's forward, for ``functional_call``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(x)
+
+
 class FedKAConfig(SyncStrategyBase):
     """FedKA (Sun et al., arXiv 2203.11635); see :mod:`fedsim.fedka.algorithm`.
 
@@ -73,7 +85,7 @@ class FedKAConfig(SyncStrategyBase):
     kernel_scales : list of float, default [0.25, 0.5, 1, 2, 4]
         Bandwidths of the Gaussian kernels, in units of the mean squared pairwise distance.
     workspace_size : int, default 128
-        Target inputs whose global representation forms the workspace.
+        Target inputs whose global features (before the classifier head) form the workspace.
     voting : bool, default True
         The server fine-tunes on the target pseudo-labels the clients vote for.
     vote_threshold : float, default 1.0
@@ -114,19 +126,22 @@ class FedKAConfig(SyncStrategyBase):
 
 
 class WorkspaceMatching(ClientHook):
-    """``mmd_weight * MK-MMD^2(logits of the batch, Z)``, Z the global workspace."""
+    """``mmd_weight * MK-MMD^2(f(x_batch), Z)``: the batch's features (the model's embeddings,
+    before its head) against the global workspace ``Z``."""
+
+    reads_embeddings = True
 
     def __init__(self, workspace: torch.Tensor, weight: float, scales: list[float]) -> None:
         self.workspace, self.weight, self.scales = workspace, weight, scales
 
-    def extra_loss(self, model: nn.Module, logits: torch.Tensor) -> torch.Tensor | None:
-        return self.weight * mk_mmd(logits, self.workspace.to(logits.dtype), self.scales)
+    def extra_loss(self, model: nn.Module, logits: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor | None:
+        return self.weight * mk_mmd(embeddings, self.workspace.to(embeddings.dtype), self.scales)
 
     def stacked_extra_loss(self, params: dict[str, torch.Tensor], logits: torch.Tensor,
-                           mask: torch.Tensor) -> torch.Tensor | None:
-        z = self.workspace.to(logits.dtype)
+                           mask: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor | None:
+        z = self.workspace.to(embeddings.dtype)
         return torch.stack([self.weight * mk_mmd(rows[keep.bool()], z, self.scales)
-                            for rows, keep in zip(logits, mask, strict=True)])
+                            for rows, keep in zip(embeddings, mask, strict=True)])
 
 
 class FeatureMatching(ClientFeature):
@@ -182,13 +197,18 @@ class FedKA(FedsimStrategy):
         params = {name: value.to(torch.float32) for name, value in self.spec.unflatten(vector).items()}
         return functional_call(self.net, params, (x,))
 
+    def _features(self, vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The features (before the classifier head) of the model at the flat ``vector``."""
+        params = {f"model.{name}": value.to(torch.float32) for name, value in self.spec.unflatten(vector).items()}
+        return functional_call(_FeatureExtractor(self.net), params, (x,))
+
     def extra_content(self, server_round: int) -> dict[str, ArrayRecord]:
         if not self.cfg.matching:
             return {}
         self._require_engine()
         self.net.eval()
         with torch.no_grad():
-            z = self._outputs(self._global, self.workspace_x)
+            z = self._features(self._global, self.workspace_x)
         return {WORKSPACE: ArrayRecord({"z": Array(z.numpy())})}
 
     def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor | None:
