@@ -251,8 +251,11 @@ class FedsimStrategy(Algorithm, FedAvg):
     @property
     def num_clients(self) -> int:
         """N: every client (engine: every partition but the held-out ones of ``eval.new_clients``;
-        Flower app: the nodes connected this round)."""
-        return len(self.clients())
+        Flower app: the nodes connected this round); counted, not listed: a per-round call at a
+        million clients must not sort them (the held-out clients are partitions of ``node_of``)."""
+        if self.engine:
+            return len(self.engine.node_of) - len(self.engine.held_out)
+        return len(self._nodes)
 
     def clients(self) -> list[int]:
         """Every client, sorted: partition ids but the held-out ones (engine) or this round's
