@@ -138,15 +138,15 @@ class DPSGDStep(ClientHook):
         detached = {name: p.detach() for name, p in params.items()}
         layers = None if loss_reads_parameters else linear_layers(model, set(params))
         shapes = None if layers is None else self._shapes(layers, sample_loss, detached, x, y)
-        if shapes is None:
-            per_client = b * sum(p[0].numel() for p in params.values())
-        else:
-            per_client = b * sum(math.prod(shape[:-1]) * (layers[name].in_features + shape[-1] + math.prod(shape[:-1]))
-                                 for name, shape in shapes.items())
-        chunk = max(1, self.max_values // max(1, per_client))
         dim = sum(p[0].numel() for p in params.values())
+        if shapes is None:  # a sample's gradient
+            per_sample = dim
+        else:  # a sample's T rows of each layer's inputs and output gradients, and their T x T Gram matrix
+            per_sample = sum(math.prod(shape[:-1]) * (layers[name].in_features + shape[-1] + math.prod(shape[:-1]))
+                             for name, shape in shapes.items())
+        chunk = max(1, self.max_values // max(1, b * per_sample))
         std = self.noise_multiplier * self.clip_norm
-        grads: dict[str, list[torch.Tensor]] = {name: [] for name in params}
+        grads = {name: torch.empty_like(p) for name, p in detached.items()}
         losses, logits = [], []
         for lo in range(0, k, chunk):
             rows = slice(lo, min(k, lo + chunk))
@@ -159,12 +159,12 @@ class DPSGDStep(ClientHook):
                 summed, loss, logit = _ghost(sample_loss, layers, shapes, chunk_params, x[rows], y[rows], mask[rows],
                                              self.clip_norm, noise)
             for name, g in summed.items():
-                grads[name].append(g / self.batch_size)
+                torch.div(g, self.batch_size, out=grads[name][rows])
             m = mask[rows]
             losses.append((loss.detach() * m).sum(1) / m.sum(1).clamp_min(1.0))
             logits.append(logit.detach())
         self.steps += 1
-        return {name: torch.cat(parts) for name, parts in grads.items()}, torch.cat(losses), torch.cat(logits)
+        return grads, torch.cat(losses), torch.cat(logits)
 
     def _shapes(self, layers: dict[str, nn.Linear], sample_loss: Callable, params: dict[str, torch.Tensor],
                 x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple[int, ...]] | None:
