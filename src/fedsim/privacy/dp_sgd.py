@@ -49,15 +49,16 @@ def clip_factors(norms: torch.Tensor, mask: torch.Tensor, clip_norm: float) -> t
 
 
 def _noised(summed: dict[str, torch.Tensor], noise: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """``summed`` plus the columns of ``noise`` ``(K, D)``, taken in the parameters' order."""
+    """``summed`` (fresh sums, added to in place) plus the columns of ``noise`` ``(K, D)``,
+    taken in the parameters' order."""
     if noise is None:
         return summed
-    noised, offset = {}, 0
-    for name, total in summed.items():
+    offset = 0
+    for total in summed.values():
         width = total[0].numel()
-        noised[name] = total + noise[:, offset:offset + width].reshape(total.shape).to(total.dtype)
+        total.add_(noise[:, offset:offset + width].reshape(total.shape).to(total.dtype))
         offset += width
-    return noised
+    return summed
 
 
 def clipped_noisy_sum(per_sample: dict[str, torch.Tensor], mask: torch.Tensor, clip_norm: float,
