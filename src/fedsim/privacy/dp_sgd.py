@@ -215,6 +215,8 @@ def _ghost(sample_loss: Callable, layers: dict[str, nn.Linear], shapes: dict[str
             for name, shape in shapes.items()}
     with torch.enable_grad():
         loss, logits, inputs = vmap(vmap(tapped_loss, in_dims=(None, 0, 0, 0)))(params, taps, x, y)
-        deltas = dict(zip(taps, torch.autograd.grad(loss.sum(), list(taps.values())), strict=True))
+        # a layer whose output the loss does not read has zero output gradients
+        deltas = dict(zip(taps, torch.autograd.grad(loss.sum(), list(taps.values()), materialize_grads=True),
+                          strict=True))
     inputs = {name: a.detach() for name, a in inputs.items()}
     return ghost_clipped_noisy_sum(layers, inputs, deltas, list(params), mask, clip_norm, noise), loss, logits
