@@ -3,21 +3,26 @@ clipping and noise (``privacy.mechanism: sample``) against the same round withou
 
 Work: :func:`fedsim.clients.batched.train_stacked` itself, on K clients of 20 samples of 64
 features (digits' shape) and 10 classes each, the MLP with 64 hidden units (D = 4,810), batch
-10, 2 local steps (2 batches each), plain SGD. The private round runs the nested per-sample
-gradients (``vmap`` over clients of ``vmap`` over samples of ``grad``), the clipping, and the
-AES-256-CTR noise of every client's step; the plain round one batched backward pass. Each
-timing is the median of ``--repeats`` rounds after one warm-up round, in one process with
-one torch thread. Target (issue 25): private / plain <= 3 at 1,000 clients.
+10, 2 local steps (2 batches each), plain SGD. The private round computes each sample's
+gradient norm and the clipped sum by ghost clipping (the MLP is Linear layers only,
+:mod:`fedsim.privacy.ghost_clipping`) and draws the AES-256-CTR noise of every client's step;
+the plain round runs one batched backward pass. Each timing is the median of ``--repeats``
+rounds after one warm-up round of each, plain and private rounds alternating (a machine whose
+load changes slows both alike), in one process with one torch thread; the load average
+before and after is recorded. Target (issue 25): private / plain <= 3 at 1,000 clients.
 
-Usage: python benchmarks/dp_sgd_cost.py [--clients 100 1000] [--out benchmarks/results/dp_sgd_cost.json]
+Usage: python benchmarks/dp_sgd_cost.py [--clients 100 1000] [--repeats 5]
+       [--out benchmarks/results/dp_sgd_cost.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -55,10 +60,13 @@ def measure(clients: int, repeats: int) -> dict:
                              rng.integers(0, CLASSES, SAMPLES).astype(np.int64), CLASSES, "bench")
                 for _ in range(clients)]
     result = {"clients": clients}
+    times: dict[bool, list[float]] = {False: [], True: []}
     for private in (False, True):
         one_round(clients, private, model, datasets)  # warm-up
-        times = [one_round(clients, private, model, datasets) for _ in range(repeats)]
-        result["private_s" if private else "plain_s"] = statistics.median(times)
+    for _ in range(repeats):
+        for private in (False, True):
+            times[private].append(one_round(clients, private, model, datasets))
+    result["plain_s"], result["private_s"] = statistics.median(times[False]), statistics.median(times[True])
     result["ratio"] = result["private_s"] / result["plain_s"]
     result["meets_target"] = result["ratio"] <= TARGET_RATIO
     return result
@@ -67,16 +75,19 @@ def measure(clients: int, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results/dp_sgd_cost.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    load_before = list(os.getloadavg())
     rows = [measure(k, args.repeats) for k in args.clients]
-    out = {"benchmark": "dp_sgd_cost", "target_ratio": TARGET_RATIO,
+    out = {"benchmark": "dp_sgd_cost", "command": " ".join([Path(sys.executable).name, *sys.argv]),
+           "target_ratio": TARGET_RATIO,
            "work": {"samples_per_client": SAMPLES, "features": FEATURES, "classes": CLASSES, "hidden": HIDDEN,
-                    "batch_size": BATCH, "local_steps": STEPS},
-           "host": {"machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
-                    "threads": 1, "note": "2 CPU cores shared by 8 concurrent sessions: absolute times are noisy"},
+                    "batch_size": BATCH, "local_steps": STEPS, "repeats": args.repeats},
+           "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__, "threads": 1,
+                    "load_average_1_5_15_before": load_before, "load_average_1_5_15_after": list(os.getloadavg())},
            "results": rows}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     for row in rows:

@@ -1,11 +1,14 @@
 """The mechanisms' math: clipping bounds every update, the noise has the calibrated std, the
 central aggregate is DP-FedAvg's, adaptive clipping tracks its quantile."""
 
+import hashlib
 import math
+import struct
 
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from scipy import stats
 
 from fedsim.config import validate_config
@@ -16,7 +19,7 @@ from fedsim.privacy.mechanisms import (
     clip_rows,
     update_noise_multiplier,
 )
-from fedsim.privacy.noise import gaussian_noise
+from fedsim.privacy.noise import gaussian_noise, gaussian_noise_rows
 from fedsim.privacy.server import ServerPrivacy
 from fedsim.privacy.settings import delta_warning
 from fedsim.strategies.replies import ClientUpdate
@@ -42,6 +45,27 @@ def test_noise_has_the_calibrated_std_and_is_normal():
 def test_noise_is_reproducible_under_its_key_and_differs_between_keys():
     assert torch.equal(gaussian_noise(101, 1.0, 7, "central", 3), gaussian_noise(101, 1.0, 7, "central", 3))
     assert not torch.equal(gaussian_noise(101, 1.0, 7, "central", 3), gaussian_noise(101, 1.0, 8, "central", 3))
+
+
+def _reference_noise(numel, std, *key):
+    """The module docstring's formula, one draw at a time: AES-256-CTR under SHA-256 of the key,
+    Box-Muller of a 52-bit u1 (the pairs' first words) and a 23-bit angle (their second words)."""
+    pairs = (numel + 1) // 2
+    digest = hashlib.sha256("/".join(str(part) for part in key).encode()).digest()
+    stream = Cipher(algorithms.AES(digest), modes.CTR(bytes(16))).encryptor().update(bytes(16 * pairs))
+    words = struct.unpack(f"<{2 * pairs}Q", stream)
+    radius = [math.sqrt(-2 * math.log(1 - (w >> 12) / 2**52)) for w in words[:pairs]]
+    angle = [2 * math.pi * ((w & 0xFFFFFFFF) >> 9) / 2**23 for w in words[pairs:]]
+    return [std * v for v in [r * math.cos(a) for r, a in zip(radius, angle)] +
+            [r * math.sin(a) for r, a in zip(radius, angle)]][:numel]
+
+
+def test_noise_is_the_documented_keystream_transform_row_by_row():
+    keys = [("privacy", 3, "dp-sgd", 1, client, 0) for client in (4, 17, 2)]
+    rows = gaussian_noise_rows(7, 0.5, keys)
+    for key, row in zip(keys, rows, strict=True):
+        assert row.tolist() == pytest.approx(_reference_noise(7, 0.5, *key), rel=1e-5, abs=1e-6)
+        assert torch.equal(row, gaussian_noise(7, 0.5, *key))  # a row does not depend on the other rows
 
 
 def test_aggregate_noise_std_by_hand():

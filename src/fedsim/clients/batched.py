@@ -22,8 +22,9 @@ It computes what K runs of ``train_local`` compute:
 - hooks contribute through their stacked forms (:mod:`fedsim.clients.hooks`; a loss term
   that reads embeddings gets the stacked ``(K, B, d)`` features); a hook that
   replaces a batch's inputs (an adversarial attack) gets every row's functional forward; a
-  hook asking for per-sample gradients (DP-SGD, :mod:`fedsim.privacy.dp_sgd`) gets each
-  sample's loss and returns the gradients the optimizer steps with.
+  hook asking for per-sample gradients (DP-SGD, :mod:`fedsim.privacy.dp_sgd`) gets the
+  per-sample losses of a client's batch and the model, and returns the gradients the
+  optimizer steps with.
 
 Not vectorised, and trained one client at a time by the caller (:func:`vectorisable_reason`
 says why): what a client feature declares it cannot stack (quantized training, losses that
@@ -149,20 +150,21 @@ def train_stacked(
     params = {name: start[name].to(device).clone().requires_grad_(True) for name, _ in model.named_parameters()}
     optimizer = build_optimizer(params.values(), cfg)
 
-    def client_loss(client_params, x, y, m):
+    def batch_losses(client_params, x, y):
         embeddings, logits = functional_call(net, {f"model.{n}": p for n, p in client_params.items()}, (x,))
         per_sample = objective.loss_terms(embeddings, logits, y, client_params["head.weight"],
                                           client_params.get("head.bias"))
+        return per_sample, logits, embeddings
+
+    def client_loss(client_params, x, y, m):
+        per_sample, logits, embeddings = batch_losses(client_params, x, y)
         return (per_sample * m).sum() / m.sum().clamp_min(1.0), logits, embeddings
 
     def logits_of(client_params, x):
         return functional_call(net, {f"model.{n}": p for n, p in client_params.items()}, (x,))[1]
 
-    def sample_loss(client_params, x, y):
-        embeddings, logits = functional_call(net, {f"model.{n}": p for n, p in client_params.items()}, (x[None],))
-        per_sample = objective.loss_terms(embeddings, logits, y[None], client_params["head.weight"],
-                                          client_params.get("head.bias"))
-        return per_sample[0], logits[0]
+    def sample_losses(client_params, x, y):
+        return batch_losses(client_params, x, y)[:2]
 
     losses_of = vmap(client_loss)
     private = next((hook for hook in objective.hooks if hook.per_sample_gradients), None)
@@ -197,7 +199,8 @@ def train_stacked(
                     losses = losses + term
             losses.sum().backward()
         else:  # DP-SGD: per-sample gradients, clipped and noised by the hook
-            grads, losses, logits = private.stacked_gradients(sample_loss, rows, x, y, m)
+            grads, losses, logits = private.stacked_gradients(sample_losses, model, rows, x, y, m,
+                                                               "classifier" in objective.needs)
             for name, p in params.items():
                 p.grad = torch.zeros_like(p) if p.grad is None else p.grad
                 p.grad[:active] = grads[name]

@@ -31,8 +31,9 @@ class ClientHook:
     """Base hook: adds nothing and changes nothing.
 
     A hook with ``per_sample_gradients`` (DP-SGD, :mod:`fedsim.privacy.dp_sgd`) makes the
-    stacked engine hand it the loss of one sample instead of back-propagating the batch: its
-    ``stacked_gradients`` returns the stacked gradients the optimizer steps with.
+    stacked engine hand it the per-sample losses of a client's batch and the model instead of
+    back-propagating the batch: its ``stacked_gradients`` returns the stacked gradients the
+    optimizer steps with.
     """
 
     per_sample_gradients = False
