@@ -66,6 +66,7 @@ entries of buffers (BatchNorm statistics, which have no gradient) stay 0.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -92,6 +93,7 @@ from fedsim.strategies.replies import (
 
 if TYPE_CHECKING:
     from fedsim.config import ClientConfig
+    from fedsim.privacy.server import ServerPrivacy
 
 __all__ = ["Scaffold", "ScaffoldConfig", "ScaffoldControl", "control_variate_update", "corrected_gradients",
            "corrected_weights", "scaffold_control_step", "scaffold_model_update"]
@@ -455,7 +457,8 @@ class Scaffold(FedsimStrategy):
         for client, msg in zip(clients, messages, strict=True):
             msg.content[CONTROL_RECORD] = record
             self.report.bytes_down += control_bytes
-            if client not in self._in_sync and (client in self.local_controls or client in self._contacted):
+            if not self._secure and client not in self._in_sync and (client in self.local_controls
+                                                                     or client in self._contacted):
                 local, local_bytes = encode_vector(self.local_controls.get(client, torch.zeros_like(self.control)))
                 msg.content[LOCAL_RECORD] = local
                 self.report.bytes_down += local_bytes
@@ -478,27 +481,92 @@ class Scaffold(FedsimStrategy):
                 kept.append(update)
         return kept, sorted(failures, key=lambda f: f.partition_id)
 
+    @property
+    def _secure(self) -> bool:
+        """``secagg.enabled``: the server learns only the sum of the ``(dy_i, dc_i)``."""
+        return bool(self.engine and self.engine.secagg)
+
+    @property
+    def _central(self) -> bool:
+        """``privacy.mechanism: central``: ``c`` takes the noisy sum of clipped deltas."""
+        return self.privacy is not None and self.privacy.settings.mechanism == "central"
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         result = super().aggregate_train(server_round, replies)
         accepted = set(self.report.accepted)
-        self.report.bytes_up += sum(self._deltas[pid][1] for pid in accepted)
+        if not self._secure:  # secure aggregation counted dc_i in its masked uploads
+            self.report.bytes_up += sum(self._deltas[pid][1] for pid in accepted)
         self._in_sync = (self._in_sync - set(self.report.sampled)) | accepted
         return result
 
     def observe(self, server_round: int, accepted: list[ClientUpdate]) -> None:
         """``c`` and the server's copy of each ``c_i`` take the accepted deltas, also in a
-        round skipped for too few replies (those clients have moved their ``c_i``)."""
-        if not accepted:
+        round skipped for too few replies (those clients have moved their ``c_i``). Under
+        central DP ``c`` takes the noisy sum instead (:meth:`private_aggregate`); under secure
+        aggregation the server sees no ``dc_i`` (:meth:`secure_aggregate`)."""
+        if not accepted or self._secure:
             return
         deltas = torch.stack([self._deltas[u.partition_id][0] for u in accepted])
-        self.control = scaffold_control_step(self.control, deltas, self.num_clients)
+        if not self._central:
+            self.control = scaffold_control_step(self.control, deltas, self.num_clients)
         for u, delta in zip(accepted, deltas, strict=True):
             self.local_controls[u.partition_id] = self.local_controls.get(
                 u.partition_id, torch.zeros_like(delta)) + delta
 
     def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
         return scaffold_model_update(torch.stack([u.update for u in updates]))
+
+    def _joint(self, updates: list[ClientUpdate]) -> torch.Tensor:
+        """The rows ``(dy_i, dc_i)``, shape ``(|S|, 2 D)``."""
+        return torch.stack([torch.cat([u.update, self._deltas[u.partition_id][0].to(u.update.dtype)])
+                            for u in updates])
+
+    def private_aggregate(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
+        """SCAFFOLD under central DP: each client's joint vector ``v_i = (dy_i, dc_i)`` is
+        clipped to ``C`` (``privacy.clip_norm``) on the server, as fedsim's DP-FedAvg clips,
+        and one Gaussian noise vector goes on their sum (:meth:`ServerPrivacy.noisy_sum`)::
+
+            s = sum_{i in S} clip(v_i, C) + N(0, (z S_C)^2 I_{2D})
+            x <- x + eta_g s_dy / m,        c <- c + s_dc / N
+
+        with ``m`` the expected clients per round (DP-FedAvg's fixed denominator; the plain
+        mean's ``|S|`` would tell who took part) and ``S_C = C`` (``2 C`` under fixed-size
+        sampling). One client moves ``s`` by at most ``C``, so the pair of means
+        ``(s_dy / m, s_dc / N)`` has sensitivity at most ``C / m`` (``N >= m``): the model
+        update carries noise of std ``z S_C / m`` per coordinate, ``c``'s step ``z S_C / N``, and
+        both are post-processing of the one release accounted per round. Each client keeps its
+        own unclipped ``c_i`` (its data, never released), so ``c`` is the mean of the
+        ``c_i`` only up to the clipping and the noise."""
+        total = self.privacy.noisy_sum(server_round, self._joint(updates))
+        dim = self.spec.dim
+        self.control = scaffold_control_step(self.control, total[None, dim:], self.num_clients)
+        return total[:dim] / self.privacy.sampling.expected_clients
+
+    def sum_coefficients(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
+        """``1 / |S|``: SCAFFOLD's model update is the plain mean (secure aggregation, which
+        sums ``dc_i`` beside it: :meth:`secure_aggregate`)."""
+        return torch.full((len(updates),), 1.0 / len(updates), dtype=torch.float64)
+
+    def secure_aggregate(self, server_round: int, updates: list[ClientUpdate],
+                         privacy: ServerPrivacy | None) -> torch.Tensor | None:
+        """SCAFFOLD under secure aggregation: the joint vectors ``(dy_i, dc_i)`` go through one
+        masked modular sum, so the server learns only ``mean(dy)`` and ``sum(dc)`` over the
+        clients whose input entered it (``n`` of them)::
+
+            x <- x + eta_g mean_i dy_i,        c <- c + n mean_i dc_i / N
+
+        The masked uploads (``2 D`` values each) count in ``bytes_up`` in place of the
+        update's and ``dc_i``'s payloads. The server keeps no copy of the ``c_i`` (it never
+        sees one): a client whose input did not enter the sum (a failed reply, a withheld
+        input) keeps the ``c_i`` it moved to, which ``c`` then does not include."""
+        joint = [dataclasses.replace(u, update=row) for u, row in zip(updates, self._joint(updates), strict=True)]
+        total = super().secure_aggregate(server_round, joint, privacy)
+        if total is None:
+            return None
+        dim, sent = self.spec.dim, len(updates) - self.report.secagg["secagg_withheld"]
+        self.control = scaffold_control_step(self.control, total[None, dim:] * sent, self.num_clients)
+        return total[:dim]
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "scaffold_control": self.control,
