@@ -41,6 +41,11 @@ def test_the_catalogue_probes_features_by_validation():
     assert scaffold.client_state == ("scaffold-control",)
     assert set(scaffold.combines) | set(scaffold.refuses) == set(FEATURES)
     assert "client.optimizer: adam" in scaffold.refuses["adam clients"]
+    for name in ("scaffold", "fednova", "fedau"):
+        assert {"client-level DP (central)", "secure aggregation"} <= set(describe(name).combines)
+    median = describe("median")
+    assert "strategy.name 'median'" in median.refuses["client-level DP (central)"]
+    assert "secagg.enabled" in median.refuses["secure aggregation"]
     fedbuff = describe("fedbuff")
     assert "participation (bernoulli)" in fedbuff.refuses and "QAT" in fedbuff.combines
     assert [a.name for a in fedbuff.arguments] == ["horizon", "eval_every", "buffer_size", "eta_g"]
