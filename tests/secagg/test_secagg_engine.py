@@ -142,9 +142,10 @@ def test_a_run_whose_dropouts_exceed_the_threshold_skips_those_rounds(tmp_path):
     assert rows[0]["secagg_recovered"] == 0 and rows[1]["num_failed"] == 1
 
 
-def test_a_run_with_a_dropped_client_recovers_it_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("name", ["fedavg", "scaffold"])
+def test_a_run_with_a_dropped_client_recovers_it_and_resumes_exactly(tmp_path, name):
     cfg = load_config(QUICKSTART, [f"output.dir={tmp_path}", *SMALL, "rounds=4", "output.checkpoint_every=2",
-                                   "faults.crash=[1]", "faults.rounds=[1,3]"])
+                                   "faults.crash=[1]", "faults.rounds=[1,3]", f"strategy.name={name}"])
     reference, _ = run_experiment(cfg)
     rows = _rows(reference)
     assert [row["secagg_recovered"] for row in rows] == [1, 0, 1, 0]
