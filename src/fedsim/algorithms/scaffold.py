@@ -25,6 +25,11 @@ on), so a resumed run continues exactly and a dropped reply cannot split ``c`` f
 mean of the ``c_i``. That copy costs ``N x D`` floats of server memory. Bytes: ``c`` (and a
 resent ``c_i``) count on the downlink, ``dc_i`` on the uplink, float32 each.
 
+Under central DP (``privacy.mechanism: central``) the server clips each joint ``(dy_i,
+dc_i)`` and noises their sum (:meth:`Scaffold.private_aggregate`); under secure aggregation
+(``secagg.enabled``) the clients mask the joint vector and the server keeps no ``c_i``
+(:meth:`Scaffold.secure_aggregate`).
+
 Client
 ------
 The server sends the global model ``x`` and its control variate ``c``. Client ``i`` starts

@@ -1,10 +1,13 @@
 """The server's half of a run's differential privacy: the central mechanism, adaptive
 clipping, and the accountant's ledger (checkpointed, so a resumed run continues it exactly).
 
-The strategy base (:class:`fedsim.strategies.base.FedsimStrategy`) calls
-:meth:`ServerPrivacy.aggregate` in place of the algorithm's mean under
-``privacy.mechanism: central``, and :meth:`ServerPrivacy.spend` after every round; the
-synchronous loop writes :meth:`ServerPrivacy.row` into every metrics row.
+Under ``privacy.mechanism: central`` the strategy base
+(:class:`fedsim.strategies.base.FedsimStrategy`) calls its ``private_aggregate`` in place of
+``aggregate_updates``: :meth:`ServerPrivacy.aggregate` (DP-FedAvg's mean) by default, an
+algorithm's own weighted sum through :meth:`ServerPrivacy.noisy_sum` (SCAFFOLD, FedNova,
+FedAU); clipping is the server's, on the updates it receives. The base calls
+:meth:`ServerPrivacy.spend` after every round; the synchronous loop writes
+:meth:`ServerPrivacy.row` into every metrics row.
 
 Units of privacy: a client under ``central`` and ``local`` (client-level DP), a training
 record under ``sample`` (DP-SGD). The reported ``epsilon`` is that of the worst-off unit.

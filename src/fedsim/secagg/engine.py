@@ -15,6 +15,11 @@ that sum from one round of SecAgg+ (:mod:`fedsim.secagg.protocol`) instead of th
    round's failed replies, and withheld inputs) recovered from their neighbours' shares;
 4. the server dequantises and multiplies by ``max_j c_j``.
 
+A strategy that sums more than the update passes longer vectors
+(:meth:`fedsim.strategies.base.FedsimStrategy.secure_aggregate`): SCAFFOLD's clients mask
+``(dy_i, dc_i)`` together, so its control variate moves by a sum the server never sees
+the terms of.
+
 Distributed DP (``privacy.mechanism: central`` with secure aggregation; Kairouz et al. 2021,
 "The Distributed Discrete Gaussian Mechanism for Federated Learning with Secure
 Aggregation", ICML, here with continuous Gaussian shares before quantisation): the server

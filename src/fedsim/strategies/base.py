@@ -160,8 +160,9 @@ class FedsimStrategy(Algorithm, FedAvg):
 
     Config: ClassVar[type[SyncStrategyBase]]
     privacy: ServerPrivacy | None = None
-    """The run's differential privacy (fedsim's engine, ``privacy:``): under ``central`` its
-    mechanism replaces :meth:`aggregate_updates`; every round is spent in its accountant."""
+    """The run's differential privacy (fedsim's engine, ``privacy:``): under ``central``
+    :meth:`private_aggregate` replaces :meth:`aggregate_updates`; every round is spent in its
+    accountant."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Give each algorithm the signature it accepts: Flower FedAvg's arguments, then its
