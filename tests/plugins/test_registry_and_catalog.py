@@ -38,7 +38,7 @@ def test_an_unknown_name_is_one_line_listing_the_known(bad):
 def test_the_catalogue_probes_features_by_validation():
     scaffold = describe("scaffold")
     assert scaffold.family == "sync" and "batched (stacked)" in scaffold.backends
-    assert scaffold.client_state == ("scaffold-control",)
+    assert scaffold.client_state == ("scaffold-control", "scaffold-previous-control")
     assert set(scaffold.combines) | set(scaffold.refuses) == set(FEATURES)
     assert "client.optimizer: adam" in scaffold.refuses["adam clients"]
     for name in ("scaffold", "fednova", "fedau"):

@@ -245,3 +245,17 @@ def test_a_secure_scaffold_run_counts_the_masked_uploads_only(tmp_path):
         # the same protocol with a vector twice as long: dc_i rides in the masked upload
         assert scaffold["secagg_bytes_per_client"] - fedavg["secagg_bytes_per_client"] == 4 * dim
         assert not scaffold["skipped"] and scaffold["secagg_recovered"] == 0
+
+
+def test_a_secure_scaffold_client_whose_delta_missed_c_goes_back_to_its_control_variate(tmp_path):
+    # client 1 moves c_1 then crashes in rounds 1 and 3: the plain server resends its copy of c_1,
+    # the secure one (which has none) tells client 1 to go back; both keep c the mean of the c_i,
+    # so the runs differ by the quantisation only (2^-16 of the range per coordinate)
+    small = ("sim.backend=inprocess", "partition.num_clients=4", "output.plots=false", "eval.federated=false",
+             "client.local_steps=3", "strategy.name=scaffold", "rounds=4", "model.hidden=[16]", "faults.crash=[1]",
+             "faults.rounds=[1,3]")
+    plain, secure = (
+        [row["centralised_loss"] for row in _rows(run_experiment(load_config(
+            QUICKSTART, [f"output.dir={tmp_path / name}", *small, *sets]))[0])]
+        for name, sets in (("plain", ()), ("secure", ("secagg.enabled=true",))))
+    assert plain == pytest.approx(secure, abs=1e-6)

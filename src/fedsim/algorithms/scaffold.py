@@ -27,7 +27,8 @@ resent ``c_i``) count on the downlink, ``dc_i`` on the uplink, float32 each.
 
 Under central DP (``privacy.mechanism: central``) the server clips each joint ``(dy_i,
 dc_i)`` and noises their sum (:meth:`Scaffold.private_aggregate`); under secure aggregation
-(``secagg.enabled``) the clients mask the joint vector and the server keeps no ``c_i``
+(``secagg.enabled``) the clients mask the joint vector, the server keeps no ``c_i``, and a
+client whose ``dc_i`` did not enter ``c`` goes back to its earlier ``c_i``
 (:meth:`Scaffold.secure_aggregate`).
 
 Client
@@ -169,6 +170,12 @@ LOCAL_RECORD = "scaffold-local-control"
 or a failed reply; the client adopts it)."""
 DELTA_RECORD = "scaffold-delta"
 """Reply record of the client's ``dc_i = c_i+ - c_i``."""
+PREVIOUS_KEY = "scaffold-previous-control"
+"""Secure aggregation: where a client keeps its ``c_i`` from before its last training round,
+and that round (``"round"``), to go back to if its ``dc_i`` did not enter ``c``."""
+REVERT_KEY = "scaffold-revert"
+"""Secure aggregation: the training config's key naming the round whose ``dc_i`` did not
+enter ``c``; the client takes back the ``c_i`` it had before that round."""
 
 _IDENTITY = codecs.build("identity")
 
@@ -398,16 +405,37 @@ class ScaffoldControl:
         return encode_vector(c_new - self.c_local)[0]
 
 
+def reverted_control(state: MutableMapping, server_round: int) -> torch.Tensor | None:
+    """The ``c_i`` kept before round ``server_round`` (:data:`PREVIOUS_KEY`), None when the
+    client did not move its ``c_i`` in that round."""
+    kept = state.get(PREVIOUS_KEY)
+    if kept is None or int(kept["round"].numpy()[0]) != server_round:
+        return None
+    return decode_vector(ArrayRecord({k: v for k, v in kept.items() if k != "round"}))
+
+
+def kept_control(c_local: torch.Tensor, server_round: int) -> ArrayRecord:
+    """``c_i`` as kept before training in ``server_round`` (:data:`PREVIOUS_KEY`)."""
+    record = encode_vector(c_local)[0]
+    record["round"] = Array(np.array([server_round], dtype=np.int64))
+    return record
+
+
 class ScaffoldClient(ClientFeature):
     """SCAFFOLD's client half: the correction hook from ``c`` and ``c_i``, and ``dc_i`` in
     the reply; ``c_i`` is the client's own state. Stacked, each row corrects with its own
-    client's ``c_i``."""
+    client's ``c_i``. Under secure aggregation it also keeps the ``c_i`` from before its last
+    round, and goes back to it when the server says that round's ``dc_i`` did not enter ``c``
+    (:data:`REVERT_KEY`)."""
 
-    state_keys = (STATE_KEY,)
+    state_keys = (STATE_KEY, PREVIOUS_KEY)
 
     def hooks(self, ctx: ClientContext, start: dict[str, torch.Tensor]) -> tuple[ClientHook, ...]:
         control = ScaffoldControl.from_content(ctx.content, ctx.state, ctx.spec, ctx.partition_id,
                                                ctx.cfg.strategy.correction)
+        if REVERT_KEY in ctx.config and (previous := reverted_control(ctx.state, int(ctx.config[REVERT_KEY]))) \
+                is not None:
+            control.c_local = previous
         ctx.scratch["scaffold"] = control
         return (control.hook(start, ctx.cfg.client.lr),)
 
@@ -418,7 +446,10 @@ class ScaffoldClient(ClientFeature):
         return (correction_hook(local, glob, ctxs[0].cfg.strategy.correction, ctxs[0].cfg.client.lr),)
 
     def finish(self, ctx: ClientContext, update: torch.Tensor, steps: int) -> dict[str, ArrayRecord]:
-        return {DELTA_RECORD: ctx.scratch["scaffold"].finish(update, steps, ctx.cfg.client, ctx.state)}
+        control = ctx.scratch["scaffold"]
+        if ctx.cfg.secagg.enabled:
+            ctx.state[PREVIOUS_KEY] = kept_control(control.c_local, ctx.server_round)
+        return {DELTA_RECORD: control.finish(update, steps, ctx.cfg.client, ctx.state)}
 
 
 class Scaffold(FedsimStrategy):
@@ -454,6 +485,8 @@ class Scaffold(FedsimStrategy):
         self._in_sync: set[int] = set()
         self._contacted: set[int] = set()
         self._deltas: dict[int, tuple[torch.Tensor, int]] = {}
+        self._summed: set[int] = set()  # secure aggregation: the clients whose dc_i entered c this round
+        self._revert: dict[int, int] = {}  # secure aggregation: client -> the round whose dc_i c lacks
 
     def prepare_messages(self, server_round: int, messages: list[Message], clients: list[int]) -> None:
         if self.control is None:
@@ -462,6 +495,8 @@ class Scaffold(FedsimStrategy):
         for client, msg in zip(clients, messages, strict=True):
             msg.content[CONTROL_RECORD] = record
             self.report.bytes_down += control_bytes
+            if client in self._revert:
+                msg.content["config"][REVERT_KEY] = self._revert.pop(client)
             if not self._secure and client not in self._in_sync and (client in self.local_controls
                                                                      or client in self._contacted):
                 local, local_bytes = encode_vector(self.local_controls.get(client, torch.zeros_like(self.control)))
@@ -498,9 +533,12 @@ class Scaffold(FedsimStrategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self._summed = set()
         result = super().aggregate_train(server_round, replies)
         accepted = set(self.report.accepted)
-        if not self._secure:  # secure aggregation counted dc_i in its masked uploads
+        if self._secure:  # dc_i counted in the masked uploads; a client whose dc_i c lacks goes back
+            self._revert.update(dict.fromkeys(set(self.report.sampled) - self._summed, server_round))
+        else:
             self.report.bytes_up += sum(self._deltas[pid][1] for pid in accepted)
         self._in_sync = (self._in_sync - set(self.report.sampled)) | accepted
         return result
@@ -563,20 +601,24 @@ class Scaffold(FedsimStrategy):
 
         The masked uploads (``2 D`` values each) count in ``bytes_up`` in place of the
         update's and ``dc_i``'s payloads. The server keeps no copy of the ``c_i`` (it never
-        sees one): a client whose input did not enter the sum (a failed reply, a withheld
-        input) keeps the ``c_i`` it moved to, which ``c`` then does not include."""
+        sees one): a client sampled in a round whose ``dc_i`` did not enter ``c`` (a failed
+        reply, a withheld input, a skipped or refused round) is told so in its next training
+        message (:data:`REVERT_KEY`) and takes back the ``c_i`` it kept from before that round,
+        so ``c`` stays the mean of the ``c_i``."""
         joint = [dataclasses.replace(u, update=row) for u, row in zip(updates, self._joint(updates), strict=True)]
         total = super().secure_aggregate(server_round, joint, privacy)
         if total is None:
             return None
-        dim, sent = self.spec.dim, len(updates) - self.report.secagg["secagg_withheld"]
-        self.control = scaffold_control_step(self.control, total[None, dim:] * sent, self.num_clients)
+        self._summed = {u.partition_id for u in updates} - set(self.engine.secagg.withheld)
+        dim = self.spec.dim
+        self.control = scaffold_control_step(self.control, total[None, dim:] * len(self._summed), self.num_clients)
         return total[:dim]
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "scaffold_control": self.control,
                 "scaffold_local_controls": dict(self.local_controls), "scaffold_in_sync": sorted(self._in_sync),
-                "scaffold_contacted": sorted(self._contacted)}
+                "scaffold_contacted": sorted(self._contacted),
+                "scaffold_revert": {str(c): r for c, r in self._revert.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -584,6 +626,7 @@ class Scaffold(FedsimStrategy):
         self.local_controls = dict(state["scaffold_local_controls"])
         self._in_sync = set(state.get("scaffold_in_sync", ()))
         self._contacted = set(state.get("scaffold_contacted", ()))
+        self._revert = {int(c): int(r) for c, r in state.get("scaffold_revert", {}).items()}
 
     def clients_lost_state(self) -> None:
         """Every client is sent its ``c_i`` again with its next training message."""

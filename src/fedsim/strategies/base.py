@@ -335,11 +335,18 @@ class FedsimStrategy(Algorithm, FedAvg):
         """Whether :meth:`private_aggregate` covers what the server reads: it is defined where
         (or below where) :meth:`aggregate_updates` and :meth:`observe` are, and, for an
         algorithm whose clients send records of their own, by the algorithm itself."""
-        private = cls.defined_by("private_aggregate")
-        own = private is not FedsimStrategy or cls.client is None or \
-            type(cls.client).finish is ClientFeature.finish
-        return own and issubclass(private, cls.defined_by("aggregate_updates")) and \
-            issubclass(private, cls.defined_by("observe"))
+        return cls._covers("private_aggregate", "private_aggregate")
+
+    @classmethod
+    def _covers(cls, method: str, records: str) -> bool:
+        """``method`` is defined where (or below where) :meth:`aggregate_updates` and
+        :meth:`observe` are, and ``records`` by the algorithm itself if its clients send
+        records of their own (SCAFFOLD's ``dc_i``)."""
+        sends_records = cls.client is not None and type(cls.client).finish is not ClientFeature.finish
+        if sends_records and cls.defined_by(records) is FedsimStrategy:
+            return False
+        own = cls.defined_by(method)
+        return issubclass(own, cls.defined_by("aggregate_updates")) and issubclass(own, cls.defined_by("observe"))
 
     def secure_aggregate(self, server_round: int, updates: list[ClientUpdate],
                          privacy: ServerPrivacy | None) -> torch.Tensor | None:
@@ -362,10 +369,9 @@ class FedsimStrategy(Algorithm, FedAvg):
     def sums_updates(cls) -> bool:
         """Whether the server needs only the weighted sum of the updates: its
         :meth:`sum_coefficients` is defined where (or below where) its
-        :meth:`aggregate_updates` and :meth:`observe` are."""
-        coefficients = cls.defined_by("sum_coefficients")
-        return issubclass(coefficients, cls.defined_by("aggregate_updates")) and \
-            issubclass(coefficients, cls.defined_by("observe"))
+        :meth:`aggregate_updates` and :meth:`observe` are, and its :meth:`secure_aggregate`
+        by itself if its clients send records of their own."""
+        return cls._covers("sum_coefficients", "secure_aggregate")
 
     # --------------------------------------------------------------- training
     def summary(self) -> None:
