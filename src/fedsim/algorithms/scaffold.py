@@ -433,8 +433,8 @@ class ScaffoldClient(ClientFeature):
     def hooks(self, ctx: ClientContext, start: dict[str, torch.Tensor]) -> tuple[ClientHook, ...]:
         control = ScaffoldControl.from_content(ctx.content, ctx.state, ctx.spec, ctx.partition_id,
                                                ctx.cfg.strategy.correction)
-        if REVERT_KEY in ctx.config and (previous := reverted_control(ctx.state, int(ctx.config[REVERT_KEY]))) \
-                is not None:
+        previous = reverted_control(ctx.state, int(ctx.config[REVERT_KEY])) if REVERT_KEY in ctx.config else None
+        if previous is not None:
             control.c_local = previous
         ctx.scratch["scaffold"] = control
         return (control.hook(start, ctx.cfg.client.lr),)
@@ -496,7 +496,7 @@ class Scaffold(FedsimStrategy):
             msg.content[CONTROL_RECORD] = record
             self.report.bytes_down += control_bytes
             if client in self._revert:
-                msg.content["config"][REVERT_KEY] = self._revert.pop(client)
+                msg.content[self.configrecord_key][REVERT_KEY] = self._revert.pop(client)
             if not self._secure and client not in self._in_sync and (client in self.local_controls
                                                                      or client in self._contacted):
                 local, local_bytes = encode_vector(self.local_controls.get(client, torch.zeros_like(self.control)))
