@@ -14,6 +14,7 @@ from fedsim.config import ConfigError, load_config
 from fedsim.loops.sync import build_strategy
 from fedsim.outputs.results import RunDir
 from fedsim.params import ParamSpec
+from fedsim.privacy.accounting import GaussianRelease, epsilon
 from fedsim.privacy.noise import gaussian_noise
 from fedsim.privacy.server import ServerPrivacy
 from fedsim.runner import run_experiment
@@ -123,7 +124,20 @@ def test_fednova_noise_is_tau_eff_times_the_largest_weight():
 
 def test_fedau_noise_is_k_over_n_of_the_sum_noise():
     strategy, updates = _fedau([torch.zeros(DIM)] * 3)
-    assert _noise_std_ok(strategy.private_aggregate(1, updates).double().numpy(), 4 / N * 1.2)
+    # online weights reveal past participation: accounted as public (add or remove one, S = C = 0.5)
+    assert strategy.privacy.sampling.kind == "none"
+    assert _noise_std_ok(strategy.private_aggregate(1, updates).double().numpy(), 4 / N * 1.2 * 0.5)
+
+
+@pytest.mark.parametrize(("weights", "release"), [
+    ("online", GaussianRelease(1.2)),  # no amplification: the weights carry who took part before
+    ("known", GaussianRelease(1.2, "fixed", 0.5, 3, 6)),  # 1 / p = 2 for everyone, fixed in advance
+])
+def test_fedau_is_accounted_with_amplification_only_for_weights_fixed_in_advance(tmp_path, weights, release):
+    cfg = load_config(QUICKSTART, [f"output.dir={tmp_path}", *RUN, *ALGORITHMS["fedau"], *CENTRAL, "rounds=2",
+                                   f"strategy.weights={weights}"])
+    rows = _rows(run_experiment(cfg)[0])
+    assert [row["epsilon"] for row in rows] == [epsilon({release: r}, 1e-5, "rdp") for r in (1, 2)]
 
 
 def _huge(seed):

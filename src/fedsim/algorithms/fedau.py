@@ -315,17 +315,25 @@ class FedAU(FedsimStrategy):
         weights depend only on participation, never on the clients' data: ``online``
         estimates them from each client's participation gaps, ``known`` reads the
         participation model's ``p_i`` (refused with ``participation.tied_to_labels``, whose
-        ``p_i`` come from the clients' labels). Under a participation model with no
-        amplification (markov, cyclic, unequal p_i) participation is public and so are the
-        weights; under Poisson or fixed-size sampling a client's weight is a function of its
-        own past sampling, independent of its data and of the other clients, and bounded by
-        ``B`` whatever that sampling was, so each round stays a subsampled Gaussian mechanism
-        of sensitivity at most ``B C / N`` -- the release the accountant composes."""
+        ``p_i`` come from the clients' labels). So they are public where participation is:
+        the accountant takes it as public (no amplification by sampling) under markov,
+        cyclic and unequal ``p_i``, and under ``online`` weights whatever the participation
+        model (:meth:`participation_revealed`: the amplification theorems need a round's
+        participation hidden, and these weights carry the past rounds'); ``known`` weights
+        under uniform or one-``p`` Bernoulli sampling are ``N / k`` or ``1 / p``, fixed in
+        advance, and keep the amplification."""
         stacked = torch.stack([u.update for u in updates])
         omega = torch.tensor([self._omega[u.partition_id] for u in updates], dtype=torch.float64)
         num_clients = max(self.num_clients, len(updates))
         return self.privacy.noisy_sum(server_round, stacked, omega * (1.0 / num_clients),
                                       self.weight_bound() / num_clients)
+
+    @classmethod
+    def participation_revealed(cls, cfg: ExperimentConfig) -> str | None:
+        if cfg.strategy.weights == "online":
+            return ("strategy.name fedau weighs each client by its own past participation gaps, so its aggregate "
+                    "depends on who took part before")
+        return None
 
     @classmethod
     def rules(cls, cfg: ExperimentConfig) -> Iterator[str | None]:
