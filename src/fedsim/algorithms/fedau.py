@@ -294,23 +294,21 @@ class FedAU(FedsimStrategy):
         # a node that replied and then left the grid still counts among the N clients
         return fedau_aggregate(stacked, omega, num_clients=max(self.num_clients, len(updates)))
 
-    def weight_bound(self, updates: list[ClientUpdate]) -> float:
-        """The largest ``omega_i`` a client can have in this round, whatever the clients'
-        data: under ``weights: online`` the largest of the round's participants' weights
-        (each a mean of participation gaps capped at ``K``, so at most ``K``), a function of
-        participation, which central DP then accounts as public
-        (:meth:`participation_revealed`); under ``known`` ``max_i 1 / p_i`` of the
-        participation model over all clients, fixed in advance."""
+    def weight_bound(self) -> float:
+        """The largest ``omega_i`` a client can have, whatever the clients' data and
+        participation: ``K`` under ``weights: online`` (a mean of gaps capped at ``K``; 1 at a
+        first participation), ``max_i 1 / p_i`` of the participation model over all clients
+        under ``known``. Neither depends on who takes part, so one client added or removed
+        changes no other client's weight and no noise scale."""
         if self.cfg.weights == "online":
-            return max(self._omega[u.partition_id] for u in updates)
+            return float(self.cfg.K)
         p = self.engine.sampler.probabilities()
         return float(1.0 / p[p > 0].min())
 
     def private_aggregate(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
         """FedAU under central DP: each update clipped to ``C`` (``privacy.clip_norm``) on the
         server, FedAU's weighted sum, and Gaussian noise calibrated to the largest weight a
-        client can have this round (:meth:`weight_bound`, ``B <= K``;
-        :meth:`ServerPrivacy.noisy_sum`)::
+        client can have (:meth:`weight_bound`, ``B``; :meth:`ServerPrivacy.noisy_sum`)::
 
             x <- x + eta_g ((1/N) sum_{i in S} omega_i clip(Delta_i, C) + N(0, (z S_C B / N)^2 I))
 
@@ -323,15 +321,14 @@ class FedAU(FedsimStrategy):
         the accountant takes it as public (no amplification by sampling) under markov,
         cyclic and unequal ``p_i``, and under ``online`` weights whatever the participation
         model (:meth:`participation_revealed`: the amplification theorems need a round's
-        participation hidden, and these weights carry the past rounds'), which is what lets
-        ``B`` be the round's participants' largest weight rather than ``K``; ``known`` weights
+        participation hidden, and these weights carry the past rounds'); ``known`` weights
         under uniform or one-``p`` Bernoulli sampling are ``N / k`` or ``1 / p``, fixed in
         advance, and keep the amplification."""
         stacked = torch.stack([u.update for u in updates])
         omega = torch.tensor([self._omega[u.partition_id] for u in updates], dtype=torch.float64)
         num_clients = max(self.num_clients, len(updates))
         return self.privacy.noisy_sum(server_round, stacked, omega * (1.0 / num_clients),
-                                      self.weight_bound(updates) / num_clients)
+                                      self.weight_bound() / num_clients)
 
     @classmethod
     def participation_revealed(cls, cfg: ExperimentConfig) -> str | None:
