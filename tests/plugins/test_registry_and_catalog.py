@@ -38,9 +38,14 @@ def test_an_unknown_name_is_one_line_listing_the_known(bad):
 def test_the_catalogue_probes_features_by_validation():
     scaffold = describe("scaffold")
     assert scaffold.family == "sync" and "batched (stacked)" in scaffold.backends
-    assert scaffold.client_state == ("scaffold-control",)
+    assert scaffold.client_state == ("scaffold-control", "scaffold-previous-control")
     assert set(scaffold.combines) | set(scaffold.refuses) == set(FEATURES)
     assert "client.optimizer: adam" in scaffold.refuses["adam clients"]
+    for name in ("scaffold", "fednova", "fedau"):
+        assert {"client-level DP (central)", "secure aggregation"} <= set(describe(name).combines)
+    median = describe("median")
+    assert "strategy.name 'median'" in median.refuses["client-level DP (central)"]
+    assert "secagg.enabled" in median.refuses["secure aggregation"]
     fedbuff = describe("fedbuff")
     assert "participation (bernoulli)" in fedbuff.refuses and "QAT" in fedbuff.combines
     assert [a.name for a in fedbuff.arguments] == ["horizon", "eval_every", "buffer_size", "eta_g"]

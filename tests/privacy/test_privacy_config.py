@@ -26,8 +26,6 @@ BAD = {
     "krum": ({"strategy": {"name": "krum"}, "privacy": RDP}, ("privacy.mechanism", "strategy.name")),
     "trimmed mean": ({"strategy": {"name": "trimmed_mean"}, "privacy": RDP}, ("privacy.mechanism", "strategy.name")),
     "flag": ({"strategy": {"name": "flag"}, "privacy": RDP}, ("privacy.mechanism", "strategy.name")),
-    "scaffold's control variates": ({"strategy": {"name": "scaffold"}, "privacy": RDP},
-                                    ("privacy.mechanism", "strategy.name")),
     "pld on fixed-size sampling": ({"strategy": {"fraction_train": 0.5}, "privacy": CENTRAL},
                                    ("privacy.accountant", "participation.model")),
     "ef21 estimates": ({"quant": {"uplink": {"codec": "topk", "fraction": 0.1, "error_feedback": "ef21"}},

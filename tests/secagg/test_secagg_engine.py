@@ -39,7 +39,7 @@ def _coefficients(u):
     return _strategy("fedavg").sum_coefficients(1, u)
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fednova", "fedau"])
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fednova", "fedau", "scaffold"])
 def test_sum_coefficients_give_the_aggregators_own_aggregate(name):
     strategy, updates = _strategy(name), _updates()
     c = strategy.sum_coefficients(1, updates)
@@ -97,7 +97,6 @@ def test_too_many_dropouts_refuse_the_round_in_one_line(caplog):
 @pytest.mark.parametrize(("sets", "line"), [
     (["strategy.name=median"], "secagg.enabled: the server learns only the weighted sum of the updates; "
                                "strategy.name is 'median', whose server reads each client's reply"),
-    (["strategy.name=scaffold"], "strategy.name is 'scaffold', whose server reads each client's reply"),
     (["strategy.name=krum"], "strategy.name is 'krum', whose server reads each client's reply"),
     (["strategy.name=fedlex"], "strategy.name is 'fedlex', whose server reads each client's reply"),
     (["strategy.name=fedbuff"], "secagg.enabled: secure aggregation sums a synchronous round's updates; "
@@ -119,7 +118,7 @@ def test_secagg_options_without_secagg_are_refused():
         load_config(QUICKSTART, ["secagg.bits=16"])
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fednova", "fedau"])
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fednova", "fedau", "scaffold"])
 def test_aggregators_of_weighted_sums_validate_with_secure_aggregation(name):
     cfg = load_config(QUICKSTART, ["secagg.enabled=true", f"strategy.name={name}", "strategy.server_opt.name=adam"])
     assert cfg.secagg.enabled
@@ -143,9 +142,10 @@ def test_a_run_whose_dropouts_exceed_the_threshold_skips_those_rounds(tmp_path):
     assert rows[0]["secagg_recovered"] == 0 and rows[1]["num_failed"] == 1
 
 
-def test_a_run_with_a_dropped_client_recovers_it_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("name", ["fedavg", "scaffold"])
+def test_a_run_with_a_dropped_client_recovers_it_and_resumes_exactly(tmp_path, name):
     cfg = load_config(QUICKSTART, [f"output.dir={tmp_path}", *SMALL, "rounds=4", "output.checkpoint_every=2",
-                                   "faults.crash=[1]", "faults.rounds=[1,3]"])
+                                   "faults.crash=[1]", "faults.rounds=[1,3]", f"strategy.name={name}"])
     reference, _ = run_experiment(cfg)
     rows = _rows(reference)
     assert [row["secagg_recovered"] for row in rows] == [1, 0, 1, 0]
@@ -158,7 +158,7 @@ def test_a_run_with_a_dropped_client_recovers_it_and_resumes_exactly(tmp_path):
     assert _rows(interrupted) == rows
 
 
-@pytest.mark.parametrize("sets", [["strategy.name=fednova"], ["strategy.name=fedau"],
+@pytest.mark.parametrize("sets", [["strategy.name=fednova"], ["strategy.name=fedau"], ["strategy.name=scaffold"],
                                   ["sim.backend=batched", "strategy.server_opt.name=adam"]])
 def test_what_validates_with_secure_aggregation_runs(tmp_path, sets):
     cfg = load_config(QUICKSTART, [f"output.dir={tmp_path}", *SMALL, "rounds=2", "strategy.fraction_train=0.75", *sets])

@@ -176,6 +176,13 @@ class Algorithm:
         return ()
 
     @classmethod
+    def participation_revealed(cls, cfg: ExperimentConfig) -> str | None:
+        """Why this algorithm's aggregate depends on which clients took part in earlier rounds,
+        or None. Central DP then claims no amplification by sampling (which assumes a round's
+        participation hidden): it accounts participation as public."""
+        return None
+
+    @classmethod
     def backends(cls) -> tuple[str, ...]:
         """Where it runs; under ``batched`` its clients train stacked unless its client half
         says otherwise."""

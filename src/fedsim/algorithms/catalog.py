@@ -32,6 +32,7 @@ FEATURES: dict[str, dict[str, Any]] = {
     "hierarchy (2 gateways)": {"hierarchy": {"num_edges": 2}},
     "client-level DP (central)": {"privacy": {"mechanism": "central", "noise_multiplier": 1.0}},
     "DP-SGD (sample)": {"sim": {"backend": "batched"}, "privacy": {"mechanism": "sample", "noise_multiplier": 1.0}},
+    "secure aggregation": {"secagg": {"enabled": True}},
 }
 """Each feature as the settings that switch it on."""
 

@@ -38,8 +38,8 @@ with ``N`` the total number of clients, not the number of participants.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Literal
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -51,6 +51,9 @@ from fedsim.algorithms.api import SyncStrategyBase
 from fedsim.strategies.aggregate import check_updates
 from fedsim.strategies.base import FedsimStrategy
 from fedsim.strategies.replies import ClientUpdate
+
+if TYPE_CHECKING:
+    from fedsim.config import ExperimentConfig
 
 __all__ = ["FedAU", "FedAUConfig", "FedAUWeights", "fedau_aggregate"]
 
@@ -290,6 +293,58 @@ class FedAU(FedsimStrategy):
         omega = torch.tensor([self._omega[u.partition_id] for u in updates], dtype=torch.float64)
         # a node that replied and then left the grid still counts among the N clients
         return fedau_aggregate(stacked, omega, num_clients=max(self.num_clients, len(updates)))
+
+    def weight_bound(self) -> float:
+        """The largest ``omega_i`` a client can have, whatever the clients' data and
+        participation: ``K`` under ``weights: online`` (a mean of gaps capped at ``K``; 1 at a
+        first participation), ``max_i 1 / p_i`` of the participation model over all clients
+        under ``known``. Neither depends on who takes part, so one client added or removed
+        changes no other client's weight and no noise scale."""
+        if self.cfg.weights == "online":
+            return float(self.cfg.K)
+        p = self.engine.sampler.probabilities()
+        return float(1.0 / p[p > 0].min())
+
+    def private_aggregate(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
+        """FedAU under central DP: each update clipped to ``C`` (``privacy.clip_norm``) on the
+        server, FedAU's weighted sum, and Gaussian noise calibrated to the largest weight a
+        client can have (:meth:`weight_bound`, ``B``; :meth:`ServerPrivacy.noisy_sum`)::
+
+            x <- x + eta_g ((1/N) sum_{i in S} omega_i clip(Delta_i, C) + N(0, (z S_C B / N)^2 I))
+
+        One client moves the sum by at most ``B C / N`` (``S_C = C``, ``2 C`` under
+        fixed-size sampling), so that is the noise's std per coordinate over ``z``. The
+        weights depend only on participation, never on the clients' data: ``online``
+        estimates them from each client's participation gaps, ``known`` reads the
+        participation model's ``p_i`` (refused with ``participation.tied_to_labels``, whose
+        ``p_i`` come from the clients' labels). So they are public where participation is:
+        the accountant takes it as public (no amplification by sampling) under markov,
+        cyclic and unequal ``p_i``, and under ``online`` weights whatever the participation
+        model (:meth:`participation_revealed`: the amplification theorems need a round's
+        participation hidden, and these weights carry the past rounds'); ``known`` weights
+        under uniform or one-``p`` Bernoulli sampling are ``N / k`` or ``1 / p``, fixed in
+        advance, and keep the amplification."""
+        stacked = torch.stack([u.update for u in updates])
+        omega = torch.tensor([self._omega[u.partition_id] for u in updates], dtype=torch.float64)
+        num_clients = max(self.num_clients, len(updates))
+        return self.privacy.noisy_sum(server_round, stacked, omega * (1.0 / num_clients),
+                                      self.weight_bound() / num_clients)
+
+    @classmethod
+    def participation_revealed(cls, cfg: ExperimentConfig) -> str | None:
+        if cfg.strategy.weights == "online":
+            return ("strategy.name fedau weighs each client by its own past participation gaps, so its aggregate "
+                    "depends on who took part before")
+        return None
+
+    @classmethod
+    def rules(cls, cfg: ExperimentConfig) -> Iterator[str | None]:
+        """Central DP needs weights that depend on participation only."""
+        if (cfg.privacy.mechanism == "central" and cfg.strategy.weights == "known"
+                and cfg.participation.tied_to_labels):
+            yield ("strategy.weights: known weighs each client by 1 / p_i, which participation.tied_to_labels "
+                   "derives from its labels; privacy.mechanism central needs weights independent of the clients' "
+                   "data (use strategy.weights online)")
 
     def sum_coefficients(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
         """``omega_i / N``: FedAU's aggregate is a weighted sum (secure aggregation)."""

@@ -32,11 +32,12 @@ from flwr.app import Message
 
 from fedsim.algorithms.api import SyncStrategyBase
 from fedsim.clients.local_steps import momentum_steps
+from fedsim.clients.train import local_steps
 from fedsim.strategies.aggregate import as_weights, check_updates
 from fedsim.strategies.base import FedsimStrategy
 from fedsim.strategies.replies import ClientUpdate, Failure
 
-__all__ = ["FedNova", "FedNovaConfig", "fednova_aggregate"]
+__all__ = ["FedNova", "FedNovaConfig", "fednova_aggregate", "fednova_private_weights", "fednova_tau_eff"]
 
 
 class FedNovaConfig(SyncStrategyBase):
@@ -75,6 +76,48 @@ def fednova_aggregate(updates: torch.Tensor, weights: torch.Tensor | Sequence[fl
     return (tau_eff * p / a).to(updates.dtype) @ updates
 
 
+def fednova_private_weights(examples: Sequence[float], population: Sequence[float],
+                            expected_clients: float) -> tuple[torch.Tensor, float]:
+    """FedNova's weights under central DP, McMahan et al. 2018's fixed-denominator estimator
+    (arXiv 1710.06963, ``f~_f``) with ``w_i = n_i / n_max``: ``p_i = n_i N / (m sum_k n_k)``,
+    and the bound ``beta = n_max N / (m sum_k n_k)`` on every ``p_i``.
+
+    The denominator ``m sum_k n_k / N`` (``m`` expected clients per round, ``sum_k n_k`` over
+    all ``N`` clients) does not depend on who takes part, so a client added or removed changes
+    no other client's weight, and ``sum_{i in S} p_i`` is 1 in expectation; with every client
+    in every round (``m = N``) ``p_i = n_i / sum_k n_k``, the plain FedNova's.
+
+    Parameters
+    ----------
+    examples : sequence of float
+        The round's clients' ``n_i``, each capped at ``n_max`` (a reported count cannot raise
+        a weight beyond the bound).
+    population : sequence of float
+        Every client's ``n_k`` (public statistics of the federation, as McMahan et al.'s
+        total weight ``W``).
+    expected_clients : float
+        ``m``.
+
+    Returns
+    -------
+    (torch.Tensor, float)
+        ``p_i`` (float64) and ``beta``.
+    """
+    total = torch.as_tensor(population, dtype=torch.float64)
+    n_max, scale = float(total.max()), len(total) / expected_clients
+    n = torch.as_tensor(examples, dtype=torch.float64).clamp(max=n_max)
+    total_sum = total.sum()
+    return n / total_sum * scale, float(n_max / total_sum * scale)
+
+
+def fednova_tau_eff(population: Sequence[float], steps: Sequence[float]) -> float:
+    """``tau_eff = sum_k p_k a_k`` over every client, ``p_k = n_k / sum_j n_j``: FedNova's
+    effective steps (Wang et al. 2020 define them over all clients) from public statistics of
+    the federation, so that under central DP it is no function of the round's cohort."""
+    n = torch.as_tensor(population, dtype=torch.float64)
+    return float((n / n.sum() * torch.as_tensor(steps, dtype=torch.float64)).sum())
+
+
 class FedNova(FedsimStrategy):
     """FedNova: each reply's ``steps`` metric (``tau_i``) and the clients' momentum give
     ``a_i``; ``num-examples`` (``weighted_by_key``) gives ``p_i``.
@@ -106,6 +149,33 @@ class FedNova(FedsimStrategy):
         momentum = self.engine.exp.client.momentum if self.engine else 0.0
         steps = [momentum_steps(int(u.metrics["steps"]), momentum) for u in updates]
         return fednova_aggregate(torch.stack([u.update for u in updates]), [u.num_examples for u in updates], steps)
+
+    def private_aggregate(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
+        """FedNova under central DP: the normalised updates ``d_i = dy_i / a_i`` clipped to
+        ``C`` (``privacy.clip_norm``) on the server, summed with the fixed-denominator weights
+        ``p_i`` of :func:`fednova_private_weights`, noised, then scaled by ``tau_eff``
+        (:func:`fednova_tau_eff`, over all clients)::
+
+            x <- x + sum_{i in S} tau_eff p_i clip(d_i, C) + N(0, (z S_C tau_eff beta)^2 I)
+
+        One client moves the sum by at most ``beta C`` (``beta = max p_i = n_max N / (m
+        sum_k n_k)``; ``S_C = C``, or ``2 C`` under fixed-size sampling), so the noise std per
+        coordinate is ``z S_C beta`` on the normalised sum and ``tau_eff z S_C beta`` on the update
+        (``tau_eff`` scales signal and noise alike: :meth:`ServerPrivacy.noisy_sum` with
+        coefficients ``tau_eff p_i`` and bound ``tau_eff beta``). The example counts and steps of the population
+        enter as public statistics of the federation (McMahan et al. 2018 take the total weight
+        ``W`` as known): the weights and ``tau_eff`` depend on no round's cohort. With every
+        client in every round this is the plain FedNova on clipped updates."""
+        privacy = self.privacy
+        momentum = self.engine.exp.client.momentum
+        population = privacy.client_examples
+        a = torch.tensor([momentum_steps(int(u.metrics["steps"]), momentum) for u in updates], dtype=torch.float64)
+        p, beta = fednova_private_weights([u.num_examples for u in updates], population,
+                                          privacy.sampling.expected_clients)
+        tau_eff = fednova_tau_eff(population, [momentum_steps(local_steps(n, self.engine.exp.client), momentum)
+                                               for n in population])
+        return privacy.noisy_sum(server_round, torch.stack([u.update for u in updates]), tau_eff * p, tau_eff * beta,
+                                 divisors=a)
 
     def sum_coefficients(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
         """``tau_eff p_i / a_i``: FedNova's aggregate is a weighted sum (secure aggregation)."""

@@ -25,6 +25,12 @@ on), so a resumed run continues exactly and a dropped reply cannot split ``c`` f
 mean of the ``c_i``. That copy costs ``N x D`` floats of server memory. Bytes: ``c`` (and a
 resent ``c_i``) count on the downlink, ``dc_i`` on the uplink, float32 each.
 
+Under central DP (``privacy.mechanism: central``) the server clips each joint ``(dy_i,
+dc_i)`` and noises their sum (:meth:`Scaffold.private_aggregate`); under secure aggregation
+(``secagg.enabled``) the clients mask the joint vector, the server keeps no ``c_i``, and a
+client whose ``dc_i`` did not enter ``c`` goes back to its earlier ``c_i``
+(:meth:`Scaffold.secure_aggregate`).
+
 Client
 ------
 The server sends the global model ``x`` and its control variate ``c``. Client ``i`` starts
@@ -66,6 +72,7 @@ entries of buffers (BatchNorm statistics, which have no gradient) stay 0.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -92,6 +99,7 @@ from fedsim.strategies.replies import (
 
 if TYPE_CHECKING:
     from fedsim.config import ClientConfig
+    from fedsim.privacy.server import ServerPrivacy
 
 __all__ = ["Scaffold", "ScaffoldConfig", "ScaffoldControl", "control_variate_update", "corrected_gradients",
            "corrected_weights", "scaffold_control_step", "scaffold_model_update"]
@@ -162,6 +170,12 @@ LOCAL_RECORD = "scaffold-local-control"
 or a failed reply; the client adopts it)."""
 DELTA_RECORD = "scaffold-delta"
 """Reply record of the client's ``dc_i = c_i+ - c_i``."""
+PREVIOUS_KEY = "scaffold-previous-control"
+"""Secure aggregation: where a client keeps its ``c_i`` from before its last training round,
+and that round (``"round"``), to go back to if its ``dc_i`` did not enter ``c``."""
+REVERT_KEY = "scaffold-revert"
+"""Secure aggregation: the training config's key naming the round whose ``dc_i`` did not
+enter ``c``; the client takes back the ``c_i`` it had before that round."""
 
 _IDENTITY = codecs.build("identity")
 
@@ -391,16 +405,37 @@ class ScaffoldControl:
         return encode_vector(c_new - self.c_local)[0]
 
 
+def reverted_control(state: MutableMapping, server_round: int) -> torch.Tensor | None:
+    """The ``c_i`` kept before round ``server_round`` (:data:`PREVIOUS_KEY`), None when the
+    client did not move its ``c_i`` in that round."""
+    kept = state.get(PREVIOUS_KEY)
+    if kept is None or int(kept["round"].numpy()[0]) != server_round:
+        return None
+    return decode_vector(ArrayRecord({k: v for k, v in kept.items() if k != "round"}))
+
+
+def kept_control(c_local: torch.Tensor, server_round: int) -> ArrayRecord:
+    """``c_i`` as kept before training in ``server_round`` (:data:`PREVIOUS_KEY`)."""
+    record = encode_vector(c_local)[0]
+    record["round"] = Array(np.array([server_round], dtype=np.int64))
+    return record
+
+
 class ScaffoldClient(ClientFeature):
     """SCAFFOLD's client half: the correction hook from ``c`` and ``c_i``, and ``dc_i`` in
     the reply; ``c_i`` is the client's own state. Stacked, each row corrects with its own
-    client's ``c_i``."""
+    client's ``c_i``. Under secure aggregation it also keeps the ``c_i`` from before its last
+    round, and goes back to it when the server says that round's ``dc_i`` did not enter ``c``
+    (:data:`REVERT_KEY`)."""
 
-    state_keys = (STATE_KEY,)
+    state_keys = (STATE_KEY, PREVIOUS_KEY)
 
     def hooks(self, ctx: ClientContext, start: dict[str, torch.Tensor]) -> tuple[ClientHook, ...]:
         control = ScaffoldControl.from_content(ctx.content, ctx.state, ctx.spec, ctx.partition_id,
                                                ctx.cfg.strategy.correction)
+        previous = reverted_control(ctx.state, int(ctx.config[REVERT_KEY])) if REVERT_KEY in ctx.config else None
+        if previous is not None:
+            control.c_local = previous
         ctx.scratch["scaffold"] = control
         return (control.hook(start, ctx.cfg.client.lr),)
 
@@ -411,7 +446,10 @@ class ScaffoldClient(ClientFeature):
         return (correction_hook(local, glob, ctxs[0].cfg.strategy.correction, ctxs[0].cfg.client.lr),)
 
     def finish(self, ctx: ClientContext, update: torch.Tensor, steps: int) -> dict[str, ArrayRecord]:
-        return {DELTA_RECORD: ctx.scratch["scaffold"].finish(update, steps, ctx.cfg.client, ctx.state)}
+        control = ctx.scratch["scaffold"]
+        if ctx.cfg.secagg.enabled:
+            ctx.state[PREVIOUS_KEY] = kept_control(control.c_local, ctx.server_round)
+        return {DELTA_RECORD: control.finish(update, steps, ctx.cfg.client, ctx.state)}
 
 
 class Scaffold(FedsimStrategy):
@@ -447,6 +485,8 @@ class Scaffold(FedsimStrategy):
         self._in_sync: set[int] = set()
         self._contacted: set[int] = set()
         self._deltas: dict[int, tuple[torch.Tensor, int]] = {}
+        self._summed: set[int] = set()  # secure aggregation: the clients whose dc_i entered c this round
+        self._revert: dict[int, int] = {}  # secure aggregation: client -> the round whose dc_i c lacks
 
     def prepare_messages(self, server_round: int, messages: list[Message], clients: list[int]) -> None:
         if self.control is None:
@@ -455,7 +495,10 @@ class Scaffold(FedsimStrategy):
         for client, msg in zip(clients, messages, strict=True):
             msg.content[CONTROL_RECORD] = record
             self.report.bytes_down += control_bytes
-            if client not in self._in_sync and (client in self.local_controls or client in self._contacted):
+            if client in self._revert:
+                msg.content[self.configrecord_key][REVERT_KEY] = self._revert.pop(client)
+            if not self._secure and client not in self._in_sync and (client in self.local_controls
+                                                                     or client in self._contacted):
                 local, local_bytes = encode_vector(self.local_controls.get(client, torch.zeros_like(self.control)))
                 msg.content[LOCAL_RECORD] = local
                 self.report.bytes_down += local_bytes
@@ -478,21 +521,38 @@ class Scaffold(FedsimStrategy):
                 kept.append(update)
         return kept, sorted(failures, key=lambda f: f.partition_id)
 
+    @property
+    def _secure(self) -> bool:
+        """``secagg.enabled``: the server learns only the sum of the ``(dy_i, dc_i)``."""
+        return bool(self.engine and self.engine.secagg)
+
+    @property
+    def _central(self) -> bool:
+        """``privacy.mechanism: central``: ``c`` takes the noisy sum of clipped deltas."""
+        return self.privacy is not None and self.privacy.settings.mechanism == "central"
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self._summed = set()
         result = super().aggregate_train(server_round, replies)
         accepted = set(self.report.accepted)
-        self.report.bytes_up += sum(self._deltas[pid][1] for pid in accepted)
+        if self._secure:  # dc_i counted in the masked uploads; a client whose dc_i c lacks goes back
+            self._revert.update(dict.fromkeys(set(self.report.sampled) - self._summed, server_round))
+        else:
+            self.report.bytes_up += sum(self._deltas[pid][1] for pid in accepted)
         self._in_sync = (self._in_sync - set(self.report.sampled)) | accepted
         return result
 
     def observe(self, server_round: int, accepted: list[ClientUpdate]) -> None:
         """``c`` and the server's copy of each ``c_i`` take the accepted deltas, also in a
-        round skipped for too few replies (those clients have moved their ``c_i``)."""
-        if not accepted:
+        round skipped for too few replies (those clients have moved their ``c_i``). Under
+        central DP ``c`` takes the noisy sum instead (:meth:`private_aggregate`); under secure
+        aggregation the server sees no ``dc_i`` (:meth:`secure_aggregate`)."""
+        if not accepted or self._secure:
             return
         deltas = torch.stack([self._deltas[u.partition_id][0] for u in accepted])
-        self.control = scaffold_control_step(self.control, deltas, self.num_clients)
+        if not self._central:
+            self.control = scaffold_control_step(self.control, deltas, self.num_clients)
         for u, delta in zip(accepted, deltas, strict=True):
             self.local_controls[u.partition_id] = self.local_controls.get(
                 u.partition_id, torch.zeros_like(delta)) + delta
@@ -500,10 +560,65 @@ class Scaffold(FedsimStrategy):
     def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
         return scaffold_model_update(torch.stack([u.update for u in updates]))
 
+    def _joint(self, updates: list[ClientUpdate]) -> torch.Tensor:
+        """The rows ``(dy_i, dc_i)``, shape ``(|S|, 2 D)``."""
+        return torch.stack([torch.cat([u.update, self._deltas[u.partition_id][0].to(u.update.dtype)])
+                            for u in updates])
+
+    def private_aggregate(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
+        """SCAFFOLD under central DP: each client's joint vector ``v_i = (dy_i, dc_i)`` is
+        clipped to ``C`` (``privacy.clip_norm``) on the server, as fedsim's DP-FedAvg clips,
+        and one Gaussian noise vector goes on their sum (:meth:`ServerPrivacy.noisy_sum`)::
+
+            s = sum_{i in S} clip(v_i, C) + N(0, (z S_C)^2 I_{2D})
+            x <- x + eta_g s_dy / m,        c <- c + s_dc / N
+
+        with ``m`` the expected clients per round (DP-FedAvg's fixed denominator; the plain
+        mean's ``|S|`` would tell who took part) and ``S_C = C`` (``2 C`` under fixed-size
+        sampling). One client moves ``s`` by at most ``C``, so the pair of means
+        ``(s_dy / m, s_dc / N)`` has sensitivity at most ``C / m`` (``N >= m``): the model
+        update carries noise of std ``z S_C / m`` per coordinate, ``c``'s step ``z S_C / N``, and
+        both are post-processing of the one release accounted per round. Each client keeps its
+        own unclipped ``c_i`` (its data, never released), so ``c`` is the mean of the
+        ``c_i`` only up to the clipping and the noise."""
+        total = self.privacy.noisy_sum(server_round, self._joint(updates))
+        dim = self.spec.dim
+        self.control = scaffold_control_step(self.control, total[None, dim:], self.num_clients)
+        return total[:dim] / self.privacy.sampling.expected_clients
+
+    def sum_coefficients(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor:
+        """``1 / |S|``: SCAFFOLD's model update is the plain mean (secure aggregation, which
+        sums ``dc_i`` beside it: :meth:`secure_aggregate`)."""
+        return torch.full((len(updates),), 1.0 / len(updates), dtype=torch.float64)
+
+    def secure_aggregate(self, server_round: int, updates: list[ClientUpdate],
+                         privacy: ServerPrivacy | None) -> torch.Tensor | None:
+        """SCAFFOLD under secure aggregation: the joint vectors ``(dy_i, dc_i)`` go through one
+        masked modular sum, so the server learns only ``mean(dy)`` and ``sum(dc)`` over the
+        clients whose input entered it (``n`` of them)::
+
+            x <- x + eta_g mean_i dy_i,        c <- c + n mean_i dc_i / N
+
+        The masked uploads (``2 D`` values each) count in ``bytes_up`` in place of the
+        update's and ``dc_i``'s payloads. The server keeps no copy of the ``c_i`` (it never
+        sees one): a client sampled in a round whose ``dc_i`` did not enter ``c`` (a failed
+        reply, a withheld input, a skipped or refused round) is told so in its next training
+        message (:data:`REVERT_KEY`) and takes back the ``c_i`` it kept from before that round,
+        so ``c`` stays the mean of the ``c_i``."""
+        joint = [dataclasses.replace(u, update=row) for u, row in zip(updates, self._joint(updates), strict=True)]
+        total = super().secure_aggregate(server_round, joint, privacy)
+        if total is None:
+            return None
+        self._summed = {u.partition_id for u in updates} - set(self.engine.secagg.withheld)
+        dim = self.spec.dim
+        self.control = scaffold_control_step(self.control, total[None, dim:] * len(self._summed), self.num_clients)
+        return total[:dim]
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "scaffold_control": self.control,
                 "scaffold_local_controls": dict(self.local_controls), "scaffold_in_sync": sorted(self._in_sync),
-                "scaffold_contacted": sorted(self._contacted)}
+                "scaffold_contacted": sorted(self._contacted),
+                "scaffold_revert": {str(c): r for c, r in self._revert.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -511,6 +626,7 @@ class Scaffold(FedsimStrategy):
         self.local_controls = dict(state["scaffold_local_controls"])
         self._in_sync = set(state.get("scaffold_in_sync", ()))
         self._contacted = set(state.get("scaffold_contacted", ()))
+        self._revert = {int(c): int(r) for c, r in state.get("scaffold_revert", {}).items()}
 
     def clients_lost_state(self) -> None:
         """Every client is sent its ``c_i`` again with its next training message."""

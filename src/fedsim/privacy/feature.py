@@ -5,7 +5,9 @@
   it leaves (:meth:`PrivacyFeature.sent_update`);
 - ``sample``: DP-SGD in the stacked engine (:class:`fedsim.privacy.dp_sgd.DPSGDStep`);
 - ``central``: nothing on the client; the server clips and noises
-  (:mod:`fedsim.privacy.server`).
+  (:mod:`fedsim.privacy.server`), in each algorithm's own form
+  (:meth:`fedsim.strategies.base.FedsimStrategy.private_aggregate`: DP-FedAvg's mean,
+  SCAFFOLD's joint model and control sums, FedNova's normalised updates, FedAU's weights).
 """
 
 from __future__ import annotations
@@ -81,19 +83,23 @@ def _central_rules(cfg: ExperimentConfig) -> Iterator[str | None]:
     from fedsim.strategies.base import FedsimStrategy
 
     name, algorithm = cfg.strategy.name, registry.get(cfg.strategy.name)
-    if algorithm.aggregate_updates is not FedsimStrategy.aggregate_updates:
-        yield (f"privacy.mechanism: central noises DP-FedAvg's mean of clipped updates (sensitivity clip_norm / m); "
-               f"strategy.name {name!r} aggregates its own way, whose sensitivity that noise does not bound "
-               "(a median, trimmed mean or selected update moves by up to 2 clip_norm whatever the cohort)")
+    if not algorithm.privatises_aggregate():
+        if algorithm.defined_by("aggregate_updates") is not FedsimStrategy:
+            yield (f"privacy.mechanism: central noises a weighted sum of clipped updates (sensitivity clip_norm "
+                   f"times the largest weight); strategy.name {name!r} aggregates its own way, whose sensitivity "
+                   "that noise does not bound (a median, trimmed mean or selected update moves by up to 2 clip_norm "
+                   "whatever the cohort)")
+        elif algorithm.defined_by("observe") is not FedsimStrategy:
+            yield (f"privacy.mechanism: central releases only the noisy aggregate; strategy.name {name!r} reads each "
+                   "raw update on the server (observe)")
+        else:
+            yield (f"privacy.mechanism: central noises the updates only; strategy.name {name!r} sends more from "
+                   "each client (its client records), which would leave unclipped and un-noised")
         return
-    if algorithm.observe is not FedsimStrategy.observe:
-        yield (f"privacy.mechanism: central releases only the noisy mean; strategy.name {name!r} reads each raw "
-               "update on the server (observe)")
-        return
-    if algorithm.client is not None and type(algorithm.client).finish is not ClientFeature.finish:
-        yield (f"privacy.mechanism: central noises the updates only; strategy.name {name!r} sends more from each "
-               "client (its client records), which would leave unclipped and un-noised")
-        return
+    if cfg.secagg.enabled and algorithm.defined_by("private_aggregate") is not FedsimStrategy:
+        yield (f"secagg.enabled: with privacy.mechanism central the clients add shares of DP-FedAvg's noise to "
+               f"updates weighted 1/m; strategy.name {name!r} noises its own weighted sum "
+               "(private_aggregate), which distributed DP does not split over the clients")
     feedback = cfg.quant.uplink.error_feedback
     if feedback in ("ef21", "econtrol"):
         yield (f"quant.uplink.error_feedback: {feedback} aggregates every client's stale estimate; privacy.mechanism "

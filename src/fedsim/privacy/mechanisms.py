@@ -10,14 +10,19 @@ import torch
 from dp_accounting import gaussian_mechanism
 
 __all__ = ["adaptive_clip_norm", "aggregate_noise_std", "analytic_gaussian_epsilon", "analytic_gaussian_sigma",
-           "clip_rows", "update_noise_multiplier"]
+           "clip_factors", "clip_rows", "update_noise_multiplier"]
+
+
+def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """The factors ``min(1, C / ||x||)`` that scale vectors of these norms to norm at most ``C``."""
+    return (clip_norm / norms.clamp_min(1e-30)).clamp(max=1.0)
 
 
 def clip_rows(rows: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row scaled to L2 norm at most ``clip_norm``: ``x min(1, C / ||x||)``; and the
     rows' norms before clipping. Rows of shape ``(n, ...)``, norms over all but the first dim."""
     norms = rows.flatten(1).norm(dim=1)
-    scale = (clip_norm / norms.clamp_min(1e-30)).clamp(max=1.0)
+    scale = clip_factors(norms, clip_norm)
     return rows * scale.reshape(-1, *([1] * (rows.dim() - 1))).to(rows.dtype), norms
 
 

@@ -4,14 +4,17 @@ Amplification by sampling is claimed only where an accountant covers the partici
 model actually used (:mod:`fedsim.strategies.participation`): ``bernoulli`` with one
 probability for every client (``p_low == p_high``, not tied to labels) is Poisson sampling;
 ``uniform`` with ``k < N`` is fixed-size sampling without replacement. Markov chains, cyclic
-groups and unequal probabilities are accounted with no amplification.
+groups and unequal probabilities are accounted with no amplification, and so is an algorithm
+whose aggregate depends on who took part in earlier rounds (FedAU's online weights): the
+amplification theorems hide a round's participation, which such an aggregate would reveal.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
+from fedsim.algorithms import registry
 from fedsim.config_checks import clients_per_round
 
 if TYPE_CHECKING:
@@ -46,7 +49,17 @@ class ClientSampling:
 
 
 def client_sampling(cfg: ExperimentConfig) -> ClientSampling:
-    """The sampling of ``cfg``'s clients (synchronous strategies)."""
+    """The sampling of ``cfg``'s clients (synchronous strategies), with no amplification where
+    the algorithm's aggregate reveals who took part (its ``participation_revealed``) under
+    ``privacy.mechanism: central``."""
+    sampling = _participation_sampling(cfg)
+    revealed = registry.get(cfg.strategy.name).participation_revealed(cfg)
+    if sampling.kind == "none" or revealed is None or cfg.privacy.mechanism != "central":
+        return sampling
+    return replace(sampling, kind="none", probability=1.0, note=f"{revealed}; no amplification by sampling")
+
+
+def _participation_sampling(cfg: ExperimentConfig) -> ClientSampling:
     part, n = cfg.participation, cfg.partition.num_clients
     if part.model == "uniform":
         k = clients_per_round(cfg)

@@ -1,10 +1,13 @@
 """The server's half of a run's differential privacy: the central mechanism, adaptive
 clipping, and the accountant's ledger (checkpointed, so a resumed run continues it exactly).
 
-The strategy base (:class:`fedsim.strategies.base.FedsimStrategy`) calls
-:meth:`ServerPrivacy.aggregate` in place of the algorithm's mean under
-``privacy.mechanism: central``, and :meth:`ServerPrivacy.spend` after every round; the
-synchronous loop writes :meth:`ServerPrivacy.row` into every metrics row.
+Under ``privacy.mechanism: central`` the strategy base
+(:class:`fedsim.strategies.base.FedsimStrategy`) calls its ``private_aggregate`` in place of
+``aggregate_updates``: :meth:`ServerPrivacy.aggregate` (DP-FedAvg's mean) by default, an
+algorithm's own weighted sum through :meth:`ServerPrivacy.noisy_sum` (SCAFFOLD, FedNova,
+FedAU); clipping is the server's, on the updates it receives. The base calls
+:meth:`ServerPrivacy.spend` after every round; the synchronous loop writes
+:meth:`ServerPrivacy.row` into every metrics row.
 
 Units of privacy: a client under ``central`` and ``local`` (client-level DP), a training
 record under ``sample`` (DP-SGD). The reported ``epsilon`` is that of the worst-off unit.
@@ -26,6 +29,7 @@ from fedsim.privacy.mechanisms import (
     aggregate_noise_std,
     analytic_gaussian_epsilon,
     analytic_gaussian_sigma,
+    clip_factors,
     clip_rows,
     update_noise_multiplier,
 )
@@ -174,19 +178,50 @@ class ServerPrivacy:
         """The central mechanism: ``(sum_i clip(Delta_i, C) + N(0, (z S)^2 I)) / m``, every
         client weighing the same (DP-FedAvg), then the adaptive clip norm's step."""
         stacked = torch.stack([u.update for u in updates])
-        clipped, norms = clip_rows(stacked.double(), self.clip_norm)
-        m = self.sampling.expected_clients
-        seed = self.cfg.seed
-        noise = gaussian_noise(clipped.shape[1], self.sum_noise_std(), "privacy", seed, "central", server_round)
-        aggregate = (clipped.sum(0) + noise) / m
+        return (self.noisy_sum(server_round, stacked.double()) / self.sampling.expected_clients).to(stacked.dtype)
+
+    def noisy_sum(self, server_round: int, rows: torch.Tensor, coefficients: torch.Tensor | None = None,
+                  bound: float = 1.0, divisors: torch.Tensor | None = None) -> torch.Tensor:
+        """The Gaussian mechanism on a weighted sum of clipped client vectors (McMahan et al.
+        2018, arXiv 1710.06963, the fixed-denominator estimator with bounded weights)::
+
+            sum_i c_i clip(v_i, C) + N(0, (z S beta)^2 I),    v_i = rows_i / divisors_i
+
+        ``c_i`` in ``[0, beta]`` (1 when ``coefficients`` is None) with ``beta = bound`` a
+        bound on every client's coefficient that does not depend on the clients' data, so one
+        client added or removed moves the sum by at most ``beta C`` (``S = C``; ``2 C`` when
+        one is replaced, fixed-size sampling): the L2 sensitivity, times the noise multiplier
+        ``z`` (:attr:`update_noise_multiplier`), is the noise's std per coordinate.
+        ``divisors`` (positive, one per row; 1 when None) give the vectors clipped, e.g.
+        FedNova's ``d_i = Delta_i / a_i``; the sum is taken as ``sum_i (c_i f_i / a_i) rows_i``
+        (``f_i`` the clip factors), the algorithm's own weighted sum when nothing is clipped.
+        DP-FedAvg's mean is this sum with ``c_i = 1`` divided by ``m`` (:meth:`aggregate`);
+        algorithms with their own weights pass them here
+        (:meth:`fedsim.strategies.base.FedsimStrategy.private_aggregate`). In the rows' dtype;
+        under ``privacy.clipping: adaptive`` the clip norm then takes its step from the
+        ``v_i``'s norms."""
+        if coefficients is not None and (bool((coefficients < 0).any())
+                                         or bool((coefficients > bound * (1 + 1e-12)).any())):
+            raise ValueError(f"noisy_sum: coefficients outside [0, {bound:g}], the bound their noise is "
+                             "calibrated to")
+        if divisors is None:
+            clipped, norms = clip_rows(rows, self.clip_norm)
+            total = clipped.sum(0) if coefficients is None else coefficients.to(rows.dtype) @ clipped
+        else:
+            norms = (rows.double() / divisors[:, None]).norm(dim=1)
+            weights = torch.ones(len(rows), dtype=torch.float64) if coefficients is None else coefficients
+            total = (weights * clip_factors(norms, self.clip_norm) / divisors).to(rows.dtype) @ rows
+        seed, m = self.cfg.seed, self.sampling.expected_clients
+        noise = gaussian_noise(rows.shape[1], self.sum_noise_std() * bound, "privacy", seed, "central", server_round)
+        total = total + noise.to(rows.dtype)
         if self.settings.clipping == "adaptive":
             scale = 2.0 if self.replace_one else 1.0
             count_noise = float(gaussian_noise(1, self.count_noise_multiplier * scale, "privacy", seed, "count",
                                                server_round))
-            unclipped = (float((norms <= self.clip_norm).sum()) - len(updates) / 2 + count_noise) / m + 0.5
+            unclipped = (float((norms <= self.clip_norm).sum()) - len(rows) / 2 + count_noise) / m + 0.5
             self.clip_norm = adaptive_clip_norm(self.clip_norm, unclipped, self.settings.target_quantile,
                                                 self.settings.clip_learning_rate)
-        return aggregate.to(stacked.dtype)
+        return total
 
     def client_config(self) -> dict[str, float]:
         """What a training message tells the clients: the noise multiplier (local, sample)."""

@@ -15,6 +15,11 @@ that sum from one round of SecAgg+ (:mod:`fedsim.secagg.protocol`) instead of th
    round's failed replies, and withheld inputs) recovered from their neighbours' shares;
 4. the server dequantises and multiplies by ``max_j c_j``.
 
+A strategy that sums more than the update passes longer vectors
+(:meth:`fedsim.strategies.base.FedsimStrategy.secure_aggregate`): SCAFFOLD's clients mask
+``(dy_i, dc_i)`` together, so its control variate moves by a sum the server never sees
+the terms of.
+
 Distributed DP (``privacy.mechanism: central`` with secure aggregation; Kairouz et al. 2021,
 "The Distributed Discrete Gaussian Mechanism for Federated Learning with Secure
 Aggregation", ICML, here with continuous Gaussian shares before quantisation): the server
@@ -84,6 +89,9 @@ class SecureAggregation:
 
     def __init__(self, cfg: SecAggConfig, seed: int) -> None:
         self.cfg, self.seed = cfg, seed
+        self.withheld: list[int] = []
+        """The clients whose inputs the last :meth:`aggregate` left out of the sum
+        (``secagg.out_of_range: withhold``)."""
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate], dropped: list[int],
                   coefficients: Callable[[list[ClientUpdate]], torch.Tensor], privacy: ServerPrivacy | None = None
@@ -118,6 +126,7 @@ class SecureAggregation:
         scale, inputs = quantiser_inputs(updates)
         outside = {pid: out_of_range(x, cfg.value_range) for pid, x in inputs.items()}
         withheld = sorted(pid for pid, count in outside.items() if count and cfg.out_of_range == "withhold")
+        self.withheld = withheld
         if withheld:
             scale, inputs = quantiser_inputs([u for u in updates if u.partition_id not in withheld])
         clipped = sum(out_of_range(x, cfg.value_range) for x in inputs.values())

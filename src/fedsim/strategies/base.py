@@ -14,6 +14,8 @@ math once, on client updates:
   :class:`~fedsim.strategies.replies.ClientUpdate` per client, ``Delta_i = w_i - w``) into
   one ``(D,)`` update, with a pure function on tensors; the server optimizer
   (:mod:`fedsim.strategies.server_opt`, ``server_opt``) applies it;
+- :meth:`private_aggregate` (``privacy.mechanism: central``) and :meth:`secure_aggregate`
+  (``secagg.enabled``) are its forms under differential privacy and secure aggregation;
 - :meth:`participants`, :meth:`extra_content`, :meth:`prepare_messages`, :meth:`screen`,
   :meth:`observe`, :meth:`bound` and :meth:`state_dict` / :meth:`load_state_dict` are the
   hooks an algorithm with more state overrides; its client half is its ``client``
@@ -65,6 +67,7 @@ from pydantic import ValidationError
 
 from fedsim.algorithms.api import Algorithm, SyncStrategyBase
 from fedsim.attacks import ATTACKS, build_attack, choose_byzantine
+from fedsim.clients.features import ClientFeature
 from fedsim.clients.quantization import build_codec
 from fedsim.params import ParamSpec
 from fedsim.quant.error_feedback import ServerEstimate
@@ -157,8 +160,9 @@ class FedsimStrategy(Algorithm, FedAvg):
 
     Config: ClassVar[type[SyncStrategyBase]]
     privacy: ServerPrivacy | None = None
-    """The run's differential privacy (fedsim's engine, ``privacy:``): under ``central`` its
-    mechanism replaces :meth:`aggregate_updates`; every round is spent in its accountant."""
+    """The run's differential privacy (fedsim's engine, ``privacy:``): under ``central``
+    :meth:`private_aggregate` replaces :meth:`aggregate_updates`; every round is spent in its
+    accountant."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Give each algorithm the signature it accepts: Flower FedAvg's arguments, then its
@@ -317,15 +321,57 @@ class FedsimStrategy(Algorithm, FedAvg):
         weights = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
         return weights / weights.sum()
 
+    def private_aggregate(self, server_round: int, updates: list[ClientUpdate]) -> torch.Tensor | None:
+        """:meth:`aggregate_updates` under ``privacy.mechanism: central``: what the server
+        releases is a noisy function of clipped client vectors, of bounded sensitivity
+        (:meth:`fedsim.privacy.server.ServerPrivacy.noisy_sum`); here DP-FedAvg's
+        fixed-denominator mean (:meth:`fedsim.privacy.server.ServerPrivacy.aggregate`). An
+        algorithm whose :meth:`aggregate_updates`, :meth:`observe` or client records differ
+        overrides this too to take part (:meth:`privatises_aggregate`)."""
+        return self.privacy.aggregate(server_round, updates)
+
+    @classmethod
+    def privatises_aggregate(cls) -> bool:
+        """Whether :meth:`private_aggregate` covers what the server reads: it is defined where
+        (or below where) :meth:`aggregate_updates` and :meth:`observe` are, and, for an
+        algorithm whose clients send records of their own, by the algorithm itself."""
+        return cls._covers("private_aggregate", "private_aggregate")
+
+    @classmethod
+    def _covers(cls, method: str, records: str) -> bool:
+        """``method`` is defined where (or below where) :meth:`aggregate_updates` and
+        :meth:`observe` are, and ``records`` by the algorithm itself if its clients send
+        records of their own (SCAFFOLD's ``dc_i``)."""
+        sends_records = cls.client is not None and type(cls.client).finish is not ClientFeature.finish
+        if sends_records and cls.defined_by(records) is FedsimStrategy:
+            return False
+        own = cls.defined_by(method)
+        return issubclass(own, cls.defined_by("aggregate_updates")) and issubclass(own, cls.defined_by("observe"))
+
+    def secure_aggregate(self, server_round: int, updates: list[ClientUpdate],
+                         privacy: ServerPrivacy | None) -> torch.Tensor | None:
+        """:meth:`aggregate_updates` under ``secagg.enabled``: ``sum_i c_i u_i``
+        (:meth:`sum_coefficients`) from the masked modular sum of secure aggregation
+        (:class:`fedsim.secagg.engine.SecureAggregation`), with its costs in the round's
+        report; with ``privacy`` (central), distributed DP's noisy mean."""
+        dropped = sorted(set(self.report.sampled) - set(self.report.accepted))
+        delta, self.report.secagg, self.report.bytes_up, relayed = self.engine.secagg.aggregate(
+            server_round, updates, dropped, functools.partial(self.sum_coefficients, server_round), privacy)
+        self.report.bytes_down += relayed
+        return delta
+
+    @classmethod
+    def defined_by(cls, name: str) -> type:
+        """The class of ``cls``'s MRO that defines ``name``."""
+        return next(k for k in cls.__mro__ if name in k.__dict__)
+
     @classmethod
     def sums_updates(cls) -> bool:
         """Whether the server needs only the weighted sum of the updates: its
         :meth:`sum_coefficients` is defined where (or below where) its
-        :meth:`aggregate_updates` and :meth:`observe` are."""
-        def owner(name: str) -> type:
-            return next(k for k in cls.__mro__ if name in k.__dict__)
-        coefficients = owner("sum_coefficients")
-        return issubclass(coefficients, owner("aggregate_updates")) and issubclass(coefficients, owner("observe"))
+        :meth:`aggregate_updates` and :meth:`observe` are, and its :meth:`secure_aggregate`
+        by itself if its clients send records of their own."""
+        return cls._covers("sum_coefficients", "secure_aggregate")
 
     # --------------------------------------------------------------- training
     def summary(self) -> None:
@@ -429,13 +475,9 @@ class FedsimStrategy(Algorithm, FedAvg):
         updates = self._ef21_pp() if self._estimates else accepted
         central = self.privacy is not None and self.privacy.settings.mechanism == "central"
         if self.engine and self.engine.secagg:
-            dropped = sorted(set(self.report.sampled) - set(self.report.accepted))
-            delta, self.report.secagg, self.report.bytes_up, relayed = self.engine.secagg.aggregate(
-                server_round, updates, dropped, functools.partial(self.sum_coefficients, server_round),
-                self.privacy if central else None)
-            self.report.bytes_down += relayed
+            delta = self.secure_aggregate(server_round, updates, self.privacy if central else None)
         elif central:
-            delta = self.privacy.aggregate(server_round, updates)
+            delta = self.private_aggregate(server_round, updates)
         else:
             delta = self.aggregate_updates(server_round, updates)
         if delta is None:
