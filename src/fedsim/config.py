@@ -538,6 +538,8 @@ class FaultConfig(Section):
     slow_s: float = Field(0.0, ge=0, description="how long a slow client stalls")
     nan: list[int] = Field(default_factory=list, description="partition ids that send NaN")
     wrong_shape: list[int] = Field(default_factory=list, description="ids that send a short update")
+    drop_after_keys: list[int] = Field(default_factory=list, description="secagg: ids that share their keys, then "
+                                                                           "drop before sending their masked input")
     rounds: list[int] | None = Field(None, description="rounds the faults apply to; None = all")
 
 

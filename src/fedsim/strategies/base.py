@@ -229,7 +229,7 @@ class FedsimStrategy(Algorithm, FedAvg):
             byzantine=set(choose_byzantine(len(node_of), exp.attack.fraction, exp.seed)),
             estimates=ServerEstimate() if feedback else None,
             held_out=held_out_clients(len(node_of), exp.eval.new_clients, exp.seed),
-            secagg=SecureAggregation(exp.secagg, exp.seed) if exp.secagg.enabled else None)
+            secagg=SecureAggregation(exp.secagg, exp.seed, exp.faults) if exp.secagg.enabled else None)
         strategy.spec = spec
         strategy._parameters = spec.parameter_mask()
         strategy.bound()
