@@ -35,6 +35,7 @@ from flwr.serverapp import Grid, ServerApp
 from pydantic import ValidationError
 
 from fedsim import __version__
+from fedsim.attacks import ATTACKS
 from fedsim.config import ConfigError, ExperimentConfig
 from fedsim.data import cache as partition_cache
 
@@ -60,9 +61,9 @@ def check_deployable(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` if it can run on real clients, else a one-line :class:`ConfigError`."""
     if cfg.strategy.family == "async" and cfg.sim.clock != "wall":
         raise ConfigError("deployed asynchronous runs need sim.clock=wall (real clients take real time)")
-    if cfg.secagg.enabled:
-        raise ConfigError("secagg.enabled: simulation only; fedsim deploy does not run the protocol between "
-                          "real clients yet (the server would see every update)")
+    if cfg.secagg.enabled and cfg.attack.name != "none" and ATTACKS[cfg.attack.name].acts_on == "updates":
+        raise ConfigError(f"attack.name: {cfg.attack.name!r} replaces updates on the server, and with secagg.enabled a "
+                          "deployed server sees none (attack.name none)")
     return cfg
 
 

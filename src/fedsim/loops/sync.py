@@ -30,6 +30,7 @@ from fedsim.outputs.results import RunDir
 from fedsim.params import ParamSpec
 from fedsim.privacy.server import ServerPrivacy
 from fedsim.records import to_state_dict
+from fedsim.secagg.deployed import DeployedSecureAggregation
 from fedsim.sim.components import Federation
 from fedsim.sim.messaging import PartitionGrid, send_and_collect
 from fedsim.sim.rejoin import NodeWatch
@@ -62,6 +63,9 @@ class SyncSteps(Steps):
         # the label mix costs a pass over every client's labels: only for the participation model that reads it
         mix = label_mix(setup.data) if cfg.participation.tied_to_labels else None
         self.strategy = build_strategy(cfg, setup.spec, setup.node_of, mix)
+        if cfg.secagg.enabled and not isinstance(grid, PartitionGrid):  # real clients run their own steps
+            engine = self.strategy.engine
+            engine.secagg = DeployedSecureAggregation(cfg, grid, engine.node_of, setup.spec.dim)
         if cfg.privacy.mechanism != "none":
             self.strategy.privacy = ServerPrivacy(cfg, setup.data.train_sizes().tolist())
         self.joins = NodeWatch(setup.node_of)

@@ -59,7 +59,6 @@ import numpy as np
 import torch
 
 from fedsim.config import FaultConfig
-from fedsim.privacy.mechanisms import clip_rows
 from fedsim.privacy.noise import gaussian_noise
 from fedsim.secagg.protocol import MESSAGE_ROUNDS, run_round
 from fedsim.secagg.quantization import dequantize_sum, out_of_range, quantize
@@ -179,6 +178,8 @@ class SecureAggregation:
         cfg = self.cfg
         noise_std = 0.0
         if privacy is not None:
+            from fedsim.privacy.mechanisms import clip_rows  # with dp-accounting: not on a client's import path
+
             clip_norm, noise_std, coefficients = distributed_dp(privacy)
             clipped, _ = clip_rows(torch.stack([u.update for u in updates]).double(), clip_norm)
             updates = [dataclasses.replace(u, update=row.to(u.update.dtype)) for u, row in zip(updates, clipped, strict=True)]

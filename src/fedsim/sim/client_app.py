@@ -64,6 +64,8 @@ from fedsim.data import ArrayDataset
 from fedsim.data import cache as partition_cache
 from fedsim.params import ParamSpec
 from fedsim.records import to_record, to_state_dict
+from fedsim.secagg import deployed_client
+from fedsim.secagg.deployed_client import ADVERTISE_KEYS, SECAGG
 from fedsim.seeding import derive_seed
 from fedsim.sim import group_messages
 from fedsim.sim.components import (
@@ -244,7 +246,8 @@ class ClientRuntime:
         """Each member's outcome, in order."""
         handler = {"train": self._train, "train.gossip": self._train, "train.mix": self._mix,
                    "evaluate": self._evaluate, "query": self._query, "query.state": self._state,
-                   "query.restore": self._restore}.get(message_type)
+                   "query.restore": self._restore, deployed_client.SHARE: self._secagg,
+                   deployed_client.INPUT: self._secagg, deployed_client.UNMASK: self._secagg}.get(message_type)
         if handler is None:
             error = ValueError(f"fedsim clients do not handle {message_type!r} messages")
             return [Outcome(None, error, 0.0) for _ in members]
@@ -505,28 +508,35 @@ class ClientRuntime:
             time.sleep(stall)
         else:
             job.seconds += stall
+        if job.config.get(ADVERTISE_KEYS, False):  # deployed secure aggregation: the update stays here
+            keys = deployed_client.advertise(job.member.state, update, job.server_round)
+            return RecordDict({SECAGG: keys, "metrics": self._train_metrics(job, result, w, 0), **records})
         codec_rng = torch.Generator().manual_seed(derive_seed(cfg.seed, "uplink", job.server_round, pid))
         payload = self.uplink.encode(update, job.member.state, codec_rng, reset=bool(job.config.get(EF_RESET, False)))
         if message_type == "train.gossip":
             held = w.spec.unflatten(job.start_flat + self.uplink.codec.decode(payload))
             gossip_node.keep_model(job.member.state, {**job.start, **held},
                                    gossip_node.version(job.server_round, "train"))
+        content = RecordDict({"update": to_record(payload.to_arrays()),
+                              "metrics": self._train_metrics(job, result, w, payload.nbytes)})
+        for name, record in records.items():
+            content[name] = record
+        return content
+
+    def _train_metrics(self, job: TrainJob, result: TrainResult, w: Worker, bytes_up: int) -> MetricRecord:
         metrics = MetricRecord({
             "num-examples": result.num_examples,
             "train_loss": result.loss,
             "train_accuracy": result.accuracy,
             "steps": result.steps,
             "duration_s": job.seconds,
-            "virtual_duration": result.steps / float(w.speeds[pid]),
-            "bytes_up": payload.nbytes,
+            "virtual_duration": result.steps / float(w.speeds[job.member.partition_id]),
+            "bytes_up": bytes_up,
             **ray_node_metric(),
         })
-        if cfg.model.name == "causal_lm":
+        if self.cfg.model.name == "causal_lm":
             metrics["train_tokens_per_s"] = result.rows / max(job.seconds, 1e-9)
-        content = RecordDict({"update": to_record(payload.to_arrays()), "metrics": metrics})
-        for name, record in records.items():
-            content[name] = record
-        return content
+        return metrics
 
     # --------------------------------------------------------- other messages
     def _mix(self, message_type: str, members: Sequence[Member]) -> list[Outcome]:
@@ -626,6 +636,14 @@ class ClientRuntime:
             results[i] = {"personal_loss": result.loss, "personal_accuracy": result.accuracy}
         return results
 
+    def _secagg(self, message_type: str, members: Sequence[Member]) -> list[Outcome]:
+        """A step of deployed secure aggregation (:mod:`fedsim.secagg.deployed_client`)."""
+        steps = {deployed_client.SHARE: lambda m: deployed_client.share(m.state, m.content[SECAGG], m.partition_id),
+                 deployed_client.INPUT: lambda m: deployed_client.masked_input(m.state, m.content[SECAGG],
+                                                                               m.partition_id, self.cfg),
+                 deployed_client.UNMASK: lambda m: deployed_client.unmask(m.state, m.content[SECAGG])}
+        return [_timed(lambda m=m: steps[message_type](m)) for m in members]
+
     def _query(self, message_type: str, members: Sequence[Member]) -> list[Outcome]:
         return [Outcome(RecordDict({"metrics": MetricRecord({"partition-id": m.partition_id})}), None, 0.0)
                 for m in members]
@@ -689,7 +707,9 @@ def build_client_app(cfg: ExperimentConfig, vectorise: bool = False, sleep_stall
         replies = [o.member_reply(m.partition_id, cfg.client.timeout_s) for m, o in zip(members, outcomes, strict=True)]
         return Message(content=group_messages.pack_replies(replies), reply_to=message)
 
-    for register in (app.train(), app.train("gossip"), app.train("mix"), app.evaluate(), app.query()):
+    secagg_steps = [app.train(t.removeprefix("train.")) for t in (deployed_client.SHARE, deployed_client.INPUT,
+                                                                  deployed_client.UNMASK)]
+    for register in (app.train(), app.train("gossip"), app.train("mix"), app.evaluate(), app.query(), *secagg_steps):
         register(plain)
     action = group_messages.GROUP_ACTION
     for register in (app.train(action), app.evaluate(action), app.query(action)):

@@ -69,6 +69,7 @@ from fedsim.clients.quantization import build_codec
 from fedsim.params import ParamSpec
 from fedsim.quant.error_feedback import ServerEstimate
 from fedsim.records import to_state_dict
+from fedsim.secagg.deployed_client import ADVERTISE_KEYS
 from fedsim.secagg.engine import SecureAggregation
 from fedsim.seeding import derive_seed
 from fedsim.strategies.aggregate import weighted_mean
@@ -293,6 +294,8 @@ class FedsimStrategy(Algorithm, FedAvg):
 
     def screen(self, replies: list[Message]) -> tuple[list[ClientUpdate], list[Failure]]:
         """Decode and check the round's training replies into updates."""
+        if self.engine and self.engine.secagg is not None and self.engine.secagg.on_clients:
+            return self.engine.secagg.screen(replies, self._sent)  # keys, not updates
         if self.engine:
             return screen_train_replies(replies, self._sent, self.spec.dim, self.engine.uplink)
         return self._screen_flower(replies)
@@ -354,6 +357,8 @@ class FedsimStrategy(Algorithm, FedAvg):
             for client, message in zip(clients, messages, strict=True):
                 if client in self.engine.resync:
                     message.content["config"][EF_RESET] = True
+                if self.engine.secagg is not None and self.engine.secagg.on_clients:
+                    message.content["config"][ADVERTISE_KEYS] = True
             self.engine.resync -= set(clients)
         else:
             self.report = RoundReport(sampled=list(clients))
