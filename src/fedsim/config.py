@@ -542,6 +542,11 @@ class FaultConfig(Section):
                                                                            "drop before sending their masked input")
     rounds: list[int] | None = Field(None, description="rounds the faults apply to; None = all")
 
+    def dropped_after_keys(self, partition_id: int, server_round: int) -> bool:
+        """Whether this client shares its secure-aggregation keys in this round and then drops
+        before sending its masked input (``drop_after_keys``)."""
+        return (self.rounds is None or server_round in self.rounds) and partition_id in self.drop_after_keys
+
 
 class SecAggConfig(Section):
     """Secure aggregation (:mod:`fedsim.secagg`): SecAgg+ (Bell et al. 2020, CCS'20) over

@@ -1,5 +1,5 @@
 """Secure aggregation on real SuperNodes: a Flower SuperLink and four SuperNodes on
-127.0.0.1 run SecAgg+'s steps as messages (:mod:`fedsim.secagg.deployed`), and give the
+127.0.0.1 run SecAgg+'s steps as messages (:mod:`fedsim.loops.secagg_messages`), and give the
 simulation's rows bit for bit (the aggregate, hence the model and its accuracy), with a
 SuperNode that drops after sharing its keys recovered, and two refused in one line.
 

@@ -1,6 +1,6 @@
 """Deployed secure aggregation's steps as Flower messages, in one process: the clients' half
-(:mod:`fedsim.secagg.deployed_client`) answered by fedsim's ClientRuntime, the server's half
-(:mod:`fedsim.secagg.deployed`) driving it, against the simulated protocol of the same run.
+(:mod:`fedsim.clients.secagg_steps`) answered by fedsim's ClientRuntime, the server's half
+(:mod:`fedsim.loops.secagg_messages`) driving it, against the simulated protocol of the same run.
 The same on a real SuperLink and SuperNodes: tests/deploy/test_deploy_secagg.py."""
 
 import logging
@@ -11,14 +11,14 @@ import pytest
 from cryptography.exceptions import InvalidTag
 from flwr.app import ConfigRecord
 
+from fedsim.clients import secagg_steps
 from fedsim.config import ConfigError, load_config
 from fedsim.deploy import check_deployable
+from fedsim.loops.secagg_messages import DeployedSecureAggregation
 from fedsim.loops.skeleton import run_steps
 from fedsim.loops.sync import SyncSteps
 from fedsim.outputs.results import RunDir
 from fedsim.runner import run_experiment
-from fedsim.secagg import deployed_client
-from fedsim.secagg.deployed import DeployedSecureAggregation
 from fedsim.sim.client_app import ClientRuntime
 from fedsim.sim.inprocess import InProcessGrid
 
@@ -82,9 +82,9 @@ def test_the_server_receives_keys_sealed_shares_and_masked_inputs_only(tmp_path)
     for kind, content in grid.replies:
         by_type.setdefault(kind, []).append(content)
     assert all("update" not in content for content in by_type["train"])  # keys and metrics, no update
-    assert all(len(e) == 12 + 2 * 38 + 16 for c in by_type[deployed_client.SHARE] for e in c["secagg"]["envelopes"])
+    assert all(len(e) == 12 + 2 * 38 + 16 for c in by_type[secagg_steps.SHARE] for e in c["secagg"]["envelopes"])
     # a masked input looks uniform on [0, 2^32): the quantised levels (below 2^20) do not show through
-    masked = [c["masked"]["masked"].numpy() for c in by_type[deployed_client.INPUT]]
+    masked = [c["masked"]["masked"].numpy() for c in by_type[secagg_steps.INPUT]]
     assert len(masked) == 4 and all(v.dtype == np.uint32 and (v >= 2**20).mean() > 0.99 for v in masked)
 
 
@@ -94,12 +94,12 @@ def test_a_sealed_share_opens_only_for_its_addressee():
     from fedsim.secagg.masks import public_bytes
 
     a, b, c = (X25519PrivateKey.generate() for _ in range(3))
-    envelope = deployed_client.seal(a.private_bytes_raw(), public_bytes(b), b"1/0/1", b"share")
-    assert deployed_client.open_sealed(b.private_bytes_raw(), public_bytes(a), b"1/0/1", envelope) == b"share"
+    envelope = secagg_steps.seal(a.private_bytes_raw(), public_bytes(b), b"1/0/1", b"share")
+    assert secagg_steps.open_sealed(b.private_bytes_raw(), public_bytes(a), b"1/0/1", envelope) == b"share"
     with pytest.raises(InvalidTag):
-        deployed_client.open_sealed(c.private_bytes_raw(), public_bytes(a), b"1/0/1", envelope)
+        secagg_steps.open_sealed(c.private_bytes_raw(), public_bytes(a), b"1/0/1", envelope)
     with pytest.raises(InvalidTag):  # sent to another client, or in another round
-        deployed_client.open_sealed(b.private_bytes_raw(), public_bytes(a), b"1/0/2", envelope)
+        secagg_steps.open_sealed(b.private_bytes_raw(), public_bytes(a), b"1/0/2", envelope)
 
 
 def test_a_client_reveals_one_share_per_neighbour():
@@ -108,7 +108,7 @@ def test_a_client_reveals_one_share_per_neighbour():
     state["secagg-keys"] = record
     state["secagg-held"] = ConfigRecord({"owners": [1, 2], "key-shares": [b"K1", b"K2"], "seed-shares": [b"S1", b"S2"]})
     state["secagg-peers"] = ConfigRecord({"ids": [1, 2]})
-    reply = deployed_client.unmask(state, ConfigRecord({"round": 3, "dropped": [2]}))
+    reply = secagg_steps.unmask(state, ConfigRecord({"round": 3, "dropped": [2]}))
     assert list(reply["secagg"]["shares"]) == [b"S1", b"K2"] and state == {}
 
 

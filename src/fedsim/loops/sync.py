@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 
 from fedsim.algorithms import registry
 from fedsim.config import ExperimentConfig
+from fedsim.loops.secagg_messages import DeployedSecureAggregation
 from fedsim.loops.skeleton import (
     LoopSetup,
     Steps,
@@ -30,7 +31,6 @@ from fedsim.outputs.results import RunDir
 from fedsim.params import ParamSpec
 from fedsim.privacy.server import ServerPrivacy
 from fedsim.records import to_state_dict
-from fedsim.secagg.deployed import DeployedSecureAggregation
 from fedsim.sim.components import Federation
 from fedsim.sim.messaging import PartitionGrid, send_and_collect
 from fedsim.sim.rejoin import NodeWatch

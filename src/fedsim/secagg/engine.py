@@ -18,7 +18,7 @@ that sum from one round of SecAgg+ (:mod:`fedsim.secagg.protocol`) instead of th
    were quantised with (one number for every weighted sum fedsim has: FedAvg's, FedNova's
    and FedAU's weights of a subset are a common multiple of the full set's;
    :func:`sender_scale`). The same steps run on real clients in a deployment
-   (:mod:`fedsim.secagg.deployed`), so both give the same aggregate bit for bit.
+   (:mod:`fedsim.loops.secagg_messages`, :mod:`fedsim.clients.secagg_steps`), so both give the same aggregate bit for bit.
 
 Distributed DP (``privacy.mechanism: central`` with secure aggregation; Kairouz et al. 2021,
 "The Distributed Discrete Gaussian Mechanism for Federated Learning with Secure
@@ -58,14 +58,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from fedsim.config import FaultConfig
 from fedsim.privacy.noise import gaussian_noise
 from fedsim.secagg.protocol import MESSAGE_ROUNDS, run_round
 from fedsim.secagg.quantization import dequantize_sum, out_of_range, quantize
-from fedsim.sim.faults import drops_after_keys
 
 if TYPE_CHECKING:
-    from fedsim.config import SecAggConfig
+    from fedsim.config import FaultConfig, SecAggConfig
     from fedsim.privacy.server import ServerPrivacy
     from fedsim.strategies.replies import ClientUpdate
 
@@ -158,15 +156,15 @@ class SecureAggregation:
         ``secagg:`` of the experiment.
     seed : int
         The run's seed.
-    faults : FaultConfig, default no faults
-        ``faults:`` of the experiment (``drop_after_keys``).
+    faults : FaultConfig or None, default None
+        ``faults:`` of the experiment (``drop_after_keys``); None: no faults.
     """
 
     on_clients = False
     """Whether the clients run their own steps (a deployment) or the server runs every party's."""
 
     def __init__(self, cfg: SecAggConfig, seed: int, faults: FaultConfig | None = None) -> None:
-        self.cfg, self.seed, self.faults = cfg, seed, faults or FaultConfig()
+        self.cfg, self.seed, self.faults = cfg, seed, faults
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate], dropped: list[int],
                   coefficients: Coefficients, privacy: ServerPrivacy | None = None
@@ -185,7 +183,8 @@ class SecureAggregation:
             updates = [dataclasses.replace(u, update=row.to(u.update.dtype)) for u, row in zip(updates, clipped, strict=True)]
         c = coefficients(updates)
         _, weights = quantiser_weights(c)
-        late = [u.partition_id for u in updates if drops_after_keys(self.faults, u.partition_id, server_round)]
+        late = [u.partition_id for u in updates
+                if self.faults is not None and self.faults.dropped_after_keys(u.partition_id, server_round)]
         inputs = {}
         for u, w in zip(updates, weights, strict=True):
             if u.partition_id not in late:

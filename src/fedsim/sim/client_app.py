@@ -39,7 +39,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from fedsim.algorithms import registry
-from fedsim.clients import gossip_node
+from fedsim.clients import gossip_node, secagg_steps
 from fedsim.clients.batched import stack_size, train_stacked, vectorisable_reason
 from fedsim.clients.features import ClientContext, ClientFeature, PersonalRun
 from fedsim.clients.hooks import ClientHook, vectorises
@@ -51,6 +51,7 @@ from fedsim.clients.quantization import (
     restore_local_parameters,
     trained_state,
 )
+from fedsim.clients.secagg_steps import ADVERTISE_KEYS, SECAGG
 from fedsim.clients.train import (
     TrainResult,
     build_optimizer,
@@ -64,8 +65,6 @@ from fedsim.data import ArrayDataset
 from fedsim.data import cache as partition_cache
 from fedsim.params import ParamSpec
 from fedsim.records import to_record, to_state_dict
-from fedsim.secagg import deployed_client
-from fedsim.secagg.deployed_client import ADVERTISE_KEYS, SECAGG
 from fedsim.seeding import derive_seed
 from fedsim.sim import group_messages
 from fedsim.sim.components import (
@@ -246,8 +245,8 @@ class ClientRuntime:
         """Each member's outcome, in order."""
         handler = {"train": self._train, "train.gossip": self._train, "train.mix": self._mix,
                    "evaluate": self._evaluate, "query": self._query, "query.state": self._state,
-                   "query.restore": self._restore, deployed_client.SHARE: self._secagg,
-                   deployed_client.INPUT: self._secagg, deployed_client.UNMASK: self._secagg}.get(message_type)
+                   "query.restore": self._restore, secagg_steps.SHARE: self._secagg,
+                   secagg_steps.INPUT: self._secagg, secagg_steps.UNMASK: self._secagg}.get(message_type)
         if handler is None:
             error = ValueError(f"fedsim clients do not handle {message_type!r} messages")
             return [Outcome(None, error, 0.0) for _ in members]
@@ -509,7 +508,7 @@ class ClientRuntime:
         else:
             job.seconds += stall
         if job.config.get(ADVERTISE_KEYS, False):  # deployed secure aggregation: the update stays here
-            keys = deployed_client.advertise(job.member.state, update, job.server_round)
+            keys = secagg_steps.advertise(job.member.state, update, job.server_round)
             return RecordDict({SECAGG: keys, "metrics": self._train_metrics(job, result, w, 0), **records})
         codec_rng = torch.Generator().manual_seed(derive_seed(cfg.seed, "uplink", job.server_round, pid))
         payload = self.uplink.encode(update, job.member.state, codec_rng, reset=bool(job.config.get(EF_RESET, False)))
@@ -637,11 +636,11 @@ class ClientRuntime:
         return results
 
     def _secagg(self, message_type: str, members: Sequence[Member]) -> list[Outcome]:
-        """A step of deployed secure aggregation (:mod:`fedsim.secagg.deployed_client`)."""
-        steps = {deployed_client.SHARE: lambda m: deployed_client.share(m.state, m.content[SECAGG], m.partition_id),
-                 deployed_client.INPUT: lambda m: deployed_client.masked_input(m.state, m.content[SECAGG],
+        """A step of deployed secure aggregation (:mod:`fedsim.clients.secagg_steps`)."""
+        steps = {secagg_steps.SHARE: lambda m: secagg_steps.share(m.state, m.content[SECAGG], m.partition_id),
+                 secagg_steps.INPUT: lambda m: secagg_steps.masked_input(m.state, m.content[SECAGG],
                                                                                m.partition_id, self.cfg),
-                 deployed_client.UNMASK: lambda m: deployed_client.unmask(m.state, m.content[SECAGG])}
+                 secagg_steps.UNMASK: lambda m: secagg_steps.unmask(m.state, m.content[SECAGG])}
         return [_timed(lambda m=m: steps[message_type](m)) for m in members]
 
     def _query(self, message_type: str, members: Sequence[Member]) -> list[Outcome]:
@@ -707,8 +706,8 @@ def build_client_app(cfg: ExperimentConfig, vectorise: bool = False, sleep_stall
         replies = [o.member_reply(m.partition_id, cfg.client.timeout_s) for m, o in zip(members, outcomes, strict=True)]
         return Message(content=group_messages.pack_replies(replies), reply_to=message)
 
-    secagg_steps = [app.train(t.removeprefix("train.")) for t in (deployed_client.SHARE, deployed_client.INPUT,
-                                                                  deployed_client.UNMASK)]
+    secagg_steps = [app.train(t.removeprefix("train.")) for t in (secagg_steps.SHARE, secagg_steps.INPUT,
+                                                                  secagg_steps.UNMASK)]
     for register in (app.train(), app.train("gossip"), app.train("mix"), app.evaluate(), app.query(), *secagg_steps):
         register(plain)
     action = group_messages.GROUP_ACTION

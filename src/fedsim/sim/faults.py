@@ -25,12 +25,6 @@ def stall_seconds(faults: FaultConfig, partition_id: int, server_round: int) -> 
     return faults.slow_s if _applies(faults, server_round) and partition_id in faults.slow else 0.0
 
 
-def drops_after_keys(faults: FaultConfig, partition_id: int, server_round: int) -> bool:
-    """Whether this client shares its secure-aggregation keys in this round and then drops
-    before sending its masked input (``faults.drop_after_keys``)."""
-    return _applies(faults, server_round) and partition_id in faults.drop_after_keys
-
-
 def inject_fault(faults: FaultConfig, partition_id: int, server_round: int, update: np.ndarray) -> np.ndarray:
     """Apply the configured fault of this client in this round to its outgoing update (a
     stall is :func:`stall_seconds`)."""

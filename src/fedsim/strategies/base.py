@@ -66,10 +66,10 @@ from pydantic import ValidationError
 from fedsim.algorithms.api import Algorithm, SyncStrategyBase
 from fedsim.attacks import ATTACKS, build_attack, choose_byzantine
 from fedsim.clients.quantization import build_codec
+from fedsim.clients.secagg_steps import ADVERTISE_KEYS
 from fedsim.params import ParamSpec
 from fedsim.quant.error_feedback import ServerEstimate
 from fedsim.records import to_state_dict
-from fedsim.secagg.deployed_client import ADVERTISE_KEYS
 from fedsim.secagg.engine import SecureAggregation
 from fedsim.seeding import derive_seed
 from fedsim.strategies.aggregate import weighted_mean

@@ -1,4 +1,4 @@
-"""A deployed client's steps of SecAgg+ (:mod:`fedsim.secagg.deployed` is the server's half).
+"""A deployed client's steps of SecAgg+ (:mod:`fedsim.loops.secagg_messages` is the server's half).
 
 Each step answers one Flower message and keeps what the next step needs in the client's
 Context state (on its SuperNode; the server never sees it): its keys, its update, its
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import MutableMapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,13 +32,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedsim.config import ExperimentConfig
 from fedsim.privacy.noise import gaussian_noise
 from fedsim.secagg.engine import client_input
 from fedsim.secagg.masks import SEED_BYTES, derive, public_bytes
 from fedsim.secagg.protocol import mask_input, share_secrets
 from fedsim.secagg.shamir import SHARE_BYTES
-from fedsim.sim.faults import InjectedFault, drops_after_keys
+
+if TYPE_CHECKING:
+    from fedsim.config import ExperimentConfig
 
 # Training config key: the server runs secure aggregation on the clients (the reply holds keys, not the update)
 ADVERTISE_KEYS = "secagg-advertise"
@@ -107,8 +109,8 @@ def masked_input(state: MutableMapping, request: ConfigRecord, partition_id: int
     """Step 2: open the shares, then ``y_u`` of the update (or nothing, withheld), with the
     counts of coordinates outside the range."""
     server_round = int(request["round"])
-    if drops_after_keys(cfg.faults, partition_id, server_round):
-        raise InjectedFault(f"client {partition_id} dropped after sharing its keys (injected fault)")
+    if cfg.faults.dropped_after_keys(partition_id, server_round):
+        raise RuntimeError(f"client {partition_id} dropped after sharing its keys (injected fault)")
     keys, peers = _keys(state, server_round), state[_PEERS]
     channel = dict(zip(peers["ids"], peers["channel-publics"], strict=True))
     masks = dict(zip(peers["ids"], peers["mask-publics"], strict=True))

@@ -1,5 +1,5 @@
 """SecAgg+ between real clients: the server's half of a deployed round (``secagg.enabled``
-with ``fedsim deploy``); :mod:`fedsim.secagg.deployed_client` is the clients' half.
+with ``fedsim deploy``); :mod:`fedsim.clients.secagg_steps` is the clients' half.
 
 Why fedsim's own protocol over Flower messages, and not Flower's ``SecAggPlusWorkflow`` and
 ``secaggplus_mod``: Flower 1.41's workflow drives a legacy ``Strategy`` through a
@@ -47,9 +47,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedsim.clients.secagg_steps import COUNTS, INPUT, MASKED, SECAGG, SHARE, UNMASK
 from fedsim.config import ExperimentConfig
 from fedsim.privacy.server import ServerPrivacy
-from fedsim.secagg.deployed_client import COUNTS, INPUT, MASKED, SECAGG, SHARE, UNMASK
 from fedsim.secagg.engine import (
     ClientInput,
     Coefficients,
