@@ -124,3 +124,14 @@ def test_drop_after_keys_without_secure_aggregation_is_refused():
     with pytest.raises(ConfigError, match="faults.drop_after_keys: clients drop in secure aggregation's protocol, "
                                           "and secagg.enabled is false"):
         load_config(QUICKSTART, ["faults.drop_after_keys=[1]"])
+
+
+def test_deployed_distributed_dp_is_accounted_as_simulated_with_noise_the_server_cannot_draw(tmp_path):
+    cfg = load_config(QUICKSTART, [f"output.dir={tmp_path}", *SMALL, "rounds=2", "secagg.value_range=4",
+                                   "privacy.mechanism=central", "privacy.noise_multiplier=1.0",
+                                   "privacy.clip_norm=0.5"])
+    deployed, simulated = _rows(_deployed(cfg)[0]), _rows(run_experiment(cfg)[0])
+    assert [r["epsilon"] for r in deployed] == [r["epsilon"] for r in simulated]
+    assert [r["secagg_out_of_range"] for r in deployed] == [0, 0]
+    # the clients' noise shares come from the operating system, not from the run's seed
+    assert deployed[-1]["centralised_loss"] != simulated[-1]["centralised_loss"]
