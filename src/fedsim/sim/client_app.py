@@ -706,9 +706,9 @@ def build_client_app(cfg: ExperimentConfig, vectorise: bool = False, sleep_stall
         replies = [o.member_reply(m.partition_id, cfg.client.timeout_s) for m, o in zip(members, outcomes, strict=True)]
         return Message(content=group_messages.pack_replies(replies), reply_to=message)
 
-    secagg_steps = [app.train(t.removeprefix("train.")) for t in (secagg_steps.SHARE, secagg_steps.INPUT,
-                                                                  secagg_steps.UNMASK)]
-    for register in (app.train(), app.train("gossip"), app.train("mix"), app.evaluate(), app.query(), *secagg_steps):
+    protocol_steps = [app.train(t.removeprefix("train.")) for t in (secagg_steps.SHARE, secagg_steps.INPUT,
+                                                                    secagg_steps.UNMASK)]
+    for register in (app.train(), app.train("gossip"), app.train("mix"), app.evaluate(), app.query(), *protocol_steps):
         register(plain)
     action = group_messages.GROUP_ACTION
     for register in (app.train(action), app.evaluate(action), app.query(action)):
