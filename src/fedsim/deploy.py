@@ -64,6 +64,9 @@ def check_deployable(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.secagg.enabled and cfg.attack.name != "none" and ATTACKS[cfg.attack.name].acts_on == "updates":
         raise ConfigError(f"attack.name: {cfg.attack.name!r} replaces updates on the server, and with secagg.enabled a "
                           "deployed server sees none (attack.name none)")
+    if cfg.secagg.enabled and cfg.hierarchy is not None:
+        raise ConfigError("hierarchy: its gateways' secure aggregation runs every party's step in the server's process; "
+                          "with secagg.enabled a deployment runs it on the SuperNodes for a flat round only (hierarchy unset)")
     return cfg
 
 

@@ -118,6 +118,9 @@ def test_deployment_takes_secure_aggregation_and_refuses_server_side_attacks():
                                           "secagg.enabled a deployed server sees none"):
         check_deployable(load_config(QUICKSTART, ["secagg.enabled=true", "attack.name=sign_flip",
                                                   "attack.fraction=0.2"]))
+    with pytest.raises(ConfigError, match="^hierarchy: its gateways' secure aggregation runs every party's step in "
+                                          "the server's process"):
+        check_deployable(load_config(QUICKSTART, ["secagg.enabled=true", "hierarchy.num_edges=2"]))
 
 
 def test_drop_after_keys_without_secure_aggregation_is_refused():

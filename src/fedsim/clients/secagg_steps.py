@@ -11,7 +11,8 @@ simulation: the server must not be able to derive any of them.
 1. *share keys* (:func:`share`): Shamir shares of the mask key and the self-mask seed, one
    pair per neighbour, each sealed with AES-GCM under a key agreed with that neighbour's
    channel key, so the server relays shares it cannot read;
-2. *masked input* (:func:`masked_input`): the client opens the shares addressed to it,
+2. *masked input* (:func:`masked_input`): the client (with at least its threshold of
+   neighbours' shares, else it sends nothing) opens the shares addressed to it,
    scales, (clips and adds its noise share under distributed DP,) quantises its update
    exactly as the simulation does (:func:`fedsim.secagg.engine.client_input`) and sends
    ``y_u`` (uint32), or withholds it; its out-of-range and clipped coordinates travel as counts;
@@ -96,7 +97,8 @@ def share(state: MutableMapping, request: ConfigRecord, partition_id: int) -> Re
     keys = _keys(state, server_round)
     ids = [int(v) for v in request["neighbours"]]
     state[_PEERS] = ConfigRecord({"ids": ids, "mask-publics": list(request["mask-publics"]),
-                                  "channel-publics": list(request["channel-publics"])})
+                                  "channel-publics": list(request["channel-publics"]),
+                                  "threshold": int(request["threshold"])})
     shares = share_secrets(X25519PrivateKey.from_private_bytes(keys["mask-key"]), keys["self-seed"], ids,
                            int(request["threshold"]))
     envelopes = [seal(keys["channel-key"], public, _associated(server_round, partition_id, v), b"".join(shares[v]))
@@ -115,6 +117,9 @@ def masked_input(state: MutableMapping, request: ConfigRecord, partition_id: int
     channel = dict(zip(peers["ids"], peers["channel-publics"], strict=True))
     masks = dict(zip(peers["ids"], peers["mask-publics"], strict=True))
     owners = [int(v) for v in request["from"]]
+    if len(owners) < int(peers["threshold"]):  # Bonawitz et al.: too few neighbours shared to rebuild its secrets
+        raise RuntimeError(f"secure aggregation: {len(owners)} neighbours shared their keys, "
+                           f"{peers['threshold']} needed; not sending a masked input")
     opened = [open_sealed(keys["channel-key"], channel[v], _associated(server_round, v, partition_id), envelope)
               for v, envelope in zip(owners, request["envelopes"], strict=True)]
     state[_HELD] = ConfigRecord({"owners": owners, "key-shares": [o[:SHARE_BYTES] for o in opened],

@@ -64,7 +64,7 @@ from fedsim.secagg.protocol import shares_needed, unmask
 from fedsim.secagg.quantization import dequantize_sum
 from fedsim.secagg.shamir import SHARE_BYTES
 from fedsim.sim.messaging import send_and_collect
-from fedsim.strategies.replies import TIMEOUT_CODE, ClientUpdate, Failure, scalar_metrics, screen_replies
+from fedsim.strategies.replies import TIMEOUT, TIMEOUT_CODE, ClientUpdate, Failure, scalar_metrics, screen_replies
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,7 @@ class DeployedSecureAggregation(SecureAggregation):
 
         def screen_one(msg: Message, pid: int) -> ClientUpdate | Failure:
             if msg.has_error():
-                return Failure(pid, "no reply before the timeout" if msg.error.code == TIMEOUT_CODE
-                               else f"client error: {msg.error.reason}")
+                return Failure(pid, TIMEOUT if msg.error.code == TIMEOUT_CODE else f"client error: {msg.error.reason}")
             keys = msg.content.get(SECAGG)
             publics = (keys.get("mask-public"), keys.get("channel-public")) if isinstance(keys, ConfigRecord) else ()
             if not all(isinstance(k, bytes) and len(k) == PUBLIC_KEY_BYTES for k in publics) or not publics:
@@ -156,7 +155,7 @@ class DeployedSecureAggregation(SecureAggregation):
             requests[u] = {"from": owners, "envelopes": [sealed[v][u] for v in owners], "weight": weight[u],
                            "clip-norm": clip_norm, "noise-std": noise_std}
             down[u] += len(owners) * (ENVELOPE_BYTES + 2 * ID_BYTES)
-        inputs: dict[int, ClientInput] = {}
+        inputs: dict[int, ClientInput] = {}  # here each one's masked vector (None: withheld) and its counts
         for u, content in self._step(server_round, INPUT, requests).items():
             counts = content.get(COUNTS, {})
             masked = content.get(MASKED)
