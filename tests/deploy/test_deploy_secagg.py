@@ -29,6 +29,7 @@ SETS = [f"partition.num_clients={NUM_NODES}", "eval.federated=false", "output.pl
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     with LoopbackDeployment(tmp_path_factory.mktemp("flwr-home"), NUM_NODES) as dep:
+        dep.cache_partitions(CONFIG, SETS)  # built once here, not by every node in round 1
         yield dep
 
 
