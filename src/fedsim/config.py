@@ -538,7 +538,14 @@ class FaultConfig(Section):
     slow_s: float = Field(0.0, ge=0, description="how long a slow client stalls")
     nan: list[int] = Field(default_factory=list, description="partition ids that send NaN")
     wrong_shape: list[int] = Field(default_factory=list, description="ids that send a short update")
+    drop_after_keys: list[int] = Field(default_factory=list, description="secagg: ids that share their keys, then "
+                                                                           "drop before sending their masked input")
     rounds: list[int] | None = Field(None, description="rounds the faults apply to; None = all")
+
+    def dropped_after_keys(self, partition_id: int, server_round: int) -> bool:
+        """Whether this client shares its secure-aggregation keys in this round and then drops
+        before sending its masked input (``drop_after_keys``)."""
+        return (self.rounds is None or server_round in self.rounds) and partition_id in self.drop_after_keys
 
 
 class SecAggConfig(Section):

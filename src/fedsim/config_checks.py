@@ -315,7 +315,7 @@ def _faults(cfg: ExperimentConfig) -> Iterator[str | None]:
     n = cfg.partition.num_clients
     if not cfg.faults.slow and cfg.faults.slow_s != 0:
         yield f"faults.slow_s: {cfg.faults.slow_s} s stalls the clients of faults.slow, which is empty; leave it unset"
-    for key in ("crash", "slow", "nan", "wrong_shape"):
+    for key in ("crash", "slow", "nan", "wrong_shape", "drop_after_keys"):
         bad = [i for i in getattr(cfg.faults, key) if not 0 <= i < n]
         if bad:
             yield f"faults.{key}: no client {bad[0]}; partition ids are 0..{n - 1} (partition.num_clients is {n})"
@@ -605,6 +605,8 @@ def _secagg(cfg: ExperimentConfig) -> Iterator[str | None]:
     secagg = cfg.secagg
     if not secagg.enabled:
         yield from unread(secagg, "secagg", ("enabled",), "with secagg.enabled false")
+        if cfg.faults.drop_after_keys:
+            yield "faults.drop_after_keys: clients drop in secure aggregation's protocol, and secagg.enabled is false"
         return
     algorithm = registry.get(cfg.strategy.name)
     if _family(cfg) != "sync":

@@ -35,6 +35,7 @@ from flwr.serverapp import Grid, ServerApp
 from pydantic import ValidationError
 
 from fedsim import __version__
+from fedsim.attacks import ATTACKS
 from fedsim.config import ConfigError, ExperimentConfig
 from fedsim.data import cache as partition_cache
 
@@ -60,10 +61,26 @@ def check_deployable(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` if it can run on real clients, else a one-line :class:`ConfigError`."""
     if cfg.strategy.family == "async" and cfg.sim.clock != "wall":
         raise ConfigError("deployed asynchronous runs need sim.clock=wall (real clients take real time)")
-    if cfg.secagg.enabled:
-        raise ConfigError("secagg.enabled: simulation only; fedsim deploy does not run the protocol between "
-                          "real clients yet (the server would see every update)")
+    if cfg.secagg.enabled and cfg.attack.name != "none" and ATTACKS[cfg.attack.name].acts_on == "updates":
+        raise ConfigError(f"attack.name: {cfg.attack.name!r} replaces updates on the server, and with secagg.enabled a "
+                          "deployed server sees none (attack.name none)")
+    if cfg.secagg.enabled and _sends_records(cfg.strategy.name):
+        raise ConfigError(f"strategy.name: {cfg.strategy.name!r} sends records of its own beside the update, which a "
+                          "deployed client's secure-aggregation steps do not mask; with secagg.enabled deploy a strategy "
+                          "whose clients send the update only (SCAFFOLD's joint sum runs in simulation)")
+    if cfg.secagg.enabled and cfg.hierarchy is not None:
+        raise ConfigError("hierarchy: its gateways' secure aggregation runs every party's step in the server's process; "
+                          "with secagg.enabled a deployment runs it on the SuperNodes for a flat round only (hierarchy unset)")
     return cfg
+
+
+def _sends_records(name: str) -> bool:
+    """Whether the clients of algorithm ``name`` send client records beside their update."""
+    from fedsim.algorithms import registry  # the registry's import is paid by secagg deployments only
+    from fedsim.clients.features import ClientFeature
+
+    algorithm = registry.get(name)
+    return algorithm.client is not None and type(algorithm.client).finish is not ClientFeature.finish
 
 
 @functools.lru_cache(maxsize=4)

@@ -9,7 +9,6 @@ import torch
 
 from fedsim.algorithms import registry
 from fedsim.config import ConfigError, SecAggConfig, load_config
-from fedsim.deploy import check_deployable
 from fedsim.outputs.results import RunDir
 from fedsim.privacy.server import ServerPrivacy
 from fedsim.runner import run_experiment
@@ -122,11 +121,6 @@ def test_secagg_options_without_secagg_are_refused():
 def test_aggregators_of_weighted_sums_validate_with_secure_aggregation(name):
     cfg = load_config(QUICKSTART, ["secagg.enabled=true", f"strategy.name={name}", "strategy.server_opt.name=adam"])
     assert cfg.secagg.enabled
-
-
-def test_deployment_refuses_secure_aggregation_in_one_line():
-    with pytest.raises(ConfigError, match="^secagg.enabled: simulation only"):
-        check_deployable(load_config(QUICKSTART, ["secagg.enabled=true"]))
 
 
 def _rows(path):

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 
 from fedsim.algorithms import registry
 from fedsim.config import ExperimentConfig
+from fedsim.loops.secagg_messages import DeployedSecureAggregation
 from fedsim.loops.skeleton import (
     LoopSetup,
     Steps,
@@ -62,6 +63,9 @@ class SyncSteps(Steps):
         # the label mix costs a pass over every client's labels: only for the participation model that reads it
         mix = label_mix(setup.data) if cfg.participation.tied_to_labels else None
         self.strategy = build_strategy(cfg, setup.spec, setup.node_of, mix)
+        if cfg.secagg.enabled and not isinstance(grid, PartitionGrid):  # real clients run their own steps
+            engine = self.strategy.engine
+            engine.secagg = DeployedSecureAggregation(cfg, grid, engine.node_of, setup.spec.dim)
         if cfg.privacy.mechanism != "none":
             self.strategy.privacy = ServerPrivacy(cfg, setup.data.train_sizes().tolist())
         self.joins = NodeWatch(setup.node_of)

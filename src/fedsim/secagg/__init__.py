@@ -7,4 +7,8 @@
   dropout recovery by Shamir secret sharing, and its cost;
 - :mod:`fedsim.secagg.engine`: the protocol inside fedsim's synchronous engine
   (``secagg.enabled``).
+
+In a deployment the same steps travel as Flower messages between real clients: the
+clients' half is :mod:`fedsim.clients.secagg_steps`, the server's
+:mod:`fedsim.loops.secagg_messages`.
 """

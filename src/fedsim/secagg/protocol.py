@@ -95,18 +95,63 @@ class _Client:
 
     def share(self, holders: list[int], threshold: int) -> dict[int, tuple[bytes, bytes]]:
         """Round 1: one Shamir share of ``sk_u`` and one of ``b_u`` per holder."""
-        keys = create_shares(self.mask_key.private_bytes_raw(), threshold, len(holders))
-        seeds = create_shares(self.self_seed, threshold, len(holders))
-        return {v: (k, s) for v, k, s in zip(holders, keys, seeds, strict=True)}
+        return share_secrets(self.mask_key, self.self_seed, holders, threshold)
 
     def masked_input(self, levels: np.ndarray, neighbours: list[int], publics: dict[int, bytes]) -> np.ndarray:
-        """Round 2: ``y_u`` (uint32 arithmetic wraps modulo 2^32)."""
-        dim = levels.shape[0]
-        masked = levels.astype(np.uint32) + expand(self.self_seed, dim)
-        for v in neighbours:
-            pairwise = expand(agreed_seed(self.mask_key, publics[v]), dim)
-            masked = masked + pairwise if self.cid < v else masked - pairwise
-        return masked
+        """Round 2: ``y_u``."""
+        return mask_input(self.cid, levels, self.self_seed, self.mask_key, {v: publics[v] for v in neighbours})
+
+
+def share_secrets(mask_key: X25519PrivateKey, self_seed: bytes, holders: list[int], threshold: int
+                  ) -> dict[int, tuple[bytes, bytes]]:
+    """Round 1: one Shamir share of the mask key ``sk_u`` and one of the self-mask seed ``b_u``
+    per holder, any ``threshold`` of which rebuild each."""
+    keys = create_shares(mask_key.private_bytes_raw(), threshold, len(holders))
+    seeds = create_shares(self_seed, threshold, len(holders))
+    return {v: (k, s) for v, k, s in zip(holders, keys, seeds, strict=True)}
+
+
+def mask_input(cid: int, levels: np.ndarray, self_seed: bytes, mask_key: X25519PrivateKey,
+               neighbour_publics: dict[int, bytes]) -> np.ndarray:
+    """Client ``cid``'s masked input ``y_u = q_u + PRG(b_u) + sum_v +-PRG(s_uv)`` over the
+    neighbours that shared their keys (uint32 arithmetic wraps modulo 2^32)."""
+    dim = levels.shape[0]
+    masked = levels.astype(np.uint32) + expand(self_seed, dim)
+    for v, public in neighbour_publics.items():
+        pairwise = expand(agreed_seed(mask_key, public), dim)
+        masked = masked + pairwise if cid < v else masked - pairwise
+    return masked
+
+
+def unmask(total: np.ndarray, neighbours: dict[int, list[int]], publics: dict[int, bytes], sent: Iterable[int],
+           lost: Iterable[int], shares: dict[int, list[bytes]], needed: dict[int, int]
+           ) -> tuple[np.ndarray | None, str | None]:
+    """Round 3 at the server: ``total`` (the sum of the masked inputs of ``sent``) without
+    their self masks and without the pairwise masks the ``lost`` clients (shared their keys,
+    sent no input) left in it; or None and why (one line) when some client's secret has
+    fewer shares than ``needed``.
+
+    ``shares[v]``: the shares of ``v``'s mask key (``v`` lost) or self-mask seed (``v`` sent)
+    that its surviving neighbours returned; the sum's survivors are ``sent``.
+    """
+    sent, lost = set(sent), set(lost)
+    dim = total.shape[0]
+    for v in sorted(sent | lost):
+        held = shares.get(v, [])
+        if len(held) < needed[v]:
+            state = "dropped" if v in lost else "sent its input"
+            return None, (f"client {v} {state} and {len(held)} of its {len(neighbours[v])} neighbours replied; "
+                          f"{needed[v]} shares rebuild its masks")
+        secret = combine_shares(held[:needed[v]])
+        if v in lost:
+            key = X25519PrivateKey.from_private_bytes(secret)
+            for w in neighbours[v]:
+                if w in sent:
+                    pairwise = expand(agreed_seed(key, publics[w]), dim)
+                    total = total - pairwise if w < v else total + pairwise
+        else:
+            total = total - expand(secret, dim)
+    return total, None
 
 
 def run_round(inputs: dict[int, np.ndarray], dropped: Iterable[int], *, degree: int | None, threshold: float,
@@ -150,19 +195,8 @@ def run_round(inputs: dict[int, np.ndarray], dropped: Iterable[int], *, degree: 
         bytes_down[u] += 4 * sum(v in lost for v in neighbours[u])
     total = np.sum(masked, axis=0, dtype=np.uint32) if masked else np.zeros(dim, dtype=np.uint32)
     alive = set(survivors)
-    for v in everyone:
-        holders = [w for w in neighbours[v] if w in alive]
-        if len(holders) < needed[v]:
-            state = "dropped" if v in lost else "sent its input"
-            return RoundOutcome(None, f"client {v} {state} and {len(holders)} of its {len(neighbours[v])} neighbours "
-                                      f"replied; {needed[v]} shares rebuild its masks", bytes_up, bytes_down)
-        which = 0 if v in lost else 1
-        secret = combine_shares([held[w][v][which] for w in holders[:needed[v]]])
-        if v in lost:
-            key = X25519PrivateKey.from_private_bytes(secret)
-            for w in holders:
-                pairwise = expand(agreed_seed(key, publics[w]), dim)
-                total = total - pairwise if w < v else total + pairwise
-        else:
-            total = total - expand(secret, dim)
+    returned = {v: [held[w][v][0 if v in lost else 1] for w in neighbours[v] if w in alive] for v in everyone}
+    total, refused = unmask(total, neighbours, publics, survivors, lost, returned, needed)
+    if refused is not None:
+        return RoundOutcome(None, refused, bytes_up, bytes_down)
     return RoundOutcome(total, None, bytes_up, bytes_down, recovered=lost)

@@ -69,6 +69,7 @@ from fedsim.algorithms.api import Algorithm, SyncStrategyBase
 from fedsim.attacks import ATTACKS, build_attack, choose_byzantine
 from fedsim.clients.features import ClientFeature
 from fedsim.clients.quantization import build_codec
+from fedsim.clients.secagg_steps import ADVERTISE_KEYS
 from fedsim.params import ParamSpec
 from fedsim.quant.error_feedback import ServerEstimate
 from fedsim.records import to_state_dict
@@ -233,7 +234,7 @@ class FedsimStrategy(Algorithm, FedAvg):
             byzantine=set(choose_byzantine(len(node_of), exp.attack.fraction, exp.seed)),
             estimates=ServerEstimate() if feedback else None,
             held_out=held_out_clients(len(node_of), exp.eval.new_clients, exp.seed),
-            secagg=SecureAggregation(exp.secagg, exp.seed) if exp.secagg.enabled else None)
+            secagg=SecureAggregation(exp.secagg, exp.seed, exp.faults) if exp.secagg.enabled else None)
         strategy.spec = spec
         strategy._parameters = spec.parameter_mask()
         strategy.bound()
@@ -297,6 +298,8 @@ class FedsimStrategy(Algorithm, FedAvg):
 
     def screen(self, replies: list[Message]) -> tuple[list[ClientUpdate], list[Failure]]:
         """Decode and check the round's training replies into updates."""
+        if self.engine and self.engine.secagg is not None and self.engine.secagg.on_clients:
+            return self.engine.secagg.screen(replies, self._sent)  # keys, not updates
         if self.engine:
             return screen_train_replies(replies, self._sent, self.spec.dim, self.engine.uplink)
         return self._screen_flower(replies)
@@ -400,6 +403,8 @@ class FedsimStrategy(Algorithm, FedAvg):
             for client, message in zip(clients, messages, strict=True):
                 if client in self.engine.resync:
                     message.content["config"][EF_RESET] = True
+                if self.engine.secagg is not None and self.engine.secagg.on_clients:
+                    message.content["config"][ADVERTISE_KEYS] = True
             self.engine.resync -= set(clients)
         else:
             self.report = RoundReport(sampled=list(clients))
