@@ -1,5 +1,5 @@
-"""The in-process backends' client states: bounded in memory, spilled to the run directory,
-checkpointed by what changed, and resumed exactly."""
+"""The clients' states of every simulation backend: bounded in memory, spilled to the run
+directory, checkpointed by what changed, and resumed exactly."""
 
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fedsim.config import ConfigError, load_config
+from fedsim.config import load_config
 from fedsim.outputs.results import RunDir
 from fedsim.runner import run_experiment
 from fedsim.sim.client_states import ClientStateStore
@@ -64,10 +64,18 @@ def test_a_run_whose_states_spill_resumes_exactly_and_checkpoints_only_what_chan
     assert _rows(interrupted) == _rows(reference)
 
 
-def test_a_state_bound_under_ray_is_refused_naming_both_keys():
-    try:
-        load_config(QUICKSTART, ["sim.backend=ray", "sim.client_state_mb=10"])
-    except ConfigError as err:
-        assert "client_state_mb" in str(err) and "backend 'ray'" in str(err)
-    else:
-        raise AssertionError("sim.client_state_mb under backend ray was accepted")
+def test_grouped_ray_nodes_spill_their_clients_states_transparently_and_resume_exactly(tmp_path):
+    # 8 clients on 4 Flower nodes; the states travel with the messages, the server's store spills them
+    ray = ("sim.backend=ray", "sim.clients_per_node=2", "rounds=4", "output.checkpoint_every=2")
+    bounded = load_config(QUICKSTART, [f"output.dir={tmp_path / 'bounded'}", *EF, *ray, "sim.client_state_mb=0"])
+    reference, _ = run_experiment(load_config(QUICKSTART, [f"output.dir={tmp_path / 'unbounded'}", *EF, *ray]))
+    interrupted, _ = run_experiment(bounded)
+    assert any((interrupted / "client_states").iterdir()), "nothing spilled under a bound of 0"
+    assert not (reference / "client_states").exists(), "the default bound spilled"
+    assert _rows(interrupted) == _rows(reference)
+    run = RunDir.open(interrupted)
+    at_2 = torch.load(run.checkpoint_dir / "round-00002.pt", weights_only=False)["clients"]
+    assert at_2 and all(isinstance(name, str) for name in at_2.values())  # files, not the records
+    (run.checkpoint_dir / "round-00004.pt").unlink()  # as if killed during round 3
+    run_experiment(bounded, resume=interrupted)
+    assert _rows(interrupted) == _rows(reference)

@@ -1,4 +1,4 @@
-"""The clients' Context states of the in-process backends: kept for the clients that have
+"""The clients' Context states of the simulation backends: kept for the clients that have
 taken part, bounded in memory, spilled to the run directory, checkpointed by what changed.
 
 A federation of a million clients whose every participant keeps an error-feedback memory
@@ -10,6 +10,13 @@ the states of the clients addressed since the previous checkpoint, one file each
 ``checkpoints/clients/``, and records every stateful client's latest file (the manifest),
 so a checkpoint costs the clients that changed, not all that ever took part; resume reads a
 client's file when that client is next addressed.
+
+The store lives in the server's process under every simulation backend: the in-process grids
+hand their runtime each addressed client's state; under Ray
+(:class:`fedsim.sim.ray_nodes.GroupedGrid`) a client's state travels to its node with the
+client's message and comes back with its reply, so the nodes hold no state between messages
+and the run directory (spilled states, checkpoints) is the server machine's alone, on one
+machine or a cluster.
 """
 
 from __future__ import annotations
@@ -71,6 +78,14 @@ class ClientStateStore:
         self._changed.add(partition_id)
         self._recent.add(partition_id)
         return self._memory[partition_id]
+
+    def replace(self, partition_id: int, state: RecordDict) -> None:
+        """Make ``state`` the client's state (its node's copy, back with a reply)."""
+        self._files.pop(partition_id, None)
+        self._memory[partition_id] = state
+        self._memory.move_to_end(partition_id)
+        self._changed.add(partition_id)
+        self._recent.add(partition_id)
 
     def holders(self) -> set[int]:
         """The clients that may hold a state."""
