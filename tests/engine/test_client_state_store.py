@@ -4,6 +4,7 @@ directory, checkpointed by what changed, and resumed exactly."""
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
@@ -32,7 +33,7 @@ def test_states_beyond_the_bound_spill_to_files_and_come_back_unchanged(tmp_path
     store.trim()
     assert store.in_memory_bytes() <= 10_000  # the least recently used one went to its file
     assert [p.name for p in (tmp_path / "spill").iterdir()] == ["0.pkl"]
-    assert store.holders() == {0, 1, 2, 3}
+    assert store.keys() == {0, 1, 2, 3}
     assert np.array_equal(store.state(0)["memory"]["m"].numpy(), np.zeros(1000, np.float32))  # read back
 
 
@@ -77,5 +78,25 @@ def test_grouped_ray_nodes_spill_their_clients_states_transparently_and_resume_e
     at_2 = torch.load(run.checkpoint_dir / "round-00002.pt", weights_only=False)["clients"]
     assert at_2 and all(isinstance(name, str) for name in at_2.values())  # files, not the records
     (run.checkpoint_dir / "round-00004.pt").unlink()  # as if killed during round 3
+    run_experiment(bounded, resume=interrupted)
+    assert _rows(interrupted) == _rows(reference)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "median"])
+def test_ef21_server_estimates_spill_transparently_and_resume_exactly(tmp_path, strategy):
+    # fedavg: EF21-PP's mean is the estimates' running sum; median reads every h_i, streamed from
+    # the server's store; a bound of 0 spills every estimate and every client state
+    ef21 = [*EF[:-1], "quant.uplink.error_feedback=ef21", f"strategy.name={strategy}", "strategy.fraction_train=0.5"]
+    bounded = load_config(QUICKSTART, [f"output.dir={tmp_path / 'bounded'}", *ef21, "sim.client_state_mb=0"])
+    reference, _ = run_experiment(load_config(QUICKSTART, [f"output.dir={tmp_path / 'unbounded'}", *ef21]))
+    interrupted, _ = run_experiment(bounded)
+    assert len(list((interrupted / "server_estimates").iterdir())) == 8, "the server's h_i did not spill"
+    assert _rows(interrupted) == _rows(reference)
+    run = RunDir.open(interrupted)
+    files = [torch.load(run.checkpoint_dir / f"round-0000{r}.pt", weights_only=False)["strategy"]["uplink_estimates"]
+             ["files"] for r in (3, 6)]
+    written_at_6 = {pid for pid, name in files[1].items() if name.endswith("-00002.pkl")}
+    assert written_at_6 and len(list((run.checkpoint_dir / "estimates").iterdir())) == len(files[0]) + len(written_at_6)
+    (run.checkpoint_dir / "round-00006.pt").unlink()  # as if killed during round 4
     run_experiment(bounded, resume=interrupted)
     assert _rows(interrupted) == _rows(reference)

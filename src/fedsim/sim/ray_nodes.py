@@ -159,7 +159,7 @@ class GroupedGrid(PartitionGrid):
                     continue
                 by_partition = {r.partition_id: r for r in group_messages.unpack_replies(reply.content)}
                 for answered in by_partition.values():
-                    self._states.replace(answered.partition_id, answered.state)
+                    self._states.put(answered.partition_id, answered.state)
                 for msg in members:
                     pid = self.partition_of(msg)
                     self.answer(msg, by_partition.get(pid) or group_messages.MemberReply(
