@@ -478,8 +478,9 @@ class SimConfig(Section):
         "virtual", description="async loops: simulated device times, or real time (deployment)")
     concurrency: int | None = Field(None, ge=1, description="clients training at once (async)")
     client_state_mb: float = Field(
-        1024.0, ge=0, description="the run's client states held in memory (by the server's process, under every "
-                                  "backend); the least recently used beyond it spill to the run directory")
+        1024.0, ge=0, description="the run's client states held in memory by the server's process (every "
+                                  "backend), and as much again of the server's EF21/EControl estimates; the least "
+                                  "recently used beyond it spill to the run directory")
 
     @model_validator(mode="after")
     def _grouping_needs_ray(self) -> SimConfig:
