@@ -78,11 +78,7 @@ from fedsim.strategies.evaluation import (
     federated_metrics,
     mean_train_metrics,
 )
-from fedsim.strategies.new_clients import (
-    NEW_CLIENT,
-    held_out_clients,
-    new_client_metrics,
-)
+from fedsim.strategies.new_clients import NEW_CLIENT, held_out_clients, new_client_metrics
 from fedsim.strategies.participation import evaluation_sample
 from fedsim.strategies.replies import (
     EF_RESET,
