@@ -566,8 +566,14 @@ class FedsimStrategy(Algorithm, FedAvg):
     def load_state_dict(self, state: dict) -> None:
         engine = self.engine
         self.server_opt.load_state_dict(state.get("server_opt", {}))
-        if engine.estimates is not None and "uplink_estimates" in state:
+        if engine.estimates is not None and "uplink_examples" in state:
+            # a checkpoint of fedsim before the running sum: every h_i itself, and each client's examples
+            engine.estimates.clear()
+            for key, estimate in state["uplink_estimates"].items():
+                engine.estimates.update(int(key), estimate, state["uplink_examples"][int(key)])
+        elif engine.estimates is not None and "uplink_estimates" in state:
             engine.estimates.load_state_dict(state["uplink_estimates"])
+        if engine.estimates is not None:
             engine.resync = set(state.get("uplink_resync", ()))
         if "sampler" in state:
             engine.sampler.load_state_dict(state["sampler"])
