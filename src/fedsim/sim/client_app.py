@@ -2,8 +2,9 @@
 Flower ClientApp around it.
 
 :class:`ClientRuntime` serves every simulated client. It receives *members*, each one
-client's share of a delivery (its partition id, its message content and its slice of the
-node's Context state), and answers each with a reply content or an error:
+client's share of a delivery (its partition id, its message content and its Context state:
+its slice of a deployed node's Context, in simulation the state the server's grid keeps),
+and answers each with a reply content or an error:
 
 - ``train``: rebuild the model from the message's arrays, train on the partition
   (:func:`fedsim.clients.train.train_local`, or all members at once with
