@@ -138,8 +138,7 @@ class BoundedStore:
 
     def save(self, directory: Path, step: int) -> dict[Hashable, str]:
         """Write the values changed since the last save to ``directory`` (``<key>-<step>.pkl``);
-        return the manifest, every client's latest file."""
-        directory.mkdir(parents=True, exist_ok=True)
+        return the manifest, every client's latest file (``directory`` is made when first needed)."""
         for key in sorted(self._changed):
             if key in self._memory:
                 value = self._memory[key]
@@ -149,6 +148,7 @@ class BoundedStore:
                 value = None
             if value is not None and not self.empty(value):
                 name = f"{key}-{step:05d}.pkl"
+                directory.mkdir(parents=True, exist_ok=True)
                 _write(directory / name, value)
                 self._saved[key] = name
             else:
