@@ -478,17 +478,15 @@ class SimConfig(Section):
         "virtual", description="async loops: simulated device times, or real time (deployment)")
     concurrency: int | None = Field(None, ge=1, description="clients training at once (async)")
     client_state_mb: float = Field(
-        1024.0, ge=0, description="inprocess, batched: clients' states held in memory; the least recently used "
-                                  "beyond it spill to the run directory")
+        1024.0, ge=0, description="the run's client states held in memory by the server's process (every "
+                                  "backend), and as much again of the server's EF21/EControl estimates; the least "
+                                  "recently used beyond it spill to the run directory")
 
     @model_validator(mode="after")
     def _grouping_needs_ray(self) -> SimConfig:
         if self.clients_per_node > 1 and self.backend != "ray":
             raise ValueError(f"clients_per_node: groups clients on Flower nodes under backend 'ray'; "
                              f"backend is {self.backend!r}")
-        if self.backend == "ray" and self.client_state_mb != type(self).model_fields["client_state_mb"].default:
-            raise ValueError(f"client_state_mb: bounds the client states of backends inprocess and batched; "
-                             f"backend 'ray' keeps them in its nodes' Contexts")
         return self
 
 

@@ -49,6 +49,11 @@ def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_pro
     return loop(grid, cfg, run, resume, show_progress)
 
 
+def client_state_store(cfg: ExperimentConfig, run: RunDir) -> ClientStateStore:
+    """The run's client states: ``sim.client_state_mb`` in memory, the rest in ``<run>/client_states/``."""
+    return ClientStateStore(int(cfg.sim.client_state_mb * 2**20), run.path / "client_states")
+
+
 def build_server_app(cfg: ExperimentConfig, run: RunDir, resume: bool, show_progress: bool,
                      outcome: dict[str, Any], engine_lost: Callable[[], str | None] | None = None) -> ServerApp:
     """A ServerApp running the configured loop; its summary lands in ``outcome``; the run
@@ -58,7 +63,8 @@ def build_server_app(cfg: ExperimentConfig, run: RunDir, resume: bool, show_prog
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         seed_everything(cfg.seed)
-        grouped = GroupedGrid(grid, cfg.partition.num_clients, cfg.sim.clients_per_node, engine_lost)
+        grouped = GroupedGrid(grid, cfg.partition.num_clients, cfg.sim.clients_per_node, engine_lost,
+                              client_state_store(cfg, run))
         outcome.update(serve(grouped, cfg, run, resume, show_progress))
 
     return app
@@ -121,8 +127,8 @@ def run_experiment(cfg: ExperimentConfig, *, resume: str | Path | None = None, r
     vectorise = cfg.sim.backend == "batched" or cfg.sim.clients_per_node > 1
     if cfg.sim.backend in ("inprocess", "batched"):
         _warn_if_not_stacked(cfg, vectorise)
-        states = ClientStateStore(int(cfg.sim.client_state_mb * 2**20), run.path / "client_states")
-        grid = InProcessGrid(ClientRuntime(cfg, vectorise), cfg.partition.num_clients, states=states)
+        grid = InProcessGrid(ClientRuntime(cfg, vectorise), cfg.partition.num_clients,
+                             states=client_state_store(cfg, run))
         outcome.update(serve(grid, cfg, run, resume is not None, show_progress))
         return run.path, outcome
     from flwr.simulation import (

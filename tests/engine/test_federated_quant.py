@@ -5,6 +5,7 @@ All runs use the in-process backend (the same ClientApp, no Ray) with few client
 """
 
 import math
+import pickle
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,12 @@ class _RecordingRuntime(ClientRuntime):
         return outcomes
 
 
+def _server_estimates(run: RunDir) -> dict[int, torch.Tensor]:
+    """The server's EF21 estimates h_i of the run's latest checkpoint, read from their files."""
+    files = run.latest_checkpoint().strategy["uplink_estimates"]["files"]
+    return {pid: pickle.loads((run.checkpoint_dir / "estimates" / name).read_bytes()) for pid, name in files.items()}
+
+
 @pytest.mark.parametrize("feedback", [["quant.uplink.error_feedback=ef21"],
                                       ["quant.uplink.error_feedback=econtrol", "quant.uplink.eta=0.1"]],
                          ids=["ef21", "econtrol"])
@@ -147,8 +154,8 @@ def test_client_and_server_estimates_stay_equal_when_clients_skip_rounds(small_c
     serve(grid, cfg, run, resume=False, show_progress=False)
     gaps = [pid for pid, rounds in app.trained.items() if any(b - a > 1 for a, b in zip(rounds, rounds[1:]))]
     assert gaps, f"no client skipped a round between two trainings: {app.trained}"
-    server = run.latest_checkpoint().strategy["uplink_estimates"]
-    assert sorted(server) == sorted(str(pid) for pid in app.trained)
+    server = _server_estimates(run)
+    assert sorted(server) == sorted(app.trained)
     for pid in range(cfg.partition.num_clients):
         state = grid.client_state(pid)
         if pid not in app.trained:
@@ -156,7 +163,7 @@ def test_client_and_server_estimates_stay_equal_when_clients_skip_rounds(small_c
             continue
         client = state[EF_STATE_KEY].to_torch_state_dict()
         assert torch.count_nonzero(client["estimate"]) > 0
-        torch.testing.assert_close(client["estimate"], server[str(pid)], rtol=0, atol=1e-7)
+        torch.testing.assert_close(client["estimate"], server[pid], rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("feedback", [["quant.uplink.error_feedback=ef21"],
@@ -173,11 +180,11 @@ def test_a_dropped_reply_resets_both_copies_of_the_estimate(small_config, feedba
     assert [r["num_failed"] for r in run.rows()] == [0, 1, 0, 0]
     assert not torch.isfinite(app.memory[1, 2, "after"]["estimate"]).all()  # the client's copy went bad
     assert app.trained[1] == [1, 2, 3, 4]
-    server = run.latest_checkpoint().strategy["uplink_estimates"]
+    server = _server_estimates(run)
     for pid in range(3):  # after the reset (round 3), both copies agree again and are finite
         client = grid.client_state(pid)[EF_STATE_KEY].to_torch_state_dict()["estimate"]
         assert torch.isfinite(client).all()
-        torch.testing.assert_close(client, server[str(pid)], rtol=0, atol=1e-7)
+        torch.testing.assert_close(client, server[pid], rtol=0, atol=1e-7)
     assert math.isfinite(run.rows()[-1]["centralised_loss"])
 
 

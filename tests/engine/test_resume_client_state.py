@@ -8,9 +8,11 @@ numbers of a run that was never interrupted. Half the clients train each round, 
 kept across skipped rounds matters.
 """
 
+import pickle
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedsim.config import load_config
 from fedsim.outputs.results import RunDir
@@ -81,3 +83,22 @@ def test_ray_runs_repeat_and_match_the_in_process_numbers_with_every_random_feat
     second, _ = run_experiment(on_ray)
     in_process, _ = run_experiment(load_config(QUICKSTART, [*sets, "sim.backend=inprocess"]))
     assert _rows(first) == _rows(second) == _rows(in_process)
+
+
+def test_a_checkpoint_holding_every_ef21_estimate_itself_still_resumes(tmp_path):
+    # fedsim before the running sum checkpointed every h_i and each client's examples
+    cfg = _config(tmp_path, "ef21")
+    reference, _ = run_experiment(cfg)
+    interrupted, _ = run_experiment(cfg)
+    run = RunDir.open(interrupted)
+    (run.checkpoint_dir / "round-00006.pt").unlink()
+    path = run.checkpoint_dir / "round-00003.pt"
+    raw = torch.load(path, weights_only=False)
+    saved = raw["strategy"]["uplink_estimates"]
+    raw["strategy"]["uplink_estimates"] = {
+        str(pid): pickle.loads((run.checkpoint_dir / "estimates" / name).read_bytes()) for pid, name in saved["files"].items()}
+    raw["strategy"]["uplink_examples"] = {pid: int(weight) for pid, weight in saved["weights"].items()}
+    torch.save(raw, path)
+    run_experiment(cfg, resume=interrupted)
+    for resumed, expected in zip(_rows(interrupted), _rows(reference), strict=True):
+        assert resumed["centralised_accuracy"] == pytest.approx(expected["centralised_accuracy"], abs=0.01)

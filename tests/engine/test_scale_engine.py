@@ -170,21 +170,26 @@ def test_what_cannot_vectorise_says_why():
     assert all(vectorises(h) for h in (ProximalTerm(0.1, {}), FedLDRegulariser(0.1), GuidanceMask({})))
 
 
-def test_a_group_message_carries_each_shared_record_once():
+def test_a_group_message_carries_each_shared_record_once_and_each_clients_state():
     shared = ArrayRecord({"w": torch.ones(3)})
-    members = [(pid, RecordDict({"arrays": shared, "config": ConfigRecord({"partition-id": pid})}))
+    states = {4: RecordDict({"partition-4/memory": ArrayRecord({"e": torch.full((2,), 4.0)})}), 9: RecordDict()}
+    members = [(pid, RecordDict({"arrays": shared, "config": ConfigRecord({"partition-id": pid})}), states[pid])
                for pid in (4, 9)]
     packed = group_messages.pack_members("train", members)
     assert sum(1 for record in packed.array_records.values() if record is shared) == 1
     message_type, unpacked = group_messages.unpack_members(packed)
-    assert message_type == "train" and [pid for pid, _ in unpacked] == [4, 9]
-    assert all(content["arrays"] is shared for _, content in unpacked)
-    assert [int(content["config"]["partition-id"]) for _, content in unpacked] == [4, 9]
-    answered = group_messages.MemberReply(4, RecordDict({"arrays": shared}))
-    raised = group_messages.MemberReply(9, None, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "ValueError: bad")
+    assert message_type == "train" and [pid for pid, _, _ in unpacked] == [4, 9]
+    assert all(content["arrays"] is shared for _, content, _ in unpacked)
+    assert [int(content["config"]["partition-id"]) for _, content, _ in unpacked] == [4, 9]
+    assert [list(state) for _, _, state in unpacked] == [["partition-4/memory"], []]
+    answered = group_messages.MemberReply(4, RecordDict({"arrays": shared}), state=unpacked[0][2])
+    raised = group_messages.MemberReply(9, None, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "ValueError: bad",
+                                        RecordDict())
     replies = group_messages.unpack_replies(group_messages.pack_replies([answered, raised]))
     assert replies[0].content["arrays"] is shared and replies[1].content is None
     assert (replies[1].code, replies[1].reason) == (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "ValueError: bad")
+    assert replies[0].state["partition-4/memory"]["e"].numpy().tolist() == [4.0, 4.0]
+    assert not len(replies[1].state)
 
 
 class _RefusingEngineGrid:

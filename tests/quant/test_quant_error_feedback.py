@@ -81,14 +81,87 @@ def test_server_estimate_mirrors_each_clients_estimate_with_skipped_clients():
     generator = torch.Generator().manual_seed(0)
     for round_clients in ([0, 1, 2], [0, 2], [1], [0, 1, 2]):
         for i in round_clients:
-            server.update(i, codec.decode(clients[i].compress(torch.randn(20, generator=generator))))
+            server.update(i, codec.decode(clients[i].compress(torch.randn(20, generator=generator))), weight=1 + i // 2)
     estimates = {i: c.state_dict()["estimate"] for i, c in clients.items()}
-    assert all(torch.equal(server.state_dict()[str(i)], h) for i, h in estimates.items())
-    assert torch.allclose(server.mean(), sum(estimates.values()) / 3)
-    weighted = server.mean({0: 1.0, 1: 1.0, 2: 2.0})
-    assert torch.allclose(weighted, (estimates[0] + estimates[1] + 2 * estimates[2]) / 4)
-    with pytest.raises(ValueError, match=r"no weight for clients 2"):
-        server.mean({0: 1.0, 1: 1.0})
+    assert all(torch.equal(server.estimate(i), h) for i, h in estimates.items())
+    assert [(pid, weight) for pid, weight, _ in server.items()] == [(0, 1.0), (1, 1.0), (2, 2.0)]
+    torch.testing.assert_close(server.mean(), (estimates[0] + estimates[1] + 2 * estimates[2]) / 4)
+
+
+def _reference_mean(estimates: dict[int, torch.Tensor], weights: dict[int, float]) -> torch.Tensor:
+    """The EF21-PP aggregate as the definition states it: every estimate, weighted, summed anew."""
+    total = sum(weights.values())
+    return sum(estimates[i].double() * (weights[i] / total) for i in estimates).float()
+
+
+def _random_rounds(rounds: int, clients: int, seed: int) -> list[list[tuple[int, torch.Tensor | None, float]]]:
+    """Per round (client, increment, weight) of 6 sampled clients that reply and (client, None, 0)
+    of 2 whose replies are dropped; increments of sizes from 1e-3 to 1e2, weights from 1 to 49."""
+    generator = torch.Generator().manual_seed(seed)
+    plan = []
+    for _ in range(rounds):
+        sampled = torch.randperm(clients, generator=generator)[:8].tolist()
+        scales = 10.0 ** torch.randint(-3, 3, (6,), generator=generator).double()
+        steps = [(pid, torch.randn(25, generator=generator) * float(scale),
+                  float(torch.randint(1, 50, (1,), generator=generator))) for pid, scale in zip(sampled, scales)]
+        plan.append(steps + [(pid, None, 0.0) for pid in sampled[6:]])
+    return plan
+
+
+def _play(server, rounds) -> None:
+    for steps in rounds:
+        for pid, increment, weight in steps:
+            if increment is None:
+                server.reset(pid)
+            else:
+                server.update(pid, increment, weight)
+
+
+@pytest.mark.parametrize("bound", [None, 0, 300], ids=["in memory", "all spilled", "a few in memory"])
+def test_the_running_weighted_sum_is_the_mean_of_every_estimate_through_resets_and_resumes(tmp_path, bound):
+    # 40 rounds of partial participation over 30 clients (a changing set: newcomers, resets after
+    # dropped replies, weights that change); after each round the running sum's mean equals the
+    # weighted mean recomputed from every h_i; a checkpoint taken midway resumes it exactly
+    plan = _random_rounds(40, 30, seed=1)
+    server = error_feedback.ServerEstimate(bound, tmp_path / "spill", tmp_path / "ckpt")
+    estimates: dict[int, torch.Tensor] = {}
+    weights: dict[int, float] = {}
+    for rnd, steps in enumerate(plan):
+        _play(server, [steps])
+        for pid, increment, weight in steps:
+            if increment is None:
+                estimates.pop(pid, None)
+                weights.pop(pid, None)
+            else:
+                estimates[pid] = increment.clone() if pid not in estimates else estimates[pid] + increment
+                weights[pid] = weight
+        torch.testing.assert_close(server.mean(), _reference_mean(estimates, weights), rtol=1e-6, atol=1e-7)
+        assert len(server) == len(estimates)
+        if rnd == 19:
+            saved = server.state_dict()
+    assert all(torch.equal(server.estimate(pid), h) for pid, h in estimates.items())
+    resumed = error_feedback.ServerEstimate(bound, tmp_path / "spill-2", tmp_path / "ckpt")
+    resumed.load_state_dict(saved)
+    _play(resumed, plan[20:])
+    assert torch.equal(resumed.mean(), server.mean())
+    listed = [[(pid, w, h.tolist()) for pid, w, h in estimate.items()] for estimate in (resumed, server)]
+    assert listed[0] == listed[1]
+    server.clear()
+    with pytest.raises(ValueError, match="no client has sent an increment yet"):
+        server.mean()
+
+
+def test_a_checkpoint_of_the_estimates_writes_only_the_clients_changed_since_the_last(tmp_path):
+    server = error_feedback.ServerEstimate(10**6, tmp_path / "spill", tmp_path / "ckpt")
+    for pid in range(4):
+        server.update(pid, torch.ones(3) * pid)
+    first = server.state_dict()["files"]
+    server.update(2, torch.ones(3))
+    server.reset(3)
+    second = server.state_dict()["files"]
+    assert first == {pid: f"{pid}-00001.pkl" for pid in range(4)}
+    assert second == {0: "0-00001.pkl", 1: "1-00001.pkl", 2: "2-00002.pkl"}
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted({*first.values(), "2-00002.pkl"})
 
 
 def distributed_least_squares(seed: int = 0):

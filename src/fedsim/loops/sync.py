@@ -126,8 +126,13 @@ class SyncSteps(Steps):
 
 
 def run_sync(grid: Grid, cfg: ExperimentConfig, run: RunDir, resume: bool, show_progress: bool) -> dict[str, Any]:
-    """Run (or continue) the configured synchronous experiment; return its summary."""
-    return run_steps(SyncSteps(grid, cfg), grid, cfg, run, resume, show_progress)
+    """Run (or continue) the configured synchronous experiment; return its summary. The
+    server's per-client state is bounded as the clients' is (``sim.client_state_mb``) and
+    spills to ``<run>/server_estimates/``."""
+    steps = SyncSteps(grid, cfg)
+    steps.strategy.keep_server_state_in(run.path / "server_estimates", run.checkpoint_dir / "estimates",
+                                        int(cfg.sim.client_state_mb * 2**20))
+    return run_steps(steps, grid, cfg, run, resume, show_progress)
 
 
 __all__ = ["SyncSteps", "run_sync"]

@@ -33,10 +33,10 @@ class Checkpoint:
     """The state saved after a round: enough to continue as if never stopped.
 
     ``strategy`` is the server's side (strategy, optimizer, participation, async queue,
-    gossip mirrors); ``clients`` each client's Context state by partition id, where the
-    grid could collect it (fedsim's Ray grid; empty in a deployment, whose SuperNodes keep
-    their own), or under the in-process grids the name of each stateful client's latest
-    state file in ``checkpoints/clients/`` (:mod:`fedsim.sim.client_states`).
+    gossip mirrors); ``clients`` the name of each stateful client's latest state file in
+    ``checkpoints/clients/`` under the simulation backends (:mod:`fedsim.sim.client_states`;
+    a checkpoint of an earlier fedsim holds the records themselves), empty in a deployment,
+    whose SuperNodes keep their own.
     """
 
     round: int
@@ -211,9 +211,9 @@ class RunDir:
                               "resume from the one before, or start the run again") from None
 
     def client_state(self, checkpoint: Checkpoint, pid: int) -> dict[str, Any]:
-        """Client ``pid``'s Context state as ``checkpoint`` saved it: the records themselves
-        (a grid that queried them) or read from its file in ``checkpoints/clients/`` (the
-        in-process grids' state store, :mod:`fedsim.sim.client_states`)."""
+        """Client ``pid``'s Context state as ``checkpoint`` saved it: read from its file in
+        ``checkpoints/clients/`` (the grids' state store, :mod:`fedsim.sim.client_states`), or
+        the records themselves (a checkpoint of an earlier fedsim)."""
         saved = checkpoint.clients[pid]
         if not isinstance(saved, str):
             return saved

@@ -16,7 +16,8 @@ Protocol, per wrapper (``C`` the codec, ``D = codec.decode``)
 ``"ef21"``
     client keeps ``h``: sends ``c = C(g - h)``, then ``h <- h + D(c)``. The payload is an
     *increment*: the server keeps its own copy ``h_i`` per client, ``h_i <- h_i + D(payload)``,
-    and uses ``mean_i h_i`` over all clients (:class:`ServerEstimate`) as the aggregate.
+    and uses ``mean_i h_i`` over all clients (:class:`ServerEstimate`, a running sum) as the
+    aggregate.
 ``"econtrol"``
     client keeps ``e`` and ``h``: sends ``Delta = C(eta e + g - h)``, then
     ``e <- e + g - h - D(Delta)`` and ``h <- h + D(Delta)``; server as for ``"ef21"``.
@@ -31,11 +32,13 @@ clear its memory, :class:`fedsim.clients.quantization.Uplink`).
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
-from typing import ClassVar
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
+from fedsim.bounded_store import BoundedStore
 from fedsim.quant.codecs import Codec, Payload
 
 
@@ -212,73 +215,148 @@ class EControl(ErrorFeedback):
         return payload
 
 
-class ServerEstimate:
-    """Server side of EF21 and EControl: the running estimate ``h_i`` of every client.
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.element_size() * tensor.nelement()
 
-    ``update(i, D(payload_i))`` adds a client's decoded increment, ``h_i <- h_i + D(payload_i)``
-    (``h_i`` starts at zero); ``mean()`` is the aggregate ``sum_i w_i h_i / sum_i w_i`` over every
-    client seen so far, those skipped this round included with their last ``h_i`` (EF21-PP).
-    Under full participation with equal weights this equals keeping only the mean and adding
-    the mean increment. Keep ``state_dict()`` in the server's state to resume a run.
+
+class ServerEstimate:
+    """Server side of EF21 and EControl: every client's estimate ``h_i`` and their weighted mean.
+
+    ``update(i, D(payload_i), weight=w_i)`` adds a client's decoded increment,
+    ``h_i <- h_i + D(payload_i)`` (``h_i`` starts at zero), and sets its weight ``w_i`` (e.g. its
+    number of examples); ``mean()`` is the aggregate ``sum_i w_i h_i / sum_i w_i`` over every
+    client seen so far, those skipped this round included with their last ``h_i`` (EF21-PP,
+    Fatkhullin et al. 2021, "EF21 with Bells & Whistles", arXiv 2110.03294).
+
+    The mean is kept as a running sum ``S = sum_i w_i h_i`` (float64) and ``W = sum_i w_i``,
+    changed by each update, ``S <- S + w_i' h_i' - w_i h_i``, and each reset,
+    ``S <- S - w_i h_i``: a round costs O(model) in memory and time however many clients the
+    server has seen. Each ``h_i`` is kept in a :class:`fedsim.bounded_store.BoundedStore`
+    (``max_bytes`` in memory, the least recently used beyond it under ``spill_dir``): it is
+    read when its client sends an increment or is reset, and by an aggregation rule that
+    needs every ``h_i`` (:meth:`items`).
+
+    Parameters
+    ----------
+    max_bytes : int or None, default None
+        The most bytes of estimates held in memory (None: no bound).
+    spill_dir : Path or None, default None
+        Where the estimates beyond ``max_bytes`` are written, one file per client.
+    checkpoint_dir : Path or None, default None
+        Where :meth:`state_dict` writes the estimates changed since its previous call (one
+        file per client; its state names every client's latest file); None: the state holds
+        every estimate itself.
     """
 
-    def __init__(self) -> None:
-        self._estimates: dict[str, torch.Tensor] = {}
+    def __init__(self, max_bytes: int | None = None, spill_dir: Path | None = None,
+                 checkpoint_dir: Path | None = None) -> None:
+        self._store = BoundedStore(0 if max_bytes is None else max_bytes,
+                                   None if max_bytes is None else spill_dir, _nbytes)
+        self.checkpoint_dir = checkpoint_dir
+        self._weights: dict[int, float] = {}
+        self._total_weight = 0.0
+        self._sum: torch.Tensor | None = None
+        self._dtype: torch.dtype | None = None
+        self._saves = 0
 
     def __len__(self) -> int:
-        return len(self._estimates)
+        return len(self._weights)
 
-    def items(self) -> list[tuple[str, torch.Tensor]]:
-        """(client id, estimate h_i) of every client seen."""
-        return list(self._estimates.items())
+    def __contains__(self, client_id: int) -> bool:
+        return int(client_id) in self._weights
 
-    def update(self, client_id: int | str, increment: torch.Tensor) -> torch.Tensor:
-        """Add ``increment`` to client ``client_id``'s estimate; return the new estimate."""
-        key = str(client_id)
-        current = self._estimates.get(key)
+    def estimate(self, client_id: int) -> torch.Tensor | None:
+        """Client ``client_id``'s estimate ``h_i`` (None before its first increment)."""
+        return self._store.get(int(client_id))
+
+    def weight(self, client_id: int) -> float:
+        """Client ``client_id``'s weight ``w_i``."""
+        return self._weights[int(client_id)]
+
+    def items(self) -> Iterator[tuple[int, float, torch.Tensor]]:
+        """(client id, weight w_i, estimate h_i) of every client seen, by client id; spilled
+        estimates are read from their files one at a time."""
+        for key, estimate in self._store.items():
+            yield key, self._weights[key], estimate
+
+    def update(self, client_id: int, increment: torch.Tensor, weight: float = 1.0) -> None:
+        """Add ``increment`` to client ``client_id``'s estimate and make ``weight`` its weight."""
+        key = int(client_id)
+        current = self._store.get(key)
         if current is not None and current.shape != increment.shape:
             raise ValueError(
                 f"ServerEstimate: increment of client {key} has shape {tuple(increment.shape)}; "
                 f"its estimate has shape {tuple(current.shape)}"
             )
-        self._estimates[key] = increment.clone() if current is None else current + increment
-        return self._estimates[key]
+        estimate = increment.clone() if current is None else current + increment
+        if self._sum is None:
+            self._sum = torch.zeros(increment.shape, dtype=torch.float64, device=increment.device)
+            self._dtype = increment.dtype
+        self._sum += float(weight) * estimate.double()
+        if current is not None:
+            self._sum -= self._weights[key] * current.double()
+        self._total_weight += float(weight) - self._weights.get(key, 0.0)
+        self._weights[key] = float(weight)
+        self._store.put(key, estimate)
+        self._store.trim()
 
-    def reset(self, client_id: int | str) -> None:
+    def reset(self, client_id: int) -> None:
         """Forget client ``client_id``'s estimate (``h_i <- 0``; it re-enters with its next
         increment): the server's half of resynchronising after a dropped reply."""
-        self._estimates.pop(str(client_id), None)
+        key = int(client_id)
+        estimate = self._store.pop(key)
+        if estimate is None:
+            return
+        weight = self._weights.pop(key)
+        self._sum -= weight * estimate.double()
+        self._total_weight -= weight
+        if not self._weights:  # nothing left: no rounding residue either
+            self._sum.zero_()
+            self._total_weight = 0.0
 
-    def mean(self, weights: Mapping[int | str, float] | None = None) -> torch.Tensor:
-        """Weighted mean of the estimates of all clients seen (uniform when ``weights`` is None).
+    def clear(self) -> None:
+        """Forget every estimate (both copies start again from zero)."""
+        self._store.clear()
+        self._weights.clear()
+        self._total_weight = 0.0
+        if self._sum is not None:
+            self._sum.zero_()
 
-        Parameters
-        ----------
-        weights : mapping of client id to float, optional
-            A weight for every client seen (e.g. its number of examples).
-        """
-        if not self._estimates:
+    def mean(self) -> torch.Tensor:
+        """The weighted mean ``S / W`` of the estimates of all clients seen."""
+        if not self._weights:
             raise ValueError("ServerEstimate.mean: no client has sent an increment yet")
-        keys = list(self._estimates)
-        if weights is None:
-            w = dict.fromkeys(keys, 1.0)
+        if self._total_weight <= 0:
+            raise ValueError(f"ServerEstimate.mean: weights sum to {self._total_weight}; need a positive sum")
+        return (self._sum / self._total_weight).to(self._dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running sum, the weights and the estimates: under ``checkpoint_dir`` the names of
+        their files (those changed since the previous call written now), else the tensors."""
+        state: dict[str, Any] = {"sum": None if self._sum is None else self._sum.clone(), "dtype": self._dtype,
+                                 "weights": dict(self._weights), "total_weight": self._total_weight}
+        if self.checkpoint_dir is None:
+            state["estimates"] = {key: estimate.clone() for key, estimate in self._store.items()}
         else:
-            w = {str(k): float(v) for k, v in weights.items()}
-            missing = [k for k in keys if k not in w]
-            if missing:
-                raise ValueError(f"ServerEstimate.mean: no weight for clients {', '.join(missing)}")
-        total = sum(w[k] for k in keys)
-        if total <= 0:
-            raise ValueError(f"ServerEstimate.mean: weights sum to {total}; need a positive sum")
-        return sum(self._estimates[k] * (w[k] / total) for k in keys)
+            self._saves += 1
+            state["files"] = self._store.save(self.checkpoint_dir, self._saves)
+            state["saves"] = self._saves
+        return state
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Copy of the estimates, keyed by client id (as str)."""
-        return {key: value.clone() for key, value in self._estimates.items()}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Restore the estimates from :meth:`state_dict`."""
-        self._estimates = {str(key): value.clone() for key, value in state.items()}
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        self._sum = None if state["sum"] is None else state["sum"].clone()
+        self._dtype = state["dtype"]
+        self._weights = dict(state["weights"])
+        self._total_weight = state["total_weight"]
+        if "files" in state:
+            self._store.load(state["files"], self.checkpoint_dir)
+            self._saves = state["saves"]
+        else:
+            self._store.clear()
+            for key, estimate in state["estimates"].items():
+                self._store.put(key, estimate.clone())
+            self._store.trim()
 
 
 WRAPPERS: dict[str, type[ErrorFeedback]] = {w.name: w for w in (NoFeedback, EF, EF21, EControl)}

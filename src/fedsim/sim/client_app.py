@@ -2,8 +2,9 @@
 Flower ClientApp around it.
 
 :class:`ClientRuntime` serves every simulated client. It receives *members*, each one
-client's share of a delivery (its partition id, its message content and its slice of the
-node's Context state), and answers each with a reply content or an error:
+client's share of a delivery (its partition id, its message content and its Context state:
+its slice of a deployed node's Context, in simulation the state the server's grid keeps),
+and answers each with a reply content or an error:
 
 - ``train``: rebuild the model from the message's arrays, train on the partition
   (:func:`fedsim.clients.train.train_local`, or all members at once with
@@ -13,14 +14,13 @@ node's Context state), and answers each with a reply content or an error:
   state (:mod:`fedsim.clients.gossip_node`);
 - ``evaluate``: loss and accuracy on the partition's test split (all members sharing a
   model in one pass);
-- ``query``: the partition id (deployment: the server learns who plays which partition);
-- ``query.state`` / ``query.restore``: the client's whole Context state, for the server's
-  checkpoints, and back on resume (simulation).
+- ``query``: the partition id (deployment: the server learns who plays which partition).
 
 Deterministic: a client's generators are seeded from (run seed, round, partition id),
 never from the host. The runtime is used three ways: the in-process grids call it directly
 (:mod:`fedsim.sim.inprocess`); under Ray the ClientApp's ``group`` actions unpack a group
-message (:mod:`fedsim.sim.group_messages`) into members; in deployment each SuperNode's plain
+message (:mod:`fedsim.sim.group_messages`) into members, each with the state the server's
+grid sent along, and send each member's state back with its reply; in deployment each SuperNode's plain
 messages are one member each, for the partition its node config names.
 """
 
@@ -244,8 +244,7 @@ class ClientRuntime:
     def run(self, message_type: str, members: Sequence[Member]) -> list[Outcome]:
         """Each member's outcome, in order."""
         handler = {"train": self._train, "train.gossip": self._train, "train.mix": self._mix,
-                   "evaluate": self._evaluate, "query": self._query, "query.state": self._state,
-                   "query.restore": self._restore, secagg_steps.SHARE: self._secagg,
+                   "evaluate": self._evaluate, "query": self._query, secagg_steps.SHARE: self._secagg,
                    secagg_steps.INPUT: self._secagg, secagg_steps.UNMASK: self._secagg}.get(message_type)
         if handler is None:
             error = ValueError(f"fedsim clients do not handle {message_type!r} messages")
@@ -647,19 +646,6 @@ class ClientRuntime:
         return [Outcome(RecordDict({"metrics": MetricRecord({"partition-id": m.partition_id})}), None, 0.0)
                 for m in members]
 
-    @staticmethod
-    def _state(message_type: str, members: Sequence[Member]) -> list[Outcome]:
-        """Each client's whole Context state (for the server's checkpoint)."""
-        return [Outcome(RecordDict(dict(m.state)), None, 0.0) for m in members]
-
-    @staticmethod
-    def _restore(message_type: str, members: Sequence[Member]) -> list[Outcome]:
-        """Replace each client's Context state with the records the message carries (resume)."""
-        for m in members:
-            m.state.clear()
-            m.state.update(m.content)
-        return [Outcome(RecordDict(), None, 0.0) for _ in members]
-
 
 def _timed(work) -> Outcome:
     started = time.perf_counter()
@@ -701,9 +687,10 @@ def build_client_app(cfg: ExperimentConfig, vectorise: bool = False, sleep_stall
     def group(message: Message, context: Context) -> Message:
         torch.set_num_threads(threads)
         message_type, contents = group_messages.unpack_members(message.content)
-        members = [Member(pid, content, PartitionState(context.state, pid)) for pid, content in contents]
+        members = [Member(pid, content, PartitionState(state, pid)) for pid, content, state in contents]
         outcomes = runtime.run(message_type, members)
-        replies = [o.member_reply(m.partition_id, cfg.client.timeout_s) for m, o in zip(members, outcomes, strict=True)]
+        replies = [dataclasses.replace(o.member_reply(pid, cfg.client.timeout_s), state=state)
+                   for (pid, _, state), o in zip(contents, outcomes, strict=True)]
         return Message(content=group_messages.pack_replies(replies), reply_to=message)
 
     protocol_steps = [app.train(t.removeprefix("train.")) for t in (secagg_steps.SHARE, secagg_steps.INPUT,

@@ -22,8 +22,6 @@ out, but it runs to the end first (nothing can interrupt it in this process).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
-from typing import Any
 
 from flwr.app import Message
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -60,14 +58,13 @@ class InProcessGrid(PartitionGrid):
 
     def __init__(self, runtime: ClientRuntime, num_partitions: int, run_id: int = 1,
                  states: ClientStateStore | None = None) -> None:
-        super().__init__(num_partitions)
+        super().__init__(num_partitions, states)
         self._runtime = runtime
         self._run = Run.create_empty(run_id)
         # Messages take their sender from the process's task identity, as in Flower's runtimes
         TaskIdentity.task_id = 1
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = SUPERLINK_NODE_ID
-        self._states = ClientStateStore(0, None) if states is None else states
         self._pending: list[Message] = []
 
     def set_run(self, run: Run) -> None:
@@ -107,17 +104,3 @@ class InProcessGrid(PartitionGrid):
         for msg, member, outcome in zip(batch, members, outcomes, strict=True):
             self.answer(msg, outcome.member_reply(member.partition_id, timeout))
         self._states.trim()
-
-    def checkpoint_client_states(self, directory: Path, step: int, timeout: float) -> dict[int, str]:
-        """Write the states of the clients addressed since the last checkpoint under
-        ``directory``; the checkpoint keeps every stateful client's latest file name."""
-        return self._states.save(directory, step)
-
-    def resume_client_states(self, saved: dict[int, Any], directory: Path, timeout: float) -> None:
-        """Continue from a checkpoint's client states: file names (:meth:`checkpoint_client_states`),
-        or the records themselves (a checkpoint of the grids that query them)."""
-        files = {pid: value for pid, value in saved.items() if isinstance(value, str)}
-        self._states.load(files, directory)
-        for pid, records in saved.items():
-            if pid not in files:
-                self._states.state(pid).update(records)

@@ -25,11 +25,11 @@ from uuid import uuid4
 from flwr.app import Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedsim.sim.client_states import ClientStateStore
 from fedsim.sim.group_messages import MemberReply
 
 POLL_S = 0.01
 FIRST_NODE_ID = 1000
-STATE_QUERY, STATE_RESTORE = "query.state", "query.restore"
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,15 @@ class PartitionGrid(Grid):
     Its clients time themselves: one slower than ``client.timeout_s`` is answered with a
     timeout (:class:`fedsim.sim.client_app.Outcome`), so the server's waiting only guards
     against a node that never answers. Time a message spends queued behind others (or
-    behind the workers' start-up) does not count against its client."""
+    behind the workers' start-up) does not count against its client.
 
-    def __init__(self, num_partitions: int) -> None:
+    The clients' Context states are the grid's: ``states`` (unbounded in memory when None),
+    written to checkpoints by what changed (:meth:`checkpoint_client_states`)."""
+
+    def __init__(self, num_partitions: int, states: ClientStateStore | None = None) -> None:
         self.num_partitions = num_partitions
         self._replies: dict[str, Message] = {}
-        self._reached: set[int] = set()  # partitions sent a message: the only ones that may hold state
+        self._states = ClientStateStore(0, None) if states is None else states
 
     def partition_nodes(self, wait_s: float) -> dict[int, int]:
         """Partition id -> node id, once the grid's clients are ready (waiting up to ``wait_s``)."""
@@ -82,40 +85,19 @@ class PartitionGrid(Grid):
         order = {message_id: i for i, message_id in enumerate(ids)}
         return sorted(replies, key=lambda msg: order[msg.metadata.reply_to_message_id])
 
-    def client_states(self, timeout: float) -> dict[int, RecordDict]:
-        """Every client's Context state (those that hold any), for a checkpoint: the clients
-        sent a message so far are asked. A client that cannot report it is left out with a
-        warning (a resume then starts it afresh)."""
-        messages = [Message(RecordDict(), dst_node_id=FIRST_NODE_ID + pid, message_type=STATE_QUERY)
-                    for pid in sorted(self._reached)]
-        states = {}
-        for reply in self.collect(messages, timeout):
-            pid = reply.metadata.src_node_id - FIRST_NODE_ID
-            if reply.has_error():
-                log.warning("client %d did not report its state for the checkpoint: %s", pid, reply.error.reason)
-            elif len(reply.content):
-                states[pid] = reply.content
-        return states
-
-    def restore_client_states(self, states: dict[int, RecordDict], timeout: float) -> None:
-        """Give each client back the state of a checkpoint (and every other client sent a
-        message so far none)."""
-        messages = [Message(RecordDict(dict(states.get(pid, {}))), dst_node_id=FIRST_NODE_ID + pid,
-                            message_type=STATE_RESTORE) for pid in sorted(self._reached | set(states))]
-        for reply in self.collect(messages, timeout):
-            if reply.has_error():
-                log.warning("client %d did not take back its state: %s", reply.metadata.src_node_id - FIRST_NODE_ID,
-                            reply.error.reason)
-
-    def checkpoint_client_states(self, directory: Path, step: int, timeout: float) -> dict[int, Any]:
-        """What the checkpoint of ``step`` keeps of the clients' states: here each one's
-        records (:meth:`client_states`); a grid that stores them itself may write files
-        under ``directory`` and return their names."""
-        return self.client_states(timeout)
+    def checkpoint_client_states(self, directory: Path, step: int, timeout: float) -> dict[int, str]:
+        """Write the states of the clients addressed since the last checkpoint under
+        ``directory``; the checkpoint keeps every stateful client's latest file name."""
+        return self._states.save(directory, step)
 
     def resume_client_states(self, saved: dict[int, Any], directory: Path, timeout: float) -> None:
-        """Give the clients back what :meth:`checkpoint_client_states` kept."""
-        self.restore_client_states(saved, timeout)
+        """Continue from a checkpoint's client states: file names (:meth:`checkpoint_client_states`),
+        or the records themselves (a checkpoint of fedsim before the grids kept the states)."""
+        files = {pid: value for pid, value in saved.items() if isinstance(value, str)}
+        self._states.load(files, directory)
+        for pid, records in saved.items():
+            if pid not in files:
+                self._states.state(pid).update(records)
 
     def get_node_ids(self) -> Iterable[int]:
         return [FIRST_NODE_ID + pid for pid in range(self.num_partitions)]
@@ -132,8 +114,7 @@ class PartitionGrid(Grid):
         return self.collect(list(messages), float("inf") if timeout is None else timeout)
 
     def stamp(self, message: Message) -> str:
-        """Give a pushed message its id, as Flower's grids do (and count its partition as reached)."""
-        self._reached.add(self.partition_of(message))
+        """Give a pushed message its id, as Flower's grids do."""
         message.metadata.__dict__["_message_id"] = str(uuid4())
         return message.metadata.message_id
 

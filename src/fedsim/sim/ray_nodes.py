@@ -12,8 +12,13 @@ per client: a client that raises, sends a bad update or takes longer than
 deadline fails its clients of that message.
 
 The server assigns the partitions itself, so starting a run costs no message per client:
-it waits for the engine's nodes to register, then sorts them. Each node keeps its clients'
-state apart in its Context (:class:`fedsim.sim.client_app.PartitionState`).
+it waits for the engine's nodes to register, then sorts them.
+
+The clients' states are the server's (:class:`fedsim.sim.client_states.ClientStateStore`,
+bounded by ``sim.client_state_mb`` for the run, spilled to ``<run>/client_states/``): each
+client's state travels with its message and its node's copy comes back with the reply. A
+node's Context, which Flower's engine ships to the worker and back with every message, stays
+empty: a message carries the states of the clients it addresses, not of all the node serves.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedsim.sim import group_messages
+from fedsim.sim.client_states import ClientStateStore
 from fedsim.sim.messaging import PartitionGrid
 from fedsim.strategies.replies import TIMEOUT_CODE
 
@@ -62,11 +68,13 @@ class GroupedGrid(PartitionGrid):
     engine_lost : Callable[[], str | None] or None, default None
         Why the engine has no worker left (None while it has one); a push then raises
         :class:`EngineLost` (``fedsim.sim.ray_workers.PoolHealth``).
+    states : ClientStateStore or None, default None
+        The clients' states (None: held in memory, unbounded).
     """
 
     def __init__(self, grid: Grid, num_partitions: int, clients_per_node: int,
-                 engine_lost: Callable[[], str | None] | None = None) -> None:
-        super().__init__(num_partitions)
+                 engine_lost: Callable[[], str | None] | None = None, states: ClientStateStore | None = None) -> None:
+        super().__init__(num_partitions, states)
         self._grid = grid
         self._engine_lost = engine_lost
         self.clients_per_node = clients_per_node
@@ -123,7 +131,8 @@ class GroupedGrid(PartitionGrid):
             bundles.setdefault((self._node_of(msg), msg.metadata.message_type, repeats[key]), []).append(msg)
         outgoing = []
         for (node, message_type, _), members in bundles.items():
-            content = group_messages.pack_members(message_type, [(self.partition_of(m), m.content) for m in members])
+            content = group_messages.pack_members(message_type, [
+                (pid, m.content, self._states.state(pid)) for m in members for pid in [self.partition_of(m)]])
             carrier = Message(content=content, message_type=group_type(message_type), dst_node_id=node)
             outgoing.append((carrier, members))
         accepted = set(self._grid.push_messages([carrier for carrier, _ in outgoing]))
@@ -149,8 +158,11 @@ class GroupedGrid(PartitionGrid):
                                                             f"node failed: {reply.error.reason}"))
                     continue
                 by_partition = {r.partition_id: r for r in group_messages.unpack_replies(reply.content)}
+                for answered in by_partition.values():
+                    self._states.put(answered.partition_id, answered.state)
                 for msg in members:
                     pid = self.partition_of(msg)
                     self.answer(msg, by_partition.get(pid) or group_messages.MemberReply(
                         pid, None, TIMEOUT_CODE, "the node's reply left this client out"))
+            self._states.trim()
         return super().pull_messages(message_ids)

@@ -46,6 +46,7 @@ import inspect
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -142,7 +143,6 @@ class _Engine:
     byzantine: set[int]
     estimates: ServerEstimate | None
     secagg: SecureAggregation | None
-    examples: dict[int, int] = field(default_factory=dict)
     resync: set[int] = field(default_factory=set)  # clients whose dropped reply reset both copies of h_i
     held_out: frozenset[int] = frozenset()  # eval.new_clients: never sampled for training
 
@@ -477,14 +477,15 @@ class FedsimStrategy(Algorithm, FedAvg):
             self.log(logging.WARNING, "round %d skipped: %d valid replies, %d required", server_round,
                      len(accepted), self.cfg.min_successful)
             return None, metrics
-        updates = self._ef21_pp() if self._estimates else accepted
         central = self.privacy is not None and self.privacy.settings.mechanism == "central"
         if self.engine and self.engine.secagg:
-            delta = self.secure_aggregate(server_round, updates, self.privacy if central else None)
+            delta = self.secure_aggregate(server_round, accepted, self.privacy if central else None)
         elif central:
-            delta = self.private_aggregate(server_round, updates)
+            delta = self.private_aggregate(server_round, accepted)
+        elif self._estimates is not None:
+            delta = self._ef21_pp(server_round)
         else:
-            delta = self.aggregate_updates(server_round, updates)
+            delta = self.aggregate_updates(server_round, accepted)
         if delta is None:
             self.report.skipped = True
             return None, metrics
@@ -513,19 +514,30 @@ class FedsimStrategy(Algorithm, FedAvg):
         if engine.estimates is None:
             return
         for u in accepted:
-            engine.estimates.update(u.partition_id, u.update)
-            engine.examples[u.partition_id] = u.num_examples
+            engine.estimates.update(u.partition_id, u.update, u.num_examples)
         dropped = set(self.report.sampled) - set(self.report.accepted)
         for pid in dropped:
             engine.estimates.reset(pid)
-            engine.examples.pop(pid, None)
         engine.resync |= dropped
 
-    def _ef21_pp(self) -> list[ClientUpdate]:
+    def _ef21_pp(self, server_round: int) -> torch.Tensor | None:
         """EF21-PP: every client seen so far enters with its latest estimate h_i, the clients
-        skipped this round included (Richtarik et al. 2021, partial participation)."""
-        return [ClientUpdate(pid, self.engine.examples[pid], h, 0) for pid, h in sorted(
-            (int(k), v) for k, v in self.engine.estimates.items())]
+        skipped this round included (Fatkhullin et al. 2021, arXiv 2110.03294). FedAvg's
+        example-weighted mean is the estimates' running weighted sum (O(model), however many
+        clients were seen); a rule of its own (the robust ones) reads every h_i, streamed from
+        the estimates' store by client id."""
+        estimates = self.engine.estimates
+        if type(self).aggregate_updates is FedsimStrategy.aggregate_updates:
+            return estimates.mean()
+        return self.aggregate_updates(server_round, [ClientUpdate(pid, int(weight), h, 0)
+                                                     for pid, weight, h in estimates.items()])
+
+    def keep_server_state_in(self, spill_dir: Path, checkpoint_dir: Path, max_bytes: int) -> None:
+        """fedsim's engine, with the run directory: the server's per-client model-sized state
+        (EF21/EControl's h_i) is held up to ``max_bytes`` in memory, the rest spilled under
+        ``spill_dir``; checkpoints write what changed under ``checkpoint_dir``."""
+        if self.engine.estimates is not None:
+            self.engine.estimates = ServerEstimate(max_bytes, spill_dir, checkpoint_dir)
 
     def _apply_attack(self, server_round: int, accepted: list[ClientUpdate]) -> None:
         """Replace the Byzantine clients' updates with the configured attack's output.
@@ -582,7 +594,6 @@ class FedsimStrategy(Algorithm, FedAvg):
         engine = self.engine
         if engine.estimates is not None:
             state["uplink_estimates"] = engine.estimates.state_dict()
-            state["uplink_examples"] = dict(engine.examples)
             state["uplink_resync"] = sorted(engine.resync)
         if hasattr(engine.sampler, "state_dict"):
             state["sampler"] = engine.sampler.state_dict()
@@ -597,15 +608,19 @@ class FedsimStrategy(Algorithm, FedAvg):
         engine = self.engine
         if engine.estimates is not None:
             engine.resync |= set(engine.node_of)
-            engine.estimates.load_state_dict({})
-            engine.examples.clear()
+            engine.estimates.clear()
 
     def load_state_dict(self, state: dict) -> None:
         engine = self.engine
         self.server_opt.load_state_dict(state.get("server_opt", {}))
-        if engine.estimates is not None and "uplink_estimates" in state:
+        if engine.estimates is not None and "uplink_examples" in state:
+            # a checkpoint of fedsim before the running sum: every h_i itself, and each client's examples
+            engine.estimates.clear()
+            for key, estimate in state["uplink_estimates"].items():
+                engine.estimates.update(int(key), estimate, state["uplink_examples"][int(key)])
+        elif engine.estimates is not None and "uplink_estimates" in state:
             engine.estimates.load_state_dict(state["uplink_estimates"])
-            engine.examples = dict(state["uplink_examples"])
+        if engine.estimates is not None:
             engine.resync = set(state.get("uplink_resync", ()))
         if "sampler" in state:
             engine.sampler.load_state_dict(state["sampler"])
