@@ -80,7 +80,8 @@ class ServerPrivacy:
                                        or max(self.sampling.expected_clients / 20, self.noise_multiplier))
         if self.sampling.note and settings.mechanism == "central":
             log.warning("privacy: %s", self.sampling.note)
-        log.info("privacy: %s, noise multiplier %.4g, clip norm %g, delta %g", settings.mechanism,
+        log.info("privacy: %s, noise multiplier %.4g, clip norm %g, delta %g; epsilon covers the model, not the "
+                 "clients' metrics in the rows (train_loss, federated evaluation)", settings.mechanism,
                  self.noise_multiplier, self.clip_norm, settings.delta)
 
     # ---------------------------------------------------------------- accounting
