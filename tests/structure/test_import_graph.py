@@ -23,7 +23,7 @@ LAYERS = [
     ("libraries", ["fedsim.losses", "fedsim.quant", "fedsim.data", "fedsim.models", "fedsim.params", "fedsim.records",
                    "fedsim.bounded_store", "fedsim.seeding", "fedsim.topology", "fedsim.attacks", "fedsim.secagg",
                    "fedsim.privacy.accounting", "fedsim.privacy.mechanisms", "fedsim.privacy.noise",
-                   "fedsim.privacy.audit"]),
+                   "fedsim.privacy.audit", "fedsim.privacy.ghost_clipping"]),
     ("validation", ["fedsim.sections", "fedsim.config", "fedsim.config_checks", "fedsim.algorithms.api",
                     "fedsim.algorithms.registry", "fedsim.privacy.settings", "fedsim.privacy.sampling"]),
     ("clients", ["fedsim.clients", "fedsim.privacy.dp_sgd"]),
