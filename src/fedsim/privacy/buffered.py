@@ -20,7 +20,8 @@ arrival times come from the simulated devices, not from the data, so the buffers
 membership is the same in both worlds. Asynchronous arrival is not Poisson sampling, so no
 amplification is claimed: a client's ledger is every buffer it took part in, one unsampled
 Gaussian of multiplier ``z / r`` each, composed by ``privacy.accountant``; the reported
-epsilon is the worst-off client's.
+epsilon is the worst-off client's. On the wall clock (deployment) the arrival times are the
+real clients'; the accounting then assumes they do not depend on the data it protects.
 """
 
 from __future__ import annotations
