@@ -11,7 +11,9 @@ is newest when they start; the server applies their results in order of arrival:
 - FedAsync (Xie, Koyejo, Gupta, "Asynchronous Federated Optimization", arXiv 1903.03934):
   each arrival is mixed in at once with alpha * (1 + staleness)^-a.
 - FedBuff (Nguyen et al., "Federated Learning with Buffered Asynchronous Aggregation",
-  AISTATS 2022, arXiv 2106.06639): every ``buffer_size`` arrivals, a staleness-scaled mean.
+  AISTATS 2022, arXiv 2106.06639): every ``buffer_size`` arrivals, a staleness-scaled mean;
+  under ``privacy.mechanism: central``, of clipped arrivals with noise on each buffer
+  (:mod:`fedsim.privacy.buffered`), and every row has the ``epsilon`` spent so far.
 
 At most ``sim.concurrency`` clients train at once (all by default); a client that finishes
 goes back to the idle pool and free slots are refilled from it (FedAsync, FedBuff: at once;
