@@ -74,7 +74,8 @@ class BufferPrivacy:
         self.appearances: dict[int, dict[int, int]] = {}  # client -> {updates in a buffer: buffers}
         self.stopped: str | None = None
         log.warning(NO_AMPLIFICATION)
-        log.info("privacy: central per buffer of %d, noise multiplier %.4g, clip norm %g, delta %g", self.buffer_size,
+        log.info("privacy: central per buffer of %d, noise multiplier %.4g, clip norm %g, delta %g; epsilon covers "
+                 "the model, not the clients' metrics in the rows (train_loss, federated evaluation)", self.buffer_size,
                  self.noise_multiplier, self.clip_norm, self.settings.delta)
 
     # ------------------------------------------------------------- the mechanism
