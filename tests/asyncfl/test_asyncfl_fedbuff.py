@@ -21,6 +21,13 @@ def test_fedbuff_aggregate_hand_values():
     torch.testing.assert_close(new, torch.tensor([2.25, 1.25]))
 
 
+def test_fedbuff_aggregate_adds_the_noise_to_the_mean_before_eta_g():
+    updates = torch.tensor([[2.0, 2.0], [4.0, 0.0]])
+    new = fedbuff_aggregate(torch.ones(2), updates, [3, 0], eta_g=0.5, noise=torch.tensor([1.0, -1.0]))
+    # mean [2.5, 0.5] plus noise [3.5, -0.5]; times eta_g 0.5, plus the model
+    torch.testing.assert_close(new, torch.tensor([2.75, 0.75]))
+
+
 def test_fedbuff_flushes_every_k_arrivals():
     server = FedBuff(buffer_size=3, eta_g=1.0)
     model = torch.zeros(2)

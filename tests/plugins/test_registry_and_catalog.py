@@ -48,6 +48,8 @@ def test_the_catalogue_probes_features_by_validation():
     assert "secagg.enabled" in median.refuses["secure aggregation"]
     fedbuff = describe("fedbuff")
     assert "participation (bernoulli)" in fedbuff.refuses and "QAT" in fedbuff.combines
+    assert "client-level DP (central)" in fedbuff.combines  # per buffer
+    assert "client-level DP (central)" in describe("fedfix").refuses
     assert [a.name for a in fedbuff.arguments] == ["horizon", "eval_every", "buffer_size", "eta_g"]
 
 

@@ -31,8 +31,16 @@ BAD = {
     "ef21 estimates": ({"quant": {"uplink": {"codec": "topk", "fraction": 0.1, "error_feedback": "ef21"}},
                         "privacy": RDP}, ("quant.uplink.error_feedback", "privacy.mechanism")),
     "hierarchy's own loop": ({"hierarchy": {"num_edges": 2}, "privacy": RDP}, ("privacy.mechanism", "hierarchy")),
-    "an asynchronous strategy": ({"strategy": {"name": "fedbuff"}, "privacy": RDP},
-                                 ("privacy.mechanism", "strategy.name")),
+    "an asynchronous strategy without a buffer": ({"strategy": {"name": "fedasync"}, "privacy": RDP},
+                                                  ("privacy.mechanism", "strategy.name")),
+    "fedfix's window weights": ({"strategy": {"name": "fedfix"}, "privacy": RDP}, ("privacy.mechanism", "strategy.name")),
+    "local DP in fedbuff": ({"strategy": {"name": "fedbuff"}, "privacy": {"mechanism": "local", "noise_multiplier": 1}},
+                            ("privacy.mechanism", "strategy.name")),
+    "adaptive clipping in fedbuff": ({"strategy": {"name": "fedbuff"}, "privacy": {**RDP, "clipping": "adaptive"}},
+                                     ("privacy.clipping", "strategy.name")),
+    "calibration in fedbuff": ({"strategy": {"name": "fedbuff"}, "privacy": {"mechanism": "central",
+                                                                             "target_epsilon": 4}},
+                               ("privacy.target_epsilon", "strategy.name")),
     "DP-SGD with BatchNorm": ({"model": {"name": "resnet8"}, "sim": {"backend": "batched"},
                                "privacy": {"mechanism": "sample", "noise_multiplier": 1.0}},
                               ("privacy.mechanism", "model.name", "BatchNorm")),
@@ -76,3 +84,9 @@ def test_good_privacy_configs_validate_and_write_back(privacy):
     participation = ({"model": "bernoulli", "p_low": 0.3, "p_high": 0.3} if privacy.get("accountant") == "prv" else {})
     cfg = validate_config({"privacy": privacy, "sim": sim, "participation": participation})
     assert validate_config(cfg.model_dump(mode="json")) == cfg  # config.yaml validates again
+
+
+def test_central_dp_per_buffer_validates_with_fedbuff():
+    cfg = validate_config({"strategy": {"name": "fedbuff"}, "privacy": {**CENTRAL, "max_epsilon": 8.0}})
+    assert cfg.strategy.family == "async" and cfg.privacy.mechanism == "central"
+    assert validate_config(cfg.model_dump(mode="json")) == cfg

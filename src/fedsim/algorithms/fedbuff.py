@@ -40,8 +40,9 @@ def staleness_scale(staleness: int) -> float:
 
 
 def fedbuff_aggregate(model: Tensor, updates: Tensor, stalenesses: Sequence[int],
-                      eta_g: float = 1.0) -> Tensor:
-    """``x + eta_g * (1/K) * sum_k Delta_k / sqrt(1 + staleness_k)`` over K buffered updates.
+                      eta_g: float = 1.0, noise: Tensor | None = None) -> Tensor:
+    """``x + eta_g * ((1/K) * sum_k Delta_k / sqrt(1 + staleness_k) + n)`` over K buffered
+    updates, ``n`` the mechanism's noise under central DP (:mod:`fedsim.privacy.buffered`).
 
     Parameters
     ----------
@@ -53,6 +54,8 @@ def fedbuff_aggregate(model: Tensor, updates: Tensor, stalenesses: Sequence[int]
         Staleness of each update when it arrived, >= 0.
     eta_g : float, default 1.0
         Server learning rate.
+    noise : Tensor of shape (D,) or None, default None
+        Added to the buffer's mean before ``eta_g`` scales it.
 
     Returns
     -------
@@ -62,7 +65,8 @@ def fedbuff_aggregate(model: Tensor, updates: Tensor, stalenesses: Sequence[int]
     if len(stalenesses) != len(updates):
         raise ValueError(f"fedbuff_aggregate: {len(updates)} updates but {len(stalenesses)} stalenesses")
     scales = torch.tensor([staleness_scale(s) / len(updates) for s in stalenesses], dtype=updates.dtype)
-    return apply_weighted_sum(model, updates, scales, eta_g, "fedbuff_aggregate")
+    new_model = apply_weighted_sum(model, updates, scales, eta_g, "fedbuff_aggregate")
+    return new_model if noise is None else new_model + eta_g * noise.to(new_model.dtype)
 
 
 class FedBuff:
@@ -122,16 +126,21 @@ class FedBuff:
         self._stalenesses.append(staleness)
         return staleness
 
-    def flush(self, model: Tensor) -> Tensor:
-        """Aggregate the buffered updates into ``model``, empty the buffer, bump
-        :attr:`version` and return the new model. Raises if the buffer is empty."""
+    def flush(self, model: Tensor, noise: Tensor | None = None) -> Tensor:
+        """Aggregate the buffered updates (plus ``noise`` on their mean) into ``model``,
+        empty the buffer, bump :attr:`version` and return the new model. Raises if the
+        buffer is empty."""
         if not self._deltas:
             raise ValueError("FedBuff.flush: the buffer is empty")
         new_model = fedbuff_aggregate(model, torch.stack(self._deltas), self._stalenesses,
-                                      self.eta_g)
-        self._deltas, self._stalenesses = [], []
+                                      self.eta_g, noise)
+        self.discard()
         self.version += 1
         return new_model
+
+    def discard(self) -> None:
+        """Empty the buffer without applying it (the model's version stays)."""
+        self._deltas, self._stalenesses = [], []
 
     def __repr__(self) -> str:
         return (f"FedBuff(buffer_size={self.buffer_size}, eta_g={self.eta_g}, "
@@ -140,16 +149,35 @@ class FedBuff:
 
 class FedBuffRule(AsyncRule):
     """FedBuff in the asynchronous loop: buffer arrivals, apply their staleness-scaled mean
-    every ``buffer_size``."""
+    every ``buffer_size``.
+
+    Under ``privacy.mechanism: central`` (:mod:`fedsim.privacy.buffered`) each arrival is
+    clipped to ``privacy.clip_norm`` and each buffer's mean gets Gaussian noise of std
+    ``z C / K``: the staleness weights are at most 1 and the denominator is the fixed K, so
+    a client's update moves the mean by at most ``C / K``. A buffer that would exceed
+    ``privacy.max_epsilon`` is dropped unapplied and the run stops.
+    """
 
     name = "fedbuff"
     Config = FedBuffConfig
     description = "FedBuff (Nguyen et al. 2022): staleness-scaled mean of every buffer_size arrivals"
+    central_privacy = True
 
     def __init__(self, cfg: FedBuffConfig, shares) -> None:
         super().__init__(cfg, shares)
         self.server = FedBuff(cfg.buffer_size, cfg.eta_g)
+        self.buffered: list[int] = []  # the clients of the buffered updates, in order
 
     def receive(self, model: Tensor, update: ClientUpdate, arrival: ArrivalView) -> Tensor:
-        self.server.add(update.update, arrival.job.base_version)
-        return self.server.flush(model) if self.server.is_full else model
+        privacy = self.privacy
+        self.server.add(update.update if privacy is None else privacy.clip(update.update), arrival.job.base_version)
+        self.buffered.append(arrival.job.partition_id)
+        if not self.server.is_full:
+            return model
+        clients, self.buffered = self.buffered, []
+        if privacy is None:
+            return self.server.flush(model)
+        if not privacy.affordable(clients):
+            self.server.discard()
+            return model
+        return self.server.flush(model, privacy.release(clients, self.server.version + 1, model.numel()))

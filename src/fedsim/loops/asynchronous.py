@@ -11,7 +11,9 @@ is newest when they start; the server applies their results in order of arrival:
 - FedAsync (Xie, Koyejo, Gupta, "Asynchronous Federated Optimization", arXiv 1903.03934):
   each arrival is mixed in at once with alpha * (1 + staleness)^-a.
 - FedBuff (Nguyen et al., "Federated Learning with Buffered Asynchronous Aggregation",
-  AISTATS 2022, arXiv 2106.06639): every ``buffer_size`` arrivals, a staleness-scaled mean.
+  AISTATS 2022, arXiv 2106.06639): every ``buffer_size`` arrivals, a staleness-scaled mean;
+  under ``privacy.mechanism: central``, of clipped arrivals with noise on each buffer
+  (:mod:`fedsim.privacy.buffered`), and every row has the ``epsilon`` spent so far.
 
 At most ``sim.concurrency`` clients train at once (all by default); a client that finishes
 goes back to the idle pool and free slots are refilled from it (FedAsync, FedBuff: at once;
@@ -69,6 +71,7 @@ from fedsim.loops.skeleton import (
 )
 from fedsim.outputs.results import RunDir
 from fedsim.params import ParamSpec
+from fedsim.privacy.buffered import BufferPrivacy
 from fedsim.seeding import derive_seed
 from fedsim.sim.components import Federation
 from fedsim.strategies.asynchronous import AsyncRule
@@ -360,8 +363,10 @@ class AsyncSteps(Steps):
             clock = WallClock()  # time 0 is when the nodes are ready, not when the ServerApp started
         source = arrival_source(grid, cfg, setup.data, self.spec.dim, clock)
         self.resumable = source.resumable
-        self.server = AsyncServer(build_rule(cfg.strategy, data_shares(setup.data)),
-                                  ClientPool(cfg.partition.num_clients, cfg.sim.concurrency, cfg.seed),
+        rule = build_rule(cfg.strategy, data_shares(setup.data))
+        if cfg.privacy.mechanism == "central":
+            rule.privacy = BufferPrivacy(cfg)
+        self.server = AsyncServer(rule, ClientPool(cfg.partition.num_clients, cfg.sim.concurrency, cfg.seed),
                                   source, self.spec, self.template, setup.node_of)
         self.grid = grid
         self.evaluation = EveryClientEvaluation(setup.node_of, cfg.eval.federated_fraction, cfg.seed)
@@ -377,9 +382,14 @@ class AsyncSteps(Steps):
         server.advance_to(self.times[tick - 1])
         row: dict[str, Any] = {"virtual_time": self.times[tick - 1], "model_version": server.rule.version,
                                **server.take_stats().row(4 * self.spec.dim)}
+        if server.rule.privacy is not None:
+            row.update(server.rule.privacy.row())
         row.update(evaluate_global(self.cfg, self.grid, self.setup, self.evaluation, tick,
                                    server.arrays(server.model, server.rule.version)))
         return row
+
+    def stop_reason(self, index: int) -> str | None:
+        return self.server.rule.privacy.stopped if self.server.rule.privacy is not None else None
 
     def model_state(self) -> dict[str, Tensor]:
         return {**self.template, **self.spec.unflatten(self.server.model.clone())}
@@ -392,10 +402,12 @@ class AsyncSteps(Steps):
         log.info("resuming at t=%.3f", self.server.source.clock.now())
 
     def summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        privacy = self.server.rule.privacy
         return {"virtual_time": rows[-1]["virtual_time"] if rows else 0.0,
                 "virtual_time_to_target": time_to_target(rows, self.cfg.output.target_accuracy),
                 "model_updates": self.server.rule.version,
-                "updates_per_client": self.server.updates_per_client.tolist()}
+                "updates_per_client": self.server.updates_per_client.tolist(),
+                **(privacy.summary() if privacy is not None else {})}
 
     def log_row(self, row: dict[str, Any]) -> None:
         log.info("t %.2f/%.2f  acc %s  version %d  updates %d  failed %d", row["virtual_time"], self.times[-1],

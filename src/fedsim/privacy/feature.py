@@ -48,6 +48,9 @@ class PrivacyFeature(ClientFeature):
     @classmethod
     def rules(cls, cfg: ExperimentConfig) -> Iterator[str | None]:
         mechanism = cfg.privacy.mechanism
+        if cfg.strategy.family == "async" and mechanism == "central":
+            yield from _buffered_rules(cfg)
+            return
         if cfg.strategy.family != "sync":
             yield (f"privacy.mechanism: {mechanism} is accounted round by round by the synchronous loop; "
                    f"strategy.name {cfg.strategy.name!r} is {cfg.strategy.family}")
@@ -109,6 +112,24 @@ def _central_rules(cfg: ExperimentConfig) -> Iterator[str | None]:
         yield (f"privacy.accountant: {cfg.privacy.accountant} covers Poisson sampling; participation.model uniform "
                f"samples {sampling.sample_size} of {sampling.population} clients without replacement, which rdp "
                "accounts (use privacy.accountant rdp, or participation.model bernoulli with p_low = p_high)")
+
+
+def _buffered_rules(cfg: ExperimentConfig) -> Iterator[str | None]:
+    """Central DP in the asynchronous loop: per buffer (:mod:`fedsim.privacy.buffered`)."""
+    name, settings = cfg.strategy.name, cfg.privacy
+    if not registry.get(name).central_privacy:
+        buffered = ", ".join(n for n in registry.names() if getattr(registry.get(n), "central_privacy", False))
+        yield (f"privacy.mechanism: central noises a fixed-size buffer's mean of clipped updates (sensitivity "
+               f"clip_norm / K); strategy.name {name!r} applies its updates otherwise, which that noise does not "
+               f"bound (central works asynchronously with: {buffered})")
+        return
+    if settings.clipping == "adaptive":
+        yield (f"privacy.clipping: adaptive tracks a noisy count per synchronous round; strategy.name {name!r} "
+               "releases buffers, whose count it does not account (use clipping fixed)")
+    if settings.target_epsilon is not None:
+        yield (f"privacy.target_epsilon: calibration needs the run's releases before it starts; strategy.name "
+               f"{name!r} charges a client for each buffer it lands in, known only as the run goes "
+               "(give privacy.noise_multiplier, and privacy.max_epsilon to stop at a budget)")
 
 
 def _local_rules(cfg: ExperimentConfig) -> Iterator[str | None]:

@@ -5,7 +5,9 @@ Kept free of torch and of the accounting libraries, so a config validates withou
 - ``none`` (the default): no privacy; every other key must stay at its default.
 - ``central``: client-level DP (McMahan et al., "Learning Differentially Private Recurrent
   Language Models", arXiv 1710.06963): each accepted update is clipped to ``clip_norm`` on
-  the server, and Gaussian noise is added to their sum (:mod:`fedsim.privacy.mechanisms`).
+  the server, and Gaussian noise is added to their sum (:mod:`fedsim.privacy.mechanisms`);
+  under FedBuff, to each buffer's mean, accounted without amplification
+  (:mod:`fedsim.privacy.buffered`).
 - ``local``: client-level local DP: each client clips its update and adds the noise itself;
   the noise is calibrated with the analytic Gaussian mechanism (Balle & Wang, "Improving the
   Gaussian Mechanism for Differential Privacy", arXiv 1805.06530), and each client's releases

@@ -17,6 +17,7 @@ from torch import Tensor
 from fedsim.algorithms.api import Algorithm, AsyncStrategyBase
 
 if TYPE_CHECKING:
+    from fedsim.privacy.buffered import BufferPrivacy
     from fedsim.strategies.replies import ClientUpdate
 
 __all__ = ["AsyncRule"]
@@ -49,6 +50,12 @@ class AsyncRule(Algorithm):
 
     Config: ClassVar[type[AsyncStrategyBase]]
     restarts_on_arrival: ClassVar[bool] = True
+    central_privacy: ClassVar[bool] = False
+    """Whether :meth:`receive` applies ``privacy.mechanism: central`` (:attr:`privacy`): clips
+    each arrival and noises each aggregate so that a client's update moves it by at most
+    ``clip_norm / K``, K the aggregate's fixed count (``fedsim validate`` refuses the rest)."""
+    privacy: BufferPrivacy | None = None
+    """The run's central mechanism and ledgers, set by the loop (None: no privacy)."""
 
     def __init__(self, cfg: AsyncStrategyBase, shares: np.ndarray) -> None:
         self.cfg = cfg
