@@ -63,7 +63,7 @@ from fedsim.config import ExperimentConfig
 from fedsim.data import ArrayDataset
 from fedsim.data import cache as partition_cache
 from fedsim.params import ParamSpec
-from fedsim.records import to_record, to_state_dict
+from fedsim.records import to_state_dict
 from fedsim.seeding import derive_seed
 from fedsim.sim import group_messages
 from fedsim.sim.components import (
@@ -78,7 +78,7 @@ from fedsim.sim.components import (
 from fedsim.sim.faults import inject_fault, stall_seconds
 from fedsim.sim.ray_node import ray_node_metric
 from fedsim.strategies.new_clients import NEW_CLIENT
-from fedsim.strategies.replies import EF_RESET, TIMEOUT_CODE
+from fedsim.strategies.replies import EF_RESET, TIMEOUT_CODE, TrainReply, reply_content
 
 
 class PartitionState(MutableMapping):
@@ -119,7 +119,7 @@ class Outcome:
     """What a member got: its reply content or the exception it raised, and the seconds the
     node spent on it (its own work plus its share of work done for a group at once)."""
 
-    reply: RecordDict | None
+    reply: RecordDict | TrainReply | None
     error: BaseException | None
     seconds: float
 
@@ -267,7 +267,7 @@ class ClientRuntime:
                 outcomes[i] = Outcome(None, exc, time.perf_counter() - started)
             else:
                 jobs[-1].seconds = time.perf_counter() - started
-        finished: list[tuple[TrainJob, RecordDict | BaseException]] = []
+        finished: list[tuple[TrainJob, TrainReply | BaseException]] = []
         for job, trained in self._trained(jobs, w, device):
             started = time.perf_counter()
             try:
@@ -283,8 +283,8 @@ class ClientRuntime:
                                    else Outcome(reply, None, job.seconds))
         return outcomes
 
-    def _after_training(self, finished: list[tuple[TrainJob, RecordDict | BaseException]], w: Worker,
-                        device: torch.device) -> list[tuple[TrainJob, RecordDict | BaseException]]:
+    def _after_training(self, finished: list[tuple[TrainJob, TrainReply | BaseException]], w: Worker,
+                        device: torch.device) -> list[tuple[TrainJob, TrainReply | BaseException]]:
         """The features' personal runs of the clients that replied (stacked where they can
         be), each kept in its client's state; a failed run fails its client's reply."""
         started = time.perf_counter()
@@ -483,14 +483,15 @@ class ClientRuntime:
         except Exception as exc:
             trained = [exc] * len(jobs)
         else:
-            trained = [(w.spec.flatten({n: final[n][row] for n in names}), results[row]) for row in range(len(jobs))]
+            flat = w.spec.flatten_rows(final)
+            trained = [(flat[row], results[row]) for row in range(len(jobs))]
         share = (time.perf_counter() - started) / len(jobs)
         for job, outcome in zip(jobs, trained, strict=True):
             job.seconds += share
             yield job, outcome
 
     def _finish(self, job: TrainJob, final_flat: torch.Tensor, result: TrainResult, w: Worker,
-                message_type: str) -> RecordDict:
+                message_type: str) -> TrainReply:
         """The update through faults and the uplink codec, as a reply; a gossip node keeps
         what the server will see."""
         pid, cfg = job.member.partition_id, self.cfg
@@ -505,13 +506,14 @@ class ClientRuntime:
             time.sleep(stall)
         else:
             job.seconds += stall
-        codec_rng = torch.Generator().manual_seed(derive_seed(cfg.seed, "uplink", job.server_round, pid))
+        codec_rng = (torch.Generator().manual_seed(derive_seed(cfg.seed, "uplink", job.server_round, pid))
+                     if self.uplink.codec.stochastic else None)  # a deterministic codec draws nothing
         payload = self.uplink.encode(update, job.member.state, codec_rng, reset=bool(job.config.get(EF_RESET, False)))
         if message_type == "train.gossip":
             held = w.spec.unflatten(job.start_flat + self.uplink.codec.decode(payload))
             gossip_node.keep_model(job.member.state, {**job.start, **held},
                                    gossip_node.version(job.server_round, "train"))
-        metrics = MetricRecord({
+        metrics = {
             "num-examples": result.num_examples,
             "train_loss": result.loss,
             "train_accuracy": result.accuracy,
@@ -520,13 +522,10 @@ class ClientRuntime:
             "virtual_duration": result.steps / float(w.speeds[pid]),
             "bytes_up": payload.nbytes,
             **ray_node_metric(),
-        })
+        }
         if cfg.model.name == "causal_lm":
             metrics["train_tokens_per_s"] = result.rows / max(job.seconds, 1e-9)
-        content = RecordDict({"update": to_record(payload.to_arrays()), "metrics": metrics})
-        for name, record in records.items():
-            content[name] = record
-        return content
+        return TrainReply(payload, metrics, records)
 
     # --------------------------------------------------------- other messages
     def _mix(self, message_type: str, members: Sequence[Member]) -> list[Outcome]:
@@ -679,7 +678,7 @@ def build_client_app(cfg: ExperimentConfig, vectorise: bool = False, sleep_stall
         outcome = runtime.run(message.metadata.message_type, [member])[0]
         if outcome.error is not None:
             raise outcome.error
-        return Message(content=outcome.reply, reply_to=message)
+        return Message(content=reply_content(outcome.reply), reply_to=message)
 
     def group(message: Message, context: Context) -> Message:
         torch.set_num_threads(threads)
