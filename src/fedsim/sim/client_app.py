@@ -199,6 +199,14 @@ def save_loss_state(objective: ClientObjective, state: MutableMapping, key: str 
         state[key] = ArrayRecord({k: v.contiguous() for k, v in buffers.items()})
 
 
+def _stacked(rows: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(rows)``, read-only: one tensor that every row is (clients of a synchronous
+    round start from the same model) expanded, not copied K times."""
+    if all(row is rows[0] for row in rows):
+        return rows[0].expand(len(rows), *rows[0].shape)
+    return torch.stack(rows)
+
+
 def _hooks(features: tuple[ClientFeature, ...], ctx: ClientContext, start: dict[str, torch.Tensor]
            ) -> tuple[ClientHook, ...]:
     """Every feature's hooks for one client."""
@@ -470,7 +478,7 @@ class ClientRuntime:
         started = time.perf_counter()
         jobs = sorted(jobs, key=lambda j: -local_steps(len(j.train_set.y), self.cfg.client))
         names = [name for name, _ in w.model.named_parameters()]
-        start = {name: torch.stack([job.start[name] for job in jobs]).to(device) for name in names}
+        start = {name: _stacked([job.start[name] for job in jobs]).to(device) for name in names}
         hooks = _stacked_hooks(w.features, [job.context for job in jobs], start)
         if not all(vectorises(hook) for hook in hooks):  # a hook without its stacked form
             for job in jobs:
