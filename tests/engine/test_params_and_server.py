@@ -18,12 +18,12 @@ from flwr.common.constant import ErrorCode
 
 from fedsim.algorithms.api import ServerOptConfig
 from fedsim.config import load_config
+from fedsim.outputs import results
 from fedsim.outputs.results import RunDir
 from fedsim.params import ParamSpec, get_flat, set_flat
 from fedsim.quant import codecs
 from fedsim.runner import run_experiment
 from fedsim.strategies.aggregate import weighted_mean
-from fedsim.outputs import results
 from fedsim.strategies.replies import (
     Failure,
     LocalReply,
