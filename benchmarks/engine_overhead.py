@@ -20,12 +20,15 @@ each run from the end of round 1 to the end of the last round (so the first roun
 under Flower also starts Ray's workers, is excluded from all alike); the rest of the wall
 time ("fixed": start-up, round 1, teardown) is reported apart. Ratios are to the plain
 loop's per-round time. The driver uses one torch thread, as each simulated client does.
-Writes JSON to benchmarks/results/engine_overhead.json and a bar chart beside it (.png).
+With ``--repeat N`` every engine runs N times, the engines taking turns, and each keeps
+its median run (the machine is shared with other jobs: a spell of load then falls on all
+engines alike, not on one). Writes JSON to benchmarks/results/engine_overhead.json and a
+bar chart beside it (.png).
 
 Targets (the scale-engine issue), at 100 clients: batched <= 1.0x the plain loop per round
 and >= 10x faster than the plain Flower app; Ray with grouped nodes <= 2x the plain loop.
 
-Usage: python benchmarks/engine_overhead.py [--clients 20 100 1000] [--engines NAME ...] [--out PATH]
+Usage: python benchmarks/engine_overhead.py [--clients 20 100 1000] [--engines NAME ...] [--repeat N] [--out PATH]
 """
 
 from __future__ import annotations
@@ -172,7 +175,14 @@ def _timing(t0: float, round_ends: list[float], accuracy: float) -> dict:
             "final_accuracy": accuracy}
 
 
-def measure(clients: int, out_dir: str, engines: list[str] | None = None) -> dict:
+def _median_run(done: list[dict]) -> dict:
+    """The run of median per-round time among ``done`` (the lower middle one of an even
+    count), with every run's per-round time beside it."""
+    ordered = sorted(done, key=lambda r: r["per_round_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "per_round_s_runs": [r["per_round_s"] for r in done]}
+
+
+def measure(clients: int, out_dir: str, engines: list[str] | None = None, repeat: int = 1) -> dict:
     cfg = make_config(clients, out_dir)
     grouped = -(-clients // (os.cpu_count() or 1))
     runs = {
@@ -183,13 +193,18 @@ def measure(clients: int, out_dir: str, engines: list[str] | None = None) -> dic
         "fedsim ray, grouped nodes": lambda: fedsim_run(cfg, backend="ray", clients_per_node=grouped),
         "plain Flower app": lambda: minimal_flower(cfg),
     }
-    results = {name: run() for name, run in runs.items() if engines is None or name in engines or name == "plain loop"}
+    chosen = [name for name in runs if engines is None or name in engines or name == "plain loop"]
+    measured: dict[str, list[dict]] = {name: [] for name in chosen}
+    for _ in range(repeat):  # interleaved, so a spell of load on the shared machine hits every engine alike
+        for name in chosen:
+            measured[name].append(runs[name]())
+    results = {name: _median_run(done) for name, done in measured.items()}
     base = results["plain loop"]["per_round_s"]
     for r in results.values():
         r["ratio_to_plain_loop"] = r["per_round_s"] / base
     if "fedsim ray, grouped nodes" in results:
         results["fedsim ray, grouped nodes"]["clients_per_node"] = grouped
-    return {"data": cfg.data.name, "rounds": cfg.rounds, "engines": results}
+    return {"data": cfg.data.name, "rounds": cfg.rounds, "repeat": repeat, "engines": results}
 
 
 def plot(sizes: dict[int, dict], path: Path) -> None:
@@ -217,10 +232,12 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/engine_overhead.json")
     parser.add_argument("--out-dir", default="/tmp/fedsim-engine-overhead")
     parser.add_argument("--engines", nargs="+", help="only these engines (and the plain loop, the baseline)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measure every engine this many times, interleaved, and keep each one's median run")
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.WARNING)
     torch.set_num_threads(1)
-    sizes = {n: measure(n, args.out_dir, args.engines) for n in args.clients}
+    sizes = {n: measure(n, args.out_dir, args.engines, args.repeat) for n in args.clients}
     print(f"\n{'clients':>8}  {'engine':<27}{'fixed s':>9}{'per round s':>13}{'x plain loop':>14}{'final acc':>11}")
     for n, size in sizes.items():
         for name, r in size["engines"].items():

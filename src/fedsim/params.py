@@ -54,6 +54,17 @@ class ParamSpec:
             parts.append(value.detach().reshape(-1).to(torch.float32))
         return torch.cat(parts) if parts else torch.zeros(0)
 
+    def flatten_rows(self, stacked: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`flatten` of every row of ``stacked`` (each entry ``(N, *shape)``) at once: ``(N, D)``."""
+        rows = next(iter(stacked.values())).shape[0]
+        parts = []
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            value = stacked[name]
+            if tuple(value.shape[1:]) != shape:
+                raise ValueError(f"{name}: rows of shape {tuple(value.shape[1:])}, expected {shape}")
+            parts.append(value.detach().reshape(rows, -1).to(torch.float32))
+        return torch.cat(parts, dim=1) if parts else torch.zeros(rows, 0)
+
     def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split a flat vector back into named tensors of the spec's shapes."""
         if vector.numel() != self.dim:

@@ -61,7 +61,7 @@ class _SentWeights(ClientRuntime):
             for m, outcome in zip(members, outcomes, strict=True):
                 start = spec.flatten(m.content["arrays"].to_torch_state_dict())
                 update = IDENTITY.decode(IDENTITY.from_arrays(
-                    {k: v.numpy() for k, v in outcome.reply["update"].items()}))
+                    {k: v.numpy() for k, v in outcome.reply.content()["update"].items()}))
                 self.sent.append(spec.unflatten(start + update))
         return outcomes
 

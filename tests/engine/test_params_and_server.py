@@ -18,6 +18,7 @@ from flwr.common.constant import ErrorCode
 
 from fedsim.algorithms.api import ServerOptConfig
 from fedsim.config import load_config
+from fedsim.outputs import results
 from fedsim.outputs.results import RunDir
 from fedsim.params import ParamSpec, get_flat, set_flat
 from fedsim.quant import codecs
@@ -25,6 +26,8 @@ from fedsim.runner import run_experiment
 from fedsim.strategies.aggregate import weighted_mean
 from fedsim.strategies.replies import (
     Failure,
+    LocalReply,
+    TrainReply,
     screen_model_reply,
     screen_replies,
     screen_train_replies,
@@ -65,6 +68,19 @@ def test_buffers_take_the_aggregate_as_it_is_and_only_parameters_the_server_opti
     assert torch.count_nonzero(opt.m[~mask]) == 0 and torch.count_nonzero(opt.v[~mask]) == 0
     no_mask = ServerOptimizer(ServerOptConfig(name="adam", lr=1.0)).step(x, delta)
     torch.testing.assert_close(no_mask, x + step)  # every entry steps
+
+
+def test_flatten_rows_is_flatten_of_each_row():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU(), torch.nn.Linear(2, 4))
+    spec = ParamSpec.of(model)
+    stacked = {name: torch.randn(5, *p.shape, generator=torch.Generator().manual_seed(i))
+               for i, (name, p) in enumerate(model.named_parameters())}
+    rows = spec.flatten_rows(stacked)
+    assert rows.shape == (5, spec.dim)
+    for k in range(5):
+        assert torch.equal(rows[k], spec.flatten({name: value[k] for name, value in stacked.items()}))
+    with pytest.raises(ValueError, match="rows of shape"):
+        spec.flatten_rows({**stacked, "0.weight": torch.zeros(5, 3, 2)})
 
 
 def test_flatten_rejects_wrong_shapes():
@@ -109,6 +125,78 @@ def test_screening_rejects_bad_replies_and_names_the_client():
     assert "boom" in reasons[3]
     assert reasons[4] == "no reply before the timeout"
     assert all(isinstance(f, Failure) for f in failures)
+
+
+def _request(node: int) -> Message:
+    md = Metadata(run_id=1, message_id=f"m{node}", src_node_id=0, dst_node_id=node, reply_to_message_id="",
+                  group_id="", created_at=0.0, ttl=100.0, message_type="train")
+    return Message(metadata=md, content=RecordDict())
+
+
+def _train_reply(update) -> TrainReply:
+    payload = IDENTITY.encode(torch.tensor(update, dtype=torch.float32))
+    extra = {"control": ArrayRecord({"c": Array(np.arange(3, dtype=np.float32))}),
+             "feature-metrics": MetricRecord({"drift": 0.25, "train_loss": 9.0, "histogram": [1, 2]})}
+    return TrainReply(payload, {"num-examples": 7, "train_loss": 0.5, "steps": 3}, extra)
+
+
+def test_a_local_reply_screens_exactly_as_the_records_it_stands_for():
+    sent = {101: 0, 102: 1, 103: 2}
+    updates = {101: [1.0, -2.0, 3.5], 102: [1.0, float("inf"), 3.0], 103: [1.0, 2.0]}
+    local = [LocalReply(_train_reply(u), reply_to=_request(node)) for node, u in updates.items()]
+    sent_as_records = [Message(content=_train_reply(u).content(), reply_to=_request(node))
+                       for node, u in updates.items()]
+    assert all(reply.unread() is not None for reply in local)  # screening reads no records
+    fast, fast_failures = screen_train_replies(local, sent, dim=3, codec=IDENTITY)
+    assert all(reply.unread() is not None for reply in local)
+    slow, slow_failures = screen_train_replies(sent_as_records, sent, dim=3, codec=IDENTITY)
+    assert [(u.partition_id, u.num_examples, u.nbytes, u.metrics) for u in fast] == \
+        [(u.partition_id, u.num_examples, u.nbytes, u.metrics) for u in slow]
+    assert torch.equal(fast[0].update, torch.tensor([1.0, -2.0, 3.5]))
+    assert fast[0].metrics == {"num-examples": 7.0, "train_loss": 9.0, "steps": 3.0, "drift": 0.25}
+    assert fast_failures == slow_failures
+    assert [f.reason for f in fast_failures] == ["update holds NaN or Inf", "update has shape (2,), expected (3,)"]
+
+
+def test_a_local_reply_is_an_ordinary_reply_once_its_content_is_read():
+    request = _request(101)
+    reply = LocalReply(_train_reply([1.0, 2.0, 3.0]), reply_to=request)
+    assert reply.metadata.reply_to_message_id == "m101" and reply.metadata.src_node_id == 101
+    content = reply.content
+    assert list(content) == ["update", "metrics", "control", "feature-metrics"]
+    assert reply.unread() is None and reply.content is content  # built once
+    assert content["metrics"]["num-examples"] == 7
+    assert torch.equal(IDENTITY.decode(IDENTITY.from_arrays({k: v.numpy() for k, v in content["update"].items()})),
+                       torch.tensor([1.0, 2.0, 3.0]))
+    content["update"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in
+                                     IDENTITY.encode(torch.tensor([0.0, 0.0, 1.0])).to_arrays().items()})
+    accepted, _ = screen_train_replies([reply], {101: 0}, dim=3, codec=IDENTITY)  # what the records now hold
+    assert torch.equal(accepted[0].update, torch.tensor([0.0, 0.0, 1.0]))
+    replaced = LocalReply(_train_reply([1.0, 2.0, 3.0]), reply_to=request)
+    replaced.content = RecordDict({"metrics": MetricRecord({"num-examples": 1})})
+    assert screen_train_replies([replaced], {101: 0}, dim=3, codec=IDENTITY)[1] == [
+        Failure(0, "reply has no 'update' record")]
+
+
+def test_rows_are_fsynced_before_each_checkpoint_and_at_the_end_not_per_round(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(results.os, "fsync", synced.append)
+    written = []
+    save = RunDir.save_checkpoint
+
+    def save_checkpoint(run, ckpt):
+        path = save(run, ckpt)
+        written.append((ckpt.round, len(synced)))
+        return path
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", save_checkpoint)
+    cfg = load_config(QUICKSTART, [f"output.dir={tmp_path}", "rounds=5", "output.checkpoint_every=2",
+                                   "sim.backend=inprocess", "client.local_epochs=1", "eval.federated=false",
+                                   "output.plots=false"])
+    path, _ = run_experiment(cfg)
+    assert len(RunDir.open(path).rows()) == 5
+    assert written == [(2, 1), (4, 2), (5, 3)]  # each checkpoint's writing fsyncs the rows once
+    assert len(synced) == 4  # three checkpoints and the end of the run, not one per round
 
 
 def test_model_replies_need_a_whole_finite_model_but_no_examples():

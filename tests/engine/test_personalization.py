@@ -32,7 +32,7 @@ CLIENT = ("sim.backend=inprocess", "partition.num_clients=4", f"client.local_ste
 
 
 def _decode(runtime, reply):
-    arrays = {name: array.numpy() for name, array in reply["update"].items()}
+    arrays = {name: array.numpy() for name, array in reply.content()["update"].items()}
     return runtime.uplink.codec.decode(runtime.uplink.codec.from_arrays(arrays))
 
 
@@ -312,7 +312,7 @@ def test_scaffold_under_fedper_computes_its_control_variate_from_the_body_it_sen
                               "config": ConfigRecord({"server-round": server_round})})
         c_local = decode_vector(state["scaffold-control"]) if "scaffold-control" in state else torch.zeros(w.spec.dim)
         reply = runtime.run("train", [Member(PID, content, state)])[0].reply
-        sent, delta = _decode(runtime, reply), decode_vector(reply["scaffold-delta"])
+        sent, delta = _decode(runtime, reply), decode_vector(reply.records["scaffold-delta"])
         assert torch.count_nonzero(_head_split(w, sent)[0]) == 0
         assert torch.count_nonzero(_head_split(w, delta)[0]) == 0  # the trained head moves no control variate
         torch.testing.assert_close(delta, control_variate_update(c_local, c_global, sent, STEPS, LR) - c_local)

@@ -135,6 +135,22 @@ def test_stacked_training_needs_clients_in_decreasing_order_of_steps():
                       build_objective(cfg, 1, per_sample=True), CPU)
 
 
+def test_step_rows_place_each_clients_batch_at_its_rows_and_mask_the_padding():
+    gen = torch.Generator().manual_seed(3)
+    sizes = [9, 4, 1, 7]
+    schedules = [[torch.randperm(n, generator=gen)[: min(n, 5)], torch.randperm(n, generator=gen)[:2]] for n in sizes]
+    offsets = [0, 9, 13, 14]
+    for step, active in ((0, 4), (1, 3)):
+        index, mask = batched._step_rows(schedules, offsets, step, active, batch_size=6)
+        expected_index, expected_mask = torch.zeros(active, 6, dtype=torch.long), torch.zeros(active, 6)
+        for k in range(active):  # the reference: one row at a time
+            batch = schedules[k][step]
+            expected_index[k, : len(batch)] = batch + offsets[k]
+            expected_mask[k, : len(batch)] = 1.0
+        assert torch.equal(index, expected_index) and torch.equal(mask, expected_mask)
+        assert mask.dtype == torch.float32
+
+
 def test_every_per_sample_loss_gives_per_sample_terms_under_vmap():
     logits, targets = torch.randn(3, 5, 4), torch.randint(0, 4, (3, 5))
     embeddings, classifier = torch.randn(3, 5, 6), torch.randn(3, 4, 6)

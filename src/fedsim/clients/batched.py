@@ -97,12 +97,13 @@ def _step_rows(schedules: list[list[torch.Tensor]], offsets: list[int], step: in
     and the mask of real rows (padding points at row 0 with mask 0). Built per step: a grid
     of every client's every step would hold ``K x`` the longest client's steps ``x B``,
     mostly padding when client sizes are heavy-tailed."""
+    batches = [schedules[k][step] for k in range(active)]
+    lengths = torch.tensor([batch.numel() for batch in batches])
+    real = torch.arange(batch_size) < lengths[:, None]
     index = torch.zeros(active, batch_size, dtype=torch.long)
-    mask = torch.zeros(active, batch_size)
-    for k in range(active):
-        batch = schedules[k][step]
-        index[k, : len(batch)] = batch + offsets[k]
-        mask[k, : len(batch)] = 1.0
+    # a boolean mask takes values in row-major order: each row's batch, shifted to its client's rows
+    index[real] = torch.cat(batches) + torch.repeat_interleave(torch.tensor(offsets[:active]), lengths)
+    mask = real.to(torch.float32)
     return index, mask
 
 
@@ -214,7 +215,7 @@ def train_stacked(
             loss_sum[:active] += losses.detach().double() * count
             correct[:active] += ((logits.argmax(-1) == y).double() * m).sum(1)
     _copy_rows(params, final, 0, active)
-    seen = [sum(len(b) for b in s) for s in schedules]
+    seen = [sum(b.numel() for b in s) for s in schedules]
     results = [TrainResult(num_examples=n, steps=k, loss=float(ls) / c, accuracy=float(hit) / c)
                for n, k, ls, hit, c in zip(sizes, steps, loss_sum.tolist(), correct.tolist(), seen, strict=True)]
     return final, results

@@ -11,8 +11,8 @@ the rest is written once, here: what a loop builds before its first step
   per-sample loss state, LSQ step sizes, SCAFFOLD control variates, gossip models), so a
   resumed run ends exactly where an uninterrupted one would; rows after the checkpoint are
   dropped and redone;
-- one metrics row per step, appended and fsynced as it completes, with byte totals and the
-  wall time; the progress bar and one log line per row;
+- one metrics row per step, appended as it completes (fsynced with the next checkpoint), with
+  byte totals and the wall time; the progress bar and one log line per row;
 - checkpoints every ``output.checkpoint_every`` steps and after the last;
 - the summary: :func:`fedsim.outputs.results.summarise` of the rows, the family's own entries,
   and post-training quantization of the final model (``quant.ptq``), written even when the
@@ -239,6 +239,7 @@ def run_steps(steps: Steps, grid: Grid, cfg: ExperimentConfig, run: RunDir, resu
                                                    _client_states(grid, cfg, run, index)))
         status = "completed" if reason is None else "stopped"
     finally:
+        run.sync_rows()
         rows = run.rows()
         summary = summarise(rows, cfg.output.target_accuracy, status)
         summary.update(steps.summary(rows))

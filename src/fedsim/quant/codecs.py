@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ class Payload:
     shape: tuple[int, ...]
     arrays: dict[str, np.ndarray]
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         """Exact size on the wire: header plus every array's bytes."""
         return header_nbytes(len(self.shape)) + sum(a.nbytes for a in self.arrays.values())

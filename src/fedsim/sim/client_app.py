@@ -64,7 +64,7 @@ from fedsim.config import ExperimentConfig
 from fedsim.data import ArrayDataset
 from fedsim.data import cache as partition_cache
 from fedsim.params import ParamSpec
-from fedsim.records import to_record, to_state_dict
+from fedsim.records import to_state_dict
 from fedsim.seeding import derive_seed
 from fedsim.sim import group_messages
 from fedsim.sim.components import (
@@ -79,7 +79,7 @@ from fedsim.sim.components import (
 from fedsim.sim.faults import inject_fault, stall_seconds
 from fedsim.sim.ray_node import ray_node_metric
 from fedsim.strategies.new_clients import NEW_CLIENT
-from fedsim.strategies.replies import EF_RESET, TIMEOUT_CODE
+from fedsim.strategies.replies import EF_RESET, TIMEOUT_CODE, TrainReply, reply_content
 
 
 class PartitionState(MutableMapping):
@@ -120,7 +120,7 @@ class Outcome:
     """What a member got: its reply content or the exception it raised, and the seconds the
     node spent on it (its own work plus its share of work done for a group at once)."""
 
-    reply: RecordDict | None
+    reply: RecordDict | TrainReply | None
     error: BaseException | None
     seconds: float
 
@@ -200,6 +200,14 @@ def save_loss_state(objective: ClientObjective, state: MutableMapping, key: str 
         state[key] = ArrayRecord({k: v.contiguous() for k, v in buffers.items()})
 
 
+def _stacked(rows: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(rows)``, read-only: one tensor that every row is (clients of a synchronous
+    round start from the same model) expanded, not copied K times."""
+    if all(row is rows[0] for row in rows):
+        return rows[0].expand(len(rows), *rows[0].shape)
+    return torch.stack(rows)
+
+
 def _hooks(features: tuple[ClientFeature, ...], ctx: ClientContext, start: dict[str, torch.Tensor]
            ) -> tuple[ClientHook, ...]:
     """Every feature's hooks for one client."""
@@ -268,7 +276,7 @@ class ClientRuntime:
                 outcomes[i] = Outcome(None, exc, time.perf_counter() - started)
             else:
                 jobs[-1].seconds = time.perf_counter() - started
-        finished: list[tuple[TrainJob, RecordDict | BaseException]] = []
+        finished: list[tuple[TrainJob, TrainReply | BaseException]] = []
         for job, trained in self._trained(jobs, w, device):
             started = time.perf_counter()
             try:
@@ -284,8 +292,8 @@ class ClientRuntime:
                                    else Outcome(reply, None, job.seconds))
         return outcomes
 
-    def _after_training(self, finished: list[tuple[TrainJob, RecordDict | BaseException]], w: Worker,
-                        device: torch.device) -> list[tuple[TrainJob, RecordDict | BaseException]]:
+    def _after_training(self, finished: list[tuple[TrainJob, TrainReply | BaseException]], w: Worker,
+                        device: torch.device) -> list[tuple[TrainJob, TrainReply | BaseException]]:
         """The features' personal runs of the clients that replied (stacked where they can
         be), each kept in its client's state; a failed run fails its client's reply."""
         started = time.perf_counter()
@@ -471,7 +479,7 @@ class ClientRuntime:
         started = time.perf_counter()
         jobs = sorted(jobs, key=lambda j: -local_steps(len(j.train_set.y), self.cfg.client))
         names = [name for name, _ in w.model.named_parameters()]
-        start = {name: torch.stack([job.start[name] for job in jobs]).to(device) for name in names}
+        start = {name: _stacked([job.start[name] for job in jobs]).to(device) for name in names}
         hooks = _stacked_hooks(w.features, [job.context for job in jobs], start)
         if not all(vectorises(hook) for hook in hooks):  # a hook without its stacked form
             for job in jobs:
@@ -484,16 +492,18 @@ class ClientRuntime:
         except Exception as exc:
             trained = [exc] * len(jobs)
         else:
-            trained = [(w.spec.flatten({n: final[n][row] for n in names}), results[row]) for row in range(len(jobs))]
+            flat = w.spec.flatten_rows(final)
+            trained = [(flat[row], results[row]) for row in range(len(jobs))]
         share = (time.perf_counter() - started) / len(jobs)
         for job, outcome in zip(jobs, trained, strict=True):
             job.seconds += share
             yield job, outcome
 
     def _finish(self, job: TrainJob, final_flat: torch.Tensor, result: TrainResult, w: Worker,
-                message_type: str) -> RecordDict:
-        """The update through faults and the uplink codec, as a reply; a gossip node keeps
-        what the server will see."""
+                message_type: str) -> TrainReply | RecordDict:
+        """The update through faults and the uplink codec, as a reply (its keys' records under
+        deployed secure aggregation, the update kept here); a gossip node keeps what the
+        server will see."""
         pid, cfg = job.member.partition_id, self.cfg
         update = final_flat - job.start_flat
         for feature in w.features:
@@ -508,21 +518,19 @@ class ClientRuntime:
             job.seconds += stall
         if job.config.get(ADVERTISE_KEYS, False):  # deployed secure aggregation: the update stays here
             keys = secagg_steps.advertise(job.member.state, update, job.server_round)
-            return RecordDict({SECAGG: keys, "metrics": self._train_metrics(job, result, w, 0), **records})
-        codec_rng = torch.Generator().manual_seed(derive_seed(cfg.seed, "uplink", job.server_round, pid))
+            return RecordDict({SECAGG: keys, "metrics": MetricRecord(self._train_metrics(job, result, w, 0)),
+                               **records})
+        codec_rng = (torch.Generator().manual_seed(derive_seed(cfg.seed, "uplink", job.server_round, pid))
+                     if self.uplink.codec.stochastic else None)  # a deterministic codec draws nothing
         payload = self.uplink.encode(update, job.member.state, codec_rng, reset=bool(job.config.get(EF_RESET, False)))
         if message_type == "train.gossip":
             held = w.spec.unflatten(job.start_flat + self.uplink.codec.decode(payload))
             gossip_node.keep_model(job.member.state, {**job.start, **held},
                                    gossip_node.version(job.server_round, "train"))
-        content = RecordDict({"update": to_record(payload.to_arrays()),
-                              "metrics": self._train_metrics(job, result, w, payload.nbytes)})
-        for name, record in records.items():
-            content[name] = record
-        return content
+        return TrainReply(payload, self._train_metrics(job, result, w, payload.nbytes), records)
 
-    def _train_metrics(self, job: TrainJob, result: TrainResult, w: Worker, bytes_up: int) -> MetricRecord:
-        metrics = MetricRecord({
+    def _train_metrics(self, job: TrainJob, result: TrainResult, w: Worker, bytes_up: int) -> dict[str, int | float]:
+        metrics = {
             "num-examples": result.num_examples,
             "train_loss": result.loss,
             "train_accuracy": result.accuracy,
@@ -531,7 +539,7 @@ class ClientRuntime:
             "virtual_duration": result.steps / float(w.speeds[job.member.partition_id]),
             "bytes_up": bytes_up,
             **ray_node_metric(),
-        })
+        }
         if self.cfg.model.name == "causal_lm":
             metrics["train_tokens_per_s"] = result.rows / max(job.seconds, 1e-9)
         return metrics
@@ -682,7 +690,7 @@ def build_client_app(cfg: ExperimentConfig, vectorise: bool = False, sleep_stall
         outcome = runtime.run(message.metadata.message_type, [member])[0]
         if outcome.error is not None:
             raise outcome.error
-        return Message(content=outcome.reply, reply_to=message)
+        return Message(content=reply_content(outcome.reply), reply_to=message)
 
     def group(message: Message, context: Context) -> Message:
         torch.set_num_threads(threads)

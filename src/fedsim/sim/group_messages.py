@@ -24,20 +24,23 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, RecordDict
 
+from fedsim.strategies.replies import TrainReply, reply_content
+
 GROUP_ACTION = "group"
 INDEX_KEY = "group-index"
 
 
 @dataclass(frozen=True)
 class MemberReply:
-    """What one client of a group answered: its reply content, or why it has none, and its
+    """What one client of a group answered: its reply content (a training reply as the client
+    built it, :class:`~fedsim.strategies.replies.TrainReply`), or why it has none, and its
     Context state after the message (None where no node answered for it).
 
     ``code`` is a Flower error code (``flwr.common.constant.ErrorCode``) when ``content`` is None.
     """
 
     partition_id: int
-    content: RecordDict | None
+    content: RecordDict | TrainReply | None
     code: int = 0
     reason: str = ""
     state: RecordDict | None = None
@@ -89,7 +92,8 @@ def unpack_members(content: RecordDict) -> tuple[str, list[tuple[int, RecordDict
 def pack_replies(replies: Sequence[MemberReply]) -> RecordDict:
     """One group reply's content from the clients' replies (and states)."""
     packed, keys = RecordDict(), {}
-    layouts = _pack([r.content if r.content is not None else RecordDict() for r in replies], packed, keys)
+    layouts = _pack([reply_content(r.content) if r.content is not None else RecordDict() for r in replies],
+                    packed, keys)
     state_layouts = _pack([r.state if r.state is not None else RecordDict() for r in replies], packed, keys)
     packed[INDEX_KEY] = ConfigRecord({"partitions": [r.partition_id for r in replies], "layouts": layouts,
                                       "states": state_layouts, "codes": [r.code for r in replies],

@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 
 from fedsim.sim.client_states import ClientStateStore
 from fedsim.sim.group_messages import MemberReply
+from fedsim.strategies.replies import LocalReply, TrainReply
 
 POLL_S = 0.01
 FIRST_NODE_ID = 1000
@@ -119,10 +120,15 @@ class PartitionGrid(Grid):
         return message.metadata.message_id
 
     def answer(self, message: Message, reply: MemberReply) -> None:
-        """Keep the reply to ``message`` for pulling: its content, or an error."""
-        self._replies[message.metadata.message_id] = (
-            Message(content=reply.content, reply_to=message) if reply.content is not None
-            else Message(error=Error(code=reply.code, reason=reply.reason), reply_to=message))
+        """Keep the reply to ``message`` for pulling: its content (a training reply's records
+        built when first read), or an error."""
+        if reply.content is None:
+            answer = Message(error=Error(code=reply.code, reason=reply.reason), reply_to=message)
+        elif isinstance(reply.content, TrainReply):
+            answer = LocalReply(reply.content, reply_to=message)
+        else:
+            answer = Message(content=reply.content, reply_to=message)
+        self._replies[message.metadata.message_id] = answer
 
 
 def poll_replies(grid: Grid, message_ids: list[str], timeout: float, poll_s: float = POLL_S) -> list[Message]:

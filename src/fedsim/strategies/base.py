@@ -52,7 +52,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Message,
@@ -73,7 +72,7 @@ from fedsim.clients.quantization import build_codec
 from fedsim.clients.secagg_steps import ADVERTISE_KEYS
 from fedsim.params import ParamSpec
 from fedsim.quant.error_feedback import ServerEstimate
-from fedsim.records import to_state_dict
+from fedsim.records import from_numpy, to_state_dict
 from fedsim.secagg.engine import SecureAggregation
 from fedsim.seeding import derive_seed
 from fedsim.strategies.aggregate import weighted_mean
@@ -388,7 +387,7 @@ class FedsimStrategy(Algorithm, FedAvg):
         if not self.engine:
             self.spec, self._dtype = float_layout(arrays)
             self._nodes = sorted(grid.get_node_ids())
-        self._global = self._flatten({name: arrays[name].numpy() for name in self.spec.names})
+        self._global = self._flatten(to_state_dict(arrays))
         if self.fraction_train == 0.0 and not self.engine:
             return []
         clients = self.participants(server_round, grid)
@@ -498,7 +497,7 @@ class FedsimStrategy(Algorithm, FedAvg):
         packed = {}
         for name, array in self._template.items():
             if name in values:
-                packed[name] = Array(np.ascontiguousarray(values[name].numpy().astype(np.dtype(array.dtype))))
+                packed[name] = from_numpy(values[name].numpy().astype(np.dtype(array.dtype)))
             else:
                 packed[name] = array
         return ArrayRecord(packed)
