@@ -73,15 +73,21 @@ def test_feddyn_in_a_flower_app_computes_the_papers_algorithm(tmp_path):
     reference = feddyn_rounds(initial_model(), [partition(i, NUM_NODES) for i in range(NUM_NODES)], sampled,
                               alpha, RUN_CONFIG["lr"], RUN_CONFIG["local-steps"])[-1]
     final = arrays.to_torch_state_dict()
+    # Float32 rounding, the app's and the reference's in different orders, is amplified by 60
+    # full-batch steps at lr 0.5 where some samplings take a ReLU across its kink: on those
+    # (e.g. nodes [0, 1], [0, 3], [0, 1]) a 1e-7 change of the initial weights moves the
+    # reference's weights by up to 6e-4 and the h's (about 0.03 in size) by up to 8e-5
+    # (measured), elsewhere by 2e-6. An error in the rule moves them far more: alpha off by 5%
+    # moves the weights by 2e-2.
     for name, value in reference.theta.items():
-        torch.testing.assert_close(final[name], value, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(strategy.h, torch.cat([reference.h[name].reshape(-1) for name in final]),
-                               atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(final[name], value, atol=2e-3, rtol=0.0)
+    tol = {"atol": 3e-4, "rtol": 0.0}
+    torch.testing.assert_close(strategy.h, torch.cat([reference.h[name].reshape(-1) for name in final]), **tol)
     for pid, context in grid.contexts.items():
         if any(pid in s for s in sampled):
             kept = to_state_dict(context.state[fedsim_feddyn.GRADIENT_STATE_KEY])
             for name, value in reference.h_clients[pid].items():
-                torch.testing.assert_close(kept[name], value, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(kept[name], value, **tol)
     assert max(v.abs().max() for v in reference.h.values()) / alpha > 1e-2  # the correction mattered
 
 
