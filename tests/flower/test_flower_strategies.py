@@ -416,3 +416,14 @@ def test_flowers_fedavg_does_not_survive_the_same_faulty_nodes():
         FedAvg().start(AppGrid(_faulty_client_app(), 6), ArrayRecord(_global()), num_rounds=1)
     result = FedAvg().start(AppGrid(_faulty_client_app(short=False), 6), ArrayRecord(_global()), num_rounds=1)
     assert torch.isnan(result.arrays.to_torch_state_dict()["layer.bias"]).all()  # NaN poisons the model
+
+
+def test_the_sample_size_is_taken_once_min_available_nodes_have_connected(monkeypatch):
+    """Nodes still connecting when round 1 starts (2 of 4 seen first): fraction_train 1.0 with
+    min_available_nodes 4 trains all 4, where Flower's FedAvg counts the 2 before it waits."""
+    grid = _grid(4)
+    seen = iter([[1, 2], [1, 2], [1, 2, 3, 4]])
+    monkeypatch.setattr(grid, "get_node_ids", lambda: next(seen, [1, 2, 3, 4]))
+    monkeypatch.setattr("flwr.serverapp.strategy.strategy_utils.sleep", lambda seconds: None)
+    strategy = ff.FedAvg(fraction_train=1.0, min_available_nodes=4)
+    assert sorted(strategy.participants(1, grid)) == [1, 2, 3, 4]

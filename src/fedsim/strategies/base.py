@@ -280,10 +280,13 @@ class FedsimStrategy(Algorithm, FedAvg):
     # -------------------------------------------------------------------- hooks
     def participants(self, server_round: int, grid: Grid) -> list[int]:
         """Clients asked to train this round: the participation model (engine) or Flower's
-        FedAvg sampling (``fraction_train``, ``min_train_nodes``, ``min_available_nodes``)."""
+        FedAvg sampling (``fraction_train``, ``min_train_nodes``, ``min_available_nodes``), its
+        size taken once ``min_available_nodes`` have connected (Flower's FedAvg counts the nodes
+        before it waits, so a first round that starts while nodes connect trains fewer)."""
         if self.engine:  # the held-out clients of eval.new_clients drop out of the draw
             return [pid for pid in self.engine.sampler.sample(server_round) if pid not in self.engine.held_out]
-        sample_size = max(int(len(self._nodes) * self.fraction_train), self.min_train_nodes)
+        _, connected = sample_nodes(grid, self.min_available_nodes, 0)
+        sample_size = max(int(len(connected) * self.fraction_train), self.min_train_nodes)
         sampled, connected = sample_nodes(grid, self.min_available_nodes, sample_size)
         self._nodes = sorted(connected)
         return list(sampled)
