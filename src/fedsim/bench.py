@@ -13,13 +13,16 @@ a summary value, methods x an axis).
 with whether each claim held, computed from the seeds paired (:mod:`fedsim.outputs.paired`:
 HOLDS, DOES NOT HOLD or INCONCLUSIVE), never written by hand, and lists every diverged run.
 A ``tuning:`` section tunes each method before the final runs (:mod:`fedsim.bench_tuning`).
-Every result records its spec hash (:mod:`fedsim.outputs.spec_hash`).
+Every result records its spec hash (:mod:`fedsim.outputs.spec_hash`). With ``--resume`` a
+grid takes each run whose config a finished run in ``--runs-dir`` already has from there:
+a killed grid goes on where it stopped (runs are reproducible, so the numbers are the same).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import multiprocessing
 import platform
@@ -39,8 +42,10 @@ from fedsim.bench_tuning import Tuning, at_edge, choose, grid_points, method_sco
 from fedsim.config import ConfigError, apply_override, load_config
 from fedsim.outputs.grid_figures import plot_heatmaps, plot_panels
 from fedsim.outputs.paired import PairedVerdict, claim_margin, paired_verdict
-from fedsim.outputs.results import RunDir
+from fedsim.outputs.results import RunDir, resume_changes
 from fedsim.outputs.spec_hash import spec_hash
+
+log = logging.getLogger(__name__)
 
 
 class Variant(BaseModel):
@@ -378,22 +383,56 @@ def _grid_configs(spec: BenchSpec, grid: list[tuple[str, Path, list[str]]], seed
     return configs
 
 
-def _run_all(configs: list[tuple[str, int, Any]], jobs: int) -> dict[str, list[dict[str, Any]]]:
-    """Run every config (``jobs`` at a time); label -> that label's runs (seed, run dir, summary)."""
+REUSE_MAY_DIFFER = ("output.dir", "output.plots", "output.checkpoint_every", "sim.ray_address",
+                    "sim.wait_for_nodes_s", "sim.num_cpus_per_client", "sim.num_gpus_per_client")
+"""Keys a finished run may differ in and still stand for a run of the grid (``--resume``):
+where it ran and what it wrote besides its rows; every other key changes its numbers."""
+
+
+def finished_runs(runs_dir: str | Path) -> list[tuple[Path, Any]]:
+    """(run directory, config) of every run in ``runs_dir`` that finished (its summary says
+    ``completed``, or ``stopped`` by a rule of the run such as ``privacy.max_epsilon``),
+    newest first."""
+    found = []
+    for path in sorted(Path(runs_dir).glob("*/summary.json"), reverse=True):
+        run = RunDir(path.parent)
+        if run.summary().get("status") in ("completed", "stopped") and run.config_path.is_file():
+            found.append((run.path, run.config()))
+    return found
+
+
+def finished_run_of(cfg, finished: list[tuple[Path, Any]]) -> Path | None:
+    """The newest finished run whose config equals ``cfg`` but for :data:`REUSE_MAY_DIFFER`."""
+    for path, stored in finished:
+        if all(key.startswith(REUSE_MAY_DIFFER) for key in resume_changes(stored, cfg)):
+            return path
+    return None
+
+
+def _run_all(configs: list[tuple[str, int, Any]], jobs: int, finished: list[tuple[Path, Any]] | None = None
+             ) -> dict[str, list[dict[str, Any]]]:
+    """Run every config (``jobs`` at a time), or take it from the ``finished`` run that has
+    its config; label -> that label's runs (seed, run dir, summary)."""
     if jobs > 1 and any(cfg.sim.backend != "inprocess" for _, _, cfg in configs):
         raise ConfigError("--jobs > 1 needs sim.backend=inprocess in every run of the grid")
+    done = {i: path for i, (_, _, cfg) in enumerate(configs) if (path := finished_run_of(cfg, finished or []))}
+    if done:
+        log.info("%d of %d runs taken from finished runs (--resume)", len(done), len(configs))
+    todo = [cfg for i, (_, _, cfg) in enumerate(configs) if i not in done]
     if jobs > 1:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            outcomes = list(pool.map(_run_one, [cfg for _, _, cfg in configs]))
+            ran = iter(list(pool.map(_run_one, todo)))
     else:
-        outcomes = [_run_one(cfg) for _, _, cfg in configs]
+        ran = (_run_one(cfg) for cfg in todo)
     results: dict[str, list[dict[str, Any]]] = {}
-    for (label, seed, _), (run_path, summary) in zip(configs, outcomes, strict=True):
+    for i, (label, seed, _) in enumerate(configs):
+        run_path, summary = (str(done[i]), RunDir(done[i]).summary()) if i in done else next(ran)
         results.setdefault(label, []).append({"seed": seed, "run": run_path, **summary})
     return results
 
 
-def tune(spec: BenchSpec, grid: list[Cell], runs_dir: str | None, jobs: int) -> dict[str, dict[str, Any]]:
+def tune(spec: BenchSpec, grid: list[Cell], runs_dir: str | None, jobs: int,
+         finished: list[tuple[Path, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """The tuning stage (:mod:`fedsim.bench_tuning`): every setting's method grid on the
     tuning seeds with a validation split; setting label -> ``chosen`` values, their
     ``overrides``, ``index``, ``at_edge`` keys and every grid point's ``values``, ``score``
@@ -404,7 +443,7 @@ def tune(spec: BenchSpec, grid: list[Cell], runs_dir: str | None, jobs: int) -> 
               for cell in grid for k, point in enumerate(tuning.overrides(cell.method))]
     configs = _grid_configs(spec, trials, tuning.seeds, runs_dir)
     check_partitions(configs)
-    runs = _run_all(configs, jobs)
+    runs = _run_all(configs, jobs, finished)
     tuned = {}
     for cell in grid:
         points = grid_points(tuning.grids[cell.method])
@@ -422,7 +461,7 @@ def tune(spec: BenchSpec, grid: list[Cell], runs_dir: str | None, jobs: int) -> 
 
 
 def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1,
-              overrides: list[str] | tuple[str, ...] = ()) -> Path:
+              overrides: list[str] | tuple[str, ...] = (), resume: bool = False) -> Path:
     """Run the grid of ``spec_path`` (``jobs`` runs at a time; ``overrides`` replace fields of
     the spec, see :meth:`BenchSpec.load`); return the markdown table's path. With a
     ``tuning:`` section the tuning stage runs first and the grid runs the chosen values.
@@ -438,17 +477,23 @@ def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1,
         its own cluster).
     overrides : list of str
         ``key=value`` replacements of the spec's fields.
+    resume : bool, default False
+        Take every run (tuning runs too) whose config a finished run in ``runs_dir`` has
+        from there instead of running it again (:func:`finished_run_of`).
     """
+    if resume and not runs_dir:
+        raise ConfigError("--resume takes finished runs from --runs-dir: name the directory")
     spec = BenchSpec.load(spec_path, overrides)
     base_dir = Path(spec_path).parent
     grid = cells(spec, base_dir)
     # every final config validated (and every partition drawn) before any run, the tuning's too
     final = [(cell.label, cell.path, cell.sets) for cell in grid]
     check_partitions(_grid_configs(spec, final, spec.seeds, runs_dir))
-    tuned = tune(spec, grid, runs_dir, jobs) if spec.tuning else None
+    finished = finished_runs(runs_dir) if resume else None
+    tuned = tune(spec, grid, runs_dir, jobs, finished) if spec.tuning else None
     if tuned:
         final = [(label, path, [*sets, *tuned[label]["overrides"]]) for label, path, sets in final]
-    results = _run_all(_grid_configs(spec, final, spec.seeds, runs_dir), jobs)
+    results = _run_all(_grid_configs(spec, final, spec.seeds, runs_dir), jobs, finished)
     source = {"spec_file": str(spec_path), "overrides": list(overrides), "spec_hash": spec.hash(base_dir)}
     return write_bench(spec, results, base_dir, command=f"fedsim bench {' '.join(sys.argv[2:]) or spec_path}",
                        source=source, tuned=tuned)

@@ -273,6 +273,8 @@ def bench(
     runs_dir: Annotated[str | None, typer.Option(help="where the grid's run directories go")] = None,
     jobs: Annotated[int, typer.Option(help="runs at a time (needs sim.backend=inprocess)")] = 1,
     rerender: Annotated[bool, typer.Option(help="rewrite table and verdicts from stored results")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="take each run that a finished run in --runs-dir has the config of from there")] = False,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="override a field of the spec, KEY=VALUE (repeatable), e.g. an axis")] = None,
 ) -> None:
@@ -281,7 +283,7 @@ def bench(
 
     _setup_logging(False)
     try:
-        md = rerender_bench(spec, set_ or []) if rerender else run_bench(spec, runs_dir, jobs, set_ or [])
+        md = rerender_bench(spec, set_ or []) if rerender else run_bench(spec, runs_dir, jobs, set_ or [], resume)
     except ConfigError as exc:
         raise fail("bench spec error", exc) from None
     console.print(md.read_text())

@@ -282,3 +282,30 @@ def test_distribution_figures_draw_the_seed_mean_sorted_accuracy_curve_per_metho
                      axes={"p": ["k1", "k2"]}, out=str(tmp_path), figures=[figure])
     write_bench(spec, results, tmp_path, command="fedsim bench x", source={"spec_hash": None})
     assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_takes_finished_runs_of_the_same_config_and_runs_the_rest(tmp_path, monkeypatch):
+    import fedsim.bench as bench
+
+    def spec(lrs):
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump({
+            "name": "resumed", "configs": [str(QUICKSTART)], "seeds": [0, 1], "out": str(tmp_path / "results"),
+            "variants": [{"label": f"lr {lr}", "set": [f"client.lr={lr}"]} for lr in lrs],
+            "common": ["sim.backend=inprocess", "partition.num_clients=2", "rounds=1", "eval.federated=false"]}))
+        return path
+
+    runs = str(tmp_path / "runs")
+    first = json.loads(run_bench(spec([0.1]), runs_dir=runs).with_suffix(".json").read_text())
+    (Path(first["table"][0]["runs"][1]["run"]) / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    ran = []
+    real = bench._run_one
+    monkeypatch.setattr(bench, "_run_one", lambda cfg: ran.append((cfg.seed, cfg.client.lr)) or real(cfg))
+    second = json.loads(run_bench(spec([0.1, 0.05]), runs_dir=runs, resume=True).with_suffix(".json").read_text())
+    # seed 0 at lr 0.1 finished before; seed 1's run was interrupted, lr 0.05 is a new config
+    assert ran == [(1, 0.1), (0, 0.05), (1, 0.05)]
+    kept, again = first["table"][0]["runs"], second["table"][0]["runs"]
+    assert again[0]["run"] == kept[0]["run"] and again[1]["run"] != kept[1]["run"]
+    assert [r["final_accuracy"] for r in again] == [r["final_accuracy"] for r in kept]
+    with pytest.raises(ConfigError, match="--resume takes finished runs from --runs-dir"):
+        run_bench(spec([0.1]), resume=True)
