@@ -64,7 +64,7 @@ def check_deployable(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.secagg.enabled and cfg.attack.name != "none" and ATTACKS[cfg.attack.name].acts_on == "updates":
         raise ConfigError(f"attack.name: {cfg.attack.name!r} replaces updates on the server, and with secagg.enabled a "
                           "deployed server sees none (attack.name none)")
-    if cfg.secagg.enabled and _sends_records(cfg.strategy.name):
+    if cfg.secagg.enabled and _sends_client_records(cfg.strategy.name):
         raise ConfigError(f"strategy.name: {cfg.strategy.name!r} sends records of its own beside the update, which a "
                           "deployed client's secure-aggregation steps do not mask; with secagg.enabled deploy a strategy "
                           "whose clients send the update only (SCAFFOLD's joint sum runs in simulation)")
@@ -74,13 +74,11 @@ def check_deployable(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
-def _sends_records(name: str) -> bool:
-    """Whether the clients of algorithm ``name`` send client records beside their update."""
+def _sends_client_records(name: str) -> bool:
+    """:meth:`fedsim.algorithms.api.Algorithm.sends_client_records` of algorithm ``name``."""
     from fedsim.algorithms import registry  # the registry's import is paid by secagg deployments only
-    from fedsim.clients.features import ClientFeature
 
-    algorithm = registry.get(name)
-    return algorithm.client is not None and type(algorithm.client).finish is not ClientFeature.finish
+    return registry.get(name).sends_client_records()
 
 
 @functools.lru_cache(maxsize=4)

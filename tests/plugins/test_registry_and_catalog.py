@@ -28,6 +28,15 @@ def test_every_built_in_algorithm_is_an_entry_point_whose_class_names_it():
         assert algorithm.family() in ("sync", "async", "gossip", "custom")
 
 
+def test_only_algorithms_whose_client_half_adds_records_send_client_records():
+    class Extra(ClientFeature):
+        def finish(self, ctx, update, steps):
+            return {}
+
+    assert [n for n in BUILT_IN if registry.get(n).sends_client_records()] == ["scaffold"]
+    assert Extra().sends_records() and not ClientFeature().sends_records()
+
+
 @pytest.mark.parametrize("bad", ["fedavgg", "", 3, ["fedavg"]])
 def test_an_unknown_name_is_one_line_listing_the_known(bad):
     with pytest.raises(registry.UnknownAlgorithm) as err:

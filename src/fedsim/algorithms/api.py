@@ -171,6 +171,12 @@ class Algorithm:
         return cls.Config.family
 
     @classmethod
+    def sends_client_records(cls) -> bool:
+        """Whether its clients send records of their own beside the update (SCAFFOLD's control
+        variate delta): :meth:`fedsim.clients.features.ClientFeature.sends_records`."""
+        return cls.client is not None and cls.client.sends_records()
+
+    @classmethod
     def rules(cls, cfg: ExperimentConfig) -> Iterable[str | None]:
         """This algorithm's own combination rules: ``None`` or one line naming both keys each."""
         return ()

@@ -157,6 +157,12 @@ class ClientFeature:
         ``sent_update``) and its local steps."""
         return {}
 
+    def sends_records(self) -> bool:
+        """Whether this client half adds records of its own to the reply (:meth:`finish`
+        overridden): what the server then reads besides the update, which privacy and
+        secure aggregation must cover too."""
+        return type(self).finish is not ClientFeature.finish
+
     def sent_update(self, ctx: ClientContext, update: torch.Tensor) -> torch.Tensor:
         """The flat update the client sends, given its trained one (before every ``finish``)."""
         return update

@@ -134,7 +134,7 @@ def _buffered_rules(cfg: ExperimentConfig) -> Iterator[str | None]:
 
 def _local_rules(cfg: ExperimentConfig) -> Iterator[str | None]:
     name, algorithm = cfg.strategy.name, registry.get(cfg.strategy.name)
-    if algorithm.client is not None and type(algorithm.client).finish is not ClientFeature.finish:
+    if algorithm.sends_client_records():
         yield (f"privacy.mechanism: local noises the update each client sends; strategy.name {name!r} sends more "
                "from each client (its client records), which would leave unclipped and un-noised")
     if cfg.privacy.accountant != type(cfg.privacy).model_fields["accountant"].default:

@@ -67,7 +67,6 @@ from pydantic import ValidationError
 
 from fedsim.algorithms.api import Algorithm, SyncStrategyBase
 from fedsim.attacks import ATTACKS, build_attack, choose_byzantine
-from fedsim.clients.features import ClientFeature
 from fedsim.clients.quantization import build_codec
 from fedsim.clients.secagg_steps import ADVERTISE_KEYS
 from fedsim.params import ParamSpec
@@ -347,8 +346,7 @@ class FedsimStrategy(Algorithm, FedAvg):
         """``method`` is defined where (or below where) :meth:`aggregate_updates` and
         :meth:`observe` are, and ``records`` by the algorithm itself if its clients send
         records of their own (SCAFFOLD's ``dc_i``)."""
-        sends_records = cls.client is not None and type(cls.client).finish is not ClientFeature.finish
-        if sends_records and cls.defined_by(records) is FedsimStrategy:
+        if cls.sends_client_records() and cls.defined_by(records) is FedsimStrategy:
             return False
         own = cls.defined_by(method)
         return issubclass(own, cls.defined_by("aggregate_updates")) and issubclass(own, cls.defined_by("observe"))
