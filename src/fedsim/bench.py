@@ -42,7 +42,7 @@ from fedsim.bench_tuning import Tuning, at_edge, choose, grid_points, method_sco
 from fedsim.config import ConfigError, apply_override, load_config
 from fedsim.outputs.grid_figures import plot_heatmaps, plot_panels
 from fedsim.outputs.paired import PairedVerdict, claim_margin, paired_verdict
-from fedsim.outputs.results import RunDir, resume_changes
+from fedsim.outputs.results import RESUME_MAY_CHANGE, RunDir, config_identity
 from fedsim.outputs.spec_hash import spec_hash
 
 log = logging.getLogger(__name__)
@@ -383,39 +383,36 @@ def _grid_configs(spec: BenchSpec, grid: list[tuple[str, Path, list[str]]], seed
     return configs
 
 
-REUSE_MAY_DIFFER = ("output.dir", "output.plots", "output.checkpoint_every", "sim.ray_address",
-                    "sim.wait_for_nodes_s", "sim.num_cpus_per_client", "sim.num_gpus_per_client")
+REUSE_MAY_DIFFER = ("output.dir", *(key for key in RESUME_MAY_CHANGE
+                                    if key not in ("rounds", "strategy.horizon", "output.target_accuracy")))
 """Keys a finished run may differ in and still stand for a run of the grid (``--resume``):
-where it ran and what it wrote besides its rows; every other key changes its numbers."""
+where it ran and what it wrote besides its rows (those of ``fedsim run --resume`` but the
+length of the run and its target, which change its rows or summary); every other key changes
+its numbers."""
 
 
-def finished_runs(runs_dir: str | Path) -> list[tuple[Path, Any]]:
-    """(run directory, config) of every run in ``runs_dir`` that finished (its summary says
-    ``completed``, or ``stopped`` by a rule of the run such as ``privacy.max_epsilon``),
-    newest first."""
-    found = []
+def finished_runs(runs_dir: str | Path) -> dict[str, Path]:
+    """Every run in ``runs_dir`` that finished (its summary says ``completed``, or ``stopped``
+    by a rule of the run such as ``privacy.max_epsilon``), by its config's identity without
+    :data:`REUSE_MAY_DIFFER`; the newest where several share one."""
+    found: dict[str, Path] = {}
     for path in sorted(Path(runs_dir).glob("*/summary.json"), reverse=True):
         run = RunDir(path.parent)
         if run.summary().get("status") in ("completed", "stopped") and run.config_path.is_file():
-            found.append((run.path, run.config()))
+            found.setdefault(config_identity(run.config(), REUSE_MAY_DIFFER), run.path)
     return found
 
 
-def finished_run_of(cfg, finished: list[tuple[Path, Any]]) -> Path | None:
-    """The newest finished run whose config equals ``cfg`` but for :data:`REUSE_MAY_DIFFER`."""
-    for path, stored in finished:
-        if all(key.startswith(REUSE_MAY_DIFFER) for key in resume_changes(stored, cfg)):
-            return path
-    return None
-
-
-def _run_all(configs: list[tuple[str, int, Any]], jobs: int, finished: list[tuple[Path, Any]] | None = None
+def _run_all(configs: list[tuple[str, int, Any]], jobs: int, finished: dict[str, Path] | None = None
              ) -> dict[str, list[dict[str, Any]]]:
-    """Run every config (``jobs`` at a time), or take it from the ``finished`` run that has
-    its config; label -> that label's runs (seed, run dir, summary)."""
+    """Run every config (``jobs`` at a time), or take it from the ``finished`` run
+    (:func:`finished_runs`) that has its config; label -> that label's runs (seed, run dir,
+    summary)."""
     if jobs > 1 and any(cfg.sim.backend != "inprocess" for _, _, cfg in configs):
         raise ConfigError("--jobs > 1 needs sim.backend=inprocess in every run of the grid")
-    done = {i: path for i, (_, _, cfg) in enumerate(configs) if (path := finished_run_of(cfg, finished or []))}
+    finished = finished or {}
+    done = {i: path for i, (_, _, cfg) in enumerate(configs)
+            if (path := finished.get(config_identity(cfg, REUSE_MAY_DIFFER)))}
     if done:
         log.info("%d of %d runs taken from finished runs (--resume)", len(done), len(configs))
     todo = [cfg for i, (_, _, cfg) in enumerate(configs) if i not in done]
@@ -432,7 +429,7 @@ def _run_all(configs: list[tuple[str, int, Any]], jobs: int, finished: list[tupl
 
 
 def tune(spec: BenchSpec, grid: list[Cell], runs_dir: str | None, jobs: int,
-         finished: list[tuple[Path, Any]] | None = None) -> dict[str, dict[str, Any]]:
+         finished: dict[str, Path] | None = None) -> dict[str, dict[str, Any]]:
     """The tuning stage (:mod:`fedsim.bench_tuning`): every setting's method grid on the
     tuning seeds with a validation split; setting label -> ``chosen`` values, their
     ``overrides``, ``index``, ``at_edge`` keys and every grid point's ``values``, ``score``
@@ -479,7 +476,7 @@ def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1,
         ``key=value`` replacements of the spec's fields.
     resume : bool, default False
         Take every run (tuning runs too) whose config a finished run in ``runs_dir`` has
-        from there instead of running it again (:func:`finished_run_of`).
+        from there instead of running it again (:func:`finished_runs`).
     """
     if resume and not runs_dir:
         raise ConfigError("--resume takes finished runs from --runs-dir: name the directory")

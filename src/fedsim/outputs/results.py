@@ -79,6 +79,13 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.removesuffix("."): value}
 
 
+def config_identity(cfg: ExperimentConfig, ignore: tuple[str, ...] = ()) -> str:
+    """``cfg`` as one canonical string of its dotted keys and values, leaving out the keys
+    starting with any of ``ignore``: two configs with the same identity make the same run."""
+    flat = _flat(cfg.model_dump(mode="json"))
+    return json.dumps({k: v for k, v in flat.items() if not k.startswith(ignore)}, sort_keys=True)
+
+
 def resume_changes(stored: ExperimentConfig, resumed: ExperimentConfig) -> dict[str, tuple[Any, Any]]:
     """The dotted keys whose value differs between a run's stored config and the config it
     would resume with: key -> (stored, resumed)."""
