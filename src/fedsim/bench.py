@@ -12,7 +12,8 @@ a summary value, methods x an axis).
 ``checks:`` state the claims of the papers as comparisons of two settings; each table ends
 with whether each claim held, computed from the seeds paired (:mod:`fedsim.outputs.paired`:
 HOLDS, DOES NOT HOLD or INCONCLUSIVE), never written by hand, and lists every diverged run.
-A ``tuning:`` section tunes each method before the final runs (:mod:`fedsim.bench_tuning`).
+A ``tuning:`` section tunes each method before the final runs (:mod:`fedsim.bench_tuning`); a
+``reference:`` section sets a published leaderboard beside the grid (:mod:`fedsim.bench_reference`).
 Every result records its spec hash (:mod:`fedsim.outputs.spec_hash`). With ``--resume`` a
 grid takes each run whose config a finished run in ``--runs-dir`` already has from there:
 a killed grid goes on where it stopped (runs are reproducible, so the numbers are the same).
@@ -29,6 +30,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Collection
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fedsim.bench_reference import Reference, compare_orders, reference_lines
 from fedsim.bench_tuning import Tuning, at_edge, choose, grid_points, method_scores, tuning_lines
 from fedsim.config import ConfigError, apply_override, load_config
 from fedsim.outputs.grid_figures import plot_heatmaps, plot_panels
@@ -208,6 +211,7 @@ class BenchSpec(BaseModel):
     curves_file: str | None = Field(None, pattern=r"^[\w.-]+\.png$",
                                     description="file of the small multiples of curves; default <name>.png")
     tuning: Tuning | None = Field(None, description="per-method grids tuned on tuning seeds before the final runs")
+    reference: Reference | None = Field(None, description="a published table whose orderings the write-up compares")
 
     def method_of(self, label: str) -> str:
         """The method of a variant label: its part before ``panel_by``, else all of it."""
@@ -243,6 +247,16 @@ class BenchSpec(BaseModel):
             if winner.across not in known:
                 raise ValueError(f"winner check {winner.claim!r}: across {winner.across!r} is not an axis; "
                                  f"known: {', '.join(known) or '(none)'}")
+        return self
+
+    @model_validator(mode="after")
+    def _reference_fits(self) -> BenchSpec:
+        if self.reference is None:
+            return self
+        if self.panel_by or len(self.configs) > 1:
+            raise ValueError("reference: needs one config and no panel_by (a published cell is one method per "
+                             "place of the axes)")
+        self.reference.check_fits(list(self.axes))
         return self
 
     @classmethod
@@ -486,6 +500,9 @@ def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1,
     # every final config validated (and every partition drawn) before any run, the tuning's too
     final = [(cell.label, cell.path, cell.sets) for cell in grid]
     check_partitions(_grid_configs(spec, final, spec.seeds, runs_dir))
+    if skipped := checks_outside(spec, {cell.label for cell in grid}):
+        log.warning("%d checks name settings outside this grid and are skipped (listed in the write-up), "
+                    "the first: %s", len(skipped), skipped[0].claim)
     finished = finished_runs(runs_dir) if resume else None
     tuned = tune(spec, grid, runs_dir, jobs, finished) if spec.tuning else None
     if tuned:
@@ -555,6 +572,15 @@ def _paired(check: Check, setting: dict[Any, float], baseline: dict[Any, float] 
 _RANK = {"DOES NOT HOLD": 0, "INCONCLUSIVE": 1, "HOLDS": 2}
 
 
+def checks_outside(spec: BenchSpec, labels: Collection[str]) -> list[Check | WinnerCheck]:
+    """The checks (and winner checks) that name a setting the grid of ``labels``
+    lacks: a spec run on part of its grid or on another dataset through ``--set`` (the non-IID
+    suite on CIFAR-10) skips them, warns before the runs and lists them in the write-up."""
+    outside: list[Check | WinnerCheck] = [c for c in spec.checks
+                                          if any(name not in labels for name in (c.setting, *c.baselines))]
+    return outside + [w for w in spec.winners if w.settings and not any(w.settings in label for label in labels)]
+
+
 def verdicts(spec: BenchSpec, results: dict[str, list[dict[str, Any]]],
              grid: dict[str, Cell] | None = None) -> list[str]:
     """One line per check: HOLDS, DOES NOT HOLD or INCONCLUSIVE from the paired seeds, with
@@ -562,10 +588,10 @@ def verdicts(spec: BenchSpec, results: dict[str, list[dict[str, Any]]],
     verdict decides and is the one named. The ``winners`` checks need the grid's cells
     (``grid``: label -> :class:`Cell`)."""
     lines = []
+    outside = checks_outside(spec, results)
     for check in spec.checks:
-        for name in (check.setting, *check.baselines):
-            if name not in results:
-                raise ConfigError(f"check {check.claim!r}: no setting named {name!r}")
+        if check in outside:
+            continue
         a = _check_mean(results[check.setting], check.metric)
         setting = per_seed(results[check.setting], check.metric)
         if check.baseline is None:
@@ -593,6 +619,8 @@ def verdicts(spec: BenchSpec, results: dict[str, list[dict[str, Any]]],
         lines.append(f"- {verdict.outcome}: {check.claim} "
                      f"({check.metric}: {check.setting} {fa} vs {against} {fb}{factor}; {verdict.describe()})")
     for winner in spec.winners:
+        if winner in outside:
+            continue
         if grid is None:
             raise ConfigError(f"winner check {winner.claim!r} needs the grid's cells")
         lines.append(_winner_verdict(winner, results, grid, spec.alpha))
@@ -645,6 +673,25 @@ def _winner_verdict(check: WinnerCheck, results: dict[str, list[dict[str, Any]]]
     outcome = min(outcomes, key=_RANK.__getitem__)
     return (f"- {outcome}: {check.claim} "
             f"(tied best {check.metric} per {check.across}, best mean first: {'; '.join(parts)})")
+
+
+def reference_rows(reference: Reference, results: dict[str, list[dict[str, Any]]], grid: dict[str, Cell],
+                   alpha: float) -> list[dict[str, Any]]:
+    """Every published cell of ``reference`` against each grid cell at its place on the other
+    axes, one row per value of ``reference.axis`` (:func:`fedsim.bench_reference.compare_orders`,
+    with the published cell's ``at`` and that ``value``)."""
+    values = list(dict.fromkeys(cell.place[reference.axis] for cell in grid.values()))
+    rows = []
+    for published in reference.cells:
+        for value in values:
+            at = {**published.at, reference.axis: value}
+            seeds = {cell.method: per_seed(results[label], reference.metric) for label, cell in grid.items()
+                     if label in results and cell.method in published.published
+                     and all(cell.place.get(k) == v for k, v in at.items())}
+            if seeds:
+                rows.append({"at": published.at, "value": value,
+                             **compare_orders(published.published, seeds, alpha)})
+    return rows
 
 
 def diverged_runs(results: dict[str, list[dict[str, Any]]], threshold: float) -> list[str]:
@@ -797,18 +844,26 @@ def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]], base_
         lines += ["", f"Claim checks (paired over seeds: HOLDS or DOES NOT HOLD where a one-sided paired t-test "
                       f"at level {spec.alpha:g} supports it, the sign test where a target was never reached, "
                       "INCONCLUSIVE where the seed spread overlaps; the means shown are over all seeds):", *checks]
+    skipped = checks_outside(spec, results)
+    if skipped:
+        lines += ["", f"Checks on settings outside this grid (skipped): {len(skipped)}",
+                  *(f"- {check.claim}" for check in skipped)]
     diverged = diverged_runs(results, spec.diverged_loss)
     lines += ["", f"Diverged runs (final test loss not finite or above {spec.diverged_loss:g}): "
                   f"{len(diverged) or 'none'}", *diverged]
     if tuned:
         lines += ["", *tuning_lines(tuned, spec.tuning)]
+    published = reference_rows(spec.reference, results, grid, spec.alpha) if spec.reference else []
+    if spec.reference:
+        lines += ["", *reference_lines(spec.reference, published, spec.alpha)]
     if spec.notes:
         lines += ["", "## Notes (from the spec)", "", spec.notes.strip()]
     md = out / f"{spec.name}.md"
     md.write_text("\n".join(lines) + "\n")
     (out / f"{spec.name}.json").write_text(json.dumps(
         {"command": command, **source, "spec": spec.model_dump(), "environment": env, "table": table,
-         "checks": checks, "diverged": diverged, **({"tuning": tuned} if tuned else {})},
+         "checks": checks, "diverged": diverged, **({"tuning": tuned} if tuned else {}),
+         **({"reference": published} if spec.reference else {})},
         indent=2))
     for figure in [Figure(file=spec.curves_file or f"{spec.name}.png", x_key=spec.x_key), *spec.figures]:
         if figure.kind == "heatmap":
