@@ -3,12 +3,9 @@ killer does) is replaced, its message runs again, and the event is one line."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 from fedsim.config import load_config
@@ -47,31 +44,33 @@ def _client_workers() -> list[int]:
     return [p for r in raylets for p in _children(r) if _cmdline(p).startswith("ray::ClientAppActor")]
 
 
-def _kill_a_worker_after(metrics_dir: Path, server_round: int, killed: list[tuple[int, int]]) -> None:
-    """Once a row of ``server_round`` is written, kill -9 one client worker (into ``killed``)."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        rows = [json.loads(line) for f in metrics_dir.glob("*/metrics.jsonl")
-                for line in f.read_text().splitlines() if line.endswith("}")]
-        if rows and rows[-1]["round"] >= server_round and (workers := _client_workers()):
+def _kill_a_worker_after_round(monkeypatch, server_round: int, killed: list[tuple[int, int]]) -> None:
+    """kill -9 one client worker (into ``killed``) as the driver writes ``server_round``'s row:
+    between rounds, in the driver's own thread, so the kill lands mid-run however slowly or
+    quickly the host runs the rounds."""
+    append = RunDir.append
+
+    def append_then_kill(self: RunDir, row: dict) -> None:
+        append(self, row)
+        if row["round"] == server_round and not killed and (workers := _client_workers()):
             os.kill(workers[0], signal.SIGKILL)
-            killed.append((rows[-1]["round"], workers[0]))
-            return
-        time.sleep(0.05)
+            killed.append((row["round"], workers[0]))
+
+    monkeypatch.setattr(RunDir, "append", append_then_kill)
 
 
 def _rows(path: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in RunDir.open(path).rows()]
 
 
-def test_a_killed_ray_worker_is_replaced_and_the_run_equals_an_undisturbed_one(tmp_path, caplog, capfd):
+def test_a_killed_ray_worker_is_replaced_and_the_run_equals_an_undisturbed_one(tmp_path, caplog, capfd,
+                                                                               monkeypatch):
     config = ROOT / "configs" / "quickstart.yaml"
     killed: list[tuple[int, int]] = []
-    killer = threading.Thread(target=_kill_a_worker_after, args=(tmp_path / "ray", 1, killed), daemon=True)
-    killer.start()
+    _kill_a_worker_after_round(monkeypatch, 1, killed)
     with caplog.at_level(logging.WARNING):
         path, _ = run_experiment(load_config(config, [*OVERRIDES, f"output.dir={tmp_path / 'ray'}"]))
-    killer.join(1)
+    monkeypatch.undo()
     printed = capfd.readouterr()
     assert killed, "no ClientAppActor worker was found to kill"
     [(after_round, pid)] = killed
