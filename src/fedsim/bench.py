@@ -360,9 +360,19 @@ def environment() -> dict[str, str]:
 
 
 def _run_one(cfg) -> tuple[str, dict[str, Any]]:
+    """Run one config of the grid: its run directory and summary. A run that diverges is one
+    of the grid's results (status ``diverged``, listed in the write-up, a tuning point it
+    belongs to loses), not the end of the grid."""
+    from fedsim.loops.skeleton import DivergedError
     from fedsim.runner import run_experiment
 
-    path, summary = run_experiment(cfg)
+    try:
+        path, summary = run_experiment(cfg)
+    except DivergedError as exc:
+        if exc.run_path is None:
+            raise
+        log.warning("%s: %s", exc.run_path, exc)
+        return str(exc.run_path), RunDir(exc.run_path).summary()
     return str(path), summary
 
 
@@ -406,13 +416,14 @@ its numbers."""
 
 
 def finished_runs(runs_dir: str | Path) -> dict[str, Path]:
-    """Every run in ``runs_dir`` that finished (its summary says ``completed``, or ``stopped``
-    by a rule of the run such as ``privacy.max_epsilon``), by its config's identity without
+    """Every run in ``runs_dir`` that finished (its summary says ``completed``, ``stopped`` by a
+    rule of the run such as ``privacy.max_epsilon``, or ``diverged``: runs are reproducible, so
+    it would diverge again), by its config's identity without
     :data:`REUSE_MAY_DIFFER`; the newest where several share one."""
     found: dict[str, Path] = {}
     for path in sorted(Path(runs_dir).glob("*/summary.json"), reverse=True):
         run = RunDir(path.parent)
-        if run.summary().get("status") in ("completed", "stopped") and run.config_path.is_file():
+        if run.summary().get("status") in ("completed", "stopped", "diverged") and run.config_path.is_file():
             found.setdefault(config_identity(run.config(), REUSE_MAY_DIFFER), run.path)
     return found
 
@@ -460,6 +471,10 @@ def tune(spec: BenchSpec, grid: list[Cell], runs_dir: str | None, jobs: int,
         points = grid_points(tuning.grids[cell.method])
         trial_runs = [runs[f"{cell.label} #{k}"] for k in range(len(points))]
         scores, metric = method_scores(trial_runs, tuning)
+        if all(sc is None for sc in scores) and all(any(r.get("status") == "diverged" for r in runs)
+                                                     for runs in trial_runs):
+            raise ConfigError(f"tuning: every grid point of {cell.label} diverged on a tuning seed; lower its "
+                              "values (the finished runs stay: --resume)")
         if all(sc is None for sc in scores):
             raise ConfigError(f"tuning.metric {metric!r}: no tuning run of {cell.label} has a finite value of "
                               "it, so no grid point can be chosen")

@@ -7,8 +7,8 @@ learning rate over values that bracket the optimum. In every setting of the grid
 method x axis values) each point of the method's grid is run once per tuning seed with
 ``data.validation_fraction`` of the training pool held out as the evaluation set, so tuning
 never sees the test set the report uses; the point with the best mean ``metric`` over the
-tuning seeds wins (the first in grid order on a tie; a point whose runs have no value
-loses). The final runs then use the chosen values on the evaluation seeds, which must differ
+tuning seeds wins (the first in grid order on a tie; a point whose runs have no value, or
+one of whose runs diverged, loses). The final runs then use the chosen values on the evaluation seeds, which must differ
 from the tuning seeds. Every method gets the same budget: the same tuning seeds and the same
 number of grid points. A chosen value at either end of a grid of three or more values is
 flagged: the grid does not bracket the optimum there.
@@ -83,7 +83,10 @@ def override(key: str, value: Any) -> str:
 
 
 def score(runs: list[dict[str, Any]], metric: str) -> float | None:
-    """The mean of ``metric`` over a grid point's tuning runs (None where none has it)."""
+    """The mean of ``metric`` over a grid point's tuning runs (None where none has it, or where
+    one of them diverged: a point that diverges on a tuning seed loses)."""
+    if any(r.get("status") == "diverged" for r in runs):
+        return None
     values = [r[metric] for r in runs if r.get(metric) is not None and math.isfinite(r[metric])]
     return statistics.mean(values) if values else None
 

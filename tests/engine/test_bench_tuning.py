@@ -116,3 +116,30 @@ def test_a_method_without_the_tuning_metric_is_scored_by_the_fallback_metric_and
     lines = tuning_lines({"FedAvg": record}, tuning)
     assert "(where a method has none, final_federated_accuracy: marked *)" in lines[2]
     assert lines[-1].startswith("| FedAvg | client.lr=0.2 * | 0.8000 |")
+
+
+def test_a_diverging_run_is_a_result_of_the_grid_and_its_tuning_point_loses(tmp_path):
+    spec = _spec(tmp_path, grids={"FedAvg": {"strategy.server_opt.lr": [1e39, 1.0]},
+                                  "FedProx": {"strategy.server_opt.lr": [1.0, 1e39]}})
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    run_bench(spec_path, runs_dir=str(tmp_path / "runs"))  # the grid goes on past every divergence
+    stored = json.loads((tmp_path / "results" / "tuned.json").read_text())
+    for label in ("FedAvg", "FedProx"):
+        record = stored["tuning"][label]
+        [diverged] = [p for p in record["points"] if p["values"]["strategy.server_opt.lr"] == 1e39]
+        assert [r["status"] for r in diverged["runs"]] == ["diverged"] and diverged["score"] is None
+        assert record["chosen"] == {"strategy.server_opt.lr": 1.0}
+    plain = {**spec, "name": "plain", "tuning": None,
+             "variants": [{"label": "FedAvg"}, {"label": "FedAvg-1e39", "set": ["strategy.server_opt.lr=1e39"]}]}
+    spec_path.write_text(yaml.safe_dump(plain))
+    md = run_bench(spec_path, runs_dir=str(tmp_path / "runs")).read_text()
+    stored = json.loads((tmp_path / "results" / "plain.json").read_text())
+    [row] = [r for r in stored["table"] if r["setting"] == "FedAvg-1e39"]
+    assert row["runs"][0]["status"] == "diverged"
+    assert stored["diverged"] == ["- FedAvg-1e39, seed 0: final test loss not finite"]
+    assert "Diverged runs (final test loss not finite or above 5): 1" in md
+    spec["tuning"]["grids"]["FedAvg"] = {"strategy.server_opt.lr": [1e39, 1e38]}
+    spec_path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="every grid point of FedAvg diverged on a tuning seed"):
+        run_bench(spec_path, runs_dir=str(tmp_path / "runs"))

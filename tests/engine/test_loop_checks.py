@@ -41,7 +41,8 @@ def test_a_diverged_run_stops_in_one_line_naming_the_step(tmp_path, server_lr, m
     strict = {"parse_constant": _no_constants}  # valid JSON: no bare NaN or Infinity
     summary = json.loads((run_dir / "summary.json").read_text(), **strict)
     rows = [json.loads(line, **strict) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert summary["status"] == "interrupted" and len(rows) >= 1
+    assert summary["status"] == "diverged" and len(rows) >= 1
+    assert raised.value.run_path == run_dir
     if server_lr == "1e38":  # the non-finite test loss is recorded as null
         assert rows[-1]["centralised_loss"] is None
 

@@ -30,6 +30,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -60,7 +61,10 @@ log = logging.getLogger(__name__)
 
 
 class DivergedError(RuntimeError):
-    """The global model holds NaN or Inf: training diverged."""
+    """The global model holds NaN or Inf: training diverged. ``run_path`` names the run
+    directory, whose summary says ``diverged`` (set where the run's loop stops it)."""
+
+    run_path: Path | None = None
 
 
 @dataclass
@@ -238,6 +242,9 @@ def run_steps(steps: Steps, grid: Grid, cfg: ExperimentConfig, run: RunDir, resu
                                                    steps.state_dict(), row["wall_time_s"],
                                                    _client_states(grid, cfg, run, index)))
         status = "completed" if reason is None else "stopped"
+    except DivergedError as exc:
+        status, exc.run_path = "diverged", run.path
+        raise
     finally:
         run.sync_rows()
         rows = run.rows()
