@@ -276,8 +276,12 @@ class BenchSpec(BaseModel):
         return Path(config) if Path(config).is_file() else base_dir / config
 
     def hash(self, base_dir: Path) -> str:
-        """The spec hash of this grid (:func:`fedsim.outputs.spec_hash.spec_hash`)."""
-        return spec_hash(self.model_dump(mode="json"), {c: self.config_path(c, base_dir) for c in self.configs})
+        """The spec hash of this grid (:func:`fedsim.outputs.spec_hash.spec_hash`). A tuning
+        stage without ``base`` hashes without the key, as before it existed: the same runs keep
+        the same hash."""
+        fields = self.model_dump(mode="json", exclude={"tuning": {"base"}} if self.tuning and not self.tuning.base
+                                 else None)
+        return spec_hash(fields, {c: self.config_path(c, base_dir) for c in self.configs})
 
 
 @dataclass(frozen=True)
@@ -456,34 +460,51 @@ def _run_all(configs: list[tuple[str, int, Any]], jobs: int, finished: dict[str,
 def tune(spec: BenchSpec, grid: list[Cell], runs_dir: str | None, jobs: int,
          finished: dict[str, Path] | None = None) -> dict[str, dict[str, Any]]:
     """The tuning stage (:mod:`fedsim.bench_tuning`): every setting's method grid on the
-    tuning seeds with a validation split; setting label -> ``chosen`` values, their
-    ``overrides``, ``index``, ``at_edge`` keys and every grid point's ``values``, ``score``
-    and ``runs``."""
+    tuning seeds with a validation split, the methods with a ``tuning.base`` after their base,
+    at its chosen values; setting label -> ``chosen`` values, their ``overrides`` (a base's
+    first), ``index``, ``at_edge`` keys, the ``base`` values taken and every grid point's
+    ``values``, ``score`` and ``runs``."""
     tuning = spec.tuning
     holdout = f"data.validation_fraction={tuning.validation_fraction}"
-    trials = [(f"{cell.label} #{k}", cell.path, [*cell.sets, *point, holdout])
-              for cell in grid for k, point in enumerate(tuning.overrides(cell.method))]
-    configs = _grid_configs(spec, trials, tuning.seeds, runs_dir)
-    check_partitions(configs)
-    runs = _run_all(configs, jobs, finished)
-    tuned = {}
-    for cell in grid:
-        points = grid_points(tuning.grids[cell.method])
-        trial_runs = [runs[f"{cell.label} #{k}"] for k in range(len(points))]
-        scores, metric = method_scores(trial_runs, tuning)
-        if all(sc is None for sc in scores) and all(any(r.get("status") == "diverged" for r in runs)
-                                                     for runs in trial_runs):
-            raise ConfigError(f"tuning: every grid point of {cell.label} diverged on a tuning seed; lower its "
-                              "values (the finished runs stay: --resume)")
-        if all(sc is None for sc in scores):
-            raise ConfigError(f"tuning.metric {metric!r}: no tuning run of {cell.label} has a finite value of "
-                              "it, so no grid point can be chosen")
-        index = choose(scores, tuning.lower_is_better)
-        tuned[cell.label] = {"chosen": points[index], "overrides": tuning.overrides(cell.method)[index], "metric": metric,
-                             "index": index, "at_edge": at_edge(tuning.grids[cell.method], points[index]),
-                             "points": [{"values": p, "score": sc, "runs": r}
-                                        for p, sc, r in zip(points, scores, trial_runs, strict=True)]}
-    return tuned
+    tuned: dict[str, dict[str, Any]] = {}
+    first = [cell for cell in grid if cell.method not in tuning.base]
+    for stage in (first, [cell for cell in grid if cell.method in tuning.base]):
+        inherited = {cell.label: _base_record(cell, grid, tuning.base, tuned) for cell in stage}
+        trials = [(f"{cell.label} #{k}", cell.path, [*cell.sets, *inherited[cell.label]["overrides"], *point, holdout])
+                  for cell in stage for k, point in enumerate(tuning.overrides(cell.method))]
+        configs = _grid_configs(spec, trials, tuning.seeds, runs_dir)
+        check_partitions(configs)
+        runs = _run_all(configs, jobs, finished)
+        for cell in stage:
+            points = grid_points(tuning.grids[cell.method])
+            trial_runs = [runs[f"{cell.label} #{k}"] for k in range(len(points))]
+            scores, metric = method_scores(trial_runs, tuning)
+            if all(sc is None for sc in scores) and all(any(r.get("status") == "diverged" for r in runs)
+                                                         for runs in trial_runs):
+                raise ConfigError(f"tuning: every grid point of {cell.label} diverged on a tuning seed; lower its "
+                                  "values (the finished runs stay: --resume)")
+            if all(sc is None for sc in scores):
+                raise ConfigError(f"tuning.metric {metric!r}: no tuning run of {cell.label} has a finite value of "
+                                  "it, so no grid point can be chosen")
+            index = choose(scores, tuning.lower_is_better)
+            base = inherited[cell.label]
+            tuned[cell.label] = {
+                "chosen": points[index], "base": base["chosen"],
+                "overrides": [*base["overrides"], *tuning.overrides(cell.method)[index]], "metric": metric,
+                "index": index, "at_edge": at_edge(tuning.grids[cell.method], points[index]),
+                "points": [{"values": p, "score": sc, "runs": r} for p, sc, r in zip(points, scores, trial_runs,
+                                                                                       strict=True)]}
+    return {cell.label: tuned[cell.label] for cell in grid}
+
+
+def _base_record(cell: Cell, grid: list[Cell], bases: dict[str, str], tuned: dict[str, dict[str, Any]]
+                 ) -> dict[str, Any]:
+    """The chosen values and overrides ``cell`` starts its grid from: those of its
+    ``tuning.base`` method's cell at the same place in the grid (none without a base)."""
+    if cell.method not in bases:
+        return {"chosen": {}, "overrides": []}
+    [base] = [c for c in grid if c.method == bases[cell.method] and c.place == cell.place and c.path == cell.path]
+    return {"chosen": tuned[base.label]["chosen"], "overrides": tuned[base.label]["overrides"]}
 
 
 def run_bench(spec_path: str | Path, runs_dir: str | None = None, jobs: int = 1,
@@ -852,7 +873,8 @@ def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]], base_
                       "final_accuracy_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                       "rounds_to_target_mean": statistics.mean(reached) if reached else None,
                       "reached": len(reached), **{f"{k}_mean": v for k, v in extras.items()},
-                      **({"tuned": tuned[label]["chosen"]} if tuned else {}), "runs": runs})
+                      **({"tuned": {**tuned[label].get("base", {}), **tuned[label]["chosen"]}} if tuned else {}),
+                      "runs": runs})
     grid = {cell.label: cell for cell in cells(spec, base_dir)}
     checks = verdicts(spec, results, grid)
     if checks:

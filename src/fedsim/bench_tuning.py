@@ -44,6 +44,12 @@ class Tuning(BaseModel):
         Whether a lower ``metric`` is better.
     grids : dict of str to dict of str to list
         Method -> config key -> the values tried; the grid is the product of the lists.
+    base : dict of str to str
+        Method -> the method whose chosen values (in the same setting) its grid starts from:
+        a method that is another plus one knob (FedProx is FedAvg plus mu, FedAdam FedAvg plus a
+        server optimizer) tunes its knob at the base's tuned client settings, not at a fixed
+        client learning rate the others are free to leave. The base is tuned first; a base has
+        no base of its own, and the two grids tune different keys.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -53,6 +59,7 @@ class Tuning(BaseModel):
     fallback_metric: str | None = None
     lower_is_better: bool = False
     grids: dict[str, dict[str, list[Any]]] = Field(min_length=1)
+    base: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _same_budget(self) -> Tuning:
@@ -65,6 +72,20 @@ class Tuning(BaseModel):
             told = ", ".join(f"{method} {size}" for method, size in sizes.items())
             raise ValueError(f"tuning.grids: every method is tuned with the same budget, but the grids have "
                              f"different numbers of points ({told})")
+        return self
+
+    @model_validator(mode="after")
+    def _bases_fit(self) -> Tuning:
+        for method, base in self.base.items():
+            for name in (method, base):
+                if name not in self.grids:
+                    raise ValueError(f"tuning.base: {name} has no grid in tuning.grids")
+            if base in self.base:
+                raise ValueError(f"tuning.base: {method}'s base {base} has a base of its own ({self.base[base]}); "
+                                 "bases are one level deep")
+            shared = sorted(set(self.grids[method]) & set(self.grids[base]))
+            if shared:
+                raise ValueError(f"tuning.base: {method} and its base {base} both tune {', '.join(shared)}")
         return self
 
     def overrides(self, method: str) -> list[list[str]]:
@@ -121,10 +142,14 @@ def tuning_lines(tuned: dict[str, dict[str, Any]], tuning: Tuning) -> list[str]:
              f"{tuning.validation_fraction:g} of the training pool held out for validation (the test set unused), "
              f"chosen by the mean validation {tuning.metric}"
              + (f" (where a method has none, {tuning.fallback_metric}: marked *)" if tuning.fallback_metric else "")
-             + "; the table above ran the chosen values on the evaluation seeds.", "",
+             + "; the table above ran the chosen values on the evaluation seeds"
+             + ("; a method with a base (" + ", ".join(f"{m}: {b}" for m, b in tuning.base.items())
+                + ") tuned its grid at the base's chosen values, shown after 'at'" if tuning.base else "") + ".", "",
              f"| setting | chosen | validation {tuning.metric} | grid (value: score) |", "|---|---|---|---|"]
     for label, record in tuned.items():
         chosen = ", ".join(f"{k}={v}" for k, v in record["chosen"].items())
+        if record.get("base"):
+            chosen += " at " + ", ".join(f"{k}={v}" for k, v in record["base"].items())
         if record["at_edge"]:
             chosen += f" (at the edge of its grid: {', '.join(record['at_edge'])})"
         best = record["points"][record["index"]]["score"]

@@ -143,3 +143,42 @@ def test_a_diverging_run_is_a_result_of_the_grid_and_its_tuning_point_loses(tmp_
     spec_path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match="every grid point of FedAvg diverged on a tuning seed"):
         run_bench(spec_path, runs_dir=str(tmp_path / "runs"))
+
+
+def test_a_method_with_a_base_tunes_its_knob_at_the_base_methods_chosen_values(tmp_path):
+    spec = _spec(tmp_path, grids={"FedAvg": {"client.lr": [0.0001, 0.05]}, "FedProx": {"strategy.mu": [0.001, 1.0]}},
+                 base={"FedProx": "FedAvg"})
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    md = run_bench(spec_path, runs_dir=str(tmp_path / "runs")).read_text()
+    stored = json.loads((tmp_path / "results" / "tuned.json").read_text())
+    assert list(stored["tuning"]) == ["FedAvg", "FedProx"]  # grid order, though FedAvg was tuned first
+    assert stored["tuning"]["FedAvg"]["chosen"] == {"client.lr": 0.05}
+    prox = stored["tuning"]["FedProx"]
+    assert prox["base"] == {"client.lr": 0.05}
+    for point in prox["points"]:  # every FedProx tuning run used FedAvg's chosen lr
+        for run in point["runs"]:
+            cfg = RunDir.open(run["run"]).config()
+            assert (cfg.client.lr, cfg.strategy.mu) == (0.05, point["values"]["strategy.mu"])
+    [row] = [r for r in stored["table"] if r["setting"] == "FedProx"]
+    final = RunDir.open(row["runs"][0]["run"]).config()
+    assert (final.client.lr, final.strategy.mu) == (0.05, prox["chosen"]["strategy.mu"])
+    assert row["tuned"] == {"client.lr": 0.05, **prox["chosen"]}
+    assert f"| FedProx | strategy.mu={prox['chosen']['strategy.mu']} at client.lr=0.05 |" in md
+
+
+@pytest.mark.parametrize(("base", "message"), [
+    ({"FedProx": "Scaffold"}, "tuning.base: Scaffold has no grid"),
+    ({"FedProx": "FedAvg", "FedAvg": "FedProx"}, "bases are one level deep"),
+])
+def test_a_base_that_cannot_be_tuned_first_is_refused(tmp_path, base, message):
+    spec = _spec(tmp_path, base=base, grids={"FedAvg": {"client.lr": [0.1]}, "FedProx": {"strategy.mu": [0.1]}})
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=message):
+        BenchSpec.load(path)
+    spec["tuning"]["grids"]["FedProx"] = {"client.lr": [0.1]}
+    spec["tuning"]["base"] = {"FedProx": "FedAvg"}
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="FedProx and its base FedAvg both tune client.lr"):
+        BenchSpec.load(path)
