@@ -8,10 +8,13 @@ method x axis values) each point of the method's grid is run once per tuning see
 ``data.validation_fraction`` of the training pool held out as the evaluation set, so tuning
 never sees the test set the report uses; the point with the best mean ``metric`` over the
 tuning seeds wins (the first in grid order on a tie; a point whose runs have no value, or
-one of whose runs diverged, loses). The final runs then use the chosen values on the evaluation seeds, which must differ
-from the tuning seeds. Every method gets the same budget: the same tuning seeds and the same
-number of grid points. A chosen value at either end of a grid of three or more values is
-flagged: the grid does not bracket the optimum there.
+one of whose runs diverged, loses). The final runs then use the chosen values on the
+evaluation seeds, which must differ from the tuning seeds. Every method gets the same
+budget: the same tuning seeds and the same number of grid points. A method that is another
+plus one knob may name that method its ``base``: its grid then runs at the base's chosen
+values in the same setting (FedProx's mu at FedAvg's tuned client lr). A chosen value at
+either end of a grid of three or more values is flagged: the grid does not bracket the
+optimum there.
 """
 
 from __future__ import annotations
