@@ -107,3 +107,14 @@ def test_fedld_regulariser_hand_value_and_gradient():
     assert float(fedld_regulariser(peaked)) > float(value.detach())  # confident batches are penalised more
     value.backward()
     assert logits.grad is not None and logits.grad.shape == (2, 4)
+
+
+def test_fedld_aggregates_updates_whose_inner_products_overflow_as_their_scaled_down_copies():
+    # a client diverging before its update turns NaN: float32 entries of 1e25 overflow <x_i, x_j>
+    gen = torch.Generator().manual_seed(4)
+    layers = [torch.randn(5, 4, 3, generator=gen), torch.randn(5, 7, generator=gen)]
+    big = [layer * 1e25 for layer in layers]
+    assert not torch.isfinite(big[0].flatten(1) @ big[0].flatten(1).T).all()
+    for small, large in zip(fedld_aggregate(layers, keep=0.8), fedld_aggregate(big, keep=0.8), strict=True):
+        assert torch.isfinite(large).all()
+        torch.testing.assert_close(large / 1e25, small, rtol=1e-4, atol=1e-6)
