@@ -34,10 +34,13 @@ def test_example_app_learns_the_digits_in_three_rounds_of_flowers_simulation(tmp
         context.run_config.update(run_config)
         server_app.main(grid, context)
 
+    # address "local": a Ray of this test's own, never a cluster another test started (tests/cluster
+    # runs one beside this test under xdist, and its stop would take these actors with it)
     with caplog.at_level(logging.INFO, logger="flwr"):
         run_simulation(server_app=server, client_app=client_app.app, num_supernodes=10,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0},
-                                       "init_args": {"logging_level": logging.ERROR, "log_to_driver": False}})
+                                       "init_args": {"logging_level": logging.ERROR, "log_to_driver": False,
+                                                     "address": "local"}})
     assert "Starting Flag strategy" in caplog.text
     assert caplog.text.count("aggregate_train: 10 replies accepted, 0 dropped") == 3
 

@@ -104,10 +104,13 @@ def test_feddyn_runs_in_flowers_simulation_engine_and_learns(monkeypatch, caplog
         context.run_config.update(RUN_CONFIG)
         final.append(server_main(grid, context)[1])
 
+    # address "local": a Ray of this test's own, never a cluster another test started (tests/cluster
+    # runs one beside this test under xdist, and its stop would take these actors with it)
     with caplog.at_level(logging.INFO, logger="flwr"):
         run_simulation(server_app=server, client_app=client_app, num_supernodes=NUM_NODES,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0},
-                                       "init_args": {"logging_level": logging.ERROR, "log_to_driver": False}})
+                                       "init_args": {"logging_level": logging.ERROR, "log_to_driver": False,
+                                                     "address": "local"}})
     assert "Starting FedDyn strategy" in caplog.text
     aggregated = [r.getMessage() for r in caplog.records if r.getMessage().startswith("aggregate_train")]
     assert aggregated == [f"aggregate_train: {NUM_NODES} replies accepted, 0 dropped"] * RUN_CONFIG["num-server-rounds"]
