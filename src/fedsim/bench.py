@@ -41,7 +41,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedsim.bench_reference import Reference, compare_orders, reference_lines
-from fedsim.bench_tuning import Tuning, at_edge, choose, grid_points, method_scores, tuning_lines
+from fedsim.bench_tuning import Tuning, any_diverged, at_edge, choose, grid_points, method_scores, tuning_lines
 from fedsim.config import ConfigError, apply_override, load_config
 from fedsim.outputs.grid_figures import plot_heatmaps, plot_panels
 from fedsim.outputs.paired import PairedVerdict, claim_margin, paired_verdict
@@ -479,8 +479,7 @@ def tune(spec: BenchSpec, grid: list[Cell], runs_dir: str | None, jobs: int,
             points = grid_points(tuning.grids[cell.method])
             trial_runs = [runs[f"{cell.label} #{k}"] for k in range(len(points))]
             scores, metric = method_scores(trial_runs, tuning)
-            if all(sc is None for sc in scores) and all(any(r.get("status") == "diverged" for r in runs)
-                                                         for runs in trial_runs):
+            if all(sc is None for sc in scores) and all(any_diverged(runs) for runs in trial_runs):
                 raise ConfigError(f"tuning: every grid point of {cell.label} diverged on a tuning seed; lower its "
                                   "values (the finished runs stay: --resume)")
             if all(sc is None for sc in scores):

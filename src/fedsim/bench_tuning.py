@@ -106,10 +106,15 @@ def override(key: str, value: Any) -> str:
     return f"{key}={yaml.safe_dump(value, default_flow_style=True).removesuffix(chr(10)).removesuffix('...').strip()}"
 
 
+def any_diverged(runs: list[dict[str, Any]]) -> bool:
+    """Whether one of ``runs`` (summaries) ended ``diverged``."""
+    return any(r.get("status") == "diverged" for r in runs)
+
+
 def score(runs: list[dict[str, Any]], metric: str) -> float | None:
     """The mean of ``metric`` over a grid point's tuning runs (None where none has it, or where
     one of them diverged: a point that diverges on a tuning seed loses)."""
-    if any(r.get("status") == "diverged" for r in runs):
+    if any_diverged(runs):
         return None
     values = [r[metric] for r in runs if r.get(metric) is not None and math.isfinite(r[metric])]
     return statistics.mean(values) if values else None
