@@ -42,6 +42,15 @@ def test_flag_stays_near_honest_mean_under_large_norm_noise_attack():
     assert float(out.norm()) <= float(updates.norm(dim=1).median()) * (1 + 1e-5)
 
 
+def test_flag_is_scale_equivariant_even_where_float32_inner_products_overflow():
+    # clients diverging before their updates turn NaN: float32 entries of 1e25 overflow <x_i, x_j>
+    honest = _honest(20, 2000, spread=0.5, seed=3)
+    updates = torch.cat([honest, -5.0 * honest[:6]])
+    big = updates * 1e25
+    assert not torch.isfinite(big @ big.T).all()
+    torch.testing.assert_close(flag_aggregate(big) / 1e25, flag_aggregate(updates), rtol=1e-4, atol=1e-6)
+
+
 def test_flag_equals_plain_mean_without_attack_when_r_covers_the_rank():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(5, 40, generator=gen, dtype=torch.float64)

@@ -12,7 +12,7 @@ from flwr.server.strategy.aggregate import (
 from fedsim.algorithms.krum import krum, krum_max_byzantine, krum_scores, multi_krum
 from fedsim.algorithms.median import coordinate_median
 from fedsim.algorithms.trimmed_mean import trimmed_mean
-from fedsim.strategies.aggregate import pairwise_sq_distances, weighted_mean
+from fedsim.strategies.aggregate import gram_matrix, pairwise_sq_distances, weighted_mean
 
 
 def test_coordinate_median_hand_values():
@@ -56,6 +56,20 @@ def test_krum_picks_a_benign_update_under_attack():
     chosen = krum(updates, num_byzantine=5)
     assert any(torch.equal(chosen, row) for row in honest)
     assert float((multi_krum(updates, 5) - honest.mean(dim=0)).norm()) < 0.2
+
+
+def test_krum_excludes_finite_updates_whose_inner_products_overflow_float32():
+    # clients diverging before their updates turn NaN: float32 entries of 1e25 overflow <x_i, x_j>
+    gen = torch.Generator().manual_seed(3)
+    honest = torch.ones(8, 40) + 0.1 * torch.randn(8, 40, generator=gen)
+    updates = torch.cat([honest, 1e25 * torch.randn(2, 40, generator=gen)])
+    assert not torch.isfinite(updates @ updates.T).all()
+    wide = updates.double()
+    torch.testing.assert_close(gram_matrix(updates), wide @ wide.T)
+    assert torch.isfinite(pairwise_sq_distances(updates)).all()
+    chosen = krum(updates, num_byzantine=2)
+    assert any(torch.equal(chosen, row) for row in honest)
+    assert float((multi_krum(updates, 2) - honest.mean(dim=0)).norm()) < 0.2
 
 
 def test_robust_aggregators_agree_with_flower():

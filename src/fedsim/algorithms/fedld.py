@@ -105,14 +105,8 @@ def _check_keep(keep: float, where: str) -> None:
 def _spectrum(stack: torch.Tensor, keep: float) -> _LayerSpectrum:
     """Kept, sign-aligned left singular vectors of ``stack`` (``N x D``) via its Gram matrix."""
     n = stack.shape[0]
-    gram, scale = gram_matrix(stack), 1.0
-    if not torch.isfinite(gram).all():
-        # finite updates so large that their inner products overflow (a client diverging before
-        # its update turns NaN): the spectrum of X / 2^e, exact, scaled back below; FedLD's
-        # coefficients depend on the directions and the ratios of norms only
-        scale = 2.0 ** math.ceil(math.log2(float(stack.abs().max())))
-        gram = gram_matrix(stack / scale)
-    norms = torch.diagonal(gram).clamp_min(0.0).sqrt() * scale
+    gram = gram_matrix(stack)
+    norms = torch.diagonal(gram).clamp_min(0.0).sqrt()
     eigvals, eigvecs = torch.linalg.eigh(gram)
     eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
     rtol = n * torch.finfo(stack.dtype).eps
@@ -126,7 +120,7 @@ def _spectrum(stack: torch.Tensor, keep: float) -> _LayerSpectrum:
     negative = (projections < 0).sum(dim=0)
     flip = negative > (n - negative)
     left = torch.where(flip[None, :], -left, left)
-    return _LayerSpectrum(left, singular_values * scale, norms)
+    return _LayerSpectrum(left, singular_values, norms)
 
 
 def _rebuild_coefficients(spec: _LayerSpectrum) -> torch.Tensor:
