@@ -41,7 +41,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedsim.bench_reference import Reference, compare_orders, reference_lines
-from fedsim.bench_tuning import Tuning, any_diverged, at_edge, choose, grid_points, method_scores, tuning_lines
+from fedsim.bench_tuning import (
+    Tuning,
+    any_diverged,
+    at_edge,
+    choose,
+    divergence,
+    grid_points,
+    method_scores,
+    tuning_lines,
+    tuning_results,
+)
 from fedsim.config import ConfigError, apply_override, load_config
 from fedsim.outputs.grid_figures import plot_heatmaps, plot_panels
 from fedsim.outputs.paired import PairedVerdict, claim_margin, paired_verdict
@@ -478,8 +488,8 @@ def tune(spec: BenchSpec, grid: list[Cell], runs_dir: str | None, jobs: int,
         for cell in stage:
             points = grid_points(tuning.grids[cell.method])
             trial_runs = [runs[f"{cell.label} #{k}"] for k in range(len(points))]
-            scores, metric = method_scores(trial_runs, tuning)
-            if all(sc is None for sc in scores) and all(any_diverged(runs) for runs in trial_runs):
+            scores, metric = method_scores(trial_runs, tuning, spec.diverged_loss)
+            if all(sc is None for sc in scores) and all(any_diverged(r, spec.diverged_loss) for r in trial_runs):
                 raise ConfigError(f"tuning: every grid point of {cell.label} diverged on a tuning seed; lower its "
                                   "values (the finished runs stay: --resume)")
             if all(sc is None for sc in scores):
@@ -730,18 +740,10 @@ def reference_rows(reference: Reference, results: dict[str, list[dict[str, Any]]
 
 
 def diverged_runs(results: dict[str, list[dict[str, Any]]], threshold: float) -> list[str]:
-    """Every run whose final test loss is not finite (None in a summary, which holds no NaN)
-    or above ``threshold``, as ``setting, seed s: final loss x`` lines."""
-    lines = []
-    for label, runs in results.items():
-        for i, run in enumerate(runs):
-            if run.get("final_accuracy") is None and run.get("final_loss") is None:
-                continue  # not evaluated centrally: nothing to judge
-            loss = run.get("final_loss")
-            if loss is None or not math.isfinite(loss) or loss > threshold:
-                shown = "not finite" if loss is None or not math.isfinite(loss) else f"{loss:.4g}"
-                lines.append(f"- {label}, seed {run.get('seed', i)}: final test loss {shown}")
-    return lines
+    """Every run that diverged (:func:`fedsim.bench_tuning.divergence`), as ``setting, seed s:
+    why`` lines."""
+    return [f"- {label}, seed {run.get('seed', i)}: {why}" for label, runs in results.items()
+            for i, run in enumerate(runs) if (why := divergence(run, threshold))]
 
 
 def seed_mean(runs: list[dict[str, Any]], key: str, x_key: str, layer: str | None = None,
@@ -885,10 +887,13 @@ def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]], base_
         lines += ["", f"Checks on settings outside this grid (skipped): {len(skipped)}",
                   *(f"- {check.claim}" for check in skipped)]
     diverged = diverged_runs(results, spec.diverged_loss)
-    lines += ["", f"Diverged runs (final test loss not finite or above {spec.diverged_loss:g}): "
-                  f"{len(diverged) or 'none'}", *diverged]
+    lines += ["", f"Diverged runs (stopped as diverging, or final test loss not finite or above "
+                  f"{spec.diverged_loss:g}): {len(diverged) or 'none'}", *diverged]
+    diverged_tuning = diverged_runs(tuning_results(tuned), spec.diverged_loss) if tuned else []
     if tuned:
-        lines += ["", *tuning_lines(tuned, spec.tuning)]
+        lines += ["", *tuning_lines(tuned, spec.tuning),
+                  "", f"Diverged tuning runs (the same test, on the validation split): "
+                      f"{len(diverged_tuning) or 'none'}", *diverged_tuning]
     published = reference_rows(spec.reference, results, grid, spec.alpha) if spec.reference else []
     if spec.reference:
         lines += ["", *reference_lines(spec.reference, published, spec.alpha)]
@@ -898,7 +903,8 @@ def write_bench(spec: BenchSpec, results: dict[str, list[dict[str, Any]]], base_
     md.write_text("\n".join(lines) + "\n")
     (out / f"{spec.name}.json").write_text(json.dumps(
         {"command": command, **source, "spec": spec.model_dump(), "environment": env, "table": table,
-         "checks": checks, "diverged": diverged, **({"tuning": tuned} if tuned else {}),
+         "checks": checks, "diverged": diverged,
+         **({"tuning": tuned, "diverged_tuning": diverged_tuning} if tuned else {}),
          **({"reference": published} if spec.reference else {})},
         indent=2))
     for figure in [Figure(file=spec.curves_file or f"{spec.name}.png", x_key=spec.x_key), *spec.figures]:

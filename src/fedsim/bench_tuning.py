@@ -8,7 +8,8 @@ method x axis values) each point of the method's grid is run once per tuning see
 ``data.validation_fraction`` of the training pool held out as the evaluation set, so tuning
 never sees the test set the report uses; the point with the best mean ``metric`` over the
 tuning seeds wins (the first in grid order on a tie; a point whose runs have no value, or
-one of whose runs diverged, loses). The final runs then use the chosen values on the
+one of whose runs diverged (stopped as diverging, or a final loss not finite or above
+the spec's ``diverged_loss``), loses). The final runs then use the chosen values on the
 evaluation seeds, which must differ from the tuning seeds. Every method gets the same
 budget: the same tuning seeds and the same number of grid points. A method that is another
 plus one knob may name that method its ``base``: its grid then runs at the base's chosen
@@ -106,15 +107,29 @@ def override(key: str, value: Any) -> str:
     return f"{key}={yaml.safe_dump(value, default_flow_style=True).removesuffix(chr(10)).removesuffix('...').strip()}"
 
 
-def any_diverged(runs: list[dict[str, Any]]) -> bool:
-    """Whether one of ``runs`` (summaries) ended ``diverged``."""
-    return any(r.get("status") == "diverged" for r in runs)
+def divergence(run: dict[str, Any], threshold: float) -> str | None:
+    """Why ``run`` (a summary) counts as diverged, or None: the loop stopped it as diverging, or
+    its final test loss is not finite (None in a summary, which holds no NaN) or above
+    ``threshold``. A run not evaluated centrally (no final accuracy or loss) is not judged."""
+    loss = run.get("final_loss")
+    if run.get("status") == "diverged":
+        return f"stopped as diverging at round {run.get('rounds_completed')}"
+    if run.get("final_accuracy") is None and loss is None:
+        return None
+    if loss is None or not math.isfinite(loss):
+        return "final test loss not finite"
+    return f"final test loss {loss:.4g}" if loss > threshold else None
 
 
-def score(runs: list[dict[str, Any]], metric: str) -> float | None:
+def any_diverged(runs: list[dict[str, Any]], threshold: float) -> bool:
+    """Whether one of ``runs`` (summaries) diverged (:func:`divergence`)."""
+    return any(divergence(r, threshold) for r in runs)
+
+
+def score(runs: list[dict[str, Any]], metric: str, threshold: float) -> float | None:
     """The mean of ``metric`` over a grid point's tuning runs (None where none has it, or where
-    one of them diverged: a point that diverges on a tuning seed loses)."""
-    if any_diverged(runs):
+    one of them diverged, a final loss above ``threshold`` included: such a point loses)."""
+    if any_diverged(runs, threshold):
         return None
     values = [r[metric] for r in runs if r.get(metric) is not None and math.isfinite(r[metric])]
     return statistics.mean(values) if values else None
@@ -133,13 +148,22 @@ def at_edge(grid: dict[str, list[Any]], chosen: dict[str, Any]) -> list[str]:
     return [key for key, values in grid.items() if len(values) >= 3 and chosen[key] in (values[0], values[-1])]
 
 
-def method_scores(trial_runs: list[list[dict[str, Any]]], tuning: Tuning) -> tuple[list[float | None], str]:
+def method_scores(trial_runs: list[list[dict[str, Any]]], tuning: Tuning,
+                  threshold: float) -> tuple[list[float | None], str]:
     """The score of every grid point of one setting and the metric scored: ``tuning.metric``,
-    else ``tuning.fallback_metric`` where no tuning run of the setting has the metric."""
-    scores = [score(r, tuning.metric) for r in trial_runs]
+    else ``tuning.fallback_metric`` where no tuning run of the setting has the metric; a point
+    with a run whose final loss is above ``threshold`` (the spec's ``diverged_loss``) loses."""
+    scores = [score(r, tuning.metric, threshold) for r in trial_runs]
     if all(sc is None for sc in scores) and tuning.fallback_metric is not None:
-        return [score(r, tuning.fallback_metric) for r in trial_runs], tuning.fallback_metric
+        return [score(r, tuning.fallback_metric, threshold) for r in trial_runs], tuning.fallback_metric
     return scores, tuning.metric
+
+
+def tuning_results(tuned: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Every tuning grid point's runs, keyed ``setting at key=value, ...`` (the base's values
+    last), the shape :func:`fedsim.bench.diverged_runs` reads."""
+    return {f"{label} at " + ", ".join(f"{k}={v}" for k, v in {**point["values"], **record.get("base", {})}.items()):
+            point["runs"] for label, record in tuned.items() for point in record["points"]}
 
 
 def tuning_lines(tuned: dict[str, dict[str, Any]], tuning: Tuning) -> list[str]:

@@ -83,7 +83,7 @@ def test_small_grid_runs_every_cell_and_writes_table_and_checks(tmp_path):
     text = md.read_text()
     assert "| float32 |" in text and "| qsgd int8 |" in text and "x fewer)" in text
     assert "- HOLDS: int8 sends 3x fewer bytes" in text  # the same bytes in both seeds
-    assert "Diverged runs (final test loss not finite or above 5): none" in text
+    assert "Diverged runs (stopped as diverging, or final test loss not finite or above 5): none" in text
     table = json.loads((tmp_path / "results" / "tiny.json").read_text())
     assert [row["setting"] for row in table["table"]] == ["float32", "qsgd int8"]
     assert table["spec_hash"] == BenchSpec.load(spec_path).hash(tmp_path) and f"Spec hash: {table['spec_hash']}" in text

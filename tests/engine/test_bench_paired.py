@@ -49,7 +49,10 @@ def test_every_non_finite_or_exploding_run_is_listed_as_diverged():
     results = {"SCAFFOLD": [{"seed": 0, "final_accuracy": 0.8, "final_loss": 0.6},
                             {"seed": 1, "final_accuracy": 0.1, "final_loss": None},
                             {"seed": 2, "final_accuracy": 0.3, "final_loss": 6012.5}],
-               "FedAvg": [{"seed": 0, "final_accuracy": 0.8, "final_loss": 0.5}],
-               "gossip": [{"seed": 0}]}
+               "FedAvg": [{"seed": 0, "final_accuracy": 0.8, "final_loss": 0.5},
+                          {"seed": 1, "status": "diverged", "rounds_completed": 7, "final_loss": 3.0}],
+               "gossip": [{"seed": 0}, {"seed": 1, "status": "diverged", "rounds_completed": 2}]}
     assert diverged_runs(results, threshold=10.0) == ["- SCAFFOLD, seed 1: final test loss not finite",
-                                                     "- SCAFFOLD, seed 2: final test loss 6012"]
+                                                     "- SCAFFOLD, seed 2: final test loss 6012",
+                                                     "- FedAvg, seed 1: stopped as diverging at round 7",
+                                                     "- gossip, seed 1: stopped as diverging at round 2"]

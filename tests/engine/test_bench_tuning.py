@@ -108,9 +108,9 @@ def test_a_method_without_the_tuning_metric_is_scored_by_the_fallback_metric_and
               [{"final_federated_accuracy": 0.9}, {"final_federated_accuracy": 0.7}]]
     ditto = [[{"final_personal_accuracy_mean": 0.9, "final_federated_accuracy": 0.1}],
              [{"final_personal_accuracy_mean": 0.8, "final_federated_accuracy": 0.9}]]
-    assert method_scores(fedavg, tuning) == (pytest.approx([0.7, 0.8]), "final_federated_accuracy")
-    assert method_scores(ditto, tuning) == ([0.9, 0.8], "final_personal_accuracy_mean")  # its own metric first
-    assert method_scores(fedavg, tuning.model_copy(update={"fallback_metric": None}))[0] == [None, None]
+    assert method_scores(fedavg, tuning, 5.0) == (pytest.approx([0.7, 0.8]), "final_federated_accuracy")
+    assert method_scores(ditto, tuning, 5.0) == ([0.9, 0.8], "final_personal_accuracy_mean")  # its own metric first
+    assert method_scores(fedavg, tuning.model_copy(update={"fallback_metric": None}), 5.0)[0] == [None, None]
     record = {"chosen": {"client.lr": 0.2}, "at_edge": [], "index": 1, "metric": "final_federated_accuracy",
               "points": [{"values": {"client.lr": 0.05}, "score": 0.7}, {"values": {"client.lr": 0.2}, "score": 0.8}]}
     lines = tuning_lines({"FedAvg": record}, tuning)
@@ -118,13 +118,29 @@ def test_a_method_without_the_tuning_metric_is_scored_by_the_fallback_metric_and
     assert lines[-1].startswith("| FedAvg | client.lr=0.2 * | 0.8000 |")
 
 
+
+def test_a_tuning_point_with_a_run_whose_loss_exploded_loses_like_a_stopped_one():
+    # a run can finish its rounds with a huge finite loss (the loop stops only on a NaN model or
+    # a loss growing step over step): the write-up lists it as diverged, so its point loses too
+    tuning = Tuning(seeds=[7, 8], grids={"FedAvg": {"client.lr": [0.1, 0.3, 1.0]}})
+    trial_runs = [[{"final_accuracy": 0.80, "final_loss": 0.6}, {"final_accuracy": 0.82, "final_loss": 0.5}],
+                  [{"final_accuracy": 0.90, "final_loss": 0.4}, {"final_accuracy": 0.86, "final_loss": 3e36}],
+                  [{"final_accuracy": 0.95, "final_loss": 0.3}, {"final_accuracy": 0.1, "status": "diverged",
+                                                                 "rounds_completed": 4, "final_loss": None}]]
+    scores, _ = method_scores(trial_runs, tuning, 5.0)
+    assert scores == [pytest.approx(0.81), None, None] and choose(scores, lower_is_better=False) == 0
+    assert method_scores(trial_runs, tuning, 1e37)[0] == [pytest.approx(0.81), pytest.approx(0.88), None]
+
 def test_a_diverging_run_is_a_result_of_the_grid_and_its_tuning_point_loses(tmp_path):
     spec = _spec(tmp_path, grids={"FedAvg": {"strategy.server_opt.lr": [1e39, 1.0]},
                                   "FedProx": {"strategy.server_opt.lr": [1.0, 1e39]}})
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
-    run_bench(spec_path, runs_dir=str(tmp_path / "runs"))  # the grid goes on past every divergence
+    md = run_bench(spec_path, runs_dir=str(tmp_path / "runs")).read_text()  # it goes on past every divergence
     stored = json.loads((tmp_path / "results" / "tuned.json").read_text())
+    assert stored["diverged_tuning"] == [f"- {label} at strategy.server_opt.lr=1e+39, seed 7: stopped as diverging "
+                                         "at round 1" for label in ("FedAvg", "FedProx")]
+    assert "Diverged tuning runs (the same test, on the validation split): 2" in md
     for label in ("FedAvg", "FedProx"):
         record = stored["tuning"][label]
         [diverged] = [p for p in record["points"] if p["values"]["strategy.server_opt.lr"] == 1e39]
@@ -137,8 +153,8 @@ def test_a_diverging_run_is_a_result_of_the_grid_and_its_tuning_point_loses(tmp_
     stored = json.loads((tmp_path / "results" / "plain.json").read_text())
     [row] = [r for r in stored["table"] if r["setting"] == "FedAvg-1e39"]
     assert row["runs"][0]["status"] == "diverged"
-    assert stored["diverged"] == ["- FedAvg-1e39, seed 0: final test loss not finite"]
-    assert "Diverged runs (final test loss not finite or above 5): 1" in md
+    assert stored["diverged"] == ["- FedAvg-1e39, seed 0: stopped as diverging at round 1"]
+    assert "Diverged runs (stopped as diverging, or final test loss not finite or above 5): 1" in md
     spec["tuning"]["grids"]["FedAvg"] = {"strategy.server_opt.lr": [1e39, 1e38]}
     spec_path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match="every grid point of FedAvg diverged on a tuning seed"):
