@@ -137,7 +137,7 @@ def gram_matrix(
 
     Each column chunk's product is formed in the input dtype (BLAS speed) and summed into a
     float64 accumulator, so the rounding error grows with the chunk length, not with ``D``.
-    A chunk whose product overflows the input dtype is formed again in float64, so finite
+    Where a product overflows the input dtype the chunks are formed again in float64, so finite
     updates always give a finite matrix.
 
     Parameters
@@ -158,22 +158,25 @@ def gram_matrix(
         Symmetric float64 tensor of shape ``(N, N)`` on the device of ``updates``.
     """
     check_updates(updates, "gram_matrix")
-    n, d = updates.shape
-    gram = torch.zeros((n, n), dtype=torch.float64, device=updates.device)
-    for cols in column_chunks(d, chunk_columns):
-        product = _chunk_product(updates[:, cols], centered)
-        if not torch.isfinite(product).all() and updates.dtype != torch.float64:
-            # finite entries whose products overflow the input dtype (a client diverging before
-            # its update turns NaN): this chunk again in float64, where any float32 square fits
-            product = _chunk_product(updates[:, cols].to(torch.float64), centered)
-        gram += product.to(torch.float64)
+    gram = _chunked_gram(updates, centered, chunk_columns, None)
+    if not torch.isfinite(gram).all() and updates.dtype != torch.float64:
+        # finite entries whose products overflow the input dtype (a client diverging before its
+        # update turns NaN): again with every chunk in float64, where any float32 square fits
+        gram = _chunked_gram(updates, centered, chunk_columns, torch.float64)
     return 0.5 * (gram + gram.T)
 
 
-def _chunk_product(block: torch.Tensor, centered: bool) -> torch.Tensor:
-    if centered:
-        block = block - block.mean(dim=0, keepdim=True)
-    return block @ block.T
+def _chunked_gram(updates: torch.Tensor, centered: bool, chunk_columns: int,
+                  dtype: torch.dtype | None) -> torch.Tensor:
+    """Sum of the column chunks' products, each formed in ``dtype`` (None: the input's)."""
+    n, d = updates.shape
+    gram = torch.zeros((n, n), dtype=torch.float64, device=updates.device)
+    for cols in column_chunks(d, chunk_columns):
+        block = updates[:, cols] if dtype is None else updates[:, cols].to(dtype)
+        if centered:
+            block = block - block.mean(dim=0, keepdim=True)
+        gram += (block @ block.T).to(torch.float64)
+    return gram
 
 
 def pairwise_sq_distances(
