@@ -10,8 +10,10 @@ one at ``value`` is a replication, the others (another dataset) are analogues, m
 Published tables give means only, so the comparison takes the published order as given and
 asks this grid's paired seeds (:mod:`fedsim.outputs.paired`) about every published pair
 "a above b": the pair **agrees** where the paired test finds a above b here too, is
-**reversed** where it finds b above a, and is **undecided** where the seed spread overlaps.
-Published ties are left out (no order to compare).
+**reversed** where it finds b above a, is **tied** where the two are equal in every seed (two
+methods that coincide in this setting, e.g. FedNova and FedAvg when every client runs the same
+steps; the paired test, which asks "at least as good", would call that agreement), and is
+**undecided** where the seed spread overlaps. Published ties are left out (no order to compare).
 """
 
 from __future__ import annotations
@@ -80,16 +82,18 @@ def compare_orders(published: dict[str, float], seeds: dict[str, dict[Any, float
     (methods without finite values are left out). Returns the published and the grid's order
     (best first, by mean) and every published pair "a above b" sorted into ``agree``,
     ``reversed`` and ``undecided`` by the one-sided paired test of a against b on the shared
-    seeds at level ``alpha``."""
+    seeds at level ``alpha``, and into ``tied`` where a equals b in every shared seed."""
     methods = [m for m in sorted(published, key=published.__getitem__, reverse=True) if seeds.get(m)]
     means = {m: statistics.mean(seeds[m].values()) for m in methods}
-    sorted_pairs: dict[str, list[tuple[str, str]]] = {"agree": [], "reversed": [], "undecided": []}
+    sorted_pairs: dict[str, list[tuple[str, str]]] = {"agree": [], "reversed": [], "tied": [], "undecided": []}
     for a, b in itertools.combinations(methods, 2):
         if published[a] == published[b]:
             continue
-        shared = sorted(set(seeds[a]) & set(seeds[b]))
-        outcome = paired_verdict([claim_margin(seeds[a][s], seeds[b][s]) for s in shared], alpha).outcome
-        kind = {"HOLDS": "agree", "DOES NOT HOLD": "reversed"}.get(outcome, "undecided")
+        margins = [claim_margin(seeds[a][s], seeds[b][s]) for s in sorted(set(seeds[a]) & set(seeds[b]))]
+        if margins and all(m == 0 for m in margins):
+            sorted_pairs["tied"].append((a, b))
+            continue
+        kind = {"HOLDS": "agree", "DOES NOT HOLD": "reversed"}.get(paired_verdict(margins, alpha).outcome, "undecided")
         sorted_pairs[kind].append((a, b))
     return {"published": [(m, published[m]) for m in methods],
             "grid": sorted(means.items(), key=lambda item: item[1], reverse=True), **sorted_pairs}
@@ -100,11 +104,12 @@ def reference_lines(reference: Reference, rows: list[dict[str, Any]], alpha: flo
     cell ``at`` and the grid's ``value`` of the reference axis)."""
     lines = ["## Published leaderboard", "", f"Source: {reference.source}. {reference.setting}", "",
              f"Every published pair \"a above b\" against this grid's paired seeds ({reference.metric}, one-sided "
-             f"paired t-test at level {alpha:g}): agree (a above b here too), reversed (b above a here), undecided "
-             f"(the seed spread overlaps). Only cells at {reference.axis}={reference.value} replicate the published "
-             "setting; the others are analogues on another dataset.", "",
+             f"paired t-test at level {alpha:g}): agree (a above b here too), reversed (b above a here), tied "
+             f"(equal in every seed), undecided (the seed spread overlaps). Only cells at "
+             f"{reference.axis}={reference.value} replicate the published setting; the others are analogues on "
+             "another dataset.", "",
              f"| published cell | {reference.axis} | replicates | published order | this grid's order (mean) "
-             "| agree / reversed / undecided | reversed pairs |", "|---|---|---|---|---|---|---|"]
+             "| agree / reversed / tied / undecided | reversed pairs |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         at = " ".join(f"{k}={v}" for k, v in row["at"].items())
         replicates = "yes" if row["value"] == reference.value else f"no (analogue on {row['value']})"
@@ -112,7 +117,8 @@ def reference_lines(reference: Reference, rows: list[dict[str, Any]], alpha: flo
         grid = " > ".join(f"{m} {v:.3g}" for m, v in row["grid"])
         reversed_pairs = ", ".join(f"{b} above {a}" for a, b in row["reversed"]) or "-"
         lines.append(f"| {at} | {row['value']} | {replicates} | {published} | {grid} | "
-                     f"{len(row['agree'])} / {len(row['reversed'])} / {len(row['undecided'])} | {reversed_pairs} |")
+                     f"{len(row['agree'])} / {len(row['reversed'])} / {len(row['tied'])} / {len(row['undecided'])} | "
+                     f"{reversed_pairs} |")
     placed = [row["at"] for row in rows]
     outside = [" ".join(f"{k}={v}" for k, v in cell.at.items()) for cell in reference.cells if cell.at not in placed]
     if outside:

@@ -32,7 +32,17 @@ def test_each_published_pair_agrees_reverses_or_is_undecided_by_the_paired_seeds
     assert row["grid"][0][1] == pytest.approx(0.854)
     assert row["agree"] == [("A", "B"), ("A", "D"), ("C", "D")]
     assert row["reversed"] == [("A", "C"), ("B", "C")]
-    assert row["undecided"] == [("B", "D")]
+    assert row["undecided"] == [("B", "D")] and row["tied"] == []
+
+
+def test_a_published_pair_equal_in_every_seed_is_tied_not_an_agreement():
+    # FedNova coincides with FedAvg where every client runs the same steps: the paired test
+    # ("at least as good") holds on all-zero differences, but the published strict order is not shown
+    row = compare_orders({"FedProx": 0.693, "FedAvg": 0.689, "FedNova": 0.685},
+                         {"FedProx": _seeds(0.95, 0.96, 0.97), "FedAvg": _seeds(0.93, 0.94, 0.95),
+                          "FedNova": _seeds(0.93, 0.94, 0.95)}, alpha=0.05)
+    assert row["agree"] == [("FedProx", "FedAvg"), ("FedProx", "FedNova")]
+    assert row["tied"] == [("FedAvg", "FedNova")] and not row["reversed"] and not row["undecided"]
 
 
 def test_published_ties_and_methods_the_grid_lacks_are_left_out():
@@ -60,7 +70,7 @@ def test_the_write_up_tells_a_replication_from_an_analogue(tmp_path):
     md = write_bench(_spec(tmp_path, "cifar10"), results, tmp_path, command="fedsim bench x",
                      source={"spec_hash": None}).read_text()
     assert ("| partition=k1 | digits | no (analogue on digits) | FedProx 0.5 > FedAvg 0.4 | FedAvg 0.31 > FedProx 0.21 "
-            "| 0 / 1 / 0 | FedAvg above FedProx |") in md
+            "| 0 / 1 / 0 / 0 | FedAvg above FedProx |") in md
     assert "No cell of this grid replicates the published setting: its data axis has no 'cifar10'" in md
     stored = json.loads((tmp_path / "ref.json").read_text())
     assert stored["reference"][0]["reversed"] == [["FedProx", "FedAvg"]]
@@ -106,7 +116,7 @@ def test_the_niid_suite_on_cifar10_replicates_its_leaderboard_cells_and_skips_th
     spec = BenchSpec.load(NIID)
     assert f"Checks on settings outside this grid (skipped): {len(spec.checks) + len(spec.winners)}" in md
     [row] = json.loads((tmp_path / "results" / "niid_cifar10.json").read_text())["reference"]
-    assert len(row["agree"]) + len(row["reversed"]) + len(row["undecided"]) == 1
+    assert len(row["agree"]) + len(row["reversed"]) + len(row["tied"]) + len(row["undecided"]) == 1
 
 
 def test_the_niid_spec_transcribes_niid_benchs_cifar10_leaderboard():
